@@ -1,0 +1,6 @@
+//! One module per subcommand: its clap `Args` (with the `--help` text) and `run()`.
+//! The stage logic itself lives in the library modules, free of CLI concerns.
+
+pub mod chat;
+pub mod inspect;
+pub mod pending;

@@ -1,0 +1,13 @@
+//! claw: learn from the conversations people have with a self-hosted model,
+//! while it keeps serving them.
+//!
+//! The crate is organised by concern (DESIGN.md section 13):
+//! - [`rollout`]: the `claw.rollout.v1` schema and its Parquet I/O, shared by every stage.
+//! - [`model`]: the model runtime (GGUF loading, tokenizer, chat template, decoder, sampling).
+//! - [`cmd`]: one module per subcommand; each holds its clap `Args` and `run()`.
+//! - [`ui`]: verbosity-aware logging to stderr.
+
+pub mod cmd;
+pub mod model;
+pub mod rollout;
+pub mod ui;

@@ -1,0 +1,404 @@
+//! The decoder: token embedding, N blocks of (RMSNorm → GQA attention with RoPE →
+//! residual, RMSNorm → SwiGLU MLP → residual), final RMSNorm and LM head.
+//!
+//! One implementation serves and trains. [`Kernels::Fused`] uses candle's fast
+//! fused kernels (rms_norm, rope, softmax_last_dim), which have no backward;
+//! [`Kernels::Differentiable`] composes the same math from ops that do, for the
+//! training path (DESIGN.md section 8 lists the ops without backward).
+
+use std::io::{Read, Seek};
+
+use anyhow::{Context, Result};
+use candle_core::quantized::{gguf_file, QTensor};
+use candle_core::{DType, Device, Module, Tensor, D};
+
+use super::config::{Architecture, ModelConfig};
+use super::linear::Linear;
+
+/// Which implementation of the non-matmul ops to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernels {
+    /// Fastest; no gradients flow through norms, RoPE or softmax.
+    Fused,
+    /// Composed ops only, so every parameter receives a gradient.
+    Differentiable,
+}
+
+/// How RoPE pairs the dimensions of a head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeLayout {
+    /// Pairs (2i, 2i+1): llama-arch GGUFs store Q/K permuted for this layout.
+    Interleaved,
+    /// Pairs (i, i + d/2): the Hugging Face / NeoX layout (Qwen2 GGUFs, float checkpoints).
+    Halves,
+}
+
+#[derive(Debug, Clone)]
+struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn forward(&self, x: &Tensor, kernels: Kernels) -> candle_core::Result<Tensor> {
+        match kernels {
+            Kernels::Fused => candle_nn::ops::rms_norm(x, &self.weight, self.eps as f32),
+            Kernels::Differentiable => {
+                let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
+                let normed = x.broadcast_div(&(mean_sq + self.eps)?.sqrt()?)?;
+                normed.broadcast_mul(&self.weight)
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+    layout: RopeLayout,
+}
+
+impl Rope {
+    fn new(cfg: &ModelConfig, layout: RopeLayout, device: &Device) -> Result<Self> {
+        let half = cfg.head_dim / 2;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f32 / cfg.head_dim as f32))
+            .collect();
+        let positions = Tensor::arange(0u32, cfg.context_length as u32, device)?
+            .to_dtype(DType::F32)?
+            .reshape((cfg.context_length, 1))?;
+        let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
+        let angles = positions.matmul(&inv_freq)?;
+        Ok(Self {
+            cos: angles.cos()?,
+            sin: angles.sin()?,
+            layout,
+        })
+    }
+
+    /// `x`: (batch, heads, seq, head_dim), contiguous; positions start at `offset`.
+    fn apply(&self, x: &Tensor, offset: usize, kernels: Kernels) -> candle_core::Result<Tensor> {
+        let seq = x.dim(2)?;
+        let cos = self.cos.narrow(0, offset, seq)?;
+        let sin = self.sin.narrow(0, offset, seq)?;
+        use candle_nn::rotary_emb as re;
+        match (self.layout, kernels) {
+            (RopeLayout::Interleaved, Kernels::Fused) => re::rope_i(x, &cos, &sin),
+            (RopeLayout::Interleaved, Kernels::Differentiable) => re::rope_i_slow(x, &cos, &sin),
+            (RopeLayout::Halves, Kernels::Fused) => re::rope(x, &cos, &sin),
+            (RopeLayout::Halves, Kernels::Differentiable) => re::rope_slow(x, &cos, &sin),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    attn_norm: RmsNorm,
+    attn: Attention,
+    mlp_norm: RmsNorm,
+    mlp: Mlp,
+}
+
+/// Keys and values of the positions seen so far, one entry per layer. Each request
+/// owns one; the decoder itself is shared and immutable.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of positions cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn append(
+        &mut self,
+        layer: usize,
+        k: Tensor,
+        v: Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        if self.layers.len() <= layer {
+            self.layers.resize(layer + 1, None);
+        }
+        let (k, v) = match self.layers[layer].take() {
+            Some((k_prev, v_prev)) => (Tensor::cat(&[&k_prev, &k], 2)?, Tensor::cat(&[&v_prev, &v], 2)?),
+            None => (k, v),
+        };
+        self.layers[layer] = Some((k.clone(), v.clone()));
+        Ok((k, v))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Decoder {
+    pub config: ModelConfig,
+    pub kernels: Kernels,
+    embedding: Tensor,
+    blocks: Vec<Block>,
+    final_norm: RmsNorm,
+    head: Linear,
+    rope: Rope,
+    device: Device,
+}
+
+impl Decoder {
+    /// Loads quantized weights from a GGUF file (llama or qwen2 tensor names).
+    pub fn from_gguf<R: Read + Seek>(
+        content: &gguf_file::Content,
+        reader: &mut R,
+        cfg: &ModelConfig,
+        device: &Device,
+    ) -> Result<Self> {
+        let mut gguf = GgufTensors {
+            content,
+            reader,
+            device,
+        };
+        let token_embd = gguf.tensor("token_embd.weight")?;
+        let embedding = token_embd.dequantize(device)?;
+        let qkv_bias = cfg.architecture == Architecture::Qwen2;
+        let mut blocks = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let p = format!("blk.{i}");
+            let attn = Attention {
+                q: gguf.linear(&format!("{p}.attn_q"), qkv_bias)?,
+                k: gguf.linear(&format!("{p}.attn_k"), qkv_bias)?,
+                v: gguf.linear(&format!("{p}.attn_v"), qkv_bias)?,
+                o: gguf.linear(&format!("{p}.attn_output"), false)?,
+            };
+            let mlp = Mlp {
+                gate: gguf.linear(&format!("{p}.ffn_gate"), false)?,
+                up: gguf.linear(&format!("{p}.ffn_up"), false)?,
+                down: gguf.linear(&format!("{p}.ffn_down"), false)?,
+            };
+            blocks.push(Block {
+                attn_norm: gguf.norm(&format!("{p}.attn_norm"), cfg.rms_norm_eps)?,
+                attn,
+                mlp_norm: gguf.norm(&format!("{p}.ffn_norm"), cfg.rms_norm_eps)?,
+                mlp,
+            });
+        }
+        let final_norm = gguf.norm("output_norm", cfg.rms_norm_eps)?;
+        // Untied models carry output.weight; tied ones reuse the embedding table.
+        let head = if content.tensor_infos.contains_key("output.weight") {
+            gguf.linear("output", false)?
+        } else {
+            Linear::quantized(token_embd, None)?
+        };
+        let layout = match cfg.architecture {
+            Architecture::Llama => RopeLayout::Interleaved,
+            Architecture::Qwen2 => RopeLayout::Halves,
+        };
+        Ok(Self {
+            config: cfg.clone(),
+            kernels: Kernels::Fused,
+            embedding,
+            blocks,
+            final_norm,
+            head,
+            rope: Rope::new(cfg, layout, device)?,
+            device: device.clone(),
+        })
+    }
+
+    /// A copy with every linear weight dequantized to f32 (same math, no
+    /// quantized matmul): the float reference for serving and the base for training.
+    pub fn to_float(&self) -> Result<Self> {
+        self.convert_weights(candle_core::quantized::GgmlDType::F32)
+    }
+
+    /// A copy with every linear weight stored as `dtype` (F32 = dense float).
+    pub fn convert_weights(&self, dtype: candle_core::quantized::GgmlDType) -> Result<Self> {
+        let mut out = self.clone();
+        for block in &mut out.blocks {
+            for linear in [
+                &mut block.attn.q,
+                &mut block.attn.k,
+                &mut block.attn.v,
+                &mut block.attn.o,
+                &mut block.mlp.gate,
+                &mut block.mlp.up,
+                &mut block.mlp.down,
+            ] {
+                *linear = linear.convert(dtype)?;
+            }
+        }
+        out.head = out.head.convert(dtype)?;
+        Ok(out)
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Runs `ids` (batch, seq) after the positions already in `cache` and returns the
+    /// logits of every new position: (batch, seq, vocab).
+    pub fn forward(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let hidden = self.hidden_states(ids, cache)?;
+        Ok(self.head.forward(&hidden)?)
+    }
+
+    /// Like [`forward`](Self::forward) but only the last position's logits:
+    /// (batch, vocab). This is what generation needs, and it skips the LM head
+    /// (the largest matmul) for every other prompt position.
+    pub fn forward_last(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let hidden = self.hidden_states(ids, cache)?;
+        let seq = hidden.dim(1)?;
+        let last = hidden.narrow(1, seq - 1, 1)?.contiguous()?;
+        Ok(self.head.forward(&last)?.squeeze(1)?)
+    }
+
+    fn hidden_states(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (batch, seq) = ids.dims2()?;
+        let offset = cache.len;
+        anyhow::ensure!(seq > 0, "forward called with no tokens");
+        anyhow::ensure!(
+            offset + seq <= self.config.context_length,
+            "sequence of {} tokens exceeds the model's context length {}",
+            offset + seq,
+            self.config.context_length
+        );
+        let flat = ids.flatten_all()?;
+        let mut x = self
+            .embedding
+            .index_select(&flat, 0)?
+            .reshape((batch, seq, self.config.hidden_size))?;
+        let mask = causal_mask(seq, offset, &self.device)?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let h = block.attn_norm.forward(&x, self.kernels)?;
+            let h = self.attention(&block.attn, &h, i, offset, mask.as_ref(), cache)?;
+            x = (x + h)?;
+            let h = block.mlp_norm.forward(&x, self.kernels)?;
+            let h = self.mlp(&block.mlp, &h)?;
+            x = (x + h)?;
+        }
+        cache.len = offset + seq;
+        Ok(self.final_norm.forward(&x, self.kernels)?)
+    }
+
+    fn mlp(&self, mlp: &Mlp, x: &Tensor) -> Result<Tensor> {
+        let gate_up = Linear::forward_many(&[&mlp.gate, &mlp.up], x)?;
+        let h = (candle_nn::ops::silu(&gate_up[0])? * &gate_up[1])?;
+        Ok(mlp.down.forward(&h)?)
+    }
+
+    fn attention(
+        &self,
+        attn: &Attention,
+        x: &Tensor,
+        layer: usize,
+        offset: usize,
+        mask: Option<&Tensor>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let cfg = &self.config;
+        let (batch, seq, _) = x.dims3()?;
+        let (heads, kv_heads, dim) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let qkv = Linear::forward_many(&[&attn.q, &attn.k, &attn.v], x)?;
+        let split = |t: &Tensor, n: usize| -> candle_core::Result<Tensor> {
+            t.reshape((batch, seq, n, dim))?.transpose(1, 2)?.contiguous()
+        };
+        let q = self.rope.apply(&split(&qkv[0], heads)?, offset, self.kernels)?;
+        let k = self.rope.apply(&split(&qkv[1], kv_heads)?, offset, self.kernels)?;
+        let v = split(&qkv[2], kv_heads)?;
+        let (k, v) = cache.append(layer, k, v)?;
+        let total = k.dim(2)?;
+
+        // GQA without copying K/V: the `group` query heads that share a KV head are
+        // folded into the row dimension, (b, kv, group*seq, d) x (b, kv, d, total).
+        let group = heads / kv_heads;
+        let q = q.reshape((batch, kv_heads, group * seq, dim))?;
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (dim as f64).sqrt()))?;
+        let scores = match mask {
+            Some(mask) => scores
+                .reshape((batch, kv_heads, group, seq, total))?
+                .broadcast_add(mask)?
+                .reshape((batch, kv_heads, group * seq, total))?,
+            None => scores,
+        };
+        let probs = match self.kernels {
+            Kernels::Fused => candle_nn::ops::softmax_last_dim(&scores)?,
+            Kernels::Differentiable => candle_nn::ops::softmax(&scores, D::Minus1)?,
+        };
+        let y = probs
+            .matmul(&v)?
+            .reshape((batch, heads, seq, dim))?
+            .transpose(1, 2)?
+            .reshape((batch, seq, heads * dim))?;
+        Ok(attn.o.forward(&y)?)
+    }
+}
+
+/// Reads named tensors out of a GGUF file.
+struct GgufTensors<'a, R> {
+    content: &'a gguf_file::Content,
+    reader: &'a mut R,
+    device: &'a Device,
+}
+
+impl<R: Read + Seek> GgufTensors<'_, R> {
+    fn tensor(&mut self, name: &str) -> Result<QTensor> {
+        self.content
+            .tensor(self.reader, name, self.device)
+            .with_context(|| format!("cannot read tensor {name}"))
+    }
+
+    fn float(&mut self, name: &str) -> Result<Tensor> {
+        Ok(self.tensor(name)?.dequantize(self.device)?)
+    }
+
+    fn linear(&mut self, prefix: &str, with_bias: bool) -> Result<Linear> {
+        let weight = self.tensor(&format!("{prefix}.weight"))?;
+        let bias = match with_bias {
+            true => Some(self.float(&format!("{prefix}.bias"))?),
+            false => None,
+        };
+        Ok(Linear::quantized(weight, bias)?)
+    }
+
+    fn norm(&mut self, prefix: &str, eps: f64) -> Result<RmsNorm> {
+        Ok(RmsNorm {
+            weight: self.float(&format!("{prefix}.weight"))?,
+            eps,
+        })
+    }
+}
+
+/// Additive causal mask (seq, offset + seq): 0 where a query may look, -inf where it
+/// may not. None for a single new token, which may look at everything cached.
+fn causal_mask(seq: usize, offset: usize, device: &Device) -> Result<Option<Tensor>> {
+    if seq == 1 {
+        return Ok(None);
+    }
+    let total = offset + seq;
+    let mask: Vec<f32> = (0..seq)
+        .flat_map(|i| (0..total).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Ok(Some(Tensor::from_vec(mask, (seq, total), device)?))
+}

@@ -1,0 +1,123 @@
+//! A linear layer whose weight is either quantized (fast serving) or float
+//! (training and exact log-probs), with an optional bias.
+//!
+//! This is the one place where a weight meets an activation, so LoRA deltas
+//! (y = Wx + s·B(Ax)) plug in here for both serving and training.
+
+use std::sync::Arc;
+
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{Module, Result, Tensor};
+
+#[derive(Debug, Clone)]
+pub enum Weight {
+    /// GGUF block-quantized weight, `(out, in)`, multiplied without dequantizing.
+    Quantized(Arc<QTensor>, QMatMul),
+    /// Dense `(out, in)` weight; matmul has a backward, so it can be trained.
+    Float(Tensor),
+}
+
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Weight,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn quantized(qtensor: QTensor, bias: Option<Tensor>) -> Result<Self> {
+        let qtensor = Arc::new(qtensor);
+        let matmul = QMatMul::from_arc(qtensor.clone())?;
+        Ok(Self {
+            weight: Weight::Quantized(qtensor, matmul),
+            bias,
+        })
+    }
+
+    pub fn float(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self {
+            weight: Weight::Float(weight),
+            bias,
+        }
+    }
+
+    /// The same layer with its weight dequantized to f32 (for exact log-probs and
+    /// as the starting point of training).
+    pub fn to_float(&self) -> Result<Self> {
+        let weight = match &self.weight {
+            Weight::Quantized(q, _) => q.dequantize(&candle_core::Device::Cpu)?,
+            Weight::Float(w) => w.clone(),
+        };
+        Ok(Self::float(weight, self.bias.clone()))
+    }
+
+    /// The same layer with its weight stored as `dtype` (F32 gives a dense float
+    /// weight; anything else re-quantizes). Used to trade speed for accuracy.
+    pub fn convert(&self, dtype: candle_core::quantized::GgmlDType) -> Result<Self> {
+        use candle_core::quantized::GgmlDType;
+        if let Weight::Quantized(q, _) = &self.weight {
+            if q.dtype() == dtype {
+                return Ok(self.clone());
+            }
+        }
+        let float = self.to_float()?;
+        let Weight::Float(w) = &float.weight else {
+            unreachable!("to_float returns a float weight")
+        };
+        if dtype == GgmlDType::F32 {
+            return Ok(float);
+        }
+        Self::quantized(QTensor::quantize(w, dtype)?, self.bias.clone())
+    }
+
+    /// Output features.
+    pub fn out_dim(&self) -> Result<usize> {
+        match &self.weight {
+            Weight::Quantized(q, _) => q.shape().dims2().map(|(out, _)| out),
+            Weight::Float(w) => w.dims2().map(|(out, _)| out),
+        }
+    }
+
+    fn add_bias(&self, y: Tensor) -> Result<Tensor> {
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+
+    /// Several projections of the same input (q/k/v, gate/up). For a single decode
+    /// token with quantized weights of one dtype, candle can run them as one fused
+    /// kernel that quantizes the input once; otherwise they run one by one.
+    pub fn forward_many(layers: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
+        let quantized: Option<Vec<&QTensor>> = layers
+            .iter()
+            .map(|l| match &l.weight {
+                Weight::Quantized(q, _) => Some(q.as_ref()),
+                Weight::Float(_) => None,
+            })
+            .collect();
+        if let Some(qs) = quantized {
+            let same_dtype = qs.windows(2).all(|w| w[0].dtype() == w[1].dtype());
+            let rows: usize = x.dims()[..x.rank().saturating_sub(1)].iter().product();
+            if same_dtype && rows == 1 && x.is_contiguous() {
+                if let Some(outs) = QTensor::gemv_fused_shared_lhs(&qs, x)? {
+                    return layers
+                        .iter()
+                        .zip(outs)
+                        .map(|(l, y)| l.add_bias(y))
+                        .collect();
+                }
+            }
+        }
+        layers.iter().map(|l| l.forward(x)).collect()
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = match &self.weight {
+            Weight::Quantized(_, matmul) => matmul.forward(x)?,
+            Weight::Float(w) => x.broadcast_matmul(&w.t()?)?,
+        };
+        self.add_bias(y)
+    }
+}

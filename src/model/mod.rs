@@ -1,0 +1,139 @@
+//! The model runtime: one decoder for the Llama/Qwen2 family (DESIGN.md section 8).
+//!
+//! - [`config`]: architecture facts read from GGUF metadata.
+//! - [`tokenizer`]: byte-level BPE built from the GGUF's own vocabulary and merges.
+//! - [`template`]: the GGUF's chat template rendered with minijinja.
+//! - [`linear`], [`decoder`]: the network, with quantized or float weights.
+//! - [`sampling`], [`generate`]: token selection and the generation loop.
+//! - [`testing`]: a tiny random-weight GGUF for tests that must not need a download.
+
+pub mod config;
+pub mod decoder;
+pub mod generate;
+pub mod linear;
+pub mod sampling;
+pub mod template;
+pub mod testing;
+pub mod tokenizer;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use candle_core::quantized::gguf_file;
+use candle_core::Device;
+
+pub use config::ModelConfig;
+pub use decoder::{Decoder, KvCache};
+pub use generate::{FinishReason, Generation, Timing};
+pub use sampling::SamplingParams;
+pub use template::ChatTemplate;
+pub use tokenizer::Tokenizer;
+
+/// File name of the default model that `scripts/fetch-model` places in `models/`.
+pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// How the linear weights are held in memory once loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightFormat {
+    /// As stored in the GGUF (e.g. Q4_1): least memory, quantized matmuls. Like
+    /// llama.cpp, these quantize activations to 8 bits, which shifts logits enough
+    /// to change some greedy answers of a model as small as SmolLM2-135M.
+    Native,
+    /// Dequantized to f16: half the memory of f32, float matmuls.
+    F16,
+    /// Dequantized to f32: the exact function of the stored weights; the same
+    /// numbers the trainer computes log-probs with.
+    #[default]
+    F32,
+}
+
+impl WeightFormat {
+    fn ggml_dtype(self) -> Option<candle_core::quantized::GgmlDType> {
+        match self {
+            Self::Native => None,
+            Self::F16 => Some(candle_core::quantized::GgmlDType::F16),
+            Self::F32 => Some(candle_core::quantized::GgmlDType::F32),
+        }
+    }
+}
+
+/// A loaded model: weights, tokenizer and chat template, ready to generate.
+pub struct Model {
+    pub path: PathBuf,
+    /// Served model name: the GGUF file stem.
+    pub name: String,
+    pub config: ModelConfig,
+    pub tokenizer: Tokenizer,
+    pub template: ChatTemplate,
+    pub decoder: Decoder,
+    pub device: Device,
+}
+
+impl Model {
+    /// Loads a GGUF file on the CPU with its weights as stored.
+    pub fn load(path: &Path) -> Result<Self> {
+        Self::load_with(path, WeightFormat::Native)
+    }
+
+    /// Loads a GGUF file on the CPU, holding the linear weights as `weights`.
+    pub fn load_with(path: &Path, weights: WeightFormat) -> Result<Self> {
+        let device = Device::Cpu;
+        let mut file = std::fs::File::open(path)
+            .with_context(|| format!("cannot open model file {}", path.display()))?;
+        let content = gguf_file::Content::read(&mut file)
+            .map_err(anyhow::Error::from)
+            .with_context(|| format!("{} is not a readable GGUF file", path.display()))?;
+        let config = ModelConfig::from_gguf(&content)
+            .with_context(|| format!("unsupported model {}", path.display()))?;
+        let tokenizer = Tokenizer::from_gguf(&content)
+            .with_context(|| format!("cannot build the tokenizer of {}", path.display()))?;
+        let template = ChatTemplate::from_gguf(&content, &tokenizer)
+            .with_context(|| format!("cannot load the chat template of {}", path.display()))?;
+        let mut decoder = Decoder::from_gguf(&content, &mut file, &config, &device)
+            .with_context(|| format!("cannot load the weights of {}", path.display()))?;
+        if let Some(dtype) = weights.ggml_dtype() {
+            decoder = decoder.convert_weights(dtype)?;
+        }
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".to_string());
+        Ok(Self {
+            path: path.to_path_buf(),
+            name,
+            config,
+            tokenizer,
+            template,
+            decoder,
+            device,
+        })
+    }
+}
+
+/// Finds the model to use: an explicit path, else `$CLAW_MODEL` (handled by clap),
+/// else the default model in `./models/` or next to the repository the binary was
+/// built in. The error says how to get one.
+pub fn resolve_model_path(explicit: Option<&Path>) -> Result<PathBuf> {
+    if let Some(path) = explicit {
+        anyhow::ensure!(
+            path.is_file(),
+            "model file {} does not exist (run scripts/fetch-model, or pass --model PATH)",
+            path.display()
+        );
+        return Ok(path.to_path_buf());
+    }
+    let mut candidates = vec![PathBuf::from("models").join(DEFAULT_MODEL_FILE)];
+    // target/{debug,release}/claw -> repository root
+    if let Ok(exe) = std::env::current_exe() {
+        if let Some(root) = exe.parent().and_then(Path::parent).and_then(Path::parent) {
+            candidates.push(root.join("models").join(DEFAULT_MODEL_FILE));
+        }
+    }
+    candidates.into_iter().find(|p| p.is_file()).with_context(|| {
+        format!(
+            "no model given and the default {DEFAULT_MODEL_FILE} is not in ./models/: \
+             run scripts/fetch-model, or pass --model PATH (or set CLAW_MODEL)"
+        )
+    })
+}

@@ -1,0 +1,241 @@
+//! Byte-level BPE tokenizer built from the GGUF's own metadata (no tokenizer.json
+//! ships with the model): `tokenizer.ggml.tokens`, `.merges`, `.token_type`, and the
+//! pre-tokenizer named by `tokenizer.ggml.pre`.
+//!
+//! The `tokenizers` crate does the BPE; what is ours is choosing the pre-tokenizer
+//! that matches each model family's tokenizer.json, which candle's GGUF helper does
+//! not do for SmolLM2 (it splits digits one by one).
+
+use std::collections::BTreeSet;
+
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::quantized::gguf_file::{self, Value};
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::BPE;
+use tokenizers::normalizers::unicode::NFC;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+use tokenizers::{AddedToken, SplitDelimiterBehavior};
+
+/// Qwen2's pre-tokenizer regex (from its tokenizer.json): like GPT-2's, with single digits.
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// GGUF token types (llama.cpp's llama_token_type) that are not plain text.
+const TOKEN_TYPE_CONTROL: u32 = 3;
+const TOKEN_TYPE_USER_DEFINED: u32 = 4;
+
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    /// Tokens that end generation: the GGUF's eos plus the chat-turn terminators.
+    eos_ids: Vec<u32>,
+    bos: Option<(u32, String)>,
+    eos: Option<(u32, String)>,
+}
+
+impl Tokenizer {
+    pub fn from_gguf(content: &gguf_file::Content) -> Result<Self> {
+        let md = |key: &str| content.metadata.get(key);
+        let kind = md("tokenizer.ggml.model")
+            .context("GGUF metadata has no tokenizer.ggml.model")?
+            .to_string()?;
+        if kind != "gpt2" {
+            bail!("tokenizer model `{kind}` is not supported (byte-level BPE `gpt2` is)");
+        }
+        let tokens = string_array(md("tokenizer.ggml.tokens"), "tokenizer.ggml.tokens")?;
+        let merges = string_array(md("tokenizer.ggml.merges"), "tokenizer.ggml.merges")?
+            .into_iter()
+            .map(|m| {
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .ok_or_else(|| anyhow!("malformed merge `{m}` in tokenizer.ggml.merges"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let vocab: tokenizers::models::bpe::Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(|e| anyhow!("cannot build BPE model: {e}"))?;
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+
+        let pre = md("tokenizer.ggml.pre")
+            .and_then(|v| v.to_string().ok())
+            .map(String::as_str)
+            .unwrap_or("default");
+        let byte_level = ByteLevel::new(false, true, true);
+        let pre_tokenizer: PreTokenizerWrapper = match pre {
+            // SmolLM2's tokenizer.json: digits split one by one, then GPT-2 byte level.
+            "smollm" => Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into(),
+            "qwen2" => {
+                inner
+                    .with_normalizer(Some(NFC))
+                    .map_err(|e| anyhow!("cannot set normalizer: {e}"))?;
+                let split = Split::new(
+                    SplitPattern::Regex(QWEN2_SPLIT.to_string()),
+                    SplitDelimiterBehavior::Isolated,
+                    false,
+                )
+                .map_err(|e| anyhow!("bad qwen2 split regex: {e}"))?;
+                Sequence::new(vec![split.into(), ByteLevel::new(false, false, false).into()])
+                    .into()
+            }
+            _ => byte_level.into(),
+        };
+        inner.with_pre_tokenizer(Some(pre_tokenizer));
+        inner.with_decoder(Some(ByteLevelDecoder::default()));
+
+        // Control and user-defined tokens (<|im_start|>, ...) are matched whole in text,
+        // so a rendered chat template tokenizes to the ids the model was trained on.
+        if let Some(types) = md("tokenizer.ggml.token_type") {
+            let types = types.to_vec().context("tokenizer.ggml.token_type is not an array")?;
+            let specials: Vec<AddedToken> = types
+                .iter()
+                .zip(&tokens)
+                .filter(|(ty, _)| {
+                    matches!(numeric(ty), Some(TOKEN_TYPE_CONTROL | TOKEN_TYPE_USER_DEFINED))
+                })
+                .map(|(_, tok)| AddedToken::from(tok.clone(), true))
+                .collect();
+            inner.add_special_tokens(specials).map_err(|e| anyhow!("{e}"))?;
+        }
+
+        let token_at = |key: &str| -> Option<(u32, String)> {
+            let id = md(key).and_then(numeric)?;
+            tokens.get(id as usize).map(|t| (id, t.clone()))
+        };
+        let bos = token_at("tokenizer.ggml.bos_token_id");
+        let eos = token_at("tokenizer.ggml.eos_token_id");
+        let mut eos_ids: BTreeSet<u32> = eos.iter().map(|(id, _)| *id).collect();
+        for terminator in ["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>"] {
+            if let Some(id) = inner.token_to_id(terminator) {
+                eos_ids.insert(id);
+            }
+        }
+        Ok(Self {
+            inner,
+            eos_ids: eos_ids.into_iter().collect(),
+            bos,
+            eos,
+        })
+    }
+
+    /// Token ids of `text`, with special tokens such as `<|im_start|>` recognised.
+    /// Adds no BOS: the chat template writes whatever the model expects.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let encoding = self
+            .inner
+            .encode_fast(text, false)
+            .map_err(|e| anyhow!("tokenizer failed: {e}"))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// Text of `ids`, special tokens left out.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| anyhow!("cannot decode token ids: {e}"))
+    }
+
+    /// The vocabulary entry of one id (special tokens included), for display.
+    pub fn token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    pub fn is_eos(&self, id: u32) -> bool {
+        self.eos_ids.binary_search(&id).is_ok()
+    }
+
+    pub fn eos_ids(&self) -> &[u32] {
+        &self.eos_ids
+    }
+
+    pub fn bos_token(&self) -> Option<&str> {
+        self.bos.as_ref().map(|(_, t)| t.as_str())
+    }
+
+    pub fn eos_token(&self) -> Option<&str> {
+        self.eos.as_ref().map(|(_, t)| t.as_str())
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+}
+
+/// Turns a growing list of generated ids into text pieces as they become printable:
+/// a piece is released only once it no longer ends in a partial UTF-8 sequence.
+pub struct StreamDecoder {
+    ids: Vec<u32>,
+    emitted: String,
+}
+
+impl StreamDecoder {
+    pub fn new() -> Self {
+        Self {
+            ids: Vec::new(),
+            emitted: String::new(),
+        }
+    }
+
+    /// Adds one token; returns the newly printable text, if any.
+    pub fn push(&mut self, tokenizer: &Tokenizer, id: u32) -> Result<Option<String>> {
+        self.ids.push(id);
+        let text = tokenizer.decode(&self.ids)?;
+        if text.ends_with('\u{FFFD}') || !text.starts_with(&self.emitted) {
+            return Ok(None);
+        }
+        let piece = text[self.emitted.len()..].to_string();
+        self.emitted = text;
+        Ok((!piece.is_empty()).then_some(piece))
+    }
+
+    /// Everything decoded so far.
+    pub fn text(&self) -> &str {
+        &self.emitted
+    }
+}
+
+impl Default for StreamDecoder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn numeric(v: &Value) -> Option<u32> {
+    match v {
+        Value::U8(v) => Some(u32::from(*v)),
+        Value::I8(v) => u32::try_from(*v).ok(),
+        Value::U16(v) => Some(u32::from(*v)),
+        Value::I16(v) => u32::try_from(*v).ok(),
+        Value::U32(v) => Some(*v),
+        Value::I32(v) => u32::try_from(*v).ok(),
+        Value::U64(v) => u32::try_from(*v).ok(),
+        Value::I64(v) => u32::try_from(*v).ok(),
+        _ => None,
+    }
+}
+
+fn string_array(value: Option<&Value>, key: &str) -> Result<Vec<String>> {
+    let values = value
+        .with_context(|| format!("GGUF metadata has no {key}"))?
+        .to_vec()
+        .with_context(|| format!("{key} is not an array"))?;
+    values
+        .iter()
+        .map(|v| {
+            v.to_string()
+                .cloned()
+                .map_err(|_| anyhow!("{key} holds a non-string entry"))
+        })
+        .collect()
+}

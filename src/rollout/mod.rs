@@ -1,0 +1,32 @@
+//! The `claw.rollout.v1` file format (DESIGN.md sections 2 and 3), shared by every
+//! stage: the schema in one place, validation with errors that name the file and
+//! column, streaming reads from files, globs and stdin, atomic writes, and
+//! time-ordered segments for daemons.
+//!
+//! Stages work on Arrow record batches so columns they do not own (including ones
+//! claw does not know) pass through untouched; [`RolloutRow`] is the typed view
+//! for code that works row by row.
+
+mod read;
+mod row;
+mod schema;
+mod segment;
+mod write;
+
+pub use read::{
+    expand_inputs, schema_tag, schema_tag_warning, FileBatches, Input, RolloutBatch, RolloutFile,
+    RolloutReader, DEFAULT_BATCH_SIZE, STDIN_NAME,
+};
+pub use row::{rows_from_batch, rows_to_batch, RolloutRow};
+pub use schema::{
+    column, normalize_batch, schema, type_name, validate_schema, Column, ColumnType, COLUMNS,
+    CREATED_AT_TZ, SCHEMA_TAG, SCHEMA_TAG_KEY,
+};
+pub use segment::{
+    parse_segment_file_name, segment_file_name, validate_writer_id, SegmentWriter,
+    DEFAULT_SEGMENT_AGE, DEFAULT_SEGMENT_ROWS,
+};
+pub use write::RolloutWriter;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,297 @@
+//! [`RolloutWriter`]: one rollout file (atomically renamed into place) or a stream
+//! on stdout.
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::{self, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
+use arrow::array::RecordBatch;
+use arrow::datatypes::{Field, FieldRef, Schema, SchemaRef};
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::metadata::KeyValue;
+use parquet::file::properties::WriterProperties;
+
+use super::row::{rows_to_batch, RolloutRow};
+use super::schema::{
+    column, normalize_batch, schema, type_name, validate_schema, SCHEMA_TAG, SCHEMA_TAG_KEY,
+};
+
+/// Rows per Parquet row group at most. Readers hold a row group's column chunks
+/// in memory, so groups stay bounded in rows and in bytes.
+const MAX_ROW_GROUP_ROWS: usize = 64 * 1024;
+const MAX_ROW_GROUP_BYTES: usize = 64 * 1024 * 1024;
+
+enum Target {
+    /// Written to `tmp`, renamed to `path` by `finish`.
+    File {
+        path: PathBuf,
+        tmp: PathBuf,
+    },
+    Stdout,
+}
+
+enum Sink {
+    File(File),
+    Stdout(io::Stdout),
+}
+
+impl Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Sink::File(f) => f.write(buf),
+            Sink::Stdout(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Sink::File(f) => f.flush(),
+            Sink::Stdout(s) => s.flush(),
+        }
+    }
+}
+
+/// Writes one rollout file: Parquet, zstd, tagged `claw.schema = claw.rollout.v1`.
+///
+/// The output schema is taken from the first batch, so a stage can add its columns
+/// to the batches it read (keeping any unknown ones) and write them straight back.
+/// A file target is written as `NAME.tmp` and only renamed to `NAME` by
+/// [`finish`](Self::finish) after an fsync, so a reader (or a daemon after a crash)
+/// never sees a partial file; dropping the writer without `finish` removes the
+/// `.tmp`. Stdout streams as it goes (parquet buffers internally).
+pub struct RolloutWriter {
+    target: Target,
+    /// The opened destination, until the first batch fixes the schema.
+    sink: Option<Sink>,
+    writer: Option<ArrowWriter<Sink>>,
+    schema: Option<SchemaRef>,
+    rows: u64,
+}
+
+impl RolloutWriter {
+    /// `-` means stdout, anything else a file path (the usual `-o` convention).
+    pub fn create(dest: &str) -> Result<Self> {
+        if dest == "-" {
+            Self::stdout()
+        } else {
+            Self::file(dest)
+        }
+    }
+
+    /// A file written atomically at `path` (see the type docs).
+    pub fn file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let mut tmp = OsString::from(path.as_os_str());
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
+        let file =
+            File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+        Ok(RolloutWriter {
+            target: Target::File { path, tmp },
+            sink: Some(Sink::File(file)),
+            writer: None,
+            schema: None,
+            rows: 0,
+        })
+    }
+
+    /// A stream on stdout, for pipelines. Refuses a terminal: binary Parquet there
+    /// helps nobody and garbles the screen.
+    pub fn stdout() -> Result<Self> {
+        let stdout = io::stdout();
+        if stdout.is_terminal() {
+            bail!("refusing to write binary Parquet to a terminal: pipe stdout into another command, redirect it, or use -o FILE");
+        }
+        Ok(RolloutWriter {
+            target: Target::Stdout,
+            sink: Some(Sink::Stdout(stdout)),
+            writer: None,
+            schema: None,
+            rows: 0,
+        })
+    }
+
+    /// The final path of a file target (`None` for stdout).
+    pub fn path(&self) -> Option<&Path> {
+        match &self.target {
+            Target::File { path, .. } => Some(path),
+            Target::Stdout => None,
+        }
+    }
+
+    /// The destination's name for messages.
+    pub fn name(&self) -> String {
+        self.path()
+            .map_or_else(|| "<stdout>".to_string(), |p| p.display().to_string())
+    }
+
+    /// The output schema, once the first batch has fixed it.
+    pub fn schema(&self) -> Option<&SchemaRef> {
+        self.schema.as_ref()
+    }
+
+    /// Rows written so far.
+    pub fn rows_written(&self) -> u64 {
+        self.rows
+    }
+
+    /// Appends typed rows (canonical columns only).
+    pub fn write_rows(&mut self, rows: &[RolloutRow]) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let batch = rows_to_batch(rows)?;
+        self.write(&batch)
+    }
+
+    /// Appends a batch. The first batch fixes the output columns; later batches
+    /// must have the same columns and types (metadata and nullability may differ).
+    pub fn write(&mut self, batch: &RecordBatch) -> Result<()> {
+        let name = self.name();
+        let batch = normalize_batch(batch, &name)?;
+        if self.writer.is_none() {
+            self.open(output_schema(&batch.schema()))?;
+        }
+        let schema = self
+            .schema
+            .clone()
+            .expect("schema is set when the writer opens");
+        let conformed = conform(&batch, &schema, &name)?;
+        let writer = self.writer.as_mut().expect("writer was just opened");
+        writer
+            .write(&conformed)
+            .with_context(|| format!("{name}: writing rows"))?;
+        self.rows += conformed.num_rows() as u64;
+        Ok(())
+    }
+
+    fn open(&mut self, schema: SchemaRef) -> Result<()> {
+        let name = self.name();
+        validate_schema(&schema, &name)?;
+        let sink = self
+            .sink
+            .take()
+            .ok_or_else(|| anyhow!("{name}: writer already closed"))?;
+        let props = WriterProperties::builder()
+            .set_compression(Compression::ZSTD(ZstdLevel::default()))
+            .set_max_row_group_row_count(Some(MAX_ROW_GROUP_ROWS))
+            .set_max_row_group_bytes(Some(MAX_ROW_GROUP_BYTES))
+            .set_key_value_metadata(Some(vec![KeyValue::new(
+                SCHEMA_TAG_KEY.to_string(),
+                SCHEMA_TAG.to_string(),
+            )]))
+            .build();
+        let writer = ArrowWriter::try_new(sink, schema.clone(), Some(props))
+            .with_context(|| format!("{name}: starting the Parquet writer"))?;
+        self.writer = Some(writer);
+        self.schema = Some(schema);
+        Ok(())
+    }
+
+    /// Writes the footer and makes the output durable: for a file, fsyncs it,
+    /// renames `NAME.tmp` to `NAME` and fsyncs the directory, so once this returns
+    /// the file survives a crash. With no rows written, the result is a valid empty
+    /// rollout with the canonical schema. Returns the number of rows written.
+    pub fn finish(mut self) -> Result<u64> {
+        let name = self.name();
+        if self.writer.is_none() {
+            self.open(schema())?;
+        }
+        let writer = self.writer.take().expect("writer is open");
+        let sink = writer
+            .into_inner()
+            .with_context(|| format!("{name}: writing the Parquet footer"))?;
+        match (sink, &self.target) {
+            (Sink::File(file), Target::File { path, tmp }) => {
+                file.sync_all()
+                    .with_context(|| format!("{}: fsync", tmp.display()))?;
+                drop(file);
+                std::fs::rename(tmp, path)
+                    .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+                sync_parent_dir(path)?;
+            }
+            (mut sink, _) => sink.flush().with_context(|| format!("{name}: flush"))?,
+        }
+        // Nothing left to clean up in Drop.
+        self.target = Target::Stdout;
+        Ok(self.rows)
+    }
+}
+
+impl Drop for RolloutWriter {
+    fn drop(&mut self) {
+        if let Target::File { tmp, .. } = &self.target {
+            // Close the handle first, then remove the partial file; errors are moot
+            // here (the caller is already unwinding or abandoning the output).
+            self.writer = None;
+            self.sink = None;
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
+}
+
+/// Makes a rename durable: the directory entry lives in the parent directory.
+fn sync_parent_dir(path: &Path) -> Result<()> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    File::open(parent)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("{}: fsync of the directory", parent.display()))
+}
+
+/// The first batch's schema as the file's schema: tagged, and with required claw
+/// columns marked non-null (the batch was checked to hold no nulls there), so the
+/// output is canonical even when the input came from a tool that marks every
+/// column nullable.
+fn output_schema(first: &Schema) -> SchemaRef {
+    let fields: Vec<FieldRef> = first
+        .fields()
+        .iter()
+        .map(|f| match column(f.name()) {
+            Some(c) if c.required && f.is_nullable() => {
+                Arc::new(Field::clone(f).with_nullable(false))
+            }
+            _ => f.clone(),
+        })
+        .collect();
+    let mut metadata = first.metadata().clone();
+    metadata.insert(SCHEMA_TAG_KEY.to_string(), SCHEMA_TAG.to_string());
+    Arc::new(Schema::new_with_metadata(fields, metadata))
+}
+
+/// Rebuilds `batch` on the writer's schema, or explains how they differ.
+fn conform(batch: &RecordBatch, schema: &SchemaRef, name: &str) -> Result<RecordBatch> {
+    let found = batch.schema();
+    if Arc::ptr_eq(&found, schema) {
+        return Ok(batch.clone());
+    }
+    let names =
+        |s: &Schema| -> Vec<String> { s.fields().iter().map(|f| f.name().clone()).collect() };
+    if names(&found) != names(schema) {
+        let want = names(schema);
+        let got = names(&found);
+        let missing: Vec<&String> = want.iter().filter(|n| !got.contains(n)).collect();
+        let extra: Vec<&String> = got.iter().filter(|n| !want.contains(n)).collect();
+        bail!(
+            "{name}: a batch's columns differ from the first batch's (which fixed the output schema): missing {missing:?}, extra {extra:?}{}",
+            if missing.is_empty() && extra.is_empty() { " (same columns, different order)" } else { "" }
+        );
+    }
+    for (want, got) in schema.fields().iter().zip(found.fields()) {
+        if want.data_type() != got.data_type() {
+            bail!(
+                "{name}: column `{}` is {} in this batch but {} in the first batch (which fixed the output schema)",
+                want.name(),
+                type_name(got.data_type()),
+                type_name(want.data_type())
+            );
+        }
+    }
+    RecordBatch::try_new(schema.clone(), batch.columns().to_vec())
+        .with_context(|| format!("{name}: batch does not fit the output schema"))
+}

@@ -1,0 +1,253 @@
+//! The model runtime against candle-transformers' quantized reference models, on a
+//! tiny random-weight GGUF (always) and on the real default model (when fetched).
+
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::gguf_file;
+use candle_core::{Device, Tensor};
+use claw::model::config::Architecture;
+use claw::model::testing::{write_tiny_gguf, TinySpec};
+use claw::model::{KvCache, Model, SamplingParams};
+
+fn tiny_model(dir: &Path, architecture: Architecture) -> PathBuf {
+    let path = dir.join(format!("tiny-{architecture:?}.gguf"));
+    let spec = TinySpec {
+        architecture,
+        ..Default::default()
+    };
+    write_tiny_gguf(&path, &spec).expect("write tiny gguf");
+    path
+}
+
+/// The real default model, or None with a visible message when it is not fetched.
+fn real_model() -> Option<PathBuf> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if path.is_file() {
+        Some(path)
+    } else {
+        eprintln!("SKIP: {} is absent (run scripts/fetch-model)", path.display());
+        None
+    }
+}
+
+enum Reference {
+    Llama(candle_transformers::models::quantized_llama::ModelWeights),
+    Qwen2(candle_transformers::models::quantized_qwen2::ModelWeights),
+}
+
+impl Reference {
+    fn load(path: &Path, architecture: Architecture) -> Self {
+        let mut file = std::fs::File::open(path).unwrap();
+        let content = gguf_file::Content::read(&mut file).unwrap();
+        match architecture {
+            Architecture::Llama => Reference::Llama(
+                candle_transformers::models::quantized_llama::ModelWeights::from_gguf(content, &mut file, &Device::Cpu).unwrap(),
+            ),
+            Architecture::Qwen2 => Reference::Qwen2(
+                candle_transformers::models::quantized_qwen2::ModelWeights::from_gguf(content, &mut file, &Device::Cpu).unwrap(),
+            ),
+        }
+    }
+
+    /// Last-position logits, (vocab,).
+    fn forward(&mut self, ids: &[u32], pos: usize) -> Vec<f32> {
+        let x = Tensor::new(ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let logits = match self {
+            Reference::Llama(m) => m.forward(&x, pos).unwrap(),
+            Reference::Qwen2(m) => m.forward(&x, pos).unwrap(),
+        };
+        logits.flatten_all().unwrap().to_vec1().unwrap()
+    }
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    claw::model::sampling::argmax(v) as u32
+}
+
+/// Prefill `prompt`, then greedy-decode `steps` tokens with both implementations,
+/// comparing the logits at every step. Returns the largest difference seen.
+fn compare_with_reference(path: &Path, architecture: Architecture, prompt: &[u32], steps: usize) -> f32 {
+    let model = Model::load(path).unwrap();
+    let mut reference = Reference::load(path, architecture);
+    let mut cache = KvCache::new();
+    let ids = Tensor::new(prompt, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let mut ours: Vec<f32> = model.decoder.forward_last(&ids, &mut cache).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let mut theirs = reference.forward(prompt, 0);
+    let mut worst = max_abs_diff(&ours, &theirs);
+    let mut pos = prompt.len();
+    for _ in 0..steps {
+        let next = argmax(&theirs);
+        assert_eq!(argmax(&ours), next, "greedy tokens diverge at position {pos}");
+        let ids = Tensor::new(&[next], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        ours = model.decoder.forward_last(&ids, &mut cache).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        theirs = reference.forward(&[next], pos);
+        worst = worst.max(max_abs_diff(&ours, &theirs));
+        pos += 1;
+    }
+    worst
+}
+
+#[test]
+fn tiny_llama_logits_match_candle_quantized_llama() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny_model(dir.path(), Architecture::Llama);
+    let prompt: Vec<u32> = (3..40).collect();
+    let diff = compare_with_reference(&path, Architecture::Llama, &prompt, 8);
+    assert!(diff < 1e-3, "max |logit difference| {diff}");
+}
+
+#[test]
+fn tiny_qwen2_logits_match_candle_quantized_qwen2() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny_model(dir.path(), Architecture::Qwen2);
+    let prompt: Vec<u32> = (10..30).collect();
+    let diff = compare_with_reference(&path, Architecture::Qwen2, &prompt, 8);
+    assert!(diff < 1e-3, "max |logit difference| {diff}");
+}
+
+#[test]
+fn kv_cache_and_chunking_give_the_same_logits_as_one_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = Model::load(&tiny_model(dir.path(), Architecture::Llama)).unwrap();
+    let ids: Vec<u32> = (5..45).collect();
+    let all = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let full = model.decoder.forward(&all, &mut KvCache::new()).unwrap().squeeze(0).unwrap();
+    // the same sequence fed as 25 + 1 + 14 tokens through one cache
+    let mut cache = KvCache::new();
+    let mut pieces = Vec::new();
+    for range in [0..25, 25..26, 26..40] {
+        let t = Tensor::new(&ids[range], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        pieces.push(model.decoder.forward(&t, &mut cache).unwrap().squeeze(0).unwrap());
+    }
+    assert_eq!(cache.len(), 40);
+    let incremental = Tensor::cat(&pieces, 0).unwrap();
+    let diff = (full - incremental).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(diff < 1e-4, "max |difference| {diff}");
+}
+
+#[test]
+fn causality_later_tokens_do_not_change_earlier_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = Model::load(&tiny_model(dir.path(), Architecture::Llama)).unwrap();
+    let run = |ids: &[u32]| -> Vec<f32> {
+        let t = Tensor::new(ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let logits = model.decoder.forward(&t, &mut KvCache::new()).unwrap();
+        logits.narrow(1, 0, 10).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    };
+    let a: Vec<u32> = (10..30).collect();
+    let mut b = a.clone();
+    b[10] = 200;
+    b[15] = 7;
+    assert!(max_abs_diff(&run(&a), &run(&b)) < 1e-5);
+}
+
+#[test]
+fn generation_is_reproducible_and_logprobs_are_consistent() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = Model::load(&tiny_model(dir.path(), Architecture::Llama)).unwrap();
+    let prompt = model.tokenizer.encode("<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n").unwrap();
+    let params = SamplingParams { temperature: 0.9, top_p: 0.95, seed: Some(11), max_tokens: 12, ignore_eos: true, ..Default::default() };
+    let a = model.generate(&prompt, &params, |_| claw::model::generate::Flow::Continue).unwrap();
+    let b = model.generate(&prompt, &params, |_| claw::model::generate::Flow::Continue).unwrap();
+    assert_eq!(a.token_ids, b.token_ids);
+    assert_eq!(a.token_ids.len(), 12);
+    assert_eq!(a.logprobs.len(), 12);
+    assert!(a.logprobs.iter().all(|&lp| lp <= 0.0 && lp.is_finite()));
+
+    // Each recorded log-prob equals log_softmax of a teacher-forced forward pass.
+    let mut ids = prompt.clone();
+    ids.extend(&a.token_ids);
+    let t = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let logits = model.decoder.forward(&t, &mut KvCache::new()).unwrap().squeeze(0).unwrap();
+    for (i, (&tok, &lp)) in a.token_ids.iter().zip(&a.logprobs).enumerate() {
+        let row: Vec<f32> = logits.get(prompt.len() + i - 1).unwrap().to_vec1().unwrap();
+        let expected = claw::model::sampling::log_softmax_at(&row, tok as usize);
+        assert!((expected - lp).abs() < 1e-3, "token {i}: {expected} vs {lp}");
+    }
+}
+
+#[test]
+fn max_tokens_and_stop_strings_end_generation() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = Model::load(&tiny_model(dir.path(), Architecture::Llama)).unwrap();
+    let prompt = model.tokenizer.encode("hello").unwrap();
+    let greedy = SamplingParams { temperature: 0.0, max_tokens: 20, ignore_eos: true, ..Default::default() };
+    let free = model.generate(&prompt, &greedy, |_| claw::model::generate::Flow::Continue).unwrap();
+    assert_eq!(free.finish_reason, claw::model::FinishReason::Length);
+    assert_eq!(free.token_ids.len(), 20);
+    // Stop on a piece of what greedy decoding produces: the text ends before it.
+    let text = free.text.clone();
+    let chars: Vec<char> = text.chars().collect();
+    if chars.len() >= 6 {
+        let stop: String = chars[3..5].iter().collect();
+        let params = SamplingParams { stop: vec![stop.clone()], ..greedy.clone() };
+        let mut streamed = String::new();
+        let stopped = model.generate(&prompt, &params, |p| { streamed.push_str(p); claw::model::generate::Flow::Continue }).unwrap();
+        assert_eq!(stopped.finish_reason, claw::model::FinishReason::Stop);
+        assert!(!stopped.text.contains(&stop), "{:?} contains {:?}", stopped.text, stop);
+        assert!(text.starts_with(&stopped.text));
+        assert_eq!(streamed, stopped.text, "streamed text equals the final text");
+    }
+}
+
+#[test]
+fn tokenizer_round_trips_and_knows_specials() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = Model::load(&tiny_model(dir.path(), Architecture::Llama)).unwrap();
+    let tok = &model.tokenizer;
+    let ids = tok.encode("<|im_start|>hello 123 naïve<|im_end|>").unwrap();
+    assert_eq!(ids[0], 1);
+    assert_eq!(*ids.last().unwrap(), 2);
+    assert!(tok.is_eos(2));
+    assert_eq!(tok.decode(&ids).unwrap(), "hello 123 naïve");
+    // merges apply ("he" is one token) and digits are split one by one
+    assert!(ids.contains(&tok.token_id("he").unwrap()));
+    let digits = tok.encode("123").unwrap();
+    assert_eq!(digits.len(), 3);
+}
+
+#[derive(serde::Deserialize)]
+struct KnownIds {
+    text: String,
+    ids: Vec<u32>,
+}
+
+#[test]
+fn real_tokenizer_matches_llama_cpp_ids() {
+    let Some(path) = real_model() else { return };
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/smollm2_token_ids.json");
+    let known: Vec<KnownIds> = serde_json::from_str(&std::fs::read_to_string(&fixture).unwrap()).unwrap();
+    assert!(known.len() >= 5);
+    let model = Model::load(&path).unwrap();
+    for k in &known {
+        assert_eq!(model.tokenizer.encode(&k.text).unwrap(), k.ids, "text {:?}", k.text);
+    }
+}
+
+#[test]
+fn real_model_logits_match_candle_quantized_llama() {
+    let Some(path) = real_model() else { return };
+    let model = Model::load(&path).unwrap();
+    let prompt = model.template.render(&[serde_json::json!({"role": "user", "content": "What is the capital of France?"})], None, true).unwrap();
+    let ids = model.tokenizer.encode(&prompt).unwrap();
+    drop(model);
+    let diff = compare_with_reference(&path, Architecture::Llama, &ids, 6);
+    eprintln!("SmolLM2: max |logit difference| vs quantized_llama = {diff}");
+    assert!(diff < 1e-2, "max |logit difference| {diff}");
+}
+
+#[test]
+fn real_model_knows_the_capital_of_france() {
+    let Some(path) = real_model() else { return };
+    let model = Model::load(&path).unwrap();
+    let prompt = model.template.render(&[serde_json::json!({"role": "user", "content": "What is the capital of France?"})], None, true).unwrap();
+    let ids = model.tokenizer.encode(&prompt).unwrap();
+    let params = SamplingParams { temperature: 0.0, max_tokens: 24, ..Default::default() };
+    let out = model.generate(&ids, &params, |_| claw::model::generate::Flow::Continue).unwrap();
+    assert!(out.text.contains("Paris"), "reply: {:?}", out.text);
+}
