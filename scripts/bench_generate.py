@@ -11,7 +11,9 @@ llama.cpp side (single sequence, batch = whole prompt):
   prefill = wall time of one llama_decode over all prompt tokens
   decode  = wall time of N x (argmax over the last logits + llama_decode of 1 token)
   tok/s   = tokens / seconds. llama.cpp's own perf counters (t_p_eval / t_eval)
-            are recorded too, in the JSON output, as a cross-check.
+            are recorded too, as a cross-check (note: llama.cpp books the first
+            1-token decode after the prompt under prompt eval, so its counts are
+            prompt+1 and tokens-1).
 claw side: the `timing` object of `claw chat ... --json`:
   {"prompt_tokens", "prefill_s", "completion_tokens", "decode_s"}.
 """

@@ -7,7 +7,7 @@ use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use claw::model::config::Architecture;
 use claw::model::testing::{write_tiny_gguf, TinySpec};
-use claw::model::{KvCache, Model, SamplingParams};
+use claw::model::{KvCache, Model, SamplingParams, WeightFormat};
 
 fn tiny_model(dir: &Path, architecture: Architecture) -> PathBuf {
     let path = dir.join(format!("tiny-{architecture:?}.gguf"));
@@ -25,7 +25,10 @@ fn real_model() -> Option<PathBuf> {
     if path.is_file() {
         Some(path)
     } else {
-        eprintln!("SKIP: {} is absent (run scripts/fetch-model)", path.display());
+        eprintln!(
+            "SKIP: {} is absent (run scripts/fetch-model)",
+            path.display()
+        );
         None
     }
 }
@@ -41,17 +44,30 @@ impl Reference {
         let content = gguf_file::Content::read(&mut file).unwrap();
         match architecture {
             Architecture::Llama => Reference::Llama(
-                candle_transformers::models::quantized_llama::ModelWeights::from_gguf(content, &mut file, &Device::Cpu).unwrap(),
+                candle_transformers::models::quantized_llama::ModelWeights::from_gguf(
+                    content,
+                    &mut file,
+                    &Device::Cpu,
+                )
+                .unwrap(),
             ),
             Architecture::Qwen2 => Reference::Qwen2(
-                candle_transformers::models::quantized_qwen2::ModelWeights::from_gguf(content, &mut file, &Device::Cpu).unwrap(),
+                candle_transformers::models::quantized_qwen2::ModelWeights::from_gguf(
+                    content,
+                    &mut file,
+                    &Device::Cpu,
+                )
+                .unwrap(),
             ),
         }
     }
 
     /// Last-position logits, (vocab,).
     fn forward(&mut self, ids: &[u32], pos: usize) -> Vec<f32> {
-        let x = Tensor::new(ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let x = Tensor::new(ids, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
         let logits = match self {
             Reference::Llama(m) => m.forward(&x, pos).unwrap(),
             Reference::Qwen2(m) => m.forward(&x, pos).unwrap(),
@@ -62,7 +78,10 @@ impl Reference {
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 fn argmax(v: &[f32]) -> u32 {
@@ -71,23 +90,50 @@ fn argmax(v: &[f32]) -> u32 {
 
 /// Prefill `prompt`, then greedy-decode `steps` tokens with both implementations,
 /// comparing the logits at every step. Returns the largest difference seen.
-fn compare_with_reference(path: &Path, architecture: Architecture, prompt: &[u32], steps: usize) -> f32 {
-    let model = Model::load(path).unwrap();
+fn compare_with_reference(
+    path: &Path,
+    architecture: Architecture,
+    prompt: &[u32],
+    steps: usize,
+) -> f32 {
+    let model = Model::load_with(path, WeightFormat::Ggml).unwrap();
     let mut reference = Reference::load(path, architecture);
     let mut cache = KvCache::new();
-    let ids = Tensor::new(prompt, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    let mut ours: Vec<f32> = model.decoder.forward_last(&ids, &mut cache).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let ids = Tensor::new(prompt, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let mut ours: Vec<f32> = model
+        .decoder
+        .forward_last(&ids, &mut cache)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     let mut theirs = reference.forward(prompt, 0);
     let mut worst = max_abs_diff(&ours, &theirs);
-    let mut pos = prompt.len();
-    for _ in 0..steps {
+    for pos in prompt.len()..prompt.len() + steps {
         let next = argmax(&theirs);
-        assert_eq!(argmax(&ours), next, "greedy tokens diverge at position {pos}");
-        let ids = Tensor::new(&[next], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-        ours = model.decoder.forward_last(&ids, &mut cache).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(
+            argmax(&ours),
+            next,
+            "greedy tokens diverge at position {pos}"
+        );
+        let ids = Tensor::new(&[next], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        ours = model
+            .decoder
+            .forward_last(&ids, &mut cache)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         theirs = reference.forward(&[next], pos);
         worst = worst.max(max_abs_diff(&ours, &theirs));
-        pos += 1;
     }
     worst
 }
@@ -115,18 +161,43 @@ fn kv_cache_and_chunking_give_the_same_logits_as_one_pass() {
     let dir = tempfile::tempdir().unwrap();
     let model = Model::load(&tiny_model(dir.path(), Architecture::Llama)).unwrap();
     let ids: Vec<u32> = (5..45).collect();
-    let all = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    let full = model.decoder.forward(&all, &mut KvCache::new()).unwrap().squeeze(0).unwrap();
+    let all = Tensor::new(ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let full = model
+        .decoder
+        .forward(&all, &mut KvCache::new())
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
     // the same sequence fed as 25 + 1 + 14 tokens through one cache
     let mut cache = KvCache::new();
     let mut pieces = Vec::new();
     for range in [0..25, 25..26, 26..40] {
-        let t = Tensor::new(&ids[range], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-        pieces.push(model.decoder.forward(&t, &mut cache).unwrap().squeeze(0).unwrap());
+        let t = Tensor::new(&ids[range], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        pieces.push(
+            model
+                .decoder
+                .forward(&t, &mut cache)
+                .unwrap()
+                .squeeze(0)
+                .unwrap(),
+        );
     }
     assert_eq!(cache.len(), 40);
     let incremental = Tensor::cat(&pieces, 0).unwrap();
-    let diff = (full - incremental).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let diff = (full - incremental)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(diff < 1e-4, "max |difference| {diff}");
 }
 
@@ -135,9 +206,18 @@ fn causality_later_tokens_do_not_change_earlier_logits() {
     let dir = tempfile::tempdir().unwrap();
     let model = Model::load(&tiny_model(dir.path(), Architecture::Llama)).unwrap();
     let run = |ids: &[u32]| -> Vec<f32> {
-        let t = Tensor::new(ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let t = Tensor::new(ids, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
         let logits = model.decoder.forward(&t, &mut KvCache::new()).unwrap();
-        logits.narrow(1, 0, 10).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+        logits
+            .narrow(1, 0, 10)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
     };
     let a: Vec<u32> = (10..30).collect();
     let mut b = a.clone();
@@ -150,10 +230,24 @@ fn causality_later_tokens_do_not_change_earlier_logits() {
 fn generation_is_reproducible_and_logprobs_are_consistent() {
     let dir = tempfile::tempdir().unwrap();
     let model = Model::load(&tiny_model(dir.path(), Architecture::Llama)).unwrap();
-    let prompt = model.tokenizer.encode("<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n").unwrap();
-    let params = SamplingParams { temperature: 0.9, top_p: 0.95, seed: Some(11), max_tokens: 12, ignore_eos: true, ..Default::default() };
-    let a = model.generate(&prompt, &params, |_| claw::model::generate::Flow::Continue).unwrap();
-    let b = model.generate(&prompt, &params, |_| claw::model::generate::Flow::Continue).unwrap();
+    let prompt = model
+        .tokenizer
+        .encode("<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n")
+        .unwrap();
+    let params = SamplingParams {
+        temperature: 0.9,
+        top_p: 0.95,
+        seed: Some(11),
+        max_tokens: 12,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let a = model
+        .generate(&prompt, &params, |_| claw::model::generate::Flow::Continue)
+        .unwrap();
+    let b = model
+        .generate(&prompt, &params, |_| claw::model::generate::Flow::Continue)
+        .unwrap();
     assert_eq!(a.token_ids, b.token_ids);
     assert_eq!(a.token_ids.len(), 12);
     assert_eq!(a.logprobs.len(), 12);
@@ -162,12 +256,23 @@ fn generation_is_reproducible_and_logprobs_are_consistent() {
     // Each recorded log-prob equals log_softmax of a teacher-forced forward pass.
     let mut ids = prompt.clone();
     ids.extend(&a.token_ids);
-    let t = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    let logits = model.decoder.forward(&t, &mut KvCache::new()).unwrap().squeeze(0).unwrap();
+    let t = Tensor::new(ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let logits = model
+        .decoder
+        .forward(&t, &mut KvCache::new())
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
     for (i, (&tok, &lp)) in a.token_ids.iter().zip(&a.logprobs).enumerate() {
         let row: Vec<f32> = logits.get(prompt.len() + i - 1).unwrap().to_vec1().unwrap();
         let expected = claw::model::sampling::log_softmax_at(&row, tok as usize);
-        assert!((expected - lp).abs() < 1e-3, "token {i}: {expected} vs {lp}");
+        assert!(
+            (expected - lp).abs() < 1e-3,
+            "token {i}: {expected} vs {lp}"
+        );
     }
 }
 
@@ -176,8 +281,15 @@ fn max_tokens_and_stop_strings_end_generation() {
     let dir = tempfile::tempdir().unwrap();
     let model = Model::load(&tiny_model(dir.path(), Architecture::Llama)).unwrap();
     let prompt = model.tokenizer.encode("hello").unwrap();
-    let greedy = SamplingParams { temperature: 0.0, max_tokens: 20, ignore_eos: true, ..Default::default() };
-    let free = model.generate(&prompt, &greedy, |_| claw::model::generate::Flow::Continue).unwrap();
+    let greedy = SamplingParams {
+        temperature: 0.0,
+        max_tokens: 20,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let free = model
+        .generate(&prompt, &greedy, |_| claw::model::generate::Flow::Continue)
+        .unwrap();
     assert_eq!(free.finish_reason, claw::model::FinishReason::Length);
     assert_eq!(free.token_ids.len(), 20);
     // Stop on a piece of what greedy decoding produces: the text ends before it.
@@ -185,13 +297,29 @@ fn max_tokens_and_stop_strings_end_generation() {
     let chars: Vec<char> = text.chars().collect();
     if chars.len() >= 6 {
         let stop: String = chars[3..5].iter().collect();
-        let params = SamplingParams { stop: vec![stop.clone()], ..greedy.clone() };
+        let params = SamplingParams {
+            stop: vec![stop.clone()],
+            ..greedy.clone()
+        };
         let mut streamed = String::new();
-        let stopped = model.generate(&prompt, &params, |p| { streamed.push_str(p); claw::model::generate::Flow::Continue }).unwrap();
+        let stopped = model
+            .generate(&prompt, &params, |p| {
+                streamed.push_str(p);
+                claw::model::generate::Flow::Continue
+            })
+            .unwrap();
         assert_eq!(stopped.finish_reason, claw::model::FinishReason::Stop);
-        assert!(!stopped.text.contains(&stop), "{:?} contains {:?}", stopped.text, stop);
+        assert!(
+            !stopped.text.contains(&stop),
+            "{:?} contains {:?}",
+            stopped.text,
+            stop
+        );
         assert!(text.starts_with(&stopped.text));
-        assert_eq!(streamed, stopped.text, "streamed text equals the final text");
+        assert_eq!(
+            streamed, stopped.text,
+            "streamed text equals the final text"
+        );
     }
 }
 
@@ -221,11 +349,17 @@ struct KnownIds {
 fn real_tokenizer_matches_llama_cpp_ids() {
     let Some(path) = real_model() else { return };
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/smollm2_token_ids.json");
-    let known: Vec<KnownIds> = serde_json::from_str(&std::fs::read_to_string(&fixture).unwrap()).unwrap();
+    let known: Vec<KnownIds> =
+        serde_json::from_str(&std::fs::read_to_string(&fixture).unwrap()).unwrap();
     assert!(known.len() >= 5);
     let model = Model::load(&path).unwrap();
     for k in &known {
-        assert_eq!(model.tokenizer.encode(&k.text).unwrap(), k.ids, "text {:?}", k.text);
+        assert_eq!(
+            model.tokenizer.encode(&k.text).unwrap(),
+            k.ids,
+            "text {:?}",
+            k.text
+        );
     }
 }
 
@@ -233,7 +367,14 @@ fn real_tokenizer_matches_llama_cpp_ids() {
 fn real_model_logits_match_candle_quantized_llama() {
     let Some(path) = real_model() else { return };
     let model = Model::load(&path).unwrap();
-    let prompt = model.template.render(&[serde_json::json!({"role": "user", "content": "What is the capital of France?"})], None, true).unwrap();
+    let prompt = model
+        .template
+        .render(
+            &[serde_json::json!({"role": "user", "content": "What is the capital of France?"})],
+            None,
+            true,
+        )
+        .unwrap();
     let ids = model.tokenizer.encode(&prompt).unwrap();
     drop(model);
     let diff = compare_with_reference(&path, Architecture::Llama, &ids, 6);
@@ -245,9 +386,69 @@ fn real_model_logits_match_candle_quantized_llama() {
 fn real_model_knows_the_capital_of_france() {
     let Some(path) = real_model() else { return };
     let model = Model::load(&path).unwrap();
-    let prompt = model.template.render(&[serde_json::json!({"role": "user", "content": "What is the capital of France?"})], None, true).unwrap();
+    let prompt = model
+        .template
+        .render(
+            &[serde_json::json!({"role": "user", "content": "What is the capital of France?"})],
+            None,
+            true,
+        )
+        .unwrap();
     let ids = model.tokenizer.encode(&prompt).unwrap();
-    let params = SamplingParams { temperature: 0.0, max_tokens: 24, ..Default::default() };
-    let out = model.generate(&ids, &params, |_| claw::model::generate::Flow::Continue).unwrap();
+    let params = SamplingParams {
+        temperature: 0.0,
+        max_tokens: 24,
+        ..Default::default()
+    };
+    let out = model
+        .generate(&ids, &params, |_| claw::model::generate::Flow::Continue)
+        .unwrap();
     assert!(out.text.contains("Paris"), "reply: {:?}", out.text);
+}
+
+/// Last-position logits of `ids` under each weight format.
+fn logits_by_format(path: &Path, ids: &[u32]) -> Vec<(WeightFormat, Vec<f32>)> {
+    [WeightFormat::Packed, WeightFormat::F32, WeightFormat::Ggml]
+        .into_iter()
+        .map(|format| {
+            let model = Model::load_with(path, format).unwrap();
+            let t = Tensor::new(ids, &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let logits = model.decoder.forward_last(&t, &mut KvCache::new()).unwrap();
+            (format, logits.flatten_all().unwrap().to_vec1().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn packed_kernel_equals_dequantized_f32_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny_model(dir.path(), Architecture::Llama);
+    let ids: Vec<u32> = (3..60).collect();
+    let l = logits_by_format(&path, &ids);
+    let packed_vs_f32 = max_abs_diff(&l[0].1, &l[1].1);
+    assert!(packed_vs_f32 < 1e-3, "packed vs f32: {packed_vs_f32}");
+}
+
+#[test]
+fn real_model_weight_format_gaps() {
+    let Some(path) = real_model() else { return };
+    let model = Model::load(&path).unwrap();
+    let prompt = model
+        .template
+        .render(
+            &[serde_json::json!({"role": "user", "content": "What is the capital of France?"})],
+            None,
+            true,
+        )
+        .unwrap();
+    let ids = model.tokenizer.encode(&prompt).unwrap();
+    drop(model);
+    let l = logits_by_format(&path, &ids);
+    let packed_vs_f32 = max_abs_diff(&l[0].1, &l[1].1);
+    let ggml_vs_f32 = max_abs_diff(&l[2].1, &l[1].1);
+    eprintln!("SmolLM2 max |logit gap|: packed vs f32 {packed_vs_f32}, ggml (8-bit activations) vs f32 {ggml_vs_f32}");
+    assert!(packed_vs_f32 < 1e-2, "packed vs f32: {packed_vs_f32}");
 }

@@ -43,7 +43,11 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse(); // exits with 2 on a usage error
-    claw::ui::set_verbosity(if cli.quiet { -1 } else { cli.verbose.min(100) as i8 });
+    claw::ui::set_verbosity(if cli.quiet {
+        -1
+    } else {
+        cli.verbose.min(100) as i8
+    });
     let result = match cli.command {
         Command::Chat(args) => cmd::chat::run(args),
         Command::Inspect(args) => cmd::inspect::run(args),

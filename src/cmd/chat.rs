@@ -118,7 +118,12 @@ pub fn run(args: ChatArgs) -> Result<()> {
     Ok(())
 }
 
-fn one_turn(model: &Model, prompt_text: &str, params: &SamplingParams, as_json: bool) -> Result<Generation> {
+fn one_turn(
+    model: &Model,
+    prompt_text: &str,
+    params: &SamplingParams,
+    as_json: bool,
+) -> Result<Generation> {
     let prompt_ids = model.tokenizer.encode(prompt_text)?;
     let mut stdout = std::io::stdout().lock();
     let mut write_error = None;
@@ -126,7 +131,10 @@ fn one_turn(model: &Model, prompt_text: &str, params: &SamplingParams, as_json: 
         if as_json {
             return Flow::Continue;
         }
-        match stdout.write_all(piece.as_bytes()).and_then(|()| stdout.flush()) {
+        match stdout
+            .write_all(piece.as_bytes())
+            .and_then(|()| stdout.flush())
+        {
             Ok(()) => Flow::Continue,
             Err(e) => {
                 write_error = Some(e);
@@ -171,13 +179,21 @@ fn one_turn(model: &Model, prompt_text: &str, params: &SamplingParams, as_json: 
 }
 
 fn interactive(model: &Model, mut messages: Vec<Json>, params: &SamplingParams) -> Result<()> {
-    crate::info!("chatting with {} (empty line or Ctrl-D to quit)", model.name);
+    crate::info!(
+        "chatting with {} (empty line or Ctrl-D to quit)",
+        model.name
+    );
     let stdin = std::io::stdin();
     let mut line = String::new();
     loop {
         eprint!("> ");
         line.clear();
-        if stdin.lock().read_line(&mut line).context("cannot read stdin")? == 0 {
+        if stdin
+            .lock()
+            .read_line(&mut line)
+            .context("cannot read stdin")?
+            == 0
+        {
             break;
         }
         let message = line.trim_end_matches(['\n', '\r']);

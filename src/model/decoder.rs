@@ -147,7 +147,10 @@ impl KvCache {
             self.layers.resize(layer + 1, None);
         }
         let (k, v) = match self.layers[layer].take() {
-            Some((k_prev, v_prev)) => (Tensor::cat(&[&k_prev, &k], 2)?, Tensor::cat(&[&v_prev, &v], 2)?),
+            Some((k_prev, v_prev)) => (
+                Tensor::cat(&[&k_prev, &k], 2)?,
+                Tensor::cat(&[&v_prev, &v], 2)?,
+            ),
             None => (k, v),
         };
         self.layers[layer] = Some((k.clone(), v.clone()));
@@ -233,8 +236,24 @@ impl Decoder {
         self.convert_weights(candle_core::quantized::GgmlDType::F32)
     }
 
+    /// A copy whose linear weights are held and multiplied as `format`.
+    pub fn with_weights(&self, format: super::WeightFormat) -> Result<Self> {
+        use super::WeightFormat as F;
+        use candle_core::quantized::GgmlDType;
+        match format {
+            F::Ggml => Ok(self.clone()),
+            F::F16 => self.convert_weights(GgmlDType::F16),
+            F::F32 => self.convert_weights(GgmlDType::F32),
+            F::Packed => self.map_linears(Linear::to_packed),
+        }
+    }
+
     /// A copy with every linear weight stored as `dtype` (F32 = dense float).
     pub fn convert_weights(&self, dtype: candle_core::quantized::GgmlDType) -> Result<Self> {
+        self.map_linears(|l| l.convert(dtype))
+    }
+
+    fn map_linears(&self, f: impl Fn(&Linear) -> candle_core::Result<Linear>) -> Result<Self> {
         let mut out = self.clone();
         for block in &mut out.blocks {
             for linear in [
@@ -246,10 +265,10 @@ impl Decoder {
                 &mut block.mlp.up,
                 &mut block.mlp.down,
             ] {
-                *linear = linear.convert(dtype)?;
+                *linear = f(linear)?;
             }
         }
-        out.head = out.head.convert(dtype)?;
+        out.head = f(&out.head)?;
         Ok(out)
     }
 
@@ -285,10 +304,11 @@ impl Decoder {
             self.config.context_length
         );
         let flat = ids.flatten_all()?;
-        let mut x = self
-            .embedding
-            .index_select(&flat, 0)?
-            .reshape((batch, seq, self.config.hidden_size))?;
+        let mut x = self.embedding.index_select(&flat, 0)?.reshape((
+            batch,
+            seq,
+            self.config.hidden_size,
+        ))?;
         let mask = causal_mask(seq, offset, &self.device)?;
         for (i, block) in self.blocks.iter().enumerate() {
             let h = block.attn_norm.forward(&x, self.kernels)?;
@@ -322,10 +342,16 @@ impl Decoder {
         let (heads, kv_heads, dim) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let qkv = Linear::forward_many(&[&attn.q, &attn.k, &attn.v], x)?;
         let split = |t: &Tensor, n: usize| -> candle_core::Result<Tensor> {
-            t.reshape((batch, seq, n, dim))?.transpose(1, 2)?.contiguous()
+            t.reshape((batch, seq, n, dim))?
+                .transpose(1, 2)?
+                .contiguous()
         };
-        let q = self.rope.apply(&split(&qkv[0], heads)?, offset, self.kernels)?;
-        let k = self.rope.apply(&split(&qkv[1], kv_heads)?, offset, self.kernels)?;
+        let q = self
+            .rope
+            .apply(&split(&qkv[0], heads)?, offset, self.kernels)?;
+        let k = self
+            .rope
+            .apply(&split(&qkv[1], kv_heads)?, offset, self.kernels)?;
         let v = split(&qkv[2], kv_heads)?;
         let (k, v) = cache.append(layer, k, v)?;
         let total = k.dim(2)?;
@@ -398,7 +424,15 @@ fn causal_mask(seq: usize, offset: usize, device: &Device) -> Result<Option<Tens
     }
     let total = offset + seq;
     let mask: Vec<f32> = (0..seq)
-        .flat_map(|i| (0..total).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 }))
+        .flat_map(|i| {
+            (0..total).map(move |j| {
+                if j > offset + i {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
         .collect();
     Ok(Some(Tensor::from_vec(mask, (seq, total), device)?))
 }

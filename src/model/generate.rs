@@ -95,8 +95,14 @@ impl Model {
             "the prompt has {} tokens; the model's context length is {context}",
             prompt_ids.len()
         );
-        if let Some(&bad) = prompt_ids.iter().find(|&&id| id as usize >= self.config.vocab_size) {
-            anyhow::bail!("token id {bad} is outside the vocabulary ({})", self.config.vocab_size);
+        if let Some(&bad) = prompt_ids
+            .iter()
+            .find(|&&id| id as usize >= self.config.vocab_size)
+        {
+            anyhow::bail!(
+                "token id {bad} is outside the vocabulary ({})",
+                self.config.vocab_size
+            );
         }
         let max_tokens = params.max_tokens.min(context - prompt_ids.len());
         let mut sampler = Sampler::new(params.clone());
@@ -153,7 +159,11 @@ impl Model {
                 break;
             }
             let ids = Tensor::new(&[sampled.token], &self.device)?.unsqueeze(0)?;
-            logits = self.decoder.forward_last(&ids, &mut cache)?.squeeze(0)?.to_vec1()?;
+            logits = self
+                .decoder
+                .forward_last(&ids, &mut cache)?
+                .squeeze(0)?
+                .to_vec1()?;
         }
         let mut reply = text.text().to_string();
         if let Some(pos) = stop_at {

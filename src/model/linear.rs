@@ -9,10 +9,15 @@ use std::sync::Arc;
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{Module, Result, Tensor};
 
+use super::kernels::{BlockFormat, PackedMatrix};
+
 #[derive(Debug, Clone)]
 pub enum Weight {
-    /// GGUF block-quantized weight, `(out, in)`, multiplied without dequantizing.
+    /// GGUF block-quantized weight, `(out, in)`, multiplied by candle's quantized
+    /// matmul (activations rounded to 8 bits, as llama.cpp does).
     Quantized(Arc<QTensor>, QMatMul),
+    /// GGUF blocks multiplied by our exact kernel (activations stay f32).
+    Packed(Arc<QTensor>, Arc<PackedMatrix>),
     /// Dense `(out, in)` weight; matmul has a backward, so it can be trained.
     Float(Tensor),
 }
@@ -44,17 +49,39 @@ impl Linear {
     /// as the starting point of training).
     pub fn to_float(&self) -> Result<Self> {
         let weight = match &self.weight {
-            Weight::Quantized(q, _) => q.dequantize(&candle_core::Device::Cpu)?,
+            Weight::Quantized(q, _) | Weight::Packed(q, _) => {
+                q.dequantize(&candle_core::Device::Cpu)?
+            }
             Weight::Float(w) => w.clone(),
         };
         Ok(Self::float(weight, self.bias.clone()))
+    }
+
+    /// The same layer multiplied by our exact block kernel, when its GGUF format
+    /// has one (Q4_1, Q8_0); other layers are returned unchanged.
+    pub fn to_packed(&self) -> Result<Self> {
+        let Weight::Quantized(q, _) = &self.weight else {
+            return Ok(self.clone());
+        };
+        let format = match q.dtype() {
+            candle_core::quantized::GgmlDType::Q4_1 => BlockFormat::Q4_1,
+            candle_core::quantized::GgmlDType::Q8_0 => BlockFormat::Q8_0,
+            _ => return Ok(self.clone()),
+        };
+        let (rows, cols) = q.shape().dims2()?;
+        let packed = PackedMatrix::new(format, rows, cols, q.data()?.into_owned())
+            .map_err(|e| candle_core::Error::Msg(format!("{e:#}")))?;
+        Ok(Self {
+            weight: Weight::Packed(q.clone(), Arc::new(packed)),
+            bias: self.bias.clone(),
+        })
     }
 
     /// The same layer with its weight stored as `dtype` (F32 gives a dense float
     /// weight; anything else re-quantizes). Used to trade speed for accuracy.
     pub fn convert(&self, dtype: candle_core::quantized::GgmlDType) -> Result<Self> {
         use candle_core::quantized::GgmlDType;
-        if let Weight::Quantized(q, _) = &self.weight {
+        if let Weight::Quantized(q, _) | Weight::Packed(q, _) = &self.weight {
             if q.dtype() == dtype {
                 return Ok(self.clone());
             }
@@ -72,7 +99,7 @@ impl Linear {
     /// Output features.
     pub fn out_dim(&self) -> Result<usize> {
         match &self.weight {
-            Weight::Quantized(q, _) => q.shape().dims2().map(|(out, _)| out),
+            Weight::Quantized(q, _) | Weight::Packed(q, _) => q.shape().dims2().map(|(out, _)| out),
             Weight::Float(w) => w.dims2().map(|(out, _)| out),
         }
     }
@@ -92,7 +119,7 @@ impl Linear {
             .iter()
             .map(|l| match &l.weight {
                 Weight::Quantized(q, _) => Some(q.as_ref()),
-                Weight::Float(_) => None,
+                Weight::Packed(..) | Weight::Float(_) => None,
             })
             .collect();
         if let Some(qs) = quantized {
@@ -116,6 +143,15 @@ impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
             Weight::Quantized(_, matmul) => matmul.forward(x)?,
+            Weight::Packed(_, packed) => {
+                let dims = x.dims();
+                let k = dims[dims.len() - 1];
+                let m = x.elem_count() / k.max(1);
+                let input: Vec<f32> = x.flatten_all()?.to_vec1()?;
+                let mut out_dims = dims.to_vec();
+                *out_dims.last_mut().expect("rank >= 1") = packed.rows();
+                Tensor::from_vec(packed.matmul(&input, m), out_dims, x.device())?
+            }
             Weight::Float(w) => x.broadcast_matmul(&w.t()?)?,
         };
         self.add_bias(y)

@@ -10,6 +10,7 @@
 pub mod config;
 pub mod decoder;
 pub mod generate;
+pub mod kernels;
 pub mod linear;
 pub mod sampling;
 pub mod template;
@@ -32,30 +33,23 @@ pub use tokenizer::Tokenizer;
 /// File name of the default model that `scripts/fetch-model` places in `models/`.
 pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
-/// How the linear weights are held in memory once loaded.
+/// How the linear weights are held and multiplied once loaded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum WeightFormat {
-    /// As stored in the GGUF (e.g. Q4_1): least memory, quantized matmuls. Like
-    /// llama.cpp, these quantize activations to 8 bits, which shifts logits enough
-    /// to change some greedy answers of a model as small as SmolLM2-135M.
-    Native,
-    /// Dequantized to f16: half the memory of f32, float matmuls.
-    F16,
-    /// Dequantized to f32: the exact function of the stored weights; the same
-    /// numbers the trainer computes log-probs with.
+    /// GGUF blocks in memory (4-8 bits a weight), multiplied exactly with f32
+    /// activations by claw's kernel (Q4_1, Q8_0; other formats use `ggml`).
+    /// Same results as `f32`, a fraction of the memory traffic.
     #[default]
+    Packed,
+    /// GGUF blocks multiplied by candle's quantized matmul, which (like llama.cpp)
+    /// rounds activations to 8 bits first: identical logits to candle-transformers'
+    /// quantized models, but SmolLM2-135M's greedy answers shift measurably.
+    Ggml,
+    /// Dequantized to f16.
+    F16,
+    /// Dequantized to f32: the exact function of the stored weights.
     F32,
-}
-
-impl WeightFormat {
-    fn ggml_dtype(self) -> Option<candle_core::quantized::GgmlDType> {
-        match self {
-            Self::Native => None,
-            Self::F16 => Some(candle_core::quantized::GgmlDType::F16),
-            Self::F32 => Some(candle_core::quantized::GgmlDType::F32),
-        }
-    }
 }
 
 /// A loaded model: weights, tokenizer and chat template, ready to generate.
@@ -73,7 +67,7 @@ pub struct Model {
 impl Model {
     /// Loads a GGUF file on the CPU with its weights as stored.
     pub fn load(path: &Path) -> Result<Self> {
-        Self::load_with(path, WeightFormat::Native)
+        Self::load_with(path, WeightFormat::default())
     }
 
     /// Loads a GGUF file on the CPU, holding the linear weights as `weights`.
@@ -92,9 +86,7 @@ impl Model {
             .with_context(|| format!("cannot load the chat template of {}", path.display()))?;
         let mut decoder = Decoder::from_gguf(&content, &mut file, &config, &device)
             .with_context(|| format!("cannot load the weights of {}", path.display()))?;
-        if let Some(dtype) = weights.ggml_dtype() {
-            decoder = decoder.convert_weights(dtype)?;
-        }
+        decoder = decoder.with_weights(weights)?;
         let name = path
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
@@ -130,10 +122,13 @@ pub fn resolve_model_path(explicit: Option<&Path>) -> Result<PathBuf> {
             candidates.push(root.join("models").join(DEFAULT_MODEL_FILE));
         }
     }
-    candidates.into_iter().find(|p| p.is_file()).with_context(|| {
-        format!(
-            "no model given and the default {DEFAULT_MODEL_FILE} is not in ./models/: \
+    candidates
+        .into_iter()
+        .find(|p| p.is_file())
+        .with_context(|| {
+            format!(
+                "no model given and the default {DEFAULT_MODEL_FILE} is not in ./models/: \
              run scripts/fetch-model, or pass --model PATH (or set CLAW_MODEL)"
-        )
-    })
+            )
+        })
 }

@@ -140,7 +140,10 @@ impl Sampler {
             draw -= p;
         }
         // Rounding left a sliver of mass: the last candidate takes it.
-        candidates.last().map(|c| c.0).unwrap_or_else(|| argmax(logits))
+        candidates
+            .last()
+            .map(|c| c.0)
+            .unwrap_or_else(|| argmax(logits))
     }
 }
 
@@ -198,14 +201,19 @@ mod tests {
         let logits: Vec<f32> = (0..100).map(|i| (i as f32 * 0.37).sin()).collect();
         let draw = |seed| {
             let mut s = Sampler::new(params(1.0, 1.0, 3, seed));
-            (0..200).map(|_| s.sample(&logits).token).collect::<Vec<_>>()
+            (0..200)
+                .map(|_| s.sample(&logits).token)
+                .collect::<Vec<_>>()
         };
         assert_eq!(draw(42), draw(42));
         let mut top3: Vec<usize> = (0..100).collect();
         top3.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
         let allowed: Vec<u32> = top3[..3].iter().map(|&i| i as u32).collect();
         assert!(draw(1).iter().all(|t| allowed.contains(t)));
-        assert!(allowed.iter().all(|t| draw(1).contains(t)), "all of top-3 should appear");
+        assert!(
+            allowed.iter().all(|t| draw(1).contains(t)),
+            "all of top-3 should appear"
+        );
     }
 
     #[test]
@@ -213,7 +221,8 @@ mod tests {
         // p = [0.7, 0.2, 0.1]: top_p 0.75 keeps the first two tokens only.
         let logits = [0.7f32.ln(), 0.2f32.ln(), 0.1f32.ln()];
         let mut s = Sampler::new(params(1.0, 0.75, 0, 3));
-        let seen: std::collections::BTreeSet<u32> = (0..500).map(|_| s.sample(&logits).token).collect();
+        let seen: std::collections::BTreeSet<u32> =
+            (0..500).map(|_| s.sample(&logits).token).collect();
         assert_eq!(seen.into_iter().collect::<Vec<_>>(), vec![0, 1]);
     }
 
@@ -221,6 +230,11 @@ mod tests {
     fn invalid_params_are_rejected() {
         assert!(params(-1.0, 1.0, 0, 0).validate().is_err());
         assert!(params(1.0, 0.0, 0, 0).validate().is_err());
-        assert!(SamplingParams { stop: vec![String::new()], ..Default::default() }.validate().is_err());
+        assert!(SamplingParams {
+            stop: vec![String::new()],
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
     }
 }

@@ -45,9 +45,12 @@ impl ChatTemplate {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+            },
+        );
         env.add_template_owned(TEMPLATE_NAME, source.to_string())
             .map_err(|e| anyhow!("the chat template does not parse: {e:#}"))?;
         Ok(Self {
@@ -111,9 +114,19 @@ mod tests {
             "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
         );
         let no_gen = t
-            .render(&[json!({"role": "system", "content": "S"}), json!({"role": "user", "content": "Hi"})], None, false)
+            .render(
+                &[
+                    json!({"role": "system", "content": "S"}),
+                    json!({"role": "user", "content": "Hi"}),
+                ],
+                None,
+                false,
+            )
             .unwrap();
-        assert_eq!(no_gen, "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n");
+        assert_eq!(
+            no_gen,
+            "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+        );
     }
 
     #[test]
@@ -123,7 +136,11 @@ mod tests {
         let t = ChatTemplate::new(src, "", "").unwrap();
         let tools = [json!({"type": "function", "function": {"name": "ls"}})];
         let out = t
-            .render(&[json!({"role": "user", "content": "  hi  "})], Some(&tools), true)
+            .render(
+                &[json!({"role": "user", "content": "  hi  "})],
+                Some(&tools),
+                true,
+            )
             .unwrap();
         assert!(out.contains(r#""name":"ls""#), "{out}");
         assert!(out.contains("user: hi"), "{out}");
@@ -139,7 +156,10 @@ mod tests {
 
     #[test]
     fn bad_template_is_a_clear_error() {
-        let err = ChatTemplate::new("{% for %}", "", "").err().unwrap().to_string();
+        let err = ChatTemplate::new("{% for %}", "", "")
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("does not parse"), "{err}");
     }
 }

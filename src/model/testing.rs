@@ -80,7 +80,9 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
     };
     let mut rng = StdRng::seed_from_u64(spec.seed);
     let mut random = |rows: usize, cols: usize, scale: f32| -> Result<Tensor> {
-        let data: Vec<f32> = (0..rows * cols).map(|_| rng.gen_range(-scale..scale)).collect();
+        let data: Vec<f32> = (0..rows * cols)
+            .map(|_| rng.gen_range(-scale..scale))
+            .collect();
         Ok(Tensor::from_vec(data, (rows, cols), &Device::Cpu)?)
     };
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
@@ -90,28 +92,88 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
         Ok(())
     };
     let (h, kv) = (spec.hidden, spec.kv_heads * head_dim);
-    add("token_embd.weight".into(), random(vocab.len(), h, 1.0)?, GgmlDType::Q8_0)?;
+    add(
+        "token_embd.weight".into(),
+        random(vocab.len(), h, 1.0)?,
+        GgmlDType::Q8_0,
+    )?;
     for l in 0..spec.layers {
         let p = format!("blk.{l}");
         let norm = |t: Tensor| -> Result<Tensor> { Ok(((t + 1.0)?).flatten_all()?) };
-        add(format!("{p}.attn_norm.weight"), norm(random(1, h, 0.2)?)?, GgmlDType::F32)?;
-        add(format!("{p}.ffn_norm.weight"), norm(random(1, h, 0.2)?)?, GgmlDType::F32)?;
-        add(format!("{p}.attn_q.weight"), random(h, h, 0.3)?, GgmlDType::Q4_1)?;
-        add(format!("{p}.attn_k.weight"), random(kv, h, 0.3)?, GgmlDType::Q4_1)?;
-        add(format!("{p}.attn_v.weight"), random(kv, h, 0.3)?, GgmlDType::Q4_1)?;
-        add(format!("{p}.attn_output.weight"), random(h, h, 0.15)?, GgmlDType::Q4_1)?;
-        add(format!("{p}.ffn_gate.weight"), random(spec.ffn, h, 0.2)?, GgmlDType::Q8_0)?;
-        add(format!("{p}.ffn_up.weight"), random(spec.ffn, h, 0.2)?, GgmlDType::Q8_0)?;
-        add(format!("{p}.ffn_down.weight"), random(h, spec.ffn, 0.1)?, GgmlDType::Q8_0)?;
+        add(
+            format!("{p}.attn_norm.weight"),
+            norm(random(1, h, 0.2)?)?,
+            GgmlDType::F32,
+        )?;
+        add(
+            format!("{p}.ffn_norm.weight"),
+            norm(random(1, h, 0.2)?)?,
+            GgmlDType::F32,
+        )?;
+        add(
+            format!("{p}.attn_q.weight"),
+            random(h, h, 0.3)?,
+            GgmlDType::Q4_1,
+        )?;
+        add(
+            format!("{p}.attn_k.weight"),
+            random(kv, h, 0.3)?,
+            GgmlDType::Q4_1,
+        )?;
+        add(
+            format!("{p}.attn_v.weight"),
+            random(kv, h, 0.3)?,
+            GgmlDType::Q4_1,
+        )?;
+        add(
+            format!("{p}.attn_output.weight"),
+            random(h, h, 0.15)?,
+            GgmlDType::Q4_1,
+        )?;
+        add(
+            format!("{p}.ffn_gate.weight"),
+            random(spec.ffn, h, 0.2)?,
+            GgmlDType::Q8_0,
+        )?;
+        add(
+            format!("{p}.ffn_up.weight"),
+            random(spec.ffn, h, 0.2)?,
+            GgmlDType::Q8_0,
+        )?;
+        add(
+            format!("{p}.ffn_down.weight"),
+            random(h, spec.ffn, 0.1)?,
+            GgmlDType::Q8_0,
+        )?;
         if spec.architecture == Architecture::Qwen2 {
-            add(format!("{p}.attn_q.bias"), random(1, h, 0.1)?.flatten_all()?, GgmlDType::F32)?;
-            add(format!("{p}.attn_k.bias"), random(1, kv, 0.1)?.flatten_all()?, GgmlDType::F32)?;
-            add(format!("{p}.attn_v.bias"), random(1, kv, 0.1)?.flatten_all()?, GgmlDType::F32)?;
+            add(
+                format!("{p}.attn_q.bias"),
+                random(1, h, 0.1)?.flatten_all()?,
+                GgmlDType::F32,
+            )?;
+            add(
+                format!("{p}.attn_k.bias"),
+                random(1, kv, 0.1)?.flatten_all()?,
+                GgmlDType::F32,
+            )?;
+            add(
+                format!("{p}.attn_v.bias"),
+                random(1, kv, 0.1)?.flatten_all()?,
+                GgmlDType::F32,
+            )?;
         }
     }
-    add("output_norm.weight".into(), (random(1, h, 0.2)? + 1.0)?.flatten_all()?, GgmlDType::F32)?;
+    add(
+        "output_norm.weight".into(),
+        (random(1, h, 0.2)? + 1.0)?.flatten_all()?,
+        GgmlDType::F32,
+    )?;
     if spec.architecture == Architecture::Qwen2 {
-        add("output.weight".into(), random(vocab.len(), h, 1.0)?, GgmlDType::Q8_0)?;
+        add(
+            "output.weight".into(),
+            random(vocab.len(), h, 1.0)?,
+            GgmlDType::Q8_0,
+        )?;
     }
 
     use gguf_file::Value as V;
@@ -135,11 +197,19 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
         (key("vocab_size"), u32v(vocab.len())),
         ("tokenizer.ggml.model".into(), V::String("gpt2".into())),
         ("tokenizer.ggml.pre".into(), V::String("smollm".into())),
-        ("tokenizer.ggml.tokens".into(), V::Array(vocab.iter().cloned().map(V::String).collect())),
+        (
+            "tokenizer.ggml.tokens".into(),
+            V::Array(vocab.iter().cloned().map(V::String).collect()),
+        ),
         ("tokenizer.ggml.token_type".into(), V::Array(token_types)),
         (
             "tokenizer.ggml.merges".into(),
-            V::Array(MERGES.iter().map(|(a, b)| V::String(format!("{a} {b}"))).collect()),
+            V::Array(
+                MERGES
+                    .iter()
+                    .map(|(a, b)| V::String(format!("{a} {b}")))
+                    .collect(),
+            ),
         ),
         ("tokenizer.ggml.bos_token_id".into(), V::U32(1)),
         ("tokenizer.ggml.eos_token_id".into(), V::U32(2)),

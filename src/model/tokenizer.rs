@@ -82,8 +82,11 @@ impl Tokenizer {
                     false,
                 )
                 .map_err(|e| anyhow!("bad qwen2 split regex: {e}"))?;
-                Sequence::new(vec![split.into(), ByteLevel::new(false, false, false).into()])
-                    .into()
+                Sequence::new(vec![
+                    split.into(),
+                    ByteLevel::new(false, false, false).into(),
+                ])
+                .into()
             }
             _ => byte_level.into(),
         };
@@ -93,16 +96,23 @@ impl Tokenizer {
         // Control and user-defined tokens (<|im_start|>, ...) are matched whole in text,
         // so a rendered chat template tokenizes to the ids the model was trained on.
         if let Some(types) = md("tokenizer.ggml.token_type") {
-            let types = types.to_vec().context("tokenizer.ggml.token_type is not an array")?;
+            let types = types
+                .to_vec()
+                .context("tokenizer.ggml.token_type is not an array")?;
             let specials: Vec<AddedToken> = types
                 .iter()
                 .zip(&tokens)
                 .filter(|(ty, _)| {
-                    matches!(numeric(ty), Some(TOKEN_TYPE_CONTROL | TOKEN_TYPE_USER_DEFINED))
+                    matches!(
+                        numeric(ty),
+                        Some(TOKEN_TYPE_CONTROL | TOKEN_TYPE_USER_DEFINED)
+                    )
                 })
                 .map(|(_, tok)| AddedToken::from(tok.clone(), true))
                 .collect();
-            inner.add_special_tokens(specials).map_err(|e| anyhow!("{e}"))?;
+            inner
+                .add_special_tokens(specials)
+                .map_err(|e| anyhow!("{e}"))?;
         }
 
         let token_at = |key: &str| -> Option<(u32, String)> {
