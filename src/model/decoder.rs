@@ -13,6 +13,7 @@ use candle_core::quantized::{gguf_file, QTensor};
 use candle_core::{DType, Device, Module, Tensor, D};
 
 use super::config::{Architecture, ModelConfig};
+use super::kernels::dot_f32;
 use super::linear::Linear;
 
 /// Which implementation of the non-matmul ops to use.
@@ -117,10 +118,21 @@ struct Block {
 
 /// Keys and values of the positions seen so far, one entry per layer. Each request
 /// owns one; the decoder itself is shared and immutable.
+///
+/// Stored position-major, (positions, kv_heads, head_dim) in plain vectors: a new
+/// token appends in place (no re-copy of the whole cache per step, as a tensor
+/// concatenation would do), and single-token attention reads it directly. A cache
+/// holds one sequence and is for inference: no gradient flows through it.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<LayerKv>,
     len: usize,
+}
+
+#[derive(Debug, Clone, Default)]
+struct LayerKv {
+    keys: Vec<f32>,
+    values: Vec<f32>,
 }
 
 impl KvCache {
@@ -137,24 +149,86 @@ impl KvCache {
         self.len == 0
     }
 
-    fn append(
-        &mut self,
-        layer: usize,
-        k: Tensor,
-        v: Tensor,
-    ) -> candle_core::Result<(Tensor, Tensor)> {
+    fn layer(&mut self, layer: usize) -> &mut LayerKv {
         if self.layers.len() <= layer {
-            self.layers.resize(layer + 1, None);
+            self.layers.resize_with(layer + 1, LayerKv::default);
         }
-        let (k, v) = match self.layers[layer].take() {
-            Some((k_prev, v_prev)) => (
-                Tensor::cat(&[&k_prev, &k], 2)?,
-                Tensor::cat(&[&v_prev, &v], 2)?,
-            ),
-            None => (k, v),
+        &mut self.layers[layer]
+    }
+}
+
+impl LayerKv {
+    /// Appends `k`, `v` of shape (1, kv_heads, seq, dim).
+    fn append(&mut self, k: &Tensor, v: &Tensor) -> candle_core::Result<()> {
+        for (store, t) in [(&mut self.keys, k), (&mut self.values, v)] {
+            let position_major = t.squeeze(0)?.transpose(0, 1)?.contiguous()?;
+            store.extend_from_slice(&position_major.flatten_all()?.to_vec1::<f32>()?);
+        }
+        Ok(())
+    }
+
+    /// Everything cached as tensors (1, kv_heads, positions, dim).
+    fn tensors(
+        &self,
+        kv_heads: usize,
+        dim: usize,
+        device: &Device,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let positions = self.keys.len() / (kv_heads * dim);
+        let as_tensor = |data: &[f32]| -> candle_core::Result<Tensor> {
+            Tensor::from_slice(data, (positions, kv_heads, dim), device)?
+                .transpose(0, 1)?
+                .contiguous()?
+                .unsqueeze(0)
         };
-        self.layers[layer] = Some((k.clone(), v.clone()));
-        Ok((k, v))
+        Ok((as_tensor(&self.keys)?, as_tensor(&self.values)?))
+    }
+}
+
+/// Attention of one new token over all cached positions, straight on the cache's
+/// vectors: at decode time the per-op overhead of tensor matmuls and softmax is
+/// larger than the arithmetic. `q` is (heads, dim); returns (heads * dim).
+fn decode_attention(
+    q: &[f32],
+    cache: &LayerKv,
+    heads: usize,
+    kv_heads: usize,
+    dim: usize,
+) -> Vec<f32> {
+    let positions = cache.keys.len() / (kv_heads * dim);
+    let group = heads / kv_heads;
+    let scale = 1.0 / (dim as f32).sqrt();
+    let head_output = |h: usize| -> Vec<f32> {
+        let kv = h / group;
+        let qh = &q[h * dim..(h + 1) * dim];
+        let at = |t: usize| (t * kv_heads + kv) * dim;
+        let mut scores: Vec<f32> = (0..positions)
+            .map(|t| dot_f32(qh, &cache.keys[at(t)..at(t) + dim]) * scale)
+            .collect();
+        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut total = 0.0;
+        for s in &mut scores {
+            *s = (*s - max).exp();
+            total += *s;
+        }
+        let mut out = vec![0f32; dim];
+        for (t, p) in scores.iter().enumerate() {
+            let weight = p / total;
+            for (o, v) in out.iter_mut().zip(&cache.values[at(t)..at(t) + dim]) {
+                *o += weight * v;
+            }
+        }
+        out
+    };
+    // Threads pay off only once the context is long.
+    if positions * heads * dim >= 1 << 18 {
+        use rayon::prelude::*;
+        (0..heads)
+            .into_par_iter()
+            .flat_map_iter(head_output)
+            .collect()
+    } else {
+        (0..heads).flat_map(head_output).collect()
     }
 }
 
@@ -279,7 +353,14 @@ impl Decoder {
     /// Runs `ids` (batch, seq) after the positions already in `cache` and returns the
     /// logits of every new position: (batch, seq, vocab).
     pub fn forward(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let hidden = self.hidden_states(ids, cache)?;
+        let hidden = self.hidden_states(ids, Some(cache))?;
+        Ok(self.head.forward(&hidden)?)
+    }
+
+    /// Logits of every position of a batch of whole sequences, (batch, seq, vocab),
+    /// with no cache: the teacher-forcing pass of scoring and training.
+    pub fn forward_sequences(&self, ids: &Tensor) -> Result<Tensor> {
+        let hidden = self.hidden_states(ids, None)?;
         Ok(self.head.forward(&hidden)?)
     }
 
@@ -287,15 +368,15 @@ impl Decoder {
     /// (batch, vocab). This is what generation needs, and it skips the LM head
     /// (the largest matmul) for every other prompt position.
     pub fn forward_last(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let hidden = self.hidden_states(ids, cache)?;
+        let hidden = self.hidden_states(ids, Some(cache))?;
         let seq = hidden.dim(1)?;
         let last = hidden.narrow(1, seq - 1, 1)?.contiguous()?;
         Ok(self.head.forward(&last)?.squeeze(1)?)
     }
 
-    fn hidden_states(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+    fn hidden_states(&self, ids: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         let (batch, seq) = ids.dims2()?;
-        let offset = cache.len;
+        let offset = cache.as_ref().map_or(0, |c| c.len);
         anyhow::ensure!(seq > 0, "forward called with no tokens");
         anyhow::ensure!(
             offset + seq <= self.config.context_length,
@@ -312,13 +393,22 @@ impl Decoder {
         let mask = causal_mask(seq, offset, &self.device)?;
         for (i, block) in self.blocks.iter().enumerate() {
             let h = block.attn_norm.forward(&x, self.kernels)?;
-            let h = self.attention(&block.attn, &h, i, offset, mask.as_ref(), cache)?;
+            let h = self.attention(
+                &block.attn,
+                &h,
+                i,
+                offset,
+                mask.as_ref(),
+                cache.as_deref_mut(),
+            )?;
             x = (x + h)?;
             let h = block.mlp_norm.forward(&x, self.kernels)?;
             let h = self.mlp(&block.mlp, &h)?;
             x = (x + h)?;
         }
-        cache.len = offset + seq;
+        if let Some(cache) = cache {
+            cache.len = offset + seq;
+        }
         Ok(self.final_norm.forward(&x, self.kernels)?)
     }
 
@@ -335,7 +425,7 @@ impl Decoder {
         layer: usize,
         offset: usize,
         mask: Option<&Tensor>,
-        cache: &mut KvCache,
+        cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let cfg = &self.config;
         let (batch, seq, _) = x.dims3()?;
@@ -353,7 +443,24 @@ impl Decoder {
             .rope
             .apply(&split(&qkv[1], kv_heads)?, offset, self.kernels)?;
         let v = split(&qkv[2], kv_heads)?;
-        let (k, v) = cache.append(layer, k, v)?;
+        let (k, v) = match cache {
+            None => (k, v),
+            Some(cache) => {
+                anyhow::ensure!(
+                    batch == 1,
+                    "a KV cache holds one sequence, got a batch of {batch}"
+                );
+                let layer_kv = cache.layer(layer);
+                layer_kv.append(&k, &v)?;
+                if seq == 1 && self.kernels == Kernels::Fused {
+                    let q: Vec<f32> = q.flatten_all()?.to_vec1()?;
+                    let y = decode_attention(&q, layer_kv, heads, kv_heads, dim);
+                    let y = Tensor::from_vec(y, (1, 1, heads * dim), &self.device)?;
+                    return Ok(attn.o.forward(&y)?);
+                }
+                layer_kv.tensors(kv_heads, dim, &self.device)?
+            }
+        };
         let total = k.dim(2)?;
 
         // GQA without copying K/V: the `group` query heads that share a KV head are
