@@ -121,13 +121,14 @@ def bench_llamacpp(args):
 
 # --------------------------------------------------------------------------- claw
 
-def bench_claw(args):
+def bench_claw(args, weights):
     exe = args.claw
+    engine = f"claw:{weights}"
     if not (os.path.isfile(exe) and os.access(exe, os.X_OK)):
-        return {"engine": "claw", "error": f"binary not found: {exe} (did `cargo build --release` succeed?)"}
+        return {"engine": engine, "error": f"binary not found: {exe} (did `cargo build --release` succeed?)"}
     cmd = [exe, "chat", "--model", args.model, "--raw", "--ignore-eos",
            "--max-tokens", str(args.tokens), "--temperature", "0",
-           "--threads", str(args.threads), "--json", PROMPT]
+           "--threads", str(args.threads), "--weights", weights, "--json", PROMPT]
 
     def one_run():
         p = subprocess.run(cmd, capture_output=True, text=True)
@@ -154,13 +155,13 @@ def bench_claw(args):
                                + json.dumps(doc)[:200])
         return {k: t[k] for k in keys}
 
-    log(f"claw: warm-up + {args.runs} run(s): {' '.join(cmd[:-1])} <PROMPT>")
+    log(f"{engine}: warm-up + {args.runs} run(s): {' '.join(cmd[:-1])} <PROMPT>")
     try:
         one_run()
         runs = [one_run() for _ in range(args.runs)]
     except (RuntimeError, OSError) as e:
-        return {"engine": "claw", "error": str(e)}
-    return summarize("claw", runs)
+        return {"engine": engine, "error": str(e)}
+    return summarize(engine, runs)
 
 
 # --------------------------------------------------------------------------- report
@@ -190,16 +191,16 @@ def print_table(res):
     print(f"threads: {res['threads']}   tokens: {res['tokens']}   runs: {res['runs']} "
           f"(median, after 1 warm-up)")
     print()
-    print(f"{'engine':<10} {'prompt tok':>10} {'prefill tok/s':>14} {'decode tok/s':>13}")
+    print(f"{'engine':<12} {'prompt tok':>10} {'prefill tok/s':>14} {'decode tok/s':>13}")
     for r in rows:
         if "error" in r:
-            print(f"{r['engine']:<10} {'-':>10} {'-':>14} {'-':>13}   ({r['error']})")
+            print(f"{r['engine']:<12} {'-':>10} {'-':>14} {'-':>13}   ({r['error']})")
         else:
-            print(f"{r['engine']:<10} {r['prompt_tokens']:>10} "
+            print(f"{r['engine']:<12} {r['prompt_tokens']:>10} "
                   f"{fmt(r['prefill_tok_s'], '14.1f')} {fmt(r['decode_tok_s'], '13.1f')}")
-    ratio = res.get("ratio_claw_over_llamacpp")
-    if ratio:
-        print(f"{'claw/llama.cpp':<21} {fmt(ratio['prefill'], '14.2f')} {fmt(ratio['decode'], '13.2f')}")
+    for engine, ratio in res.get("ratios_over_llamacpp", {}).items():
+        label = f"{engine} / llama.cpp"
+        print(f"{label:<23} {fmt(ratio['prefill'], '14.2f')} {fmt(ratio['decode'], '13.2f')}")
     lc = next((r for r in rows if r["engine"] == "llama.cpp" and "error" not in r), None)
     if lc:
         print()
@@ -217,6 +218,8 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--claw", default="target/release/claw", help="claw binary")
     ap.add_argument("--no-claw", action="store_true")
+    ap.add_argument("--claw-weights", default="packed",
+                    help="comma-separated claw --weights formats to measure (packed,ggml,f16,f32)")
     ap.add_argument("--no-llamacpp", action="store_true")
     ap.add_argument("--llama-flash-attn", action="store_true")
     ap.add_argument("--json", action="store_true")
@@ -235,21 +238,27 @@ def main():
     if not args.no_llamacpp:
         lc = bench_llamacpp(args)
         res["engines"].append(lc)
+    claws = []
     if not args.no_claw:
-        cl = bench_claw(args)
-        res["engines"].append(cl)
-        if "error" in cl:
-            log(f"claw: skipped: {cl['error']}")
-    if lc and cl and "error" not in cl:
-        res["ratio_claw_over_llamacpp"] = {
+        for weights in [w.strip() for w in args.claw_weights.split(",") if w.strip()]:
+            cl = bench_claw(args, weights)
+            res["engines"].append(cl)
+            claws.append(cl)
+            if "error" in cl:
+                log(f"{cl['engine']}: skipped: {cl['error']}")
+    res["ratios_over_llamacpp"] = {}
+    for cl in claws:
+        if not lc or "error" in cl or "error" in lc:
+            continue
+        res["ratios_over_llamacpp"][cl["engine"]] = {
             "prefill": cl["prefill_tok_s"] / lc["prefill_tok_s"] if cl["prefill_tok_s"] else None,
             "decode": cl["decode_tok_s"] / lc["decode_tok_s"] if cl["decode_tok_s"] else None,
         }
         if cl["prompt_tokens"] != lc["prompt_tokens"]:
-            res["notes"].append(f"prompt token counts differ (claw {cl['prompt_tokens']}, "
+            res["notes"].append(f"prompt token counts differ ({cl['engine']} {cl['prompt_tokens']}, "
                                 f"llama.cpp {lc['prompt_tokens']}): tokenizer or BOS mismatch")
         if cl["completion_tokens"] != lc["completion_tokens"]:
-            res["notes"].append(f"completion token counts differ (claw {cl['completion_tokens']}, "
+            res["notes"].append(f"completion token counts differ ({cl['engine']} {cl['completion_tokens']}, "
                                 f"llama.cpp {lc['completion_tokens']})")
     if args.json:
         json.dump(res, sys.stdout, indent=2)

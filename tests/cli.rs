@@ -85,20 +85,23 @@ fn missing_or_broken_model_is_a_clear_error() {
 fn chat_json_reports_token_ids_and_logprobs() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny(dir.path());
-    let out = claw(&[
-        "chat",
-        "--model",
-        model.to_str().unwrap(),
-        "--json",
-        "--max-tokens",
-        "7",
-        "--ignore-eos",
-        "--temperature",
-        "0.8",
-        "--seed",
-        "3",
-        "hello there",
-    ]);
+    let sampled_chat = || {
+        claw(&[
+            "chat",
+            "--model",
+            model.to_str().unwrap(),
+            "--json",
+            "--max-tokens",
+            "7",
+            "--ignore-eos",
+            "--temperature",
+            "0.8",
+            "--seed",
+            "3",
+            "hello there",
+        ])
+    };
+    let out = sampled_chat();
     assert!(out.status.success(), "{}", stderr(&out));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stdout is JSON");
     let ids = report["response_ids"].as_array().unwrap();
@@ -118,20 +121,7 @@ fn chat_json_reports_token_ids_and_logprobs() {
     assert_eq!(report["timing"]["completion_tokens"], 7);
 
     // Same seed, same reply; the quantized weights give a reply as well.
-    let again = claw(&[
-        "chat",
-        "--model",
-        model.to_str().unwrap(),
-        "--json",
-        "--max-tokens",
-        "7",
-        "--ignore-eos",
-        "--temperature",
-        "0.8",
-        "--seed",
-        "3",
-        "hello there",
-    ]);
+    let again = sampled_chat();
     let again: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
     assert_eq!(again["response_ids"], report["response_ids"]);
     let native = claw(&[

@@ -159,7 +159,11 @@ fn tiny_qwen2_logits_match_candle_quantized_qwen2() {
 #[test]
 fn kv_cache_and_chunking_give_the_same_logits_as_one_pass() {
     let dir = tempfile::tempdir().unwrap();
-    let model = Model::load_with(&tiny_model(dir.path(), Architecture::Llama), WeightFormat::F32).unwrap();
+    let model = Model::load_with(
+        &tiny_model(dir.path(), Architecture::Llama),
+        WeightFormat::F32,
+    )
+    .unwrap();
     let ids: Vec<u32> = (5..45).collect();
     let all = Tensor::new(ids.as_slice(), &Device::Cpu)
         .unwrap()
@@ -363,20 +367,18 @@ fn real_tokenizer_matches_llama_cpp_ids() {
     }
 }
 
+/// Token ids of the templated question "What is the capital of France?".
+fn capital_question_ids(path: &Path) -> Vec<u32> {
+    let model = Model::load(path).unwrap();
+    let message = serde_json::json!({"role": "user", "content": "What is the capital of France?"});
+    let prompt = model.template.render(&[message], None, true).unwrap();
+    model.tokenizer.encode(&prompt).unwrap()
+}
+
 #[test]
 fn real_model_logits_match_candle_quantized_llama() {
     let Some(path) = real_model() else { return };
-    let model = Model::load(&path).unwrap();
-    let prompt = model
-        .template
-        .render(
-            &[serde_json::json!({"role": "user", "content": "What is the capital of France?"})],
-            None,
-            true,
-        )
-        .unwrap();
-    let ids = model.tokenizer.encode(&prompt).unwrap();
-    drop(model);
+    let ids = capital_question_ids(&path);
     let diff = compare_with_reference(&path, Architecture::Llama, &ids, 6);
     eprintln!("SmolLM2: max |logit difference| vs quantized_llama = {diff}");
     // Both round activations to 8 bits before each quantized matmul, so float
@@ -439,17 +441,7 @@ fn packed_kernel_equals_dequantized_f32_weights() {
 #[test]
 fn real_model_weight_format_gaps() {
     let Some(path) = real_model() else { return };
-    let model = Model::load(&path).unwrap();
-    let prompt = model
-        .template
-        .render(
-            &[serde_json::json!({"role": "user", "content": "What is the capital of France?"})],
-            None,
-            true,
-        )
-        .unwrap();
-    let ids = model.tokenizer.encode(&prompt).unwrap();
-    drop(model);
+    let ids = capital_question_ids(&path);
     let l = logits_by_format(&path, &ids);
     let packed_vs_f32 = max_abs_diff(&l[0].1, &l[1].1);
     let ggml_vs_f32 = max_abs_diff(&l[2].1, &l[1].1);

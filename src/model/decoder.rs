@@ -99,6 +99,8 @@ struct Attention {
     k: Linear,
     v: Linear,
     o: Linear,
+    /// q, k and v stacked into one packed matrix (packed weights only).
+    qkv: Option<Linear>,
 }
 
 #[derive(Debug, Clone)]
@@ -106,6 +108,8 @@ struct Mlp {
     gate: Linear,
     up: Linear,
     down: Linear,
+    /// gate and up stacked into one packed matrix (packed weights only).
+    gate_up: Option<Linear>,
 }
 
 #[derive(Debug, Clone)]
@@ -268,11 +272,13 @@ impl Decoder {
                 k: gguf.linear(&format!("{p}.attn_k"), qkv_bias)?,
                 v: gguf.linear(&format!("{p}.attn_v"), qkv_bias)?,
                 o: gguf.linear(&format!("{p}.attn_output"), false)?,
+                qkv: None,
             };
             let mlp = Mlp {
                 gate: gguf.linear(&format!("{p}.ffn_gate"), false)?,
                 up: gguf.linear(&format!("{p}.ffn_up"), false)?,
                 down: gguf.linear(&format!("{p}.ffn_down"), false)?,
+                gate_up: None,
             };
             blocks.push(Block {
                 attn_norm: gguf.norm(&format!("{p}.attn_norm"), cfg.rms_norm_eps)?,
@@ -318,7 +324,28 @@ impl Decoder {
             F::Ggml => Ok(self.clone()),
             F::F16 => self.convert_weights(GgmlDType::F16),
             F::F32 => self.convert_weights(GgmlDType::F32),
-            F::Packed => self.map_linears(Linear::to_packed),
+            F::Packed => {
+                let mut packed = self.map_linears(Linear::to_packed)?;
+                // The stacked copy replaces the separate packed ones, which go back
+                // to their GGUF form (kept for dequantizing), so memory is not doubled.
+                for block in &mut packed.blocks {
+                    let a = &mut block.attn;
+                    a.qkv = Linear::fuse(&[&a.q, &a.k, &a.v]);
+                    if a.qkv.is_some() {
+                        for l in [&mut a.q, &mut a.k, &mut a.v] {
+                            *l = l.to_ggml()?;
+                        }
+                    }
+                    let m = &mut block.mlp;
+                    m.gate_up = Linear::fuse(&[&m.gate, &m.up]);
+                    if m.gate_up.is_some() {
+                        for l in [&mut m.gate, &mut m.up] {
+                            *l = l.to_ggml()?;
+                        }
+                    }
+                }
+                Ok(packed)
+            }
         }
     }
 
@@ -341,6 +368,8 @@ impl Decoder {
             ] {
                 *linear = f(linear)?;
             }
+            block.attn.qkv = None;
+            block.mlp.gate_up = None;
         }
         out.head = f(&out.head)?;
         Ok(out)
@@ -413,7 +442,7 @@ impl Decoder {
     }
 
     fn mlp(&self, mlp: &Mlp, x: &Tensor) -> Result<Tensor> {
-        let gate_up = Linear::forward_many(&[&mlp.gate, &mlp.up], x)?;
+        let gate_up = Linear::forward_many(&[&mlp.gate, &mlp.up], mlp.gate_up.as_ref(), x)?;
         let h = (candle_nn::ops::silu(&gate_up[0])? * &gate_up[1])?;
         Ok(mlp.down.forward(&h)?)
     }
@@ -430,7 +459,7 @@ impl Decoder {
         let cfg = &self.config;
         let (batch, seq, _) = x.dims3()?;
         let (heads, kv_heads, dim) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let qkv = Linear::forward_many(&[&attn.q, &attn.k, &attn.v], x)?;
+        let qkv = Linear::forward_many(&[&attn.q, &attn.k, &attn.v], attn.qkv.as_ref(), x)?;
         let split = |t: &Tensor, n: usize| -> candle_core::Result<Tensor> {
             t.reshape((batch, seq, n, dim))?
                 .transpose(1, 2)?

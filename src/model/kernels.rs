@@ -104,6 +104,32 @@ impl PackedMatrix {
         self.rows
     }
 
+    /// Stacks matrices with the same format and width into one (their rows in
+    /// order), so several projections of one input run as a single parallel pass.
+    pub fn concat_rows(parts: &[&PackedMatrix]) -> Option<Self> {
+        let first = parts.first()?;
+        if parts
+            .iter()
+            .any(|p| p.format != first.format || p.cols != first.cols)
+        {
+            return None;
+        }
+        Some(Self {
+            format: first.format,
+            rows: parts.iter().map(|p| p.rows).sum(),
+            cols: first.cols,
+            quants: parts
+                .iter()
+                .flat_map(|p| p.quants.iter().copied())
+                .collect(),
+            scales: parts
+                .iter()
+                .flat_map(|p| p.scales.iter().copied())
+                .collect(),
+            mins: parts.iter().flat_map(|p| p.mins.iter().copied()).collect(),
+        })
+    }
+
     pub fn cols(&self) -> usize {
         self.cols
     }
@@ -126,10 +152,9 @@ impl PackedMatrix {
             .enumerate()
             .for_each(|(task, out)| {
                 let first_row = task * rows_per_task;
-                let mut dense = Vec::new();
-                for (r, out_row) in out.chunks_exact_mut(m).enumerate() {
-                    let row = self.row(first_row + r, blocks_per_row);
-                    if m < DENSE_ROW_MIN_M {
+                if m < DENSE_ROW_MIN_M {
+                    for (r, out_row) in out.chunks_exact_mut(m).enumerate() {
+                        let row = self.row(first_row + r, blocks_per_row);
                         for (i, o) in out_row.iter_mut().enumerate() {
                             let xi = &x[i * self.cols..(i + 1) * self.cols];
                             let blocks = i * blocks_per_row..(i + 1) * blocks_per_row;
@@ -139,12 +164,30 @@ impl PackedMatrix {
                             };
                             *o = dot(self.format, &row, xi, &xq, &xsums[blocks]);
                         }
-                    } else {
-                        // Many activation rows (prefill): expand the weight row to
-                        // f32 once, then plain dot products against each of them.
-                        dequantize_row(self.format, &row, &mut dense);
-                        for (o, xi) in out_row.iter_mut().zip(x.chunks_exact(self.cols)) {
-                            *o = dot_f32(&dense, xi);
+                    }
+                } else {
+                    // Many activation rows (prefill): expand four weight rows to f32
+                    // once, then stream every activation row past all four, so each
+                    // activation load feeds four dot products.
+                    let rows_here = out.len() / m;
+                    let mut dense: [Vec<f32>; 4] = Default::default();
+                    for group_start in (0..rows_here).step_by(4) {
+                        let group = (rows_here - group_start).min(4);
+                        for (g, buffer) in dense.iter_mut().enumerate().take(group) {
+                            let row = self.row(first_row + group_start + g, blocks_per_row);
+                            dequantize_row(self.format, &row, buffer);
+                        }
+                        for (i, xi) in x.chunks_exact(self.cols).enumerate() {
+                            if group == 4 {
+                                let sums = dot4_f32(&dense, xi);
+                                for (g, sum) in sums.into_iter().enumerate() {
+                                    out[(group_start + g) * m + i] = sum;
+                                }
+                            } else {
+                                for (g, buffer) in dense.iter().enumerate().take(group) {
+                                    out[(group_start + g) * m + i] = dot_f32(buffer, xi);
+                                }
+                            }
                         }
                     }
                 }
@@ -214,6 +257,27 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
         }
     }
     partial.iter().sum::<f32>() + tail
+}
+
+/// Four dot products of `x` with four equally long rows, sharing each load of `x`.
+fn dot4_f32(rows: &[Vec<f32>; 4], x: &[f32]) -> [f32; 4] {
+    let mut partial = [[0f32; 8]; 4];
+    let chunks = x.len() / 8;
+    for c in 0..chunks {
+        let xs: &[f32; 8] = x[c * 8..c * 8 + 8].try_into().expect("8 values");
+        for (p, row) in partial.iter_mut().zip(rows) {
+            let ws: &[f32; 8] = row[c * 8..c * 8 + 8].try_into().expect("8 values");
+            for j in 0..8 {
+                p[j] += ws[j] * xs[j];
+            }
+        }
+    }
+    let mut sums = [0f32; 4];
+    for ((sum, p), row) in sums.iter_mut().zip(&partial).zip(rows) {
+        let tail: f32 = (chunks * 8..x.len()).map(|j| row[j] * x[j]).sum();
+        *sum = p.iter().sum::<f32>() + tail;
+    }
+    sums
 }
 
 /// One weight row's blocks.
@@ -369,13 +433,13 @@ mod tests {
             (GgmlDType::Q4_1, BlockFormat::Q4_1),
             (GgmlDType::Q8_0, BlockFormat::Q8_0),
         ] {
-            let (rows, cols) = (70, 96);
+            let (rows, cols) = (70, 96); // 70 rows: the 4-row groups end with a partial one
             let w = Tensor::randn(0f32, 1.0, (rows, cols), &Device::Cpu).unwrap();
             let q = QTensor::quantize(&w, dtype).unwrap();
             let dense = q.dequantize(&Device::Cpu).unwrap();
             let packed =
                 PackedMatrix::new(format, rows, cols, q.data().unwrap().into_owned()).unwrap();
-            for m in [1, 3, 9] {
+            for m in [1, 3, 9, 4] {
                 let x = Tensor::randn(0f32, 1.0, (m, cols), &Device::Cpu).unwrap();
                 let expected: Vec<f32> = x
                     .matmul(&dense.t().unwrap())

@@ -96,6 +96,48 @@ impl Linear {
         Self::quantized(QTensor::quantize(w, dtype)?, self.bias.clone())
     }
 
+    /// The same layer multiplied by candle's quantized matmul (undoes `to_packed`).
+    pub fn to_ggml(&self) -> Result<Self> {
+        match &self.weight {
+            Weight::Packed(q, _) => Ok(Self {
+                weight: Weight::Quantized(q.clone(), QMatMul::from_arc(q.clone())?),
+                bias: self.bias.clone(),
+            }),
+            _ => Ok(self.clone()),
+        }
+    }
+
+    /// Several packed layers of the same input stacked into one (outputs
+    /// concatenated in order), or None when they are not all packed alike.
+    pub fn fuse(layers: &[&Linear]) -> Option<Linear> {
+        let packed: Option<Vec<&PackedMatrix>> = layers
+            .iter()
+            .map(|l| match &l.weight {
+                Weight::Packed(_, p) => Some(p.as_ref()),
+                _ => None,
+            })
+            .collect();
+        let fused = PackedMatrix::concat_rows(&packed?)?;
+        let bias = match layers
+            .iter()
+            .map(|l| l.bias.clone())
+            .collect::<Option<Vec<_>>>()
+        {
+            Some(biases) => Some(Tensor::cat(&biases, 0).ok()?),
+            None if layers.iter().all(|l| l.bias.is_none()) => None,
+            None => return None,
+        };
+        let Weight::Packed(q, _) = &layers[0].weight else {
+            return None;
+        };
+        // The QTensor handle is kept only for dequantizing; the fused layer is used
+        // for inference and never converted back.
+        Some(Self {
+            weight: Weight::Packed(q.clone(), Arc::new(fused)),
+            bias,
+        })
+    }
+
     /// Output features.
     pub fn out_dim(&self) -> Result<usize> {
         match &self.weight {
@@ -111,10 +153,26 @@ impl Linear {
         }
     }
 
-    /// Several projections of the same input (q/k/v, gate/up). For a single decode
-    /// token with quantized weights of one dtype, candle can run them as one fused
-    /// kernel that quantizes the input once; otherwise they run one by one.
-    pub fn forward_many(layers: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
+    /// Several projections of the same input (q/k/v, gate/up). A `fused` layer
+    /// (see [`Linear::fuse`]) computes them in one pass and is split; for a single
+    /// token with ggml weights of one dtype, candle's fused gemv is used; otherwise
+    /// they run one by one.
+    pub fn forward_many(
+        layers: &[&Linear],
+        fused: Option<&Linear>,
+        x: &Tensor,
+    ) -> Result<Vec<Tensor>> {
+        if let Some(fused) = fused {
+            let y = fused.forward(x)?;
+            let mut start = 0;
+            let mut outs = Vec::with_capacity(layers.len());
+            for l in layers {
+                let width = l.out_dim()?;
+                outs.push(y.narrow(candle_core::D::Minus1, start, width)?);
+                start += width;
+            }
+            return Ok(outs);
+        }
         let quantized: Option<Vec<&QTensor>> = layers
             .iter()
             .map(|l| match &l.weight {
