@@ -448,3 +448,77 @@ fn real_model_weight_format_gaps() {
     eprintln!("SmolLM2 max |logit gap|: packed vs f32 {packed_vs_f32}, ggml (8-bit activations) vs f32 {ggml_vs_f32}");
     assert!(packed_vs_f32 < 1e-2, "packed vs f32: {packed_vs_f32}");
 }
+
+#[test]
+fn qwen2_model_matches_candle_quantized_qwen2_when_fetched() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf");
+    if !path.is_file() {
+        eprintln!(
+            "SKIP: {} is absent (run scripts/fetch-model --qwen)",
+            path.display()
+        );
+        return;
+    }
+    let ids = capital_question_ids(&path);
+    let diff = compare_with_reference(&path, Architecture::Qwen2, &ids, 4);
+    eprintln!("Qwen2.5: max |logit difference| vs quantized_qwen2 = {diff}");
+    // 8-bit activation rounding amplifies tiny float differences (see above).
+    assert!(diff < 1.0, "max |logit difference| {diff}");
+}
+
+#[derive(serde::Deserialize)]
+struct LlamaCppReference {
+    prompt_ids: Vec<u32>,
+    top5: Vec<(u32, f32)>,
+    greedy_20_ids: Vec<u32>,
+}
+
+#[test]
+fn real_model_agrees_with_llama_cpp() {
+    let Some(path) = real_model() else { return };
+    let fixture =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/smollm2_llamacpp_logits.json");
+    let reference: LlamaCppReference =
+        serde_json::from_str(&std::fs::read_to_string(&fixture).unwrap()).unwrap();
+    for format in [WeightFormat::Packed, WeightFormat::Ggml] {
+        let model = Model::load_with(&path, format).unwrap();
+        let t = Tensor::new(reference.prompt_ids.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let logits: Vec<f32> = model
+            .decoder
+            .forward_last(&t, &mut KvCache::new())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let gap = reference
+            .top5
+            .iter()
+            .map(|&(id, logit)| (logits[id as usize] - logit).abs())
+            .fold(0f32, f32::max);
+        eprintln!("{format:?}: max |logit gap| to llama.cpp on its top-5 = {gap}");
+        assert!(gap < 1.0, "{format:?}: {gap}");
+        // Greedy ids up to and including the first <|im_end|> are the same.
+        let params = SamplingParams {
+            temperature: 0.0,
+            max_tokens: 20,
+            ..Default::default()
+        };
+        let out = model
+            .generate(&reference.prompt_ids, &params, |_| {
+                claw::model::generate::Flow::Continue
+            })
+            .unwrap();
+        let end = reference
+            .greedy_20_ids
+            .iter()
+            .position(|&id| id == 2)
+            .unwrap()
+            + 1;
+        assert_eq!(out.token_ids, reference.greedy_20_ids[..end], "{format:?}");
+    }
+}
