@@ -4,10 +4,12 @@
 //! The crate is organised by concern (DESIGN.md section 13):
 //! - [`rollout`]: the `claw.rollout.v1` schema and its Parquet I/O, shared by every stage.
 //! - [`model`]: the model runtime (GGUF loading, tokenizer, chat template, decoder, sampling).
+//! - [`serve`]: the OpenAI-compatible server that records every turn.
 //! - [`cmd`]: one module per subcommand; each holds its clap `Args` and `run()`.
 //! - [`ui`]: verbosity-aware logging to stderr.
 
 pub mod cmd;
 pub mod model;
 pub mod rollout;
+pub mod serve;
 pub mod ui;

@@ -57,7 +57,7 @@ fn usage_errors_exit_2_and_failures_exit_1() {
         claw(&["chat", "--temperature", "warm", "hi"]).status.code(),
         Some(2)
     );
-    let out = claw(&["serve"]);
+    let out = claw(&["collect"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("not built yet"), "{}", stderr(&out));
 }

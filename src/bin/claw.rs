@@ -32,7 +32,7 @@ struct Cli {
 enum Command {
     Chat(cmd::chat::ChatArgs),
     Inspect(cmd::inspect::InspectArgs),
-    Serve(cmd::pending::ServeArgs),
+    Serve(cmd::serve::ServeArgs),
     Collect(cmd::pending::CollectArgs),
     Judge(cmd::pending::JudgeArgs),
     #[command(name = "distill-hints")]
@@ -51,7 +51,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Chat(args) => cmd::chat::run(args),
         Command::Inspect(args) => cmd::inspect::run(args),
-        Command::Serve(args) => args.run(),
+        Command::Serve(args) => cmd::serve::run(args),
         Command::Collect(args) => args.run(),
         Command::Judge(args) => args.run(),
         Command::DistillHints(args) => args.run(),

@@ -4,3 +4,4 @@
 pub mod chat;
 pub mod inspect;
 pub mod pending;
+pub mod serve;

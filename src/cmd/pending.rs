@@ -23,14 +23,6 @@ macro_rules! pending_command {
 }
 
 pending_command!(
-    ServeArgs,
-    "serve",
-    "#3",
-    "Serve the model over an OpenAI-compatible API and record every turn",
-    "Reads: a GGUF model (--model) and adapters from DIR/checkpoints/. Writes: one rollout row \
-     per request/response and per feedback event to DIR/raw/*.parquet.\n\nExample:\n  claw serve --dir ./claw-data --port 8080"
-);
-pending_command!(
     CollectArgs,
     "collect",
     "#4",

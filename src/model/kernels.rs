@@ -104,6 +104,23 @@ impl PackedMatrix {
         self.rows
     }
 
+    /// The whole matrix as dense f32, row-major (rows, cols), expanded in parallel.
+    /// Prompt processing uses it: with many activation rows a tuned f32 GEMM on
+    /// freshly expanded weights beats any block-at-a-time kernel.
+    pub fn to_dense(&self) -> Vec<f32> {
+        let blocks_per_row = self.cols / BLOCK;
+        let mut dense = vec![0f32; self.rows * self.cols];
+        dense
+            .par_chunks_mut(self.cols)
+            .enumerate()
+            .for_each(|(r, out)| {
+                let mut row = Vec::with_capacity(self.cols);
+                dequantize_row(self.format, &self.row(r, blocks_per_row), &mut row);
+                out.copy_from_slice(&row);
+            });
+        dense
+    }
+
     /// Stacks matrices with the same format and width into one (their rows in
     /// order), so several projections of one input run as a single parallel pass.
     pub fn concat_rows(parts: &[&PackedMatrix]) -> Option<Self> {

@@ -11,6 +11,11 @@ use candle_core::{Module, Result, Tensor};
 
 use super::kernels::{BlockFormat, PackedMatrix};
 
+/// From this many input rows on (prompt processing), a packed weight is expanded
+/// to f32 and multiplied by candle's GEMM: 3.5x faster than the block kernel at
+/// 111 rows on SmolLM2 (69 -> 245 tok/s), while decode (1 row) stays on the block kernel.
+const DENSE_GEMM_MIN_ROWS: usize = 16;
+
 #[derive(Debug, Clone)]
 pub enum Weight {
     /// GGUF block-quantized weight, `(out, in)`, multiplied by candle's quantized
@@ -205,6 +210,10 @@ impl Module for Linear {
                 let dims = x.dims();
                 let k = dims[dims.len() - 1];
                 let m = x.elem_count() / k.max(1);
+                if m >= DENSE_GEMM_MIN_ROWS {
+                    let w = Tensor::from_vec(packed.to_dense(), (packed.rows(), k), x.device())?;
+                    return self.add_bias(x.broadcast_matmul(&w.t()?)?);
+                }
                 let input: Vec<f32> = x.flatten_all()?.to_vec1()?;
                 let mut out_dims = dims.to_vec();
                 *out_dims.last_mut().expect("rank >= 1") = packed.rows();

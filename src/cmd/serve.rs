@@ -1,0 +1,114 @@
+//! `claw serve`: the CLI face of [`crate::serve`].
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::Args;
+
+use crate::model::{resolve_model_path, WeightFormat};
+use crate::serve::session::TurnType;
+use crate::serve::{self, ServeConfig};
+
+/// Serve the model over an OpenAI-compatible API and record every turn.
+#[derive(Args, Debug)]
+#[command(long_about = "\
+Serve a local GGUF model over an OpenAI-compatible HTTP API and record every turn.
+
+Reads: a GGUF model (--model, $CLAW_MODEL, or the default SmolLM2-135M-Instruct in
+models/). Writes: one rollout row (schema claw.rollout.v1) per answered chat request
+and per feedback event into DIR/raw/*.parquet, segments that roll every 1024 rows or
+5 s and are closed on SIGINT/SIGTERM (a graceful stop loses nothing). --no-record
+writes nothing.
+
+Endpoints: POST /v1/chat/completions (JSON or SSE streaming, tools, logprobs),
+GET /v1/models, POST /v1/feedback ({session_id, turn or response_id, rating: 1|-1,
+text}), GET /healthz, GET /metrics (Prometheus).
+
+Sessions: send X-Session-Id (or a session_id body field) to group turns, X-Turn-Type:
+main|side (missing = main, or --default-turn-type), X-Session-Done: 1 on the last
+turn. Every response carries X-Session-Id and a unique id (chatcmpl-...) that
+feedback can name.
+
+Not yet: LoRA adapters and hot reload (every row has policy_version 0), continuous
+batching (--parallel generations run side by side, the rest wait in FIFO order).
+
+Example:
+  claw serve --model models/SmolLM2-135M-Instruct.Q4_1.gguf --dir ./claw-data
+
+  # any OpenAI SDK: base_url http://127.0.0.1:8080/v1, any api_key unless --api-key
+  from openai import OpenAI
+  client = OpenAI(base_url=\"http://127.0.0.1:8080/v1\", api_key=\"unused\")
+  client.chat.completions.create(model=\"claw\", messages=[{\"role\": \"user\", \"content\": \"hi\"}],
+      extra_headers={\"X-Session-Id\": \"chat-42\"})
+
+  curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}'")]
+pub struct ServeArgs {
+    /// GGUF model file.
+    #[arg(long, env = "CLAW_MODEL")]
+    pub model: Option<PathBuf>,
+    /// How to hold the weights: as stored in the GGUF (quantized), or dequantized.
+    #[arg(long, value_enum, default_value_t = WeightFormat::default())]
+    pub weights: WeightFormat,
+    /// Shared directory; rows are recorded to DIR/raw/.
+    #[arg(long, default_value = "./claw-data")]
+    pub dir: PathBuf,
+    /// Address to listen on (loopback by default; anything else exposes the model).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0 picks a free one; the log line says which).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Record nothing.
+    #[arg(long)]
+    pub no_record: bool,
+    /// Require `Authorization: Bearer KEY` on every route but /healthz.
+    #[arg(long, env = "CLAW_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Turn type of requests that do not say (X-Turn-Type / turn_type).
+    #[arg(long, value_enum, default_value_t = TurnType::Main)]
+    pub default_turn_type: TurnType,
+    /// Largest max_tokens a request may ask for (also the default).
+    #[arg(long, default_value_t = 2048)]
+    pub max_tokens_limit: usize,
+    /// Largest request body in bytes (larger gets 413).
+    #[arg(long, default_value_t = 4 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Chat requests admitted at once, generating or waiting (more get 429 + Retry-After).
+    #[arg(long, default_value_t = 16)]
+    pub queue: usize,
+    /// Generations run at once (the rest of the queue waits, first come first served).
+    #[arg(long, default_value_t = 1)]
+    pub parallel: usize,
+    /// Minutes after which an idle session is forgotten (feedback for it gets 404).
+    #[arg(long, default_value_t = 30)]
+    pub session_timeout: u64,
+    /// CPU threads for the model (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+pub fn run(args: ServeArgs) -> Result<()> {
+    if let Some(threads) = args.threads {
+        anyhow::ensure!(threads > 0, "--threads must be at least 1");
+        // candle sizes its thread pool from this variable on first use.
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    }
+    let model_path = resolve_model_path(args.model.as_deref())?;
+    serve::run(ServeConfig {
+        model_path,
+        weights: args.weights,
+        dir: args.dir,
+        host: args.host,
+        port: args.port,
+        record: !args.no_record,
+        api_key: args.api_key.filter(|k| !k.is_empty()),
+        default_turn_type: args.default_turn_type,
+        max_tokens_limit: args.max_tokens_limit,
+        max_body_bytes: args.max_body_bytes,
+        queue: args.queue,
+        parallel: args.parallel,
+        session_timeout: Duration::from_secs(args.session_timeout.saturating_mul(60)),
+    })
+}

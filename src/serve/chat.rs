@@ -1,0 +1,328 @@
+//! `POST /v1/chat/completions`.
+//!
+//! A request is checked (400s name the field), admitted (429 when `--queue` is
+//! full), rendered and tokenised, then handed to a job task that waits its turn
+//! for a generation slot and runs [`Model::generate`] on the blocking pool. Text
+//! comes back through a channel as it is produced; when the receiving side is
+//! gone (the client disconnected) the next piece cancels the generation. A
+//! finished generation becomes one [`RolloutRow`] before the client sees the end
+//! of the response, so a graceful stop that waits for responses loses no row.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Value as Json};
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+
+use super::api::{self, ApiError, ChatRequest};
+use super::response::{json_response, sse_response, Event, Meta, Outcome};
+use super::session::{self, SessionInfo, SESSION_HEADER};
+use super::tools::{parse_tool_calls, ToolCall};
+use super::{unix_ms, AppState};
+use crate::model::generate::Flow;
+use crate::model::{FinishReason, Generation, Model, SamplingParams};
+use crate::rollout::RolloutRow;
+
+/// Seconds a client is told to wait when the queue is full.
+const RETRY_AFTER_S: u64 = 1;
+
+/// A request ready to generate.
+struct Prepared {
+    id: String,
+    /// Unix milliseconds at arrival (the row's created_at).
+    created_ms: i64,
+    started: Instant,
+    session: SessionInfo,
+    request: ChatRequest,
+    prompt_text: String,
+    prompt_ids: Vec<u32>,
+    params: SamplingParams,
+}
+
+pub async fn completions(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    match handle(state, headers, body).await {
+        Ok(response) => response,
+        Err(err) => err.into_response(),
+    }
+}
+
+async fn handle(
+    state: Arc<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let body = api::read_body(body, state.config.max_body_bytes).await?;
+    let mut fields = api::parse_object(&body)?;
+    let session = session::extract(&headers, &mut fields, state.config.default_turn_type)?;
+    let request = ChatRequest::from_body(&fields)?;
+
+    let permit = state.admission.clone().try_acquire_owned().map_err(|_| {
+        let mut e = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            format!(
+                "the server is busy: {} request(s) already admitted (--queue); retry shortly",
+                state.config.queue
+            ),
+        )
+        .with_code("queue_full");
+        e.retry_after = Some(RETRY_AFTER_S);
+        e
+    })?;
+
+    let model = state.model.clone();
+    let limit = state.config.max_tokens_limit;
+    let (request, prompt_text, prompt_ids, params) = tokio::task::spawn_blocking(move || {
+        prepare(&model, &request, limit).map(|(text, ids, params)| (request, text, ids, params))
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("request preparation failed: {e}")))??;
+
+    let prepared = Prepared {
+        id: session::new_id("chatcmpl-"),
+        created_ms: unix_ms(),
+        started,
+        session,
+        request,
+        prompt_text,
+        prompt_ids,
+        params,
+    };
+    let (tx, rx) = mpsc::unbounded_channel();
+    let meta = Meta {
+        id: prepared.id.clone(),
+        created: prepared.created_ms / 1000,
+        model: state.model.name.clone(),
+        prompt_tokens: prepared.prompt_ids.len(),
+        stream_tools: prepared.request.stream && prepared.request.active_tools().is_some(),
+        include_usage: prepared.request.include_usage,
+    };
+    let stream = prepared.request.stream;
+    let session_id = prepared.session.session_id.clone();
+    tokio::spawn(run_job(state, prepared, permit, tx));
+
+    let mut response = if stream {
+        sse_response(meta, rx)
+    } else {
+        json_response(meta, rx).await?
+    };
+    if let Ok(v) = HeaderValue::from_str(&session_id) {
+        response.headers_mut().insert(SESSION_HEADER, v);
+    }
+    Ok(response)
+}
+
+/// Renders and tokenises the prompt and fixes the sampling parameters; every
+/// limit that depends on the prompt's length is checked here.
+fn prepare(
+    model: &Model,
+    request: &ChatRequest,
+    max_tokens_limit: usize,
+) -> Result<(String, Vec<u32>, SamplingParams), ApiError> {
+    let prompt_text = model
+        .template
+        .render(&request.template_messages, request.active_tools(), true)
+        .map_err(|e| {
+            ApiError::invalid(
+                format!("the model's chat template rejected these messages: {e:#}"),
+                "messages",
+            )
+        })?;
+    let prompt_ids = model
+        .tokenizer
+        .encode(&prompt_text)
+        .map_err(|e| ApiError::internal(format!("cannot tokenise the prompt: {e:#}")))?;
+    let context = model.config.context_length;
+    let n = prompt_ids.len();
+    let overflow = |wanted: usize| {
+        ApiError::invalid(
+            format!(
+                "this model's maximum context length is {context} tokens, but the request needs \
+                 {wanted} ({n} in the messages, {} for the completion): shorten the messages or \
+                 lower max_tokens",
+                wanted - n
+            ),
+            "messages",
+        )
+        .with_code("context_length_exceeded")
+    };
+    let max_tokens = match request.max_tokens {
+        Some(m) if m > max_tokens_limit => {
+            return Err(ApiError::invalid(
+                format!("`max_tokens` is {m}, more than this server allows ({max_tokens_limit}, --max-tokens-limit)"),
+                "max_tokens",
+            ))
+        }
+        Some(m) if n.saturating_add(m) > context => return Err(overflow(n + m)),
+        Some(m) => m,
+        None if n >= context => return Err(overflow(n + 1)),
+        None => max_tokens_limit.min(context - n),
+    };
+    let params = SamplingParams {
+        temperature: request.temperature.unwrap_or(1.0),
+        top_p: request.top_p.unwrap_or(1.0),
+        top_k: request.top_k.unwrap_or(0),
+        seed: request.seed,
+        max_tokens,
+        stop: request.stop.clone(),
+        ignore_eos: request.ignore_eos,
+    };
+    params
+        .validate()
+        .map_err(|e| ApiError::invalid(format!("{e:#}"), "temperature"))?;
+    Ok((prompt_text, prompt_ids, params))
+}
+
+/// Waits for a generation slot (FIFO), generates, records, reports.
+async fn run_job(
+    state: Arc<AppState>,
+    job: Prepared,
+    admission: OwnedSemaphorePermit,
+    tx: mpsc::UnboundedSender<Event>,
+) {
+    let metrics = &state.metrics;
+    metrics.queue_waiting.fetch_add(1, Relaxed);
+    let slot = state.engine.clone().acquire_owned().await;
+    metrics.queue_waiting.fetch_sub(1, Relaxed);
+    if tx.is_closed() {
+        metrics.generations_cancelled.fetch_add(1, Relaxed);
+        return;
+    }
+    metrics.running.fetch_add(1, Relaxed);
+    let model = state.model.clone();
+    let pieces = tx.clone();
+    let ids = job.prompt_ids.clone();
+    let params = job.params.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        model.generate(&ids, &params, |piece| {
+            match pieces.send(Event::Piece(piece.to_string())) {
+                Ok(()) => Flow::Continue,
+                Err(_) => Flow::Cancel,
+            }
+        })
+    })
+    .await;
+    metrics.running.fetch_sub(1, Relaxed);
+    drop(slot);
+
+    let generation = match result {
+        Ok(Ok(g)) => g,
+        Ok(Err(e)) => {
+            crate::warn!("request {}: generation failed: {e:#}", job.id);
+            let _ = tx.send(Event::Done(Err(format!("generation failed: {e:#}"))));
+            return;
+        }
+        Err(e) => {
+            crate::warn!("request {}: generation panicked: {e}", job.id);
+            let _ = tx.send(Event::Done(Err("generation failed".into())));
+            return;
+        }
+    };
+    if generation.finish_reason == FinishReason::Cancelled {
+        // The client went away mid-reply: it never saw a complete turn, so the
+        // turn is not recorded.
+        metrics.generations_cancelled.fetch_add(1, Relaxed);
+        crate::debug!("request {}: cancelled (client disconnected)", job.id);
+        return;
+    }
+
+    let outcome = finish(&state.model, &job, generation);
+    metrics
+        .prompt_tokens
+        .fetch_add(job.prompt_ids.len() as u64, Relaxed);
+    metrics
+        .completion_tokens
+        .fetch_add(outcome.generation.token_ids.len() as u64, Relaxed);
+    metrics.observe_latency(job.started.elapsed().as_secs_f64());
+    state.sessions.add_response(&job.session, &job.id);
+    state.recorder.record(chat_row(&state, &job, &outcome));
+    let _ = tx.send(Event::Done(Ok(Box::new(outcome))));
+    drop(admission);
+}
+
+fn finish(model: &Model, job: &Prepared, generation: Generation) -> Outcome {
+    let (content, tool_calls) = if job.request.active_tools().is_some() {
+        parse_tool_calls(&generation.text, || session::new_id("call_"))
+    } else {
+        (generation.text.clone(), Vec::new())
+    };
+    let finish_reason = if !tool_calls.is_empty() {
+        "tool_calls"
+    } else {
+        generation.finish_reason.as_str()
+    };
+    let logprobs = job
+        .request
+        .logprobs
+        .then(|| logprobs_json(model, &generation));
+    Outcome {
+        generation,
+        content,
+        tool_calls,
+        finish_reason,
+        logprobs,
+    }
+}
+
+/// OpenAI `logprobs`: one entry per generated token (the EOS that ended the reply
+/// included, as it is in `usage.completion_tokens` and the recorded row).
+/// `top_logprobs` lists are empty: the engine keeps only the sampled token's.
+fn logprobs_json(model: &Model, generation: &Generation) -> Json {
+    let content: Vec<Json> = generation
+        .token_ids
+        .iter()
+        .zip(&generation.logprobs)
+        .map(|(&id, &lp)| {
+            let text = match model.tokenizer.decode(&[id]) {
+                Ok(t) if !t.is_empty() => t,
+                _ => model.tokenizer.token(id).unwrap_or_default(),
+            };
+            json!({
+                "token": text,
+                "logprob": lp,
+                "bytes": text.as_bytes(),
+                "top_logprobs": [],
+            })
+        })
+        .collect();
+    json!({ "content": content })
+}
+
+fn chat_row(state: &AppState, job: &Prepared, outcome: &Outcome) -> RolloutRow {
+    let to_i32 = |ids: &[u32]| ids.iter().map(|&i| i as i32).collect::<Vec<_>>();
+    RolloutRow {
+        sample_id: job.id.clone(),
+        session_id: job.session.session_id.clone(),
+        turn_type: job.session.turn_type.as_str().to_string(),
+        created_at: job.created_ms,
+        model: state.model.name.clone(),
+        policy_version: state.policy_version,
+        messages_json: Json::Array(job.request.messages.clone()).to_string(),
+        tools_json: job
+            .request
+            .tools
+            .as_ref()
+            .map(|t| Json::Array(t.clone()).to_string()),
+        prompt_text: job.prompt_text.clone(),
+        response_text: outcome.generation.text.clone(),
+        tool_calls_json: (!outcome.tool_calls.is_empty()).then(|| {
+            Json::Array(outcome.tool_calls.iter().map(ToolCall::to_json).collect()).to_string()
+        }),
+        prompt_ids: to_i32(&job.prompt_ids),
+        response_ids: to_i32(&outcome.generation.token_ids),
+        response_logprobs: outcome.generation.logprobs.clone(),
+        token_source: "engine".into(),
+        finish_reason: outcome.finish_reason.into(),
+        ..Default::default()
+    }
+}

@@ -1,0 +1,199 @@
+//! `claw serve`: an OpenAI-compatible HTTP server over one local model that records
+//! every turn (DESIGN.md sections 1-4).
+//!
+//! - [`api`]: the OpenAI wire format (error body, checked chat request).
+//! - [`chat`]: `POST /v1/chat/completions`: admission, generation on a blocking
+//!   thread, JSON or SSE responses, the recorded row.
+//! - [`response`]: the JSON body and the SSE chunk stream.
+//! - [`routes`]: the router, auth, metrics counting, the small endpoints.
+//! - [`session`]: session id / turn type / session end, and the session registry.
+//! - [`record`]: the writer thread that turns rows into segments in `DIR/raw/`.
+//! - [`metrics`]: Prometheus text.
+//! - [`tools`]: `<tool_call>` parsing.
+//!
+//! Concurrency: `--queue` bounds the chat requests admitted (generating or waiting);
+//! one more gets 429 with Retry-After. Admitted requests wait in FIFO order (a fair
+//! tokio semaphore) for one of `--parallel` generation slots; generation runs on
+//! tokio's blocking pool and streams text back through a channel, and a closed
+//! channel (the client went away) cancels it.
+
+pub mod api;
+pub mod chat;
+pub mod metrics;
+pub mod record;
+pub mod response;
+pub mod routes;
+pub mod session;
+pub mod tools;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use tokio::sync::Semaphore;
+
+use crate::model::{Model, WeightFormat};
+use metrics::Metrics;
+use record::Recorder;
+use session::{Registry, TurnType};
+
+/// Everything `claw serve` is configured with (the CLI fills it in).
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub model_path: PathBuf,
+    pub weights: WeightFormat,
+    /// The shared directory; rows go to `DIR/raw/`.
+    pub dir: PathBuf,
+    pub host: String,
+    pub port: u16,
+    pub record: bool,
+    pub api_key: Option<String>,
+    pub default_turn_type: TurnType,
+    pub max_tokens_limit: usize,
+    pub max_body_bytes: usize,
+    /// Chat requests admitted at once (generating plus waiting).
+    pub queue: usize,
+    /// Generations run at once.
+    pub parallel: usize,
+    /// A session idle this long is forgotten (feedback for it then gets 404).
+    pub session_timeout: Duration,
+}
+
+/// What every handler shares.
+pub struct AppState {
+    pub model: Arc<Model>,
+    pub config: ServeConfig,
+    pub metrics: Arc<Metrics>,
+    pub recorder: Recorder,
+    pub sessions: Registry,
+    /// `--queue` permits: held from admission until the generation has finished.
+    pub admission: Arc<Semaphore>,
+    /// `--parallel` permits: held while generating.
+    pub engine: Arc<Semaphore>,
+    /// Unix seconds the server started (the model's `created`).
+    pub started: u64,
+    /// Adapter step serving new requests; always 0 until adapters exist.
+    pub policy_version: i64,
+}
+
+pub fn unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Loads the model, binds, serves until SIGINT/SIGTERM, then drains: stops
+/// accepting, lets requests in flight finish, writes and closes the open segment.
+pub fn run(config: ServeConfig) -> Result<()> {
+    anyhow::ensure!(config.queue >= 1, "--queue must be at least 1");
+    anyhow::ensure!(config.parallel >= 1, "--parallel must be at least 1");
+    anyhow::ensure!(
+        config.max_tokens_limit >= 1,
+        "--max-tokens-limit must be at least 1"
+    );
+    let model = Model::load_with(&config.model_path, config.weights)?;
+    crate::info!(
+        "loaded {} ({} layers, context {})",
+        model.name,
+        model.config.num_layers,
+        model.config.context_length
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("claw-serve")
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(serve(config, model))
+}
+
+async fn serve(config: ServeConfig, model: Model) -> Result<()> {
+    let metrics = Arc::new(Metrics::default());
+    let raw_dir = config.dir.join("raw");
+    let (recorder, writer_thread) = if config.record {
+        let writer_id = format!("serve{}", std::process::id());
+        let (r, t) = Recorder::start(raw_dir.clone(), &writer_id, metrics.clone())?;
+        (r, Some(t))
+    } else {
+        (Recorder::disabled(metrics.clone()), None)
+    };
+    let listener = tokio::net::TcpListener::bind((config.host.as_str(), config.port))
+        .await
+        .with_context(|| format!("cannot listen on {}:{}", config.host, config.port))?;
+    let addr = listener
+        .local_addr()
+        .context("cannot read the bound address")?;
+    let state = Arc::new(AppState {
+        model: Arc::new(model),
+        metrics: metrics.clone(),
+        recorder,
+        sessions: Registry::new(config.session_timeout),
+        admission: Arc::new(Semaphore::new(config.queue)),
+        engine: Arc::new(Semaphore::new(config.parallel)),
+        started: (unix_ms() / 1000) as u64,
+        policy_version: 0,
+        config,
+    });
+    if state.config.record {
+        crate::info!("recording every turn to {}", raw_dir.display());
+    } else {
+        crate::info!("not recording (--no-record)");
+    }
+    if state.config.api_key.is_none() && !addr.ip().is_loopback() {
+        crate::warn!("listening on {addr} without --api-key: anyone who can reach it can use it");
+    }
+    let stop = shutdown_signal()?;
+    // Tests and scripts wait for this line (with --port 0 it is the only way to
+    // learn the port).
+    crate::info!("listening on http://{addr} (OpenAI base_url: http://{addr}/v1)");
+
+    let app = routes::router(state.clone());
+    axum::serve(listener, app)
+        .with_graceful_shutdown(stop)
+        .await
+        .context("the HTTP server failed")?;
+
+    let queue = u32::try_from(state.config.queue).unwrap_or(u32::MAX);
+    let busy = state.config.queue - state.admission.available_permits();
+    if busy > 0 {
+        crate::info!("waiting for {busy} request(s) in flight");
+    }
+    // Every admitted request holds a permit until its row is queued.
+    let _all = state.admission.acquire_many(queue).await;
+    if let Some(thread) = writer_thread {
+        tokio::task::spawn_blocking(move || thread.shutdown())
+            .await
+            .context("the recorder thread failed")?;
+    }
+    use std::sync::atomic::Ordering::Relaxed;
+    crate::info!(
+        "stopped: {} row(s) recorded in {} segment(s)",
+        metrics.rows_recorded.load(Relaxed),
+        metrics.segments_written.load(Relaxed)
+    );
+    Ok(())
+}
+
+/// Resolves on the first SIGINT or SIGTERM. The handlers are installed when this
+/// is called (before the "listening" line), so an early signal is never fatal.
+#[cfg(unix)]
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
+        }
+        crate::info!("stopping: no new connections; finishing requests in flight");
+    })
+}
+
+#[cfg(not(unix))]
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
+        crate::info!("stopping: no new connections; finishing requests in flight");
+    })
+}

@@ -1,0 +1,437 @@
+//! Sessions (DESIGN.md section 4): which conversation a request belongs to, whether
+//! it is a `main` or `side` turn, and whether it ends the session. Headers win over
+//! body fields; the body fields are removed before the messages reach the template.
+//!
+//! The registry remembers, per session, the response ids served, so feedback can
+//! be checked (unknown session or response id: 404) and aimed at a turn.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use axum::http::HeaderMap;
+use rand::Rng;
+use serde_json::{Map, Value as Json};
+
+use super::api::ApiError;
+
+pub const SESSION_HEADER: &str = "x-session-id";
+pub const TURN_TYPE_HEADER: &str = "x-turn-type";
+pub const SESSION_DONE_HEADER: &str = "x-session-done";
+
+/// Longest accepted session id (it goes into every row and into log lines).
+const MAX_SESSION_ID_LEN: usize = 256;
+/// Response ids remembered per session (older ones can no longer be named by feedback).
+const MAX_RESPONSES_PER_SESSION: usize = 4096;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TurnType {
+    Main,
+    Side,
+}
+
+impl TurnType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TurnType::Main => "main",
+            TurnType::Side => "side",
+        }
+    }
+}
+
+/// The session facts of one request.
+#[derive(Debug, Clone)]
+pub struct SessionInfo {
+    pub session_id: String,
+    pub turn_type: TurnType,
+    pub done: bool,
+}
+
+/// A random id with a prefix: `chatcmpl-`, `sess-`, `call_`, `fb-`.
+pub fn new_id(prefix: &str) -> String {
+    let n: u128 = rand::thread_rng().gen();
+    format!("{prefix}{n:032x}")
+}
+
+/// Reads the session fields from the headers, else the body (and removes them
+/// from the body either way).
+pub fn extract(
+    headers: &HeaderMap,
+    body: &mut Map<String, Json>,
+    default_turn_type: TurnType,
+) -> Result<SessionInfo, ApiError> {
+    let body_session = body.remove("session_id");
+    let body_turn = body.remove("turn_type");
+    let body_done = body.remove("session_done");
+
+    let session_id = match header(headers, SESSION_HEADER)? {
+        Some(id) => Some(id),
+        None => match body_session {
+            None | Some(Json::Null) => None,
+            Some(Json::String(s)) => Some(s),
+            Some(other) => {
+                return Err(ApiError::invalid(
+                    format!("`session_id` must be a string, got {}", kind(&other)),
+                    "session_id",
+                ))
+            }
+        },
+    };
+    let session_id = match session_id {
+        Some(id) => validate_session_id(id)?,
+        None => {
+            static SAID: AtomicBool = AtomicBool::new(false);
+            if !SAID.swap(true, Ordering::Relaxed) {
+                crate::info!(
+                    "a request came without X-Session-Id (or session_id): each such request \
+                     is its own session (said once)"
+                );
+            }
+            new_id("sess-")
+        }
+    };
+
+    let turn_type = match header(headers, TURN_TYPE_HEADER)? {
+        Some(t) => Some(t),
+        None => match body_turn {
+            None | Some(Json::Null) => None,
+            Some(Json::String(s)) => Some(s),
+            Some(other) => {
+                return Err(ApiError::invalid(
+                    format!(
+                        "`turn_type` must be \"main\" or \"side\", got {}",
+                        kind(&other)
+                    ),
+                    "turn_type",
+                ))
+            }
+        },
+    };
+    let turn_type = match turn_type.as_deref().map(str::trim) {
+        None | Some("") => default_turn_type,
+        Some(t) if t.eq_ignore_ascii_case("main") => TurnType::Main,
+        Some(t) if t.eq_ignore_ascii_case("side") => TurnType::Side,
+        Some(t) => {
+            return Err(ApiError::invalid(
+                format!("turn type must be \"main\" or \"side\", got {t:?} (X-Turn-Type header or turn_type field)"),
+                "turn_type",
+            ))
+        }
+    };
+
+    let done = match header(headers, SESSION_DONE_HEADER)? {
+        Some(v) => truthy(&v),
+        None => match body_done {
+            None | Some(Json::Null) => false,
+            Some(Json::Bool(b)) => b,
+            Some(Json::String(s)) => truthy(&s),
+            Some(Json::Number(n)) => n.as_f64() == Some(1.0),
+            Some(other) => {
+                return Err(ApiError::invalid(
+                    format!("`session_done` must be a boolean, got {}", kind(&other)),
+                    "session_done",
+                ))
+            }
+        },
+    };
+    Ok(SessionInfo {
+        session_id,
+        turn_type,
+        done,
+    })
+}
+
+/// `1`, `true`, `yes`, `on` (any case) mean yes.
+pub fn truthy(value: &str) -> bool {
+    matches!(
+        value.trim().to_ascii_lowercase().as_str(),
+        "1" | "true" | "yes" | "on"
+    )
+}
+
+pub fn validate_session_id(id: String) -> Result<String, ApiError> {
+    let id = id.trim().to_string();
+    if id.is_empty() || id.len() > MAX_SESSION_ID_LEN || id.chars().any(char::is_control) {
+        return Err(ApiError::invalid(
+            format!("session id must be 1-{MAX_SESSION_ID_LEN} printable characters"),
+            "session_id",
+        ));
+    }
+    Ok(id)
+}
+
+fn header(headers: &HeaderMap, name: &str) -> Result<Option<String>, ApiError> {
+    match headers.get(name) {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .map(|s| Some(s.to_string()))
+            .map_err(|_| ApiError::invalid(format!("header {name} is not visible ASCII"), name)),
+    }
+}
+
+pub fn kind(value: &Json) -> &'static str {
+    match value {
+        Json::Null => "null",
+        Json::Bool(_) => "a boolean",
+        Json::Number(_) => "a number",
+        Json::String(_) => "a string",
+        Json::Array(_) => "an array",
+        Json::Object(_) => "an object",
+    }
+}
+
+struct Entry {
+    /// Response ids of this session's turns, in order, with their turn type.
+    responses: Vec<(String, TurnType)>,
+    last_seen: Instant,
+    done: bool,
+}
+
+/// Sessions seen recently, forgotten after `timeout` idle.
+pub struct Registry {
+    timeout: Duration,
+    inner: Mutex<Inner>,
+}
+
+struct Inner {
+    sessions: HashMap<String, Entry>,
+    last_prune: Instant,
+}
+
+/// What feedback resolved to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FeedbackTarget {
+    pub response_id: String,
+    /// 1-based index among the session's main turns, if the response is a main turn.
+    pub turn: Option<i32>,
+}
+
+impl Registry {
+    pub fn new(timeout: Duration) -> Self {
+        Registry {
+            timeout,
+            inner: Mutex::new(Inner {
+                sessions: HashMap::new(),
+                last_prune: Instant::now(),
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Notes a served response.
+    pub fn add_response(&self, info: &SessionInfo, response_id: &str) {
+        let mut inner = self.lock();
+        let now = Instant::now();
+        if now.duration_since(inner.last_prune) > Duration::from_secs(60) {
+            let timeout = self.timeout;
+            inner
+                .sessions
+                .retain(|_, e| now.duration_since(e.last_seen) < timeout);
+            inner.last_prune = now;
+        }
+        let entry = inner
+            .sessions
+            .entry(info.session_id.clone())
+            .or_insert_with(|| Entry {
+                responses: Vec::new(),
+                last_seen: now,
+                done: false,
+            });
+        entry.last_seen = now;
+        entry.done |= info.done;
+        if entry.responses.len() >= MAX_RESPONSES_PER_SESSION {
+            entry.responses.remove(0);
+        }
+        entry
+            .responses
+            .push((response_id.to_string(), info.turn_type));
+    }
+
+    /// Finds the response feedback is about: the one named by id, else the
+    /// session's `turn`-th main turn, else the session's latest response.
+    pub fn resolve_feedback(
+        &self,
+        session_id: &str,
+        response_id: Option<&str>,
+        turn: Option<i32>,
+    ) -> Result<FeedbackTarget, ApiError> {
+        let inner = self.lock();
+        let entry = inner.sessions.get(session_id).ok_or_else(|| {
+            ApiError::not_found(
+                format!(
+                    "unknown session {session_id:?}: no response was served in it (or it expired)"
+                ),
+                "session_id",
+            )
+        })?;
+        let main_turn_of = |index: usize| -> Option<i32> {
+            if entry.responses[index].1 != TurnType::Main {
+                return None;
+            }
+            let n = entry.responses[..=index]
+                .iter()
+                .filter(|(_, t)| *t == TurnType::Main)
+                .count();
+            i32::try_from(n).ok()
+        };
+        if let Some(id) = response_id {
+            let index = entry
+                .responses
+                .iter()
+                .position(|(r, _)| r == id)
+                .ok_or_else(|| {
+                    ApiError::not_found(
+                        format!("response {id:?} is not in session {session_id:?}"),
+                        "response_id",
+                    )
+                })?;
+            let found = main_turn_of(index);
+            if let (Some(asked), Some(found)) = (turn, found) {
+                if asked != found {
+                    return Err(ApiError::invalid(
+                        format!("response {id:?} is main turn {found}, not turn {asked}"),
+                        "turn",
+                    ));
+                }
+            }
+            return Ok(FeedbackTarget {
+                response_id: id.to_string(),
+                turn: found,
+            });
+        }
+        if let Some(turn) = turn {
+            let index = (0..entry.responses.len())
+                .find(|&i| main_turn_of(i) == Some(turn))
+                .ok_or_else(|| {
+                    ApiError::not_found(
+                        format!("session {session_id:?} has no main turn {turn}"),
+                        "turn",
+                    )
+                })?;
+            return Ok(FeedbackTarget {
+                response_id: entry.responses[index].0.clone(),
+                turn: Some(turn),
+            });
+        }
+        let last = entry.responses.len().checked_sub(1).ok_or_else(|| {
+            ApiError::not_found(
+                format!("session {session_id:?} has no responses"),
+                "session_id",
+            )
+        })?;
+        Ok(FeedbackTarget {
+            response_id: entry.responses[last].0.clone(),
+            turn: main_turn_of(last),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn body(v: Json) -> Map<String, Json> {
+        v.as_object().cloned().unwrap()
+    }
+
+    #[test]
+    fn headers_win_and_body_fields_are_stripped() {
+        let mut headers = HeaderMap::new();
+        headers.insert(SESSION_HEADER, "h1".parse().unwrap());
+        headers.insert(SESSION_DONE_HEADER, "yes".parse().unwrap());
+        let mut b = body(json!({"session_id": "b1", "turn_type": "side", "messages": []}));
+        let info = extract(&headers, &mut b, TurnType::Main).unwrap();
+        assert_eq!(info.session_id, "h1");
+        assert_eq!(info.turn_type, TurnType::Side);
+        assert!(info.done);
+        assert_eq!(b.keys().collect::<Vec<_>>(), ["messages"]);
+    }
+
+    #[test]
+    fn defaults_and_errors() {
+        let headers = HeaderMap::new();
+        let info = extract(&headers, &mut Map::new(), TurnType::Main).unwrap();
+        assert!(info.session_id.starts_with("sess-"));
+        assert_eq!(info.turn_type, TurnType::Main);
+        assert!(!info.done);
+        let info = extract(&headers, &mut Map::new(), TurnType::Side).unwrap();
+        assert_eq!(info.turn_type, TurnType::Side);
+        let err = extract(
+            &headers,
+            &mut body(json!({"turn_type": "feedback"})),
+            TurnType::Main,
+        )
+        .unwrap_err();
+        assert_eq!(err.status.as_u16(), 400);
+        assert!(extract(
+            &headers,
+            &mut body(json!({"session_id": 3})),
+            TurnType::Main
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn feedback_resolution() {
+        let reg = Registry::new(Duration::from_secs(60));
+        let main = |done| SessionInfo {
+            session_id: "s".into(),
+            turn_type: TurnType::Main,
+            done,
+        };
+        let side = SessionInfo {
+            session_id: "s".into(),
+            turn_type: TurnType::Side,
+            done: false,
+        };
+        reg.add_response(&main(false), "r1");
+        reg.add_response(&side, "r2");
+        reg.add_response(&main(false), "r3");
+        let latest = reg.resolve_feedback("s", None, None).unwrap();
+        assert_eq!(
+            latest,
+            FeedbackTarget {
+                response_id: "r3".into(),
+                turn: Some(2)
+            }
+        );
+        let by_turn = reg.resolve_feedback("s", None, Some(1)).unwrap();
+        assert_eq!(by_turn.response_id, "r1");
+        let by_id = reg.resolve_feedback("s", Some("r2"), None).unwrap();
+        assert_eq!(by_id.turn, None);
+        assert_eq!(
+            reg.resolve_feedback("x", None, None)
+                .unwrap_err()
+                .status
+                .as_u16(),
+            404
+        );
+        assert_eq!(
+            reg.resolve_feedback("s", Some("nope"), None)
+                .unwrap_err()
+                .status
+                .as_u16(),
+            404
+        );
+        assert_eq!(
+            reg.resolve_feedback("s", None, Some(3))
+                .unwrap_err()
+                .status
+                .as_u16(),
+            404
+        );
+        assert_eq!(
+            reg.resolve_feedback("s", Some("r3"), Some(1))
+                .unwrap_err()
+                .status
+                .as_u16(),
+            400
+        );
+    }
+}
