@@ -37,7 +37,30 @@ pub enum RopeLayout {
 #[derive(Debug, Clone)]
 struct RmsNorm {
     weight: Tensor,
+    /// The same weight as a plain vector, for the decode step.
+    weight_vec: Vec<f32>,
     eps: f64,
+}
+
+impl RmsNorm {
+    fn new(weight: Tensor, eps: f64) -> Result<Self> {
+        let weight_vec = weight.to_vec1()?;
+        Ok(Self {
+            weight,
+            weight_vec,
+            eps,
+        })
+    }
+
+    /// The fused kernel's arithmetic on one vector.
+    fn forward_vec(&self, x: &[f32]) -> Vec<f32> {
+        let mean_sq = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+        let inv = 1.0 / (mean_sq + self.eps as f32).sqrt();
+        x.iter()
+            .zip(&self.weight_vec)
+            .map(|(v, w)| v * inv * w)
+            .collect()
+    }
 }
 
 impl RmsNorm {
@@ -57,6 +80,10 @@ impl RmsNorm {
 struct Rope {
     cos: Tensor,
     sin: Tensor,
+    /// cos/sin again as (positions, head_dim / 2) vectors, for the decode step.
+    cos_vec: Vec<f32>,
+    sin_vec: Vec<f32>,
+    half: usize,
     layout: RopeLayout,
 }
 
@@ -71,11 +98,33 @@ impl Rope {
             .reshape((cfg.context_length, 1))?;
         let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
         let angles = positions.matmul(&inv_freq)?;
+        let (cos, sin) = (angles.cos()?, angles.sin()?);
         Ok(Self {
-            cos: angles.cos()?,
-            sin: angles.sin()?,
+            cos_vec: cos.flatten_all()?.to_vec1()?,
+            sin_vec: sin.flatten_all()?.to_vec1()?,
+            cos,
+            sin,
+            half,
             layout,
         })
+    }
+
+    /// Rotates each `dim`-sized head of `x` in place for position `pos`, with the
+    /// same formula as candle's `rope_i` / `rope` kernels.
+    fn apply_vec(&self, x: &mut [f32], pos: usize, dim: usize) {
+        let cos = &self.cos_vec[pos * self.half..(pos + 1) * self.half];
+        let sin = &self.sin_vec[pos * self.half..(pos + 1) * self.half];
+        for head in x.chunks_exact_mut(dim) {
+            for i in 0..self.half {
+                let (a, b) = match self.layout {
+                    RopeLayout::Interleaved => (2 * i, 2 * i + 1),
+                    RopeLayout::Halves => (i, i + self.half),
+                };
+                let (x1, x2) = (head[a], head[b]);
+                head[a] = x1 * cos[i] - x2 * sin[i];
+                head[b] = x1 * sin[i] + x2 * cos[i];
+            }
+        }
     }
 
     /// `x`: (batch, heads, seq, head_dim), contiguous; positions start at `offset`.
@@ -413,6 +462,17 @@ impl Decoder {
             offset + seq,
             self.config.context_length
         );
+        if let Some(cache) = cache.as_deref_mut() {
+            if batch == 1 && seq == 1 && self.kernels == Kernels::Fused {
+                let token: u32 = ids.flatten_all()?.to_vec1::<u32>()?[0];
+                let hidden = self.decode_step(token, cache)?;
+                return Ok(Tensor::from_vec(
+                    hidden,
+                    (1, 1, self.config.hidden_size),
+                    &self.device,
+                )?);
+            }
+        }
         let flat = ids.flatten_all()?;
         let mut x = self.embedding.index_select(&flat, 0)?.reshape((
             batch,
@@ -439,6 +499,63 @@ impl Decoder {
             cache.len = offset + seq;
         }
         Ok(self.final_norm.forward(&x, self.kernels)?)
+    }
+
+    /// One new token through the whole network on plain vectors, returning its
+    /// final-norm hidden state. The same arithmetic as the tensor path; at one
+    /// token, the per-op cost of ~30 small tensor operations a layer (allocation,
+    /// dispatch) was about a third of decode time.
+    fn decode_step(&self, token: u32, cache: &mut KvCache) -> Result<Vec<f32>> {
+        let cfg = &self.config;
+        let (heads, kv_heads, dim) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let pos = cache.len;
+        let mut x: Vec<f32> = self.embedding.get(token as usize)?.to_vec1()?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let h = block.attn_norm.forward_vec(&x);
+            let a = &block.attn;
+            let (mut q, mut k, v) = match &a.qkv {
+                Some(fused) => {
+                    let mut qkv = fused.forward_vec(&h)?;
+                    let v = qkv.split_off((heads + kv_heads) * dim);
+                    let k = qkv.split_off(heads * dim);
+                    (qkv, k, v)
+                }
+                None => (
+                    a.q.forward_vec(&h)?,
+                    a.k.forward_vec(&h)?,
+                    a.v.forward_vec(&h)?,
+                ),
+            };
+            self.rope.apply_vec(&mut q, pos, dim);
+            self.rope.apply_vec(&mut k, pos, dim);
+            let layer_kv = cache.layer(i);
+            layer_kv.keys.extend_from_slice(&k);
+            layer_kv.values.extend_from_slice(&v);
+            let attended = decode_attention(&q, layer_kv, heads, kv_heads, dim);
+            for (xv, o) in x.iter_mut().zip(a.o.forward_vec(&attended)?) {
+                *xv += o;
+            }
+            let h = block.mlp_norm.forward_vec(&x);
+            let m = &block.mlp;
+            let (gate, up) = match &m.gate_up {
+                Some(fused) => {
+                    let mut gu = fused.forward_vec(&h)?;
+                    let up = gu.split_off(cfg.intermediate_size);
+                    (gu, up)
+                }
+                None => (m.gate.forward_vec(&h)?, m.up.forward_vec(&h)?),
+            };
+            let act: Vec<f32> = gate
+                .iter()
+                .zip(&up)
+                .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+                .collect();
+            for (xv, d) in x.iter_mut().zip(m.down.forward_vec(&act)?) {
+                *xv += d;
+            }
+        }
+        cache.len = pos + 1;
+        Ok(self.final_norm.forward_vec(&x))
     }
 
     fn mlp(&self, mlp: &Mlp, x: &Tensor) -> Result<Tensor> {
@@ -481,12 +598,6 @@ impl Decoder {
                 );
                 let layer_kv = cache.layer(layer);
                 layer_kv.append(&k, &v)?;
-                if seq == 1 && self.kernels == Kernels::Fused {
-                    let q: Vec<f32> = q.flatten_all()?.to_vec1()?;
-                    let y = decode_attention(&q, layer_kv, heads, kv_heads, dim);
-                    let y = Tensor::from_vec(y, (1, 1, heads * dim), &self.device)?;
-                    return Ok(attn.o.forward(&y)?);
-                }
                 layer_kv.tensors(kv_heads, dim, &self.device)?
             }
         };
@@ -545,10 +656,7 @@ impl<R: Read + Seek> GgufTensors<'_, R> {
     }
 
     fn norm(&mut self, prefix: &str, eps: f64) -> Result<RmsNorm> {
-        Ok(RmsNorm {
-            weight: self.float(&format!("{prefix}.weight"))?,
-            eps,
-        })
+        RmsNorm::new(self.float(&format!("{prefix}.weight"))?, eps)
     }
 }
 

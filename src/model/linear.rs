@@ -202,6 +202,26 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// One input vector to one output vector, for the decode step: packed weights
+    /// go straight to the block kernel with no tensor allocation in between.
+    pub fn forward_vec(&self, x: &[f32]) -> Result<Vec<f32>> {
+        let mut y = match &self.weight {
+            Weight::Packed(_, packed) => packed.matmul(x, 1),
+            _ => {
+                let t = Tensor::from_slice(x, (1, x.len()), &candle_core::Device::Cpu)?;
+                return self.forward(&t)?.flatten_all()?.to_vec1();
+            }
+        };
+        if let Some(bias) = &self.bias {
+            for (v, b) in y.iter_mut().zip(bias.to_vec1::<f32>()?) {
+                *v += b;
+            }
+        }
+        Ok(y)
+    }
+}
+
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
