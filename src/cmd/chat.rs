@@ -201,9 +201,21 @@ fn interactive(model: &Model, mut messages: Vec<Json>, params: &SamplingParams) 
             break;
         }
         messages.push(json!({"role": "user", "content": message}));
-        let prompt_text = model.template.render(&messages, None, true)?;
-        let generation = one_turn(model, &prompt_text, params, false)?;
-        messages.push(json!({"role": "assistant", "content": generation.text}));
+        let turn = model
+            .template
+            .render(&messages, None, true)
+            .and_then(|prompt_text| one_turn(model, &prompt_text, params, false));
+        match turn {
+            Ok(generation) => {
+                messages.push(json!({"role": "assistant", "content": generation.text}));
+            }
+            // A turn that cannot run (e.g. the conversation outgrew the context)
+            // must not end the session: say why and drop that message.
+            Err(err) => {
+                eprintln!("claw: error: {err:#}");
+                messages.pop();
+            }
+        }
     }
     Ok(())
 }
