@@ -191,3 +191,35 @@ fn real_model_answers_the_capital_of_france() {
     let reply = String::from_utf8_lossy(&out.stdout);
     assert!(reply.contains("Paris"), "reply: {reply}");
 }
+
+#[test]
+fn interactive_chat_survives_a_turn_that_overflows_the_context() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny(dir.path()); // context length 256
+    let mut child = Command::new(env!("CARGO_BIN_EXE_claw"))
+        .args([
+            "chat",
+            "--model",
+            model.to_str().unwrap(),
+            "--max-tokens",
+            "3",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let long = "word ".repeat(400);
+    let input = format!("{long}\nshort\n");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("context length"), "{}", stderr(&out));
+    assert!(!out.stdout.is_empty(), "the next turn still got a reply");
+}
