@@ -24,6 +24,26 @@ fn tiny(dir: &Path) -> PathBuf {
     path
 }
 
+/// `claw chat` without a prompt, fed `input` on stdin.
+fn interactive_chat(model: &Path, max_tokens: &str, input: &[u8]) -> Output {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_claw"))
+        .args([
+            "chat",
+            "--model",
+            model.to_str().unwrap(),
+            "--max-tokens",
+            max_tokens,
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap()
+}
+
 #[test]
 fn every_subcommand_has_help_with_an_example() {
     for cmd in [
@@ -139,29 +159,9 @@ fn chat_json_reports_token_ids_and_logprobs() {
 
 #[test]
 fn chat_reads_an_interactive_session_from_stdin() {
-    use std::io::Write;
     let dir = tempfile::tempdir().unwrap();
     let model = tiny(dir.path());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_claw"))
-        .args([
-            "chat",
-            "--model",
-            model.to_str().unwrap(),
-            "--max-tokens",
-            "4",
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"first\nsecond\n")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = interactive_chat(&model, "4", b"first\nsecond\n");
     assert!(out.status.success(), "{}", stderr(&out));
     // a prompt for each message and one more before EOF
     assert_eq!(stderr(&out).matches("> ").count(), 3, "{}", stderr(&out));
@@ -194,31 +194,10 @@ fn real_model_answers_the_capital_of_france() {
 
 #[test]
 fn interactive_chat_survives_a_turn_that_overflows_the_context() {
-    use std::io::Write;
     let dir = tempfile::tempdir().unwrap();
     let model = tiny(dir.path()); // context length 256
-    let mut child = Command::new(env!("CARGO_BIN_EXE_claw"))
-        .args([
-            "chat",
-            "--model",
-            model.to_str().unwrap(),
-            "--max-tokens",
-            "3",
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
     let long = "word ".repeat(400);
-    let input = format!("{long}\nshort\n");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = interactive_chat(&model, "3", format!("{long}\nshort\n").as_bytes());
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stderr(&out).contains("context length"), "{}", stderr(&out));
     assert!(!out.stdout.is_empty(), "the next turn still got a reply");

@@ -418,16 +418,8 @@ fn real_model_logits_match_candle_quantized_llama() {
 #[test]
 fn real_model_knows_the_capital_of_france() {
     let Some(path) = real_model() else { return };
+    let ids = capital_question_ids(&path);
     let model = Model::load(&path).unwrap();
-    let prompt = model
-        .template
-        .render(
-            &[serde_json::json!({"role": "user", "content": "What is the capital of France?"})],
-            None,
-            true,
-        )
-        .unwrap();
-    let ids = model.tokenizer.encode(&prompt).unwrap();
     let params = SamplingParams {
         temperature: 0.0,
         max_tokens: 24,

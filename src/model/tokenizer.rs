@@ -185,27 +185,30 @@ impl Tokenizer {
 /// Turns a growing list of generated ids into text pieces as they become printable:
 /// a piece is released only once it no longer ends in a partial UTF-8 sequence.
 pub struct StreamDecoder {
-    ids: Vec<u32>,
+    /// Ids since the last released piece: only these are decoded again, so each
+    /// token costs the same however long the reply gets. Byte-level BPE decodes
+    /// by concatenating bytes, so decoding the tail alone gives the same text.
+    pending: Vec<u32>,
     emitted: String,
 }
 
 impl StreamDecoder {
     pub fn new() -> Self {
         Self {
-            ids: Vec::new(),
+            pending: Vec::new(),
             emitted: String::new(),
         }
     }
 
     /// Adds one token; returns the newly printable text, if any.
     pub fn push(&mut self, tokenizer: &Tokenizer, id: u32) -> Result<Option<String>> {
-        self.ids.push(id);
-        let text = tokenizer.decode(&self.ids)?;
-        if text.ends_with('\u{FFFD}') || !text.starts_with(&self.emitted) {
-            return Ok(None);
+        self.pending.push(id);
+        let piece = tokenizer.decode(&self.pending)?;
+        if piece.ends_with('\u{FFFD}') {
+            return Ok(None); // a multi-byte character is not complete yet
         }
-        let piece = text[self.emitted.len()..].to_string();
-        self.emitted = text;
+        self.pending.clear();
+        self.emitted.push_str(&piece);
         Ok((!piece.is_empty()).then_some(piece))
     }
 
