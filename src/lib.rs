@@ -5,11 +5,22 @@
 //! - [`rollout`]: the `claw.rollout.v1` schema and its Parquet I/O, shared by every stage.
 //! - [`model`]: the model runtime (GGUF loading, tokenizer, chat template, decoder, sampling).
 //! - [`serve`]: the OpenAI-compatible server that records every turn.
+//! - [`collect`]: raw events to samples: next state, feedback, sessions; log imports.
+//! - [`distill`]: hindsight hints and teacher log-probs under them.
+//! - [`train`]: LoRA/full training on candle: teacher-forced log-probs, the policy
+//!   loss, AdamW, checkpoints.
+//! - [`fsutil`]: atomic, durable file writes.
+//! - [`judge`]: rewards from feedback, tool errors and an LLM judge (PRM).
 //! - [`cmd`]: one module per subcommand; each holds its clap `Args` and `run()`.
 //! - [`ui`]: verbosity-aware logging to stderr.
 
 pub mod cmd;
+pub mod collect;
+pub mod distill;
+pub mod fsutil;
+pub mod judge;
 pub mod model;
 pub mod rollout;
 pub mod serve;
+pub mod train;
 pub mod ui;

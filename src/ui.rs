@@ -39,3 +39,33 @@ macro_rules! warn {
         if $crate::ui::verbosity() >= 0 { eprintln!("claw: warning: {}", format_args!($($arg)*)); }
     };
 }
+
+/// Peak resident memory of this process so far (Linux `VmHWM`), in bytes.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// A progress bar on stderr when it is a terminal and not `-q`; hidden otherwise
+/// (pipes, CI logs), where the per-step log lines say the same.
+pub fn progress_bar(total: Option<u64>, what: &str) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if verbosity() < 0 || !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = match total {
+        Some(n) => indicatif::ProgressBar::new(n),
+        None => indicatif::ProgressBar::new_spinner(),
+    };
+    let template = match total {
+        Some(_) => "{prefix} [{bar:30}] {pos}/{len} {msg} ({elapsed}, eta {eta})",
+        None => "{prefix} {spinner} {pos} {msg} ({elapsed})",
+    };
+    if let Ok(style) = indicatif::ProgressStyle::with_template(template) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_prefix(what.to_string());
+    bar
+}

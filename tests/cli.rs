@@ -77,7 +77,7 @@ fn usage_errors_exit_2_and_failures_exit_1() {
         claw(&["chat", "--temperature", "warm", "hi"]).status.code(),
         Some(2)
     );
-    let out = claw(&["collect"]);
+    let out = claw(&["eval"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("not built yet"), "{}", stderr(&out));
 }

@@ -33,11 +33,11 @@ enum Command {
     Chat(cmd::chat::ChatArgs),
     Inspect(cmd::inspect::InspectArgs),
     Serve(cmd::serve::ServeArgs),
-    Collect(cmd::pending::CollectArgs),
-    Judge(cmd::pending::JudgeArgs),
+    Collect(cmd::collect::CollectArgs),
+    Judge(cmd::judge::JudgeArgs),
     #[command(name = "distill-hints")]
-    DistillHints(cmd::pending::DistillHintsArgs),
-    Train(cmd::pending::TrainArgs),
+    DistillHints(cmd::distill_hints::DistillHintsArgs),
+    Train(cmd::train::TrainArgs),
     Eval(cmd::pending::EvalArgs),
 }
 
@@ -52,10 +52,10 @@ fn main() -> ExitCode {
         Command::Chat(args) => cmd::chat::run(args),
         Command::Inspect(args) => cmd::inspect::run(args),
         Command::Serve(args) => cmd::serve::run(args),
-        Command::Collect(args) => args.run(),
-        Command::Judge(args) => args.run(),
-        Command::DistillHints(args) => args.run(),
-        Command::Train(args) => args.run(),
+        Command::Collect(args) => cmd::collect::run(args),
+        Command::Judge(args) => cmd::judge::run(args),
+        Command::DistillHints(args) => cmd::distill_hints::run(args),
+        Command::Train(args) => cmd::train::run(args),
         Command::Eval(args) => args.run(),
     };
     match result {

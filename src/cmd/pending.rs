@@ -23,36 +23,6 @@ macro_rules! pending_command {
 }
 
 pending_command!(
-    CollectArgs,
-    "collect",
-    "#4",
-    "Pair each turn with its next state and feedback",
-    "Reads: raw event segments from `claw serve` (files, globs or - for stdin), or other tools' \
-     chat logs. Writes: one sample row per main turn (Parquet, -o FILE or stdout).\n\nExample:\n  claw collect claw-data/raw/*.parquet -o samples.parquet"
-);
-pending_command!(
-    JudgeArgs,
-    "judge",
-    "#4",
-    "Score turns +1/0/-1 from feedback, environment outcome or an LLM judge",
-    "Reads: samples (Parquet). Writes: the same rows with reward, judge_votes, judge_source.\n\nExample:\n  claw judge samples.parquet -o judged.parquet"
-);
-pending_command!(
-    DistillHintsArgs,
-    "distill-hints",
-    "#5",
-    "Extract hindsight hints and compute teacher log-probs under them",
-    "Reads: judged samples (Parquet). Writes: the same rows with hint and teacher_logprobs.\n\nExample:\n  claw distill-hints judged.parquet -o distilled.parquet"
-);
-pending_command!(
-    TrainArgs,
-    "train",
-    "#5",
-    "Update the model (LoRA or full) from judged or distilled samples",
-    "Reads: samples with reward and/or teacher log-probs (Parquet). Writes: adapter checkpoints \
-     and a LATEST pointer that `claw serve` hot-loads.\n\nExample:\n  claw train distilled.parquet --out claw-data/checkpoints"
-);
-pending_command!(
     EvalArgs,
     "eval",
     "#7",

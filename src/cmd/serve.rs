@@ -30,8 +30,17 @@ main|side (missing = main, or --default-turn-type), X-Session-Done: 1 on the las
 turn. Every response carries X-Session-Id and a unique id (chatcmpl-...) that
 feedback can name.
 
-Not yet: LoRA adapters and hot reload (every row has policy_version 0), continuous
-batching (--parallel generations run side by side, the rest wait in FIFO order).
+Adapters: serves the LoRA adapter DIR/checkpoints/LATEST names (as written by
+claw train) and hot-swaps each new one: loaded and checked in the background, then
+used by requests admitted after the swap; requests in flight finish on the version
+they started with, and each row's policy_version is the adapter step that produced
+it (0 = base model). A checkpoint that fails to load is logged and ignored.
+--adapter PATH serves PATH from the start (and still follows later LATEST changes
+unless --no-reload). The version is in /healthz, /metrics (claw_policy_version),
+/v1/models, the X-Claw-Policy-Version response header and system_fingerprint.
+
+Not yet: continuous batching (--parallel generations run side by side, the rest
+wait in FIFO order).
 
 Example:
   claw serve --model models/SmolLM2-135M-Instruct.Q4_1.gguf --dir ./claw-data
@@ -75,6 +84,10 @@ pub struct ServeArgs {
     /// Largest request body in bytes (larger gets 413).
     #[arg(long, default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,
+    /// Most messages in one chat request (more gets 400). Prompts are also bounded
+    /// by the model's context length.
+    #[arg(long, default_value_t = 2048)]
+    pub max_messages: usize,
     /// Chat requests admitted at once, generating or waiting (more get 429 + Retry-After).
     #[arg(long, default_value_t = 16)]
     pub queue: usize,
@@ -87,6 +100,24 @@ pub struct ServeArgs {
     /// CPU threads for the model (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// LoRA adapter (adapter-NNNNNN.safetensors + its .json, or a PEFT adapter) to
+    /// serve from the start; its claw_step is the policy version.
+    #[arg(long, value_name = "PATH")]
+    pub adapter: Option<PathBuf>,
+    /// Do not follow DIR/checkpoints/LATEST: serve the base model (or --adapter) only.
+    #[arg(long)]
+    pub no_reload: bool,
+    /// How often to look at DIR/checkpoints/LATEST besides filesystem
+    /// notifications (which network filesystems do not deliver).
+    #[arg(long, default_value_t = 1000, value_name = "MS")]
+    pub reload_poll_ms: u64,
+    /// Close a recorded segment after this many rows...
+    #[arg(long, default_value_t = crate::rollout::DEFAULT_SEGMENT_ROWS)]
+    pub segment_rows: usize,
+    /// ...or this many milliseconds after its first row (a kill -9 loses at most
+    /// the open segment).
+    #[arg(long, default_value_t = crate::rollout::DEFAULT_SEGMENT_AGE.as_millis() as u64, value_name = "MS")]
+    pub segment_age_ms: u64,
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
@@ -107,8 +138,14 @@ pub fn run(args: ServeArgs) -> Result<()> {
         default_turn_type: args.default_turn_type,
         max_tokens_limit: args.max_tokens_limit,
         max_body_bytes: args.max_body_bytes,
+        max_messages: args.max_messages,
         queue: args.queue,
         parallel: args.parallel,
         session_timeout: Duration::from_secs(args.session_timeout.saturating_mul(60)),
+        adapter: args.adapter,
+        reload: !args.no_reload,
+        reload_poll: Duration::from_millis(args.reload_poll_ms),
+        segment_rows: args.segment_rows,
+        segment_age: Duration::from_millis(args.segment_age_ms),
     })
 }

@@ -293,9 +293,23 @@ pub struct Decoder {
     blocks: Vec<Block>,
     final_norm: RmsNorm,
     head: Linear,
+    /// The LM head reuses the embedding table (SmolLM2); full fine-tuning must
+    /// then train one tensor, not two copies.
+    tied_head: bool,
     rope: Rope,
     device: Device,
 }
+
+/// The Hugging Face names of the block linears LoRA can target, in block order.
+pub const LINEAR_NAMES: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
 
 impl Decoder {
     /// Loads quantized weights from a GGUF file (llama or qwen2 tensor names).
@@ -338,7 +352,8 @@ impl Decoder {
         }
         let final_norm = gguf.norm("output_norm", cfg.rms_norm_eps)?;
         // Untied models carry output.weight; tied ones reuse the embedding table.
-        let head = if content.tensor_infos.contains_key("output.weight") {
+        let tied_head = !content.tensor_infos.contains_key("output.weight");
+        let head = if !tied_head {
             gguf.linear("output", false)?
         } else {
             Linear::quantized(token_embd, None)?
@@ -354,6 +369,7 @@ impl Decoder {
             blocks,
             final_norm,
             head,
+            tied_head,
             rope: Rope::new(cfg, layout, device)?,
             device: device.clone(),
         })
@@ -426,6 +442,221 @@ impl Decoder {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    pub fn rope_layout(&self) -> RopeLayout {
+        self.rope.layout
+    }
+
+    pub fn with_kernels(mut self, kernels: Kernels) -> Self {
+        self.kernels = kernels;
+        self
+    }
+
+    /// The Hugging Face module path of block `layer`'s linear `name` (one of
+    /// [`LINEAR_NAMES`]), e.g. `model.layers.3.self_attn.q_proj`: the names PEFT
+    /// adapters use.
+    pub fn module_path(layer: usize, name: &str) -> String {
+        let group = match name {
+            "q_proj" | "k_proj" | "v_proj" | "o_proj" => "self_attn",
+            _ => "mlp",
+        };
+        format!("model.layers.{layer}.{group}.{name}")
+    }
+
+    /// Block `layer`'s linear `name` (one of [`LINEAR_NAMES`]).
+    pub fn linear(&self, layer: usize, name: &str) -> Option<&Linear> {
+        let block = self.blocks.get(layer)?;
+        Some(match name {
+            "q_proj" => &block.attn.q,
+            "k_proj" => &block.attn.k,
+            "v_proj" => &block.attn.v,
+            "o_proj" => &block.attn.o,
+            "gate_proj" => &block.mlp.gate,
+            "up_proj" => &block.mlp.up,
+            "down_proj" => &block.mlp.down,
+            _ => return None,
+        })
+    }
+
+    fn linear_mut(&mut self, layer: usize, name: &str) -> Option<&mut Linear> {
+        let block = self.blocks.get_mut(layer)?;
+        Some(match name {
+            "q_proj" => &mut block.attn.q,
+            "k_proj" => &mut block.attn.k,
+            "v_proj" => &mut block.attn.v,
+            "o_proj" => &mut block.attn.o,
+            "gate_proj" => &mut block.mlp.gate,
+            "up_proj" => &mut block.mlp.up,
+            "down_proj" => &mut block.mlp.down,
+            _ => return None,
+        })
+    }
+
+    /// A copy with `lora` set on block `layer`'s linear `name` (None removes it).
+    /// Cheap: tensors are shared, only handles are copied.
+    pub fn set_lora(
+        &mut self,
+        layer: usize,
+        name: &str,
+        lora: Option<super::linear::LoraDelta>,
+    ) -> Result<()> {
+        let linear = self
+            .linear_mut(layer, name)
+            .with_context(|| format!("the model has no linear {name} in layer {layer}"))?;
+        linear.lora = lora;
+        Ok(())
+    }
+
+    /// A copy with every LoRA delta removed: the reference policy.
+    pub fn without_lora(&self) -> Self {
+        let mut out = self.clone();
+        for layer in 0..out.blocks.len() {
+            for name in LINEAR_NAMES {
+                if let Some(l) = out.linear_mut(layer, name) {
+                    l.lora = None;
+                }
+            }
+        }
+        out
+    }
+
+    /// A copy in the Hugging Face layout: Q/K rows un-permuted (llama-arch GGUFs
+    /// store them permuted for interleaved RoPE) and RoPE on (i, i + d/2) pairs. Same
+    /// function, but weights and LoRA deltas then line up with HF/PEFT checkpoints.
+    /// Needs float weights.
+    pub fn to_hf_layout(&self) -> Result<Self> {
+        if self.rope.layout == RopeLayout::Halves {
+            return Ok(self.clone());
+        }
+        let mut out = self.clone();
+        let (heads, kv_heads) = (self.config.num_heads, self.config.num_kv_heads);
+        for block in &mut out.blocks {
+            for (linear, n) in [(&mut block.attn.q, heads), (&mut block.attn.k, kv_heads)] {
+                let super::linear::Weight::Float(w) = &linear.weight else {
+                    anyhow::bail!("to_hf_layout needs float weights (call to_float first)");
+                };
+                linear.weight = super::linear::Weight::Float(interleaved_to_halves(w, n)?);
+                if let Some(b) = &linear.bias {
+                    linear.bias = Some(interleaved_to_halves(&b.unsqueeze(1)?, n)?.squeeze(1)?);
+                }
+                if let Some(lora) = &mut linear.lora {
+                    lora.b = interleaved_to_halves(&lora.b, n)?;
+                }
+            }
+            block.attn.qkv = None;
+        }
+        out.rope.layout = RopeLayout::Halves;
+        Ok(out)
+    }
+
+    /// Every float parameter with its Hugging Face name, for full fine-tuning
+    /// and checkpoints (`model.embed_tokens.weight`, `model.layers.N.…`,
+    /// `model.norm.weight`, `lm_head.weight` when untied).
+    pub fn parameters(&self) -> Result<Vec<(String, Tensor)>> {
+        let float = |l: &Linear| -> Result<Tensor> {
+            match &l.weight {
+                super::linear::Weight::Float(w) => Ok(w.clone()),
+                _ => anyhow::bail!("parameters() needs float weights (call to_float first)"),
+            }
+        };
+        let mut out = vec![(
+            "model.embed_tokens.weight".to_string(),
+            self.embedding.clone(),
+        )];
+        for (i, block) in self.blocks.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            out.push((
+                format!("{p}.input_layernorm.weight"),
+                block.attn_norm.weight.clone(),
+            ));
+            out.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                block.mlp_norm.weight.clone(),
+            ));
+            for name in LINEAR_NAMES {
+                let linear = self.linear(i, name).context("linear")?;
+                let path = Self::module_path(i, name);
+                out.push((format!("{path}.weight"), float(linear)?));
+                if let Some(b) = &linear.bias {
+                    out.push((format!("{path}.bias"), b.clone()));
+                }
+            }
+        }
+        out.push((
+            "model.norm.weight".to_string(),
+            self.final_norm.weight.clone(),
+        ));
+        if !self.tied_head {
+            out.push(("lm_head.weight".to_string(), float(&self.head)?));
+        }
+        Ok(out)
+    }
+
+    /// A copy whose parameters are replaced by `f(name, tensor)` (names as in
+    /// [`parameters`](Self::parameters)); with a tied head, the head follows the
+    /// embedding. Used to make every weight a trainable `Var`, and to load a
+    /// fully fine-tuned checkpoint.
+    pub fn map_parameters(
+        &self,
+        mut f: impl FnMut(&str, &Tensor) -> Result<Tensor>,
+    ) -> Result<Self> {
+        let mut out = self.clone();
+        let mut replaced = std::collections::HashMap::new();
+        for (name, tensor) in self.parameters()? {
+            replaced.insert(name.clone(), f(&name, &tensor)?);
+        }
+        let has_bias: std::collections::HashSet<String> = replaced
+            .keys()
+            .filter(|k| k.ends_with(".bias"))
+            .cloned()
+            .collect();
+        let mut take = |name: &str| -> Result<Tensor> {
+            replaced
+                .remove(name)
+                .with_context(|| format!("parameter {name} missing"))
+        };
+        out.embedding = take("model.embed_tokens.weight")?;
+        for i in 0..out.blocks.len() {
+            let p = format!("model.layers.{i}");
+            let eps = out.blocks[i].attn_norm.eps;
+            out.blocks[i].attn_norm =
+                RmsNorm::new(take(&format!("{p}.input_layernorm.weight"))?, eps)?;
+            out.blocks[i].mlp_norm =
+                RmsNorm::new(take(&format!("{p}.post_attention_layernorm.weight"))?, eps)?;
+            for name in LINEAR_NAMES {
+                let path = Self::module_path(i, name);
+                let weight = take(&format!("{path}.weight"))?;
+                let bias = match has_bias.contains(&format!("{path}.bias")) {
+                    true => Some(take(&format!("{path}.bias"))?),
+                    false => None,
+                };
+                let linear = out.linear_mut(i, name).context("linear")?;
+                linear.weight = super::linear::Weight::Float(weight);
+                linear.bias = bias;
+            }
+            out.blocks[i].attn.qkv = None;
+            out.blocks[i].mlp.gate_up = None;
+        }
+        let eps = out.final_norm.eps;
+        out.final_norm = RmsNorm::new(take("model.norm.weight")?, eps)?;
+        out.head.weight = super::linear::Weight::Float(match self.tied_head {
+            true => out.embedding.clone(),
+            false => take("lm_head.weight")?,
+        });
+        Ok(out)
+    }
+
+    /// Final-norm hidden states of a batch of whole sequences, (batch, seq,
+    /// hidden), with no cache. Scoring applies the LM head only where it needs
+    /// log-probs (the response), which is most of the saving on a 49k vocabulary.
+    pub fn hidden_sequences(&self, ids: &Tensor) -> Result<Tensor> {
+        self.hidden_states(ids, None)
+    }
+
+    /// The LM head (hidden → vocabulary logits).
+    pub fn head(&self) -> &Linear {
+        &self.head
     }
 
     /// Runs `ids` (batch, seq) after the positions already in `cache` and returns the
@@ -516,8 +747,11 @@ impl Decoder {
             let (mut q, mut k, v) = match &a.qkv {
                 Some(fused) => {
                     let mut qkv = fused.forward_vec(&h)?;
-                    let v = qkv.split_off((heads + kv_heads) * dim);
-                    let k = qkv.split_off(heads * dim);
+                    let mut v = qkv.split_off((heads + kv_heads) * dim);
+                    let mut k = qkv.split_off(heads * dim);
+                    a.q.add_lora_vec(&h, &mut qkv)?;
+                    a.k.add_lora_vec(&h, &mut k)?;
+                    a.v.add_lora_vec(&h, &mut v)?;
                     (qkv, k, v)
                 }
                 None => (
@@ -540,7 +774,9 @@ impl Decoder {
             let (gate, up) = match &m.gate_up {
                 Some(fused) => {
                     let mut gu = fused.forward_vec(&h)?;
-                    let up = gu.split_off(cfg.intermediate_size);
+                    let mut up = gu.split_off(cfg.intermediate_size);
+                    m.gate.add_lora_vec(&h, &mut gu)?;
+                    m.up.add_lora_vec(&h, &mut up)?;
                     (gu, up)
                 }
                 None => (m.gate.forward_vec(&h)?, m.up.forward_vec(&h)?),
@@ -626,6 +862,27 @@ impl Decoder {
             .reshape((batch, seq, heads * dim))?;
         Ok(attn.o.forward(&y)?)
     }
+}
+
+/// Reorders the rows of a Q or K weight (out, in) from the interleaved RoPE layout
+/// of llama-arch GGUFs to the Hugging Face layout: per head, (d/2, 2) → (2, d/2).
+pub fn interleaved_to_halves(w: &Tensor, heads: usize) -> Result<Tensor> {
+    let (out, cols) = w.dims2()?;
+    let dim = out / heads;
+    Ok(w.reshape((heads, dim / 2, 2, cols))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((out, cols))?)
+}
+
+/// The inverse of [`interleaved_to_halves`]: HF rows to the GGUF layout.
+pub fn halves_to_interleaved(w: &Tensor, heads: usize) -> Result<Tensor> {
+    let (out, cols) = w.dims2()?;
+    let dim = out / heads;
+    Ok(w.reshape((heads, 2, dim / 2, cols))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((out, cols))?)
 }
 
 /// Reads named tensors out of a GGUF file.

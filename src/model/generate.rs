@@ -7,7 +7,7 @@ use anyhow::Result;
 use candle_core::Tensor;
 use serde::Serialize;
 
-use super::decoder::KvCache;
+use super::decoder::{Decoder, KvCache};
 use super::sampling::{Sampler, SamplingParams};
 use super::tokenizer::StreamDecoder;
 use super::Model;
@@ -85,6 +85,19 @@ impl Model {
         &self,
         prompt_ids: &[u32],
         params: &SamplingParams,
+        on_text: impl FnMut(&str) -> Flow,
+    ) -> Result<Generation> {
+        self.generate_with(&self.decoder, prompt_ids, params, on_text)
+    }
+
+    /// [`generate`](Self::generate) with another decoder for this model's
+    /// tokenizer and config: `claw serve` passes the decoder of the policy it
+    /// serves (the base decoder with a LoRA adapter on).
+    pub fn generate_with(
+        &self,
+        decoder: &Decoder,
+        prompt_ids: &[u32],
+        params: &SamplingParams,
         mut on_text: impl FnMut(&str) -> Flow,
     ) -> Result<Generation> {
         params.validate()?;
@@ -116,7 +129,7 @@ impl Model {
         let mut logits = None;
         for chunk in prompt_ids.chunks(PREFILL_CHUNK) {
             let ids = Tensor::new(chunk, &self.device)?.unsqueeze(0)?;
-            logits = Some(self.decoder.forward_last(&ids, &mut cache)?);
+            logits = Some(decoder.forward_last(&ids, &mut cache)?);
         }
         let mut logits: Vec<f32> = match logits {
             Some(l) => l.squeeze(0)?.to_vec1()?,
@@ -159,8 +172,7 @@ impl Model {
                 break;
             }
             let ids = Tensor::new(&[sampled.token], &self.device)?.unsqueeze(0)?;
-            logits = self
-                .decoder
+            logits = decoder
                 .forward_last(&ids, &mut cache)?
                 .squeeze(0)?
                 .to_vec1()?;

@@ -31,6 +31,79 @@ pub enum Weight {
 pub struct Linear {
     pub weight: Weight,
     pub bias: Option<Tensor>,
+    /// A low-rank delta added to the output: y = Wx + b + scale·B(Ax).
+    pub lora: Option<LoraDelta>,
+}
+
+/// The LoRA update of one linear layer. `a` is (rank, in), `b` is (out, rank). In
+/// training they are views of candle `Var`s, so gradients reach them through the
+/// tensor path; serving also keeps plain copies for the one-token decode step.
+#[derive(Debug, Clone)]
+pub struct LoraDelta {
+    pub a: Tensor,
+    pub b: Tensor,
+    pub scale: f64,
+    vectors: Option<Arc<(Vec<f32>, Vec<f32>)>>,
+}
+
+impl LoraDelta {
+    /// A delta for the tensor path (training).
+    pub fn new(a: Tensor, b: Tensor, scale: f64) -> Result<Self> {
+        let (rank, _) = a.dims2()?;
+        let (_, rank_b) = b.dims2()?;
+        if rank != rank_b {
+            candle_core::bail!("LoRA A has rank {rank} but B has rank {rank_b}");
+        }
+        Ok(Self {
+            a,
+            b,
+            scale,
+            vectors: None,
+        })
+    }
+
+    /// A delta that also keeps plain-vector copies, for the serving decode step.
+    pub fn for_serving(a: Tensor, b: Tensor, scale: f64) -> Result<Self> {
+        let mut delta = Self::new(a.detach(), b.detach(), scale)?;
+        let vectors = (
+            delta.a.flatten_all()?.to_vec1()?,
+            delta.b.flatten_all()?.to_vec1()?,
+        );
+        delta.vectors = Some(Arc::new(vectors));
+        Ok(delta)
+    }
+
+    pub fn rank(&self) -> usize {
+        self.a.dim(0).unwrap_or(0)
+    }
+
+    /// scale·B(Ax) for a batch of rows `x` (..., in).
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let down = matmul_rows(x, &self.a)?;
+        matmul_rows(&down, &self.b)? * self.scale
+    }
+
+    /// Adds scale·B(Ax) to `y` for one input vector.
+    fn add_to_vec(&self, x: &[f32], y: &mut [f32]) -> Result<()> {
+        let Some(vectors) = &self.vectors else {
+            let t = Tensor::from_slice(x, (1, x.len()), &candle_core::Device::Cpu)?;
+            let delta: Vec<f32> = self.forward(&t)?.flatten_all()?.to_vec1()?;
+            for (v, d) in y.iter_mut().zip(delta) {
+                *v += d;
+            }
+            return Ok(());
+        };
+        let (a, b) = vectors.as_ref();
+        let rank = self.rank();
+        let down: Vec<f32> = a
+            .chunks_exact(x.len())
+            .map(|row| super::kernels::dot_f32(row, x) * self.scale as f32)
+            .collect();
+        for (v, row) in y.iter_mut().zip(b.chunks_exact(rank)) {
+            *v += super::kernels::dot_f32(row, &down);
+        }
+        Ok(())
+    }
 }
 
 impl Linear {
@@ -40,6 +113,7 @@ impl Linear {
         Ok(Self {
             weight: Weight::Quantized(qtensor, matmul),
             bias,
+            lora: None,
         })
     }
 
@@ -47,6 +121,7 @@ impl Linear {
         Self {
             weight: Weight::Float(weight),
             bias,
+            lora: None,
         }
     }
 
@@ -59,7 +134,10 @@ impl Linear {
             }
             Weight::Float(w) => w.clone(),
         };
-        Ok(Self::float(weight, self.bias.clone()))
+        Ok(Self {
+            lora: self.lora.clone(),
+            ..Self::float(weight, self.bias.clone())
+        })
     }
 
     /// The same layer multiplied by our exact block kernel, when its GGUF format
@@ -79,6 +157,7 @@ impl Linear {
         Ok(Self {
             weight: Weight::Packed(q.clone(), Arc::new(packed)),
             bias: self.bias.clone(),
+            lora: self.lora.clone(),
         })
     }
 
@@ -98,7 +177,10 @@ impl Linear {
         if dtype == GgmlDType::F32 {
             return Ok(float);
         }
-        Self::quantized(QTensor::quantize(w, dtype)?, self.bias.clone())
+        Ok(Self {
+            lora: self.lora.clone(),
+            ..Self::quantized(QTensor::quantize(w, dtype)?, self.bias.clone())?
+        })
     }
 
     /// The same layer multiplied by candle's quantized matmul (undoes `to_packed`).
@@ -107,6 +189,7 @@ impl Linear {
             Weight::Packed(q, _) => Ok(Self {
                 weight: Weight::Quantized(q.clone(), QMatMul::from_arc(q.clone())?),
                 bias: self.bias.clone(),
+                lora: self.lora.clone(),
             }),
             _ => Ok(self.clone()),
         }
@@ -137,9 +220,11 @@ impl Linear {
         };
         // The QTensor handle is kept only for dequantizing; the fused layer is used
         // for inference and never converted back.
+        // The fused layer carries no LoRA: `forward_many` adds each part's own delta.
         Some(Self {
             weight: Weight::Packed(q.clone(), Arc::new(fused)),
             bias,
+            lora: None,
         })
     }
 
@@ -151,10 +236,24 @@ impl Linear {
         }
     }
 
-    fn add_bias(&self, y: Tensor) -> Result<Tensor> {
-        match &self.bias {
-            Some(b) => y.broadcast_add(b),
+    /// Adds the bias and the LoRA delta to the base product `y` of input `x`.
+    fn finish(&self, x: &Tensor, y: Tensor) -> Result<Tensor> {
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        match &self.lora {
+            Some(lora) => y + lora.forward(x)?,
             None => Ok(y),
+        }
+    }
+
+    /// Adds the LoRA delta of input vector `x` to the output slice `y` (for the
+    /// decode step, where fused layers are split by hand).
+    pub fn add_lora_vec(&self, x: &[f32], y: &mut [f32]) -> Result<()> {
+        match &self.lora {
+            Some(lora) => lora.add_to_vec(x, y),
+            None => Ok(()),
         }
     }
 
@@ -173,7 +272,11 @@ impl Linear {
             let mut outs = Vec::with_capacity(layers.len());
             for l in layers {
                 let width = l.out_dim()?;
-                outs.push(y.narrow(candle_core::D::Minus1, start, width)?);
+                let part = y.narrow(candle_core::D::Minus1, start, width)?;
+                outs.push(match &l.lora {
+                    Some(lora) => (part + lora.forward(x)?)?,
+                    None => part,
+                });
                 start += width;
             }
             return Ok(outs);
@@ -193,7 +296,7 @@ impl Linear {
                     return layers
                         .iter()
                         .zip(outs)
-                        .map(|(l, y)| l.add_bias(y))
+                        .map(|(l, y)| l.finish(x, y))
                         .collect();
                 }
             }
@@ -218,7 +321,69 @@ impl Linear {
                 *v += b;
             }
         }
+        self.add_lora_vec(x, &mut y)?;
         Ok(y)
+    }
+}
+
+/// `x` (..., in) times `w` (out, in) transposed, as one 2-D GEMM over all rows:
+/// one large multiplication parallelises (and differentiates) better than a
+/// batch of small ones.
+fn matmul_rows(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let dims = x.dims();
+    if dims.len() == 2 {
+        return x.matmul(&w.t()?);
+    }
+    let inner = dims[dims.len() - 1];
+    let rows = x.elem_count() / inner.max(1);
+    let y = x.reshape((rows, inner))?.matmul(&w.t()?)?;
+    let mut out_dims = dims.to_vec();
+    *out_dims.last_mut().expect("rank >= 1") = w.dim(0)?;
+    y.reshape(out_dims)
+}
+
+/// y = x·Wᵀ for a frozen W, differentiable in x only. candle's matmul backward
+/// always computes the gradient of both operands; for a frozen weight that is a
+/// wasted GEMM per linear plus a weight-sized buffer per step (with LoRA on
+/// SmolLM2 it was about half the backward time). This op's backward is just
+/// grad_x = grad_y·W.
+struct FrozenMatmul {
+    /// (out, in).
+    w: Tensor,
+}
+
+impl candle_core::CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let candle_core::CpuStorage::F32(data) = storage else {
+            candle_core::bail!("frozen-matmul: f32 inputs only");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("frozen-matmul: the input must be contiguous");
+        };
+        let dims = layout.shape().dims();
+        let x = Tensor::from_slice(&data[start..end], dims, &candle_core::Device::Cpu)?;
+        let y = matmul_rows(&x, &self.w)?;
+        let shape = y.shape().clone();
+        let out = y.flatten_all()?.to_vec1::<f32>()?;
+        Ok((candle_core::CpuStorage::F32(out), shape))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let dims = grad_res.dims();
+        let out = dims[dims.len() - 1];
+        let rows = grad_res.elem_count() / out.max(1);
+        let grad = grad_res.reshape((rows, out))?.matmul(&self.w)?;
+        let mut in_dims = dims.to_vec();
+        *in_dims.last_mut().expect("rank >= 1") = self.w.dim(1)?;
+        Ok(Some(grad.reshape(in_dims)?))
     }
 }
 
@@ -232,15 +397,19 @@ impl Module for Linear {
                 let m = x.elem_count() / k.max(1);
                 if m >= DENSE_GEMM_MIN_ROWS {
                     let w = Tensor::from_vec(packed.to_dense(), (packed.rows(), k), x.device())?;
-                    return self.add_bias(x.broadcast_matmul(&w.t()?)?);
+                    return self.finish(x, x.broadcast_matmul(&w.t()?)?);
                 }
                 let input: Vec<f32> = x.flatten_all()?.to_vec1()?;
                 let mut out_dims = dims.to_vec();
                 *out_dims.last_mut().expect("rank >= 1") = packed.rows();
                 Tensor::from_vec(packed.matmul(&input, m), out_dims, x.device())?
             }
-            Weight::Float(w) => x.broadcast_matmul(&w.t()?)?,
+            // In training a frozen weight needs no gradient of its own.
+            Weight::Float(w) if x.track_op() && !w.track_op() => {
+                x.contiguous()?.apply_op1(FrozenMatmul { w: w.clone() })?
+            }
+            Weight::Float(w) => matmul_rows(x, w)?,
         };
-        self.add_bias(y)
+        self.finish(x, y)
     }
 }

@@ -19,7 +19,7 @@ pub use read::{
 };
 pub use row::{rows_from_batch, rows_to_batch, RolloutRow};
 pub use schema::{
-    column, normalize_batch, schema, type_name, validate_schema, Column, ColumnType, COLUMNS,
+    column, normalize_batch, schema, set_columns, type_name, validate_schema, Column, ColumnType, COLUMNS,
     CREATED_AT_TZ, SCHEMA_TAG, SCHEMA_TAG_KEY,
 };
 pub use segment::{

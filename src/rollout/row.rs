@@ -5,9 +5,9 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, Context, Result};
 use arrow::array::{
-    Array, ArrayRef, AsArray, Float32Array, Float32Builder, GenericListArray, Int32Array,
-    Int32Builder, Int64Array, Int8Array, ListArray, ListBuilder, RecordBatch, StringArray,
-    TimestampMillisecondArray,
+    Array, ArrayRef, AsArray, BooleanArray, Float32Array, Float32Builder, GenericListArray,
+    Int32Array, Int32Builder, Int64Array, Int8Array, ListArray, ListBuilder, RecordBatch,
+    StringArray, TimestampMillisecondArray,
 };
 use arrow::datatypes::{
     ArrowPrimitiveType, Float32Type, Int32Type, Int64Type, Int8Type, TimestampMillisecondType,
@@ -25,6 +25,8 @@ pub struct RolloutRow {
     pub session_id: String,
     pub turn: Option<i32>,
     pub turn_type: String,
+    /// The request said the session ends with it (`None`: not recorded).
+    pub session_done: Option<bool>,
     /// Milliseconds since the Unix epoch, UTC.
     pub created_at: i64,
     pub model: String,
@@ -115,6 +117,11 @@ pub fn rows_to_batch(rows: &[RolloutRow]) -> Result<RecordBatch> {
         strs(rows, |r| &r.turn_type),
         Arc::new(
             rows.iter()
+                .map(|r| r.session_done)
+                .collect::<BooleanArray>(),
+        ),
+        Arc::new(
+            rows.iter()
                 .map(|r| Some(r.created_at))
                 .collect::<TimestampMillisecondArray>()
                 .with_timezone(CREATED_AT_TZ),
@@ -179,6 +186,14 @@ pub(crate) fn rows_from_batch_at(
     f.string("session_id", &mut rows, |r, v| r.session_id = v)?;
     f.prim::<Int32Type>("turn", &mut rows, |r, v| r.turn = Some(v))?;
     f.string("turn_type", &mut rows, |r, v| r.turn_type = v)?;
+    if let Some(a) = batch.column_by_name("session_done") {
+        let a = a.as_boolean();
+        for (i, row) in rows.iter_mut().enumerate() {
+            if a.is_valid(i) {
+                row.session_done = Some(a.value(i));
+            }
+        }
+    }
     f.prim::<TimestampMillisecondType>("created_at", &mut rows, |r, v| r.created_at = v)?;
     f.string("model", &mut rows, |r, v| r.model = v)?;
     f.prim::<Int64Type>("policy_version", &mut rows, |r, v| r.policy_version = v)?;

@@ -30,6 +30,7 @@ pub const CREATED_AT_TZ: &str = "UTC";
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ColumnType {
     Utf8,
+    Bool,
     Int8,
     Int32,
     Int64,
@@ -48,6 +49,7 @@ impl ColumnType {
     pub fn data_type(self) -> DataType {
         match self {
             ColumnType::Utf8 => DataType::Utf8,
+            ColumnType::Bool => DataType::Boolean,
             ColumnType::Int8 => DataType::Int8,
             ColumnType::Int32 => DataType::Int32,
             ColumnType::Int64 => DataType::Int64,
@@ -71,6 +73,7 @@ impl ColumnType {
     pub fn accepts(self, found: &DataType) -> bool {
         match self {
             ColumnType::Utf8 => is_string(found),
+            ColumnType::Bool => *found == DataType::Boolean,
             ColumnType::Int8 | ColumnType::Int32 | ColumnType::Int64 => found.is_integer(),
             ColumnType::Float32 => found.is_floating(),
             ColumnType::TimestampMs => matches!(found, DataType::Timestamp(_, _)),
@@ -123,6 +126,9 @@ pub const COLUMNS: &[Column] = &[
     col("session_id", T::Utf8, true, "serve"),
     col("turn", T::Int32, false, "collect"),
     col("turn_type", T::Utf8, true, "serve"),
+    // X-Session-Done / session_done of the request (null where unknown): collect
+    // ends the session there instead of waiting for --session-timeout.
+    col("session_done", T::Bool, false, "serve"),
     col("created_at", T::TimestampMs, true, "serve"),
     col("model", T::Utf8, true, "serve"),
     col("policy_version", T::Int64, true, "serve"),
@@ -289,6 +295,54 @@ pub(crate) fn normalize_batch_at(
     let options = RecordBatchOptions::new().with_row_count(Some(batch.num_rows()));
     RecordBatch::try_new_with_options(new_schema, columns, &options)
         .with_context(|| format!("{source}: rebuilding batch with canonical column types"))
+}
+
+/// `batch` with the claw columns in `replacements` replaced (keeping each
+/// field's metadata), or inserted at their place in the [`COLUMNS`] order when
+/// missing. Every other column, unknown ones included, passes through untouched:
+/// this is how a stage writes only the columns it owns.
+pub fn set_columns(batch: &RecordBatch, replacements: &[(&str, ArrayRef)]) -> Result<RecordBatch> {
+    let schema = batch.schema();
+    let mut fields: Vec<FieldRef> = schema.fields().iter().cloned().collect();
+    let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
+    for (name, array) in replacements {
+        let spec = column(name).with_context(|| format!("{name} is not a claw column"))?;
+        anyhow::ensure!(
+            array.len() == batch.num_rows(),
+            "column {name}: {} values for {} rows",
+            array.len(),
+            batch.num_rows()
+        );
+        let field = Field::new(*name, spec.ty.data_type(), true);
+        if let Some(k) = fields.iter().position(|f| f.name() == name) {
+            fields[k] = Arc::new(field.with_metadata(fields[k].metadata().clone()));
+            columns[k] = array.clone();
+            continue;
+        }
+        let k = insert_position(&fields, name);
+        fields.insert(k, Arc::new(field));
+        columns.insert(k, array.clone());
+    }
+    let out = Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone()));
+    RecordBatch::try_new(out, columns).context("replacing columns")
+}
+
+/// Where a missing claw column goes: before the first claw column that follows it
+/// in [`COLUMNS`] order, else right after the last claw column (so unknown
+/// columns at the end stay at the end).
+fn insert_position(fields: &[FieldRef], name: &str) -> usize {
+    let rank = |n: &str| COLUMNS.iter().position(|c| c.name == n);
+    let me = rank(name).unwrap_or(usize::MAX);
+    if let Some(k) = fields
+        .iter()
+        .position(|f| rank(f.name()).is_some_and(|r| r > me))
+    {
+        return k;
+    }
+    fields
+        .iter()
+        .rposition(|f| rank(f.name()).is_some())
+        .map_or(fields.len(), |k| k + 1)
 }
 
 fn convert(array: &ArrayRef, ty: ColumnType, want: &DataType) -> Result<ArrayRef> {

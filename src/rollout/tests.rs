@@ -45,6 +45,7 @@ fn tricky_rows() -> Vec<RolloutRow> {
     a.response_text = "héllo wörld — 你好 🦀 \u{0} tab\t".into();
     a.tools_json = Some("[]".into());
     a.feedback = Some(-1);
+    a.session_done = Some(true);
     a.feedback_text = Some("".into());
     a.judge_votes = Some(vec![]);
     a.teacher_topk_ids = Some(vec![]);
@@ -76,7 +77,7 @@ fn write_file(path: &std::path::Path, rows: &[RolloutRow]) {
 #[test]
 fn schema_has_every_design_column() {
     let s = schema();
-    assert_eq!(s.fields().len(), 31);
+    assert_eq!(s.fields().len(), 32);
     assert_eq!(
         s.metadata().get(SCHEMA_TAG_KEY).map(String::as_str),
         Some(SCHEMA_TAG)
@@ -109,6 +110,7 @@ fn schema_has_every_design_column() {
     let ty = |n: &str| type_name(s.field_with_name(n).unwrap().data_type());
     assert_eq!(ty("created_at"), "timestamp(ms, UTC)");
     assert_eq!(ty("turn"), "int32");
+    assert_eq!(ty("session_done"), "bool");
     assert_eq!(ty("feedback"), "int8");
     assert_eq!(ty("reward"), "float32");
     assert_eq!(ty("judge_votes"), "list<int8>");

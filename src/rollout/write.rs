@@ -10,7 +10,7 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Context, Result};
 use arrow::array::RecordBatch;
 use arrow::datatypes::{Field, FieldRef, Schema, SchemaRef};
-use parquet::arrow::ArrowWriter;
+use parquet::arrow::{ArrowSchemaConverter, ArrowWriter};
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
@@ -19,11 +19,26 @@ use super::row::{rows_to_batch, RolloutRow};
 use super::schema::{
     column, normalize_batch, schema, type_name, validate_schema, SCHEMA_TAG, SCHEMA_TAG_KEY,
 };
+use crate::fsutil::sync_parent_dir;
 
 /// Rows per Parquet row group at most. Readers hold a row group's column chunks
 /// in memory, so groups stay bounded in rows and in bytes.
 const MAX_ROW_GROUP_ROWS: usize = 64 * 1024;
 const MAX_ROW_GROUP_BYTES: usize = 64 * 1024 * 1024;
+
+/// Text columns written without dictionary encoding (nearly every value is
+/// distinct); list columns never use it either.
+const NO_DICTIONARY: [&str; 9] = [
+    "messages_json",
+    "tools_json",
+    "prompt_text",
+    "response_text",
+    "tool_calls_json",
+    "next_state_text",
+    "judge_raw",
+    "hint",
+    "hint_candidates_json",
+];
 
 enum Target {
     /// Written to `tmp`, renamed to `path` by `finish`.
@@ -175,15 +190,28 @@ impl RolloutWriter {
             .sink
             .take()
             .ok_or_else(|| anyhow!("{name}: writer already closed"))?;
-        let props = WriterProperties::builder()
+        let mut props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(ZstdLevel::default()))
             .set_max_row_group_row_count(Some(MAX_ROW_GROUP_ROWS))
             .set_max_row_group_bytes(Some(MAX_ROW_GROUP_BYTES))
             .set_key_value_metadata(Some(vec![KeyValue::new(
                 SCHEMA_TAG_KEY.to_string(),
                 SCHEMA_TAG.to_string(),
-            )]))
-            .build();
+            )]));
+        // Dictionary encoding hashes every value: for token ids, log-probs and long
+        // texts that halves write throughput for a few % of file size (zstd finds
+        // the repeats anyway). Short repetitive columns (session_id, model, ...)
+        // keep it. Measured in BENCHMARKS.md (claw collect).
+        let leaves = ArrowSchemaConverter::new()
+            .convert(&schema)
+            .with_context(|| format!("{name}: converting the schema to Parquet"))?;
+        for leaf in leaves.columns() {
+            let root = leaf.path().parts().first().map(String::as_str);
+            if leaf.max_rep_level() > 0 || root.is_some_and(|r| NO_DICTIONARY.contains(&r)) {
+                props = props.set_column_dictionary_enabled(leaf.path().clone(), false);
+            }
+        }
+        let props = props.build();
         let writer = ArrowWriter::try_new(sink, schema.clone(), Some(props))
             .with_context(|| format!("{name}: starting the Parquet writer"))?;
         self.writer = Some(writer);
@@ -231,17 +259,6 @@ impl Drop for RolloutWriter {
             let _ = std::fs::remove_file(tmp);
         }
     }
-}
-
-/// Makes a rename durable: the directory entry lives in the parent directory.
-fn sync_parent_dir(path: &Path) -> Result<()> {
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    File::open(parent)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("{}: fsync of the directory", parent.display()))
 }
 
 /// The first batch's schema as the file's schema: tagged, and with required claw

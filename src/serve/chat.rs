@@ -1,8 +1,10 @@
 //! `POST /v1/chat/completions`.
 //!
 //! A request is checked (400s name the field), admitted (429 when `--queue` is
-//! full), rendered and tokenised, then handed to a job task that waits its turn
-//! for a generation slot and runs [`Model::generate`] on the blocking pool. Text
+//! full) under the policy serving now (which it keeps to its end, whatever hot
+//! reload swaps in meanwhile), rendered and tokenised, then handed to a job task
+//! that waits its turn for a generation slot and runs [`Model::generate_with`]
+//! with that policy's decoder on the blocking pool. Text
 //! comes back through a channel as it is produced; when the receiving side is
 //! gone (the client disconnected) the next piece cancels the generation. A
 //! finished generation becomes one [`RolloutRow`] before the client sees the end
@@ -20,6 +22,7 @@ use serde_json::{json, Value as Json};
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
 use super::api::{self, ApiError, ChatRequest};
+use super::reload::Policy;
 use super::response::{json_response, sse_response, Event, Meta, Outcome};
 use super::session::{self, SessionInfo, SESSION_HEADER};
 use super::tools::{parse_tool_calls, ToolCall};
@@ -30,6 +33,9 @@ use crate::rollout::RolloutRow;
 
 /// Seconds a client is told to wait when the queue is full.
 const RETRY_AFTER_S: u64 = 1;
+
+/// Response header naming the policy version (adapter step) that answered.
+pub const POLICY_HEADER: &str = "x-claw-policy-version";
 
 /// A request ready to generate.
 struct Prepared {
@@ -42,6 +48,8 @@ struct Prepared {
     prompt_text: String,
     prompt_ids: Vec<u32>,
     params: SamplingParams,
+    /// The policy this request generates with (and records as policy_version).
+    policy: Arc<Policy>,
 }
 
 pub async fn completions(
@@ -64,6 +72,20 @@ async fn handle(
     let body = api::read_body(body, state.config.max_body_bytes).await?;
     let mut fields = api::parse_object(&body)?;
     let session = session::extract(&headers, &mut fields, state.config.default_turn_type)?;
+    if let Some(n) = fields
+        .get("messages")
+        .and_then(Json::as_array)
+        .map(Vec::len)
+        .filter(|&n| n > state.config.max_messages)
+    {
+        return Err(ApiError::invalid(
+            format!(
+                "`messages` has {n} entries; this server accepts at most {} (--max-messages)",
+                state.config.max_messages
+            ),
+            "messages",
+        ));
+    }
     let request = ChatRequest::from_body(&fields)?;
 
     let permit = state.admission.clone().try_acquire_owned().map_err(|_| {
@@ -79,6 +101,7 @@ async fn handle(
         e.retry_after = Some(RETRY_AFTER_S);
         e
     })?;
+    let policy = state.policies.current();
 
     let model = state.model.clone();
     let limit = state.config.max_tokens_limit;
@@ -97,6 +120,7 @@ async fn handle(
         prompt_text,
         prompt_ids,
         params,
+        policy,
     };
     let (tx, rx) = mpsc::unbounded_channel();
     let meta = Meta {
@@ -106,9 +130,11 @@ async fn handle(
         prompt_tokens: prepared.prompt_ids.len(),
         stream_tools: prepared.request.stream && prepared.request.active_tools().is_some(),
         include_usage: prepared.request.include_usage,
+        policy_version: prepared.policy.version,
     };
     let stream = prepared.request.stream;
     let session_id = prepared.session.session_id.clone();
+    let version = prepared.policy.version;
     tokio::spawn(run_job(state, prepared, permit, tx));
 
     let mut response = if stream {
@@ -119,6 +145,9 @@ async fn handle(
     if let Ok(v) = HeaderValue::from_str(&session_id) {
         response.headers_mut().insert(SESSION_HEADER, v);
     }
+    response
+        .headers_mut()
+        .insert(POLICY_HEADER, HeaderValue::from(version));
     Ok(response)
 }
 
@@ -200,15 +229,16 @@ async fn run_job(
     }
     metrics.running.fetch_add(1, Relaxed);
     let model = state.model.clone();
+    let policy = job.policy.clone();
     let pieces = tx.clone();
     let ids = job.prompt_ids.clone();
     let params = job.params.clone();
     let result = tokio::task::spawn_blocking(move || {
-        model.generate(&ids, &params, |piece| {
-            match pieces.send(Event::Piece(piece.to_string())) {
-                Ok(()) => Flow::Continue,
-                Err(_) => Flow::Cancel,
-            }
+        model.generate_with(policy.decoder(&model), &ids, &params, |piece| match pieces
+            .send(Event::Piece(piece.to_string()))
+        {
+            Ok(()) => Flow::Continue,
+            Err(_) => Flow::Cancel,
         })
     })
     .await;
@@ -304,9 +334,10 @@ fn chat_row(state: &AppState, job: &Prepared, outcome: &Outcome) -> RolloutRow {
         sample_id: job.id.clone(),
         session_id: job.session.session_id.clone(),
         turn_type: job.session.turn_type.as_str().to_string(),
+        session_done: Some(job.session.done),
         created_at: job.created_ms,
         model: state.model.name.clone(),
-        policy_version: state.policy_version,
+        policy_version: job.policy.version,
         messages_json: Json::Array(job.request.messages.clone()).to_string(),
         tools_json: job
             .request

@@ -25,6 +25,12 @@ pub struct Metrics {
     pub rows_recorded: AtomicU64,
     pub segments_written: AtomicU64,
     pub record_errors: AtomicU64,
+    /// Adapters swapped in (at start-up and by hot reload).
+    pub adapter_swaps: AtomicU64,
+    /// Checkpoints that failed to load and were ignored.
+    pub adapter_load_errors: AtomicU64,
+    /// Load time of the last adapter swapped in, microseconds.
+    pub adapter_load_us: AtomicU64,
     latency_counts: [AtomicU64; LATENCY_BUCKETS.len()],
     latency_count: AtomicU64,
     /// Sum of latencies in microseconds.
@@ -120,6 +126,18 @@ impl Metrics {
                 "Failures writing rollout rows.",
                 self.record_errors.load(Relaxed),
             ),
+            (
+                "claw_adapter_swaps_total",
+                "counter",
+                "Adapters swapped in (at start-up and on each new DIR/checkpoints/LATEST).",
+                self.adapter_swaps.load(Relaxed),
+            ),
+            (
+                "claw_adapter_load_errors_total",
+                "counter",
+                "Checkpoints that failed to load and were ignored (the old policy kept serving).",
+                self.adapter_load_errors.load(Relaxed),
+            ),
         ];
         for (name, kind, help, value) in simple {
             metric(name, kind, help, format!("{name} {value}\n"));
@@ -129,6 +147,15 @@ impl Metrics {
             "gauge",
             "Adapter step serving new requests (0 = base model).",
             format!("claw_policy_version {policy_version}\n"),
+        );
+        metric(
+            "claw_adapter_load_seconds",
+            "gauge",
+            "Time to load and apply the adapter serving now (0 = base model).",
+            format!(
+                "claw_adapter_load_seconds {}\n",
+                self.adapter_load_us.load(Relaxed) as f64 / 1e6
+            ),
         );
         let mut body = String::new();
         for (bound, count) in LATENCY_BUCKETS.iter().zip(&self.latency_counts) {

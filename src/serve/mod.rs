@@ -9,26 +9,31 @@
 //! - [`session`]: session id / turn type / session end, and the session registry.
 //! - [`record`]: the writer thread that turns rows into segments in `DIR/raw/`.
 //! - [`metrics`]: Prometheus text.
+//! - [`reload`]: the serving policy (base or base + LoRA adapter) and its hot
+//!   reload from `DIR/checkpoints/LATEST`.
 //! - [`tools`]: `<tool_call>` parsing.
 //!
 //! Concurrency: `--queue` bounds the chat requests admitted (generating or waiting);
 //! one more gets 429 with Retry-After. Admitted requests wait in FIFO order (a fair
 //! tokio semaphore) for one of `--parallel` generation slots; generation runs on
 //! tokio's blocking pool and streams text back through a channel, and a closed
-//! channel (the client went away) cancels it.
+//! channel (the client went away) cancels it. An admitted request holds the
+//! policy it was admitted under to its end; adapter swaps affect later requests.
 
 pub mod api;
 pub mod chat;
 pub mod metrics;
 pub mod record;
+pub mod reload;
 pub mod response;
 pub mod routes;
 pub mod session;
 pub mod tools;
 
 use std::path::PathBuf;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use tokio::sync::Semaphore;
@@ -36,6 +41,7 @@ use tokio::sync::Semaphore;
 use crate::model::{Model, WeightFormat};
 use metrics::Metrics;
 use record::Recorder;
+use reload::{Policies, Policy, Reloader};
 use session::{Registry, TurnType};
 
 /// Everything `claw serve` is configured with (the CLI fills it in).
@@ -52,12 +58,30 @@ pub struct ServeConfig {
     pub default_turn_type: TurnType,
     pub max_tokens_limit: usize,
     pub max_body_bytes: usize,
+    /// Most messages in one chat request.
+    pub max_messages: usize,
     /// Chat requests admitted at once (generating plus waiting).
     pub queue: usize,
     /// Generations run at once.
     pub parallel: usize,
     /// A session idle this long is forgotten (feedback for it then gets 404).
     pub session_timeout: Duration,
+    /// An adapter to serve from the start (`--adapter`).
+    pub adapter: Option<PathBuf>,
+    /// Follow `DIR/checkpoints/LATEST` (off with `--no-reload`).
+    pub reload: bool,
+    /// How often the reload thread looks at `LATEST` besides notifications.
+    pub reload_poll: Duration,
+    /// A recorded segment is closed at this many rows...
+    pub segment_rows: usize,
+    /// ...or at this age.
+    pub segment_age: Duration,
+}
+
+impl ServeConfig {
+    pub fn checkpoints_dir(&self) -> PathBuf {
+        self.dir.join("checkpoints")
+    }
 }
 
 /// What every handler shares.
@@ -73,8 +97,8 @@ pub struct AppState {
     pub engine: Arc<Semaphore>,
     /// Unix seconds the server started (the model's `created`).
     pub started: u64,
-    /// Adapter step serving new requests; always 0 until adapters exist.
-    pub policy_version: i64,
+    /// The policy serving new requests (swapped by hot reload).
+    pub policies: Arc<Policies>,
 }
 
 pub fn unix_ms() -> i64 {
@@ -92,6 +116,18 @@ pub fn run(config: ServeConfig) -> Result<()> {
         config.max_tokens_limit >= 1,
         "--max-tokens-limit must be at least 1"
     );
+    anyhow::ensure!(
+        config.max_messages >= 1,
+        "--max-messages must be at least 1"
+    );
+    anyhow::ensure!(
+        config.segment_rows >= 1,
+        "--segment-rows must be at least 1"
+    );
+    anyhow::ensure!(
+        !config.reload_poll.is_zero(),
+        "--reload-poll-ms must be at least 1"
+    );
     let model = Model::load_with(&config.model_path, config.weights)?;
     crate::info!(
         "loaded {} ({} layers, context {})",
@@ -99,20 +135,58 @@ pub fn run(config: ServeConfig) -> Result<()> {
         model.config.num_layers,
         model.config.context_length
     );
+    let metrics = Arc::new(Metrics::default());
+    let checkpoints = config.checkpoints_dir();
+    // What LATEST says now; the reload thread acts only on changes after it.
+    let seen = reload::fingerprint(&checkpoints);
+    let started = Instant::now();
+    let initial = match (&config.adapter, &seen) {
+        (Some(path), _) => Some(
+            Policy::load(&model, path)
+                .with_context(|| format!("cannot serve --adapter {}", path.display()))?,
+        ),
+        (None, Some(latest)) if config.reload => match latest.load(&model) {
+            Ok(policy) => Some(policy),
+            Err(e) => {
+                metrics.adapter_load_errors.fetch_add(1, Relaxed);
+                crate::warn!(
+                    "ignoring the checkpoint {} names (serving the base model): {e:#}",
+                    checkpoints.join(crate::train::checkpoint::LATEST).display()
+                );
+                None
+            }
+        },
+        _ => None,
+    };
+    let policies = Arc::new(Policies::new(Policy::base()));
+    if let Some(policy) = initial {
+        reload::install(&policies, &metrics, policy, started.elapsed());
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("claw-serve")
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(serve(config, model))
+    runtime.block_on(serve(config, model, metrics, policies, seen))
 }
 
-async fn serve(config: ServeConfig, model: Model) -> Result<()> {
-    let metrics = Arc::new(Metrics::default());
+async fn serve(
+    config: ServeConfig,
+    model: Model,
+    metrics: Arc<Metrics>,
+    policies: Arc<Policies>,
+    seen: Option<reload::Fingerprint>,
+) -> Result<()> {
     let raw_dir = config.dir.join("raw");
     let (recorder, writer_thread) = if config.record {
         let writer_id = format!("serve{}", std::process::id());
-        let (r, t) = Recorder::start(raw_dir.clone(), &writer_id, metrics.clone())?;
+        let (r, t) = Recorder::start(
+            raw_dir.clone(),
+            &writer_id,
+            config.segment_rows,
+            config.segment_age,
+            metrics.clone(),
+        )?;
         (r, Some(t))
     } else {
         (Recorder::disabled(metrics.clone()), None)
@@ -123,15 +197,36 @@ async fn serve(config: ServeConfig, model: Model) -> Result<()> {
     let addr = listener
         .local_addr()
         .context("cannot read the bound address")?;
+    let model = Arc::new(model);
+    let reloader = if config.reload {
+        crate::info!(
+            "following {} for new adapters (checked on change and every {} ms)",
+            config
+                .checkpoints_dir()
+                .join(crate::train::checkpoint::LATEST)
+                .display(),
+            config.reload_poll.as_millis()
+        );
+        Some(Reloader::start(
+            model.clone(),
+            policies.clone(),
+            metrics.clone(),
+            config.checkpoints_dir(),
+            config.reload_poll,
+            seen,
+        )?)
+    } else {
+        None
+    };
     let state = Arc::new(AppState {
-        model: Arc::new(model),
+        model,
         metrics: metrics.clone(),
         recorder,
         sessions: Registry::new(config.session_timeout),
         admission: Arc::new(Semaphore::new(config.queue)),
         engine: Arc::new(Semaphore::new(config.parallel)),
         started: (unix_ms() / 1000) as u64,
-        policy_version: 0,
+        policies,
         config,
     });
     if state.config.record {
@@ -153,6 +248,9 @@ async fn serve(config: ServeConfig, model: Model) -> Result<()> {
         .await
         .context("the HTTP server failed")?;
 
+    if let Some(reloader) = reloader {
+        reloader.stop();
+    }
     let queue = u32::try_from(state.config.queue).unwrap_or(u32::MAX);
     let busy = state.config.queue - state.admission.available_permits();
     if busy > 0 {
@@ -165,7 +263,6 @@ async fn serve(config: ServeConfig, model: Model) -> Result<()> {
             .await
             .context("the recorder thread failed")?;
     }
-    use std::sync::atomic::Ordering::Relaxed;
     crate::info!(
         "stopped: {} row(s) recorded in {} segment(s)",
         metrics.rows_recorded.load(Relaxed),

@@ -1,8 +1,10 @@
 //! Recording, off the request path: handlers send finished [`RolloutRow`]s over a
 //! channel to one writer thread that owns a [`SegmentWriter`] on `DIR/raw/`. The
-//! thread rolls segments every 1024 rows or 5 s (a timer tick calls
-//! `roll_if_due`), and on shutdown closes the open segment so a graceful stop
-//! loses nothing.
+//! thread rolls segments every `--segment-rows` rows or `--segment-age-ms` (by
+//! default 1024 rows or 5 s; a timer tick calls `roll_if_due`), and on shutdown
+//! closes the open segment so a graceful stop loses nothing. A kill -9 loses the
+//! open segment (its `.parquet.tmp` stays behind; no reader looks at it, and the
+//! next server removes it) and the rows still queued for it, nothing else.
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering::Relaxed;
@@ -14,9 +16,9 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 
 use super::metrics::Metrics;
-use crate::rollout::{RolloutRow, SegmentWriter, DEFAULT_SEGMENT_AGE, DEFAULT_SEGMENT_ROWS};
+use crate::rollout::{RolloutRow, SegmentWriter};
 
-/// How often the writer thread wakes to close a segment that reached its age.
+/// Longest the writer thread sleeps before checking the open segment's age.
 const TICK: Duration = Duration::from_millis(500);
 
 enum Msg {
@@ -43,21 +45,26 @@ impl Recorder {
         Recorder { tx: None, metrics }
     }
 
-    /// Starts the writer thread on `dir` (created if missing).
+    /// Starts the writer thread on `dir` (created if missing); segments close at
+    /// `max_rows` rows or `max_age`.
     pub fn start(
         dir: PathBuf,
         writer_id: &str,
+        max_rows: usize,
+        max_age: Duration,
         metrics: Arc<Metrics>,
     ) -> Result<(Self, RecorderThread)> {
         let writer = SegmentWriter::new(&dir, writer_id)
             .with_context(|| format!("cannot record to {}", dir.display()))?
-            .with_max_rows(DEFAULT_SEGMENT_ROWS)
-            .with_max_age(DEFAULT_SEGMENT_AGE);
+            .with_max_rows(max_rows)
+            .with_max_age(max_age);
+        remove_abandoned(&dir);
+        let tick = TICK.min(max_age / 2).max(Duration::from_millis(10));
         let (tx, rx) = mpsc::channel();
         let thread_metrics = metrics.clone();
         let handle = std::thread::Builder::new()
             .name("claw-recorder".into())
-            .spawn(move || writer_loop(writer, rx, &thread_metrics))
+            .spawn(move || writer_loop(writer, rx, tick, &thread_metrics))
             .context("cannot start the recorder thread")?;
         Ok((
             Recorder {
@@ -94,7 +101,12 @@ impl RecorderThread {
     }
 }
 
-fn writer_loop(mut writer: SegmentWriter, rx: mpsc::Receiver<Msg>, metrics: &Metrics) {
+fn writer_loop(
+    mut writer: SegmentWriter,
+    rx: mpsc::Receiver<Msg>,
+    tick: Duration,
+    metrics: &Metrics,
+) {
     let dir = writer.dir().display().to_string();
     let count_done = |done: Result<Vec<PathBuf>>, rows: u64| match done {
         Ok(paths) => {
@@ -112,7 +124,7 @@ fn writer_loop(mut writer: SegmentWriter, rx: mpsc::Receiver<Msg>, metrics: &Met
         }
     };
     loop {
-        match rx.recv_timeout(TICK) {
+        match rx.recv_timeout(tick) {
             Ok(Msg::Row(row)) => {
                 // Take whatever else is queued too: one batch per wake-up.
                 let mut rows = vec![*row];
@@ -151,4 +163,52 @@ fn writer_loop(mut writer: SegmentWriter, rx: mpsc::Receiver<Msg>, metrics: &Met
             crate::warn!("cannot close the last segment in {dir}: {err:#}");
         }
     }
+}
+
+/// Removes the `.parquet.tmp` segments of earlier `claw serve` processes on this
+/// machine that are no longer running (killed mid-segment): their rows were never
+/// durable and no reader looks at them. A tmp file of a live process (another
+/// server on the same directory) is left alone.
+fn remove_abandoned(dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(segment) = name.strip_suffix(".tmp") else {
+            continue;
+        };
+        let Some((_, writer, _)) = crate::rollout::parse_segment_file_name(segment) else {
+            continue;
+        };
+        let Some(pid) = writer
+            .strip_prefix("serve")
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == std::process::id() || process_alive(pid) {
+            continue;
+        }
+        if std::fs::remove_file(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    if removed > 0 {
+        crate::info!(
+            "removed {removed} partial segment(s) left in {} by a server that was killed",
+            dir.display()
+        );
+    }
+}
+
+/// Whether a process with this id exists (Linux: `/proc/PID`; elsewhere assume it
+/// does, so nothing is removed).
+fn process_alive(pid: u32) -> bool {
+    let proc_root = std::path::Path::new("/proc");
+    if !proc_root.join("self").exists() {
+        return true;
+    }
+    proc_root.join(pid.to_string()).exists()
 }

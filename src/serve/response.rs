@@ -45,6 +45,8 @@ pub struct Meta {
     pub prompt_tokens: usize,
     pub stream_tools: bool,
     pub include_usage: bool,
+    /// The policy (adapter step) answering: sent as `system_fingerprint`.
+    pub policy_version: i64,
 }
 
 impl Meta {
@@ -56,13 +58,18 @@ impl Meta {
         })
     }
 
+    /// OpenAI's field for "the backend configuration that answered".
+    fn fingerprint(&self) -> String {
+        format!("claw-policy-{}", self.policy_version)
+    }
+
     fn chunk(&self, choices: Json) -> Json {
         let mut chunk = json!({
             "id": self.id,
             "object": "chat.completion.chunk",
             "created": self.created,
             "model": self.model,
-            "system_fingerprint": null,
+            "system_fingerprint": self.fingerprint(),
             "choices": choices,
         });
         if self.include_usage {
@@ -99,7 +106,7 @@ pub async fn json_response(
         "object": "chat.completion",
         "created": meta.created,
         "model": meta.model,
-        "system_fingerprint": null,
+        "system_fingerprint": meta.fingerprint(),
         "choices": [{
             "index": 0,
             "message": message,

@@ -122,8 +122,23 @@ async fn method_not_allowed(request: Request) -> ApiError {
     )
 }
 
-async fn healthz() -> impl IntoResponse {
-    axum::Json(json!({"status": "ok"}))
+/// The policy serving new requests, as `/healthz` and `/v1/models` show it.
+fn policy_json(state: &AppState) -> Json {
+    let policy = state.policies.current();
+    json!({
+        "version": policy.version,
+        "adapter": policy.adapter_name(),
+        "since": policy.since_ms / 1000,
+    })
+}
+
+/// Liveness plus what is being served; needs no API key (it says nothing
+/// about conversations).
+async fn healthz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    axum::Json(json!({
+        "status": "ok",
+        "policy_version": state.policies.current().version,
+    }))
 }
 
 async fn models(State(state): State<Arc<AppState>>) -> impl IntoResponse {
@@ -135,6 +150,7 @@ async fn models(State(state): State<Arc<AppState>>) -> impl IntoResponse {
             "created": state.started,
             "owned_by": "claw",
             "context_length": state.model.config.context_length,
+            "policy": policy_json(&state),
         }],
     }))
 }
@@ -145,7 +161,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        state.metrics.render(state.policy_version),
+        state.metrics.render(state.policies.current().version),
     )
 }
 
@@ -303,7 +319,7 @@ pub fn feedback_row(
         turn_type: "feedback".into(),
         created_at: unix_ms(),
         model: state.model.name.clone(),
-        policy_version: state.policy_version,
+        policy_version: state.policies.current().version,
         messages_json: event.to_string(),
         token_source: "none".into(),
         finish_reason: "feedback".into(),

@@ -1,0 +1,190 @@
+//! Hindsight hints (DESIGN.md section 6): reading the hint judge's replies,
+//! choosing one hint, and building the teacher's context from it.
+
+use anyhow::{bail, Result};
+use serde::Serialize;
+use serde_json::{json, Value as Json};
+
+use crate::judge::votes::{last_boxed, parse_score};
+
+/// Hints of this many characters or fewer are not hints (OpenClaw-RL's filter).
+pub const MIN_HINT_CHARS: usize = 10;
+
+/// The marker appended to the last user message before the hint.
+pub const HINT_MARKER: &str = "\n\n[user's hint / instruction]\n";
+
+/// One hint-judge reply, read.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HintVote {
+    /// The last `\boxed{±1}`; None if missing or anything else (0 is invalid here).
+    pub score: Option<i8>,
+    /// The last `[HINT_START]...[HINT_END]`, trimmed.
+    pub hint: Option<String>,
+}
+
+impl HintVote {
+    /// A positive vote with a hint longer than [`MIN_HINT_CHARS`].
+    pub fn accepted_hint(&self) -> Option<&str> {
+        match (self.score, &self.hint) {
+            (Some(1), Some(h)) if h.chars().count() > MIN_HINT_CHARS => Some(h),
+            _ => None,
+        }
+    }
+}
+
+/// Reads one reply.
+pub fn parse_hint_reply(text: &str) -> HintVote {
+    let score = last_boxed(text).and_then(|b| parse_score(b, &[-1, 1]));
+    HintVote {
+        score,
+        hint: last_hint(text),
+    }
+}
+
+fn last_hint(text: &str) -> Option<String> {
+    const START: &str = "[HINT_START]";
+    const END: &str = "[HINT_END]";
+    let end = text.rfind(END)?;
+    let start = text[..end].rfind(START)? + START.len();
+    let hint = text[start..end].trim();
+    (!hint.is_empty()).then(|| hint.to_string())
+}
+
+/// How to pick one hint among several accepted ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Select {
+    /// The longest (OpenClaw-RL's default: the most information).
+    Longest,
+    /// The shortest.
+    Shortest,
+    /// The one sharing the most words with the other hints (the consensus);
+    /// ties go to the longer one.
+    Overlap,
+}
+
+/// Picks one hint from the accepted ones, or None.
+pub fn select_hint<'a>(hints: &[&'a str], select: Select) -> Option<&'a str> {
+    let len = |h: &&str| h.chars().count();
+    match select {
+        Select::Longest => hints.iter().copied().max_by_key(len),
+        Select::Shortest => hints.iter().copied().min_by_key(len),
+        Select::Overlap => {
+            let words = |h: &str| -> std::collections::HashSet<String> {
+                h.split(|c: char| !c.is_alphanumeric())
+                    .filter(|w| !w.is_empty())
+                    .map(str::to_lowercase)
+                    .collect()
+            };
+            let sets: Vec<_> = hints.iter().map(|h| words(h)).collect();
+            let score = |i: usize| -> usize {
+                (0..sets.len())
+                    .filter(|&j| j != i)
+                    .map(|j| sets[i].intersection(&sets[j]).count())
+                    .sum()
+            };
+            (0..hints.len())
+                .max_by_key(|&i| (score(i), len(&hints[i])))
+                .map(|i| hints[i])
+        }
+    }
+}
+
+/// A copy of `messages` whose last user message (or last message, if no user
+/// message) ends with the hint: the teacher's context.
+pub fn teacher_messages(messages: &[Json], hint: &str) -> Result<Vec<Json>> {
+    let mut out = messages.to_vec();
+    let Some(index) = out
+        .iter()
+        .rposition(|m| m.get("role").and_then(Json::as_str) == Some("user"))
+        .or_else(|| out.len().checked_sub(1))
+    else {
+        bail!("the turn has no messages to add a hint to");
+    };
+    let addition = format!("{HINT_MARKER}{hint}");
+    let message = &mut out[index];
+    match message.get_mut("content") {
+        Some(Json::String(text)) => text.push_str(&addition),
+        Some(Json::Array(parts)) => {
+            // Multi-part content: extend the last text part, or add one.
+            let last_text = parts
+                .iter_mut()
+                .rev()
+                .find(|p| p.get("type").and_then(Json::as_str) == Some("text"));
+            match last_text.and_then(|p| p.get_mut("text")) {
+                Some(Json::String(text)) => text.push_str(&addition),
+                _ => parts.push(json!({"type": "text", "text": addition})),
+            }
+        }
+        Some(Json::Null) | None => {
+            message["content"] = Json::String(addition.trim_start().to_string());
+        }
+        Some(other) => bail!("message {index} has content of an unexpected type: {other}"),
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_score_and_hint() {
+        let reply = "The user says the file was missing.\n\\boxed{1}\n[HINT_START] Check that the file exists before reading it. [HINT_END]";
+        let vote = parse_hint_reply(reply);
+        assert_eq!(vote.score, Some(1));
+        assert_eq!(
+            vote.accepted_hint(),
+            Some("Check that the file exists before reading it.")
+        );
+        // The last box and the last hint count.
+        let vote = parse_hint_reply("\\boxed{1} [HINT_START]a long enough hint[HINT_END] no, \\boxed{-1}");
+        assert_eq!(vote.score, Some(-1));
+        assert_eq!(vote.accepted_hint(), None);
+        // 0 is not a hint-judge answer; short hints are not hints.
+        assert_eq!(parse_hint_reply("\\boxed{0}").score, None);
+        assert_eq!(
+            parse_hint_reply("\\boxed{1}[HINT_START]too short[HINT_END]").accepted_hint(),
+            None
+        );
+        assert_eq!(parse_hint_reply("\\boxed{+1} no hint").accepted_hint(), None);
+        assert_eq!(parse_hint_reply("[HINT_END] [HINT_START]x").hint, None);
+    }
+
+    #[test]
+    fn selects_hints() {
+        let hints = [
+            "Use metric units for distances.",
+            "Answer in French, and use metric units.",
+            "Be brief.",
+        ];
+        assert_eq!(select_hint(&hints, Select::Longest), Some(hints[1]));
+        assert_eq!(select_hint(&hints, Select::Shortest), Some(hints[2]));
+        // "use", "metric", "units" are shared by the first two.
+        assert_eq!(select_hint(&hints, Select::Overlap), Some(hints[1]));
+        assert_eq!(select_hint(&[], Select::Longest), None);
+    }
+
+    #[test]
+    fn appends_the_hint_to_the_last_user_message() {
+        let messages = vec![
+            json!({"role": "system", "content": "sys"}),
+            json!({"role": "user", "content": "first"}),
+            json!({"role": "assistant", "content": "a"}),
+            json!({"role": "user", "content": [{"type": "text", "text": "second"}]}),
+            json!({"role": "tool", "content": "out", "tool_call_id": "1"}),
+        ];
+        let out = teacher_messages(&messages, "Be brief.").unwrap();
+        assert_eq!(
+            out[3]["content"][0]["text"],
+            "second\n\n[user's hint / instruction]\nBe brief."
+        );
+        assert_eq!(out[1]["content"], "first", "earlier messages untouched");
+        assert_eq!(out[4], messages[4]);
+        // No user message: the last message gets it.
+        let only = vec![json!({"role": "system", "content": "sys"})];
+        let out = teacher_messages(&only, "Be brief.").unwrap();
+        assert!(out[0]["content"].as_str().unwrap().ends_with("Be brief."));
+        assert!(teacher_messages(&[], "x").is_err());
+    }
+}

@@ -1,0 +1,233 @@
+//! The checkpoint directory (DESIGN.md sections 3 and 7):
+//!
+//! ```text
+//! adapter-000012.safetensors        LoRA tensors, PEFT names
+//! adapter-000012.json               PEFT adapter config + claw_step + step metrics
+//! adapter-000012.optim.safetensors  AdamW moments, for --resume
+//! LATEST                            the newest adapter's file name
+//! metrics.jsonl                     one line per step
+//! ```
+//! Every file is written atomically and `LATEST` is replaced last, so a reader
+//! (`claw serve`) following `LATEST` only ever sees complete checkpoints.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use candle_core::Device;
+
+use super::lora::Adapter;
+use super::optim::AdamW;
+use super::trainer::StepMetrics;
+use crate::fsutil::write_atomic;
+
+pub const LATEST: &str = "LATEST";
+pub const METRICS: &str = "metrics.jsonl";
+
+pub struct CheckpointDir {
+    dir: PathBuf,
+}
+
+/// `adapter-000012.safetensors`.
+pub fn adapter_file_name(step: u64) -> String {
+    format!("adapter-{step:06}.safetensors")
+}
+
+/// The step of an `adapter-NNNNNN.safetensors` name.
+pub fn parse_adapter_step(name: &str) -> Option<u64> {
+    name.strip_prefix("adapter-")?
+        .strip_suffix(".safetensors")?
+        .parse()
+        .ok()
+}
+
+impl CheckpointDir {
+    pub fn create(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create checkpoint directory {}", dir.display()))?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Writes adapter, config and optimizer state for `step`, then points
+    /// `LATEST` at it. Returns the adapter's path.
+    pub fn save(
+        &self,
+        adapter: &Adapter,
+        base_model: &str,
+        step: u64,
+        metrics: Option<&StepMetrics>,
+        optim: Option<&AdamW>,
+    ) -> Result<PathBuf> {
+        let name = adapter_file_name(step);
+        let path = self.dir.join(&name);
+        write_atomic(&path, &adapter.to_safetensors()?)?;
+        if let Some(optim) = optim {
+            let state = optim.state_tensors();
+            let bytes = safetensors::serialize(state.iter().map(|(k, v)| (k.as_str(), v)), None)?;
+            write_atomic(&optim_path(&path), &bytes)?;
+        }
+        let mut config = adapter.file_config(base_model, step);
+        if let Some(m) = metrics {
+            config.claw_metrics = serde_json::to_value(m)?;
+        }
+        write_atomic(
+            &path.with_extension("json"),
+            serde_json::to_string_pretty(&config)?.as_bytes(),
+        )?;
+        write_atomic(&self.dir.join(LATEST), format!("{name}\n").as_bytes())?;
+        Ok(path)
+    }
+
+    /// Full fine-tuning: every weight under its Hugging Face name in
+    /// `model-NNNNNN.safetensors` (Q/K in the HF layout). `LATEST` is left alone:
+    /// it names adapters, which is what `claw serve` hot-loads.
+    pub fn save_full(
+        &self,
+        parameters: &[(String, candle_core::Tensor)],
+        step: u64,
+    ) -> Result<PathBuf> {
+        let path = self.dir.join(format!("model-{step:06}.safetensors"));
+        let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+        let bytes = safetensors::serialize(
+            parameters.iter().map(|(k, v)| (k.as_str(), v)),
+            Some(metadata),
+        )?;
+        write_atomic(&path, &bytes)?;
+        Ok(path)
+    }
+
+    /// The adapter `LATEST` names, if any.
+    pub fn latest(&self) -> Result<Option<PathBuf>> {
+        latest_in(&self.dir)
+    }
+
+    /// Deletes all but the newest `keep` checkpoints (never the one `LATEST` names).
+    pub fn prune(&self, keep: usize) -> Result<Vec<u64>> {
+        let latest = self.latest()?;
+        let names: Vec<String> = std::fs::read_dir(&self.dir)
+            .with_context(|| format!("listing {}", self.dir.display()))?
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        let mut removed = Vec::new();
+        for prefix in ["adapter-", "model-"] {
+            let mut steps: Vec<u64> = names
+                .iter()
+                .filter_map(|n| {
+                    n.strip_prefix(prefix)?
+                        .strip_suffix(".safetensors")?
+                        .parse()
+                        .ok()
+                })
+                .collect();
+            steps.sort_unstable();
+            let excess = steps.len().saturating_sub(keep.max(1));
+            for &step in &steps[..excess] {
+                let path = self.dir.join(format!("{prefix}{step:06}.safetensors"));
+                if self.remove_checkpoint(&path, latest.as_deref())? {
+                    removed.push(step);
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Removes one checkpoint's files unless it is the one `LATEST` names.
+    fn remove_checkpoint(&self, path: &Path, latest: Option<&Path>) -> Result<bool> {
+        if latest == Some(path) {
+            return Ok(false);
+        }
+        for p in [
+            optim_path(path),
+            path.with_extension("json"),
+            path.to_path_buf(),
+        ] {
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("removing {}", p.display())),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Appends one JSON line to `metrics.jsonl`.
+    pub fn append_metrics(&self, metrics: &StepMetrics) -> Result<()> {
+        let path = self.dir.join(METRICS);
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        writeln!(file, "{}", serde_json::to_string(metrics)?)
+            .with_context(|| format!("writing {}", path.display()))
+    }
+}
+
+/// The adapter `DIR/LATEST` names, if `LATEST` exists.
+pub fn latest_in(dir: &Path) -> Result<Option<PathBuf>> {
+    let pointer = dir.join(LATEST);
+    match std::fs::read_to_string(&pointer) {
+        Ok(text) => {
+            let name = text.trim();
+            anyhow::ensure!(
+                !name.is_empty() && !name.contains('/') && !name.contains(".."),
+                "{}: expected a checkpoint file name, found {name:?}",
+                pointer.display()
+            );
+            Ok(Some(dir.join(name)))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", pointer.display())),
+    }
+}
+
+/// `adapter-000012.safetensors` → `adapter-000012.optim.safetensors`.
+pub fn optim_path(adapter: &Path) -> PathBuf {
+    adapter.with_extension("optim.safetensors")
+}
+
+/// Loads an adapter and, when present, its optimizer state into `optim`.
+/// Returns the adapter and the step it was saved at.
+pub fn load_optimizer_state(adapter_path: &Path, optim: &mut AdamW, step: u64) -> Result<bool> {
+    let path = optim_path(adapter_path);
+    if !path.is_file() {
+        return Ok(false);
+    }
+    let tensors = candle_core::safetensors::load(&path, &Device::Cpu)
+        .with_context(|| format!("cannot read optimizer state {}", path.display()))?;
+    optim
+        .load_state(&tensors, step)
+        .with_context(|| format!("{}", path.display()))?;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        assert_eq!(adapter_file_name(12), "adapter-000012.safetensors");
+        assert_eq!(parse_adapter_step("adapter-000012.safetensors"), Some(12));
+        assert_eq!(parse_adapter_step("adapter-000012.optim.safetensors"), None);
+        assert_eq!(
+            optim_path(Path::new("d/adapter-000003.safetensors")),
+            Path::new("d/adapter-000003.optim.safetensors")
+        );
+    }
+
+    #[test]
+    fn latest_rejects_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(latest_in(dir.path()).unwrap(), None);
+        std::fs::write(dir.path().join(LATEST), "../etc/passwd\n").unwrap();
+        assert!(latest_in(dir.path()).is_err());
+    }
+}

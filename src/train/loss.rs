@@ -1,0 +1,228 @@
+//! The training objectives of DESIGN.md section 7, per sample (token mean).
+//!
+//! ```text
+//! A_t     = w_rl * reward + w_opd * clip(teacher_t - old_t, -c, +c)
+//! ratio_t = exp(new_t - old_t)
+//! L_pg    = mean_t max(-A_t * ratio_t, -A_t * clip(ratio_t, 1-eps_low, 1+eps_high))
+//! L       = L_pg + beta * mean_t k3(new_t, ref_t),   k3 = exp(ref-new) - (ref-new) - 1
+//! ```
+//! Advantages, old and reference log-probs are constants (no gradient); only the
+//! new log-probs carry the graph.
+
+use anyhow::Result;
+use candle_core::{Device, Tensor};
+use serde::Serialize;
+
+/// Coefficients of the policy loss.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct LossConfig {
+    pub w_rl: f32,
+    pub w_opd: f32,
+    /// Clip of the teacher gap (teacher - old) per token.
+    pub teacher_clip: f32,
+    pub eps_low: f32,
+    pub eps_high: f32,
+    pub beta_kl: f32,
+}
+
+impl Default for LossConfig {
+    fn default() -> Self {
+        Self {
+            w_rl: 1.0,
+            w_opd: 1.0,
+            teacher_clip: 1.0,
+            eps_low: 0.2,
+            eps_high: 0.28,
+            beta_kl: 0.0,
+        }
+    }
+}
+
+/// What one sample brings to the loss besides its new log-probs.
+#[derive(Debug, Clone, Copy)]
+pub struct SampleSignal<'a> {
+    pub reward: Option<f32>,
+    pub teacher: Option<&'a [f32]>,
+    /// Log-probs under the policy before this step.
+    pub old: &'a [f32],
+    /// Log-probs under the reference (needed only when beta_kl > 0).
+    pub reference: Option<&'a [f32]>,
+}
+
+/// Per-sample statistics (token means), for the step metrics.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SampleStats {
+    pub pg_loss: f32,
+    pub kl: f32,
+    pub mean_abs_advantage: f32,
+    pub clip_fraction: f32,
+}
+
+/// Per-token advantages of one sample.
+pub fn advantages(cfg: &LossConfig, signal: &SampleSignal) -> Vec<f32> {
+    let base = cfg.w_rl * signal.reward.unwrap_or(0.0);
+    (0..signal.old.len())
+        .map(|t| {
+            let opd = match signal.teacher {
+                Some(teacher) => {
+                    (teacher[t] - signal.old[t]).clamp(-cfg.teacher_clip, cfg.teacher_clip)
+                }
+                None => 0.0,
+            };
+            base + cfg.w_opd * opd
+        })
+        .collect()
+}
+
+/// The policy loss of one sample (a scalar tensor with the graph of `new`) and
+/// its statistics.
+pub fn policy_loss(
+    cfg: &LossConfig,
+    new: &Tensor,
+    signal: &SampleSignal,
+) -> Result<(Tensor, SampleStats)> {
+    let len = signal.old.len();
+    anyhow::ensure!(
+        new.dims1()? == len,
+        "new log-probs have {} tokens, old ones {len}",
+        new.dims1()?
+    );
+    if let Some(teacher) = signal.teacher {
+        anyhow::ensure!(
+            teacher.len() == len,
+            "teacher log-probs have {} tokens, the response {len}",
+            teacher.len()
+        );
+    }
+    let device = new.device();
+    let adv = advantages(cfg, signal);
+    let adv_t = Tensor::from_slice(&adv, len, device)?;
+    let old_t = Tensor::from_slice(signal.old, len, device)?;
+    let ratio = (new - &old_t)?.exp()?;
+    let clipped = ratio.clamp(1.0 - cfg.eps_low, 1.0 + cfg.eps_high)?;
+    let neg_adv = adv_t.neg()?;
+    let unclipped_obj = (&neg_adv * &ratio)?;
+    let clipped_obj = (&neg_adv * &clipped)?;
+    let pg = unclipped_obj.maximum(&clipped_obj)?.mean_all()?;
+
+    let ratio_v: Vec<f32> = ratio.to_vec1()?;
+    let clipped_tokens = ratio_v
+        .iter()
+        .zip(&adv)
+        .filter(|(r, a)| {
+            let c = r.clamp(1.0 - cfg.eps_low, 1.0 + cfg.eps_high);
+            -*a * c > -*a * **r
+        })
+        .count();
+    let mut stats = SampleStats {
+        pg_loss: pg.to_scalar()?,
+        kl: 0.0,
+        mean_abs_advantage: adv.iter().map(|a| a.abs()).sum::<f32>() / len.max(1) as f32,
+        clip_fraction: clipped_tokens as f32 / len.max(1) as f32,
+    };
+    let loss = match (cfg.beta_kl > 0.0, signal.reference) {
+        (true, Some(reference)) => {
+            let k3 = k3(new, &Tensor::from_slice(reference, len, device)?)?.mean_all()?;
+            stats.kl = k3.to_scalar()?;
+            (pg + (k3 * cfg.beta_kl as f64)?)?
+        }
+        (true, None) => anyhow::bail!("beta_kl > 0 needs reference log-probs"),
+        (false, _) => pg,
+    };
+    Ok((loss, stats))
+}
+
+/// k3 = exp(ref - new) - (ref - new) - 1, per token: an unbiased, non-negative
+/// estimate of KL(new || ref).
+pub fn k3(new: &Tensor, reference: &Tensor) -> Result<Tensor> {
+    let d = (reference - new)?;
+    Ok(((d.exp()? - &d)? - 1.0)?)
+}
+
+/// Negative mean log-likelihood of the response: the SFT and LM objectives.
+pub fn nll_loss(new: &Tensor) -> Result<Tensor> {
+    Ok(new.mean_all()?.neg()?)
+}
+
+/// A scalar zero on `device` (a sum's starting point).
+pub fn zero(device: &Device) -> Result<Tensor> {
+    Ok(Tensor::new(0f32, device)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn loss_of(cfg: &LossConfig, new: &[f32], signal: &SampleSignal) -> (f32, SampleStats) {
+        let new = Tensor::from_slice(new, new.len(), &Device::Cpu).unwrap();
+        let (loss, stats) = policy_loss(cfg, &new, signal).unwrap();
+        (loss.to_scalar().unwrap(), stats)
+    }
+
+    #[test]
+    fn advantage_mixes_reward_and_clipped_teacher_gap() {
+        let cfg = LossConfig::default();
+        let old = [-1.0, -1.0, -1.0];
+        let teacher = [-0.5, -4.0, -1.0];
+        let signal = SampleSignal {
+            reward: Some(-1.0),
+            teacher: Some(&teacher),
+            old: &old,
+            reference: None,
+        };
+        // -1 + clip(0.5), -1 + clip(-3 -> -1), -1 + 0
+        assert_eq!(advantages(&cfg, &signal), vec![-0.5, -2.0, -1.0]);
+    }
+
+    #[test]
+    fn at_ratio_one_the_loss_is_minus_the_mean_advantage() {
+        let cfg = LossConfig::default();
+        let old = [-2.0, -1.0];
+        let signal = SampleSignal {
+            reward: Some(1.0),
+            teacher: None,
+            old: &old,
+            reference: None,
+        };
+        let (loss, stats) = loss_of(&cfg, &old, &signal);
+        assert!((loss + 1.0).abs() < 1e-6);
+        assert_eq!(stats.clip_fraction, 0.0);
+    }
+
+    #[test]
+    fn ratio_is_clipped_asymmetrically() {
+        let cfg = LossConfig::default();
+        let old = [-1.0f32];
+        // ratio e^0.5 = 1.65 with a positive advantage: clipped at 1.28.
+        let new = [-0.5];
+        let signal = SampleSignal {
+            reward: Some(1.0),
+            teacher: None,
+            old: &old,
+            reference: None,
+        };
+        let (loss, stats) = loss_of(&cfg, &new, &signal);
+        assert!((loss + 1.28).abs() < 1e-5, "{loss}");
+        assert_eq!(stats.clip_fraction, 1.0);
+        // With a negative advantage the large ratio is not clipped (pessimistic bound).
+        let neg = SampleSignal {
+            reward: Some(-1.0),
+            ..signal
+        };
+        let (loss, stats) = loss_of(&cfg, &new, &neg);
+        assert!((loss - 0.5f32.exp()).abs() < 1e-5, "{loss}");
+        assert_eq!(stats.clip_fraction, 0.0);
+        // A small ratio with a negative advantage is clipped at 1 - 0.2.
+        let (loss, _) = loss_of(&cfg, &[-2.0], &neg);
+        assert!((loss - 0.8).abs() < 1e-5, "{loss}");
+    }
+
+    #[test]
+    fn k3_is_zero_at_equality_and_positive_elsewhere() {
+        let a = Tensor::new(&[-1.0f32, -2.0], &Device::Cpu).unwrap();
+        let b = Tensor::new(&[-1.0f32, -1.0], &Device::Cpu).unwrap();
+        let v: Vec<f32> = k3(&a, &b).unwrap().to_vec1().unwrap();
+        assert_eq!(v[0], 0.0);
+        assert!(v[1] > 0.0);
+    }
+}

@@ -1,0 +1,25 @@
+//! Training on candle (DESIGN.md sections 6-8): the two learning signals (binary
+//! RL rewards and on-policy distillation from hindsight hints) turned into LoRA or
+//! full-weight updates.
+//!
+//! - [`score`]: teacher-forced log-probs of given responses, batched.
+//! - [`loss`]: the clipped policy-gradient loss with teacher advantages and k3 KL.
+//! - [`lora`]: adapters with PEFT names, applied to the decoder's linears.
+//! - [`optim`]: AdamW with accumulation and grad-norm clipping.
+//! - [`trainer`]: one step over a batch.
+//! - [`checkpoint`]: atomic adapter checkpoints, `LATEST`, keep-last-K, resume.
+
+pub mod checkpoint;
+pub mod driver;
+pub mod lora;
+pub mod loss;
+pub mod optim;
+pub mod score;
+pub mod trainer;
+
+pub use lora::{Adapter, LoraConfig};
+pub use loss::LossConfig;
+pub use trainer::{Objective, StepMetrics, TrainSample, Trainer, TrainerConfig};
+
+#[cfg(test)]
+mod tests;

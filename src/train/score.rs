@@ -1,0 +1,193 @@
+//! Teacher forcing: the log-prob of each given response token under a given
+//! prompt, for a batch of sequences in one forward pass. Used by `train`
+//! (logp_old, logp_new, reference) and by `distill-hints` (teacher log-probs).
+//!
+//! Sequences are right-padded. Under a causal mask a real token never attends to
+//! a later pad, so padding changes no real position's output and needs no
+//! attention mask; the pads are simply not read. The LM head (the largest
+//! matmul, 49k outputs) runs only on the rows that predict response tokens.
+
+use anyhow::{Context, Result};
+use candle_core::{Module, Tensor, D};
+
+use crate::model::decoder::{Decoder, Kernels};
+
+/// One prompt and the response tokens to score after it.
+#[derive(Debug, Clone, Copy)]
+pub struct Sequence<'a> {
+    pub prompt: &'a [u32],
+    pub response: &'a [u32],
+}
+
+/// Log-probs of every response token, one 1-D tensor per sequence. If the
+/// decoder holds trainable `Var`s and uses differentiable kernels, the tensors
+/// carry the graph for `backward`.
+pub fn response_logprobs(decoder: &Decoder, seqs: &[Sequence]) -> Result<Vec<Tensor>> {
+    let (log_probs, targets, spans) = response_distributions(decoder, seqs)?;
+    let picked = log_probs.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
+    spans
+        .iter()
+        .map(|&(start, len)| Ok(picked.narrow(0, start, len)?))
+        .collect()
+}
+
+/// The full log-softmax over the vocabulary at every response position, stacked
+/// for all sequences: (total response tokens, vocab), with the target ids and
+/// each sequence's (start, len) span in it.
+fn response_distributions(
+    decoder: &Decoder,
+    seqs: &[Sequence],
+) -> Result<(Tensor, Tensor, Vec<(usize, usize)>)> {
+    anyhow::ensure!(!seqs.is_empty(), "nothing to score");
+    let context = decoder.config.context_length;
+    // Input i is prompt ++ response[..len-1]: position p+j-1 predicts response[j].
+    let mut lengths = Vec::with_capacity(seqs.len());
+    for (i, s) in seqs.iter().enumerate() {
+        anyhow::ensure!(!s.prompt.is_empty(), "sequence {i}: empty prompt");
+        anyhow::ensure!(!s.response.is_empty(), "sequence {i}: empty response");
+        let n = s.prompt.len() + s.response.len() - 1;
+        anyhow::ensure!(
+            n < context,
+            "sequence {i}: {} prompt + {} response tokens exceed the model's context of {context}",
+            s.prompt.len(),
+            s.response.len()
+        );
+        lengths.push(n);
+    }
+    let width = *lengths.iter().max().context("no sequences")?;
+    let mut ids = Vec::with_capacity(seqs.len() * width);
+    let mut rows = Vec::new();
+    let mut targets = Vec::new();
+    let mut spans = Vec::with_capacity(seqs.len());
+    for (i, s) in seqs.iter().enumerate() {
+        ids.extend_from_slice(s.prompt);
+        ids.extend_from_slice(&s.response[..s.response.len() - 1]);
+        ids.resize((i + 1) * width, 0);
+        spans.push((rows.len(), s.response.len()));
+        let first = i * width + s.prompt.len() - 1;
+        rows.extend((first..first + s.response.len()).map(|r| r as u32));
+        targets.extend_from_slice(s.response);
+    }
+    let device = decoder.device();
+    let ids = Tensor::from_vec(ids, (seqs.len(), width), device)?;
+    let hidden = decoder.hidden_sequences(&ids)?;
+    let hidden = hidden.reshape((seqs.len() * width, decoder.config.hidden_size))?;
+    let rows = Tensor::from_vec(rows, targets.len(), device)?;
+    let picked = hidden.index_select(&rows, 0)?;
+    let logits = decoder.head().forward(&picked)?;
+    let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+    let targets = Tensor::from_vec(targets, spans.iter().map(|s| s.1).sum::<usize>(), device)?;
+    Ok((log_probs, targets, spans))
+}
+
+/// Scores without gradients, as plain vectors, in groups of at most
+/// `max_tokens` padded tokens per forward (memory stays bounded on long
+/// inputs). Uses the fused kernels: the fastest path, same function.
+pub fn score(decoder: &Decoder, seqs: &[Sequence], max_tokens: usize) -> Result<Vec<Vec<f32>>> {
+    let mut out = Vec::with_capacity(seqs.len());
+    let fused = decoder.clone().with_kernels(Kernels::Fused);
+    for group in token_groups(seqs, max_tokens) {
+        for t in response_logprobs(&fused, &seqs[group])? {
+            out.push(t.to_vec1()?);
+        }
+    }
+    Ok(out)
+}
+
+/// The top-`k` of the distribution at each response position: per sequence,
+/// per token, (ids, log-probs) sorted by log-prob, highest first.
+pub type TopK = Vec<Vec<(Vec<i32>, Vec<f32>)>>;
+
+/// Like [`score`], also returning the top-`k` distribution per token.
+pub fn score_with_topk(
+    decoder: &Decoder,
+    seqs: &[Sequence],
+    k: usize,
+    max_tokens: usize,
+) -> Result<(Vec<Vec<f32>>, TopK)> {
+    let mut logprobs = Vec::with_capacity(seqs.len());
+    let mut topk = Vec::with_capacity(seqs.len());
+    let fused = decoder.clone().with_kernels(Kernels::Fused);
+    for group in token_groups(seqs, max_tokens) {
+        let (dist, targets, spans) = response_distributions(&fused, &seqs[group])?;
+        let dist: Vec<Vec<f32>> = dist.to_vec2()?;
+        let targets: Vec<u32> = targets.to_vec1()?;
+        for (start, len) in spans {
+            let mut lp = Vec::with_capacity(len);
+            let mut tk = Vec::with_capacity(len);
+            for (row, &target) in dist[start..start + len].iter().zip(&targets[start..]) {
+                lp.push(row[target as usize]);
+                tk.push(top_k(row, k));
+            }
+            logprobs.push(lp);
+            topk.push(tk);
+        }
+    }
+    Ok((logprobs, topk))
+}
+
+fn top_k(row: &[f32], k: usize) -> (Vec<i32>, Vec<f32>) {
+    let mut idx: Vec<usize> = (0..row.len()).collect();
+    let k = k.min(row.len());
+    if k == 0 {
+        return (Vec::new(), Vec::new());
+    }
+    idx.select_nth_unstable_by(k - 1, |&a, &b| row[b].total_cmp(&row[a]));
+    idx.truncate(k);
+    idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+    (
+        idx.iter().map(|&i| i as i32).collect(),
+        idx.iter().map(|&i| row[i]).collect(),
+    )
+}
+
+/// Consecutive index ranges whose padded size (count × longest) stays within
+/// `max_tokens` (a single longer sequence gets a group of its own).
+pub fn token_groups(seqs: &[Sequence], max_tokens: usize) -> Vec<std::ops::Range<usize>> {
+    let mut groups = Vec::new();
+    let mut start = 0;
+    let mut longest = 0;
+    for (i, s) in seqs.iter().enumerate() {
+        let len = s.prompt.len() + s.response.len();
+        let widened = longest.max(len);
+        if i > start && widened * (i - start + 1) > max_tokens {
+            groups.push(start..i);
+            start = i;
+            longest = len;
+        } else {
+            longest = widened;
+        }
+    }
+    if start < seqs.len() {
+        groups.push(start..seqs.len());
+    }
+    groups
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_respect_the_token_budget() {
+        let p = [1u32; 10];
+        let r = [2u32; 10];
+        let seqs = vec![
+            Sequence {
+                prompt: &p,
+                response: &r
+            };
+            5
+        ];
+        // 20 tokens each: 3 fit in 64.
+        assert_eq!(token_groups(&seqs, 64), vec![0..3, 3..5]);
+        assert_eq!(token_groups(&seqs, 10), vec![0..1, 1..2, 2..3, 3..4, 4..5]);
+    }
+
+    #[test]
+    fn top_k_is_sorted() {
+        let (ids, lps) = top_k(&[0.1, 0.5, -1.0, 0.3], 2);
+        assert_eq!(ids, vec![1, 3]);
+        assert_eq!(lps, vec![0.5, 0.3]);
+    }
+}

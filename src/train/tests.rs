@@ -1,0 +1,453 @@
+//! Training tests on the tiny random model: layout and scoring agree with the
+//! serving runtime, every trainable tensor gets a gradient that matches finite
+//! differences, and the signals move the model the way they say.
+
+use candle_core::{Device, Tensor};
+
+use super::lora::{Adapter, LoraConfig};
+use super::loss::LossConfig;
+use super::optim::AdamWConfig;
+use super::score::{self, Sequence};
+use super::trainer::{Objective, TrainSample, Trainer, TrainerConfig};
+use crate::model::decoder::{Decoder, KvCache};
+use crate::model::testing::{write_tiny_gguf, TinySpec};
+use crate::model::{Model, SamplingParams, WeightFormat};
+
+fn tiny_model(format: WeightFormat) -> Model {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write_tiny_gguf(&path, &TinySpec::default()).unwrap();
+    Model::load_with(&path, format).unwrap()
+}
+
+fn logits(decoder: &Decoder, ids: &[u32]) -> Vec<f32> {
+    let t = Tensor::new(ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    decoder
+        .forward_sequences(&t)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+const PROMPT: [u32; 6] = [1, 104, 105, 106, 2, 1];
+
+fn config(objective: Objective, lr: f64) -> TrainerConfig {
+    TrainerConfig {
+        objective,
+        optim: AdamWConfig {
+            lr,
+            ..Default::default()
+        },
+        lora: Some(LoraConfig {
+            rank: 4,
+            alpha: 8.0,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Gives B random values so that every LoRA tensor (A too) gets a gradient.
+fn randomize_b(adapter: &Adapter) {
+    for p in &adapter.pairs {
+        let t = Tensor::randn(0f32, 0.05, p.b.shape(), &Device::Cpu).unwrap();
+        p.b.set(&t).unwrap();
+    }
+}
+
+#[test]
+fn hf_layout_computes_the_same_function() {
+    let model = tiny_model(WeightFormat::F32);
+    let hf = model.decoder.to_hf_layout().unwrap();
+    let ids = [1u32, 50, 60, 70, 80, 90];
+    let d = max_diff(&logits(&model.decoder, &ids), &logits(&hf, &ids));
+    assert!(d < 1e-4, "interleaved vs HF layout logits differ by {d}");
+}
+
+#[test]
+fn batched_scores_match_single_scores_and_serving_logprobs() {
+    let model = tiny_model(WeightFormat::F32);
+    let params = SamplingParams {
+        temperature: 1.0,
+        seed: Some(3),
+        max_tokens: 12,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let generation = model
+        .generate(&PROMPT, &params, |_| crate::model::generate::Flow::Continue)
+        .unwrap();
+    let short = [1u32, 70];
+    let response2 = [71u32, 72, 73];
+    let seqs = [
+        Sequence {
+            prompt: &PROMPT,
+            response: &generation.token_ids,
+        },
+        Sequence {
+            prompt: &short,
+            response: &response2,
+        },
+    ];
+    // Training's decoder (float, HF layout, composed ops) vs the serving path's
+    // recorded log-probs: the same weights, so they must agree closely.
+    let trainer = Trainer::new(&model.decoder, config(Objective::Rl, 1e-3), None).unwrap();
+    let policy = trainer.policy().unwrap();
+    let batched = score::response_logprobs(&policy, &seqs).unwrap();
+    let batched0: Vec<f32> = batched[0].to_vec1().unwrap();
+    let gap = max_diff(&batched0, &generation.logprobs);
+    assert!(gap < 1e-4, "train vs serve log-probs differ by {gap}");
+    let single: Vec<f32> = score::response_logprobs(&policy, &seqs[1..]).unwrap()[0]
+        .to_vec1()
+        .unwrap();
+    let padded: Vec<f32> = batched[1].to_vec1().unwrap();
+    assert!(max_diff(&single, &padded) < 1e-5, "padding changed a score");
+    // The no-grad fused path agrees too.
+    let fused = score::score(&policy, &seqs, 8).unwrap();
+    assert!(max_diff(&fused[0], &batched0) < 1e-4);
+}
+
+#[test]
+fn every_lora_tensor_and_every_full_weight_gets_a_gradient() {
+    let model = tiny_model(WeightFormat::F32);
+    let batch = vec![TrainSample {
+        sample_id: "s".into(),
+        prompt_ids: PROMPT.to_vec(),
+        response_ids: vec![80, 81, 82, 2],
+        reward: Some(1.0),
+        ..Default::default()
+    }];
+    let trainer = Trainer::new(&model.decoder, config(Objective::Rl, 1e-3), None).unwrap();
+    randomize_b(trainer.adapter().unwrap());
+    let (grads, _) = trainer.gradients(&batch).unwrap();
+    let vars = trainer.named_vars();
+    assert_eq!(vars.len(), 2 * 7 * 2, "A and B on 7 linears in 2 layers");
+    for (name, var) in vars {
+        let g = grads
+            .get(&var)
+            .unwrap_or_else(|| panic!("{name}: no gradient"));
+        let norm: f32 = g.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
+        assert!(
+            norm.is_finite() && norm > 0.0,
+            "{name}: gradient norm {norm}"
+        );
+    }
+
+    let full = TrainerConfig {
+        lora: None,
+        ..config(Objective::Sft, 1e-3)
+    };
+    let trainer = Trainer::new(&model.decoder, full, None).unwrap();
+    let (grads, _) = trainer.gradients(&batch).unwrap();
+    let vars = trainer.named_vars();
+    assert_eq!(vars.len(), 1 + 2 * (2 + 7) + 1, "embedding, norms, linears");
+    for (name, var) in vars {
+        let g = grads
+            .get(&var)
+            .unwrap_or_else(|| panic!("{name}: no gradient"));
+        let norm: f32 = g.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
+        assert!(
+            norm.is_finite() && norm > 0.0,
+            "{name}: gradient norm {norm}"
+        );
+    }
+}
+
+#[test]
+fn loss_gradient_matches_finite_differences() {
+    let model = tiny_model(WeightFormat::F32);
+    let teacher = vec![-1.0f32, -2.0, -0.5, -3.0];
+    let batch = vec![
+        TrainSample {
+            prompt_ids: PROMPT.to_vec(),
+            response_ids: vec![80, 81, 82, 2],
+            reward: Some(-1.0),
+            teacher_logprobs: Some(teacher),
+            ..Default::default()
+        },
+        TrainSample {
+            prompt_ids: vec![1, 90],
+            response_ids: vec![91, 92],
+            reward: Some(1.0),
+            ..Default::default()
+        },
+    ];
+    let mut cfg = config(Objective::Rl, 1e-3);
+    cfg.loss.beta_kl = 0.5;
+    let trainer = Trainer::new(&model.decoder, cfg, None).unwrap();
+    randomize_b(trainer.adapter().unwrap());
+    let (grads, _) = trainer.gradients(&batch).unwrap();
+
+    // The loss as a function of the weights, with logp_old held fixed (as in
+    // the step, where old log-probs are constants).
+    let seqs: Vec<Sequence> = batch
+        .iter()
+        .map(|s| Sequence {
+            prompt: &s.prompt_ids,
+            response: &s.response_ids,
+        })
+        .collect();
+    let old = score::score(&trainer.frozen_policy().unwrap(), &seqs, 4096).unwrap();
+    let reference = score::score(trainer.reference(), &seqs, 4096).unwrap();
+    let loss_now = |trainer: &Trainer| -> f64 {
+        let policy = trainer.policy().unwrap();
+        let new = score::response_logprobs(&policy, &seqs).unwrap();
+        let mut total = 0.0;
+        for (i, s) in batch.iter().enumerate() {
+            let signal = super::loss::SampleSignal {
+                reward: s.reward,
+                teacher: s.teacher_logprobs.as_deref(),
+                old: &old[i],
+                reference: Some(&reference[i]),
+            };
+            let (l, _) = super::loss::policy_loss(&trainer.config.loss, &new[i], &signal).unwrap();
+            total += l.to_scalar::<f32>().unwrap() as f64 / batch.len() as f64;
+        }
+        total
+    };
+    let mut checked = 0;
+    for (name, var) in trainer.named_vars().into_iter().step_by(5) {
+        let g: Vec<f32> = grads
+            .get(&var)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        // The coordinate with the largest gradient: the best signal over f32 noise.
+        let (idx, &analytic) = g
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
+            .unwrap();
+        let original: Vec<f32> = var.flatten_all().unwrap().to_vec1().unwrap();
+        let eps = 1e-2f32;
+        let at = |delta: f32| -> f64 {
+            let mut v = original.clone();
+            v[idx] += delta;
+            var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+            loss_now(&trainer)
+        };
+        let numeric = (at(eps) - at(-eps)) / (2.0 * eps as f64);
+        var.set(&Tensor::from_vec(original, var.shape(), &Device::Cpu).unwrap())
+            .unwrap();
+        let err = (numeric - analytic as f64).abs() / (analytic.abs() as f64).max(1e-3);
+        assert!(
+            err < 0.05,
+            "{name}[{idx}]: analytic {analytic}, numeric {numeric}"
+        );
+        checked += 1;
+    }
+    assert!(checked >= 5);
+}
+
+fn first_token_logprob(trainer: &Trainer, token: u32) -> f32 {
+    let seqs = [Sequence {
+        prompt: &PROMPT,
+        response: &[token],
+    }];
+    score::score(&trainer.frozen_policy().unwrap(), &seqs, 4096).unwrap()[0][0]
+}
+
+#[test]
+fn binary_rewards_raise_the_rewarded_token() {
+    let model = tiny_model(WeightFormat::F32);
+    let (good, bad) = (120u32, 121u32);
+    let batch: Vec<TrainSample> = (0..8)
+        .map(|i| {
+            let first = if i % 2 == 0 { good } else { bad };
+            TrainSample {
+                sample_id: format!("s{i}"),
+                prompt_ids: PROMPT.to_vec(),
+                response_ids: vec![first, 100 + i as u32, 2],
+                reward: Some(if first == good { 1.0 } else { -1.0 }),
+                ..Default::default()
+            }
+        })
+        .collect();
+    let mut trainer = Trainer::new(&model.decoder, config(Objective::Rl, 1e-2), None).unwrap();
+    let (before_good, before_bad) = (
+        first_token_logprob(&trainer, good),
+        first_token_logprob(&trainer, bad),
+    );
+    for _ in 0..10 {
+        trainer.step(&batch).unwrap();
+    }
+    let (after_good, after_bad) = (
+        first_token_logprob(&trainer, good),
+        first_token_logprob(&trainer, bad),
+    );
+    assert!(
+        after_good > before_good + 0.5,
+        "log p(good) {before_good} -> {after_good}"
+    );
+    assert!(
+        after_bad < before_bad - 0.5,
+        "log p(bad) {before_bad} -> {after_bad}"
+    );
+}
+
+#[test]
+fn teacher_logprobs_pull_the_student_towards_the_teacher() {
+    let model = tiny_model(WeightFormat::F32);
+    let response = vec![130u32, 131, 132, 133];
+    let seqs = [Sequence {
+        prompt: &PROMPT,
+        response: &response,
+    }];
+    let mut trainer = Trainer::new(&model.decoder, config(Objective::Rl, 1e-2), None).unwrap();
+    let before = score::score(&trainer.frozen_policy().unwrap(), &seqs, 4096).unwrap()[0].clone();
+    // The teacher is more confident in this continuation than the student.
+    let teacher: Vec<f32> = before.iter().map(|l| (l + 2.0).min(-0.01)).collect();
+    let batch = vec![TrainSample {
+        prompt_ids: PROMPT.to_vec(),
+        response_ids: response.clone(),
+        teacher_logprobs: Some(teacher),
+        ..Default::default()
+    }];
+    for _ in 0..10 {
+        trainer.step(&batch).unwrap();
+    }
+    let after = score::score(&trainer.frozen_policy().unwrap(), &seqs, 4096).unwrap()[0].clone();
+    let (b, a): (f32, f32) = (before.iter().sum(), after.iter().sum());
+    assert!(a > b + 1.0, "response log-prob {b} -> {a}");
+}
+
+#[test]
+fn zero_weights_change_nothing() {
+    let model = tiny_model(WeightFormat::F32);
+    let mut cfg = config(Objective::Rl, 1e-2);
+    cfg.loss = LossConfig {
+        w_rl: 0.0,
+        w_opd: 0.0,
+        beta_kl: 0.0,
+        ..Default::default()
+    };
+    let response = vec![140u32, 141, 2];
+    let batch = vec![TrainSample {
+        prompt_ids: PROMPT.to_vec(),
+        response_ids: response.clone(),
+        reward: Some(1.0),
+        teacher_logprobs: Some(vec![-0.1; 3]),
+        ..Default::default()
+    }];
+    let seqs = [Sequence {
+        prompt: &PROMPT,
+        response: &response,
+    }];
+    let mut trainer = Trainer::new(&model.decoder, cfg, None).unwrap();
+    let before = score::score(&trainer.frozen_policy().unwrap(), &seqs, 4096).unwrap();
+    for _ in 0..3 {
+        let m = trainer.step(&batch).unwrap();
+        assert_eq!(m.grad_norm, 0.0);
+    }
+    let after = score::score(&trainer.frozen_policy().unwrap(), &seqs, 4096).unwrap();
+    assert_eq!(before, after);
+}
+
+#[test]
+fn sft_lowers_the_loss_and_full_finetuning_learns_too() {
+    let model = tiny_model(WeightFormat::F32);
+    let batch = vec![TrainSample {
+        prompt_ids: PROMPT.to_vec(),
+        response_ids: vec![150, 151, 152, 2],
+        ..Default::default()
+    }];
+    for lora in [true, false] {
+        let mut cfg = config(Objective::Sft, if lora { 1e-2 } else { 1e-3 });
+        if !lora {
+            cfg.lora = None;
+        }
+        let mut trainer = Trainer::new(&model.decoder, cfg, None).unwrap();
+        let first = trainer.step(&batch).unwrap().loss;
+        let mut last = first;
+        for _ in 0..5 {
+            last = trainer.step(&batch).unwrap().loss;
+        }
+        assert!(last < first * 0.8, "lora={lora}: loss {first} -> {last}");
+    }
+}
+
+#[test]
+fn a_saved_adapter_serves_on_the_packed_model_like_the_trainer_scores() {
+    let model = tiny_model(WeightFormat::F32);
+    let mut trainer = Trainer::new(&model.decoder, config(Objective::Rl, 1e-2), None).unwrap();
+    randomize_b(trainer.adapter().unwrap());
+    let batch = vec![TrainSample {
+        prompt_ids: PROMPT.to_vec(),
+        response_ids: vec![160, 161, 2],
+        reward: Some(1.0),
+        ..Default::default()
+    }];
+    trainer.step(&batch).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = super::checkpoint::CheckpointDir::create(dir.path()).unwrap();
+    let path = ckpt
+        .save(
+            trainer.adapter().unwrap(),
+            "tiny",
+            1,
+            None,
+            Some(trainer.optimizer()),
+        )
+        .unwrap();
+    assert_eq!(ckpt.latest().unwrap(), Some(path.clone()));
+    let (loaded, file_config) = Adapter::load(&path, &Device::Cpu).unwrap();
+    assert_eq!(file_config.claw_step, 1);
+    assert_eq!(loaded.config, trainer.adapter().unwrap().config);
+
+    // The serving model keeps GGUF's interleaved Q/K rows and packed weights;
+    // the adapter is stored in the HF layout and must be permuted on load.
+    let served = tiny_model(WeightFormat::F32);
+    let serving = loaded.apply_for_serving(&served.decoder).unwrap();
+    let ids = [1u32, 104, 105, 106, 107];
+    let trained = logits(&trainer.frozen_policy().unwrap(), &ids);
+    let d = max_diff(&trained, &logits(&serving, &ids));
+    assert!(d < 1e-4, "trainer vs serving logits differ by {d}");
+    let base_d = max_diff(&trained, &logits(&served.decoder, &ids));
+    assert!(base_d > 1e-3, "the adapter should change the logits");
+
+    // The one-token decode step (plain vectors, fused layers) adds the deltas too.
+    let packed = tiny_model(WeightFormat::Packed);
+    let serving = loaded.apply_for_serving(&packed.decoder).unwrap();
+    let mut cache = KvCache::new();
+    let prompt = Tensor::new(&ids[..4], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    serving.forward(&prompt, &mut cache).unwrap();
+    let next = Tensor::new(&ids[4..], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let step: Vec<f32> = serving
+        .forward(&next, &mut cache)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let vocab = step.len();
+    let d = max_diff(&step, &trained[trained.len() - vocab..]);
+    assert!(d < 1e-3, "decode step with adapter differs by {d}");
+
+    // Resume restores the optimizer moments.
+    let mut resumed =
+        Trainer::new(&model.decoder, config(Objective::Rl, 1e-2), Some(loaded)).unwrap();
+    assert!(super::checkpoint::load_optimizer_state(&path, resumed.optimizer_mut(), 1).unwrap());
+    assert_eq!(resumed.steps(), 1);
+}

@@ -1,0 +1,362 @@
+//! One optimisation step over a batch of samples: logp_old (no grad), the loss
+//! of the chosen objective over micro-batches (gradients summed), grad-norm
+//! clipping and AdamW.
+
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use candle_core::{Tensor, Var};
+use serde::Serialize;
+
+use super::lora::{Adapter, LoraConfig};
+use super::loss::{self, LossConfig, SampleSignal, SampleStats};
+use super::optim::{AdamW, AdamWConfig, GradSum};
+use super::score::{self, Sequence};
+use crate::model::decoder::{Decoder, Kernels};
+use crate::model::linear::LoraDelta;
+
+/// What the step optimises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Objective {
+    /// Policy gradient from rewards and teacher log-probs (DESIGN.md section 7).
+    Rl,
+    /// Next-token loss on the responses (supervised fine-tuning).
+    Sft,
+    /// Next-token loss on plain text (language modelling).
+    Lm,
+}
+
+/// One training sample: the token ids exactly as served, and its signal.
+#[derive(Debug, Clone, Default)]
+pub struct TrainSample {
+    pub sample_id: String,
+    pub prompt_ids: Vec<u32>,
+    pub response_ids: Vec<u32>,
+    pub reward: Option<f32>,
+    pub teacher_logprobs: Option<Vec<f32>>,
+    pub policy_version: i64,
+}
+
+impl TrainSample {
+    /// Whether the sample moves the RL loss: reward 0 and no teacher means no signal.
+    pub fn has_rl_signal(&self) -> bool {
+        self.reward.is_some_and(|r| r != 0.0) || self.teacher_logprobs.is_some()
+    }
+
+    fn sequence(&self) -> Sequence<'_> {
+        Sequence {
+            prompt: &self.prompt_ids,
+            response: &self.response_ids,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainerConfig {
+    pub objective: Objective,
+    pub loss: LossConfig,
+    pub optim: AdamWConfig,
+    /// Global grad-norm clip (0 = off).
+    pub grad_clip: f64,
+    /// LoRA settings; None trains every weight.
+    pub lora: Option<LoraConfig>,
+    pub seed: u64,
+    /// Padded tokens per forward/backward pass (memory bound); the step's
+    /// gradient is the same for any value.
+    pub micro_batch_tokens: usize,
+}
+
+impl Default for TrainerConfig {
+    fn default() -> Self {
+        Self {
+            objective: Objective::Rl,
+            loss: LossConfig::default(),
+            optim: AdamWConfig::default(),
+            grad_clip: 1.0,
+            lora: Some(LoraConfig::default()),
+            seed: 0,
+            micro_batch_tokens: 2048,
+        }
+    }
+}
+
+/// Metrics of one step (also a line of the metrics file).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StepMetrics {
+    pub step: u64,
+    pub loss: f32,
+    pub pg_loss: f32,
+    pub kl: f32,
+    pub mean_reward: f32,
+    pub mean_abs_advantage: f32,
+    pub clip_fraction: f32,
+    pub grad_norm: f64,
+    pub samples: usize,
+    pub tokens: usize,
+    pub seconds: f64,
+    pub tokens_per_s: f64,
+    pub max_staleness: i64,
+}
+
+enum Trainable {
+    Lora(Adapter),
+    /// Every parameter is a Var inside `decoder`.
+    Full {
+        decoder: Decoder,
+        vars: Vec<(String, Var)>,
+    },
+}
+
+pub struct Trainer {
+    pub config: TrainerConfig,
+    /// Float weights in the Hugging Face layout; with LoRA also the reference.
+    base: Decoder,
+    trainable: Trainable,
+    optim: AdamW,
+}
+
+impl Trainer {
+    /// A trainer for `decoder` (any weight format: it is dequantized to f32 and
+    /// put in the HF layout). With `adapter`, training continues from it.
+    pub fn new(decoder: &Decoder, config: TrainerConfig, adapter: Option<Adapter>) -> Result<Self> {
+        let base = decoder
+            .to_float()?
+            .to_hf_layout()?
+            .without_lora()
+            .with_kernels(Kernels::Differentiable);
+        let (trainable, named_vars) = match &config.lora {
+            Some(lora) => {
+                let adapter = match adapter {
+                    Some(a) => a,
+                    None => Adapter::new(&base, lora.clone(), config.seed)?,
+                };
+                let vars = adapter
+                    .pairs
+                    .iter()
+                    .flat_map(|p| {
+                        let prefix = p.peft_prefix();
+                        [
+                            (format!("{prefix}.lora_A.weight"), p.a.clone()),
+                            (format!("{prefix}.lora_B.weight"), p.b.clone()),
+                        ]
+                    })
+                    .collect();
+                (Trainable::Lora(adapter), vars)
+            }
+            None => {
+                anyhow::ensure!(
+                    adapter.is_none(),
+                    "full fine-tuning does not take a LoRA adapter"
+                );
+                let mut vars = Vec::new();
+                let decoder = base.map_parameters(|name, t| {
+                    let var = Var::from_tensor(t)?;
+                    let tensor = var.as_tensor().clone();
+                    vars.push((name.to_string(), var));
+                    Ok(tensor)
+                })?;
+                (
+                    Trainable::Full {
+                        decoder,
+                        vars: vars.clone(),
+                    },
+                    vars,
+                )
+            }
+        };
+        let optim = AdamW::new(named_vars, config.optim)?;
+        Ok(Self {
+            config,
+            base,
+            trainable,
+            optim,
+        })
+    }
+
+    /// Steps taken (the policy version of the current weights).
+    pub fn steps(&self) -> u64 {
+        self.optim.steps()
+    }
+
+    pub fn optimizer(&self) -> &AdamW {
+        &self.optim
+    }
+
+    pub fn optimizer_mut(&mut self) -> &mut AdamW {
+        &mut self.optim
+    }
+
+    pub fn adapter(&self) -> Option<&Adapter> {
+        match &self.trainable {
+            Trainable::Lora(a) => Some(a),
+            Trainable::Full { .. } => None,
+        }
+    }
+
+    /// Every trainable tensor with its checkpoint name.
+    pub fn named_vars(&self) -> Vec<(String, Var)> {
+        match &self.trainable {
+            Trainable::Lora(a) => a
+                .pairs
+                .iter()
+                .flat_map(|p| {
+                    let prefix = p.peft_prefix();
+                    [
+                        (format!("{prefix}.lora_A.weight"), p.a.clone()),
+                        (format!("{prefix}.lora_B.weight"), p.b.clone()),
+                    ]
+                })
+                .collect(),
+            Trainable::Full { vars, .. } => vars.clone(),
+        }
+    }
+
+    fn vars(&self) -> Vec<Var> {
+        self.named_vars().into_iter().map(|(_, v)| v).collect()
+    }
+
+    /// The policy with gradients flowing to the trainable tensors.
+    pub fn policy(&self) -> Result<Decoder> {
+        match &self.trainable {
+            Trainable::Lora(adapter) => adapter.apply(&self.base),
+            Trainable::Full { decoder, .. } => Ok(decoder.clone()),
+        }
+    }
+
+    /// The current policy's values with no graph (for logp_old and serving-like use).
+    pub fn frozen_policy(&self) -> Result<Decoder> {
+        match &self.trainable {
+            Trainable::Lora(adapter) => {
+                let mut out = self.base.clone();
+                let scale = adapter.config.scale();
+                for p in &adapter.pairs {
+                    let delta =
+                        LoraDelta::new(p.a.as_tensor().detach(), p.b.as_tensor().detach(), scale)?;
+                    out.set_lora(p.layer, &p.name, Some(delta))?;
+                }
+                Ok(out)
+            }
+            Trainable::Full { decoder, .. } => decoder.map_parameters(|_, t| Ok(t.detach())),
+        }
+    }
+
+    /// The reference policy for the KL term: the base weights (adapter off).
+    pub fn reference(&self) -> &Decoder {
+        &self.base
+    }
+
+    /// Loss and summed gradients of `batch` (per-sample token mean, then batch
+    /// mean), without updating anything.
+    pub fn gradients(&self, batch: &[TrainSample]) -> Result<(GradSum, StepMetrics)> {
+        anyhow::ensure!(!batch.is_empty(), "empty batch");
+        let seqs: Vec<Sequence> = batch.iter().map(TrainSample::sequence).collect();
+        let budget = self.config.micro_batch_tokens;
+        let rl = self.config.objective == Objective::Rl;
+        let (old, reference) = if rl {
+            let old = score::score(&self.frozen_policy()?, &seqs, budget)?;
+            let reference = match self.config.loss.beta_kl > 0.0 {
+                true => Some(score::score(&self.base, &seqs, budget)?),
+                false => None,
+            };
+            (old, reference)
+        } else {
+            (Vec::new(), None)
+        };
+        for sample in batch {
+            if let Some(t) = &sample.teacher_logprobs {
+                anyhow::ensure!(
+                    t.len() == sample.response_ids.len(),
+                    "sample {}: {} teacher log-probs for {} response tokens",
+                    sample.sample_id,
+                    t.len(),
+                    sample.response_ids.len()
+                );
+            }
+        }
+
+        let policy = self.policy()?;
+        let vars = self.vars();
+        let mut grads = GradSum::default();
+        let mut metrics = StepMetrics {
+            samples: batch.len(),
+            tokens: batch.iter().map(|s| s.response_ids.len()).sum(),
+            ..Default::default()
+        };
+        let inv_batch = 1.0 / batch.len() as f64;
+        for group in score::token_groups(&seqs, budget) {
+            let new = score::response_logprobs(&policy, &seqs[group.clone()])?;
+            let mut total: Option<Tensor> = None;
+            for (offset, new_i) in new.iter().enumerate() {
+                let i = group.start + offset;
+                let sample = &batch[i];
+                let (loss_i, stats) = if rl {
+                    let signal = SampleSignal {
+                        reward: sample.reward,
+                        teacher: sample.teacher_logprobs.as_deref(),
+                        old: &old[i],
+                        reference: reference.as_ref().map(|r| r[i].as_slice()),
+                    };
+                    loss::policy_loss(&self.config.loss, new_i, &signal)?
+                } else {
+                    let l = loss::nll_loss(new_i)?;
+                    let stats = SampleStats {
+                        pg_loss: l.to_scalar()?,
+                        ..Default::default()
+                    };
+                    (l, stats)
+                };
+                metrics.loss += loss_i.to_scalar::<f32>()? / batch.len() as f32;
+                metrics.pg_loss += stats.pg_loss / batch.len() as f32;
+                metrics.kl += stats.kl / batch.len() as f32;
+                metrics.mean_abs_advantage += stats.mean_abs_advantage / batch.len() as f32;
+                metrics.clip_fraction += stats.clip_fraction / batch.len() as f32;
+                let scaled = (loss_i * inv_batch)?;
+                total = Some(match total {
+                    Some(t) => (t + scaled)?,
+                    None => scaled,
+                });
+            }
+            let total = total.context("empty micro-batch")?;
+            let store = total.backward()?;
+            grads.add(&store, &vars)?;
+        }
+        let rewards: Vec<f32> = batch.iter().filter_map(|s| s.reward).collect();
+        if !rewards.is_empty() {
+            metrics.mean_reward = rewards.iter().sum::<f32>() / rewards.len() as f32;
+        }
+        Ok((grads, metrics))
+    }
+
+    /// One optimisation step on `batch`.
+    pub fn step(&mut self, batch: &[TrainSample]) -> Result<StepMetrics> {
+        let started = Instant::now();
+        let (mut grads, mut metrics) = self.gradients(batch)?;
+        metrics.grad_norm = grads.clip(self.config.grad_clip)?;
+        anyhow::ensure!(
+            metrics.grad_norm.is_finite(),
+            "the gradient norm is {} at step {}: refusing to update (lower --lr?)",
+            metrics.grad_norm,
+            self.steps() + 1
+        );
+        self.optim.step(&grads)?;
+        metrics.step = self.steps();
+        metrics.max_staleness = batch
+            .iter()
+            .map(|s| metrics.step as i64 - 1 - s.policy_version)
+            .max()
+            .unwrap_or(0);
+        metrics.seconds = started.elapsed().as_secs_f64();
+        metrics.tokens_per_s = metrics.tokens as f64 / metrics.seconds.max(1e-9);
+        Ok(metrics)
+    }
+
+    /// Full fine-tuning: every parameter under its Hugging Face name, for a
+    /// checkpoint (Q/K already in the HF layout).
+    pub fn full_parameters(&self) -> Result<Vec<(String, Tensor)>> {
+        match &self.trainable {
+            Trainable::Full { decoder, .. } => decoder.parameters(),
+            Trainable::Lora(_) => anyhow::bail!("a LoRA trainer has no full parameters"),
+        }
+    }
+}

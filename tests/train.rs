@@ -1,0 +1,312 @@
+//! `claw train` as a user runs it: samples in, checkpoints out, resume, pruning,
+//! and the adapter's effect on the model; plus the real default model (SFT on a
+//! persona fixture lowers the held-out loss; one 16-sample RL step is timed).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use claw::model::testing::{write_tiny_gguf, TinySpec};
+use claw::rollout::{RolloutRow, RolloutWriter};
+
+fn claw() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_claw"))
+}
+
+fn tiny_model(dir: &Path) -> PathBuf {
+    let path = dir.join("tiny.gguf");
+    write_tiny_gguf(&path, &TinySpec::default()).unwrap();
+    path
+}
+
+fn real_model() -> Option<PathBuf> {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if path.is_file() {
+        Some(path)
+    } else {
+        eprintln!("SKIP: {} is absent (run scripts/fetch-model)", path.display());
+        None
+    }
+}
+
+fn sample(i: usize, reward: Option<f32>) -> RolloutRow {
+    RolloutRow {
+        sample_id: format!("s{i}"),
+        session_id: format!("sess{i}"),
+        turn: Some(1),
+        turn_type: "main".into(),
+        model: "tiny".into(),
+        messages_json: "[]".into(),
+        prompt_ids: vec![1, 104, 105, 106, 2, 1],
+        response_ids: vec![if i % 2 == 0 { 120 } else { 121 }, 100 + i as i32, 2],
+        response_logprobs: vec![-1.0; 3],
+        token_source: "engine".into(),
+        finish_reason: "stop".into(),
+        reward,
+        ..Default::default()
+    }
+}
+
+fn write_rows(path: &Path, rows: &[RolloutRow]) {
+    let mut w = RolloutWriter::file(path).unwrap();
+    w.write_rows(rows).unwrap();
+    w.finish().unwrap();
+}
+
+fn run_ok(cmd: &mut Command) -> (String, String) {
+    let out = cmd.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "claw failed:\n{stderr}");
+    (stdout, stderr)
+}
+
+#[test]
+fn trains_writes_checkpoints_resumes_and_prunes() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let input = dir.path().join("judged.parquet");
+    // 8 with a reward, 3 with reward 0 (no signal), 1 unjudged.
+    let mut rows: Vec<RolloutRow> = (0..8)
+        .map(|i| sample(i, Some(if i % 2 == 0 { 1.0 } else { -1.0 })))
+        .collect();
+    rows.extend((8..11).map(|i| sample(i, Some(0.0))));
+    rows.push(sample(11, None));
+    write_rows(&input, &rows);
+    let out = dir.path().join("ckpt");
+
+    let (stdout, stderr) = run_ok(
+        claw()
+            .args(["train", "--batch-size", "4", "--lora-rank", "4", "--lr", "1e-2", "--keep", "2", "--json"])
+            .arg(&input)
+            .arg("--model")
+            .arg(&model)
+            .arg("--out")
+            .arg(&out),
+    );
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["steps"], 2, "{stderr}");
+    assert_eq!(report["samples_trained"], 8);
+    assert_eq!(report["skipped"]["no_signal"], 4);
+    assert!(stderr.contains("4 without signal"), "{stderr}");
+    assert_eq!(
+        std::fs::read_to_string(out.join("LATEST")).unwrap().trim(),
+        "adapter-000002.safetensors"
+    );
+    for name in [
+        "adapter-000002.safetensors",
+        "adapter-000002.json",
+        "adapter-000002.optim.safetensors",
+        "adapter-000001.safetensors",
+    ] {
+        assert!(out.join(name).is_file(), "{name} missing");
+    }
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter-000002.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["peft_type"], "LORA");
+    assert_eq!(config["r"], 4);
+    assert_eq!(config["claw_step"], 2);
+    assert_eq!(config["claw_metrics"]["step"], 2);
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 2);
+
+    // Resume: steps continue at 3 and 4; only the last two checkpoints are kept.
+    let (stdout, stderr) = run_ok(
+        claw()
+            .args(["train", "--batch-size", "4", "--resume", "--keep", "2", "--json"])
+            .arg(&input)
+            .arg("--model")
+            .arg(&model)
+            .arg("--out")
+            .arg(&out),
+    );
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["first_step"], 2, "{stderr}");
+    assert!(stderr.contains("resuming from"), "{stderr}");
+    assert_eq!(
+        std::fs::read_to_string(out.join("LATEST")).unwrap().trim(),
+        "adapter-000004.safetensors"
+    );
+    assert!(!out.join("adapter-000002.safetensors").exists(), "pruned");
+    assert!(!out.join("adapter-000002.optim.safetensors").exists(), "pruned");
+    assert!(out.join("adapter-000003.safetensors").is_file());
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter-000004.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["r"], 4, "the resumed adapter keeps its rank");
+
+    // Stale samples are dropped: the trainer is at step 4, the samples at version 0.
+    let (stdout, _) = run_ok(
+        claw()
+            .args(["train", "--batch-size", "4", "--resume", "--max-staleness", "2", "--json"])
+            .arg(&input)
+            .arg("--model")
+            .arg(&model)
+            .arg("--out")
+            .arg(&out),
+    );
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["steps"], 0);
+    assert_eq!(report["skipped"]["stale"], 8);
+}
+
+#[test]
+fn reads_samples_from_a_pipe_and_rejects_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let input = dir.path().join("s.parquet");
+    write_rows(&input, &(0..4).map(|i| sample(i, Some(1.0))).collect::<Vec<_>>());
+    let out = dir.path().join("ckpt");
+    let file = std::fs::File::open(&input).unwrap();
+    let output = claw()
+        .args(["train", "--batch-size", "2", "--lora-rank", "2", "--json"])
+        .arg("--model")
+        .arg(&model)
+        .arg("--out")
+        .arg(&out)
+        .stdin(file)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["steps"], 2);
+
+    // Not a rollout: a clear error naming the file, exit 1.
+    let bad = dir.path().join("bad.parquet");
+    std::fs::write(&bad, b"not parquet").unwrap();
+    let output = claw()
+        .arg("train")
+        .arg(&bad)
+        .arg("--model")
+        .arg(&model)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("bad.parquet"), "{stderr}");
+
+    // A broken LoRA target list is a usage error that says what is allowed.
+    let output = claw()
+        .args(["train", "--lora-targets", "q,attn"])
+        .arg(&input)
+        .arg("--model")
+        .arg(&model)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("q,k,v,o,gate,up,down"));
+}
+
+#[test]
+fn lm_objective_trains_on_plain_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let text = dir.path().join("corpus.txt");
+    std::fs::write(&text, "hello there, the cat sat on the mat. ".repeat(20)).unwrap();
+    let (stdout, _) = run_ok(
+        claw()
+            .args(["train", "--objective", "lm", "--seq-len", "64", "--batch-size", "2"])
+            .args(["--lr", "1e-2", "--epochs", "3", "--json"])
+            .arg(&text)
+            .arg("--model")
+            .arg(&model)
+            .arg("--out")
+            .arg(dir.path().join("ckpt")),
+    );
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let (first, last) = (
+        report["first_loss"].as_f64().unwrap(),
+        report["last_loss"].as_f64().unwrap(),
+    );
+    assert!(last < first, "lm loss {first} -> {last}");
+}
+
+/// On the real model: SFT on a persona fixture (imported with `claw collect`)
+/// lowers the loss on held-out conversations of the same persona.
+#[test]
+fn real_model_sft_lowers_held_out_loss() {
+    let Some(model) = real_model() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/train");
+    let mut parquet = Vec::new();
+    for name in ["pirate-train", "pirate-heldout"] {
+        let out = dir.path().join(format!("{name}.parquet"));
+        run_ok(
+            claw()
+                .arg("collect")
+                .arg(fixtures.join(format!("{name}.jsonl")))
+                .arg("--model")
+                .arg(&model)
+                .arg("-o")
+                .arg(&out),
+        );
+        parquet.push(out);
+    }
+    let (stdout, stderr) = run_ok(
+        claw()
+            .args(["train", "--objective", "sft", "--batch-size", "14", "--lr", "1e-3"])
+            .args(["--max-steps", "3", "--json"])
+            .arg(&parquet[0])
+            .arg("--eval")
+            .arg(&parquet[1])
+            .arg("--model")
+            .arg(&model)
+            .arg("--out")
+            .arg(dir.path().join("ckpt")),
+    );
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let before = report["eval_loss_before"].as_f64().unwrap();
+    let after = report["eval_loss_after"].as_f64().unwrap();
+    eprintln!("real model SFT: held-out loss {before:.3} -> {after:.3}\n{stderr}");
+    assert!(after < before * 0.8, "held-out loss {before} -> {after}");
+}
+
+/// On the real model: one RL step of 16 samples runs; its time and peak RSS are
+/// printed (the numbers for BENCHMARKS.md come from scripts/bench-train).
+#[test]
+fn real_model_rl_step_of_16_samples() {
+    let Some(model) = real_model() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/train");
+    let samples = dir.path().join("samples.parquet");
+    run_ok(
+        claw()
+            .arg("collect")
+            .arg(fixtures.join("pirate-train.jsonl"))
+            .arg("--model")
+            .arg(&model)
+            .arg("-o")
+            .arg(&samples),
+    );
+    // Reward alternates +1 / -1.
+    let mut rows = claw::rollout::RolloutReader::new(&[samples.to_string_lossy().into_owned()])
+        .unwrap()
+        .read_all_rows()
+        .unwrap();
+    rows.truncate(16);
+    for (i, row) in rows.iter_mut().enumerate() {
+        row.reward = Some(if i % 2 == 0 { 1.0 } else { -1.0 });
+    }
+    let judged = dir.path().join("judged.parquet");
+    write_rows(&judged, &rows);
+    let (stdout, stderr) = run_ok(
+        claw()
+            .args(["train", "--batch-size", "16", "--json"])
+            .arg(&judged)
+            .arg("--model")
+            .arg(&model)
+            .arg("--out")
+            .arg(dir.path().join("ckpt")),
+    );
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["steps"], 1, "{stderr}");
+    eprintln!(
+        "real model RL step: 16 samples, {} response tokens, {:.1} s, peak RSS {:.0} MB",
+        report["tokens_trained"],
+        report["train_seconds"].as_f64().unwrap(),
+        report["peak_rss_mb"].as_f64().unwrap_or(0.0)
+    );
+}
