@@ -266,7 +266,9 @@ fn serve_collect_judge_rewards_follow_the_script() {
         .unwrap()
         .read_all_rows()
         .unwrap();
-    let expected: &[(&str, &str, i32, Option<f32>, Option<&str>)] = &[
+    // (session, sample id, turn, reward, judge source)
+    type Expected<'a> = (&'a str, &'a str, i32, Option<f32>, Option<&'a str>);
+    let expected: &[Expected] = &[
         ("alpha", &a1, 1, Some(-1.0), Some("env")),
         ("alpha", &a2, 2, Some(1.0), Some("feedback")),
         ("alpha", &a3, 3, None, None),

@@ -1126,7 +1126,8 @@ fn adapters_hot_swap_under_load_with_exact_policy_versions() {
         worst_own = worst_own.max(d);
         // The serving decode step and teacher-forced scoring sum in different
         // orders; these random adapters make log-probs of magnitude ~10, so
-        // 1e-2 is ~1e-3 relative, three orders below the gap between versions.
+        // 1e-2 is ~1e-3 relative, and an order below the smallest gap between
+        // neighbouring versions seen in a run (typically ~1 or more).
         assert!(
             d < 1e-2,
             "row {} (version {v}): recorded log-probs differ from adapter {v}'s by {d}",
@@ -1137,7 +1138,7 @@ fn adapters_hot_swap_under_load_with_exact_policy_versions() {
         let d = max_abs_diff(&rescore(&decoders[&other], row), &row.response_logprobs);
         closest_other = closest_other.min(d);
         assert!(
-            d > 1.0,
+            d > 0.1,
             "versions {v} and {other} are indistinguishable ({d})"
         );
     }

@@ -19,12 +19,14 @@ fn tiny_model(dir: &Path) -> PathBuf {
 }
 
 fn real_model() -> Option<PathBuf> {
-    let path =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
     if path.is_file() {
         Some(path)
     } else {
-        eprintln!("SKIP: {} is absent (run scripts/fetch-model)", path.display());
+        eprintln!(
+            "SKIP: {} is absent (run scripts/fetch-model)",
+            path.display()
+        );
         None
     }
 }
@@ -38,7 +40,11 @@ fn sample(i: usize, reward: Option<f32>) -> RolloutRow {
         model: "tiny".into(),
         messages_json: "[]".into(),
         prompt_ids: vec![1, 104, 105, 106, 2, 1],
-        response_ids: vec![if i % 2 == 0 { 120 } else { 121 }, 100 + i as i32, 2],
+        response_ids: vec![
+            if i.is_multiple_of(2) { 120 } else { 121 },
+            100 + i as i32,
+            2,
+        ],
         response_logprobs: vec![-1.0; 3],
         token_source: "engine".into(),
         finish_reason: "stop".into(),
@@ -68,7 +74,7 @@ fn trains_writes_checkpoints_resumes_and_prunes() {
     let input = dir.path().join("judged.parquet");
     // 8 with a reward, 3 with reward 0 (no signal), 1 unjudged.
     let mut rows: Vec<RolloutRow> = (0..8)
-        .map(|i| sample(i, Some(if i % 2 == 0 { 1.0 } else { -1.0 })))
+        .map(|i| sample(i, Some(if i.is_multiple_of(2) { 1.0 } else { -1.0 })))
         .collect();
     rows.extend((8..11).map(|i| sample(i, Some(0.0))));
     rows.push(sample(11, None));
@@ -77,7 +83,18 @@ fn trains_writes_checkpoints_resumes_and_prunes() {
 
     let (stdout, stderr) = run_ok(
         claw()
-            .args(["train", "--batch-size", "4", "--lora-rank", "4", "--lr", "1e-2", "--keep", "2", "--json"])
+            .args([
+                "train",
+                "--batch-size",
+                "4",
+                "--lora-rank",
+                "4",
+                "--lr",
+                "1e-2",
+                "--keep",
+                "2",
+                "--json",
+            ])
             .arg(&input)
             .arg("--model")
             .arg(&model)
@@ -114,7 +131,15 @@ fn trains_writes_checkpoints_resumes_and_prunes() {
     // Resume: steps continue at 3 and 4; only the last two checkpoints are kept.
     let (stdout, stderr) = run_ok(
         claw()
-            .args(["train", "--batch-size", "4", "--resume", "--keep", "2", "--json"])
+            .args([
+                "train",
+                "--batch-size",
+                "4",
+                "--resume",
+                "--keep",
+                "2",
+                "--json",
+            ])
             .arg(&input)
             .arg("--model")
             .arg(&model)
@@ -129,7 +154,10 @@ fn trains_writes_checkpoints_resumes_and_prunes() {
         "adapter-000004.safetensors"
     );
     assert!(!out.join("adapter-000002.safetensors").exists(), "pruned");
-    assert!(!out.join("adapter-000002.optim.safetensors").exists(), "pruned");
+    assert!(
+        !out.join("adapter-000002.optim.safetensors").exists(),
+        "pruned"
+    );
     assert!(out.join("adapter-000003.safetensors").is_file());
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("adapter-000004.json")).unwrap())
@@ -139,7 +167,15 @@ fn trains_writes_checkpoints_resumes_and_prunes() {
     // Stale samples are dropped: the trainer is at step 4, the samples at version 0.
     let (stdout, _) = run_ok(
         claw()
-            .args(["train", "--batch-size", "4", "--resume", "--max-staleness", "2", "--json"])
+            .args([
+                "train",
+                "--batch-size",
+                "4",
+                "--resume",
+                "--max-staleness",
+                "2",
+                "--json",
+            ])
             .arg(&input)
             .arg("--model")
             .arg(&model)
@@ -156,7 +192,10 @@ fn reads_samples_from_a_pipe_and_rejects_bad_input() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(dir.path());
     let input = dir.path().join("s.parquet");
-    write_rows(&input, &(0..4).map(|i| sample(i, Some(1.0))).collect::<Vec<_>>());
+    write_rows(
+        &input,
+        &(0..4).map(|i| sample(i, Some(1.0))).collect::<Vec<_>>(),
+    );
     let out = dir.path().join("ckpt");
     let file = std::fs::File::open(&input).unwrap();
     let output = claw()
@@ -168,7 +207,11 @@ fn reads_samples_from_a_pipe_and_rejects_bad_input() {
         .stdin(file)
         .output()
         .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(report["steps"], 2);
 
@@ -208,7 +251,15 @@ fn lm_objective_trains_on_plain_text() {
     std::fs::write(&text, "hello there, the cat sat on the mat. ".repeat(20)).unwrap();
     let (stdout, _) = run_ok(
         claw()
-            .args(["train", "--objective", "lm", "--seq-len", "64", "--batch-size", "2"])
+            .args([
+                "train",
+                "--objective",
+                "lm",
+                "--seq-len",
+                "64",
+                "--batch-size",
+                "2",
+            ])
             .args(["--lr", "1e-2", "--epochs", "3", "--json"])
             .arg(&text)
             .arg("--model")
@@ -247,7 +298,15 @@ fn real_model_sft_lowers_held_out_loss() {
     }
     let (stdout, stderr) = run_ok(
         claw()
-            .args(["train", "--objective", "sft", "--batch-size", "14", "--lr", "1e-3"])
+            .args([
+                "train",
+                "--objective",
+                "sft",
+                "--batch-size",
+                "14",
+                "--lr",
+                "1e-3",
+            ])
             .args(["--max-steps", "3", "--json"])
             .arg(&parquet[0])
             .arg("--eval")
@@ -288,7 +347,7 @@ fn real_model_rl_step_of_16_samples() {
         .unwrap();
     rows.truncate(16);
     for (i, row) in rows.iter_mut().enumerate() {
-        row.reward = Some(if i % 2 == 0 { 1.0 } else { -1.0 });
+        row.reward = Some(if i.is_multiple_of(2) { 1.0 } else { -1.0 });
     }
     let judged = dir.path().join("judged.parquet");
     write_rows(&judged, &rows);
@@ -309,4 +368,58 @@ fn real_model_rl_step_of_16_samples() {
         report["train_seconds"].as_f64().unwrap(),
         report["peak_rss_mb"].as_f64().unwrap_or(0.0)
     );
+}
+
+/// A pipe carries Parquet segments back to back; `claw train` trains on each
+/// batch as soon as it is full, while the producer is still writing.
+#[test]
+fn trains_on_a_stream_as_segments_arrive() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let (a, b) = (dir.path().join("a.parquet"), dir.path().join("b.parquet"));
+    write_rows(
+        &a,
+        &(0..2).map(|i| sample(i, Some(1.0))).collect::<Vec<_>>(),
+    );
+    write_rows(
+        &b,
+        &(2..4).map(|i| sample(i, Some(-1.0))).collect::<Vec<_>>(),
+    );
+    let out = dir.path().join("ckpt");
+    let mut child = claw()
+        .args(["train", "--batch-size", "2", "--lora-rank", "2", "--json"])
+        .arg("--model")
+        .arg(&model)
+        .arg("--out")
+        .arg(&out)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(&std::fs::read(&a).unwrap()).unwrap();
+    stdin.flush().unwrap();
+    // The first step happens before the second segment exists.
+    let latest = out.join("LATEST");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !latest.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no step on the first segment"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    stdin.write_all(&std::fs::read(&b).unwrap()).unwrap();
+    drop(stdin);
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["steps"], 2);
+    assert_eq!(report["samples_trained"], 4);
 }

@@ -135,7 +135,11 @@ pub fn run(args: DistillHintsArgs) -> Result<()> {
         HintSource::Judge | HintSource::Both => {
             let prompt = match &args.prompt {
                 Some(path) => PromptTemplate::load(path, &HINT_PROMPT_VARS)?,
-                None => PromptTemplate::parse(DEFAULT_HINT_PROMPT, "built-in prompt", &HINT_PROMPT_VARS)?,
+                None => PromptTemplate::parse(
+                    DEFAULT_HINT_PROMPT,
+                    "built-in prompt",
+                    &HINT_PROMPT_VARS,
+                )?,
             };
             let runner = VoteRunner::new(args.llm.connect()?, options)?;
             crate::info!("hint judge: {}", runner.backend().name());

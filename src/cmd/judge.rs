@@ -3,20 +3,19 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Args;
 
-use crate::judge::llm::{CallOptions, ChatBackend, LocalBackend, RemoteBackend, VoteRunner};
+use super::llm::LlmArgs;
+use crate::judge::llm::VoteRunner;
 use crate::judge::prompt::PromptTemplate;
 use crate::judge::{
     env, Judge, JudgeConfig, PrmFactory, PrmJudge, Source, DEFAULT_PRM_PROMPT, MAX_FIELD_CHARS,
     PRM_VARS,
 };
-use crate::model::{resolve_model_path, Model, WeightFormat};
 use crate::rollout::{RolloutReader, RolloutWriter};
-use crate::train::Adapter;
 
 fn long_about() -> String {
     let mut rules = String::new();
@@ -137,33 +136,6 @@ pub struct JudgeArgs {
     #[arg(long)]
     pub rejudge: bool,
 
-    /// The judge: a GGUF file (default: $CLAW_MODEL or models/'s default), or with
-    /// --judge-url the model name the server serves.
-    #[arg(long, env = "CLAW_JUDGE_MODEL", value_name = "PATH|NAME")]
-    pub judge_model: Option<String>,
-
-    /// A LoRA adapter (PEFT safetensors with its .json config, as `claw train`
-    /// writes) applied to a local judge model.
-    #[arg(long, value_name = "FILE", conflicts_with = "judge_url")]
-    pub judge_adapter: Option<PathBuf>,
-
-    /// How a local judge holds its weights.
-    #[arg(long, value_enum, default_value_t = WeightFormat::default())]
-    pub judge_weights: WeightFormat,
-
-    /// An OpenAI-compatible server to use as the judge instead of a local model.
-    #[arg(long, value_name = "URL")]
-    pub judge_url: Option<String>,
-
-    /// Bearer token for --judge-url.
-    #[arg(
-        long,
-        env = "CLAW_JUDGE_API_KEY",
-        hide_env_values = true,
-        value_name = "KEY"
-    )]
-    pub judge_api_key: Option<String>,
-
     /// The judge prompt file (default: the built-in prompts/judge-prm.txt).
     #[arg(long, value_name = "FILE")]
     pub prompt: Option<PathBuf>,
@@ -176,33 +148,8 @@ pub struct JudgeArgs {
     #[arg(long, default_value_t = 3, value_name = "M")]
     pub votes: usize,
 
-    /// Sampling temperature of the judge.
-    #[arg(long, default_value_t = 0.6)]
-    pub temperature: f32,
-
-    /// Most tokens per judge reply.
-    #[arg(long, default_value_t = 1024, value_name = "N")]
-    pub max_tokens: usize,
-
-    /// Seconds one judge call may take.
-    #[arg(long, default_value_t = 120.0, value_name = "SECONDS")]
-    pub timeout: f64,
-
-    /// Extra attempts for a call that timed out or hit a server error (remote judges).
-    #[arg(long, default_value_t = 2, value_name = "N")]
-    pub retries: usize,
-
-    /// Most judge calls in flight at once (remote judges; a local model runs one).
-    #[arg(long, default_value_t = 4, value_name = "N")]
-    pub concurrency: usize,
-
-    /// Base seed of the judge's sampling.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-
-    /// CPU threads for a local judge (default: all cores).
-    #[arg(long, value_name = "N")]
-    pub threads: Option<usize>,
+    #[command(flatten)]
+    pub llm: LlmArgs,
 
     /// Print the summary as one JSON object: on stdout with -o FILE, else on stderr.
     #[arg(long)]
@@ -214,43 +161,14 @@ pub fn run(args: JudgeArgs) -> Result<()> {
         print!("{DEFAULT_PRM_PROMPT}");
         return Ok(());
     }
-    if let Some(threads) = args.threads {
-        anyhow::ensure!(threads > 0, "--threads must be at least 1");
-        // candle sizes its thread pool from this variable on first use.
-        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
-    }
-    anyhow::ensure!(
-        args.timeout.is_finite() && args.timeout > 0.0,
-        "--timeout must be a positive number of seconds"
-    );
-    let options = CallOptions {
-        votes: args.votes,
-        temperature: args.temperature,
-        max_tokens: args.max_tokens,
-        timeout: Duration::from_secs_f64(args.timeout),
-        retries: args.retries,
-        concurrency: args.concurrency,
-        seed: args.seed,
-        ..Default::default()
-    };
     // Check the prompt and the options before reading any input.
     let prompt = match &args.prompt {
         Some(path) => PromptTemplate::load(path, &PRM_VARS)?,
         None => PromptTemplate::parse(DEFAULT_PRM_PROMPT, "built-in prompt", &PRM_VARS)?,
     };
     let prm: Option<PrmFactory> = if args.sources.contains(&Source::Prm) {
-        anyhow::ensure!(options.votes >= 1, "--votes must be at least 1");
-        anyhow::ensure!(options.concurrency >= 1, "--concurrency must be at least 1");
-        let spec = BackendSpec {
-            model: args.judge_model.clone(),
-            adapter: args.judge_adapter.clone(),
-            weights: args.judge_weights,
-            url: args.judge_url.clone(),
-            api_key: args.judge_api_key.clone(),
-        };
-        if let Some(url) = &spec.url {
-            crate::judge::llm::endpoints(url)?; // a bad URL is a usage error, say so now
-        }
+        let options = args.llm.call_options(args.votes)?;
+        let spec = args.llm.clone();
         Some(Box::new(move || {
             let backend = spec.connect()?;
             let runner = VoteRunner::new(backend, options)?;
@@ -298,46 +216,6 @@ pub fn run(args: JudgeArgs) -> Result<()> {
         crate::info!("{}", summary.render());
     }
     Ok(())
-}
-
-/// How to reach the LLM judge; connected only when a turn first needs it.
-struct BackendSpec {
-    model: Option<String>,
-    adapter: Option<PathBuf>,
-    weights: WeightFormat,
-    url: Option<String>,
-    api_key: Option<String>,
-}
-
-impl BackendSpec {
-    fn connect(self) -> Result<Box<dyn ChatBackend>> {
-        if let Some(url) = &self.url {
-            let backend = RemoteBackend::connect(url, self.api_key, self.model)
-                .with_context(|| format!("connecting to the judge at {url}"))?;
-            crate::debug!("judge endpoint {}", backend.endpoint());
-            return Ok(Box::new(backend));
-        }
-        let explicit = self
-            .model
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("CLAW_MODEL").map(PathBuf::from));
-        let path = resolve_model_path(explicit.as_deref())?;
-        crate::debug!("loading the judge model {}", path.display());
-        let mut model = Model::load_with(&path, self.weights)
-            .with_context(|| format!("loading the judge model {}", path.display()))?;
-        if let Some(adapter_path) = &self.adapter {
-            let (adapter, _) = Adapter::load(adapter_path, &model.device)
-                .with_context(|| format!("loading the judge adapter {}", adapter_path.display()))?;
-            model.decoder = adapter.apply_for_serving(&model.decoder).with_context(|| {
-                format!("{} does not fit {}", adapter_path.display(), model.name)
-            })?;
-            // judge_source names both: prm:<model>+<adapter>
-            if let Some(stem) = adapter_path.file_stem() {
-                model.name = format!("{}+{}", model.name, stem.to_string_lossy());
-            }
-        }
-        Ok(Box::new(LocalBackend::new(model)))
-    }
 }
 
 /// A one-line progress report on stderr, only when stderr is a terminal (and not

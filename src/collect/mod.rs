@@ -487,14 +487,22 @@ fn write_pipelined(mut writer: RolloutWriter, gather: &Gather, samples: &[Sample
     std::thread::scope(|scope| {
         let (tx, rx) = std::sync::mpsc::sync_channel::<RecordBatch>(2);
         let encoder = scope.spawn(move || -> Result<RolloutWriter> {
+            let mut busy = std::time::Duration::ZERO;
             for batch in rx {
+                let t = Instant::now();
                 writer.write(&batch)?;
+                busy += t.elapsed();
             }
+            crate::debug!("collect: encoding took {:.2} s", busy.as_secs_f64());
             Ok(writer)
         });
         let mut gathered = Ok(());
+        let mut busy = std::time::Duration::ZERO;
         for chunk in samples.chunks(WRITE_BATCH_ROWS) {
-            match gather.batch(chunk) {
+            let t = Instant::now();
+            let batch = gather.batch(chunk);
+            busy += t.elapsed();
+            match batch {
                 Ok(batch) => {
                     if tx.send(batch).is_err() {
                         break; // the encoder failed; its error is reported below
@@ -507,6 +515,7 @@ fn write_pipelined(mut writer: RolloutWriter, gather: &Gather, samples: &[Sample
             }
         }
         drop(tx);
+        crate::debug!("collect: gathering took {:.2} s", busy.as_secs_f64());
         let writer = encoder
             .join()
             .map_err(|_| anyhow!("the Parquet writer thread panicked"))??;

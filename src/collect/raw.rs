@@ -13,6 +13,7 @@ use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{Int32Type, Int8Type, TimestampMillisecondType};
 use serde::de::{Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::Value as Json;
 
 use super::pair::{Event, EventKind, NextState, RowRef};
@@ -134,10 +135,17 @@ pub(crate) fn batch_events(batch: &RolloutBatch) -> Result<BatchEvents> {
 
 /// The next state a request carries: its last message, if that is a user or tool
 /// message, as (role, text). Errors if `messages_json` is not a JSON array.
+///
+/// Only the last message is parsed: the others are skipped as raw JSON (no
+/// strings are unescaped or copied), which matters because `messages_json` holds
+/// the whole conversation so far.
 pub(crate) fn last_message(messages_json: &str) -> Result<Option<NextState>> {
-    let last: LastOf = serde_json::from_str(messages_json)?;
-    Ok(last.0.and_then(|m| {
-        let role = m.role?;
+    let LastOf(last) = serde_json::from_str(messages_json)?;
+    let Some(raw) = last else {
+        return Ok(None);
+    };
+    let m: Message = serde_json::from_str(raw.get())?;
+    Ok(m.role.and_then(|role| {
         if role != "user" && role != "tool" {
             return None;
         }
@@ -175,26 +183,26 @@ struct Message {
     content: Option<Json>,
 }
 
-/// The last element of a JSON array of messages, without keeping the others.
-struct LastOf(Option<Message>);
+/// The last element of a JSON array, as raw JSON borrowed from the input.
+struct LastOf<'a>(Option<&'a RawValue>);
 
-impl<'de> Deserialize<'de> for LastOf {
+impl<'de: 'a, 'a> Deserialize<'de> for LastOf<'a> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = LastOf;
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = LastOf<'a>;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                 f.write_str("a JSON array of messages")
             }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<LastOf, A::Error> {
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<LastOf<'a>, A::Error> {
                 let mut last = None;
-                while let Some(m) = seq.next_element::<Message>()? {
+                while let Some(m) = seq.next_element::<&'de RawValue>()? {
                     last = Some(m);
                 }
                 Ok(LastOf(last))
             }
         }
-        d.deserialize_seq(V)
+        d.deserialize_seq(V(std::marker::PhantomData))
     }
 }
 

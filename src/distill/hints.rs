@@ -138,7 +138,8 @@ mod tests {
             Some("Check that the file exists before reading it.")
         );
         // The last box and the last hint count.
-        let vote = parse_hint_reply("\\boxed{1} [HINT_START]a long enough hint[HINT_END] no, \\boxed{-1}");
+        let vote =
+            parse_hint_reply("\\boxed{1} [HINT_START]a long enough hint[HINT_END] no, \\boxed{-1}");
         assert_eq!(vote.score, Some(-1));
         assert_eq!(vote.accepted_hint(), None);
         // 0 is not a hint-judge answer; short hints are not hints.
@@ -147,7 +148,10 @@ mod tests {
             parse_hint_reply("\\boxed{1}[HINT_START]too short[HINT_END]").accepted_hint(),
             None
         );
-        assert_eq!(parse_hint_reply("\\boxed{+1} no hint").accepted_hint(), None);
+        assert_eq!(
+            parse_hint_reply("\\boxed{+1} no hint").accepted_hint(),
+            None
+        );
         assert_eq!(parse_hint_reply("[HINT_END] [HINT_START]x").hint, None);
     }
 

@@ -130,6 +130,9 @@ pub struct Distiller {
     pub stats: DistillStats,
 }
 
+/// A row to score: its index, the teacher prompt ids and the response ids.
+type TeacherInput = (usize, Vec<u32>, Vec<u32>);
+
 /// What was decided for one row.
 struct Decision {
     hint: String,
@@ -141,7 +144,10 @@ impl Distiller {
     /// exact function; any format works).
     pub fn new(config: DistillConfig, model: Arc<Model>, judge: Option<HintJudge>) -> Result<Self> {
         if config.source != HintSource::Feedback {
-            anyhow::ensure!(judge.is_some(), "--hint-source judge/both needs a hint judge");
+            anyhow::ensure!(
+                judge.is_some(),
+                "--hint-source judge/both needs a hint judge"
+            );
         }
         Ok(Self {
             config,
@@ -187,7 +193,9 @@ impl Distiller {
         if !to_judge.is_empty() {
             self.judge_rows(&rows, &to_judge, &mut decisions)?;
         }
-        let accepted: Vec<usize> = (0..rows.len()).filter(|&i| decisions[i].is_some()).collect();
+        let accepted: Vec<usize> = (0..rows.len())
+            .filter(|&i| decisions[i].is_some())
+            .collect();
         if accepted.is_empty() {
             return Ok(batch.clone());
         }
@@ -289,7 +297,7 @@ impl Distiller {
         let started = std::time::Instant::now();
         let context = self.model.config.context_length;
         // Teacher prompts, grouped by the weights that score them.
-        let mut by_version: HashMap<i64, Vec<(usize, Vec<u32>, Vec<u32>)>> = HashMap::new();
+        let mut by_version: HashMap<i64, Vec<TeacherInput>> = HashMap::new();
         for &i in accepted {
             let row = &rows[i];
             let hint = &decisions[i].as_ref().context("decision")?.hint;
@@ -310,7 +318,10 @@ impl Distiller {
                 TeacherWeights::Policy => row.policy_version,
                 TeacherWeights::Base => 0,
             };
-            by_version.entry(version).or_default().push((i, prompt, response));
+            by_version
+                .entry(version)
+                .or_default()
+                .push((i, prompt, response));
         }
         for (version, items) in by_version {
             let decoder = self.teacher(version)?;
@@ -322,8 +333,12 @@ impl Distiller {
                 })
                 .collect();
             if self.config.topk > 0 {
-                let (lps, topk) =
-                    score::score_with_topk(&decoder, &seqs, self.config.topk, self.config.max_tokens)?;
+                let (lps, topk) = score::score_with_topk(
+                    &decoder,
+                    &seqs,
+                    self.config.topk,
+                    self.config.max_tokens,
+                )?;
                 for ((i, _, _), (lp, tk)) in items.iter().zip(lps.into_iter().zip(topk)) {
                     let (ids, lps): (Vec<_>, Vec<_>) = tk.into_iter().unzip();
                     rows[*i].teacher_logprobs = Some(lp);
@@ -389,7 +404,10 @@ impl Distiller {
             };
             self.teachers.insert(version, decoder);
         }
-        self.teachers.get(&version).cloned().context("teacher decoder")
+        self.teachers
+            .get(&version)
+            .cloned()
+            .context("teacher decoder")
     }
 }
 

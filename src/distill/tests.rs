@@ -149,11 +149,15 @@ fn judge_hints_become_teacher_logprobs_and_the_rest_passes_through() {
     let mut distiller =
         Distiller::new(config(HintSource::Judge), model.clone(), Some(judge())).unwrap();
     let out = distiller.process(&input, "test").unwrap();
-    assert_eq!(out.column_by_name("my_column").unwrap(), input.column_by_name("my_column").unwrap());
+    assert_eq!(
+        out.column_by_name("my_column").unwrap(),
+        input.column_by_name("my_column").unwrap()
+    );
     let got = rows_from_batch(&out).unwrap();
     let hint = "Give distances in kilometres, not miles.";
     assert_eq!(got[0].hint.as_deref(), Some(hint));
-    let candidates: Json = serde_json::from_str(got[0].hint_candidates_json.as_ref().unwrap()).unwrap();
+    let candidates: Json =
+        serde_json::from_str(got[0].hint_candidates_json.as_ref().unwrap()).unwrap();
     assert_eq!(candidates.as_array().unwrap().len(), 2, "both votes kept");
     let teacher = got[0].teacher_logprobs.as_ref().unwrap();
     assert_eq!(teacher.len(), rows[0].response_ids.len());
@@ -164,7 +168,13 @@ fn judge_hints_become_teacher_logprobs_and_the_rest_passes_through() {
     }
     let s = &distiller.stats;
     assert_eq!(
-        (s.accepted_from_judge, s.rejected_negative, s.rejected_short, s.rejected_invalid, s.no_hint_source),
+        (
+            s.accepted_from_judge,
+            s.rejected_negative,
+            s.rejected_short,
+            s.rejected_invalid,
+            s.no_hint_source
+        ),
         (1, 1, 1, 1, 1)
     );
     assert_eq!(s.judged, 4);
@@ -193,7 +203,10 @@ fn feedback_hints_need_no_judge_and_top_k_is_sorted() {
     let mut distiller = Distiller::new(cfg, model.clone(), None).unwrap();
     let got = rows_from_batch(&distiller.process(&batch_of(&rows), "test").unwrap()).unwrap();
     assert_eq!(got[0].hint.as_deref(), Some("Always answer in kilometres."));
-    assert_eq!(got[1].hint.as_deref(), Some("That is wrong, use kilometres."));
+    assert_eq!(
+        got[1].hint.as_deref(),
+        Some("That is wrong, use kilometres.")
+    );
     assert_eq!(got[2], rows[2]);
     assert_eq!(distiller.stats.accepted_from_feedback, 2);
     let ids = got[0].teacher_topk_ids.as_ref().unwrap();
@@ -235,14 +248,23 @@ fn the_teacher_uses_the_adapter_that_produced_the_response() {
     let mut cfg = config(HintSource::Feedback);
     cfg.checkpoints = Some(dir.path().to_path_buf());
     let mut distiller = Distiller::new(cfg, model.clone(), None).unwrap();
-    let got = rows_from_batch(&distiller.process(&batch_of(&[at_v3.clone(), at_v9.clone()]), "t").unwrap())
-        .unwrap();
+    let got = rows_from_batch(
+        &distiller
+            .process(&batch_of(&[at_v3.clone(), at_v9.clone()]), "t")
+            .unwrap(),
+    )
+    .unwrap();
     let with_adapter = adapter.apply_for_serving(&model.decoder).unwrap();
     let hint = "Always answer in kilometres.";
     let expected = expected_teacher(&model, &with_adapter, &at_v3, hint);
     let base = expected_teacher(&model, &model.decoder, &at_v3, hint);
     let teacher = got[0].teacher_logprobs.as_ref().unwrap();
-    let diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+    let diff = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    };
     assert!(diff(teacher, &expected) < 1e-5);
     assert!(diff(teacher, &base) > 1e-4, "the adapter must matter");
     // Version 9 has no checkpoint: scored by the base model, and counted.

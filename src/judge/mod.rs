@@ -30,10 +30,10 @@ use arrow::array::{
     Array, ArrayRef, AsArray, Float32Array, Int32Array, Int8Array, ListArray, RecordBatch,
     StringArray,
 };
-use arrow::datatypes::{Field, FieldRef, Float32Type, Int32Type, Int8Type, Schema, SchemaRef};
+use arrow::datatypes::{Float32Type, Int32Type, Int8Type, SchemaRef};
 use serde::Serialize;
 
-use crate::rollout::{column, RolloutBatch, COLUMNS};
+use crate::rollout::{set_columns, RolloutBatch};
 use llm::{CallStats, VoteItem, VoteRunner};
 use prompt::{clip_middle, PromptTemplate};
 
@@ -578,47 +578,8 @@ fn set_judge_columns(batch: &RecordBatch, cells: &[Cells]) -> Result<RecordBatch
                 .collect::<StringArray>(),
         ),
     ];
-    let schema = batch.schema();
-    let mut fields: Vec<FieldRef> = schema.fields().iter().cloned().collect();
-    let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
-    for (name, array) in JUDGE_COLUMNS.iter().zip(arrays) {
-        let spec = column(name).expect("judge columns are claw columns");
-        let field = |old: Option<&FieldRef>| -> FieldRef {
-            let f = Field::new(*name, spec.ty.data_type(), true);
-            Arc::new(match old {
-                Some(o) => f.with_metadata(o.metadata().clone()),
-                None => f,
-            })
-        };
-        if let Some(k) = fields.iter().position(|f| f.name() == name) {
-            fields[k] = field(Some(&fields[k]));
-            columns[k] = array;
-            continue;
-        }
-        let k = insert_position(&fields, name);
-        fields.insert(k, field(None));
-        columns.insert(k, array);
-    }
-    let out_schema = Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone()));
-    Ok(RecordBatch::try_new(out_schema, columns)?)
-}
-
-/// Where a missing claw column goes: before the first claw column that follows it
-/// in [`COLUMNS`] order, else right after the last claw column (so unknown
-/// columns at the end stay at the end).
-fn insert_position(fields: &[FieldRef], name: &str) -> usize {
-    let rank = |n: &str| COLUMNS.iter().position(|c| c.name == n);
-    let me = rank(name).expect("a claw column");
-    if let Some(k) = fields
-        .iter()
-        .position(|f| rank(f.name()).is_some_and(|r| r > me))
-    {
-        return k;
-    }
-    fields
-        .iter()
-        .rposition(|f| rank(f.name()).is_some())
-        .map_or(fields.len(), |k| k + 1)
+    let replacements: Vec<(&str, ArrayRef)> = JUDGE_COLUMNS.into_iter().zip(arrays).collect();
+    set_columns(batch, &replacements)
 }
 
 #[cfg(test)]

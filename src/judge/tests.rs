@@ -9,7 +9,7 @@ use arrow::datatypes::{DataType, Field, Schema};
 
 use super::llm::{CallError, CallOptions, ChatBackend, ChatRequest, Reply, VoteRunner};
 use super::*;
-use crate::rollout::{rows_from_batch, rows_to_batch, RolloutRow};
+use crate::rollout::{rows_from_batch, rows_to_batch, RolloutRow, COLUMNS};
 
 /// Replies from a script found in the judge prompt: a next state containing
 /// `script:a|b|c` gets `a`, then `b`, then `c` on successive calls (`!fail` is a

@@ -11,6 +11,7 @@ mod read;
 mod row;
 mod schema;
 mod segment;
+pub mod stream;
 mod write;
 
 pub use read::{
@@ -19,8 +20,8 @@ pub use read::{
 };
 pub use row::{rows_from_batch, rows_to_batch, RolloutRow};
 pub use schema::{
-    column, normalize_batch, schema, set_columns, type_name, validate_schema, Column, ColumnType, COLUMNS,
-    CREATED_AT_TZ, SCHEMA_TAG, SCHEMA_TAG_KEY,
+    column, normalize_batch, schema, set_columns, type_name, validate_schema, Column, ColumnType,
+    COLUMNS, CREATED_AT_TZ, SCHEMA_TAG, SCHEMA_TAG_KEY,
 };
 pub use segment::{
     parse_segment_file_name, segment_file_name, validate_writer_id, SegmentWriter,

@@ -2,12 +2,13 @@
 //! batches, and [`RolloutReader`] streaming over many inputs.
 //!
 //! Everything streams one record batch at a time through parquet's
-//! `ParquetRecordBatchReader`; only stdin is buffered whole, because Parquet keeps
-//! its index in a footer at the end and a pipe cannot seek.
+//! `ParquetRecordBatchReader`. Stdin is read one Parquet segment at a time (see
+//! [`super::stream`]): each is buffered whole, because Parquet keeps its index in
+//! a footer at the end and a pipe cannot seek.
 
 use std::collections::VecDeque;
 use std::fs::File;
-use std::io::{IsTerminal, Read};
+use std::io::IsTerminal;
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -24,6 +25,7 @@ use parquet::file::metadata::ParquetMetaData;
 
 use super::row::{rows_from_batch_at, RolloutRow};
 use super::schema::{normalize_batch_at, validate_schema, SCHEMA_TAG, SCHEMA_TAG_KEY};
+use super::stream::SegmentSplitter;
 
 /// Rows per record batch when reading. Rollout rows carry whole prompts and token
 /// lists (kilobytes each), so batches stay small enough to bound memory while
@@ -133,6 +135,15 @@ pub fn schema_tag_warning(tag: Option<&str>, source: &str) -> Option<String> {
     }
 }
 
+/// Stdin, unless it is a terminal (nobody types Parquet).
+fn stdin_checked() -> Result<std::io::Stdin> {
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        bail!("`-` means read a rollout from stdin, but stdin is a terminal: pipe a file in or name it");
+    }
+    Ok(stdin)
+}
+
 /// The bytes behind an open file: a file handle (read lazily, with seeks) or the
 /// buffered contents of stdin.
 enum Data {
@@ -156,15 +167,18 @@ impl RolloutFile {
         match input {
             Input::Path(path) => Self::open_path(path),
             Input::Stdin => {
-                let mut stdin = std::io::stdin();
-                if stdin.is_terminal() {
-                    bail!("`-` means read a rollout from stdin, but stdin is a terminal: pipe a file in or name it");
+                let mut segments = SegmentSplitter::new(stdin_checked()?, STDIN_NAME);
+                let first = segments.next_segment()?.with_context(|| {
+                    format!("{STDIN_NAME}: empty input (expected a Parquet rollout)")
+                })?;
+                if segments.next_segment()?.is_some() {
+                    bail!(
+                        "{STDIN_NAME}: holds several Parquet segments (a claw pipe stream); \
+                         this command reads one file: write the stream to a file with -o, \
+                         or read it with a stage (judge, distill-hints, train)"
+                    );
                 }
-                let mut buf = Vec::new();
-                stdin
-                    .read_to_end(&mut buf)
-                    .context("<stdin>: reading standard input")?;
-                Self::from_bytes(Bytes::from(buf), STDIN_NAME)
+                Self::from_bytes(first, STDIN_NAME)
             }
         }
     }
@@ -347,6 +361,9 @@ impl Iterator for FileBatches {
 pub struct RolloutReader {
     pending: VecDeque<Input>,
     current: Option<FileBatches>,
+    /// Stdin, read segment by segment as they arrive.
+    stdin: Option<SegmentSplitter<std::io::Stdin>>,
+    stdin_segments: usize,
     batch_size: usize,
 }
 
@@ -361,6 +378,8 @@ impl RolloutReader {
         RolloutReader {
             pending: inputs.into(),
             current: None,
+            stdin: None,
+            stdin_segments: 0,
             batch_size: DEFAULT_BATCH_SIZE,
         }
     }
@@ -397,7 +416,46 @@ impl Iterator for RolloutReader {
                     None => self.current = None,
                 }
             }
+            if let Some(stream) = &mut self.stdin {
+                match stream.next_segment() {
+                    Ok(Some(bytes)) => {
+                        self.stdin_segments += 1;
+                        let name = match self.stdin_segments {
+                            1 => STDIN_NAME.to_string(),
+                            n => format!("{STDIN_NAME} segment {n}"),
+                        };
+                        let opened = RolloutFile::from_bytes(bytes, &name)
+                            .and_then(|file| file.batches(self.batch_size, None));
+                        match opened {
+                            Ok(batches) => {
+                                self.current = Some(batches);
+                                continue;
+                            }
+                            Err(e) => return Some(Err(e)),
+                        }
+                    }
+                    Ok(None) => {
+                        self.stdin = None;
+                        if self.stdin_segments == 0 {
+                            return Some(Err(anyhow!(
+                                "{STDIN_NAME}: empty input (expected a Parquet rollout)"
+                            )));
+                        }
+                    }
+                    Err(e) => {
+                        self.stdin = None;
+                        return Some(Err(e));
+                    }
+                }
+            }
             let input = self.pending.pop_front()?;
+            if input == Input::Stdin {
+                match stdin_checked() {
+                    Ok(stdin) => self.stdin = Some(SegmentSplitter::new(stdin, STDIN_NAME)),
+                    Err(e) => return Some(Err(e)),
+                }
+                continue;
+            }
             let opened = RolloutFile::open(&input).and_then(|file| {
                 if let Some(warning) = file.schema_tag_warning() {
                     crate::warn!("{warning}");

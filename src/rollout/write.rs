@@ -84,6 +84,9 @@ pub struct RolloutWriter {
     writer: Option<ArrowWriter<Sink>>,
     schema: Option<SchemaRef>,
     rows: u64,
+    /// Stdout is a pipe: end a Parquet segment after every batch so the next
+    /// stage can start on it (see [`super::stream`]).
+    segments: bool,
 }
 
 impl RolloutWriter {
@@ -110,6 +113,7 @@ impl RolloutWriter {
             writer: None,
             schema: None,
             rows: 0,
+            segments: false,
         })
     }
 
@@ -120,12 +124,14 @@ impl RolloutWriter {
         if stdout.is_terminal() {
             bail!("refusing to write binary Parquet to a terminal: pipe stdout into another command, redirect it, or use -o FILE");
         }
+        let segments = stdout_is_pipe();
         Ok(RolloutWriter {
             target: Target::Stdout,
             sink: Some(Sink::Stdout(stdout)),
             writer: None,
             schema: None,
             rows: 0,
+            segments,
         })
     }
 
@@ -168,7 +174,11 @@ impl RolloutWriter {
         let name = self.name();
         let batch = normalize_batch(batch, &name)?;
         if self.writer.is_none() {
-            self.open(output_schema(&batch.schema()))?;
+            let schema = match &self.schema {
+                Some(s) => s.clone(), // later segments of a stream keep the first schema
+                None => output_schema(&batch.schema()),
+            };
+            self.open(schema)?;
         }
         let schema = self
             .schema
@@ -180,6 +190,24 @@ impl RolloutWriter {
             .write(&conformed)
             .with_context(|| format!("{name}: writing rows"))?;
         self.rows += conformed.num_rows() as u64;
+        if self.segments {
+            self.end_segment()?;
+        }
+        Ok(())
+    }
+
+    /// Finishes the current Parquet file on the pipe and flushes it, so the
+    /// reader at the other end can use it now.
+    fn end_segment(&mut self) -> Result<()> {
+        let name = self.name();
+        let Some(writer) = self.writer.take() else {
+            return Ok(());
+        };
+        let mut sink = writer
+            .into_inner()
+            .with_context(|| format!("{name}: writing the Parquet footer"))?;
+        sink.flush().with_context(|| format!("{name}: flush"))?;
+        self.sink = Some(sink);
         Ok(())
     }
 
@@ -225,6 +253,12 @@ impl RolloutWriter {
     /// rollout with the canonical schema. Returns the number of rows written.
     pub fn finish(mut self) -> Result<u64> {
         let name = self.name();
+        if self.segments && self.rows > 0 {
+            // Every segment is already complete and flushed.
+            self.end_segment()?;
+            self.target = Target::Stdout;
+            return Ok(self.rows);
+        }
         if self.writer.is_none() {
             self.open(schema())?;
         }
@@ -259,6 +293,18 @@ impl Drop for RolloutWriter {
             let _ = std::fs::remove_file(tmp);
         }
     }
+}
+
+/// Whether stdout is a pipe (FIFO) rather than a file or a socket.
+fn stdout_is_pipe() -> bool {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::FileTypeExt;
+    io::stdout()
+        .as_fd()
+        .try_clone_to_owned()
+        .map(File::from)
+        .and_then(|f| f.metadata())
+        .is_ok_and(|m| m.file_type().is_fifo())
 }
 
 /// The first batch's schema as the file's schema: tagged, and with required claw

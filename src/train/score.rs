@@ -31,13 +31,13 @@ pub fn response_logprobs(decoder: &Decoder, seqs: &[Sequence]) -> Result<Vec<Ten
         .collect()
 }
 
+/// (log-probs (tokens, vocab), target ids (tokens), per-sequence (start, len)).
+type Distributions = (Tensor, Tensor, Vec<(usize, usize)>);
+
 /// The full log-softmax over the vocabulary at every response position, stacked
 /// for all sequences: (total response tokens, vocab), with the target ids and
 /// each sequence's (start, len) span in it.
-fn response_distributions(
-    decoder: &Decoder,
-    seqs: &[Sequence],
-) -> Result<(Tensor, Tensor, Vec<(usize, usize)>)> {
+fn response_distributions(decoder: &Decoder, seqs: &[Sequence]) -> Result<Distributions> {
     anyhow::ensure!(!seqs.is_empty(), "nothing to score");
     let context = decoder.config.context_length;
     // Input i is prompt ++ response[..len-1]: position p+j-1 predicts response[j].

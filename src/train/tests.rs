@@ -267,9 +267,9 @@ fn first_token_logprob(trainer: &Trainer, token: u32) -> f32 {
 fn binary_rewards_raise_the_rewarded_token() {
     let model = tiny_model(WeightFormat::F32);
     let (good, bad) = (120u32, 121u32);
-    let batch: Vec<TrainSample> = (0..8)
+    let batch: Vec<TrainSample> = (0..8usize)
         .map(|i| {
-            let first = if i % 2 == 0 { good } else { bad };
+            let first = if i.is_multiple_of(2) { good } else { bad };
             TrainSample {
                 sample_id: format!("s{i}"),
                 prompt_ids: PROMPT.to_vec(),

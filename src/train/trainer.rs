@@ -103,7 +103,7 @@ enum Trainable {
     Lora(Adapter),
     /// Every parameter is a Var inside `decoder`.
     Full {
-        decoder: Decoder,
+        decoder: Box<Decoder>,
         vars: Vec<(String, Var)>,
     },
 }
@@ -158,7 +158,7 @@ impl Trainer {
                 })?;
                 (
                     Trainable::Full {
-                        decoder,
+                        decoder: Box::new(decoder),
                         vars: vars.clone(),
                     },
                     vars,
@@ -220,7 +220,7 @@ impl Trainer {
     pub fn policy(&self) -> Result<Decoder> {
         match &self.trainable {
             Trainable::Lora(adapter) => adapter.apply(&self.base),
-            Trainable::Full { decoder, .. } => Ok(decoder.clone()),
+            Trainable::Full { decoder, .. } => Ok(decoder.as_ref().clone()),
         }
     }
 
