@@ -6,9 +6,12 @@ Called by scripts/bench-serve, which owns the virtualenv and the cargo build; ru
 that script rather than this file. Standard library only on the client side.
 
 For each server and each concurrency level C (default 1, 4, 8), C client threads
-send the same chat request back to back (non-streaming, greedy, EOS suppressed so
-every reply has exactly --tokens tokens) until --requests-per-level requests have
-been answered. Reported per level:
+send the same chat request back to back (non-streaming, greedy, max_tokens
+--tokens; the prompt asks for a long answer, so replies run to max_tokens: a note
+says so when a server's replies were shorter) until --requests-per-level requests
+have been answered. EOS is not suppressed: llama-cpp-python's server can only do
+that with logit_bias, which it applies in a Python logits processor on every
+token and would slow it down unfairly. Reported per level:
   latency p50 / p99   seconds from sending a request to the end of its response
   tok/s               completion tokens of the level / wall time of the level
 Servers run one at a time with the same thread count; the levels of the servers
@@ -106,7 +109,7 @@ class ServerProcess:
         self.log_file.close()
 
 
-def request_body(args, eos_ids):
+def request_body(args):
     return json.dumps({
         "model": "bench",
         "messages": [
@@ -116,10 +119,6 @@ def request_body(args, eos_ids):
         "max_tokens": args.tokens,
         "temperature": 0,
         "seed": 1,
-        # claw's extension; llama-cpp-python ignores it...
-        "ignore_eos": True,
-        # ...and gets its EOS tokens suppressed instead (claw ignores logit_bias).
-        "logit_bias": {str(i): -100 for i in eos_ids},
     }).encode()
 
 
@@ -237,7 +236,6 @@ def main():
     # results[engine][level] = {"lat": [...], "tok": [...], "wall": float, "errors": [...]}
     results = {e: {c: {"lat": [], "tok": [], "wall": 0.0, "errors": []} for c in levels}
                for e in engines}
-    eos_ids = [0, 2]  # SmolLM2: <|endoftext|>, <|im_end|>
     servers = {}
     claw_data = None
     try:
@@ -249,7 +247,7 @@ def main():
         if not args.no_llamacpp:
             servers["llama.cpp"] = start_llamacpp(args, workdir)
             servers["llama.cpp"].wait_ready()
-        body = request_body(args, eos_ids)
+        body = request_body(args)
         # Warm-up: one request each (page in weights, first allocations).
         for e in engines:
             run_level(servers[e].port, body, 1, 1)
@@ -313,7 +311,7 @@ def main():
     if args.json:
         print(json.dumps(summary, indent=2))
         return
-    print(f"model {summary['model']}, {args.tokens} tokens a reply (greedy, EOS suppressed), "
+    print(f"model {summary['model']}, max_tokens {args.tokens} (greedy), "
           f"{args.threads} threads, {args.rounds} round(s) pooled")
     print()
     print("| clients | server | requests | p50 s | p99 s | tok/s | tok/s vs llama.cpp |")

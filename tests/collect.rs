@@ -213,11 +213,48 @@ fn raw_events_become_numbered_samples_with_next_state_and_feedback() {
         "{err}"
     );
 
-    // stdout works too, for pipelines.
+    // stdout works too, for pipelines (a stream of Parquet segments on a pipe).
     let piped = ok(claw(&["collect", s(&seg)]));
-    let bytes = bytes::Bytes::from(piped.stdout);
-    let file = claw::rollout::RolloutFile::from_bytes(bytes, "<stdout>").unwrap();
-    assert_eq!(file.num_rows(), 4);
+    assert_eq!(segment_rows(&piped.stdout), 4);
+}
+
+/// Rows in a stream of Parquet segments (what a claw stage writes to a pipe).
+fn segment_rows(bytes: &[u8]) -> u64 {
+    let mut split = claw::rollout::stream::SegmentSplitter::new(bytes, "<stdout>");
+    let mut rows = 0;
+    while let Some(segment) = split.next_segment().unwrap() {
+        rows += claw::rollout::RolloutFile::from_bytes(segment, "<stdout>")
+            .unwrap()
+            .num_rows();
+    }
+    rows
+}
+
+#[test]
+fn stdin_may_carry_several_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.parquet"), dir.path().join("b.parquet"));
+    write(&a, &[main_turn("s", "r1", 0, "q1")]);
+    write(&b, &[main_turn("s", "r2", 1, "q2")]);
+    let mut stream = std::fs::read(&a).unwrap();
+    stream.extend(std::fs::read(&b).unwrap());
+    let out = dir.path().join("out.parquet");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_claw"))
+        .args(["collect", "-", "-o", s(&out)])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), &stream).unwrap();
+    let done = ok(child.wait_with_output().unwrap());
+    let rows = read(&out);
+    assert_eq!(
+        keys(&rows),
+        [("s".into(), 1), ("s".into(), 2)],
+        "{}",
+        stderr(&done)
+    );
+    assert_eq!(next(&rows[0]), Some(("user", "q2")));
 }
 
 #[test]

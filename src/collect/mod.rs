@@ -43,12 +43,13 @@ use self::output::{Gather, Held};
 use self::pair::{Ms, RowRef};
 use self::raw::BatchEvents;
 use crate::model::resolve_model_path;
+use crate::rollout::stream::SegmentSplitter;
 use crate::rollout::{expand_inputs, rows_to_batch, Input, RolloutFile, RolloutWriter};
 
 /// Rows per record batch read from raw segments.
 const READ_BATCH_ROWS: usize = 4096;
 /// Rows per batch handed to the writer.
-const WRITE_BATCH_ROWS: usize = 8192;
+const WRITE_BATCH_ROWS: usize = 2048;
 /// Malformed lines reported one by one before the rest are only counted.
 const MAX_LINE_WARNINGS: usize = 10;
 
@@ -580,19 +581,30 @@ fn open_source(input: &Input, format: Format) -> Result<(Format, Option<Bytes>)>
 fn load_source(source: &Source, retokenizer: Option<&Retokenizer>) -> Result<Loaded> {
     match source.format {
         Format::Raw => {
-            let file = match &source.bytes {
-                Some(b) => RolloutFile::from_bytes(b.clone(), &source.name)?,
-                None => RolloutFile::open(&source.input)?,
+            // A pipe from another claw stage carries several Parquet segments back
+            // to back (see `rollout::stream`); a file is one.
+            let files = match &source.bytes {
+                Some(b) => {
+                    let mut split = SegmentSplitter::new(&b[..], &source.name);
+                    let mut files = Vec::new();
+                    while let Some(segment) = split.next_segment()? {
+                        files.push(RolloutFile::from_bytes(segment, &source.name)?);
+                    }
+                    files
+                }
+                None => vec![RolloutFile::open(&source.input)?],
             };
-            if let Some(w) = file.schema_tag_warning() {
-                crate::debug!("{w}");
-            }
             let mut batches = Vec::new();
             let mut rows = 0;
-            for batch in file.batches(READ_BATCH_ROWS, None)? {
-                let batch = batch?;
-                rows += batch.num_rows() as u64;
-                batches.push(raw::batch_events(&batch)?);
+            for file in files {
+                if let Some(w) = file.schema_tag_warning() {
+                    crate::debug!("{w}");
+                }
+                for batch in file.batches(READ_BATCH_ROWS, None)? {
+                    let batch = batch?;
+                    rows += batch.num_rows() as u64;
+                    batches.push(raw::batch_events(&batch)?);
+                }
             }
             Ok(Loaded::Raw { batches, rows })
         }

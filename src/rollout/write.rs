@@ -13,7 +13,7 @@ use arrow::datatypes::{Field, FieldRef, Schema, SchemaRef};
 use parquet::arrow::{ArrowSchemaConverter, ArrowWriter};
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::metadata::KeyValue;
-use parquet::file::properties::WriterProperties;
+use parquet::file::properties::{EnabledStatistics, WriterProperties};
 
 use super::row::{rows_to_batch, RolloutRow};
 use super::schema::{
@@ -26,8 +26,8 @@ use crate::fsutil::sync_parent_dir;
 const MAX_ROW_GROUP_ROWS: usize = 64 * 1024;
 const MAX_ROW_GROUP_BYTES: usize = 64 * 1024 * 1024;
 
-/// Text columns written without dictionary encoding (nearly every value is
-/// distinct); list columns never use it either.
+/// Text columns written without dictionary encoding or statistics (nearly every
+/// value is distinct, and long); list columns neither.
 const NO_DICTIONARY: [&str; 9] = [
     "messages_json",
     "tools_json",
@@ -229,14 +229,18 @@ impl RolloutWriter {
         // Dictionary encoding hashes every value: for token ids, log-probs and long
         // texts that halves write throughput for a few % of file size (zstd finds
         // the repeats anyway). Short repetitive columns (session_id, model, ...)
-        // keep it. Measured in BENCHMARKS.md (claw collect).
+        // keep it. Min/max statistics of those columns serve no query and cost
+        // comparisons of kilobyte strings (and footer space): off too. Measured in
+        // BENCHMARKS.md (claw collect).
         let leaves = ArrowSchemaConverter::new()
             .convert(&schema)
             .with_context(|| format!("{name}: converting the schema to Parquet"))?;
         for leaf in leaves.columns() {
             let root = leaf.path().parts().first().map(String::as_str);
             if leaf.max_rep_level() > 0 || root.is_some_and(|r| NO_DICTIONARY.contains(&r)) {
-                props = props.set_column_dictionary_enabled(leaf.path().clone(), false);
+                props = props
+                    .set_column_dictionary_enabled(leaf.path().clone(), false)
+                    .set_column_statistics_enabled(leaf.path().clone(), EnabledStatistics::None);
             }
         }
         let props = props.build();
