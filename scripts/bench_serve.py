@@ -18,8 +18,14 @@ Servers run one at a time with the same thread count; the levels of the servers
 are interleaved round by round (--rounds), so slow drift of a shared machine hits
 all of them alike, and the rounds are pooled.
 
-Recording overhead = claw with recording (the default) vs claw --no-record: the
-relative difference of mean latency and of tok/s, pooled over all levels and rounds.
+Recording overhead, claw (recording, the default) vs claw --no-record, measured
+three ways:
+  paired      --pairs rounds of one request to each (order alternating), one
+              client: the median of the per-pair latency ratios - 1. Robust to a
+              shared machine's drift, which the per-level numbers are not.
+  levels      mean latency and tok/s of the two, pooled over the levels.
+  recorder    CPU seconds of claw's recorder thread (Parquet encoding, zstd,
+              fsync; /proc/PID/task) as a share of the server's CPU seconds.
 """
 
 import argparse
@@ -198,6 +204,27 @@ def start_llamacpp(args, workdir):
     return ServerProcess("llama.cpp", cmd, port, workdir=workdir)
 
 
+def thread_cpu(pid):
+    """CPU seconds per thread name of a process (Linux /proc; {} elsewhere)."""
+    out = {}
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()
+        cpu = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+        out[name] = out.get(name, 0.0) + cpu
+    return out
+
+
 def count_rows(claw, data_dir):
     """Rows and segments recorded by a stopped claw server (`claw inspect --json`)."""
     raw = os.path.join(data_dir, "raw")
@@ -221,6 +248,7 @@ def main():
     ap.add_argument("--levels", default="1,4,8")
     ap.add_argument("--requests-per-level", default="6,12,16")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--pairs", type=int, default=20)
     ap.add_argument("--no-llamacpp", action="store_true")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -231,6 +259,7 @@ def main():
     if len(totals) != len(levels):
         raise SystemExit("--requests-per-level needs one number or one per level")
 
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     workdir = tempfile.mkdtemp(prefix="claw-bench-serve-")
     engines = ["claw", "claw --no-record"] + ([] if args.no_llamacpp else ["llama.cpp"])
     # results[engine][level] = {"lat": [...], "tok": [...], "wall": float, "errors": [...]}
@@ -238,6 +267,7 @@ def main():
                for e in engines}
     servers = {}
     claw_data = None
+    ratios, threads = [], {}
     try:
         log(f"bench-serve: starting servers (work dir {workdir})")
         servers["claw"], claw_data = start_claw(args, "claw", True, workdir)
@@ -264,13 +294,30 @@ def main():
                     r["errors"] += errors
                     log(f"bench-serve: round {rnd + 1} C={c} {e:17s} {len(lat)} req "
                         f"p50 {percentile(lat, 50):.3f}s  {sum(tok) / wall:.1f} tok/s")
+        ratios = []
+        on_port, off_port = servers["claw"].port, servers["claw --no-record"].port
+        for i in range(args.pairs):
+            order = [on_port, off_port] if i % 2 == 0 else [off_port, on_port]
+            lat = {}
+            for port in order:
+                got, _, _, errors = run_level(port, body, 1, 1)
+                if errors or not got:
+                    raise SystemExit(f"paired request failed: {errors}")
+                lat[port] = got[0]
+            ratios.append(lat[on_port] / lat[off_port])
+        if ratios:
+            log(f"bench-serve: {len(ratios)} pairs, median on/off latency ratio "
+                f"{statistics.median(ratios):.4f}")
+        threads = thread_cpu(servers["claw"].proc.pid)
     finally:
         for s in servers.values():
             s.stop()
     recorded, segments = count_rows(args.claw, claw_data) if claw_data else (None, 0)
 
+    load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     summary = {"model": os.path.basename(args.model), "tokens": args.tokens,
-               "threads": args.threads, "rounds": args.rounds, "levels": {}}
+               "threads": args.threads, "rounds": args.rounds, "cpus": os.cpu_count(),
+               "load_before": load_before, "load_after": load_after, "levels": {}}
     for c in levels:
         row = {}
         for e in engines:
@@ -294,11 +341,18 @@ def main():
     lat_on = sum(statistics.mean(results[on][c]["lat"]) for c in levels)
     lat_off = sum(statistics.mean(results[off][c]["lat"]) for c in levels)
     tps_on, tps_off = sum(pooled(on, "tok_s")), sum(pooled(off, "tok_s"))
+    recorder_cpu = threads.get("claw-recorder", 0.0)
+    server_cpu = sum(threads.values())
     summary["recording_overhead"] = {
+        "paired_pairs": len(ratios),
+        "paired_latency_pct": 100 * (statistics.median(ratios) - 1) if ratios else None,
+        "recorder_cpu_s": recorder_cpu,
+        "server_cpu_s": server_cpu,
+        "recorder_cpu_pct": 100 * recorder_cpu / server_cpu if server_cpu else None,
         "latency_pct": 100 * (lat_on / lat_off - 1),
         "throughput_pct": 100 * (1 - tps_on / tps_off),
         "rows_recorded": recorded,
-        "requests_answered": sum(len(results[on][c]["lat"]) for c in levels) + 1,
+        "requests_answered": sum(len(results[on][c]["lat"]) for c in levels) + 1 + len(ratios),
         "segments": segments,
     }
     if not args.no_llamacpp:
@@ -312,7 +366,8 @@ def main():
         print(json.dumps(summary, indent=2))
         return
     print(f"model {summary['model']}, max_tokens {args.tokens} (greedy), "
-          f"{args.threads} threads, {args.rounds} round(s) pooled")
+          f"{args.threads} threads, {args.rounds} round(s) pooled; {os.cpu_count()} CPUs, "
+          f"1-min load average {load_before:.2f} before, {load_after:.2f} after")
     print()
     print("| clients | server | requests | p50 s | p99 s | tok/s | tok/s vs llama.cpp |")
     print("|---:|---|---:|---:|---:|---:|---:|")
@@ -327,10 +382,17 @@ def main():
                   f"| {r['tok_s']:.1f} | {ratio} |")
     o = summary["recording_overhead"]
     print()
-    print(f"recording overhead: mean latency {o['latency_pct']:+.2f}%, "
-          f"throughput {o['throughput_pct']:+.2f}% (claw vs claw --no-record, all levels pooled); "
-          f"rows recorded {o['rows_recorded']} for {o['requests_answered']} answered requests "
-          f"in {o['segments']} segment(s)")
+    print("recording overhead (claw vs claw --no-record):")
+    if o["paired_latency_pct"] is not None:
+        print(f"  paired, 1 client:  latency {o['paired_latency_pct']:+.2f}% "
+              f"(median of {o['paired_pairs']} alternating pairs)")
+    if o["recorder_cpu_pct"] is not None:
+        print(f"  recorder thread:   {o['recorder_cpu_s']:.2f} CPU s of the server's "
+              f"{o['server_cpu_s']:.1f} ({o['recorder_cpu_pct']:.2f}%)")
+    print(f"  levels pooled:     mean latency {o['latency_pct']:+.2f}%, "
+          f"tok/s {-o['throughput_pct']:+.2f}% (noisy on a shared machine)")
+    print(f"  rows recorded {o['rows_recorded']} for {o['requests_answered']} answered "
+          f"requests, in {o['segments']} segment(s)")
     for c in levels:
         for e in engines:
             t = summary["levels"][c][e]["tokens_per_reply"]

@@ -10,7 +10,7 @@ use std::io::{Read, Seek};
 
 use anyhow::{Context, Result};
 use candle_core::quantized::{gguf_file, QTensor};
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Device, Module, Tensor};
 
 use super::config::{Architecture, ModelConfig};
 use super::kernels::dot_f32;
@@ -67,11 +67,12 @@ impl RmsNorm {
     fn forward(&self, x: &Tensor, kernels: Kernels) -> candle_core::Result<Tensor> {
         match kernels {
             Kernels::Fused => candle_nn::ops::rms_norm(x, &self.weight, self.eps as f32),
-            Kernels::Differentiable => {
-                let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
-                let normed = x.broadcast_div(&(mean_sq + self.eps)?.sqrt()?)?;
-                normed.broadcast_mul(&self.weight)
-            }
+            Kernels::Differentiable => x.contiguous()?.apply_op2(
+                &self.weight,
+                super::ops::RmsNormOp {
+                    eps: self.eps as f32,
+                },
+            ),
         }
     }
 }
@@ -80,9 +81,10 @@ impl RmsNorm {
 struct Rope {
     cos: Tensor,
     sin: Tensor,
-    /// cos/sin again as (positions, head_dim / 2) vectors, for the decode step.
-    cos_vec: Vec<f32>,
-    sin_vec: Vec<f32>,
+    /// cos/sin again as (positions, head_dim / 2) vectors, for the decode step
+    /// and the differentiable op.
+    cos_vec: std::sync::Arc<Vec<f32>>,
+    sin_vec: std::sync::Arc<Vec<f32>>,
     half: usize,
     layout: RopeLayout,
 }
@@ -100,8 +102,8 @@ impl Rope {
         let angles = positions.matmul(&inv_freq)?;
         let (cos, sin) = (angles.cos()?, angles.sin()?);
         Ok(Self {
-            cos_vec: cos.flatten_all()?.to_vec1()?,
-            sin_vec: sin.flatten_all()?.to_vec1()?,
+            cos_vec: std::sync::Arc::new(cos.flatten_all()?.to_vec1()?),
+            sin_vec: std::sync::Arc::new(sin.flatten_all()?.to_vec1()?),
             cos,
             sin,
             half,
@@ -135,9 +137,13 @@ impl Rope {
         use candle_nn::rotary_emb as re;
         match (self.layout, kernels) {
             (RopeLayout::Interleaved, Kernels::Fused) => re::rope_i(x, &cos, &sin),
-            (RopeLayout::Interleaved, Kernels::Differentiable) => re::rope_i_slow(x, &cos, &sin),
             (RopeLayout::Halves, Kernels::Fused) => re::rope(x, &cos, &sin),
-            (RopeLayout::Halves, Kernels::Differentiable) => re::rope_slow(x, &cos, &sin),
+            (layout, Kernels::Differentiable) => x.contiguous()?.apply_op1(super::ops::RopeOp {
+                cos: self.cos_vec.clone(),
+                sin: self.sin_vec.clone(),
+                offset,
+                interleaved: layout == RopeLayout::Interleaved,
+            }),
         }
     }
 }
@@ -844,16 +850,18 @@ impl Decoder {
         let group = heads / kv_heads;
         let q = q.reshape((batch, kv_heads, group * seq, dim))?;
         let scores = (q.matmul(&k.t()?)? * (1.0 / (dim as f64).sqrt()))?;
-        let scores = match mask {
-            Some(mask) => scores
-                .reshape((batch, kv_heads, group, seq, total))?
-                .broadcast_add(mask)?
-                .reshape((batch, kv_heads, group * seq, total))?,
-            None => scores,
-        };
-        let probs = match self.kernels {
-            Kernels::Fused => candle_nn::ops::softmax_last_dim(&scores)?,
-            Kernels::Differentiable => candle_nn::ops::softmax(&scores, D::Minus1)?,
+        let probs = match (self.kernels, mask) {
+            (Kernels::Fused, Some(mask)) => candle_nn::ops::softmax_last_dim(
+                &scores
+                    .reshape((batch, kv_heads, group, seq, total))?
+                    .broadcast_add(mask)?
+                    .reshape((batch, kv_heads, group * seq, total))?,
+            )?,
+            (Kernels::Fused, None) => candle_nn::ops::softmax_last_dim(&scores)?,
+            // The mask is built into the op (one pass, with its own backward).
+            (Kernels::Differentiable, _) => scores
+                .contiguous()?
+                .apply_op1(super::ops::CausalSoftmax { seq, offset })?,
         };
         let y = probs
             .matmul(&v)?

@@ -12,6 +12,7 @@ pub mod decoder;
 pub mod generate;
 pub mod kernels;
 pub mod linear;
+pub mod ops;
 pub mod sampling;
 pub mod template;
 pub mod testing;

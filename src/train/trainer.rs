@@ -253,15 +253,14 @@ impl Trainer {
         let seqs: Vec<Sequence> = batch.iter().map(TrainSample::sequence).collect();
         let budget = self.config.micro_batch_tokens;
         let rl = self.config.objective == Objective::Rl;
-        let (old, reference) = if rl {
-            let old = score::score(&self.frozen_policy()?, &seqs, budget)?;
-            let reference = match self.config.loss.beta_kl > 0.0 {
-                true => Some(score::score(&self.base, &seqs, budget)?),
-                false => None,
-            };
-            (old, reference)
-        } else {
-            (Vec::new(), None)
+        // logp_old is the policy's log-prob before this step. The step makes one
+        // update from one set of weights, so that is exactly the value of the
+        // grad-tracking pass below (detached): computing it in a separate no-grad
+        // forward, as multi-epoch PPO must, would cost a third of the step for the
+        // same numbers. The ratio is then 1 with the gradient of logp_new.
+        let reference = match rl && self.config.loss.beta_kl > 0.0 {
+            true => Some(score::score(&self.base, &seqs, budget)?),
+            false => None,
         };
         for sample in batch {
             if let Some(t) = &sample.teacher_logprobs {
@@ -291,10 +290,11 @@ impl Trainer {
                 let i = group.start + offset;
                 let sample = &batch[i];
                 let (loss_i, stats) = if rl {
+                    let old: Vec<f32> = new_i.to_vec1()?;
                     let signal = SampleSignal {
                         reward: sample.reward,
                         teacher: sample.teacher_logprobs.as_deref(),
-                        old: &old[i],
+                        old: &old,
                         reference: reference.as_ref().map(|r| r[i].as_slice()),
                     };
                     loss::policy_loss(&self.config.loss, new_i, &signal)?
