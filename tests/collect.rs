@@ -201,6 +201,7 @@ fn raw_events_become_numbered_samples_with_next_state_and_feedback() {
     assert_eq!(stats["turns"], 4);
     assert_eq!(stats["sessions"], 2);
     assert_eq!(stats["with_next_state"], 2);
+    assert_eq!(stats["next_state_roles"], json!({"tool": 1, "user": 1}));
     assert_eq!(stats["with_feedback"], 1);
     assert_eq!(stats["raw_rows"], 8);
     assert_eq!(stats["dropped"]["side_turn"], 1);

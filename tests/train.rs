@@ -474,3 +474,51 @@ fn real_model_training_logprobs_match_serving() {
         assert!(gap < bound, "{format:?}: gap {gap}");
     }
 }
+
+/// `--full` writes every weight; `--base-weights` starts a new run from them.
+#[test]
+fn full_finetuning_checkpoint_is_a_base_for_the_next_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let input = dir.path().join("s.parquet");
+    write_rows(
+        &input,
+        &(0..2).map(|i| sample(i, Some(1.0))).collect::<Vec<_>>(),
+    );
+    let full = dir.path().join("full");
+    run_ok(
+        claw()
+            .args([
+                "train",
+                "--full",
+                "--objective",
+                "sft",
+                "--batch-size",
+                "2",
+                "--lr",
+                "1e-3",
+            ])
+            .arg(&input)
+            .arg("--model")
+            .arg(&model)
+            .arg("--out")
+            .arg(&full),
+    );
+    let weights = full.join("model-000001.safetensors");
+    assert!(weights.is_file());
+    assert!(!full.join("LATEST").exists(), "LATEST names adapters only");
+    let (stdout, stderr) = run_ok(
+        claw()
+            .args(["train", "--objective", "sft", "--batch-size", "2", "--json"])
+            .arg(&input)
+            .arg("--model")
+            .arg(&model)
+            .arg("--base-weights")
+            .arg(&weights)
+            .arg("--out")
+            .arg(dir.path().join("lora")),
+    );
+    assert!(stderr.contains("base weights from"), "{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["steps"], 1);
+}

@@ -34,7 +34,8 @@ The rules (DESIGN.md section 4):
     text as its next state (next_state_role feedback).
   - A session ends with X-Session-Done, or after --session-timeout without events.
     Time is event time (created_at), never the clock on the wall, so a batch run
-    gives the same result whenever it runs.
+    gives the same result whenever it runs. A request in a session that has ended
+    starts it over at turn 1 (as claw serve's feedback numbering does).
   - At the end of the inputs, sessions still open are ended (--flush), or carried
     in --state FILE to the next run: run from cron over new segments, no turn is
     lost or written twice, and inputs already collected are skipped. Without

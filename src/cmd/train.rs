@@ -55,6 +55,11 @@ pub struct TrainArgs {
     /// GGUF base model.
     #[arg(long, env = "CLAW_MODEL")]
     pub model: Option<PathBuf>,
+    /// Float weights (safetensors, Hugging Face names) to start from instead of the
+    /// GGUF's own: a `model-NNNNNN.safetensors` of `--full`, or a float checkpoint
+    /// of the same architecture. The GGUF still gives the tokenizer and shapes.
+    #[arg(long, value_name = "FILE")]
+    pub base_weights: Option<PathBuf>,
     /// Checkpoint directory (LATEST, adapters, metrics.jsonl).
     #[arg(long, default_value = "./claw-data/checkpoints")]
     pub out: PathBuf,
@@ -160,7 +165,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
     anyhow::ensure!(args.grad_accum > 0, "--grad-accum must be at least 1");
     anyhow::ensure!(args.lora_rank > 0, "--lora-rank must be at least 1");
     let model_path = resolve_model_path(args.model.as_deref())?;
-    let model = Model::load_with(&model_path, WeightFormat::F32)?;
+    let mut model = Model::load_with(&model_path, WeightFormat::F32)?;
+    if let Some(path) = &args.base_weights {
+        model.decoder = checkpoint::load_full_weights(&model.decoder, path)?;
+        info!("base weights from {}", path.display());
+    }
     let lora = match args.full {
         true => None,
         false => Some(LoraConfig {

@@ -85,7 +85,10 @@ pub struct Stats {
     pub sessions: u64,
     /// Samples written (one per main turn).
     pub turns: u64,
+    /// Turns with a next state (any role).
     pub with_next_state: u64,
+    /// The same by `next_state_role` (`feedback`: no next request, feedback text).
+    pub next_state_roles: std::collections::BTreeMap<String, u64>,
     pub with_feedback: u64,
     /// Turns carried in from the state file.
     pub carried_in: u64,
@@ -122,13 +125,23 @@ impl Stats {
         if self.imported_lines > 0 {
             read.push(format!("{} imported lines", self.imported_lines));
         }
+        let roles: Vec<String> = self
+            .next_state_roles
+            .iter()
+            .map(|(role, n)| format!("{n} {role}"))
+            .collect();
         let mut s = format!(
-            "collect: {} from {} input(s) -> {} turns in {} sessions ({} with next state, {} with feedback)",
+            "collect: {} from {} input(s) -> {} turns in {} sessions ({} with next state{}, {} with feedback)",
             read.join(" + "),
             self.inputs,
             self.turns,
             self.sessions,
             self.with_next_state,
+            if roles.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", roles.join(", "))
+            },
             self.with_feedback
         );
         let d = &self.dropped;
@@ -460,7 +473,10 @@ pub fn collect(inputs: &[String], output: &str, cfg: &CollectConfig) -> Result<S
         }
         n
     };
-    stats.with_next_state = out.iter().filter(|s| s.next_state.is_some()).count() as u64;
+    for n in out.iter().filter_map(|s| s.next_state.as_ref()) {
+        stats.with_next_state += 1;
+        *stats.next_state_roles.entry(n.role.clone()).or_default() += 1;
+    }
     stats.with_feedback = out
         .iter()
         .filter(|s| s.feedback.is_some() || s.feedback_text.is_some())

@@ -231,3 +231,43 @@ mod tests {
         assert!(latest_in(dir.path()).is_err());
     }
 }
+
+/// `decoder` with its weights replaced by a safetensors file of Hugging Face
+/// names (`model.embed_tokens.weight`, `model.layers.N.self_attn.q_proj.weight`,
+/// …): a full fine-tuning checkpoint of `claw train --full`, or a float
+/// checkpoint of the same architecture. Returns the decoder in the HF layout.
+/// Every parameter must be present with its shape; extra tensors are an error
+/// too (they would mean a different architecture).
+pub fn load_full_weights(
+    decoder: &crate::model::Decoder,
+    path: &Path,
+) -> Result<crate::model::Decoder> {
+    let mut tensors = candle_core::safetensors::load(path, &Device::Cpu)
+        .with_context(|| format!("cannot read weights {}", path.display()))?;
+    let base = decoder.to_float()?.to_hf_layout()?;
+    let loaded = base.map_parameters(|name, current| {
+        let t = tensors
+            .remove(name)
+            .with_context(|| format!("{}: no tensor {name}", path.display()))?
+            .to_dtype(candle_core::DType::F32)?;
+        anyhow::ensure!(
+            t.dims() == current.dims(),
+            "{}: {name} has shape {:?}, the model needs {:?}",
+            path.display(),
+            t.dims(),
+            current.dims()
+        );
+        Ok(t)
+    })?;
+    // A tied model's head is the embedding; an untied checkpoint's lm_head would
+    // be left over.
+    tensors.remove("lm_head.weight");
+    if let Some(extra) = tensors.keys().next() {
+        anyhow::bail!(
+            "{}: unexpected tensor {extra} (and {} more): not this model's architecture",
+            path.display(),
+            tensors.len() - 1
+        );
+    }
+    Ok(loaded)
+}

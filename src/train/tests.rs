@@ -462,3 +462,43 @@ fn a_saved_adapter_serves_on_the_packed_model_like_the_trainer_scores() {
     assert!(super::checkpoint::load_optimizer_state(&path, resumed.optimizer_mut(), 1).unwrap());
     assert_eq!(resumed.steps(), 1);
 }
+
+#[test]
+fn a_full_checkpoint_loads_back_as_the_same_model() {
+    let model = tiny_model(WeightFormat::F32);
+    let mut cfg = config(Objective::Sft, 1e-2);
+    cfg.lora = None;
+    let mut trainer = Trainer::new(&model.decoder, cfg, None).unwrap();
+    let batch = vec![TrainSample {
+        prompt_ids: PROMPT.to_vec(),
+        response_ids: vec![150, 151, 2],
+        ..Default::default()
+    }];
+    trainer.step(&batch).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = super::checkpoint::CheckpointDir::create(dir.path()).unwrap();
+    let path = ckpt
+        .save_full(&trainer.full_parameters().unwrap(), 1)
+        .unwrap();
+    let loaded = super::checkpoint::load_full_weights(&model.decoder, &path).unwrap();
+    let ids = [1u32, 104, 105, 106];
+    let d = max_diff(
+        &logits(&trainer.frozen_policy().unwrap(), &ids),
+        &logits(&loaded, &ids),
+    );
+    assert!(d < 1e-5, "reloaded full weights differ by {d}");
+    assert!(max_diff(&logits(&model.decoder, &ids), &logits(&loaded, &ids)) > 1e-4);
+    // A file for another architecture is refused with the tensor's name.
+    let other = dir.path().join("other.safetensors");
+    let t = Tensor::zeros((3, 3), candle_core::DType::F32, &Device::Cpu).unwrap();
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("model.embed_tokens.weight", t)]),
+        &other,
+    )
+    .unwrap();
+    let err = super::checkpoint::load_full_weights(&model.decoder, &other).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("model.embed_tokens.weight"),
+        "{err:#}"
+    );
+}
