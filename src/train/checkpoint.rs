@@ -208,30 +208,6 @@ pub fn load_optimizer_state(adapter_path: &Path, optim: &mut AdamW, step: u64) -
     Ok(true)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names_round_trip() {
-        assert_eq!(adapter_file_name(12), "adapter-000012.safetensors");
-        assert_eq!(parse_adapter_step("adapter-000012.safetensors"), Some(12));
-        assert_eq!(parse_adapter_step("adapter-000012.optim.safetensors"), None);
-        assert_eq!(
-            optim_path(Path::new("d/adapter-000003.safetensors")),
-            Path::new("d/adapter-000003.optim.safetensors")
-        );
-    }
-
-    #[test]
-    fn latest_rejects_paths() {
-        let dir = tempfile::tempdir().unwrap();
-        assert_eq!(latest_in(dir.path()).unwrap(), None);
-        std::fs::write(dir.path().join(LATEST), "../etc/passwd\n").unwrap();
-        assert!(latest_in(dir.path()).is_err());
-    }
-}
-
 /// `decoder` with its weights replaced by a safetensors file of Hugging Face
 /// names (`model.embed_tokens.weight`, `model.layers.N.self_attn.q_proj.weight`,
 /// …): a full fine-tuning checkpoint of `claw train --full`, or a float
@@ -270,4 +246,28 @@ pub fn load_full_weights(
         );
     }
     Ok(loaded)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        assert_eq!(adapter_file_name(12), "adapter-000012.safetensors");
+        assert_eq!(parse_adapter_step("adapter-000012.safetensors"), Some(12));
+        assert_eq!(parse_adapter_step("adapter-000012.optim.safetensors"), None);
+        assert_eq!(
+            optim_path(Path::new("d/adapter-000003.safetensors")),
+            Path::new("d/adapter-000003.optim.safetensors")
+        );
+    }
+
+    #[test]
+    fn latest_rejects_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(latest_in(dir.path()).unwrap(), None);
+        std::fs::write(dir.path().join(LATEST), "../etc/passwd\n").unwrap();
+        assert!(latest_in(dir.path()).is_err());
+    }
 }
