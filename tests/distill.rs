@@ -4,22 +4,14 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
-use claw::model::testing::{write_tiny_gguf, TinySpec};
-use claw::rollout::{RolloutReader, RolloutRow, RolloutWriter};
+use std::process::Stdio;
+
+mod common;
+
+use claw::rollout::RolloutRow;
+use common::*;
 use serde_json::json;
-
-fn claw() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_claw"))
-}
-
-fn tiny_model(dir: &Path) -> PathBuf {
-    let path = dir.join("tiny.gguf");
-    write_tiny_gguf(&path, &TinySpec::default()).unwrap();
-    path
-}
 
 fn row(id: &str, next_state: Option<&str>, feedback_text: Option<&str>) -> RolloutRow {
     RolloutRow {
@@ -40,19 +32,6 @@ fn row(id: &str, next_state: Option<&str>, feedback_text: Option<&str>) -> Rollo
         feedback_text: feedback_text.map(str::to_string),
         ..Default::default()
     }
-}
-
-fn write_rows(path: &Path, rows: &[RolloutRow]) {
-    let mut w = RolloutWriter::file(path).unwrap();
-    w.write_rows(rows).unwrap();
-    w.finish().unwrap();
-}
-
-fn read_rows(path: &Path) -> Vec<RolloutRow> {
-    RolloutReader::new(&[path.to_string_lossy().into_owned()])
-        .unwrap()
-        .read_all_rows()
-        .unwrap()
 }
 
 /// A one-thread HTTP server that answers every chat completion by looking at

@@ -2,34 +2,12 @@
 //! and the adapter's effect on the model; plus the real default model (SFT on a
 //! persona fixture lowers the held-out loss; one 16-sample RL step is timed).
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
-use claw::model::testing::{write_tiny_gguf, TinySpec};
-use claw::rollout::{RolloutRow, RolloutWriter};
+mod common;
 
-fn claw() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_claw"))
-}
-
-fn tiny_model(dir: &Path) -> PathBuf {
-    let path = dir.join("tiny.gguf");
-    write_tiny_gguf(&path, &TinySpec::default()).unwrap();
-    path
-}
-
-fn real_model() -> Option<PathBuf> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if path.is_file() {
-        Some(path)
-    } else {
-        eprintln!(
-            "SKIP: {} is absent (run scripts/fetch-model)",
-            path.display()
-        );
-        None
-    }
-}
+use claw::rollout::RolloutRow;
+use common::*;
 
 fn sample(i: usize, reward: Option<f32>) -> RolloutRow {
     RolloutRow {
@@ -53,13 +31,7 @@ fn sample(i: usize, reward: Option<f32>) -> RolloutRow {
     }
 }
 
-fn write_rows(path: &Path, rows: &[RolloutRow]) {
-    let mut w = RolloutWriter::file(path).unwrap();
-    w.write_rows(rows).unwrap();
-    w.finish().unwrap();
-}
-
-fn run_ok(cmd: &mut Command) -> (String, String) {
+fn run_ok(cmd: &mut std::process::Command) -> (String, String) {
     let out = cmd.output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();

@@ -139,17 +139,26 @@ impl Adapter {
         Ok(Self { config, pairs })
     }
 
-    /// Every trainable tensor.
-    pub fn vars(&self) -> Vec<Var> {
+    /// Every trainable tensor under its PEFT name (as saved).
+    pub fn named_vars(&self) -> Vec<(String, Var)> {
         self.pairs
             .iter()
-            .flat_map(|p| [p.a.clone(), p.b.clone()])
+            .flat_map(|p| {
+                let prefix = p.peft_prefix();
+                [
+                    (format!("{prefix}.lora_A.weight"), p.a.clone()),
+                    (format!("{prefix}.lora_B.weight"), p.b.clone()),
+                ]
+            })
             .collect()
     }
 
-    /// Number of trainable parameters.
-    pub fn num_parameters(&self) -> usize {
-        self.vars().iter().map(|v| v.elem_count()).sum()
+    /// The tensors under PEFT's names.
+    pub fn named_tensors(&self) -> BTreeMap<String, Tensor> {
+        self.named_vars()
+            .into_iter()
+            .map(|(name, var)| (name, var.as_tensor().clone()))
+            .collect()
     }
 
     /// `decoder` with this adapter on, for training: gradients reach A and B.
@@ -207,23 +216,6 @@ impl Adapter {
             )?;
         }
         Ok(out)
-    }
-
-    /// The tensors under PEFT's names.
-    pub fn named_tensors(&self) -> BTreeMap<String, Tensor> {
-        let mut out = BTreeMap::new();
-        for pair in &self.pairs {
-            let prefix = pair.peft_prefix();
-            out.insert(
-                format!("{prefix}.lora_A.weight"),
-                pair.a.as_tensor().clone(),
-            );
-            out.insert(
-                format!("{prefix}.lora_B.weight"),
-                pair.b.as_tensor().clone(),
-            );
-        }
-        out
     }
 
     /// Serializes to safetensors bytes (with PEFT's `format: pt` metadata).

@@ -131,17 +131,7 @@ impl Trainer {
                     Some(a) => a,
                     None => Adapter::new(&base, lora.clone(), config.seed)?,
                 };
-                let vars = adapter
-                    .pairs
-                    .iter()
-                    .flat_map(|p| {
-                        let prefix = p.peft_prefix();
-                        [
-                            (format!("{prefix}.lora_A.weight"), p.a.clone()),
-                            (format!("{prefix}.lora_B.weight"), p.b.clone()),
-                        ]
-                    })
-                    .collect();
+                let vars = adapter.named_vars();
                 (Trainable::Lora(adapter), vars)
             }
             None => {
@@ -197,17 +187,7 @@ impl Trainer {
     /// Every trainable tensor with its checkpoint name.
     pub fn named_vars(&self) -> Vec<(String, Var)> {
         match &self.trainable {
-            Trainable::Lora(a) => a
-                .pairs
-                .iter()
-                .flat_map(|p| {
-                    let prefix = p.peft_prefix();
-                    [
-                        (format!("{prefix}.lora_A.weight"), p.a.clone()),
-                        (format!("{prefix}.lora_B.weight"), p.b.clone()),
-                    ]
-                })
-                .collect(),
+            Trainable::Lora(a) => a.named_vars(),
             Trainable::Full { vars, .. } => vars.clone(),
         }
     }
