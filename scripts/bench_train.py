@@ -13,7 +13,10 @@ The workload (the same for both sides):
   * LoRA rank 16, alpha 32, no dropout, on q,k,v,o,gate,up,down;
   * AdamW lr 1e-4, betas (0.9, 0.98), eps 1e-8, weight decay 0.1; grad clip 1.0;
   * S optimizer steps. One step is what `claw train` does:
-      1. a no-grad forward of the batch: logp_old of every response token;
+      1. logp_old of every response token: the policy's before the step, i.e. the
+         values of the grad pass below, detached (claw since commit ea03edd; with
+         --separate-old-pass PyTorch computes them in a no-grad forward first, as
+         claw did before);
       2. forward + backward of the clipped PPO loss (ratio = exp(new - old),
          advantage = reward on every token, clip 1-0.2 / 1+0.28), per-sample token
          mean, then batch mean; micro-batches of at most --micro-batch-tokens
@@ -23,8 +26,11 @@ The workload (the same for both sides):
     the rows that predict response tokens (both sides).
 
 Measured for each side, in a child process of this one:
-  * seconds per step: the median over steps 2..S (step 1 is a warm-up) when S > 1;
-    claw's from DIR/metrics.jsonl, PyTorch's from time.perf_counter around the step;
+  * seconds per step: the median over steps 2..S (step 1 is a warm-up) when S > 1,
+    of the quiet ones if any (other processes used under 0.3 cores during the step:
+    the machine is shared); with --rounds N the fastest round (contention only slows
+    a run down). claw's from DIR/metrics.jsonl, PyTorch's from time.perf_counter
+    around the step;
   * tokens/s = B * (P + R) / (seconds per step): prompt and response tokens of the
     batch, the same count for both sides (response-only tokens/s is printed too);
   * memory (Linux VmHWM, the counter behind getrusage's ru_maxrss and GNU time's
@@ -318,10 +324,14 @@ def other_during(samples, start, end):
     return max(0.0, (b[1] - a[1]) - (b[2] - a[2])) / (b[0] - a[0])
 
 
-def steady(seconds):
-    """Median seconds per step, the first step excluded when there are more."""
-    xs = seconds[1:] if len(seconds) > 1 else seconds
-    return statistics.median(xs)
+def steady(seconds, other):
+    """Median seconds per step, the first step (warm-up) excluded when there are more;
+    of the quiet steps (other processes under QUIET_CORES) when there are any.
+    Returns (seconds, number of steps in the median, whether they were all quiet)."""
+    idx = list(range(1, len(seconds))) if len(seconds) > 1 else [0]
+    quiet = [i for i in idx if i < len(other) and other[i] is not None and other[i] < QUIET_CORES]
+    use = quiet or idx
+    return statistics.median(seconds[i] for i in use), len(use), bool(quiet)
 
 
 # --------------------------------------------------------------------------- claw side
@@ -370,7 +380,9 @@ def bench_torch(args, rollout, workdir):
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--model", args.model,
            "--rollout", rollout, "--batch", str(args.batch), "--steps", str(args.steps),
            "--threads", str(args.threads), "--micro-batch-tokens", str(args.micro_batch_tokens),
-           "--worker-out", result_path]
+           "--seed", str(args.seed), "--worker-out", result_path]
+    if args.separate_old_pass:
+        cmd.append("--separate-old-pass")
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
                TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     log("pytorch: " + " ".join(cmd))
@@ -389,6 +401,7 @@ def worker(args):
     import torch
 
     torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)  # PEFT's LoRA A initialisation
     import transformers
     import peft
     from peft import LoraConfig, get_peft_model
@@ -445,11 +458,16 @@ def worker(args):
         samples = batches[step - 1]
         t0 = time.perf_counter()
         groups = token_groups(samples, args.micro_batch_tokens)
-        # 1. logp_old, no graph.
-        with torch.no_grad():
-            old = []
-            for g in groups:
-                old.extend(t.detach() for t in logprobs([samples[i] for i in g]))
+        # 1. logp_old: the policy's log-probs before this step. As in claw (and TRL
+        # with one update per batch) they are the values of the grad pass, detached;
+        # --separate-old-pass computes them in a no-grad forward first (claw before
+        # commit ea03edd did).
+        old = [None] * len(samples)
+        if args.separate_old_pass:
+            with torch.no_grad():
+                for g in groups:
+                    for off, t in enumerate(logprobs([samples[i] for i in g])):
+                        old[g.start + off] = t.detach()
         # 2. clipped PPO loss, per-sample token mean then batch mean, over micro-batches.
         loss_value = 0.0
         inv_b = 1.0 / len(samples)
@@ -458,6 +476,8 @@ def worker(args):
             total = None
             for off, new_i in enumerate(new):
                 i = g.start + off
+                if old[i] is None:
+                    old[i] = new_i.detach()
                 adv = samples[i]["reward"]
                 ratio = torch.exp(new_i - old[i])
                 clipped = ratio.clamp(1.0 - EPS_LOW, 1.0 + EPS_HIGH)
@@ -500,8 +520,10 @@ def worker(args):
 # --------------------------------------------------------------------------- report
 
 def summarize(res, batch, prompt_len, response_len):
-    s = steady(res["step_seconds"])
+    s, n, quiet = steady(res["step_seconds"], res.get("step_other_cores") or [])
     res["s_per_step"] = s
+    res["median_of_steps"] = n
+    res["quiet"] = quiet
     res["tokens_per_step"] = batch * (prompt_len + response_len)
     res["tokens_per_s"] = res["tokens_per_step"] / s
     res["response_tokens_per_s"] = res["response_tokens_per_step"][0] / s
@@ -517,10 +539,13 @@ def print_table(r, file=sys.stdout):
     p = lambda *a: print(*a, file=file)
     p(f"model:    {w['model']}")
     p(f"workload: batch {w['batch']} x (prompt {w['prompt']} + response {w['response']}) tokens, "
-      f"{w['steps']} steps (s/step = median of steps 2..{w['steps']}), {w['threads']} threads, "
+      f"{w['steps']} steps (s/step = median of steps 2..{w['steps']}, quiet ones if any), {w['threads']} threads, "
       f"micro-batch {w['micro_batch_tokens']} padded tokens")
     p(f"          LoRA r{LORA_RANK} alpha {LORA_ALPHA:g} on q,k,v,o,gate,up,down; clipped PPO; "
       f"AdamW lr {LR:g}; tokens/s counts prompt+response tokens ({w['batch'] * (w['prompt'] + w['response'])} a step)")
+    p("          logp_old: " + ("PyTorch from a separate no-grad forward (--separate-old-pass)"
+                             if w["torch_old_pass"] == "separate" else
+                             "from the grad pass, detached (one forward + backward a step)"))
     if r.get("versions"):
         v = r["versions"]
         p(f"pytorch:  torch {v['torch']}, transformers {v['transformers']}, peft {v['peft']}")
@@ -577,7 +602,7 @@ def main():
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--prompt", type=int, default=96)
     ap.add_argument("--response", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--micro-batch-tokens", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=0)
@@ -587,6 +612,9 @@ def main():
                     help="skip claw's --eval pass (the model check)")
     ap.add_argument("--max-wait", type=float, default=1800.0,
                     help="seconds to wait for running rustc processes before each side")
+    ap.add_argument("--separate-old-pass", action="store_true",
+                    help="PyTorch: logp_old from a separate no-grad forward (the step of "
+                         "claw before commit ea03edd) instead of the grad pass")
     ap.add_argument("--rounds", type=int, default=1,
                     help="run both sides N times, alternating; report each side's fastest")
     ap.add_argument("--json", action="store_true")
@@ -653,21 +681,23 @@ def main():
                 log(f"{name} failed: {e}")
                 res = {"side": name, "error": str(e).splitlines()[0][:200]}
             results[name].append(res)
-    # Contention only slows a run down: with several rounds, the fastest is reported.
+    # Contention only slows a run down: with several rounds, the fastest is reported
+    # (of those timed on quiet steps, if any).
     sides = []
     for name, _ in runs:
         ok = [r for r in results[name] if "error" not in r]
         if not ok:
             sides.append(results[name][-1])
             continue
-        best = min(ok, key=lambda r: r["s_per_step"])
+        best = min(ok, key=lambda r: (not r["quiet"], r["s_per_step"]))
         best["rounds_s_per_step"] = [r.get("s_per_step") for r in results[name]]
         sides.append(best)
 
     report = {
         "workload": {"model": args.model, "batch": args.batch, "prompt": args.prompt,
                      "response": args.response, "steps": args.steps, "threads": args.threads,
-                     "micro_batch_tokens": args.micro_batch_tokens, "seed": args.seed},
+                     "micro_batch_tokens": args.micro_batch_tokens, "seed": args.seed,
+                     "torch_old_pass": "separate" if args.separate_old_pass else "grad"},
         "sides": sides,
         "versions": versions,
     }
@@ -689,17 +719,15 @@ def main():
     for s in sides:
         if "error" in s:
             continue
-        timed = [x for x in s["step_other_cores"][1:] or s["step_other_cores"] if x is not None]
-        s["timed_other_cores"] = max(timed) if timed else None
-        quiet.append(f"{s['side']}: waited {s['waited_s']:.0f}s for a quiet machine, rustc seen "
-                     f"{s['rustc_seen_s']}s of {s['wall_s']:.0f}s, other processes used "
-                     f"{s['other_cores']:.2f} cores over the run, at most "
-                     f"{fmt(s['timed_other_cores'], '.2f')} during a timed step")
-    noisy = [s["side"] for s in sides
-             if "error" not in s and (s["timed_other_cores"] or 0) > QUIET_CORES]
+        quiet.append(f"{s['side']}: s/step is the median of {s['median_of_steps']} "
+                     f"{'quiet ' if s['quiet'] else ''}step(s) of round {s['round']}; waited "
+                     f"{s['waited_s']:.0f}s for a quiet machine; rustc seen {s['rustc_seen_s']}s "
+                     f"of {s['wall_s']:.0f}s; other processes used {s['other_cores']:.2f} cores "
+                     f"over the run")
+    noisy = [s["side"] for s in sides if "error" not in s and not s["quiet"]]
     if noisy:
-        quiet.append(f"NOISY: other processes used over {QUIET_CORES} cores during timed "
-                     f"steps of {', '.join(noisy)}: re-run on an idle machine (or --rounds N)")
+        quiet.append(f"NOISY: no timed step of {', '.join(noisy)} ran with other processes "
+                     f"under {QUIET_CORES} cores: re-run on an idle machine (or more --steps, --rounds)")
     report["quiet"] = "\n         ".join(quiet)
     report["load_average"] = os.getloadavg()
 

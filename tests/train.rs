@@ -494,3 +494,143 @@ fn full_finetuning_checkpoint_is_a_base_for_the_next_run() {
     let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(report["steps"], 1);
 }
+
+/// The loop closed: an adapter written by `claw train` is hot-loaded by a
+/// running `claw serve`, which then answers differently (here: what the SFT
+/// data taught it) and records the new policy version.
+#[test]
+fn a_trained_adapter_is_hot_loaded_by_serve_and_changes_its_answers() {
+    use std::io::{BufRead, BufReader};
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let model_path = tiny_model(dir.path());
+    let data = dir.path().join("data");
+    let mut server = claw()
+        .args(["serve", "--host", "127.0.0.1", "--port", "0", "-v"])
+        .args(["--reload-poll-ms", "100"])
+        .arg("--model")
+        .arg(&model_path)
+        .arg("--dir")
+        .arg(&data)
+        .env("RAYON_NUM_THREADS", "1")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = server.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(at) = line.find("listening on http://") {
+                let addr = line[at + "listening on ".len()..].split_whitespace().next();
+                let _ = tx.send(addr.unwrap_or_default().to_string());
+            }
+        }
+    });
+    let base = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("serve did not start");
+    let ask = || -> String {
+        let reply: serde_json::Value = ureq::post(&format!("{base}/v1/chat/completions"))
+            .send_json(serde_json::json!({
+                "messages": [{"role": "user", "content": "hi"}],
+                "temperature": 0, "max_tokens": 6,
+            }))
+            .unwrap()
+            .into_json()
+            .unwrap();
+        reply["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let before = ask();
+
+    // SFT data: this prompt should be answered with "hello".
+    let model = claw::model::Model::load(&model_path).unwrap();
+    let prompt = model
+        .template
+        .render(
+            &[serde_json::json!({"role": "user", "content": "hi"})],
+            None,
+            true,
+        )
+        .unwrap();
+    let prompt_ids: Vec<i32> = model
+        .tokenizer
+        .encode(&prompt)
+        .unwrap()
+        .iter()
+        .map(|&i| i as i32)
+        .collect();
+    let mut response_ids: Vec<i32> = model
+        .tokenizer
+        .encode("hello")
+        .unwrap()
+        .iter()
+        .map(|&i| i as i32)
+        .collect();
+    response_ids.push(2);
+    let rows: Vec<RolloutRow> = (0..4)
+        .map(|i| RolloutRow {
+            prompt_ids: prompt_ids.clone(),
+            response_ids: response_ids.clone(),
+            ..sample(i, None)
+        })
+        .collect();
+    let input = dir.path().join("sft.parquet");
+    write_rows(&input, &rows);
+    let (stdout, stderr) = run_ok(
+        claw()
+            .args([
+                "train",
+                "--objective",
+                "sft",
+                "--batch-size",
+                "4",
+                "--epochs",
+                "40",
+            ])
+            .args([
+                "--lr",
+                "1e-2",
+                "--lora-rank",
+                "8",
+                "--save-every",
+                "100",
+                "--json",
+            ])
+            .arg(&input)
+            .arg("--model")
+            .arg(&model_path)
+            .arg("--out")
+            .arg(data.join("checkpoints")),
+    );
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let steps = report["steps"].as_u64().unwrap();
+    assert!(report["last_loss"].as_f64().unwrap() < 0.5, "{stderr}");
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let health: serde_json::Value = ureq::get(&format!("{base}/healthz"))
+            .call()
+            .unwrap()
+            .into_json()
+            .unwrap();
+        if health["policy_version"].as_u64() == Some(steps) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "serve did not load step {steps}: {health}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let after = ask();
+    let _ = server.kill();
+    let _ = server.wait();
+    assert_ne!(before, after, "the adapter did not change the answer");
+    assert_eq!(
+        after, "hello",
+        "serve answers what the adapter was trained on"
+    );
+}

@@ -116,15 +116,24 @@ impl Gather {
 
     /// The rows of `samples`, in order, with the owned columns set from them.
     pub fn batch(&self, samples: &[Sample]) -> Result<RecordBatch> {
+        // `interleave` compares the type of every array it is given, so it gets
+        // only the held batches these rows come from, not all of them.
+        let mut used: Vec<u32> = samples.iter().map(|s| s.row.batch).collect();
+        used.sort_unstable();
+        used.dedup();
         let indices: Vec<(usize, usize)> = samples
             .iter()
-            .map(|s| (s.row.batch as usize, s.row.row as usize))
+            .map(|s| {
+                let local = used.binary_search(&s.row.batch).unwrap_or_default();
+                (local, s.row.row as usize)
+            })
             .collect();
         let mut columns: Vec<ArrayRef> = Vec::with_capacity(self.schema.fields().len());
         for (field, source) in self.schema.fields().iter().zip(&self.sources) {
             let array: ArrayRef = match source {
                 Some(arrays) => {
-                    let refs: Vec<&dyn Array> = arrays.iter().map(|a| a.as_ref()).collect();
+                    let refs: Vec<&dyn Array> =
+                        used.iter().map(|&b| arrays[b as usize].as_ref()).collect();
                     interleave(&refs, &indices)
                         .with_context(|| format!("gathering column `{}`", field.name()))?
                 }

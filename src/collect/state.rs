@@ -115,6 +115,10 @@ pub(crate) fn save(
     mut sessions: Vec<OpenSession>,
     gather: &Gather,
 ) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("{}: cannot create the directory", dir.display()))?;
+    }
     let generation = previous.map_or(0, |p| p.generation) + 1;
     let file_name = path
         .file_name()

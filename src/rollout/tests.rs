@@ -602,3 +602,39 @@ fn typed_rows_from_a_batch_ignore_extra_columns() {
     let back: Vec<RolloutRow> = serde_json::from_str(&json).unwrap();
     assert_eq!(back, tricky_rows());
 }
+
+#[test]
+fn large_batches_are_encoded_in_parallel_and_split_into_row_groups() {
+    // 70,000 rows in batches of 30,000 (the parallel path), then a few rows (the
+    // sequential one): two row groups of at most 64 Ki rows, every row back in
+    // order, nulls and nested lists included.
+    let mut rows: Vec<RolloutRow> = (0..70_000).map(row).collect();
+    for (i, r) in rows.iter_mut().enumerate().step_by(7) {
+        r.teacher_topk_ids = Some(vec![vec![i as i32], vec![]]);
+        r.reward = Some(1.0);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("big.parquet");
+    let mut w = RolloutWriter::file(&path).unwrap();
+    for chunk in rows.chunks(30_000) {
+        w.write_rows(chunk).unwrap();
+    }
+    let tail = tricky_rows();
+    w.write_rows(&tail).unwrap();
+    assert_eq!(w.finish().unwrap(), 70_003);
+    let file = RolloutFile::open_path(&path).unwrap();
+    let groups: Vec<i64> = file
+        .parquet_metadata()
+        .row_groups()
+        .iter()
+        .map(|g| g.num_rows())
+        .collect();
+    assert_eq!(groups, [65_536, 4_467]);
+    let back = RolloutReader::new(&[path.display().to_string()])
+        .unwrap()
+        .read_all_rows()
+        .unwrap();
+    rows.extend(tail);
+    assert_eq!(back.len(), rows.len());
+    assert!(back == rows, "rows differ after a parallel write");
+}

@@ -10,10 +10,15 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Context, Result};
 use arrow::array::RecordBatch;
 use arrow::datatypes::{Field, FieldRef, Schema, SchemaRef};
+use parquet::arrow::arrow_writer::{
+    compute_leaves, ArrowColumnChunk, ArrowColumnWriter, ArrowRowGroupWriterFactory,
+};
 use parquet::arrow::{ArrowSchemaConverter, ArrowWriter};
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use parquet::file::writer::SerializedFileWriter;
+use rayon::prelude::*;
 
 use super::row::{rows_to_batch, RolloutRow};
 use super::schema::{
@@ -81,7 +86,7 @@ pub struct RolloutWriter {
     target: Target,
     /// The opened destination, until the first batch fixes the schema.
     sink: Option<Sink>,
-    writer: Option<ArrowWriter<Sink>>,
+    writer: Option<Encoder>,
     schema: Option<SchemaRef>,
     rows: u64,
     /// Stdout is a pipe: end a Parquet segment after every batch so the next
@@ -244,7 +249,7 @@ impl RolloutWriter {
             }
         }
         let props = props.build();
-        let writer = ArrowWriter::try_new(sink, schema.clone(), Some(props))
+        let writer = Encoder::new(sink, schema.clone(), props)
             .with_context(|| format!("{name}: starting the Parquet writer"))?;
         self.writer = Some(writer);
         self.schema = Some(schema);
@@ -296,6 +301,108 @@ impl Drop for RolloutWriter {
             self.sink = None;
             let _ = std::fs::remove_file(tmp);
         }
+    }
+}
+
+/// Batches with fewer rows are encoded on the calling thread: serve's recorder
+/// writes a few rows at a time and should not wake the thread pool the model uses.
+const PARALLEL_MIN_ROWS: usize = 1024;
+
+/// One Parquet file being encoded, a row group at a time. The columns of a large
+/// batch are encoded in parallel (rayon): zstd-compressing the few wide columns
+/// (messages, prompt text, token ids) is most of the time a write takes, and
+/// ArrowWriter encodes them one after the other.
+struct Encoder {
+    file: SerializedFileWriter<Sink>,
+    factory: ArrowRowGroupWriterFactory,
+    schema: SchemaRef,
+    /// The open row group's column writers (one per leaf column).
+    group: Option<Vec<ArrowColumnWriter>>,
+    group_rows: usize,
+    groups: usize,
+}
+
+impl Encoder {
+    fn new(sink: Sink, schema: SchemaRef, props: WriterProperties) -> Result<Self> {
+        // ArrowWriter sets up the file (footer metadata with the Arrow schema);
+        // its lower-level halves are then driven column by column.
+        let (file, factory) =
+            ArrowWriter::try_new(sink, schema.clone(), Some(props))?.into_serialized_writer()?;
+        Ok(Encoder {
+            file,
+            factory,
+            schema,
+            group: None,
+            group_rows: 0,
+            groups: 0,
+        })
+    }
+
+    fn write(&mut self, batch: &RecordBatch) -> Result<()> {
+        let mut offset = 0;
+        while offset < batch.num_rows() {
+            let take = (MAX_ROW_GROUP_ROWS - self.group_rows).min(batch.num_rows() - offset);
+            self.write_part(&batch.slice(offset, take))?;
+            offset += take;
+            let bytes: usize = self
+                .group
+                .iter()
+                .flatten()
+                .map(ArrowColumnWriter::get_estimated_total_bytes)
+                .sum();
+            if self.group_rows >= MAX_ROW_GROUP_ROWS || bytes >= MAX_ROW_GROUP_BYTES {
+                self.flush_group()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn write_part(&mut self, part: &RecordBatch) -> Result<()> {
+        if self.group.is_none() {
+            self.group = Some(self.factory.create_column_writers(self.groups)?);
+        }
+        let writers = self.group.as_mut().expect("the row group was just opened");
+        let mut leaves = Vec::with_capacity(writers.len());
+        for (field, column) in self.schema.fields().iter().zip(part.columns()) {
+            leaves.extend(compute_leaves(field, column)?);
+        }
+        if part.num_rows() >= PARALLEL_MIN_ROWS {
+            writers
+                .par_iter_mut()
+                .zip(leaves.par_iter())
+                .try_for_each(|(w, leaf)| w.write(leaf))?;
+        } else {
+            for (w, leaf) in writers.iter_mut().zip(&leaves) {
+                w.write(leaf)?;
+            }
+        }
+        self.group_rows += part.num_rows();
+        Ok(())
+    }
+
+    /// Finishes the open row group (its last pages are compressed in parallel too).
+    fn flush_group(&mut self) -> Result<()> {
+        let Some(writers) = self.group.take() else {
+            return Ok(());
+        };
+        let chunks: Vec<ArrowColumnChunk> = writers
+            .into_par_iter()
+            .map(ArrowColumnWriter::close)
+            .collect::<Result<_, _>>()?;
+        let mut row_group = self.file.next_row_group()?;
+        for chunk in chunks {
+            chunk.append_to_row_group(&mut row_group)?;
+        }
+        row_group.close()?;
+        self.groups += 1;
+        self.group_rows = 0;
+        Ok(())
+    }
+
+    /// Writes the last row group and the footer; returns the sink.
+    fn into_inner(mut self) -> Result<Sink> {
+        self.flush_group()?;
+        Ok(self.file.into_inner()?)
     }
 }
 
