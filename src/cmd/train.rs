@@ -161,6 +161,7 @@ struct Report<'a> {
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
+    keep_freed_memory();
     anyhow::ensure!(args.batch_size > 0, "--batch-size must be at least 1");
     anyhow::ensure!(args.grad_accum > 0, "--grad-accum must be at least 1");
     anyhow::ensure!(args.lora_rank > 0, "--lora-rank must be at least 1");
@@ -345,6 +346,21 @@ pub fn run(args: TrainArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     }
     Ok(())
+}
+
+/// Tells glibc to keep freed memory in the process. A step frees and reallocates
+/// the same gigabytes of activations; by default glibc hands large blocks back to
+/// the OS and the next step faults them in again, zero-filled by the kernel:
+/// `perf` put 38% of a step there, and these settings made the step 1.6x faster
+/// (BENCHMARKS.md, training step).
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; called before training allocates.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_TOP_PAD, 1 << 30);
+    }
 }
 
 /// A new trainer, or with --resume the one LATEST names (adapter + optimizer state).
