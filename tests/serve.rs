@@ -336,6 +336,18 @@ fn chat_streaming_feedback_and_exact_recording() {
     assert!(lps
         .iter()
         .all(|l| l["logprob"].as_f64().unwrap() <= 0.0 && l["top_logprobs"].is_array()));
+    // top_logprobs: 2 alternatives per token, most likely first, the best at least
+    // as likely as the sampled token.
+    for l in lps {
+        let top = l["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 2, "{l}");
+        let (a, b) = (
+            top[0]["logprob"].as_f64().unwrap(),
+            top[1]["logprob"].as_f64().unwrap(),
+        );
+        assert!(a >= b && a >= l["logprob"].as_f64().unwrap() - 1e-6, "{l}");
+        assert!(top[0]["token"].is_string() && top[0]["bytes"].is_array());
+    }
 
     // Streaming, with usage; session and turn type from the body, stripped before templating.
     let reply = server.post(

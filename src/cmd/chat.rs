@@ -87,6 +87,7 @@ pub fn run(args: ChatArgs) -> Result<()> {
         max_tokens: args.max_tokens,
         stop: args.stop.clone(),
         ignore_eos: args.ignore_eos,
+        top_logprobs: 0,
     };
     params.validate()?;
     let path = resolve_model_path(args.model.as_deref())?;

@@ -405,10 +405,14 @@ pub fn collect(inputs: &[String], output: &str, cfg: &CollectConfig) -> Result<S
     }
 
     crate::debug!(
-        "collect: read {} inputs, {} events in {:.2} s",
+        "collect: read {} inputs, {} events in {:.2} s; holding {} MiB of rows",
         stats.inputs,
         events.len(),
-        started.elapsed().as_secs_f64()
+        started.elapsed().as_secs_f64(),
+        held.iter()
+            .map(|h| h.batch.get_array_memory_size())
+            .sum::<usize>()
+            >> 20
     );
     // Pair, in event time order (the sort is stable: ties keep input order).
     events.sort_by_key(|e| e.time);

@@ -64,6 +64,9 @@ pub struct Generation {
     /// Log-prob of each sampled token under the model's unmodified softmax
     /// (before temperature/top-k/top-p), one per entry of `token_ids`.
     pub logprobs: Vec<f32>,
+    /// With `top_logprobs > 0`: the most likely tokens at each step, one list per
+    /// entry of `token_ids`.
+    pub top_logprobs: Vec<Vec<(u32, f32)>>,
     /// The reply text: special tokens and any stop string (and what follows) removed.
     pub text: String,
     pub finish_reason: FinishReason,
@@ -140,6 +143,7 @@ impl Model {
         let decode_start = Instant::now();
         let mut token_ids = Vec::new();
         let mut logprobs = Vec::new();
+        let mut top_logprobs = Vec::new();
         let mut text = StreamDecoder::new();
         let mut released = 0; // bytes of text already given to on_text
         let mut finish = FinishReason::Length;
@@ -148,6 +152,9 @@ impl Model {
             let sampled = sampler.sample(&logits);
             token_ids.push(sampled.token);
             logprobs.push(sampled.logprob);
+            if params.top_logprobs > 0 {
+                top_logprobs.push(super::sampling::top_logprobs(&logits, params.top_logprobs));
+            }
             if !params.ignore_eos && self.tokenizer.is_eos(sampled.token) {
                 finish = FinishReason::Stop;
                 break;
@@ -189,6 +196,7 @@ impl Model {
         Ok(Generation {
             token_ids,
             logprobs,
+            top_logprobs,
             text: reply,
             finish_reason: finish,
             timing,

@@ -27,6 +27,8 @@ pub struct SamplingParams {
     pub stop: Vec<String>,
     /// Keep going past end-of-sequence tokens (for benchmarks).
     pub ignore_eos: bool,
+    /// Also report this many most likely tokens (and log-probs) at each step.
+    pub top_logprobs: usize,
 }
 
 impl Default for SamplingParams {
@@ -39,6 +41,7 @@ impl Default for SamplingParams {
             max_tokens: 256,
             stop: Vec::new(),
             ignore_eos: false,
+            top_logprobs: 0,
         }
     }
 }
@@ -187,6 +190,17 @@ mod tests {
     }
 
     #[test]
+    fn top_logprobs_are_sorted_log_softmax_values() {
+        let logits = [1.0f32, 3.0, 2.0, -1.0];
+        let top = top_logprobs(&logits, 2);
+        assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 2]);
+        assert!((top[0].1 - log_softmax_at(&logits, 1)).abs() < 1e-6);
+        assert!((top[1].1 - log_softmax_at(&logits, 2)).abs() < 1e-6);
+        assert!(top_logprobs(&logits, 0).is_empty());
+        assert_eq!(top_logprobs(&logits, 9).len(), 4);
+    }
+
+    #[test]
     fn logprob_ignores_temperature() {
         let logits = [0.5, 0.2, 0.1, -1.0];
         let mut hot = Sampler::new(params(5.0, 1.0, 0, 7));
@@ -237,4 +251,22 @@ mod tests {
         .validate()
         .is_err());
     }
+}
+
+/// The `k` most likely tokens of `logits` with their log-probs (untempered),
+/// most likely first.
+pub fn top_logprobs(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let k = k.min(logits.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let log_sum = max + logits.iter().map(|l| (l - max).exp()).sum::<f32>().ln();
+    let mut idx: Vec<usize> = (0..logits.len()).collect();
+    idx.select_nth_unstable_by(k - 1, |&a, &b| logits[b].total_cmp(&logits[a]));
+    idx.truncate(k);
+    idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    idx.into_iter()
+        .map(|i| (i as u32, logits[i] - log_sum))
+        .collect()
 }

@@ -176,6 +176,8 @@ pub struct ChatRequest {
     pub stream: bool,
     pub include_usage: bool,
     pub logprobs: bool,
+    /// Alternatives per token in `logprobs` (0-20).
+    pub top_logprobs: usize,
     pub ignore_eos: bool,
 }
 
@@ -524,14 +526,16 @@ impl ChatRequest {
             }
         };
         let logprobs = boolean(body, "logprobs")?;
-        if let Some(k) = count(body, "top_logprobs")? {
-            if k > 20 {
+        let top_logprobs = match count(body, "top_logprobs")? {
+            Some(k) if k > 20 => {
                 return Err(ApiError::invalid(
                     format!("`top_logprobs` must be between 0 and 20, got {k}"),
                     "top_logprobs",
                 ));
             }
-        }
+            Some(k) => k as usize,
+            None => 0,
+        };
         Ok(ChatRequest {
             messages,
             template_messages,
@@ -546,6 +550,7 @@ impl ChatRequest {
             stream,
             include_usage,
             logprobs,
+            top_logprobs,
             ignore_eos: boolean(body, "ignore_eos")?,
         })
     }

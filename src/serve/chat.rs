@@ -205,6 +205,11 @@ fn prepare(
         max_tokens,
         stop: request.stop.clone(),
         ignore_eos: request.ignore_eos,
+        top_logprobs: if request.logprobs {
+            request.top_logprobs
+        } else {
+            0
+        },
     };
     params
         .validate()
@@ -306,22 +311,37 @@ fn finish(model: &Model, job: &Prepared, generation: Generation) -> Outcome {
 
 /// OpenAI `logprobs`: one entry per generated token (the EOS that ended the reply
 /// included, as it is in `usage.completion_tokens` and the recorded row).
-/// `top_logprobs` lists are empty: the engine keeps only the sampled token's.
+/// `top_logprobs` lists the request's `top_logprobs` most likely tokens per step.
 fn logprobs_json(model: &Model, generation: &Generation) -> Json {
+    let token_text = |id: u32| match model.tokenizer.decode(&[id]) {
+        Ok(t) if !t.is_empty() => t,
+        _ => model.tokenizer.token(id).unwrap_or_default(),
+    };
     let content: Vec<Json> = generation
         .token_ids
         .iter()
         .zip(&generation.logprobs)
-        .map(|(&id, &lp)| {
-            let text = match model.tokenizer.decode(&[id]) {
-                Ok(t) if !t.is_empty() => t,
-                _ => model.tokenizer.token(id).unwrap_or_default(),
-            };
+        .enumerate()
+        .map(|(i, (&id, &lp))| {
+            let text = token_text(id);
+            let top: Vec<Json> = generation
+                .top_logprobs
+                .get(i)
+                .map(|alternatives| {
+                    alternatives
+                        .iter()
+                        .map(|&(alt, alt_lp)| {
+                            let t = token_text(alt);
+                            json!({"token": t, "logprob": alt_lp, "bytes": t.as_bytes()})
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
             json!({
                 "token": text,
                 "logprob": lp,
                 "bytes": text.as_bytes(),
-                "top_logprobs": [],
+                "top_logprobs": top,
             })
         })
         .collect();
