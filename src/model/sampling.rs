@@ -166,6 +166,24 @@ pub fn log_softmax_at(logits: &[f32], index: usize) -> f32 {
     (f64::from(logits[index] - max) - sum.ln()) as f32
 }
 
+/// The `k` most likely tokens of `logits` with their log-probs (untempered),
+/// most likely first.
+pub fn top_logprobs(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let k = k.min(logits.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let log_sum = max + logits.iter().map(|l| (l - max).exp()).sum::<f32>().ln();
+    let mut idx: Vec<usize> = (0..logits.len()).collect();
+    idx.select_nth_unstable_by(k - 1, |&a, &b| logits[b].total_cmp(&logits[a]));
+    idx.truncate(k);
+    idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    idx.into_iter()
+        .map(|i| (i as u32, logits[i] - log_sum))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -251,22 +269,4 @@ mod tests {
         .validate()
         .is_err());
     }
-}
-
-/// The `k` most likely tokens of `logits` with their log-probs (untempered),
-/// most likely first.
-pub fn top_logprobs(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
-    let k = k.min(logits.len());
-    if k == 0 {
-        return Vec::new();
-    }
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let log_sum = max + logits.iter().map(|l| (l - max).exp()).sum::<f32>().ln();
-    let mut idx: Vec<usize> = (0..logits.len()).collect();
-    idx.select_nth_unstable_by(k - 1, |&a, &b| logits[b].total_cmp(&logits[a]));
-    idx.truncate(k);
-    idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-    idx.into_iter()
-        .map(|i| (i as u32, logits[i] - log_sum))
-        .collect()
 }
