@@ -4,10 +4,12 @@
 //! --sources feedback,env` scores it, and every sample's reward is checked against
 //! what the script did.
 
-use std::io::{BufRead, BufReader};
+mod common;
+use common::spawn_server;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use claw::model::testing::{write_tiny_gguf, TinySpec};
@@ -33,42 +35,7 @@ impl Server {
         )
         .unwrap();
         let data = dir.join("data");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_claw"))
-            .args(["serve", "--model"])
-            .arg(&model)
-            .arg("--dir")
-            .arg(&data)
-            .args(["--host", "127.0.0.1", "--port", "0", "-v"])
-            .env_remove("CLAW_API_KEY")
-            .env("RAYON_NUM_THREADS", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("cannot start claw serve");
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = mpsc::channel();
-        let thread_log = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if let Some(at) = line.find("listening on http://") {
-                    let rest = &line[at + "listening on ".len()..];
-                    let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_string());
-                }
-                let mut log = thread_log.lock().unwrap();
-                log.push_str(&line);
-                log.push('\n');
-            }
-        });
-        let base = match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(base) => base,
-            Err(_) => {
-                let _ = child.kill();
-                panic!("server did not start:\n{}", log.lock().unwrap());
-            }
-        };
+        let (child, base, log) = spawn_server(&model, &data, &[]);
         Server {
             child: Some(child),
             base,

@@ -1,11 +1,14 @@
 //! `claw serve` end to end: the real binary on a tiny random-weight model, on a
 //! free loopback port in a temp dir, talked to only on 127.0.0.1.
 
+mod common;
+use common::spawn_server;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{mpsc, Arc, Mutex};
+use std::process::{Child, Command, ExitStatus};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -41,52 +44,6 @@ impl Reply {
     fn json(&self) -> Json {
         serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
     }
-}
-
-/// Starts `claw serve` on `model` and `data`; returns the child, its base URL
-/// (from the "listening on" line) and the log being collected.
-fn spawn_server(model: &Path, data: &Path, extra: &[&str]) -> (Child, String, Arc<Mutex<String>>) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_claw"))
-        .args(["serve", "--model"])
-        .arg(model)
-        .arg("--dir")
-        .arg(data)
-        .args(["--host", "127.0.0.1", "--port", "0", "-v"])
-        .args(extra)
-        .env_remove("CLAW_API_KEY")
-        .env("RAYON_NUM_THREADS", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("cannot start claw serve");
-    let stderr = child.stderr.take().unwrap();
-    let log = Arc::new(Mutex::new(String::new()));
-    let (tx, rx) = mpsc::channel();
-    let thread_log = log.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if let Some(at) = line.find("listening on http://") {
-                let rest = &line[at + "listening on ".len()..];
-                let addr = rest.split_whitespace().next().unwrap_or("").to_string();
-                let _ = tx.send(addr);
-            }
-            let mut log = thread_log.lock().unwrap();
-            log.push_str(&line);
-            log.push('\n');
-        }
-    });
-    let base = match rx.recv_timeout(Duration::from_secs(60)) {
-        Ok(base) => base,
-        Err(_) => {
-            let _ = child.kill();
-            let _ = child.wait();
-            std::thread::sleep(Duration::from_millis(100));
-            panic!("server did not start:\n{}", log.lock().unwrap());
-        }
-    };
-    (child, base, log)
 }
 
 impl Server {

@@ -500,35 +500,11 @@ fn full_finetuning_checkpoint_is_a_base_for_the_next_run() {
 /// data taught it) and records the new policy version.
 #[test]
 fn a_trained_adapter_is_hot_loaded_by_serve_and_changes_its_answers() {
-    use std::io::{BufRead, BufReader};
     use std::time::{Duration, Instant};
     let dir = tempfile::tempdir().unwrap();
     let model_path = tiny_model(dir.path());
     let data = dir.path().join("data");
-    let mut server = claw()
-        .args(["serve", "--host", "127.0.0.1", "--port", "0", "-v"])
-        .args(["--reload-poll-ms", "100"])
-        .arg("--model")
-        .arg(&model_path)
-        .arg("--dir")
-        .arg(&data)
-        .env("RAYON_NUM_THREADS", "1")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = server.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(at) = line.find("listening on http://") {
-                let addr = line[at + "listening on ".len()..].split_whitespace().next();
-                let _ = tx.send(addr.unwrap_or_default().to_string());
-            }
-        }
-    });
-    let base = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("serve did not start");
+    let (mut server, base, _log) = spawn_server(&model_path, &data, &["--reload-poll-ms", "100"]);
     let ask = || -> String {
         let reply: serde_json::Value = ureq::post(&format!("{base}/v1/chat/completions"))
             .send_json(serde_json::json!({

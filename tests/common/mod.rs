@@ -2,8 +2,11 @@
 //! the real model (skipped visibly when absent) and rollout files.
 #![allow(dead_code)] // each test binary uses a different subset
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
 
 use claw::model::testing::{write_tiny_gguf, TinySpec};
 use claw::rollout::{RolloutReader, RolloutRow, RolloutWriter};
@@ -45,4 +48,54 @@ pub fn read_rows(path: &Path) -> Vec<RolloutRow> {
         .unwrap()
         .read_all_rows()
         .unwrap()
+}
+
+/// Starts `claw serve` on `model` and `data`; returns the child, its base URL
+/// (from the "listening on" line) and the log being collected.
+pub fn spawn_server(
+    model: &Path,
+    data: &Path,
+    extra: &[&str],
+) -> (Child, String, Arc<Mutex<String>>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_claw"))
+        .args(["serve", "--model"])
+        .arg(model)
+        .arg("--dir")
+        .arg(data)
+        .args(["--host", "127.0.0.1", "--port", "0", "-v"])
+        .args(extra)
+        .env_remove("CLAW_API_KEY")
+        .env("RAYON_NUM_THREADS", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot start claw serve");
+    let stderr = child.stderr.take().unwrap();
+    let log = Arc::new(Mutex::new(String::new()));
+    let (tx, rx) = mpsc::channel();
+    let thread_log = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if let Some(at) = line.find("listening on http://") {
+                let rest = &line[at + "listening on ".len()..];
+                let addr = rest.split_whitespace().next().unwrap_or("").to_string();
+                let _ = tx.send(addr);
+            }
+            let mut log = thread_log.lock().unwrap();
+            log.push_str(&line);
+            log.push('\n');
+        }
+    });
+    let base = match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(base) => base,
+        Err(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            std::thread::sleep(Duration::from_millis(100));
+            panic!("server did not start:\n{}", log.lock().unwrap());
+        }
+    };
+    (child, base, log)
 }
