@@ -9,6 +9,9 @@
 //! - [`distill`]: hindsight hints and teacher log-probs under them.
 //! - [`train`]: LoRA/full training on candle: teacher-forced log-probs, the policy
 //!   loss, AdamW, checkpoints.
+//! - [`daemon`]: the stages as workers over a shared directory: ledgers, claims,
+//!   quarantine, notifications, status.
+//! - [`eval`]: benchmarks (gpqa, humaneval in a sandbox, gsm8k, perplexity).
 //! - [`fsutil`]: atomic, durable file writes.
 //! - [`judge`]: rewards from feedback, tool errors and an LLM judge (PRM).
 //! - [`cmd`]: one module per subcommand; each holds its clap `Args` and `run()`.
@@ -16,7 +19,9 @@
 
 pub mod cmd;
 pub mod collect;
+pub mod daemon;
 pub mod distill;
+pub mod eval;
 pub mod fsutil;
 pub mod judge;
 pub mod model;

@@ -38,7 +38,9 @@ enum Command {
     #[command(name = "distill-hints")]
     DistillHints(cmd::distill_hints::DistillHintsArgs),
     Train(cmd::train::TrainArgs),
-    Eval(cmd::pending::EvalArgs),
+    Eval(cmd::eval::EvalArgs),
+    Up(cmd::up::UpArgs),
+    Status(cmd::status::StatusArgs),
 }
 
 fn main() -> ExitCode {
@@ -56,7 +58,9 @@ fn main() -> ExitCode {
         Command::Judge(args) => cmd::judge::run(args),
         Command::DistillHints(args) => cmd::distill_hints::run(args),
         Command::Train(args) => cmd::train::run(args),
-        Command::Eval(args) => args.run(),
+        Command::Eval(args) => cmd::eval::run(args),
+        Command::Up(args) => cmd::up::run(args),
+        Command::Status(args) => cmd::status::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

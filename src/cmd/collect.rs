@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use crate::collect::{self, parse_duration_ms, CollectConfig, Format, PairConfig};
+use crate::daemon::{Stage, WatchArgs};
 
 const LONG_ABOUT: &str = "\
 Pair each main turn with its next state and any explicit feedback: raw events in,
@@ -48,6 +49,7 @@ Example:
   claw collect claw-data/raw -o samples.parquet
   claw collect 'claw-data/raw/*.parquet' --state claw-data/state/collect.json \\
       -o claw-data/samples/$(date +%s).parquet        # cron: only new segments
+  claw collect --watch claw-data        # daemon: claw-data/raw -> claw-data/samples
   claw collect chats.jsonl --model models/SmolLM2-135M-Instruct.Q4_1.gguf | claw inspect -";
 
 /// Pair each turn with its next state and feedback.
@@ -98,9 +100,17 @@ pub struct CollectArgs {
     /// Print the statistics as one JSON object on stdout (needs -o FILE).
     #[arg(long)]
     pub json: bool,
+
+    #[command(flatten)]
+    pub daemon: WatchArgs,
 }
 
 pub fn run(args: CollectArgs) -> Result<()> {
+    let daemon = args.daemon.config(Stage::Collect, &args.inputs)?;
+    anyhow::ensure!(
+        daemon.is_none() || (args.state.is_none() && args.output == "-" && !args.json),
+        "--watch keeps its state in DIR/state/collect/ and writes DIR/samples/: drop --state, -o and --json"
+    );
     if args.json && args.output == "-" {
         bail!("--json prints statistics on stdout, so the samples need -o FILE");
     }
@@ -115,7 +125,11 @@ pub fn run(args: CollectArgs) -> Result<()> {
         flush: args.flush,
         state: args.state,
         strict: args.strict,
+        advance_clock_to: None,
     };
+    if let Some(daemon) = daemon {
+        return crate::daemon::collect::run(&daemon, &cfg);
+    }
     let stats = collect::collect(&args.inputs, &args.output, &cfg)?;
     crate::info!("{}", stats.summary());
     if args.json {

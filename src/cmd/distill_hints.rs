@@ -9,6 +9,7 @@ use clap::Args;
 use serde::Serialize;
 
 use super::llm::LlmArgs;
+use crate::daemon::{self, Stage, WatchArgs};
 use crate::distill::hints::Select;
 use crate::distill::{
     DistillConfig, DistillStats, Distiller, HintJudge, HintSource, TeacherWeights,
@@ -49,7 +50,8 @@ For each row with a next state (DESIGN.md section 6):
 Examples:
   claw judge samples.parquet | claw distill-hints -o distilled.parquet
   claw distill-hints judged.parquet --hint-source feedback -o distilled.parquet
-  claw distill-hints judged.parquet --judge-url http://127.0.0.1:8000/v1 --votes 3")]
+  claw distill-hints judged.parquet --judge-url http://127.0.0.1:8000/v1 --votes 3
+  claw distill-hints --watch claw-data   # daemon: claw-data/judged -> claw-data/distilled")]
 pub struct DistillHintsArgs {
     /// Sample files, glob patterns, directories, or - for stdin (the default).
     #[arg(value_name = "INPUT")]
@@ -87,9 +89,10 @@ pub struct DistillHintsArgs {
     #[arg(long, value_enum, default_value_t = TeacherWeights::Policy)]
     pub teacher: TeacherWeights,
 
-    /// Where `claw train` writes adapters (adapter-NNNNNN.safetensors).
-    #[arg(long, default_value = "./claw-data/checkpoints")]
-    pub checkpoints: PathBuf,
+    /// Where `claw train` writes adapters (adapter-NNNNNN.safetensors); default
+    /// ./claw-data/checkpoints, or DIR/checkpoints with --watch DIR.
+    #[arg(long, value_name = "DIR")]
+    pub checkpoints: Option<PathBuf>,
 
     /// Also store the teacher's top-K distribution per token.
     #[arg(long, default_value_t = 0, value_name = "K")]
@@ -110,6 +113,9 @@ pub struct DistillHintsArgs {
     /// Print the summary as one JSON object: on stdout with -o FILE, else on stderr.
     #[arg(long)]
     pub json: bool,
+
+    #[command(flatten)]
+    pub daemon: WatchArgs,
 }
 
 #[derive(Serialize)]
@@ -129,6 +135,7 @@ pub fn run(args: DistillHintsArgs) -> Result<()> {
         print!("{DEFAULT_HINT_PROMPT}");
         return Ok(());
     }
+    let daemon = args.daemon.config(Stage::Distill, &args.inputs)?;
     let options = args.llm.call_options(args.votes)?;
     let judge = match args.hint_source {
         HintSource::Feedback => None,
@@ -157,12 +164,21 @@ pub fn run(args: DistillHintsArgs) -> Result<()> {
         topk: args.topk,
         redo: args.redo,
         teacher: args.teacher,
-        checkpoints: Some(args.checkpoints.clone()),
+        checkpoints: Some(match (&args.checkpoints, &daemon) {
+            (Some(dir), _) => dir.clone(),
+            (None, Some(cfg)) => cfg.layout.checkpoints(),
+            (None, None) => PathBuf::from("./claw-data/checkpoints"),
+        }),
         max_tokens: 4096,
         max_judge_chars: args.max_judge_chars,
     };
     let mut distiller = Distiller::new(config, model, judge)?;
     let start = Instant::now();
+    if let Some(cfg) = daemon {
+        return daemon::segments::run(&cfg, &mut |batch| {
+            distiller.process(&batch.batch, &batch.source)
+        });
+    }
     let mut writer = RolloutWriter::create(&args.output)?;
     for batch in RolloutReader::new(&args.inputs)? {
         let batch = batch?;

@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 
 use super::llm::LlmArgs;
+use crate::daemon::{self, Stage, WatchArgs};
 use crate::judge::llm::VoteRunner;
 use crate::judge::prompt::PromptTemplate;
 use crate::judge::{
@@ -83,7 +84,8 @@ Examples:
   claw judge samples.parquet --sources feedback,env -o judged.parquet
   claw judge samples.parquet --judge-url http://127.0.0.1:8000/v1 \\
       --judge-model Qwen2.5-7B-Instruct --votes 5 --concurrency 8 -o judged.parquet
-  claw judge --print-prompt > my-judge.txt   # edit, then: claw judge --prompt my-judge.txt",
+  claw judge --print-prompt > my-judge.txt   # edit, then: claw judge --prompt my-judge.txt
+  claw judge --watch claw-data                # daemon: claw-data/samples -> claw-data/judged",
         edge = env::EDGE_LINES,
         max_chars = MAX_FIELD_CHARS,
     )
@@ -154,6 +156,9 @@ pub struct JudgeArgs {
     /// Print the summary as one JSON object: on stdout with -o FILE, else on stderr.
     #[arg(long)]
     pub json: bool,
+
+    #[command(flatten)]
+    pub daemon: WatchArgs,
 }
 
 pub fn run(args: JudgeArgs) -> Result<()> {
@@ -161,6 +166,7 @@ pub fn run(args: JudgeArgs) -> Result<()> {
         print!("{DEFAULT_PRM_PROMPT}");
         return Ok(());
     }
+    let daemon = args.daemon.config(Stage::Judge, &args.inputs)?;
     // Check the prompt and the options before reading any input.
     let prompt = match &args.prompt {
         Some(path) => PromptTemplate::load(path, &PRM_VARS)?,
@@ -186,6 +192,12 @@ pub fn run(args: JudgeArgs) -> Result<()> {
         },
         prm,
     )?;
+
+    if let Some(cfg) = daemon {
+        daemon::segments::run(&cfg, &mut |batch| judge.judge_batch(batch, &|| {}))?;
+        crate::info!("{}", judge.summary().render());
+        return Ok(());
+    }
 
     let reader = RolloutReader::new(&args.inputs)?;
     let mut writer = RolloutWriter::create(&args.output)?;

@@ -4,9 +4,11 @@
 pub mod chat;
 pub mod collect;
 pub mod distill_hints;
+pub mod eval;
 pub mod inspect;
 pub mod judge;
 pub mod llm;
-pub mod pending;
 pub mod serve;
+pub mod status;
 pub mod train;
+pub mod up;

@@ -6,6 +6,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use serde::Serialize;
 
+use crate::daemon::{Stage, WatchArgs};
 use crate::model::{resolve_model_path, Model, WeightFormat};
 use crate::rollout::{RolloutReader, RolloutRow};
 use crate::train::checkpoint::{self, CheckpointDir};
@@ -47,7 +48,8 @@ Examples:
   claw collect claw-data/raw/*.parquet | claw judge | claw train --out claw-data/checkpoints
   claw train distilled.parquet --out ckpt --max-steps 100 --save-every 10
   claw train --objective sft chats.parquet --eval held-out.parquet --lr 2e-4
-  claw train --resume --out claw-data/checkpoints judged/*.parquet")]
+  claw train --resume --out claw-data/checkpoints judged/*.parquet
+  claw train --watch claw-data          # daemon: claw-data/distilled -> claw-data/checkpoints")]
 pub struct TrainArgs {
     /// Input samples (rollout files, globs, directories; - or nothing for stdin).
     /// With --objective lm: text files.
@@ -60,6 +62,17 @@ pub struct TrainArgs {
     /// of the same architecture. The GGUF still gives the tokenizer and shapes.
     #[arg(long, value_name = "FILE")]
     pub base_weights: Option<PathBuf>,
+    /// Create a new model from this JSON config and train every weight from
+    /// scratch (e.g. `--objective lm`). Keys: tokenizer ("bytes" or "gguf:PATH"),
+    /// hidden_size, num_layers, num_heads, [num_kv_heads, intermediate_size,
+    /// context_length 512, rope_theta, rms_norm_eps 1e-6, init_std 0.02, seed,
+    /// tie_embeddings, residual: "standard" | "attnres-full" | "attnres-block:S"].
+    /// Checkpoints carry the config: `claw chat/serve/eval --model OUT` load them.
+    #[arg(long, value_name = "CONFIG.json")]
+    pub init: Option<PathBuf>,
+    /// Text files to train on (the same as listing them as inputs).
+    #[arg(long, value_name = "TEXT")]
+    pub data: Vec<String>,
     /// Checkpoint directory (LATEST, adapters, metrics.jsonl).
     #[arg(long, default_value = "./claw-data/checkpoints")]
     pub out: PathBuf,
@@ -146,6 +159,26 @@ pub struct TrainArgs {
     /// Print the run summary as JSON on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Daemon mode: the folder of DIR to train from (distilled, or judged when
+    /// distill-hints does not run).
+    #[arg(
+        long,
+        value_name = "FOLDER",
+        default_value = "distilled",
+        help_heading = "Daemon mode"
+    )]
+    pub from: String,
+    /// Daemon mode: train on a partial batch once no new input came for this long
+    /// (so a quiet deployment still learns).
+    #[arg(
+        long,
+        value_name = "DURATION",
+        default_value = "60s",
+        help_heading = "Daemon mode"
+    )]
+    pub partial_after: String,
+    #[command(flatten)]
+    pub daemon: WatchArgs,
 }
 
 #[derive(Serialize)]
@@ -160,18 +193,51 @@ struct Report<'a> {
     checkpoint_dir: PathBuf,
 }
 
-pub fn run(args: TrainArgs) -> Result<()> {
+pub fn run(mut args: TrainArgs) -> Result<()> {
     keep_freed_memory();
+    let daemon = args
+        .daemon
+        .config(Stage::Train, &args.inputs)?
+        .map(|mut cfg| {
+            cfg.input = args.from.clone();
+            cfg
+        });
+    if let Some(cfg) = &daemon {
+        anyhow::ensure!(
+            !args.full && args.objective == Objective::Rl,
+            "--watch trains LoRA adapters with the rl objective (what serve hot-loads); \
+             --full, sft and lm are for runs over files"
+        );
+        crate::rollout::validate_writer_id(&args.from).context("--from")?;
+        // The daemon continues from DIR/checkpoints/LATEST and saves every step:
+        // each checkpoint is both a new policy for serve and the ledger of its inputs.
+        args.out = cfg.output_dir();
+        args.resume = true;
+        args.save_every = 1;
+    }
     anyhow::ensure!(args.batch_size > 0, "--batch-size must be at least 1");
     anyhow::ensure!(args.grad_accum > 0, "--grad-accum must be at least 1");
     anyhow::ensure!(args.lora_rank > 0, "--lora-rank must be at least 1");
-    let model_path = resolve_model_path(args.model.as_deref())?;
-    let mut model = Model::load_with(&model_path, WeightFormat::F32)?;
+    // --init: a new model (all weights trained); otherwise the one given.
+    let (mut model, model_spec) = match &args.init {
+        Some(init) => crate::train::init::init_model(
+            init,
+            &args.out,
+            args.resume,
+            args.base_weights.is_some(),
+        )?,
+        None => {
+            let model_path = resolve_model_path(args.model.as_deref())?;
+            (Model::load_with(&model_path, WeightFormat::F32)?, None)
+        }
+    };
+    args.inputs.append(&mut args.data);
+    let full = args.full || args.init.is_some();
     if let Some(path) = &args.base_weights {
         model.decoder = checkpoint::load_full_weights(&model.decoder, path)?;
         info!("base weights from {}", path.display());
     }
-    let lora = match args.full {
+    let lora = match full {
         true => None,
         false => Some(LoraConfig {
             rank: args.lora_rank,
@@ -190,7 +256,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
             beta_kl: args.beta_kl,
         },
         optim: AdamWConfig {
-            lr: args.lr.unwrap_or(if args.full { 1e-5 } else { 1e-4 }),
+            lr: args.lr.unwrap_or(match (args.init.is_some(), full) {
+                (true, _) => 1e-3,
+                (false, true) => 1e-5,
+                (false, false) => 1e-4,
+            }),
             weight_decay: args.weight_decay,
             ..Default::default()
         },
@@ -209,7 +279,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     info!(
         "training {} ({}, {} trainable parameters) from step {}, objective {:?}, lr {}",
         model.name,
-        if args.full { "full" } else { "LoRA" },
+        if full { "full" } else { "LoRA" },
         trainable_parameters,
         trainer.steps(),
         args.objective,
@@ -238,20 +308,23 @@ pub fn run(args: TrainArgs) -> Result<()> {
         },
         Some(checkpoints),
     );
+    driver.set_model_spec(model_spec);
+    if let Some(cfg) = &daemon {
+        let partial_after =
+            crate::collect::parse_duration_ms(&args.partial_after).context("--partial-after")?;
+        let on_step = |m: &crate::train::StepMetrics| info!("{}", step_line(m));
+        crate::daemon::train::TrainDaemon {
+            cfg,
+            partial_after: std::time::Duration::from_millis(partial_after.max(0) as u64),
+            to_sample: &train_sample,
+            on_step: &on_step,
+        }
+        .run(&mut driver)?;
+        return Ok(());
+    }
     let bar = crate::ui::progress_bar(args.max_steps, "train");
     let on_step = |m: &crate::train::StepMetrics| {
-        let line = format!(
-            "step {} loss {:.4} reward {:+.2} |A| {:.3} clip {:.2} grad {:.3} {} tok in {:.1}s ({:.0} tok/s)",
-            m.step,
-            m.loss,
-            m.mean_reward,
-            m.mean_abs_advantage,
-            m.clip_fraction,
-            m.grad_norm,
-            m.tokens,
-            m.seconds,
-            m.tokens_per_s
-        );
+        let line = step_line(m);
         if bar.is_hidden() {
             info!("{line}");
         } else {
@@ -404,6 +477,22 @@ fn start_trainer(
         file_config.claw_step
     );
     Ok(trainer)
+}
+
+/// One line per optimizer step.
+fn step_line(m: &crate::train::StepMetrics) -> String {
+    format!(
+        "step {} loss {:.4} reward {:+.2} |A| {:.3} clip {:.2} grad {:.3} {} tok in {:.1}s ({:.0} tok/s)",
+        m.step,
+        m.loss,
+        m.mean_reward,
+        m.mean_abs_advantage,
+        m.clip_fraction,
+        m.grad_norm,
+        m.tokens,
+        m.seconds,
+        m.tokens_per_s
+    )
 }
 
 fn reads_stdin(inputs: &[String]) -> bool {

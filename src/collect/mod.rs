@@ -66,6 +66,9 @@ pub struct CollectConfig {
     pub state: Option<PathBuf>,
     /// A malformed line or unreadable input fails the run.
     pub strict: bool,
+    /// Daemon mode: after the inputs, move the event clock to this time, so
+    /// sessions with no new events still end.
+    pub advance_clock_to: Option<Ms>,
 }
 
 /// Counts of one run, printed on stderr and by `--json`.
@@ -419,6 +422,9 @@ pub fn collect(inputs: &[String], output: &str, cfg: &CollectConfig) -> Result<S
     let mut pairer = Pairer::new(cfg.pair).with_open_sessions(clock, carried);
     for e in events {
         pairer.push(e);
+    }
+    if let Some(now) = cfg.advance_clock_to {
+        pairer.advance(now);
     }
     let flush = cfg.flush || cfg.state.is_none();
     if flush {

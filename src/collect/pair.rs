@@ -352,8 +352,9 @@ impl Pairer {
         self.emit_due();
     }
 
-    /// Moves the clock to `time` and emits whatever became due.
-    fn advance(&mut self, time: Ms) {
+    /// Moves the clock to `time` and emits whatever became due (daemon mode moves
+    /// it to the wall clock, so quiet sessions still end).
+    pub fn advance(&mut self, time: Ms) {
         if self.clock.is_none_or(|c| c < time) {
             self.clock = Some(time);
         }

@@ -1,5 +1,6 @@
 //! Asking an LLM the same question several times: the part of judging that
-//! `claw judge` (the PRM) and `claw distill-hints` (the hint judge) share.
+//! `claw judge` (the PRM) and `claw distill-hints` (the hint judge) share, and
+//! that `claw eval` uses to put benchmark prompts to a model or an endpoint.
 //!
 //! A [`ChatBackend`] answers one chat request: [`LocalBackend`] generates with a
 //! GGUF model in this process, [`RemoteBackend`] POSTs to any OpenAI-compatible
@@ -31,6 +32,8 @@ pub struct ChatRequest<'a> {
     pub max_tokens: usize,
     pub seed: u64,
     pub timeout: Duration,
+    /// Generation stops before the first of these strings (none: sent as absent).
+    pub stop: &'a [String],
 }
 
 /// A reply's text and, when the backend reports it, how many tokens it generated.
@@ -114,6 +117,7 @@ impl ChatBackend for LocalBackend {
             temperature: req.temperature,
             seed: Some(req.seed),
             max_tokens: req.max_tokens,
+            stop: req.stop.to_vec(),
             ..Default::default()
         };
         let start = Instant::now();
@@ -149,13 +153,40 @@ pub struct RemoteBackend {
     endpoint: String,
     api_key: Option<String>,
     model: String,
+    flags: EndpointFlags,
 }
+
+/// The command-line flags that configure an endpoint, named in error messages
+/// so that each command points at its own flags.
+#[derive(Clone, Copy, Debug)]
+pub struct EndpointFlags {
+    pub url: &'static str,
+    pub api_key: &'static str,
+    pub model: &'static str,
+}
+
+/// `claw judge` and `claw distill-hints`' flags.
+pub const JUDGE_FLAGS: EndpointFlags = EndpointFlags {
+    url: "--judge-url",
+    api_key: "--judge-api-key or CLAW_JUDGE_API_KEY",
+    model: "--judge-model",
+};
 
 impl RemoteBackend {
     /// `url` is a base URL with or without `/v1` (`http://host:8000`,
     /// `http://host:8000/v1`) or the full `.../chat/completions` URL. With no
     /// `model`, the first model listed by `GET {base}/v1/models` is used.
     pub fn connect(url: &str, api_key: Option<String>, model: Option<String>) -> Result<Self> {
+        Self::connect_with_flags(url, api_key, model, JUDGE_FLAGS)
+    }
+
+    /// [`connect`](Self::connect), naming `flags` in error messages.
+    pub fn connect_with_flags(
+        url: &str,
+        api_key: Option<String>,
+        model: Option<String>,
+        flags: EndpointFlags,
+    ) -> Result<Self> {
         let (endpoint, models_url) = endpoints(url)?;
         let agent = ureq::AgentBuilder::new()
             .timeout_connect(Duration::from_secs(10))
@@ -166,6 +197,7 @@ impl RemoteBackend {
             endpoint,
             api_key,
             model: model.unwrap_or_default(),
+            flags,
         };
         if backend.model.is_empty() {
             backend.model = backend.first_model(&models_url)?;
@@ -179,7 +211,7 @@ impl RemoteBackend {
     }
 
     fn first_model(&self, models_url: &str) -> Result<String> {
-        let hint = "pass the model name with --judge-model";
+        let hint = format!("pass the model name with {}", self.flags.model);
         let mut req = self.agent.get(models_url).timeout(Duration::from_secs(30));
         if let Some(key) = &self.api_key {
             req = req.set("Authorization", &format!("Bearer {key}"));
@@ -191,7 +223,7 @@ impl RemoteBackend {
                 r.into_string()
                     .with_context(|| format!("GET {models_url}: reading the reply"))
             })
-            .with_context(|| format!("cannot ask the judge endpoint for its models ({hint})"))?;
+            .with_context(|| format!("cannot ask the endpoint for its models ({hint})"))?;
         let json: Json = serde_json::from_str(&body)
             .with_context(|| format!("GET {models_url}: the reply is not JSON ({hint})"))?;
         json.pointer("/data/0/id")
@@ -206,12 +238,12 @@ pub fn endpoints(url: &str) -> Result<(String, String)> {
     let url = url.trim().trim_end_matches('/');
     if url.starts_with("https://") {
         bail!(
-            "{url}: https is not supported by claw's HTTP client; point --judge-url at an \
+            "{url}: https is not supported by claw's HTTP client; use an \
              http:// endpoint (a local server, or a TLS-terminating proxy in front of a hosted API)"
         );
     }
     if !url.starts_with("http://") {
-        bail!("{url}: the judge URL must start with http://");
+        bail!("{url}: the endpoint URL must start with http://");
     }
     if let Some(base) = url.strip_suffix("/chat/completions") {
         return Ok((url.to_string(), format!("{base}/models")));
@@ -257,7 +289,7 @@ impl ChatBackend for RemoteBackend {
     }
 
     fn complete(&self, req: &ChatRequest) -> Result<Reply, CallError> {
-        let body = json!({
+        let mut body = json!({
             "model": self.model,
             "messages": req.messages,
             // f32 -> shortest decimal -> f64, so 0.6 is sent as 0.6, not 0.6000000238
@@ -266,6 +298,9 @@ impl ChatBackend for RemoteBackend {
             "seed": req.seed,
             "stream": false,
         });
+        if !req.stop.is_empty() {
+            body["stop"] = json!(req.stop);
+        }
         let mut http = self
             .agent
             .post(&self.endpoint)
@@ -280,12 +315,10 @@ impl ChatBackend for RemoteBackend {
                 let text = excerpt(&r.into_string().unwrap_or_default());
                 let msg = format!("POST {}: HTTP {code}: {text}", self.endpoint);
                 return Err(match code {
-                    401 | 403 => CallError::Fatal(format!(
-                        "{msg} (check --judge-api-key or CLAW_JUDGE_API_KEY)"
-                    )),
+                    401 | 403 => CallError::Fatal(format!("{msg} (check {})", self.flags.api_key)),
                     404 => CallError::Fatal(format!(
-                        "{msg} (check --judge-url and the model name `{}`)",
-                        self.model
+                        "{msg} (check {} and the model name `{}`, {})",
+                        self.flags.url, self.model, self.flags.model
                     )),
                     408 | 429 | 500..=599 => CallError::Transient(msg),
                     _ => CallError::Failed(msg),
@@ -312,13 +345,15 @@ pub fn parse_completion(body: &str) -> Result<Reply> {
         .pointer("/choices/0/message")
         .with_context(|| format!("the reply has no choices[0].message: {}", excerpt(body)))?;
     let content = message.get("content").and_then(Json::as_str).unwrap_or("");
-    let text = if content.trim().is_empty() {
-        message
-            .get("reasoning_content")
-            .and_then(Json::as_str)
-            .unwrap_or("")
-    } else {
-        content
+    // A whitespace-only content stays as it is (eval compares replies exactly)
+    // unless there is a reasoning_content to use instead.
+    let reasoning = message
+        .get("reasoning_content")
+        .and_then(Json::as_str)
+        .filter(|r| !r.trim().is_empty());
+    let text = match reasoning {
+        Some(r) if content.trim().is_empty() => r,
+        _ => content,
     };
     Ok(Reply {
         text: text.to_string(),
@@ -345,6 +380,10 @@ pub struct CallOptions {
     pub concurrency: usize,
     /// Base seed; each vote's seed mixes it with the item's key and the vote index.
     pub seed: u64,
+    /// Stop strings sent with every call (none by default).
+    pub stop: Vec<String>,
+    /// What the backend is to the user ("judge", "model"), in messages.
+    pub role: &'static str,
 }
 
 impl Default for CallOptions {
@@ -358,6 +397,8 @@ impl Default for CallOptions {
             backoff: Duration::from_millis(500),
             concurrency: 4,
             seed: 0,
+            stop: Vec::new(),
+            role: "judge",
         }
     }
 }
@@ -485,7 +526,8 @@ impl VoteRunner {
                         }
                         Err(e) => {
                             crate::debug!(
-                                "judge call for {} (vote {}) failed: {}",
+                                "{} call for {} (vote {}) failed: {}",
+                                self.options.role,
                                 item.key,
                                 vote + 1,
                                 e.message()
@@ -502,7 +544,7 @@ impl VoteRunner {
             }
         });
         if let Some(msg) = fatal.into_inner().unwrap_or_else(|p| p.into_inner()) {
-            bail!("the judge is misconfigured: {msg}");
+            bail!("the {} is misconfigured: {msg}", self.options.role);
         }
         let mut stats = CallStats::default();
         for (job, outcome, retries) in done.into_inner().unwrap_or_else(|p| p.into_inner()) {
@@ -539,6 +581,7 @@ impl VoteRunner {
             max_tokens: o.max_tokens,
             seed: vote_seed(o.seed, &item.key, vote),
             timeout: o.timeout,
+            stop: &o.stop,
         };
         let attempts = if self.backend.retries_help() {
             o.retries + 1
@@ -555,7 +598,8 @@ impl VoteRunner {
                         return (outcome, retries);
                     }
                     crate::debug!(
-                        "judge call for {} (vote {}): {msg}; retrying in {:.1} s",
+                        "{} call for {} (vote {}): {msg}; retrying in {:.1} s",
+                        o.role,
                         item.key,
                         vote + 1,
                         wait.as_secs_f64()

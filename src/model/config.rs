@@ -1,10 +1,11 @@
-//! Architecture facts of a decoder, read from GGUF metadata.
+//! Architecture facts of a decoder, read from GGUF metadata or from the JSON
+//! config a from-scratch model is created from and saved with.
 
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file;
 
 /// Which Llama-family variant a GGUF holds; decides biases and the RoPE layout.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Architecture {
     /// Llama, SmolLM2: no attention biases; GGUF stores Q/K permuted for interleaved RoPE.
@@ -13,7 +14,75 @@ pub enum Architecture {
     Qwen2,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+/// How each sublayer's input is formed from what came before it (DESIGN.md
+/// section 9). Written `standard`, `attnres-full` or `attnres-block:S` (S in
+/// sublayers: attention and MLP each count as one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Residual {
+    /// PreNorm residual: h_l = h_{l-1} + f_{l-1}(h_{l-1}).
+    #[default]
+    Standard,
+    /// Attention Residuals over the embedding and every earlier sublayer output.
+    Full,
+    /// Block AttnRes: sources are the embedding, the sums of finished blocks of
+    /// `size` sublayers, and the current block's partial sum.
+    Block { size: usize },
+}
+
+impl Residual {
+    pub fn is_attnres(self) -> bool {
+        self != Residual::Standard
+    }
+}
+
+impl std::fmt::Display for Residual {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Residual::Standard => write!(f, "standard"),
+            Residual::Full => write!(f, "attnres-full"),
+            Residual::Block { size } => write!(f, "attnres-block:{size}"),
+        }
+    }
+}
+
+impl std::str::FromStr for Residual {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "standard" => Ok(Residual::Standard),
+            "attnres-full" => Ok(Residual::Full),
+            _ => {
+                let size = s
+                    .strip_prefix("attnres-block:")
+                    .with_context(|| {
+                        format!(
+                            "unknown residual `{s}` (standard, attnres-full or attnres-block:S)"
+                        )
+                    })?
+                    .parse::<usize>()
+                    .with_context(|| format!("`{s}`: the block size is not a number"))?;
+                anyhow::ensure!(size >= 1, "`{s}`: the block size must be at least 1");
+                Ok(Residual::Block { size })
+            }
+        }
+    }
+}
+
+impl serde::Serialize for Residual {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Residual {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ModelConfig {
     pub architecture: Architecture,
     pub vocab_size: usize,
@@ -26,6 +95,9 @@ pub struct ModelConfig {
     pub rope_theta: f32,
     pub rms_norm_eps: f64,
     pub context_length: usize,
+    /// GGUF models are always standard; a from-scratch model records its choice.
+    #[serde(default)]
+    pub residual: Residual,
 }
 
 impl ModelConfig {
@@ -94,6 +166,28 @@ impl ModelConfig {
                 .and_then(|v| Ok(v.to_f32()?))
                 .unwrap_or(1e-5) as f64,
             context_length: get_usize("context_length").unwrap_or(4096),
+            residual: Residual::Standard,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn residual_names_round_trip() {
+        for r in [
+            Residual::Standard,
+            Residual::Full,
+            Residual::Block { size: 4 },
+        ] {
+            assert_eq!(r.to_string().parse::<Residual>().unwrap(), r);
+            let json = serde_json::to_string(&r).unwrap();
+            assert_eq!(serde_json::from_str::<Residual>(&json).unwrap(), r);
+        }
+        assert!("attnres-block:0".parse::<Residual>().is_err());
+        assert!("attnres-block".parse::<Residual>().is_err());
+        assert!("mhc".parse::<Residual>().is_err());
     }
 }

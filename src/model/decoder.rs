@@ -5,6 +5,10 @@
 //! fused kernels (rms_norm, rope, softmax_last_dim), which have no backward;
 //! [`Kernels::Differentiable`] composes the same math from ops that do, for the
 //! training path (DESIGN.md section 8 lists the ops without backward).
+//!
+//! The residual connection is the config's [`Residual`]: the standard running
+//! sum, or Attention Residuals ([`super::attnres`]), where each sublayer reads a
+//! learned softmax mix over depth of the embedding and earlier sublayer outputs.
 
 use std::io::{Read, Seek};
 
@@ -12,7 +16,8 @@ use anyhow::{Context, Result};
 use candle_core::quantized::{gguf_file, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
-use super::config::{Architecture, ModelConfig};
+use super::attnres::{self, DepthAttention};
+use super::config::{Architecture, ModelConfig, Residual};
 use super::kernels::dot_f32;
 use super::linear::Linear;
 
@@ -175,6 +180,161 @@ struct Block {
     mlp: Mlp,
 }
 
+/// One AttnRes aggregation: the sublayer's own zero-initialised query w and
+/// key RMSNorm gain g.
+#[derive(Debug, Clone)]
+struct DepthOp {
+    query: Tensor,
+    gain: Tensor,
+    /// u = w ⊙ g as a plain vector (the score is r·(u·v)), for the decode step.
+    u: Vec<f32>,
+    eps: f64,
+}
+
+impl DepthOp {
+    fn new(query: Tensor, gain: Tensor, eps: f64) -> Result<Self> {
+        let (w, g): (Vec<f32>, Vec<f32>) = (query.to_vec1()?, gain.to_vec1()?);
+        anyhow::ensure!(w.len() == g.len(), "AttnRes query and norm sizes differ");
+        let u = w.iter().zip(&g).map(|(a, b)| a * b).collect();
+        Ok(Self {
+            query,
+            gain,
+            u,
+            eps,
+        })
+    }
+
+    /// Σ α_i v_i over `sources`, each (batch, seq, d). One source is itself
+    /// (its weight is exactly 1). With `alphas`, also appends the mean weight
+    /// of each source over all tokens.
+    fn forward(&self, sources: &[&Tensor], alphas: Option<&mut Vec<Vec<f32>>>) -> Result<Tensor> {
+        let (b, t, d) = sources[0].dims3()?;
+        if sources.len() == 1 {
+            if let Some(alphas) = alphas {
+                alphas.push(vec![1.0]);
+            }
+            return Ok(sources[0].clone());
+        }
+        let n = sources.len();
+        let v = Tensor::stack(sources, 2)?.reshape((b * t, n, d))?;
+        if let Some(alphas) = alphas {
+            let flat: Vec<f32> = v.flatten_all()?.to_vec1()?;
+            let mut mean = vec![0f32; n];
+            for row in flat.chunks_exact(n * d) {
+                for (m, a) in
+                    mean.iter_mut()
+                        .zip(attnres::depth_weights(row, &self.u, self.eps as f32))
+                {
+                    *m += a / (b * t) as f32;
+                }
+            }
+            alphas.push(mean);
+        }
+        let h = v.apply_op3(
+            &self.query,
+            &self.gain,
+            DepthAttention {
+                eps: self.eps as f32,
+            },
+        )?;
+        Ok(h.reshape((b, t, d))?)
+    }
+}
+
+/// Per-depth diagnostics of one forward pass (the AttnRes study): magnitudes
+/// and routing weights, each averaged over all tokens.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct DepthTrace {
+    /// RMS of each sublayer's input before its PreNorm: the running sum for
+    /// the standard residual, the depth-attention mix for AttnRes.
+    pub input_rms: Vec<f32>,
+    /// RMS of each sublayer's raw output f_l(h_l).
+    pub output_rms: Vec<f32>,
+    /// AttnRes only: per sublayer (the first included, with its single
+    /// source), then the final readout, the mean weight of each source.
+    pub alphas: Vec<Vec<f32>>,
+}
+
+fn rms(t: &Tensor) -> Result<f32> {
+    Ok(t.sqr()?.mean_all()?.sqrt()?.to_scalar::<f32>()?)
+}
+
+/// The AttnRes sources of the tensor path while the sublayers run.
+enum Sources {
+    /// Embedding, then every sublayer output.
+    Full(Vec<Tensor>),
+    /// Embedding and finished block sums; the current block's partial sum.
+    Block {
+        size: usize,
+        blocks: Vec<Tensor>,
+        partial: Option<Tensor>,
+    },
+}
+
+impl Sources {
+    fn new(residual: Residual, embedding: Tensor) -> Self {
+        match residual {
+            Residual::Block { size } => Sources::Block {
+                size,
+                blocks: vec![embedding],
+                partial: None,
+            },
+            _ => Sources::Full(vec![embedding]),
+        }
+    }
+
+    /// Sublayer `j`'s input (j = number of sublayers run so far, or the total
+    /// for the readout).
+    fn input(
+        &mut self,
+        j: usize,
+        op: Option<&DepthOp>,
+        alphas: Option<&mut Vec<Vec<f32>>>,
+        readout: bool,
+    ) -> Result<Tensor> {
+        let list: Vec<&Tensor> = match self {
+            Sources::Full(all) => all.iter().collect(),
+            Sources::Block {
+                size,
+                blocks,
+                partial,
+            } => {
+                // A block's first sublayer sees finished blocks only (Eq. 6):
+                // the block that just ended becomes a source of its own.
+                if !readout && j > 0 && j % *size == 0 {
+                    if let Some(p) = partial.take() {
+                        blocks.push(p);
+                    }
+                }
+                blocks.iter().chain(partial.iter()).collect()
+            }
+        };
+        match op {
+            Some(op) => op.forward(&list, alphas),
+            None => {
+                anyhow::ensure!(list.len() == 1, "AttnRes op missing for sublayer {j}");
+                if let Some(alphas) = alphas {
+                    alphas.push(vec![1.0]);
+                }
+                Ok(list[0].clone())
+            }
+        }
+    }
+
+    fn push(&mut self, v: Tensor) -> Result<()> {
+        match self {
+            Sources::Full(all) => all.push(v),
+            Sources::Block { partial, .. } => {
+                *partial = Some(match partial.take() {
+                    Some(p) => (p + v)?,
+                    None => v,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Keys and values of the positions seen so far, one entry per layer. Each request
 /// owns one; the decoder itself is shared and immutable.
 ///
@@ -303,6 +463,9 @@ pub struct Decoder {
     /// then train one tensor, not two copies.
     tied_head: bool,
     rope: Rope,
+    /// AttnRes ops for sublayers 1..2L (sublayer 0 reads the embedding alone),
+    /// then the final readout; empty for the standard residual.
+    depth: Vec<DepthOp>,
     device: Device,
 }
 
@@ -377,8 +540,119 @@ impl Decoder {
             head,
             tied_head,
             rope: Rope::new(cfg, layout, device)?,
+            depth: Vec::new(),
             device: device.clone(),
         })
+    }
+
+    /// A new model with random float weights in the Hugging Face layout, for
+    /// training from scratch: N(0, `std`) matrices and embedding (the output
+    /// projections of each sublayer scaled by 1/√(2·layers), as GPT-2 does), unit
+    /// norms, and for AttnRes zero queries and unit key-norm gains. The shared
+    /// weights are drawn in the same order whatever the residual, so two models
+    /// of one seed differ only in their AttnRes parameters (paired runs).
+    pub fn new_random(
+        cfg: &ModelConfig,
+        tied_head: bool,
+        std: f64,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
+        use rand::{Rng, SeedableRng};
+        anyhow::ensure!(
+            cfg.num_heads > 0
+                && cfg.num_kv_heads > 0
+                && cfg.num_heads % cfg.num_kv_heads == 0
+                && cfg.head_dim * cfg.num_heads == cfg.hidden_size
+                && cfg.head_dim % 2 == 0,
+            "heads {}/{} and head_dim {} do not fit hidden size {}",
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            cfg.hidden_size
+        );
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut normal = |rows: usize, cols: usize, std: f64| -> Result<Tensor> {
+            // Box-Muller: rand 0.8 has no normal distribution without rand_distr.
+            let data: Vec<f32> = (0..rows * cols)
+                .map(|_| {
+                    let (a, b): (f64, f64) = (rng.gen_range(f64::EPSILON..1.0), rng.gen());
+                    ((-2.0 * a.ln()).sqrt() * (std::f64::consts::TAU * b).cos() * std) as f32
+                })
+                .collect();
+            Ok(Tensor::from_vec(data, (rows, cols), device)?)
+        };
+        let (h, kv) = (cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim);
+        let out_std = std / (2.0 * cfg.num_layers as f64).sqrt();
+        let ones = || Tensor::ones(h, DType::F32, device);
+        let norm = |eps| -> Result<RmsNorm> { RmsNorm::new(ones()?, eps) };
+        let embedding = normal(cfg.vocab_size, h, std)?;
+        let mut blocks = Vec::with_capacity(cfg.num_layers);
+        for _ in 0..cfg.num_layers {
+            let attn = Attention {
+                q: Linear::float(normal(h, h, std)?, None),
+                k: Linear::float(normal(kv, h, std)?, None),
+                v: Linear::float(normal(kv, h, std)?, None),
+                o: Linear::float(normal(h, h, out_std)?, None),
+                qkv: None,
+            };
+            let ffn = cfg.intermediate_size;
+            let mlp = Mlp {
+                gate: Linear::float(normal(ffn, h, std)?, None),
+                up: Linear::float(normal(ffn, h, std)?, None),
+                down: Linear::float(normal(h, ffn, out_std)?, None),
+                gate_up: None,
+            };
+            blocks.push(Block {
+                attn_norm: norm(cfg.rms_norm_eps)?,
+                attn,
+                mlp_norm: norm(cfg.rms_norm_eps)?,
+                mlp,
+            });
+        }
+        let head = match tied_head {
+            true => Linear::float(embedding.clone(), None),
+            false => Linear::float(normal(cfg.vocab_size, h, std)?, None),
+        };
+        let depth = match cfg.residual.is_attnres() {
+            true => (0..2 * cfg.num_layers)
+                .map(|_| {
+                    DepthOp::new(
+                        Tensor::zeros(h, DType::F32, device)?,
+                        ones()?,
+                        cfg.rms_norm_eps,
+                    )
+                })
+                .collect::<Result<Vec<_>>>()?,
+            false => Vec::new(),
+        };
+        Ok(Self {
+            config: cfg.clone(),
+            kernels: Kernels::Fused,
+            embedding,
+            blocks,
+            final_norm: norm(cfg.rms_norm_eps)?,
+            head,
+            tied_head,
+            rope: Rope::new(cfg, RopeLayout::Halves, device)?,
+            depth,
+            device: device.clone(),
+        })
+    }
+
+    /// Whether the LM head is the embedding table.
+    pub fn tied_head(&self) -> bool {
+        self.tied_head
+    }
+
+    /// The checkpoint-name prefix of AttnRes op `k` (see the `depth` field).
+    fn depth_prefix(&self, k: usize) -> String {
+        let j = k + 1;
+        if j == 2 * self.blocks.len() {
+            return "model.final_res".to_string();
+        }
+        let kind = if j % 2 == 0 { "attn_res" } else { "mlp_res" };
+        format!("model.layers.{}.{kind}", j / 2)
     }
 
     /// A copy with every linear weight dequantized to f32 (same math, no
@@ -596,6 +870,11 @@ impl Decoder {
         if !self.tied_head {
             out.push(("lm_head.weight".to_string(), float(&self.head)?));
         }
+        for (k, op) in self.depth.iter().enumerate() {
+            let p = self.depth_prefix(k);
+            out.push((format!("{p}.query"), op.query.clone()));
+            out.push((format!("{p}.norm.weight"), op.gain.clone()));
+        }
         Ok(out)
     }
 
@@ -650,6 +929,15 @@ impl Decoder {
             true => out.embedding.clone(),
             false => take("lm_head.weight")?,
         });
+        for k in 0..out.depth.len() {
+            let p = self.depth_prefix(k);
+            let eps = out.depth[k].eps;
+            out.depth[k] = DepthOp::new(
+                take(&format!("{p}.query"))?,
+                take(&format!("{p}.norm.weight"))?,
+                eps,
+            )?;
+        }
         Ok(out)
     }
 
@@ -689,7 +977,24 @@ impl Decoder {
         Ok(self.head.forward(&last)?.squeeze(1)?)
     }
 
-    fn hidden_states(&self, ids: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+    /// Like [`hidden_sequences`](Self::hidden_sequences), also returning the
+    /// per-depth magnitudes and (AttnRes) routing weights of this pass.
+    pub fn trace_sequences(&self, ids: &Tensor) -> Result<(Tensor, DepthTrace)> {
+        let mut trace = DepthTrace::default();
+        let hidden = self.hidden_traced(ids, None, Some(&mut trace))?;
+        Ok((hidden, trace))
+    }
+
+    fn hidden_states(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        self.hidden_traced(ids, cache, None)
+    }
+
+    fn hidden_traced(
+        &self,
+        ids: &Tensor,
+        mut cache: Option<&mut KvCache>,
+        mut trace: Option<&mut DepthTrace>,
+    ) -> Result<Tensor> {
         let (batch, seq) = ids.dims2()?;
         let offset = cache.as_ref().map_or(0, |c| c.len);
         anyhow::ensure!(seq > 0, "forward called with no tokens");
@@ -699,10 +1004,21 @@ impl Decoder {
             offset + seq,
             self.config.context_length
         );
+        let attnres = self.config.residual.is_attnres();
+        anyhow::ensure!(
+            !attnres || self.depth.len() == 2 * self.blocks.len(),
+            "the model's residual is {} but it has {} AttnRes ops for {} sublayers",
+            self.config.residual,
+            self.depth.len(),
+            2 * self.blocks.len()
+        );
         if let Some(cache) = cache.as_deref_mut() {
-            if batch == 1 && seq == 1 && self.kernels == Kernels::Fused {
+            if batch == 1 && seq == 1 && self.kernels == Kernels::Fused && trace.is_none() {
                 let token: u32 = ids.flatten_all()?.to_vec1::<u32>()?[0];
-                let hidden = self.decode_step(token, cache)?;
+                let hidden = match attnres {
+                    true => self.decode_step_attnres(token, cache)?,
+                    false => self.decode_step(token, cache)?,
+                };
                 return Ok(Tensor::from_vec(
                     hidden,
                     (1, 1, self.config.hidden_size),
@@ -717,20 +1033,48 @@ impl Decoder {
             self.config.hidden_size,
         ))?;
         let mask = causal_mask(seq, offset, &self.device)?;
+        let mut sources = attnres.then(|| Sources::new(self.config.residual, x.clone()));
         for (i, block) in self.blocks.iter().enumerate() {
-            let h = block.attn_norm.forward(&x, self.kernels)?;
-            let h = self.attention(
-                &block.attn,
-                &h,
-                i,
-                offset,
-                mask.as_ref(),
-                cache.as_deref_mut(),
+            for j in [2 * i, 2 * i + 1] {
+                if let Some(sources) = &mut sources {
+                    let op = j.checked_sub(1).map(|k| &self.depth[k]);
+                    x = sources.input(j, op, trace.as_mut().map(|t| &mut t.alphas), false)?;
+                }
+                let h = match j % 2 {
+                    0 => {
+                        let h = block.attn_norm.forward(&x, self.kernels)?;
+                        self.attention(
+                            &block.attn,
+                            &h,
+                            i,
+                            offset,
+                            mask.as_ref(),
+                            cache.as_deref_mut(),
+                        )?
+                    }
+                    _ => {
+                        let h = block.mlp_norm.forward(&x, self.kernels)?;
+                        self.mlp(&block.mlp, &h)?
+                    }
+                };
+                if let Some(t) = trace.as_deref_mut() {
+                    t.input_rms.push(rms(&x)?);
+                    t.output_rms.push(rms(&h)?);
+                }
+                match &mut sources {
+                    Some(sources) => sources.push(h)?,
+                    None => x = (x + h)?,
+                }
+            }
+        }
+        if let Some(sources) = &mut sources {
+            let readout = self.depth.last();
+            x = sources.input(
+                2 * self.blocks.len(),
+                readout,
+                trace.as_mut().map(|t| &mut t.alphas),
+                true,
             )?;
-            x = (x + h)?;
-            let h = block.mlp_norm.forward(&x, self.kernels)?;
-            let h = self.mlp(&block.mlp, &h)?;
-            x = (x + h)?;
         }
         if let Some(cache) = cache {
             cache.len = offset + seq;
@@ -743,61 +1087,152 @@ impl Decoder {
     /// token, the per-op cost of ~30 small tensor operations a layer (allocation,
     /// dispatch) was about a third of decode time.
     fn decode_step(&self, token: u32, cache: &mut KvCache) -> Result<Vec<f32>> {
-        let cfg = &self.config;
-        let (heads, kv_heads, dim) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let pos = cache.len;
         let mut x: Vec<f32> = self.embedding.get(token as usize)?.to_vec1()?;
-        for (i, block) in self.blocks.iter().enumerate() {
-            let h = block.attn_norm.forward_vec(&x);
-            let a = &block.attn;
-            let (mut q, mut k, v) = match &a.qkv {
-                Some(fused) => {
-                    let mut qkv = fused.forward_vec(&h)?;
-                    let mut v = qkv.split_off((heads + kv_heads) * dim);
-                    let mut k = qkv.split_off(heads * dim);
-                    a.q.add_lora_vec(&h, &mut qkv)?;
-                    a.k.add_lora_vec(&h, &mut k)?;
-                    a.v.add_lora_vec(&h, &mut v)?;
-                    (qkv, k, v)
-                }
-                None => (
-                    a.q.forward_vec(&h)?,
-                    a.k.forward_vec(&h)?,
-                    a.v.forward_vec(&h)?,
-                ),
-            };
-            self.rope.apply_vec(&mut q, pos, dim);
-            self.rope.apply_vec(&mut k, pos, dim);
-            let layer_kv = cache.layer(i);
-            layer_kv.keys.extend_from_slice(&k);
-            layer_kv.values.extend_from_slice(&v);
-            let attended = decode_attention(&q, layer_kv, heads, kv_heads, dim);
-            for (xv, o) in x.iter_mut().zip(a.o.forward_vec(&attended)?) {
-                *xv += o;
-            }
-            let h = block.mlp_norm.forward_vec(&x);
-            let m = &block.mlp;
-            let (gate, up) = match &m.gate_up {
-                Some(fused) => {
-                    let mut gu = fused.forward_vec(&h)?;
-                    let mut up = gu.split_off(cfg.intermediate_size);
-                    m.gate.add_lora_vec(&h, &mut gu)?;
-                    m.up.add_lora_vec(&h, &mut up)?;
-                    (gu, up)
-                }
-                None => (m.gate.forward_vec(&h)?, m.up.forward_vec(&h)?),
-            };
-            let act: Vec<f32> = gate
-                .iter()
-                .zip(&up)
-                .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
-                .collect();
-            for (xv, d) in x.iter_mut().zip(m.down.forward_vec(&act)?) {
-                *xv += d;
-            }
+        for i in 0..self.blocks.len() {
+            let a = self.attention_vec(i, &x, pos, cache)?;
+            x.iter_mut().zip(a).for_each(|(xv, o)| *xv += o);
+            let m = self.mlp_vec(i, &x)?;
+            x.iter_mut().zip(m).for_each(|(xv, d)| *xv += d);
         }
         cache.len = pos + 1;
         Ok(self.final_norm.forward_vec(&x))
+    }
+
+    /// The decode step with Attention Residuals. Depth attention is per token,
+    /// so the KV cache is the ordinary one and only this token's sources are
+    /// held. Block AttnRes runs the two-phase schedule: at each block start the
+    /// block's queries are scored at once against the finished block sums
+    /// ([`attnres::phase_one`]); each sublayer then merges the running partial
+    /// sum by an online-softmax step ([`attnres::phase_two`]).
+    fn decode_step_attnres(&self, token: u32, cache: &mut KvCache) -> Result<Vec<f32>> {
+        let pos = cache.len;
+        let total = 2 * self.blocks.len();
+        let eps = self.config.rms_norm_eps as f32;
+        let embedding: Vec<f32> = self.embedding.get(token as usize)?.to_vec1()?;
+        let sublayer = |j: usize, h: &[f32], cache: &mut KvCache| -> Result<Vec<f32>> {
+            match j % 2 {
+                0 => self.attention_vec(j / 2, h, pos, cache),
+                _ => self.mlp_vec(j / 2, h),
+            }
+        };
+        let out = match self.config.residual {
+            Residual::Block { size } => {
+                let mut blocks = embedding;
+                let mut partial: Option<Vec<f32>> = None;
+                let mut states = Vec::new();
+                let mut first = 0;
+                for j in 0..total {
+                    if j % size == 0 {
+                        if let Some(p) = partial.take() {
+                            blocks.extend_from_slice(&p);
+                        }
+                        // Phase 1 for the ops of sublayers j..j+size (sublayer 0 has none).
+                        first = j.max(1);
+                        let us: Vec<&[f32]> = (first..(j + size).min(total))
+                            .map(|k| self.depth[k - 1].u.as_slice())
+                            .collect();
+                        states = attnres::phase_one(&blocks, &us, eps);
+                    }
+                    let h = match j {
+                        0 => blocks.clone(),
+                        _ => attnres::phase_two(
+                            &states[j - first],
+                            &self.depth[j - 1].u,
+                            partial.as_deref(),
+                            eps,
+                        ),
+                    };
+                    let v = sublayer(j, &h, cache)?;
+                    partial = Some(match partial.take() {
+                        Some(mut p) => {
+                            p.iter_mut().zip(&v).for_each(|(a, b)| *a += b);
+                            p
+                        }
+                        None => v,
+                    });
+                }
+                let readout = &self.depth[total - 1].u;
+                let state = attnres::phase_one(&blocks, &[readout], eps);
+                attnres::phase_two(&state[0], readout, partial.as_deref(), eps)
+            }
+            _ => {
+                let mut sources = embedding;
+                for j in 0..total {
+                    let h = match j {
+                        0 => sources.clone(),
+                        _ => attnres::depth_attend(&sources, &self.depth[j - 1].u, eps),
+                    };
+                    let v = sublayer(j, &h, cache)?;
+                    sources.extend_from_slice(&v);
+                }
+                attnres::depth_attend(&sources, &self.depth[total - 1].u, eps)
+            }
+        };
+        cache.len = pos + 1;
+        Ok(self.final_norm.forward_vec(&out))
+    }
+
+    /// Block `i`'s attention sublayer (PreNorm included) for one token at
+    /// position `pos`, appending its key and value to the cache.
+    fn attention_vec(
+        &self,
+        i: usize,
+        x: &[f32],
+        pos: usize,
+        cache: &mut KvCache,
+    ) -> Result<Vec<f32>> {
+        let cfg = &self.config;
+        let (heads, kv_heads, dim) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let block = &self.blocks[i];
+        let h = block.attn_norm.forward_vec(x);
+        let a = &block.attn;
+        let (mut q, mut k, v) = match &a.qkv {
+            Some(fused) => {
+                let mut qkv = fused.forward_vec(&h)?;
+                let mut v = qkv.split_off((heads + kv_heads) * dim);
+                let mut k = qkv.split_off(heads * dim);
+                a.q.add_lora_vec(&h, &mut qkv)?;
+                a.k.add_lora_vec(&h, &mut k)?;
+                a.v.add_lora_vec(&h, &mut v)?;
+                (qkv, k, v)
+            }
+            None => (
+                a.q.forward_vec(&h)?,
+                a.k.forward_vec(&h)?,
+                a.v.forward_vec(&h)?,
+            ),
+        };
+        self.rope.apply_vec(&mut q, pos, dim);
+        self.rope.apply_vec(&mut k, pos, dim);
+        let layer_kv = cache.layer(i);
+        layer_kv.keys.extend_from_slice(&k);
+        layer_kv.values.extend_from_slice(&v);
+        let attended = decode_attention(&q, layer_kv, heads, kv_heads, dim);
+        Ok(a.o.forward_vec(&attended)?)
+    }
+
+    /// Block `i`'s MLP sublayer (PreNorm included) for one token.
+    fn mlp_vec(&self, i: usize, x: &[f32]) -> Result<Vec<f32>> {
+        let block = &self.blocks[i];
+        let h = block.mlp_norm.forward_vec(x);
+        let m = &block.mlp;
+        let (gate, up) = match &m.gate_up {
+            Some(fused) => {
+                let mut gu = fused.forward_vec(&h)?;
+                let mut up = gu.split_off(self.config.intermediate_size);
+                m.gate.add_lora_vec(&h, &mut gu)?;
+                m.up.add_lora_vec(&h, &mut up)?;
+                (gu, up)
+            }
+            None => (m.gate.forward_vec(&h)?, m.up.forward_vec(&h)?),
+        };
+        let act: Vec<f32> = gate
+            .iter()
+            .zip(&up)
+            .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+            .collect();
+        Ok(m.down.forward_vec(&act)?)
     }
 
     fn mlp(&self, mlp: &Mlp, x: &Tensor) -> Result<Tensor> {

@@ -5,8 +5,11 @@
 //! - [`template`]: the GGUF's chat template rendered with minijinja.
 //! - [`linear`], [`decoder`]: the network, with quantized or float weights.
 //! - [`sampling`], [`generate`]: token selection and the generation loop.
+//! - [`attnres`]: Attention Residuals (depth attention, two-phase Block inference).
+//! - [`scratch`]: models created from a JSON config and saved as safetensors.
 //! - [`testing`]: a tiny random-weight GGUF for tests that must not need a download.
 
+pub mod attnres;
 pub mod config;
 pub mod decoder;
 pub mod generate;
@@ -14,6 +17,7 @@ pub mod kernels;
 pub mod linear;
 pub mod ops;
 pub mod sampling;
+pub mod scratch;
 pub mod template;
 pub mod testing;
 pub mod tokenizer;
@@ -24,7 +28,7 @@ use anyhow::{Context, Result};
 use candle_core::quantized::gguf_file;
 use candle_core::Device;
 
-pub use config::ModelConfig;
+pub use config::{ModelConfig, Residual};
 pub use decoder::{Decoder, KvCache};
 pub use generate::{FinishReason, Generation, Timing};
 pub use sampling::SamplingParams;
@@ -66,13 +70,20 @@ pub struct Model {
 }
 
 impl Model {
-    /// Loads a GGUF file on the CPU with its weights as stored.
+    /// Loads a model on the CPU with its weights as stored: a GGUF file, or a
+    /// model made by `claw train --init` (its safetensors file, or the
+    /// checkpoint directory, whose newest `model-NNNNNN.safetensors` is used).
     pub fn load(path: &Path) -> Result<Self> {
         Self::load_with(path, WeightFormat::default())
     }
 
-    /// Loads a GGUF file on the CPU, holding the linear weights as `weights`.
+    /// Like [`load`](Self::load), holding the linear weights as `weights`
+    /// (a float safetensors model has no packed form: `packed`/`ggml` keep f32).
     pub fn load_with(path: &Path, weights: WeightFormat) -> Result<Self> {
+        let is_safetensors = path.extension().is_some_and(|e| e == "safetensors");
+        if path.is_dir() || is_safetensors {
+            return Self::load_safetensors(path, weights);
+        }
         let device = Device::Cpu;
         let mut file = std::fs::File::open(path)
             .with_context(|| format!("cannot open model file {}", path.display()))?;
@@ -104,13 +115,88 @@ impl Model {
     }
 }
 
+impl Model {
+    fn load_safetensors(path: &Path, weights: WeightFormat) -> Result<Self> {
+        let file = match path.is_dir() {
+            true => scratch::latest_model_file(path)?,
+            false => path.to_path_buf(),
+        };
+        let device = Device::Cpu;
+        let (spec, decoder) = scratch::load_decoder(&file, &device)?;
+        let (tokenizer, template) = scratch::load_tokenizer(&spec.tokenizer)
+            .with_context(|| format!("loading the tokenizer of {}", file.display()))?;
+        let decoder = match weights {
+            // Re-quantizing a float model is a choice the user makes explicitly.
+            WeightFormat::F16 => decoder.with_weights(weights)?,
+            _ => decoder,
+        };
+        Ok(Self {
+            path: file.clone(),
+            name: model_name(path),
+            config: spec.config,
+            tokenizer,
+            template,
+            decoder,
+            device,
+        })
+    }
+
+    /// A new random-weight model from an `--init` config, with the spec to
+    /// save beside its weights.
+    pub fn from_init(config: &scratch::InitConfig) -> Result<(Self, scratch::ModelSpec)> {
+        let device = Device::Cpu;
+        let tokenizer_source = match &config.tokenizer {
+            scratch::TokenizerSource::Gguf(p) => scratch::TokenizerSource::Gguf(
+                // Absolute, so the checkpoint loads from any working directory.
+                p.canonicalize()
+                    .with_context(|| format!("tokenizer GGUF {} not found", p.display()))?,
+            ),
+            other => other.clone(),
+        };
+        let (tokenizer, template) = scratch::load_tokenizer(&tokenizer_source)?;
+        let model_config = config.model_config(tokenizer.vocab_size())?;
+        let decoder = Decoder::new_random(
+            &model_config,
+            config.tie_embeddings,
+            config.init_std,
+            config.seed,
+            &device,
+        )?;
+        let spec = scratch::ModelSpec {
+            config: model_config.clone(),
+            tokenizer: tokenizer_source,
+            tied_head: config.tie_embeddings,
+        };
+        let model = Self {
+            path: PathBuf::new(),
+            name: format!("claw-{}", model_config.residual),
+            config: model_config,
+            tokenizer,
+            template,
+            decoder,
+            device,
+        };
+        Ok((model, spec))
+    }
+}
+
+/// Served model name: a file's stem, or a checkpoint directory's name.
+fn model_name(path: &Path) -> String {
+    let name = match path.is_dir() {
+        true => path.file_name(),
+        false => path.file_stem(),
+    };
+    name.map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".to_string())
+}
+
 /// Finds the model to use: an explicit path, else `$CLAW_MODEL` (handled by clap),
 /// else the default model in `./models/` or next to the repository the binary was
 /// built in. The error says how to get one.
 pub fn resolve_model_path(explicit: Option<&Path>) -> Result<PathBuf> {
     if let Some(path) = explicit {
         anyhow::ensure!(
-            path.is_file(),
+            path.is_file() || path.is_dir(),
             "model file {} does not exist (run scripts/fetch-model, or pass --model PATH)",
             path.display()
         );

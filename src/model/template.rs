@@ -40,6 +40,15 @@ impl ChatTemplate {
         )
     }
 
+    /// Plain ChatML with the tokenizer's bos/eos (byte-level from-scratch models).
+    pub fn chatml(tokenizer: &Tokenizer) -> Result<Self> {
+        Self::new(
+            CHATML_FALLBACK,
+            tokenizer.bos_token().unwrap_or(""),
+            tokenizer.eos_token().unwrap_or(""),
+        )
+    }
+
     pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<Self> {
         let mut env = Environment::new();
         env.set_trim_blocks(true);

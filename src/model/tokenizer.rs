@@ -135,6 +135,52 @@ impl Tokenizer {
         })
     }
 
+    /// The byte-level tokenizer of from-scratch models: ids 0..=255 are the
+    /// bytes themselves (so a token id is the byte value), then the specials
+    /// `<|endoftext|>` (256), `<|im_start|>` (257, bos) and `<|im_end|>` (258, eos)
+    /// for the ChatML template. No merges: any text round-trips.
+    pub fn bytes() -> Result<Self> {
+        let vocab: tokenizers::models::bpe::Vocab = byte_alphabet()
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| (t, i as u32))
+            .collect();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, Vec::new())
+            .build()
+            .map_err(|e| anyhow!("cannot build the byte tokenizer: {e}"))?;
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        inner.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+        inner.with_decoder(Some(ByteLevelDecoder::default()));
+        let specials: Vec<AddedToken> = BYTE_SPECIALS
+            .iter()
+            .map(|t| AddedToken::from(*t, true))
+            .collect();
+        inner
+            .add_special_tokens(specials)
+            .map_err(|e| anyhow!("{e}"))?;
+        let id = |t: &str| -> Result<u32> {
+            inner
+                .token_to_id(t)
+                .with_context(|| format!("byte tokenizer lost {t}"))
+        };
+        let (end, bos, eos) = (
+            id(BYTE_SPECIALS[0])?,
+            id(BYTE_SPECIALS[1])?,
+            id(BYTE_SPECIALS[2])?,
+        );
+        anyhow::ensure!(
+            end == 256,
+            "byte tokenizer specials start at {end}, not 256"
+        );
+        Ok(Self {
+            eos_ids: vec![end, eos],
+            bos: Some((bos, BYTE_SPECIALS[1].to_string())),
+            eos: Some((eos, BYTE_SPECIALS[2].to_string())),
+            inner,
+        })
+    }
+
     /// Token ids of `text`, with special tokens such as `<|im_start|>` recognised.
     /// Adds no BOS: the chat template writes whatever the model expects.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
@@ -180,6 +226,27 @@ impl Tokenizer {
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
+}
+
+/// Specials of [`Tokenizer::bytes`], from id 256 on.
+pub const BYTE_SPECIALS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
+
+/// GPT-2's byte-to-unicode table (what the ByteLevel pre-tokenizer maps bytes
+/// to), in byte order: entry b is the token of byte b.
+fn byte_alphabet() -> Vec<String> {
+    let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+    let mut extra = 0u32;
+    (0u8..=255)
+        .map(|b| {
+            let c = if printable(b) {
+                char::from(b)
+            } else {
+                extra += 1;
+                char::from_u32(255 + extra).unwrap_or('?')
+            };
+            c.to_string()
+        })
+        .collect()
 }
 
 /// Turns a growing list of generated ids into text pieces as they become printable:
@@ -251,4 +318,25 @@ fn string_array(value: Option<&Value>, key: &str) -> Result<Vec<String>> {
                 .map_err(|_| anyhow!("{key} holds a non-string entry"))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_tokenizer_ids_are_bytes_and_round_trip() {
+        let t = Tokenizer::bytes().unwrap();
+        let text = "Héllo, wörld!\n\t1 2  3 ☃";
+        let ids = t.encode(text).unwrap();
+        let bytes: Vec<u32> = text.bytes().map(u32::from).collect();
+        assert_eq!(ids, bytes);
+        assert_eq!(t.decode(&ids).unwrap(), text);
+        assert_eq!(t.vocab_size(), 259);
+        let chat = t.encode("<|im_start|>user\nhi<|im_end|>").unwrap();
+        assert_eq!(chat[0], 257);
+        assert_eq!(*chat.last().unwrap(), 258);
+        assert!(t.is_eos(258) && t.is_eos(256) && !t.is_eos(b'a' as u32));
+        assert_eq!(t.bos_token(), Some("<|im_start|>"));
+    }
 }

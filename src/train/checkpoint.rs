@@ -64,6 +64,20 @@ impl CheckpointDir {
         metrics: Option<&StepMetrics>,
         optim: Option<&AdamW>,
     ) -> Result<PathBuf> {
+        self.save_with_ledger(adapter, base_model, step, metrics, optim, None)
+    }
+
+    /// [`save`](Self::save), recording `ledger` (what the daemon had consumed) in
+    /// the config, so it becomes current with `LATEST` in one atomic step.
+    pub fn save_with_ledger(
+        &self,
+        adapter: &Adapter,
+        base_model: &str,
+        step: u64,
+        metrics: Option<&StepMetrics>,
+        optim: Option<&AdamW>,
+        ledger: Option<&serde_json::Value>,
+    ) -> Result<PathBuf> {
         let name = adapter_file_name(step);
         let path = self.dir.join(&name);
         write_atomic(&path, &adapter.to_safetensors()?)?;
@@ -76,6 +90,9 @@ impl CheckpointDir {
         if let Some(m) = metrics {
             config.claw_metrics = serde_json::to_value(m)?;
         }
+        if let Some(ledger) = ledger {
+            config.claw_ledger = ledger.clone();
+        }
         write_atomic(
             &path.with_extension("json"),
             serde_json::to_string_pretty(&config)?.as_bytes(),
@@ -86,14 +103,24 @@ impl CheckpointDir {
 
     /// Full fine-tuning: every weight under its Hugging Face name in
     /// `model-NNNNNN.safetensors` (Q/K in the HF layout). `LATEST` is left alone:
-    /// it names adapters, which is what `claw serve` hot-loads.
+    /// it names adapters, which is what `claw serve` hot-loads. With `spec` (a
+    /// model created by `--init`), the file also records its config and
+    /// tokenizer, so `Model::load` can load it on its own.
     pub fn save_full(
         &self,
         parameters: &[(String, candle_core::Tensor)],
         step: u64,
+        spec: Option<&str>,
     ) -> Result<PathBuf> {
         let path = self.dir.join(format!("model-{step:06}.safetensors"));
-        let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+        let mut metadata =
+            std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+        if let Some(spec) = spec {
+            metadata.insert(
+                crate::model::scratch::SPEC_KEY.to_string(),
+                spec.to_string(),
+            );
+        }
         let bytes = safetensors::serialize(
             parameters.iter().map(|(k, v)| (k.as_str(), v)),
             Some(metadata),

@@ -65,6 +65,12 @@ pub struct Driver {
     pending: Vec<TrainSample>,
     pub summary: RunSummary,
     last_saved_step: u64,
+    /// Daemon mode: the consumption ledger the next checkpoint records.
+    ledger: Option<serde_json::Value>,
+    /// Sample ids trained on since the last checkpoint (recorded with the ledger).
+    trained_since_save: Vec<String>,
+    /// The model's spec (JSON) for full checkpoints of a from-scratch model.
+    model_spec: Option<String>,
 }
 
 impl Driver {
@@ -80,6 +86,35 @@ impl Driver {
                 ..Default::default()
             },
             last_saved_step: first,
+            ledger: None,
+            trained_since_save: Vec::new(),
+            model_spec: None,
+        }
+    }
+
+    /// Full checkpoints will record this model spec (`claw train --init`), so
+    /// they load on their own with `Model::load`.
+    pub fn set_model_spec(&mut self, spec: Option<String>) {
+        self.model_spec = spec;
+    }
+
+    /// Sets what the next checkpoint records as consumed (daemon mode); the ids
+    /// of the samples trained since the previous checkpoint are added as `samples`.
+    pub fn set_ledger(&mut self, ledger: serde_json::Value) {
+        self.ledger = Some(ledger);
+    }
+
+    /// Samples waiting for a batch to fill.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Trains on the samples waiting, even if fewer than a batch (daemon mode,
+    /// when input has gone quiet).
+    pub fn step_partial(&mut self) -> Result<Option<StepMetrics>> {
+        match self.pending.is_empty() || self.done() {
+            true => Ok(None),
+            false => self.step().map(Some),
         }
     }
 
@@ -140,6 +175,10 @@ impl Driver {
     fn step(&mut self) -> Result<StepMetrics> {
         let batch = std::mem::take(&mut self.pending);
         let metrics = self.trainer.step(&batch)?;
+        if self.ledger.is_some() {
+            self.trained_since_save
+                .extend(batch.iter().map(|s| s.sample_id.clone()));
+        }
         let s = &mut self.summary;
         s.steps += 1;
         s.samples_trained += batch.len() as u64;
@@ -161,17 +200,28 @@ impl Driver {
             return Ok(());
         };
         let step = self.trainer.steps();
+        let ledger = self.ledger.as_ref().map(|l| {
+            let mut l = l.clone();
+            l["samples"] = serde_json::json!(self.trained_since_save);
+            l
+        });
         let path = match self.trainer.adapter() {
-            Some(adapter) => dir.save(
+            Some(adapter) => dir.save_with_ledger(
                 adapter,
                 &self.config.base_model,
                 step,
                 metrics,
                 Some(self.trainer.optimizer()),
+                ledger.as_ref(),
             )?,
-            None => dir.save_full(&self.trainer.full_parameters()?, step)?,
+            None => dir.save_full(
+                &self.trainer.full_parameters()?,
+                step,
+                self.model_spec.as_deref(),
+            )?,
         };
         dir.prune(self.config.keep)?;
+        self.trained_since_save.clear();
         self.last_saved_step = step;
         self.summary.last_checkpoint = Some(path);
         Ok(())

@@ -109,6 +109,9 @@ pub struct AdapterFileConfig {
     pub claw_step: u64,
     #[serde(default)]
     pub claw_metrics: serde_json::Value,
+    /// Daemon mode: which inputs this checkpoint has consumed (src/daemon/train.rs).
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub claw_ledger: serde_json::Value,
 }
 
 impl Adapter {
@@ -238,6 +241,7 @@ impl Adapter {
             base_model_name_or_path: base_model.into(),
             claw_step: step,
             claw_metrics: serde_json::Value::Null,
+            claw_ledger: serde_json::Value::Null,
         }
     }
 

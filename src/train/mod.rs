@@ -8,9 +8,11 @@
 //! - [`optim`]: AdamW with accumulation and grad-norm clipping.
 //! - [`trainer`]: one step over a batch.
 //! - [`checkpoint`]: atomic adapter checkpoints, `LATEST`, keep-last-K, resume.
+//! - [`init`]: a new model from a JSON config (`--init`), trained from scratch.
 
 pub mod checkpoint;
 pub mod driver;
+pub mod init;
 pub mod lora;
 pub mod loss;
 pub mod optim;

@@ -478,7 +478,7 @@ fn a_full_checkpoint_loads_back_as_the_same_model() {
     let dir = tempfile::tempdir().unwrap();
     let ckpt = super::checkpoint::CheckpointDir::create(dir.path()).unwrap();
     let path = ckpt
-        .save_full(&trainer.full_parameters().unwrap(), 1)
+        .save_full(&trainer.full_parameters().unwrap(), 1, None)
         .unwrap();
     let loaded = super::checkpoint::load_full_weights(&model.decoder, &path).unwrap();
     let ids = [1u32, 104, 105, 106];

@@ -1,0 +1,565 @@
+//! `claw eval`: the CLI face of [`crate::eval`].
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+
+use crate::eval::sandbox::{Limits, Sandbox};
+use crate::eval::{gpqa, gsm8k, humaneval, ppl, results, Bench, Outcome, Report};
+use crate::judge::llm::{
+    CallOptions, ChatBackend, EndpointFlags, LocalBackend, RemoteBackend, VoteRunner,
+};
+use crate::model::{resolve_model_path, Model, WeightFormat};
+use crate::train::Adapter;
+
+const LONG_ABOUT: &str = "\
+Score a model on a benchmark: the local GGUF model (optionally with a LoRA
+adapter), or any OpenAI-compatible endpoint with --url (claw serve, vLLM,
+llama.cpp's server), so the same command compares them. Prompts go to the model
+as one chat message each; locally they run one at a time on all cores, against
+an endpoint --concurrency at once.
+
+Benchmarks:
+  gpqa       --data FILE.csv (the standard GPQA CSV: Question, Correct Answer,
+             Incorrect Answer 1..3; the data set is gated, bring your own), or
+             --data DIR --subset diamond|main|extended for DIR/gpqa_diamond.csv.
+             Each question is asked --repeats times with its four choices
+             shuffled by a RNG seeded from --seed, the question and the repeat;
+             a zero-shot chain-of-thought prompt asks for a last line
+             `Answer: $LETTER`, and the first match of
+             (?i)Answer[ \\t]*:[ \\t]*\\$?([A-D])\\$? is the answer (none: invalid).
+             Reports accuracy with a 95% interval (by question) and the
+             invalid-answer rate.
+  humaneval  --data (default data/HumanEval.jsonl.gz, fetched by
+             `scripts/fetch-data humaneval`). --samples completions per problem,
+             each run as prompt + completion + test + check(entry_point) in a
+             sandbox: its own python3 process in a fresh temp directory, with a
+             wall-clock timeout (--exec-timeout), CPU, memory (--exec-memory-mb),
+             process and file-size limits, no network (a new network namespace;
+             where the kernel allows none, it refuses unless --unsafe-no-netns),
+             killed with its whole process group. Code in ``` fences is taken
+             out; a function body is cut at the HumanEval stop sequences (\\ndef,
+             \\nclass, \\nif __name__, \\nprint, \\n#). Reports pass@k for --k
+             (unbiased estimator). --canonical runs the data file's reference
+             solutions instead of a model (all should pass: a sandbox check).
+  gsm8k      --data FILE.jsonl with {\"question\", \"answer\"} lines, the answer
+             ending in `#### N`. The last number of the reply (commas removed) is
+             compared numerically with N. Reports accuracy with a 95% interval.
+  ppl        --data FILE.txt: perplexity, bits per byte and NLL per token of the
+             text under the local model (teacher forcing, in --window token
+             windows, each after the BOS token). No --url.
+  persona    the learning benchmark of DESIGN.md section 11 (issue #8, not built).
+
+Decoding is greedy by default (--temperature 0), so a run is reproducible; with
+--temperature > 0 each call's seed comes from --seed, the item and the sample.
+The same --seed and greedy decoding give the same score locally and against
+`claw serve` on the same model.
+
+Output: a table on stdout (--json: the report as JSON), a progress bar on stderr,
+and with --out FILE.parquet or FILE.json every item (prompt, response, extracted
+answer, expected, correct, error) for inspection (DuckDB, pandas, jq).
+--fail-under X exits with status 1 when the score (the first metric: accuracy,
+pass@1) is below X; for ppl, --fail-over X when the perplexity is above X.
+
+Examples:
+  claw eval --bench gsm8k --data fixtures/eval/gsm8k-mini.jsonl
+  claw eval --bench humaneval --limit 20 --out humaneval.parquet
+  claw eval --bench humaneval --samples 10 --k 1,10 --temperature 0.8
+  claw eval --bench gpqa --data gpqa/ --subset diamond --url http://127.0.0.1:8000 \\
+      --concurrency 8 --json
+  claw eval --bench ppl --data README.md --adapter ckpt/adapter-000100.safetensors
+  claw eval --bench gsm8k --data held-out.jsonl --fail-under 0.3   # a CI gate";
+
+#[derive(Args, Debug)]
+#[command(
+    about = "Score a model or an OpenAI-compatible endpoint on a benchmark",
+    long_about = LONG_ABOUT
+)]
+pub struct EvalArgs {
+    /// The benchmark.
+    #[arg(long, value_enum)]
+    pub bench: Bench,
+
+    /// The benchmark's data: a file, or for gpqa with --subset a directory.
+    #[arg(long, value_name = "PATH")]
+    pub data: Option<PathBuf>,
+
+    /// GPQA subset: reads gpqa_SUBSET.csv in the --data directory.
+    #[arg(long, value_parser = ["diamond", "main", "extended"])]
+    pub subset: Option<String>,
+
+    /// The local GGUF model (default: $CLAW_MODEL, else models/'s default);
+    /// unused with --url.
+    #[arg(long, env = "CLAW_MODEL", value_name = "PATH")]
+    pub model: Option<PathBuf>,
+
+    /// A LoRA adapter (PEFT safetensors with its .json, as `claw train` writes)
+    /// applied to the local model.
+    #[arg(long, value_name = "FILE", conflicts_with = "url")]
+    pub adapter: Option<PathBuf>,
+
+    /// How the local model holds its weights.
+    #[arg(long, value_enum, default_value_t = WeightFormat::default())]
+    pub weights: WeightFormat,
+
+    /// An OpenAI-compatible server to score instead of the local model: a base
+    /// URL with or without /v1, or the full .../chat/completions URL (http only).
+    #[arg(long, value_name = "URL")]
+    pub url: Option<String>,
+
+    /// Bearer token for --url.
+    #[arg(
+        long,
+        env = "CLAW_EVAL_API_KEY",
+        hide_env_values = true,
+        value_name = "KEY"
+    )]
+    pub api_key: Option<String>,
+
+    /// The model name to ask --url for (default: the first of GET /v1/models).
+    #[arg(long, value_name = "NAME", requires = "url")]
+    pub served_model: Option<String>,
+
+    /// Most requests in flight at once against --url.
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    pub concurrency: usize,
+
+    /// Sampling temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+
+    /// Most tokens per reply (default: gpqa 1024, gsm8k 512, humaneval 512).
+    #[arg(long, value_name = "N")]
+    pub max_tokens: Option<usize>,
+
+    /// Seconds one reply may take.
+    #[arg(long, default_value_t = 600.0, value_name = "SECONDS")]
+    pub timeout: f64,
+
+    /// Extra attempts for a request that timed out or hit a server error (--url).
+    #[arg(long, default_value_t = 2, value_name = "N")]
+    pub retries: usize,
+
+    /// Seed of the GPQA shuffles and of sampling.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+
+    /// Only the first N questions or problems of the data.
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
+
+    /// GPQA: times each question is asked (each with its own shuffle).
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    pub repeats: usize,
+
+    /// HumanEval: completions per problem.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub samples: usize,
+
+    /// HumanEval: the k of pass@k, comma-separated (default 1,10, those that
+    /// --samples allows).
+    #[arg(long, value_delimiter = ',', value_name = "K,...")]
+    pub k: Option<Vec<usize>>,
+
+    /// HumanEval: run the data file's canonical solutions (no model).
+    #[arg(long)]
+    pub canonical: bool,
+
+    /// HumanEval: seconds each program may run (wall clock).
+    #[arg(long, default_value_t = 10.0, value_name = "SECONDS")]
+    pub exec_timeout: f64,
+
+    /// HumanEval: address-space limit of each program, MiB.
+    #[arg(long, default_value_t = 1024, value_name = "MIB")]
+    pub exec_memory_mb: u64,
+
+    /// HumanEval: programs run at once (default: the number of cores).
+    #[arg(long, value_name = "N")]
+    pub exec_workers: Option<usize>,
+
+    /// HumanEval: the Python interpreter.
+    #[arg(long, default_value = "python3", value_name = "PATH")]
+    pub python: String,
+
+    /// HumanEval: run programs with this machine's network when the kernel
+    /// gives no network namespace (only for code you trust).
+    #[arg(long)]
+    pub unsafe_no_netns: bool,
+
+    /// ppl: tokens per scored window (default: the context length, at most 2048).
+    #[arg(long, value_name = "N")]
+    pub window: Option<usize>,
+
+    /// Print the report as JSON on stdout instead of a table.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Write every item's result to FILE.parquet or FILE.json.
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+
+    /// Exit with status 1 when the score is below X (not for ppl).
+    #[arg(long, value_name = "X")]
+    pub fail_under: Option<f64>,
+
+    /// ppl: exit with status 1 when the perplexity is above X.
+    #[arg(long, value_name = "X")]
+    pub fail_over: Option<f64>,
+
+    /// CPU threads for the local model (default: all cores).
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+}
+
+pub fn run(args: EvalArgs) -> Result<()> {
+    check(&args)?;
+    if let Some(threads) = args.threads {
+        // candle sizes its thread pool from this variable on first use.
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    }
+    let start = Instant::now();
+    let mut outcome = match args.bench {
+        Bench::Gpqa => run_gpqa(&args)?,
+        Bench::Humaneval => run_humaneval(&args)?,
+        Bench::Gsm8k => run_gsm8k(&args)?,
+        Bench::Ppl => run_ppl(&args)?,
+        Bench::Persona => {
+            bail!("`--bench persona` is not built yet (issue #8); see DESIGN.md section 11")
+        }
+    };
+    outcome.report.seed = args.seed;
+    outcome.report.seconds = start.elapsed().as_secs_f64();
+    if let Some(path) = &args.out {
+        results::write(path, &outcome)?;
+        crate::info!("wrote {} items to {}", outcome.items.len(), path.display());
+    }
+    let report = &outcome.report;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+    } else {
+        print!("{}", table(report));
+    }
+    if let Some(x) = args.fail_under {
+        anyhow::ensure!(
+            report.score >= x,
+            "{} {:.4} is below --fail-under {x}",
+            report.score_name,
+            report.score
+        );
+    }
+    if let Some(x) = args.fail_over {
+        anyhow::ensure!(
+            report.score <= x,
+            "{} {:.4} is above --fail-over {x}",
+            report.score_name,
+            report.score
+        );
+    }
+    Ok(())
+}
+
+/// Flag checks that need no file or model.
+fn check(args: &EvalArgs) -> Result<()> {
+    anyhow::ensure!(args.concurrency >= 1, "--concurrency must be at least 1");
+    anyhow::ensure!(args.repeats >= 1, "--repeats must be at least 1");
+    anyhow::ensure!(args.samples >= 1, "--samples must be at least 1");
+    anyhow::ensure!(args.limit != Some(0), "--limit must be at least 1");
+    anyhow::ensure!(args.threads != Some(0), "--threads must be at least 1");
+    anyhow::ensure!(
+        args.temperature.is_finite() && args.temperature >= 0.0,
+        "--temperature must be >= 0"
+    );
+    anyhow::ensure!(
+        args.timeout.is_finite() && args.timeout > 0.0,
+        "--timeout must be a positive number of seconds"
+    );
+    anyhow::ensure!(
+        args.exec_timeout.is_finite() && args.exec_timeout > 0.0,
+        "--exec-timeout must be a positive number of seconds"
+    );
+    if let Some(ks) = &args.k {
+        anyhow::ensure!(
+            !ks.is_empty() && ks.iter().all(|&k| k >= 1),
+            "--k takes positive integers, e.g. --k 1,10"
+        );
+    }
+    if args.max_tokens == Some(0) {
+        bail!("--max-tokens must be at least 1");
+    }
+    if args.fail_under.is_some() && args.bench == Bench::Ppl {
+        bail!("--fail-under is for scores where higher is better; for ppl use --fail-over");
+    }
+    if args.fail_over.is_some() && args.bench != Bench::Ppl {
+        bail!(
+            "--fail-over is for ppl; use --fail-under for --bench {}",
+            args.bench.name()
+        );
+    }
+    if args.url.is_some() && args.bench == Bench::Ppl {
+        bail!(
+            "--bench ppl scores the local model (teacher forcing needs its log-probs): drop --url"
+        );
+    }
+    if let Some(url) = &args.url {
+        crate::judge::llm::endpoints(url)?;
+    }
+    Ok(())
+}
+
+const EVAL_FLAGS: EndpointFlags = EndpointFlags {
+    url: "--url",
+    api_key: "--api-key or CLAW_EVAL_API_KEY",
+    model: "--served-model",
+};
+
+/// The local model with its adapter on.
+fn load_model(args: &EvalArgs) -> Result<Model> {
+    let path = resolve_model_path(args.model.as_deref())?;
+    crate::info!("loading {}", path.display());
+    let mut model = Model::load_with(&path, args.weights)
+        .with_context(|| format!("loading the model {}", path.display()))?;
+    if let Some(adapter_path) = &args.adapter {
+        let (adapter, _) = Adapter::load(adapter_path, &model.device)
+            .with_context(|| format!("loading the adapter {}", adapter_path.display()))?;
+        model.decoder = adapter
+            .apply_for_serving(&model.decoder)
+            .with_context(|| format!("{} does not fit {}", adapter_path.display(), model.name))?;
+        if let Some(stem) = adapter_path.file_stem() {
+            model.name = format!("{}+{}", model.name, stem.to_string_lossy());
+        }
+    }
+    Ok(model)
+}
+
+/// The model the prompts go to: --url, or the local model.
+fn runner(
+    args: &EvalArgs,
+    default_max_tokens: usize,
+    votes: usize,
+    stop: &[&str],
+) -> Result<VoteRunner> {
+    let backend: Box<dyn ChatBackend> = match &args.url {
+        Some(url) => {
+            let backend = RemoteBackend::connect_with_flags(
+                url,
+                args.api_key.clone(),
+                args.served_model.clone(),
+                EVAL_FLAGS,
+            )
+            .with_context(|| format!("connecting to {url}"))?;
+            crate::info!("scoring {} at {}", backend.name(), backend.endpoint());
+            Box::new(backend)
+        }
+        None => Box::new(LocalBackend::new(load_model(args)?)),
+    };
+    VoteRunner::new(
+        backend,
+        CallOptions {
+            votes,
+            temperature: args.temperature,
+            max_tokens: args.max_tokens.unwrap_or(default_max_tokens),
+            timeout: Duration::from_secs_f64(args.timeout),
+            retries: args.retries,
+            backoff: Duration::from_millis(500),
+            concurrency: args.concurrency,
+            seed: args.seed,
+            stop: stop.iter().map(|s| s.to_string()).collect(),
+            role: "model",
+        },
+    )
+}
+
+fn limit<T>(mut items: Vec<T>, limit: Option<usize>) -> Vec<T> {
+    if let Some(n) = limit {
+        items.truncate(n);
+    }
+    items
+}
+
+fn required_data<'a>(args: &'a EvalArgs, what: &str) -> Result<&'a Path> {
+    args.data
+        .as_deref()
+        .with_context(|| format!("--bench {} needs --data {what}", args.bench.name()))
+}
+
+/// Runs `f` with a progress bar of `total` calls on stderr.
+fn with_progress<T>(
+    total: usize,
+    what: &str,
+    f: impl FnOnce(&(dyn Fn() + Sync)) -> Result<T>,
+) -> Result<T> {
+    let bar = crate::ui::progress_bar(Some(total as u64), what);
+    let out = f(&|| bar.inc(1));
+    bar.finish_and_clear();
+    out
+}
+
+fn run_gpqa(args: &EvalArgs) -> Result<Outcome> {
+    let data = required_data(args, "FILE.csv (or --data DIR --subset diamond)")?;
+    let path = match &args.subset {
+        Some(subset) => {
+            anyhow::ensure!(
+                data.is_dir(),
+                "--subset {subset} reads gpqa_{subset}.csv in a directory, but --data {} is not one",
+                data.display()
+            );
+            gpqa::subset_file(data, subset)
+        }
+        None => data.to_path_buf(),
+    };
+    let questions = limit(gpqa::load(&path)?, args.limit);
+    let runner = runner(args, 1024, 1, &[])?;
+    let calls = questions.len() * args.repeats;
+    crate::info!(
+        "gpqa: {} questions x {} repeats = {calls} prompts to {}",
+        questions.len(),
+        args.repeats,
+        runner.backend().name()
+    );
+    let name = path.display().to_string();
+    with_progress(calls, "gpqa", |tick| {
+        gpqa::run(&runner, &questions, args.repeats, args.seed, &name, tick)
+    })
+}
+
+fn run_gsm8k(args: &EvalArgs) -> Result<Outcome> {
+    let path = required_data(args, "FILE.jsonl")?;
+    let problems = limit(gsm8k::load(path)?, args.limit);
+    let runner = runner(args, 512, 1, &[])?;
+    crate::info!(
+        "gsm8k: {} problems to {}",
+        problems.len(),
+        runner.backend().name()
+    );
+    let name = path.display().to_string();
+    with_progress(problems.len(), "gsm8k", |tick| {
+        gsm8k::run(&runner, &problems, &name, tick)
+    })
+}
+
+fn run_humaneval(args: &EvalArgs) -> Result<Outcome> {
+    let path = match &args.data {
+        Some(p) => p.clone(),
+        None => humaneval::default_data_path().with_context(|| {
+            format!(
+                "no --data given and {} is absent: run `scripts/fetch-data humaneval`",
+                humaneval::DEFAULT_DATA
+            )
+        })?,
+    };
+    let problems = limit(humaneval::load(&path)?, args.limit);
+    let limits = Limits {
+        timeout: Duration::from_secs_f64(args.exec_timeout),
+        memory_bytes: args.exec_memory_mb.saturating_mul(1 << 20),
+        ..Limits::default()
+    };
+    let sandbox = Sandbox::new(&args.python, limits, args.unsafe_no_netns)?;
+    let workers = args
+        .exec_workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+    let (ks, explicit) = match &args.k {
+        Some(ks) => (ks.clone(), true),
+        None => (
+            [1, 10].into_iter().filter(|&k| k <= args.samples).collect(),
+            false,
+        ),
+    };
+    let name = path.display().to_string();
+    let settings = humaneval::Settings {
+        samples: args.samples,
+        ks: &ks,
+        workers,
+        data: &name,
+    };
+    if args.canonical {
+        crate::info!("humaneval: running {} canonical solutions", problems.len());
+        return with_progress(problems.len(), "humaneval", |tick| {
+            humaneval::run_canonical(&sandbox, &problems, &settings, tick)
+        });
+    }
+    let runner = runner(args, 512, args.samples, &[])?;
+    crate::info!(
+        "humaneval: {} problems x {} samples to {}",
+        problems.len(),
+        args.samples,
+        runner.backend().name()
+    );
+    let mut outcome = with_progress(problems.len() * args.samples, "humaneval", |tick| {
+        humaneval::run(&runner, &sandbox, &problems, &settings, tick)
+    })?;
+    if !explicit {
+        outcome.report.notes.retain(|n| !n.starts_with("pass@"));
+    }
+    if !sandbox.network_isolated() {
+        outcome
+            .report
+            .notes
+            .push("programs ran WITHOUT network isolation (--unsafe-no-netns)".into());
+    }
+    Ok(outcome)
+}
+
+fn run_ppl(args: &EvalArgs) -> Result<Outcome> {
+    let path = required_data(args, "FILE.txt")?;
+    let text = ppl::load(path)?;
+    let model = load_model(args)?;
+    let window = args
+        .window
+        .unwrap_or_else(|| (model.config.context_length - 1).min(2048));
+    let bar = crate::ui::progress_bar(None, "ppl");
+    let name = path.display().to_string();
+    let out = ppl::run(
+        &model,
+        &model.decoder,
+        &text,
+        window,
+        &name,
+        &|done, total| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        },
+    );
+    bar.finish_and_clear();
+    out
+}
+
+/// The report as a small table.
+pub fn table(report: &Report) -> String {
+    let mut s = format!(
+        "{}  {}  ({})\n{} items, {} calls ({} failed), {:.1} s, seed {}\n\n",
+        report.bench.name(),
+        report.target,
+        report.data,
+        report.items,
+        report.calls,
+        report.failed_calls,
+        report.seconds,
+        report.seed
+    );
+    let width = report
+        .metrics
+        .iter()
+        .map(|m| m.name.len())
+        .max()
+        .unwrap_or(6)
+        .max(6);
+    s.push_str(&format!("{:<width$}  {:>10}  95% CI\n", "metric", "value"));
+    for m in &report.metrics {
+        let value = if m.is_count {
+            format!("{}", m.value as u64)
+        } else {
+            format!("{:.4}", m.value)
+        };
+        let ci = m
+            .ci95
+            .map(|(lo, hi)| format!("[{lo:.4}, {hi:.4}]"))
+            .unwrap_or_default();
+        s.push_str(&format!("{:<width$}  {value:>10}  {ci}\n", m.name));
+    }
+    for note in &report.notes {
+        s.push_str(&format!("note: {note}\n"));
+    }
+    s
+}

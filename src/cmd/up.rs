@@ -1,0 +1,265 @@
+//! `claw up`: serve and every stage over one shared directory, as one process
+//! tree with one log stream and one Ctrl-C.
+//!
+//! Each stage runs as a child process (`claw STAGE --watch DIR`): a crash in one
+//! (or its memory) cannot take the others down, each restarts on its own, and
+//! they are exactly the daemons one would run under systemd.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+
+use crate::daemon::wake::{install_stop_handler, stop_requested};
+
+const STAGES: [&str; 5] = ["serve", "collect", "judge", "distill-hints", "train"];
+
+/// Run serve and every stage over one directory, as one process tree.
+#[derive(Args, Debug)]
+#[command(long_about = "\
+Run the whole loop over one shared directory: `claw serve` records conversations,
+and collect, judge, distill-hints and train run as daemons (`--watch DIR`), each
+as a child process, with one log stream (lines prefixed by stage) and one Ctrl-C.
+A stage that exits unexpectedly is restarted (with backoff); the first Ctrl-C
+asks every stage to finish what it is doing and stop, a second stops at once
+(nothing is lost either way: each stage redoes only unfinished work).
+
+The directory:
+  DIR/raw/          serve's event segments            (collect reads)
+  DIR/samples/      turns with next state + feedback  (judge reads)
+  DIR/judged/       + reward                          (distill-hints reads)
+  DIR/distilled/    + hint and teacher log-probs      (train reads)
+  DIR/checkpoints/  adapter-NNNNNN.safetensors, LATEST (serve hot-loads)
+  DIR/state/STAGE/  done markers, claims, status files (claw status reads)
+  DIR/quarantine/   inputs a stage refused, each with a .err saying why
+
+Each stage can also run on its own (systemd, cron with --once, or another machine
+mounting DIR); several judge or distill-hints workers share the work.
+
+Examples:
+  claw up --dir claw-data
+  claw up --dir claw-data --without distill-hints --with 'judge=--sources feedback,env'
+  claw up --dir claw-data --with 'train=--batch-size 4 --partial-after 20s'")]
+pub struct UpArgs {
+    /// The shared directory.
+    #[arg(long, default_value = "./claw-data")]
+    pub dir: PathBuf,
+    /// GGUF model for every stage (else $CLAW_MODEL or the default in models/).
+    #[arg(long, env = "CLAW_MODEL")]
+    pub model: Option<PathBuf>,
+    /// Address serve listens on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port serve listens on.
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Stages not to start (serve, collect, judge, distill-hints, train). Without
+    /// distill-hints, train reads DIR/judged/.
+    #[arg(long, value_delimiter = ',', value_name = "STAGE")]
+    pub without: Vec<String>,
+    /// Extra arguments for one stage, as STAGE=ARGS (split at spaces; repeatable).
+    #[arg(long = "with", value_name = "STAGE=ARGS")]
+    pub with: Vec<String>,
+    /// How often the daemons look for new input besides notifications.
+    #[arg(long, default_value = "1s", value_name = "DURATION")]
+    pub poll_interval: String,
+}
+
+struct Stage {
+    name: &'static str,
+    args: Vec<String>,
+    child: Option<Child>,
+    started: Instant,
+    restarts: u32,
+    restart_at: Option<Instant>,
+}
+
+pub fn run(args: UpArgs) -> Result<()> {
+    for s in &args.without {
+        anyhow::ensure!(
+            STAGES.contains(&s.as_str()),
+            "--without {s}: not a stage (choose from {})",
+            STAGES.join(", ")
+        );
+    }
+    let mut extra: std::collections::HashMap<&str, Vec<String>> = Default::default();
+    for w in &args.with {
+        let (stage, rest) = w
+            .split_once('=')
+            .with_context(|| format!("--with {w:?}: expected STAGE=ARGS"))?;
+        let stage = STAGES
+            .iter()
+            .find(|s| **s == stage)
+            .with_context(|| format!("--with {w:?}: `{stage}` is not a stage"))?;
+        extra
+            .entry(stage)
+            .or_default()
+            .extend(rest.split_whitespace().map(String::from));
+    }
+    std::fs::create_dir_all(&args.dir)
+        .with_context(|| format!("{}: cannot create the directory", args.dir.display()))?;
+    let dir = args.dir.display().to_string();
+    let distill = !args.without.iter().any(|s| s == "distill-hints");
+    let mut stages = Vec::new();
+    for name in STAGES {
+        if args.without.iter().any(|s| s == name) {
+            continue;
+        }
+        let mut argv: Vec<String> = match name {
+            "serve" => vec![
+                "serve".into(),
+                "--dir".into(),
+                dir.clone(),
+                "--host".into(),
+                args.host.clone(),
+                "--port".into(),
+                args.port.to_string(),
+            ],
+            _ => vec![
+                name.into(),
+                "--watch".into(),
+                dir.clone(),
+                "--poll-interval".into(),
+                args.poll_interval.clone(),
+            ],
+        };
+        if name == "train" && !distill {
+            argv.extend(["--from".into(), "judged".into()]);
+        }
+        argv.extend(extra.remove(name).unwrap_or_default());
+        stages.push(Stage {
+            name,
+            args: argv,
+            child: None,
+            started: Instant::now(),
+            restarts: 0,
+            restart_at: Some(Instant::now()),
+        });
+    }
+    anyhow::ensure!(!stages.is_empty(), "--without left no stage to run");
+    install_stop_handler();
+    let exe = std::env::current_exe().context("finding the claw executable")?;
+    crate::info!(
+        "up: {} over {} (serve on http://{}:{}/v1); Ctrl-C stops",
+        stages.iter().map(|s| s.name).collect::<Vec<_>>().join(", "),
+        args.dir.display(),
+        args.host,
+        args.port
+    );
+    let result = supervise(&exe, &args, &mut stages);
+    shutdown(&mut stages);
+    result
+}
+
+fn supervise(exe: &PathBuf, args: &UpArgs, stages: &mut [Stage]) -> Result<()> {
+    while !stop_requested() {
+        for stage in stages.iter_mut() {
+            if let Some(child) = &mut stage.child {
+                if let Some(status) = child.try_wait()? {
+                    stage.child = None;
+                    if status.code() == Some(2) {
+                        bail!(
+                            "{} refused its arguments (exit 2): {}",
+                            stage.name,
+                            stage.args.join(" ")
+                        );
+                    }
+                    // Back off for stages that keep dying young; reset for one that ran a while.
+                    if stage.started.elapsed() > Duration::from_secs(60) {
+                        stage.restarts = 0;
+                    }
+                    let wait = Duration::from_secs(1 << stage.restarts.min(6));
+                    stage.restarts += 1;
+                    crate::warn!(
+                        "up: {} exited ({status}); restarting in {}s",
+                        stage.name,
+                        wait.as_secs()
+                    );
+                    stage.restart_at = Some(Instant::now() + wait);
+                }
+            }
+            if stage.child.is_none() && stage.restart_at.is_some_and(|t| Instant::now() >= t) {
+                stage.child = Some(spawn(exe, args, stage)?);
+                stage.started = Instant::now();
+                stage.restart_at = None;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+fn spawn(exe: &PathBuf, args: &UpArgs, stage: &Stage) -> Result<Child> {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(exe);
+    cmd.args(&stage.args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Its own process group: a terminal's Ctrl-C reaches `up` only, which then
+        // stops each stage once (a second signal would make it abandon its work).
+        .process_group(0);
+    if let Some(model) = &args.model {
+        cmd.env("CLAW_MODEL", model);
+    }
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("starting {} {}", exe.display(), stage.args.join(" ")))?;
+    let name = stage.name;
+    if let Some(out) = child.stdout.take() {
+        forward(name, out);
+    }
+    if let Some(err) = child.stderr.take() {
+        forward(name, err);
+    }
+    crate::debug!("up: started {name} (pid {})", child.id());
+    Ok(child)
+}
+
+/// Copies a child's output to our stderr, a line at a time, prefixed by stage.
+fn forward(name: &'static str, stream: impl Read + Send + 'static) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines() {
+            let Ok(line) = line else { break };
+            // The children's own "claw: " prefix is noise in a merged stream.
+            let line = line.strip_prefix("claw: ").unwrap_or(&line);
+            eprintln!("[{name:>13}] {line}");
+        }
+    });
+}
+
+/// SIGTERM to every stage, then a grace period, then SIGKILL.
+fn shutdown(stages: &mut [Stage]) {
+    let running: Vec<&mut Stage> = stages.iter_mut().filter(|s| s.child.is_some()).collect();
+    if running.is_empty() {
+        return;
+    }
+    crate::info!("up: stopping {} stage(s)", running.len());
+    for s in &running {
+        if let Some(child) = &s.child {
+            // SAFETY: signalling a child we started.
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for s in running {
+        let Some(mut child) = s.child.take() else {
+            continue;
+        };
+        loop {
+            match child.try_wait() {
+                Ok(Some(_)) | Err(_) => break,
+                Ok(None) if Instant::now() >= deadline => {
+                    crate::warn!("up: {} did not stop in time; killing it", s.name);
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+}

@@ -1,0 +1,339 @@
+//! `claw collect --watch DIR`: raw segments in `DIR/raw/` become samples in
+//! `DIR/samples/`. Sessions span segments, so collect keeps one state (its
+//! `--state` file, in `DIR/state/collect/`) and runs one worker at a time; a
+//! second worker waits as a standby.
+//!
+//! Exactly once: before a batch runs, its plan (the input names, the wall-clock
+//! time and the output name) is written to `intent.json`. collect itself writes
+//! the output durably before the state that lists the inputs as consumed. After a
+//! crash the same plan is run again against the same state, which gives the same
+//! output under the same name (replacing, never adding); if the state already
+//! lists the inputs, the plan had finished and is only cleared.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use super::ledger::{Ledger, StageLock};
+use super::quarantine::quarantine;
+use super::status::StatusFile;
+use super::wake::{install_stop_handler, sleep_unless_stopped, stop_requested, Waker};
+use super::{unix_ms, DaemonConfig};
+use crate::collect::{self, CollectConfig, Format};
+use crate::fsutil::write_atomic;
+use crate::rollout::{segment_file_name, RolloutFile};
+
+/// One planned collect run.
+#[derive(Serialize, Deserialize, Debug)]
+struct Intent {
+    /// File names in `DIR/raw/` (empty for a clock tick).
+    inputs: Vec<String>,
+    /// Clock ticks only: the event time to move the clock to (the state's clock
+    /// plus the wall time that passed since it was saved), so quiet sessions end
+    /// without ever jumping the clock past events still to come.
+    clock_to: Option<i64>,
+    /// File name in `DIR/samples/`.
+    output: String,
+}
+
+/// How often quiet open sessions are checked against the wall clock.
+const TICK_EVERY: Duration = Duration::from_secs(5);
+
+pub fn run(cfg: &DaemonConfig, base: &CollectConfig) -> Result<()> {
+    install_stop_handler();
+    cfg.create_dirs()?;
+    let state_dir = cfg.state_dir();
+    let mut status = StatusFile::new(cfg);
+    status.set("standby");
+    let Some(_lock) = StageLock::acquire(&state_dir, &cfg.worker_id, "collect")? else {
+        status.set("stopped");
+        return Ok(());
+    };
+    let raw_dir = cfg.input_dir();
+    let ledger = Ledger::open(&state_dir, &cfg.worker_id)?;
+    let state_path = state_dir.join("collect-state.json");
+    let intent_path = state_dir.join("intent.json");
+    let waker = Waker::new(&raw_dir, cfg.poll_only, cfg.poll_interval);
+    crate::info!(
+        "collect: watching {} -> {} as worker {}",
+        raw_dir.display(),
+        cfg.output_dir().display(),
+        cfg.worker_id
+    );
+    status.set("idle");
+    let mut last_tick = Instant::now();
+    let mut failures = 0u32;
+    while !stop_requested() {
+        let intent = match read_intent(&intent_path)? {
+            Some(intent) => {
+                crate::debug!("collect: resuming the planned batch {:?}", intent.inputs);
+                intent
+            }
+            None => {
+                let tick = last_tick.elapsed() >= TICK_EVERY;
+                match plan(cfg, &ledger, &state_path, tick, &mut status)? {
+                    Some(intent) => {
+                        if intent.inputs.is_empty() {
+                            last_tick = Instant::now();
+                        }
+                        write_atomic(&intent_path, &serde_json::to_vec_pretty(&intent)?)?;
+                        intent
+                    }
+                    None => {
+                        if cfg.once {
+                            break;
+                        }
+                        status.heartbeat();
+                        waker.wait()?;
+                        continue;
+                    }
+                }
+            }
+        };
+        status.set("working");
+        match execute(cfg, base, &state_path, &intent) {
+            Ok(rows) => {
+                failures = 0;
+                for name in &intent.inputs {
+                    ledger.mark_done(name)?;
+                }
+                ledger.sync()?;
+                remove_intent(&intent_path)?;
+                if !intent.inputs.is_empty() {
+                    status.done(intent.inputs.len() as u64, rows);
+                }
+            }
+            Err(e) => {
+                status.error(&e);
+                // Bad data or a problem here? Read each input whole: the bad ones go
+                // to quarantine and the plan is made again without them.
+                let mut bad = 0;
+                for name in &intent.inputs {
+                    let path = raw_dir.join(name);
+                    if let Err(read_err) = read_whole(&path) {
+                        quarantine(
+                            &cfg.layout.quarantine(),
+                            &cfg.input,
+                            &path,
+                            "collect",
+                            &read_err,
+                        )?;
+                        status.status.segments_quarantined += 1;
+                        bad += 1;
+                    }
+                }
+                if bad > 0 {
+                    remove_intent(&intent_path)?;
+                } else {
+                    failures += 1;
+                    let wait = Duration::from_secs(1 << failures.min(6));
+                    crate::warn!("collect: {e:#}; retrying in {wait:?}");
+                    status.set("idle");
+                    if sleep_unless_stopped(wait) {
+                        break;
+                    }
+                }
+            }
+        }
+        if let Some(age) = cfg.retain {
+            ledger.retain(&raw_dir, age)?;
+        }
+        status.set("idle");
+    }
+    status.set("stopped");
+    crate::info!(
+        "collect: stopped after {} segments ({} raw rows)",
+        status.status.segments_done,
+        status.status.rows_done
+    );
+    Ok(())
+}
+
+/// The next batch: unconsumed raw segments (bad ones are quarantined here), or
+/// with `tick` and open sessions waiting on the clock, a run without inputs.
+fn plan(
+    cfg: &DaemonConfig,
+    ledger: &Ledger,
+    state_path: &Path,
+    tick: bool,
+    status: &mut StatusFile,
+) -> Result<Option<Intent>> {
+    let raw_dir = cfg.input_dir();
+    let consumed = consumed_names(state_path, &raw_dir)?;
+    let done = ledger.done_set()?;
+    let mut inputs = Vec::new();
+    for name in super::list_segments(&raw_dir)? {
+        if consumed.contains(&name) {
+            // Consumed, but the crash came before its marker: add the marker.
+            if !done.contains(&name) {
+                ledger.mark_done(&name)?;
+            }
+            continue;
+        }
+        if inputs.len() >= cfg.batch_segments {
+            break;
+        }
+        let path = raw_dir.join(&name);
+        match RolloutFile::open_path(&path) {
+            Ok(_) => inputs.push(name),
+            Err(e) if path.exists() => {
+                status.error(&e);
+                status.status.segments_quarantined += 1;
+                quarantine(&cfg.layout.quarantine(), &cfg.input, &path, "collect", &e)?;
+            }
+            Err(_) => {}
+        }
+    }
+    if let Some(first) = inputs.first() {
+        return Ok(Some(Intent {
+            output: first.clone(),
+            inputs,
+            clock_to: None,
+        }));
+    }
+    if !tick || !has_pending_turns(state_path)? {
+        return Ok(None);
+    }
+    let (Some(clock), Some(saved)) = (state_clock(state_path)?, modified_ms(state_path)) else {
+        return Ok(None);
+    };
+    let quiet = unix_ms().saturating_sub(saved) as i64;
+    Ok(Some(Intent {
+        inputs: Vec::new(),
+        clock_to: Some(clock + quiet),
+        output: segment_file_name(unix_ms(), "collect-tick", 0),
+    }))
+}
+
+/// Runs the plan; returns the raw rows read.
+fn execute(
+    cfg: &DaemonConfig,
+    base: &CollectConfig,
+    state_path: &Path,
+    intent: &Intent,
+) -> Result<u64> {
+    let raw_dir = cfg.input_dir();
+    let consumed = consumed_names(state_path, &raw_dir)?;
+    // Finished before a crash that left only the intent: running it again against
+    // the newer state would write nothing over the output it wrote.
+    let finished = match intent.inputs.is_empty() {
+        false => intent.inputs.iter().all(|n| consumed.contains(n)),
+        true => state_clock(state_path)?
+            .zip(intent.clock_to)
+            .is_none_or(|(clock, to)| clock >= to),
+    };
+    if finished {
+        return Ok(0);
+    }
+    let inputs: Vec<String> = intent
+        .inputs
+        .iter()
+        .map(|n| raw_dir.join(n).display().to_string())
+        .collect();
+    let output = cfg.output_dir().join(&intent.output);
+    let run_cfg = CollectConfig {
+        format: Format::Raw,
+        state: Some(state_path.to_path_buf()),
+        flush: false,
+        strict: true,
+        advance_clock_to: intent.clock_to,
+        ..base.clone()
+    };
+    let stats = collect::collect(&inputs, &output.display().to_string(), &run_cfg)?;
+    if stats.turns == 0 {
+        // Nothing became a sample (feedback only, first turns of sessions, a tick
+        // with nothing due): no empty segment for the next stage.
+        let _ = std::fs::remove_file(&output);
+    } else {
+        crate::info!("{}", stats.summary());
+    }
+    Ok(stats.raw_rows)
+}
+
+/// Raw segment names the collect state lists as consumed.
+fn consumed_names(state_path: &Path, raw_dir: &Path) -> Result<HashSet<String>> {
+    #[derive(Deserialize)]
+    struct Consumed {
+        #[serde(default)]
+        consumed: Vec<String>,
+    }
+    let text = match std::fs::read_to_string(state_path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(HashSet::new()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", state_path.display())),
+    };
+    let state: Consumed = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a collect state file", state_path.display()))?;
+    let raw = std::fs::canonicalize(raw_dir).unwrap_or_else(|_| raw_dir.to_path_buf());
+    Ok(state
+        .consumed
+        .iter()
+        .map(PathBuf::from)
+        .filter(|p| p.parent() == Some(raw.as_path()))
+        .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .collect())
+}
+
+/// The event clock the collect state has reached.
+fn state_clock(state_path: &Path) -> Result<Option<i64>> {
+    let text = match std::fs::read_to_string(state_path) {
+        Ok(t) => t,
+        Err(_) => return Ok(None),
+    };
+    let state: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a collect state file", state_path.display()))?;
+    Ok(state["clock_ms"].as_i64())
+}
+
+fn modified_ms(path: &Path) -> Option<u64> {
+    let t = std::fs::metadata(path).ok()?.modified().ok()?;
+    Some(t.duration_since(std::time::UNIX_EPOCH).ok()?.as_millis() as u64)
+}
+
+/// Whether the state holds turns waiting for their next state or feedback grace.
+fn has_pending_turns(state_path: &Path) -> Result<bool> {
+    let text = match std::fs::read_to_string(state_path) {
+        Ok(t) => t,
+        Err(_) => return Ok(false),
+    };
+    let state: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a collect state file", state_path.display()))?;
+    Ok(state["sessions"].as_array().is_some_and(|sessions| {
+        sessions
+            .iter()
+            .any(|s| s["pending"].as_array().is_some_and(|p| !p.is_empty()))
+    }))
+}
+
+fn read_intent(path: &Path) -> Result<Option<Intent>> {
+    match std::fs::read(path) {
+        Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes).with_context(|| {
+            format!(
+                "{}: damaged (delete it: the next batch is planned again)",
+                path.display()
+            )
+        })?)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+fn remove_intent(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("removing {}", path.display())),
+    }
+}
+
+/// Reads every row of a segment (finds damage the footer check does not).
+fn read_whole(path: &Path) -> Result<()> {
+    let file = RolloutFile::open_path(path)?;
+    for batch in file.batches(4096, None)? {
+        batch?;
+    }
+    Ok(())
+}

@@ -1,0 +1,236 @@
+//! Which input segments a stage has finished, and who is working on which.
+//!
+//! - `state/STAGE/done/NAME`: an empty marker, created only after the output of
+//!   input `NAME` is durable. A directory of markers (rather than one ledger file)
+//!   lets several workers, on several machines, record their work without sharing
+//!   a file; creating a marker is idempotent, so a redo after a crash is harmless.
+//! - `state/STAGE/claims/NAME.lock`: held with `flock` while a worker processes
+//!   `NAME`. The kernel drops the lock the moment its owner dies (on NFS, when the
+//!   server's lock lease expires), which is the lease: no heartbeats, no clocks.
+//! - `state/STAGE/worker.lock`: the same, for stages that run one worker at a
+//!   time (collect and train); a second worker waits as a standby.
+
+use std::collections::HashSet;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, Result};
+
+pub struct Ledger {
+    done: PathBuf,
+    claims: PathBuf,
+    worker: String,
+}
+
+impl Ledger {
+    /// The ledger under `state_dir` (created if missing), for worker `worker`.
+    pub fn open(state_dir: &Path, worker: &str) -> Result<Self> {
+        let done = state_dir.join("done");
+        let claims = state_dir.join("claims");
+        for dir in [&done, &claims] {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("{}: cannot create the directory", dir.display()))?;
+        }
+        Ok(Ledger {
+            done,
+            claims,
+            worker: worker.to_string(),
+        })
+    }
+
+    /// The names marked done.
+    pub fn done_set(&self) -> Result<HashSet<String>> {
+        let entries = std::fs::read_dir(&self.done)
+            .with_context(|| format!("listing {}", self.done.display()))?;
+        Ok(entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| !n.starts_with('.'))
+            .collect())
+    }
+
+    pub fn is_done(&self, name: &str) -> bool {
+        self.done.join(name).exists()
+    }
+
+    /// Marks `name` done. Call only once its output is durable.
+    pub fn mark_done(&self, name: &str) -> Result<()> {
+        let path = self.done.join(name);
+        File::create(&path).with_context(|| format!("{}: cannot create", path.display()))?;
+        Ok(())
+    }
+
+    /// Makes the markers created so far durable (one directory fsync for many).
+    pub fn sync(&self) -> Result<()> {
+        crate::fsutil::sync_parent_dir(&self.done.join("x"))
+    }
+
+    /// Claims `name` for this worker, or `None` when another live worker holds it.
+    pub fn try_claim(&self, name: &str) -> Result<Option<Claim>> {
+        try_lock(&self.claims.join(format!("{name}.lock")), &self.worker)
+    }
+
+    /// Deletes input segments in `input_dir` marked done more than `age` ago.
+    /// Returns how many were deleted.
+    pub fn retain(&self, input_dir: &Path, age: Duration) -> Result<usize> {
+        let now = SystemTime::now();
+        let mut removed = 0;
+        for name in self.done_set()? {
+            let marker = self.done.join(&name);
+            let finished = match std::fs::metadata(&marker).and_then(|m| m.modified()) {
+                Ok(t) => t,
+                Err(_) => continue,
+            };
+            if now.duration_since(finished).unwrap_or_default() < age {
+                continue;
+            }
+            match std::fs::remove_file(input_dir.join(&name)) {
+                Ok(()) => removed += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(e).with_context(|| format!("removing {}", name));
+                }
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// A held lock file; dropping it removes the file and releases the lock.
+pub struct Claim {
+    _file: File,
+    path: PathBuf,
+}
+
+impl Claim {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        // Remove while still holding the lock: a worker that opened the old file
+        // and gets the lock after us sees the path gone and backs off.
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Takes the exclusive lock on `path` without waiting.
+pub fn try_lock(path: &Path, owner: &str) -> Result<Option<Claim>> {
+    Ok(lock_file(path, owner)?.map(|file| Claim {
+        _file: file,
+        path: path.to_path_buf(),
+    }))
+}
+
+/// The open, `flock`ed file at `path`, or `None` when someone else holds it.
+fn lock_file(path: &Path, owner: &str) -> Result<Option<File>> {
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("{}: cannot open", path.display()))?;
+    // SAFETY: a valid, open file descriptor.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Ok(None);
+        }
+        return Err(err).with_context(|| format!("{}: cannot lock", path.display()));
+    }
+    // The previous owner may have removed the file between our open and our lock:
+    // then we hold a lock on a file nobody else can find, which proves nothing.
+    let held = file.metadata()?;
+    match std::fs::metadata(path) {
+        Ok(now) if now.ino() == held.ino() && now.dev() == held.dev() => {}
+        _ => return Ok(None),
+    }
+    let mut file = file;
+    let _ = file.set_len(0);
+    let _ = writeln!(file, "{owner} pid {}", std::process::id());
+    Ok(Some(file))
+}
+
+/// The lock that makes a stage single-worker (collect, train): waits while another
+/// worker holds it, checking `stop` between tries. `None` when stopped first.
+pub struct StageLock {
+    // Held for its lock; the file stays (a place for standbys to wait on).
+    _file: File,
+}
+
+impl StageLock {
+    pub fn acquire(state_dir: &Path, owner: &str, stage: &str) -> Result<Option<Self>> {
+        std::fs::create_dir_all(state_dir)
+            .with_context(|| format!("{}: cannot create the directory", state_dir.display()))?;
+        let path = state_dir.join("worker.lock");
+        let mut told = false;
+        loop {
+            if let Some(file) = lock_file(&path, owner)? {
+                return Ok(Some(StageLock { _file: file }));
+            }
+            if !told {
+                let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                crate::info!(
+                    "{stage}: another worker ({}) holds {}; waiting as a standby",
+                    holder.trim(),
+                    path.display()
+                );
+                told = true;
+            }
+            if super::wake::sleep_unless_stopped(Duration::from_millis(500)) {
+                return Ok(None);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_claim_excludes_others_until_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Ledger::open(dir.path(), "a").unwrap();
+        let b = Ledger::open(dir.path(), "b").unwrap();
+        let claim = a.try_claim("x.parquet").unwrap().expect("free");
+        assert!(b.try_claim("x.parquet").unwrap().is_none());
+        assert!(b.try_claim("y.parquet").unwrap().is_some());
+        drop(claim);
+        assert!(b.try_claim("x.parquet").unwrap().is_some());
+    }
+
+    #[test]
+    fn done_markers_are_idempotent_and_listed() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path(), "w").unwrap();
+        ledger.mark_done("a.parquet").unwrap();
+        ledger.mark_done("a.parquet").unwrap();
+        ledger.mark_done("b.parquet").unwrap();
+        let done = ledger.done_set().unwrap();
+        assert_eq!(done.len(), 2);
+        assert!(ledger.is_done("b.parquet") && !ledger.is_done("c.parquet"));
+    }
+
+    #[test]
+    fn retain_deletes_only_finished_inputs() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("in");
+        std::fs::create_dir_all(&input).unwrap();
+        for n in ["a.parquet", "b.parquet"] {
+            std::fs::write(input.join(n), b"x").unwrap();
+        }
+        let ledger = Ledger::open(&dir.path().join("state"), "w").unwrap();
+        ledger.mark_done("a.parquet").unwrap();
+        assert_eq!(ledger.retain(&input, Duration::ZERO).unwrap(), 1);
+        assert!(!input.join("a.parquet").exists() && input.join("b.parquet").exists());
+    }
+}

@@ -1,0 +1,307 @@
+//! Daemon mode (DESIGN.md section 3): every stage can run as a long-lived worker
+//! over one shared directory, consuming its input folder and producing its output
+//! folder, so `serve`, `collect`, `judge`, `distill-hints` and `train` run
+//! concurrently (`claw up`, systemd, cron, or several machines over a shared
+//! filesystem).
+//!
+//! ```text
+//! DIR/raw/          serve's event segments           -> collect
+//! DIR/samples/      collect output                   -> judge
+//! DIR/judged/       judge output                     -> distill-hints (or train)
+//! DIR/distilled/    distill-hints output             -> train
+//! DIR/checkpoints/  train output; LATEST is what serve hot-loads
+//! DIR/state/STAGE/  done/ markers, claims/ locks, status-WORKER.json, stage state
+//! DIR/quarantine/   INPUT-FOLDER/NAME.parquet + NAME.parquet.err for bad inputs
+//! ```
+//!
+//! The rules every worker keeps, and where each is kept:
+//! - exactly once: an input is marked done ([`ledger`]) only after its output is
+//!   durable, and outputs have names derived from their inputs, so a redo after a
+//!   crash replaces what it wrote before instead of adding to it;
+//! - several workers of one stage share the work through per-segment claims
+//!   (`flock`ed lock files, released by the kernel when the owner dies);
+//! - bad inputs go to [`quarantine`] with the reason, and the worker goes on;
+//! - SIGINT/SIGTERM finish the segment in flight, a second one exits at once
+//!   ([`wake`]);
+//! - new inputs are noticed by filesystem notifications with a polling fallback.
+
+pub mod collect;
+pub mod ledger;
+pub mod quarantine;
+pub mod segments;
+pub mod status;
+pub mod train;
+pub mod wake;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+use crate::collect::parse_duration_ms;
+
+/// The folders of a shared directory.
+#[derive(Clone, Debug)]
+pub struct Layout {
+    root: PathBuf,
+}
+
+impl Layout {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Layout { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// A folder of the directory (`raw`, `samples`, ...).
+    pub fn folder(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    pub fn checkpoints(&self) -> PathBuf {
+        self.root.join("checkpoints")
+    }
+
+    /// `DIR/state/STAGE`.
+    pub fn stage_state(&self, stage: &str) -> PathBuf {
+        self.root.join("state").join(stage)
+    }
+
+    pub fn quarantine(&self) -> PathBuf {
+        self.root.join("quarantine")
+    }
+}
+
+/// The stages that run as daemons, with the folders they read and write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    Collect,
+    Judge,
+    Distill,
+    Train,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 4] = [Stage::Collect, Stage::Judge, Stage::Distill, Stage::Train];
+
+    /// The name used for its state folder, logs and `claw status`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Collect => "collect",
+            Stage::Judge => "judge",
+            Stage::Distill => "distill-hints",
+            Stage::Train => "train",
+        }
+    }
+
+    /// The folder it consumes by default.
+    pub fn default_input(self) -> &'static str {
+        match self {
+            Stage::Collect => "raw",
+            Stage::Judge => "samples",
+            Stage::Distill => "judged",
+            Stage::Train => "distilled",
+        }
+    }
+
+    /// The folder it produces (train: checkpoints).
+    pub fn output(self) -> &'static str {
+        match self {
+            Stage::Collect => "samples",
+            Stage::Judge => "judged",
+            Stage::Distill => "distilled",
+            Stage::Train => "checkpoints",
+        }
+    }
+}
+
+/// Flags every stage shares for daemon mode.
+#[derive(Args, Debug, Clone, Default)]
+pub struct WatchArgs {
+    /// Run as a daemon over the shared directory DIR: consume this stage's input
+    /// folder, write its output folder (see `claw up --help` for the layout), and
+    /// keep going until SIGINT/SIGTERM. Inputs and -o are then not given.
+    #[arg(long, value_name = "DIR", help_heading = "Daemon mode")]
+    pub watch: Option<PathBuf>,
+
+    /// Look for new segments by polling only, without filesystem notifications
+    /// (network filesystems such as NFS, where notifications do not arrive).
+    #[arg(long, requires = "watch", help_heading = "Daemon mode")]
+    pub poll: bool,
+
+    /// How often to look for new segments when polling; with notifications it is
+    /// the safety net (500ms, 2s, 1m).
+    #[arg(
+        long,
+        value_name = "DURATION",
+        default_value = "2s",
+        help_heading = "Daemon mode"
+    )]
+    pub poll_interval: String,
+
+    /// Stop when no input is left to claim, instead of waiting for more (cron).
+    #[arg(long, requires = "watch", help_heading = "Daemon mode")]
+    pub once: bool,
+
+    /// Delete input segments this stage finished more than DURATION ago (by
+    /// default nothing is ever deleted).
+    #[arg(
+        long,
+        value_name = "DURATION",
+        requires = "watch",
+        help_heading = "Daemon mode"
+    )]
+    pub retain: Option<String>,
+
+    /// Most input segments processed together: small segments are batched so an
+    /// LLM judge or the trainer sees larger batches.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 16,
+        help_heading = "Daemon mode"
+    )]
+    pub batch_segments: usize,
+
+    /// This worker's name in claims and status files (default HOST-PID).
+    #[arg(long, value_name = "NAME", help_heading = "Daemon mode")]
+    pub worker_id: Option<String>,
+}
+
+/// The resolved daemon settings of one worker.
+#[derive(Clone, Debug)]
+pub struct DaemonConfig {
+    pub layout: Layout,
+    pub stage: Stage,
+    /// The folder consumed (a name under DIR).
+    pub input: String,
+    pub poll_only: bool,
+    pub poll_interval: Duration,
+    pub once: bool,
+    pub retain: Option<Duration>,
+    pub batch_segments: usize,
+    pub worker_id: String,
+}
+
+impl WatchArgs {
+    /// The daemon settings for `stage`, or `None` without `--watch`. `inputs` are
+    /// the positional inputs, which daemon mode does not take.
+    pub fn config(&self, stage: Stage, inputs: &[String]) -> Result<Option<DaemonConfig>> {
+        let Some(dir) = &self.watch else {
+            return Ok(None);
+        };
+        anyhow::ensure!(
+            inputs.is_empty(),
+            "--watch reads DIR/{}/; do not also give inputs ({})",
+            stage.default_input(),
+            inputs.join(" ")
+        );
+        let ms = |text: &str, flag: &str| -> Result<Duration> {
+            Ok(Duration::from_millis(
+                parse_duration_ms(text).with_context(|| flag.to_string())? as u64,
+            ))
+        };
+        let worker_id = match &self.worker_id {
+            Some(id) => id.clone(),
+            None => format!("{}-{}", hostname(), std::process::id()),
+        };
+        crate::rollout::validate_writer_id(&worker_id).context("--worker-id")?;
+        Ok(Some(DaemonConfig {
+            layout: Layout::new(dir),
+            stage,
+            input: stage.default_input().to_string(),
+            poll_only: self.poll,
+            poll_interval: ms(&self.poll_interval, "--poll-interval")?
+                .max(Duration::from_millis(10)),
+            once: self.once,
+            retain: self
+                .retain
+                .as_deref()
+                .map(|r| ms(r, "--retain"))
+                .transpose()?,
+            batch_segments: self.batch_segments.max(1),
+            worker_id,
+        }))
+    }
+}
+
+impl DaemonConfig {
+    pub fn input_dir(&self) -> PathBuf {
+        self.layout.folder(&self.input)
+    }
+
+    pub fn output_dir(&self) -> PathBuf {
+        self.layout.folder(self.stage.output())
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.layout.stage_state(self.stage.name())
+    }
+
+    /// Creates the folders this worker uses.
+    pub fn create_dirs(&self) -> Result<()> {
+        for dir in [
+            self.input_dir(),
+            self.output_dir(),
+            self.state_dir(),
+            self.layout.quarantine(),
+        ] {
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("{}: cannot create the directory", dir.display()))?;
+        }
+        Ok(())
+    }
+}
+
+/// The host name, for worker ids and status files.
+pub fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates on success.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let name = if rc == 0 {
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        String::from_utf8_lossy(&buf[..end]).into_owned()
+    } else {
+        String::new()
+    };
+    let clean: String = name
+        .chars()
+        .map(
+            |c| match c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                true => c,
+                false => '_',
+            },
+        )
+        .collect();
+    match clean.is_empty() || clean.starts_with('-') {
+        true => "host".into(),
+        false => clean,
+    }
+}
+
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The `*.parquet` segments of `dir`, sorted by name (time order for claw's own
+/// segment names); hidden files and `.tmp` files being written are not segments.
+pub fn list_segments(dir: &Path) -> Result<Vec<String>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("listing {}", dir.display())),
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.ends_with(".parquet") && !n.starts_with('.'))
+        .collect();
+    names.sort();
+    Ok(names)
+}

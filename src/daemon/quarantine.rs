@@ -1,0 +1,63 @@
+//! Inputs a stage cannot use are moved out of the way, never deleted: to
+//! `DIR/quarantine/INPUT-FOLDER/NAME`, with `NAME.err` beside it saying which
+//! stage refused it, when and why. Moving it back into its folder retries it.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+
+use crate::fsutil::write_atomic;
+
+/// Moves `input` (a file in `DIR/<folder>/`) to quarantine with `reason`.
+/// Returns where it went.
+pub fn quarantine(
+    quarantine_dir: &Path,
+    folder: &str,
+    input: &Path,
+    stage: &str,
+    reason: &anyhow::Error,
+) -> Result<PathBuf> {
+    let dir = quarantine_dir.join(folder);
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("{}: cannot create the directory", dir.display()))?;
+    let name = input
+        .file_name()
+        .with_context(|| format!("{}: not a file name", input.display()))?;
+    let target = dir.join(name);
+    let mut err_name = name.to_os_string();
+    err_name.push(".err");
+    let report = format!(
+        "stage: {stage}\nfile: {}\ntime_unix_ms: {}\nreason: {reason:#}\n\nMove the file back into {folder}/ to retry it.\n",
+        input.display(),
+        super::unix_ms()
+    );
+    // The reason first: a crash between the two leaves a reason without a file
+    // (harmless), never a quarantined file without its reason.
+    write_atomic(&dir.join(err_name), report.as_bytes())?;
+    std::fs::rename(input, &target)
+        .with_context(|| format!("moving {} to {}", input.display(), target.display()))?;
+    crate::fsutil::sync_parent_dir(&target)?;
+    crate::warn!(
+        "{stage}: quarantined {} ({reason:#})",
+        input
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+    );
+    Ok(target)
+}
+
+/// Quarantined files of `quarantine_dir`, as `(folder, name)`.
+pub fn list(quarantine_dir: &Path) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let Ok(folders) = std::fs::read_dir(quarantine_dir) else {
+        return out;
+    };
+    for folder in folders.filter_map(|e| e.ok()) {
+        let folder_name = folder.file_name().to_string_lossy().into_owned();
+        for name in super::list_segments(&folder.path()).unwrap_or_default() {
+            out.push((folder_name.clone(), name));
+        }
+    }
+    out.sort();
+    out
+}

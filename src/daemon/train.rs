@@ -1,0 +1,243 @@
+//! `claw train --watch DIR`: samples in `DIR/distilled/` (or `--from judged`)
+//! become LoRA steps, each saved to `DIR/checkpoints/` for `claw serve` to load.
+//! One trainer per DIR (a second waits as a standby).
+//!
+//! Exactly once: a sample is trained on once, also across crashes. Batches cross
+//! segment boundaries, so "done" is recorded with the checkpoint itself: each
+//! checkpoint's config holds a ledger of the segments finished since the previous
+//! one, how far the current segment was read, and the ids of the samples its
+//! steps trained on. The ledger becomes current with `LATEST` in one atomic
+//! rename; on start the trainer resumes from `LATEST` and marks its segments done.
+//! Samples read but not yet stepped on when a worker dies were never in a
+//! checkpoint, so they are read again.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use super::ledger::{Ledger, StageLock};
+use super::quarantine::quarantine;
+use super::status::StatusFile;
+use super::wake::{install_stop_handler, stop_requested, Waker};
+use super::DaemonConfig;
+use crate::rollout::{RolloutFile, RolloutRow};
+use crate::train::checkpoint::latest_in;
+use crate::train::driver::Driver;
+use crate::train::{StepMetrics, TrainSample};
+
+/// What a checkpoint has consumed (its config's `claw_ledger`).
+#[derive(Serialize, Deserialize, Debug, Default, Clone)]
+pub struct TrainLedger {
+    /// Segments read to the end since the previous checkpoint.
+    pub done: Vec<String>,
+    /// The segment being read, and how many of its rows were consumed.
+    pub partial: Option<Partial>,
+    /// Samples trained on since the previous checkpoint (filled by the driver).
+    #[serde(default)]
+    pub samples: Vec<String>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Partial {
+    pub name: String,
+    pub rows: usize,
+}
+
+/// Daemon settings of the trainer beyond [`DaemonConfig`].
+pub struct TrainDaemon<'a> {
+    pub cfg: &'a DaemonConfig,
+    /// Train on a partial batch once input has been quiet this long.
+    pub partial_after: Duration,
+    /// Converts a row; an error quarantines its segment.
+    pub to_sample: &'a dyn Fn(&RolloutRow) -> Result<TrainSample>,
+    pub on_step: &'a dyn Fn(&StepMetrics),
+}
+
+/// The ledger `LATEST` recorded, if any.
+pub fn latest_ledger(checkpoints: &std::path::Path) -> Result<Option<TrainLedger>> {
+    let Some(adapter) = latest_in(checkpoints)? else {
+        return Ok(None);
+    };
+    let config = adapter.with_extension("json");
+    let text = std::fs::read_to_string(&config)
+        .with_context(|| format!("reading {}", config.display()))?;
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a checkpoint config", config.display()))?;
+    match value.get("claw_ledger") {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(l) => Ok(Some(serde_json::from_value(l.clone()).with_context(
+            || format!("{}: claw_ledger is not a train ledger", config.display()),
+        )?)),
+    }
+}
+
+impl TrainDaemon<'_> {
+    pub fn run(&self, driver: &mut Driver) -> Result<()> {
+        let cfg = self.cfg;
+        install_stop_handler();
+        cfg.create_dirs()?;
+        let state_dir = cfg.state_dir();
+        let mut status = StatusFile::new(cfg);
+        status.set("standby");
+        let Some(_lock) = StageLock::acquire(&state_dir, &cfg.worker_id, "train")? else {
+            status.set("stopped");
+            return Ok(());
+        };
+        let input_dir = cfg.input_dir();
+        let ledger = Ledger::open(&state_dir, &cfg.worker_id)?;
+        // Finish the bookkeeping of the checkpoint a crash may have cut short.
+        let resumed = latest_ledger(&cfg.output_dir())?.unwrap_or_default();
+        for name in &resumed.done {
+            ledger.mark_done(name)?;
+        }
+        ledger.sync()?;
+        let mut partial = resumed.partial.clone();
+        let mut finished_since_save: Vec<String> = Vec::new();
+        let waker = Waker::new(&input_dir, cfg.poll_only, cfg.poll_interval);
+        crate::info!(
+            "train: watching {} -> {} as worker {}, from step {}",
+            input_dir.display(),
+            cfg.output_dir().display(),
+            cfg.worker_id,
+            driver.trainer.steps()
+        );
+        status.set("idle");
+        let mut quiet_since = Instant::now();
+        // Segments read to the end whose samples are not all in a checkpoint yet.
+        let mut read_ahead: std::collections::HashSet<String> = Default::default();
+        while !stop_requested() && !driver.done() {
+            let done = ledger.done_set()?;
+            let next = super::list_segments(&input_dir)?
+                .into_iter()
+                .find(|n| !done.contains(n) && !read_ahead.contains(n));
+            let Some(name) = next else {
+                if driver.pending() > 0 && (cfg.once || quiet_since.elapsed() >= self.partial_after)
+                {
+                    self.set_ledger(driver, &finished_since_save, partial.clone());
+                    if let Some(m) = driver.step_partial()? {
+                        self.saved(&ledger, &mut finished_since_save, &mut read_ahead)?;
+                        status.done(0, m.samples as u64);
+                        (self.on_step)(&m);
+                    }
+                    continue;
+                }
+                if driver.pending() == 0 {
+                    // Every sample read is in a checkpoint or was skipped: the
+                    // segments read to the end are done.
+                    self.saved(&ledger, &mut finished_since_save, &mut read_ahead)?;
+                }
+                if cfg.once {
+                    break;
+                }
+                self.update_status(&mut status, driver);
+                status.heartbeat();
+                waker.wait()?;
+                continue;
+            };
+            quiet_since = Instant::now();
+            status.set("working");
+            let path = input_dir.join(&name);
+            let samples = match read_samples(&path, self.to_sample) {
+                Ok(s) => s,
+                Err(e) if !path.exists() => {
+                    crate::debug!("{}: gone before it was read ({e:#})", path.display());
+                    continue;
+                }
+                Err(e) => {
+                    status.error(&e);
+                    status.status.segments_quarantined += 1;
+                    quarantine(&cfg.layout.quarantine(), &cfg.input, &path, "train", &e)?;
+                    continue;
+                }
+            };
+            let skip = match &partial {
+                Some(p) if p.name == name => p.rows.min(samples.len()),
+                _ => 0,
+            };
+            for (i, sample) in samples.into_iter().enumerate().skip(skip) {
+                let position = Some(Partial {
+                    name: name.clone(),
+                    rows: i + 1,
+                });
+                self.set_ledger(driver, &finished_since_save, position.clone());
+                partial = position;
+                if let Some(m) = driver.push(sample)? {
+                    self.saved(&ledger, &mut finished_since_save, &mut read_ahead)?;
+                    status.done(0, m.samples as u64);
+                    (self.on_step)(&m);
+                }
+                if driver.done() {
+                    break;
+                }
+            }
+            finished_since_save.push(name.clone());
+            read_ahead.insert(name);
+            status.status.segments_done += 1;
+            if let Some(age) = cfg.retain {
+                ledger.retain(&input_dir, age)?;
+            }
+            self.update_status(&mut status, driver);
+            status.set("idle");
+        }
+        // Samples still waiting for a batch were never in a checkpoint: they are
+        // read again by the next run, so stopping here loses nothing.
+        status.set("stopped");
+        crate::info!(
+            "train: stopped at step {} ({} samples waiting for a batch are read again next time)",
+            driver.trainer.steps(),
+            driver.pending()
+        );
+        Ok(())
+    }
+
+    fn set_ledger(&self, driver: &mut Driver, finished: &[String], partial: Option<Partial>) {
+        let ledger = TrainLedger {
+            done: finished.to_vec(),
+            partial,
+            samples: Vec::new(),
+        };
+        driver.set_ledger(serde_json::to_value(ledger).unwrap_or_default());
+    }
+
+    /// After a checkpoint: the segments it finished are done.
+    fn saved(
+        &self,
+        ledger: &Ledger,
+        finished: &mut Vec<String>,
+        read_ahead: &mut std::collections::HashSet<String>,
+    ) -> Result<()> {
+        for name in finished.drain(..) {
+            ledger.mark_done(&name)?;
+            read_ahead.remove(&name);
+        }
+        ledger.sync()
+    }
+
+    fn update_status(&self, status: &mut StatusFile, driver: &Driver) {
+        status.status.extra = serde_json::json!({
+            "step": driver.trainer.steps(),
+            "waiting_samples": driver.pending(),
+            "last_checkpoint": driver.summary.last_checkpoint,
+        });
+    }
+}
+
+/// Every row of a segment as a training sample; any bad row fails the segment.
+fn read_samples(
+    path: &std::path::Path,
+    to_sample: &dyn Fn(&RolloutRow) -> Result<TrainSample>,
+) -> Result<Vec<TrainSample>> {
+    let file = RolloutFile::open_path(path)?;
+    let mut out = Vec::new();
+    for batch in file.batches(4096, None)? {
+        let batch = batch?;
+        for row in batch.rows()? {
+            out.push(
+                to_sample(&row)
+                    .with_context(|| format!("{}: sample {}", batch.source, row.sample_id))?,
+            );
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,788 @@
+//! `claw eval`: the benchmarks' arithmetic and extraction on fixtures, a stub
+//! OpenAI-compatible endpoint, the sandbox's containment, HumanEval's canonical
+//! solutions, and the local model against `claw serve`.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use claw::eval::sandbox::{Limits, Sandbox};
+use claw::eval::{gpqa, gsm8k, humaneval};
+use claw::model::testing::{write_tiny_gguf, TinySpec};
+use common::{claw, spawn_server, tiny_model};
+use serde_json::{json, Value as Json};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/eval")
+        .join(name)
+}
+
+// ---------------------------------------------------------------- stub endpoint
+
+/// A tiny OpenAI-compatible server on loopback: each chat completion's reply is
+/// `answer(first user message)`. Counts requests. Lives until the test ends.
+fn stub_endpoint(
+    answer: impl Fn(&str) -> String + Send + Sync + 'static,
+) -> (String, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let answer = Arc::new(answer);
+    let count = Arc::new(AtomicUsize::new(0));
+    let counter = count.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { break };
+            let answer = answer.clone();
+            let counter = counter.clone();
+            std::thread::spawn(move || serve_one(stream, &*answer, &counter));
+        }
+    });
+    (url, count)
+}
+
+fn serve_one(stream: TcpStream, answer: &dyn Fn(&str) -> String, count: &AtomicUsize) {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut request_line = String::new();
+    if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
+        return;
+    }
+    let mut length = 0;
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':') {
+            if k.eq_ignore_ascii_case("content-length") {
+                length = v.trim().parse().unwrap();
+            }
+        }
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).unwrap();
+    let reply = if request_line.starts_with("GET") {
+        json!({"object": "list", "data": [{"id": "stub", "object": "model"}]})
+    } else {
+        count.fetch_add(1, Ordering::SeqCst);
+        let req: Json = serde_json::from_slice(&body).unwrap();
+        let prompt = req["messages"][0]["content"].as_str().unwrap_or("");
+        json!({
+            "id": "chatcmpl-stub", "object": "chat.completion", "model": "stub",
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": answer(prompt)}}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4},
+        })
+    };
+    let body = reply.to_string();
+    let mut stream = stream;
+    let _ = write!(
+        stream,
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+}
+
+/// Runs `claw eval ARGS --json` and returns the report.
+fn eval_json(args: &[&str]) -> Json {
+    let out = claw()
+        .arg("eval")
+        .args(args)
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "claw eval {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn metric(report: &Json, name: &str) -> f64 {
+    report["metrics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == name)
+        .unwrap_or_else(|| panic!("no metric {name} in {report}"))["value"]
+        .as_f64()
+        .unwrap()
+}
+
+// ---------------------------------------------------------------- GPQA
+
+#[test]
+fn gpqa_fixture_loads_and_shuffles_reproducibly_over_every_letter() {
+    let questions = gpqa::load(&fixture("gpqa-mini.csv")).unwrap();
+    assert_eq!(questions.len(), 12);
+    // quoted fields with newlines, commas and doubled quotes
+    assert!(questions[4]
+        .question
+        .contains("2 H2 + O2 -> 2 H2O.\nHow many"));
+    assert_eq!(questions[5].incorrect[2], "farad, the unit of capacitance");
+    assert_eq!(
+        questions[9].question,
+        "A \"codon\" consists of how many nucleotides?"
+    );
+    assert_eq!(questions[0].id, "recS01");
+
+    let (prompts, asked) = gpqa::build(&questions, 4, 7);
+    assert_eq!(prompts.len(), 48);
+    // seeded: the same seed gives the same orders, another seed others
+    assert_eq!(gpqa::build(&questions, 4, 7).1, asked);
+    assert_ne!(gpqa::build(&questions, 4, 8).1, asked);
+    // the correct answer lands on each letter, and the choices are a permutation
+    let letters: HashSet<char> = asked.iter().map(|a| a.answer).collect();
+    assert_eq!(letters.len(), 4, "{letters:?}");
+    for (j, a) in asked.iter().enumerate() {
+        let q = &questions[j / 4];
+        let pos = gpqa::LETTERS.iter().position(|&l| l == a.answer).unwrap();
+        assert_eq!(a.choices[pos], q.correct);
+        let mut got = a.choices.to_vec();
+        got.sort();
+        let mut want = vec![q.correct.clone()];
+        want.extend(q.incorrect.iter().cloned());
+        want.sort();
+        assert_eq!(got, want);
+    }
+    // the prompt lists the choices and asks for the answer line
+    let text = claw::eval::prompt_text(&prompts[0]);
+    assert!(text.contains("'Answer: $LETTER'") && text.contains("\nA) ") && text.contains("\nD) "));
+}
+
+#[test]
+fn gpqa_grading_arithmetic() {
+    let questions = gpqa::load(&fixture("gpqa-mini.csv")).unwrap();
+    let questions = &questions[..2];
+    let (prompts, asked) = gpqa::build(questions, 2, 0);
+    let wrong = |a: char| if a == 'A' { 'B' } else { 'A' };
+    // q1: right, right; q2: wrong, no answer
+    let replies = vec![
+        Ok(format!("thinking...\nAnswer: {}", asked[0].answer)),
+        Ok(format!(
+            "answer: ${}$ and later Answer: {}",
+            asked[1].answer,
+            wrong(asked[1].answer)
+        )),
+        Ok(format!("Answer: {}", wrong(asked[2].answer))),
+        Err("timed out".to_string()),
+    ];
+    let (items, metrics) = gpqa::grade(questions, 2, &prompts, &asked, &replies);
+    assert_eq!(
+        items.iter().map(|i| i.correct).collect::<Vec<_>>(),
+        [Some(true), Some(true), Some(false), Some(false)]
+    );
+    assert_eq!(items[3].error.as_deref(), Some("timed out"));
+    assert_eq!(items[3].extracted, None);
+    assert_eq!(metrics[0].name, "accuracy");
+    assert!((metrics[0].value - 0.5).abs() < 1e-12);
+    // two questions with per-question accuracy 1 and 0: sd = sqrt(0.5), se = 0.5
+    let (lo, hi) = metrics[0].ci95.unwrap();
+    assert!(
+        (lo - 0.0).abs() < 1e-12 && (hi - 1.0).abs() < 1e-12,
+        "{lo} {hi}"
+    );
+    assert_eq!(metrics[1].name, "invalid_rate");
+    assert!((metrics[1].value - 0.25).abs() < 1e-12);
+}
+
+/// The letter of the correct choice in a GPQA prompt, from (question, answer) pairs.
+fn letter_of(prompt: &str, answers: &[(String, String)]) -> char {
+    let (_, correct) = answers
+        .iter()
+        .find(|(q, _)| prompt.contains(&format!("\n\n{q}\n\n")))
+        .unwrap_or_else(|| panic!("unknown question in {prompt}"));
+    for line in prompt.lines() {
+        for l in gpqa::LETTERS {
+            if line.strip_prefix(&format!("{l}) ")) == Some(correct.as_str()) {
+                return l;
+            }
+        }
+    }
+    panic!("no correct choice in {prompt}");
+}
+
+#[test]
+fn gpqa_against_stub_endpoints() {
+    let questions = gpqa::load(&fixture("gpqa-mini.csv")).unwrap();
+    let answers: Vec<(String, String)> = questions
+        .iter()
+        .map(|q| (q.question.clone(), q.correct.clone()))
+        .collect();
+    let (right_url, calls) =
+        stub_endpoint(move |p| format!("Let me think.\nAnswer: {}", letter_of(p, &answers)));
+    let data = fixture("gpqa-mini.csv");
+    let data = data.to_str().unwrap();
+    let report = eval_json(&["--bench", "gpqa", "--data", data, "--url", &right_url]);
+    assert_eq!(report["score"], 1.0);
+    assert_eq!(report["items"], 12);
+    assert_eq!(report["calls"], 48);
+    assert_eq!(calls.load(Ordering::SeqCst), 48);
+    assert_eq!(metric(&report, "invalid_rate"), 0.0);
+
+    // always "A": a quarter right in expectation; 25 repeats make it close
+    let (a_url, _) = stub_endpoint(|_| "Answer: A".to_string());
+    let report = eval_json(&[
+        "--bench",
+        "gpqa",
+        "--data",
+        data,
+        "--url",
+        &a_url,
+        "--repeats",
+        "25",
+        "--seed",
+        "3",
+        "--concurrency",
+        "8",
+    ]);
+    let acc = report["score"].as_f64().unwrap();
+    assert!((0.15..=0.35).contains(&acc), "always-A accuracy {acc}");
+    // reproducible with the same seed
+    let again = eval_json(&[
+        "--bench",
+        "gpqa",
+        "--data",
+        data,
+        "--url",
+        &a_url,
+        "--repeats",
+        "25",
+        "--seed",
+        "3",
+    ]);
+    assert_eq!(again["score"], report["score"]);
+
+    // --subset reads gpqa_SUBSET.csv in a directory; --out writes every item
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        fixture("gpqa-mini.csv"),
+        dir.path().join("gpqa_diamond.csv"),
+    )
+    .unwrap();
+    let out = dir.path().join("items.json");
+    let report = eval_json(&[
+        "--bench",
+        "gpqa",
+        "--data",
+        dir.path().to_str().unwrap(),
+        "--subset",
+        "diamond",
+        "--url",
+        &a_url,
+        "--repeats",
+        "1",
+        "--limit",
+        "5",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(report["items"], 5);
+    let doc: Json = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let items = doc["items"].as_array().unwrap();
+    assert_eq!(items.len(), 5);
+    assert_eq!(items[0]["extracted"], "A");
+    assert_eq!(items[0]["response"], "Answer: A");
+    let right = items.iter().filter(|i| i["correct"] == true).count() as f64;
+    assert!((doc["report"]["score"].as_f64().unwrap() - right / 5.0).abs() < 1e-12);
+}
+
+// ---------------------------------------------------------------- GSM8K
+
+#[test]
+fn gsm8k_fixture_stub_fail_under_and_parquet() {
+    let problems = gsm8k::load(&fixture("gsm8k-mini.jsonl")).unwrap();
+    assert!(problems.len() >= 20);
+    let by_question: HashMap<String, String> = problems
+        .iter()
+        .map(|p| (p.question.clone(), p.answer.clone()))
+        .collect();
+    let (url, _) = stub_endpoint(move |prompt| {
+        let q = by_question
+            .keys()
+            .find(|q| prompt.ends_with(q.as_str()))
+            .unwrap();
+        format!("Step 1: think about 3 things.\nAnswer: {}", by_question[q])
+    });
+    let data = fixture("gsm8k-mini.jsonl");
+    let data = data.to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("items.parquet");
+    let report = eval_json(&[
+        "--bench",
+        "gsm8k",
+        "--data",
+        data,
+        "--url",
+        &url,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(report["score"], 1.0);
+    // the Parquet results file: one row per problem
+    let file = std::fs::File::open(&out).unwrap();
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap();
+    let batches: Vec<_> = reader.map(Result::unwrap).collect();
+    assert_eq!(
+        batches.iter().map(|b| b.num_rows()).sum::<usize>(),
+        problems.len()
+    );
+    let schema = batches[0].schema();
+    let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "bench",
+            "target",
+            "id",
+            "sample",
+            "prompt",
+            "response",
+            "extracted",
+            "expected",
+            "correct",
+            "error"
+        ]
+    );
+    let correct = batches[0]
+        .column_by_name("correct")
+        .unwrap()
+        .as_any()
+        .downcast_ref::<arrow::array::BooleanArray>()
+        .unwrap();
+    assert!(correct.iter().all(|c| c == Some(true)));
+
+    // a wrong endpoint fails the gate with exit status 1 and says why
+    let (zero_url, _) = stub_endpoint(|_| "Answer: -1".to_string());
+    let out = claw()
+        .args([
+            "eval",
+            "--bench",
+            "gsm8k",
+            "--data",
+            data,
+            "--url",
+            &zero_url,
+            "--fail-under",
+            "0.5",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("below --fail-under 0.5"), "{stderr}");
+    // the table is still printed
+    assert!(String::from_utf8_lossy(&out.stdout).contains("accuracy"));
+}
+
+#[test]
+fn bad_inputs_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        "{\"question\": \"q\", \"answer\": \"#### 3\"}\n{\"question\": \"q\"}\n",
+    )
+    .unwrap();
+    let out = claw()
+        .args([
+            "eval",
+            "--bench",
+            "gsm8k",
+            "--data",
+            bad.to_str().unwrap(),
+            "--url",
+            "http://127.0.0.1:9",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("bad.jsonl:2") && stderr.contains("`answer`"),
+        "{stderr}"
+    );
+
+    let out = claw()
+        .args(["eval", "--bench", "persona"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("issue #8"));
+
+    let out = claw()
+        .args([
+            "eval",
+            "--bench",
+            "ppl",
+            "--data",
+            "x.txt",
+            "--url",
+            "http://127.0.0.1:9",
+        ])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("local model"));
+}
+
+// ---------------------------------------------------------------- sandbox
+
+fn sandbox(timeout_s: u64) -> Sandbox {
+    Sandbox::new(
+        "python3",
+        Limits {
+            timeout: Duration::from_secs(timeout_s),
+            memory_bytes: 512 << 20,
+            ..Limits::default()
+        },
+        false,
+    )
+    .expect("the sandbox needs python3 and user+network namespaces")
+}
+
+#[test]
+fn sandbox_runs_good_and_bad_programs() {
+    let sb = sandbox(5);
+    assert!(sb.network_isolated());
+    let ok = sb.run("print('hi')\n").unwrap();
+    assert!(ok.passed && ok.stdout == "hi\n", "{ok:?}");
+    let bad = sb.run("assert 1 == 2\n").unwrap();
+    assert!(!bad.passed && !bad.timed_out);
+    assert!(bad.failure().unwrap().contains("AssertionError"), "{bad:?}");
+    // each program gets a fresh, empty directory, and no environment of ours
+    let r = sb
+        .run("import os\nassert os.listdir('.') == ['program.py', 'stdout', 'stderr'] or sorted(os.listdir('.')) == ['program.py', 'stderr', 'stdout'], os.listdir('.')\nassert 'CARGO' not in ''.join(os.environ)\nopen('x', 'w').write('1')\n")
+        .unwrap();
+    assert!(r.passed, "{r:?}");
+    let r = sb
+        .run("import os\nassert not os.path.exists('x')\n")
+        .unwrap();
+    assert!(r.passed, "{r:?}");
+}
+
+#[test]
+fn sandbox_kills_an_endless_loop_at_the_timeout() {
+    let sb = sandbox(2);
+    let start = Instant::now();
+    let r = sb.run("while True:\n    pass\n").unwrap();
+    assert!(r.timed_out && !r.passed, "{r:?}");
+    assert!(
+        start.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+#[test]
+fn sandbox_contains_a_fork_bomb() {
+    let sb = sandbox(3);
+    let start = Instant::now();
+    let r = sb
+        .run("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n")
+        .unwrap();
+    assert!(!r.passed, "{r:?}");
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        start.elapsed()
+    );
+    // The process limit held: a program can count its failed forks.
+    let r = sb
+        .run(
+            "import os, time\nkids = 0\nfor _ in range(100):\n    try:\n        if os.fork() == 0:\n            time.sleep(30)\n            os._exit(0)\n        kids += 1\n    except OSError:\n        break\nprint(kids)\n",
+        )
+        .unwrap();
+    let kids: usize = r.stdout.trim().parse().unwrap_or_else(|_| panic!("{r:?}"));
+    assert!(
+        kids < Limits::default().processes as usize,
+        "{kids} children"
+    );
+}
+
+#[test]
+fn sandbox_kills_children_left_behind() {
+    let sb = sandbox(5);
+    let r = sb
+        .run("import os, time\npid = os.fork()\nif pid == 0:\n    time.sleep(60)\n    os._exit(0)\nprint(pid)\n")
+        .unwrap();
+    assert!(r.passed, "{r:?}");
+    // The child's pid is namespaced only for the network, not for processes: it
+    // is a real pid here. It must be gone (or a zombie on its way out).
+    let pid: u32 = r.stdout.trim().parse().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let alive = stat
+        .split(") ")
+        .nth(1)
+        .is_some_and(|rest| !rest.starts_with('Z'));
+    assert!(!alive, "child {pid} survived: {stat}");
+}
+
+#[test]
+fn sandbox_bounds_memory() {
+    let sb = sandbox(10);
+    let start = Instant::now();
+    let r = sb
+        .run("chunks = []\nwhile True:\n    chunks.append(bytearray(50 << 20))\n")
+        .unwrap();
+    assert!(!r.passed && !r.timed_out, "{r:?}");
+    assert!(r.failure().unwrap().contains("MemoryError"), "{r:?}");
+    assert!(start.elapsed() < Duration::from_secs(8));
+    // file size: writing past the limit fails
+    let r = sb
+        .run("with open('big', 'wb') as f:\n    for _ in range(64):\n        f.write(b'x' * (1 << 20))\n")
+        .unwrap();
+    assert!(!r.passed, "{r:?}");
+}
+
+#[test]
+fn sandbox_has_no_network() {
+    // A server on this machine's loopback that the program tries to reach.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let sb = sandbox(5);
+    let program = format!(
+        "import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=2)\ns.sendall(b'leak')\nprint('connected')\n"
+    );
+    let r = sb.run(&program).unwrap();
+    assert!(!r.passed, "{r:?}");
+    assert!(!r.stdout.contains("connected"));
+    let err = r.failure().unwrap();
+    assert!(err.contains("OSError") || err.contains("Error"), "{err}");
+    assert!(
+        listener.accept().is_err(),
+        "the program reached the host's loopback"
+    );
+    // and no interface but a downed loopback
+    let r = sb
+        .run("import socket\nprint([n for _, n in socket.if_nameindex()])\n")
+        .unwrap();
+    assert!(r.passed && r.stdout.trim() == "['lo']", "{r:?}");
+}
+
+// ---------------------------------------------------------------- HumanEval
+
+fn humaneval_data() -> Option<PathBuf> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(humaneval::DEFAULT_DATA);
+    if path.is_file() {
+        Some(path)
+    } else {
+        eprintln!(
+            "SKIP: {} is absent (run scripts/fetch-data humaneval)",
+            path.display()
+        );
+        None
+    }
+}
+
+#[test]
+fn humaneval_canonical_solutions_all_pass_and_empty_completions_none() {
+    let Some(path) = humaneval_data() else { return };
+    let problems = humaneval::load(&path).unwrap();
+    assert_eq!(problems.len(), 164);
+    let sb = sandbox(20);
+    let settings = humaneval::Settings {
+        samples: 1,
+        ks: &[1],
+        workers: 2,
+        data: "HumanEval",
+    };
+    let outcome = humaneval::run_canonical(&sb, &problems, &settings, &|| {}).unwrap();
+    let failed: Vec<_> = outcome
+        .items
+        .iter()
+        .filter(|i| i.correct != Some(true))
+        .map(|i| format!("{}: {:?}", i.id, i.error))
+        .collect();
+    assert!(failed.is_empty(), "canonical solutions failed: {failed:?}");
+    assert_eq!(outcome.report.score, 1.0);
+
+    // An empty completion leaves a function with only its docstring: it returns
+    // None, and no problem's tests accept that.
+    let programs: Vec<String> = problems.iter().map(|p| humaneval::program(p, "")).collect();
+    let ran = humaneval::run_programs(&sb, &programs, 2, &|| {}).unwrap();
+    let passed: Vec<_> = problems
+        .iter()
+        .zip(&ran)
+        .filter(|(_, r)| r.passed)
+        .map(|(p, _)| &p.task_id)
+        .collect();
+    assert!(passed.is_empty(), "empty completions passed: {passed:?}");
+}
+
+#[test]
+fn humaneval_through_the_cli_with_a_stub_model() {
+    let Some(path) = humaneval_data() else { return };
+    let problems = humaneval::load(&path).unwrap();
+    let solutions: HashMap<String, String> = problems
+        .iter()
+        .take(6)
+        .map(|p| (p.prompt.clone(), p.canonical_solution.clone()))
+        .collect();
+    // A chat model that answers in a fence with the whole function (prompt and
+    // canonical body), and explains itself afterwards.
+    let (url, _) = stub_endpoint(move |prompt| {
+        let (stub, body) = solutions
+            .iter()
+            .find(|(s, _)| prompt.contains(s.as_str()))
+            .unwrap();
+        format!("Here you go:\n```python\n{stub}{body}```\nThis works because...\n")
+    });
+    let report = eval_json(&[
+        "--bench",
+        "humaneval",
+        "--data",
+        path.to_str().unwrap(),
+        "--url",
+        &url,
+        "--limit",
+        "6",
+        "--samples",
+        "2",
+        "--k",
+        "1,2,5",
+    ]);
+    assert_eq!(metric(&report, "pass@1"), 1.0);
+    assert_eq!(metric(&report, "pass@2"), 1.0);
+    assert_eq!(metric(&report, "problems_solved"), 6.0);
+    assert!(report["notes"].to_string().contains("pass@5 needs"));
+}
+
+// ---------------------------------------------------------------- local vs serve
+
+#[test]
+fn local_and_served_tiny_model_give_the_same_results() {
+    let dir = tempfile::tempdir().unwrap();
+    // the tiny model's vocabulary is mostly single bytes: give the prompts room
+    let model = dir.path().join("tiny-long.gguf");
+    write_tiny_gguf(
+        &model,
+        &TinySpec {
+            context: 2048,
+            ..TinySpec::default()
+        },
+    )
+    .unwrap();
+    let data = fixture("gsm8k-mini.jsonl");
+    let common = [
+        "--bench",
+        "gsm8k",
+        "--data",
+        data.to_str().unwrap(),
+        "--limit",
+        "4",
+        "--max-tokens",
+        "12",
+        "--seed",
+        "5",
+    ];
+    let local_out = dir.path().join("local.json");
+    let status = claw()
+        .arg("eval")
+        .args(common)
+        .arg("--model")
+        .arg(&model)
+        .arg("--out")
+        .arg(&local_out)
+        .env("RAYON_NUM_THREADS", "1")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (mut server, url, _log) = spawn_server(&model, &dir.path().join("serve"), &[]);
+    let served_out = dir.path().join("served.json");
+    let status = claw()
+        .arg("eval")
+        .args(common)
+        .args(["--url", &url, "--out"])
+        .arg(&served_out)
+        .env_remove("CLAW_MODEL")
+        .status()
+        .unwrap();
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(status.success());
+    let read =
+        |p: &Path| -> Json { serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap() };
+    let (local, served) = (read(&local_out), read(&served_out));
+    let responses = |d: &Json| -> Vec<String> {
+        d["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["response"].as_str().unwrap().to_string())
+            .collect()
+    };
+    for d in [&local, &served] {
+        let errors: Vec<&Json> = d["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| &i["error"])
+            .collect();
+        assert!(errors.iter().all(|e| e.is_null()), "{errors:?}");
+    }
+    assert_eq!(responses(&local), responses(&served));
+    assert!(responses(&local).iter().any(|r| !r.is_empty()));
+    assert_eq!(local["report"]["score"], served["report"]["score"]);
+}
+
+#[test]
+fn ppl_on_the_tiny_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let data = fixture("ppl-mini.txt");
+    let args = [
+        "--bench",
+        "ppl",
+        "--data",
+        data.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+    ];
+    let report = eval_json(&args);
+    let ppl = metric(&report, "perplexity");
+    let bpb = metric(&report, "bits_per_byte");
+    let nll = metric(&report, "nll_per_token");
+    let tokens = metric(&report, "tokens");
+    let bytes = metric(&report, "bytes");
+    assert!(ppl.is_finite() && ppl > 1.0, "{report}");
+    assert!((ppl.ln() - nll).abs() < 1e-9);
+    assert!((bpb - nll * tokens / std::f64::consts::LN_2 / bytes).abs() < 1e-9);
+    // windows change the context, not the accounting: every token is scored
+    let small = eval_json(&[&args[..], &["--window", "8"]].concat());
+    assert_eq!(metric(&small, "tokens"), tokens);
+    assert!(small["items"].as_u64().unwrap() > 1);
+}
+
+#[test]
+fn help_teaches() {
+    let out = claw().args(["eval", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "--bench",
+        "gpqa",
+        "humaneval",
+        "pass@k",
+        "--fail-under",
+        "--unsafe-no-netns",
+        "Examples:",
+    ] {
+        assert!(help.contains(needle), "--help lacks {needle}");
+    }
+}
