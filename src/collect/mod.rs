@@ -67,7 +67,8 @@ pub struct CollectConfig {
     /// A malformed line or unreadable input fails the run.
     pub strict: bool,
     /// Daemon mode: after the inputs, move the event clock to this time, so
-    /// sessions with no new events still end.
+    /// sessions with no new events still end. No inputs then means none (a clock
+    /// tick), not stdin.
     pub advance_clock_to: Option<Ms>,
 }
 
@@ -237,7 +238,11 @@ pub fn collect(inputs: &[String], output: &str, cfg: &CollectConfig) -> Result<S
     };
     // Resolve inputs, skip those already collected, and tell their formats.
     let mut sources = Vec::new();
-    for input in expand_inputs(inputs)? {
+    let inputs = match inputs.is_empty() && cfg.advance_clock_to.is_some() {
+        true => Vec::new(),
+        false => expand_inputs(inputs)?,
+    };
+    for input in inputs {
         let key = match &input {
             Input::Path(p) => Some(
                 std::fs::canonicalize(p)

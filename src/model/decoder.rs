@@ -301,7 +301,7 @@ impl Sources {
             } => {
                 // A block's first sublayer sees finished blocks only (Eq. 6):
                 // the block that just ended becomes a source of its own.
-                if !readout && j > 0 && j % *size == 0 {
+                if !readout && j > 0 && j.is_multiple_of(*size) {
                     if let Some(p) = partial.take() {
                         blocks.push(p);
                     }
@@ -562,9 +562,9 @@ impl Decoder {
         anyhow::ensure!(
             cfg.num_heads > 0
                 && cfg.num_kv_heads > 0
-                && cfg.num_heads % cfg.num_kv_heads == 0
+                && cfg.num_heads.is_multiple_of(cfg.num_kv_heads)
                 && cfg.head_dim * cfg.num_heads == cfg.hidden_size
-                && cfg.head_dim % 2 == 0,
+                && cfg.head_dim.is_multiple_of(2),
             "heads {}/{} and head_dim {} do not fit hidden size {}",
             cfg.num_heads,
             cfg.num_kv_heads,
@@ -651,7 +651,11 @@ impl Decoder {
         if j == 2 * self.blocks.len() {
             return "model.final_res".to_string();
         }
-        let kind = if j % 2 == 0 { "attn_res" } else { "mlp_res" };
+        let kind = if j.is_multiple_of(2) {
+            "attn_res"
+        } else {
+            "mlp_res"
+        };
         format!("model.layers.{}.{kind}", j / 2)
     }
 

@@ -148,12 +148,12 @@ impl InitConfig {
             "hidden_size and num_layers must be positive"
         );
         anyhow::ensure!(
-            self.num_heads > 0 && h % self.num_heads == 0,
+            self.num_heads > 0 && h.is_multiple_of(self.num_heads),
             "num_heads {} must divide hidden_size {h}",
             self.num_heads
         );
         anyhow::ensure!(
-            (h / self.num_heads) % 2 == 0,
+            (h / self.num_heads).is_multiple_of(2),
             "the head size {} must be even (RoPE)",
             h / self.num_heads
         );
