@@ -50,7 +50,19 @@ Benchmarks:
   ppl        --data FILE.txt: perplexity, bits per byte and NLL per token of the
              text under the local model (teacher forcing, in --window token
              windows, each after the BOS token). No --url.
-  persona    the learning benchmark of DESIGN.md section 11 (issue #8, not built).
+  persona    does the loop learn? Starts a `claw up` per (--persona, --method)
+             with a simulated user who has one rule-checked preference (no-bold,
+             brief: under 40 words, direct: no preamble, ask-back: ends with a
+             question), holds --sessions sessions of one task each from a built-in
+             set, giving a thumbs up when a reply keeps the preference and a thumbs
+             down with a natural correction when not, while the stages train; after
+             each --batch of sessions the user waits for the step they feed.
+             Reports the sessions until 3 satisfied in a row (OpenClaw-RL's
+             measure) and the held-out satisfaction (--heldout tasks, greedy, as
+             side turns never trained on) before and after; --report DIR writes
+             persona.md, persona.json and persona.png. --fail-under X gates on the
+             mean held-out satisfaction after the training runs. With --url it
+             drives a running `claw up` instead.
 
 Decoding is greedy by default (--temperature 0), so a run is reproducible; with
 --temperature > 0 each call's seed comes from --seed, the item and the sample.
@@ -211,6 +223,9 @@ pub struct EvalArgs {
     /// CPU threads for the local model (default: all cores).
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
+
+    #[command(flatten)]
+    pub persona: super::persona::PersonaArgs,
 }
 
 pub fn run(args: EvalArgs) -> Result<()> {
@@ -226,7 +241,27 @@ pub fn run(args: EvalArgs) -> Result<()> {
         Bench::Gsm8k => run_gsm8k(&args)?,
         Bench::Ppl => run_ppl(&args)?,
         Bench::Persona => {
-            bail!("`--bench persona` is not built yet (issue #8); see DESIGN.md section 11")
+            let results = super::persona::run_all(
+                &args.persona,
+                args.model.clone(),
+                args.url.clone(),
+                args.seed,
+                args.max_tokens,
+                args.json,
+            )?;
+            // The gate: the mean held-out satisfaction after the runs that trained.
+            if let Some(min) = args.fail_under {
+                let trained: Vec<f64> = results
+                    .iter()
+                    .filter(|r| r.method != "off")
+                    .map(|r| r.heldout_after)
+                    .collect();
+                let score = trained.iter().sum::<f64>() / trained.len().max(1) as f64;
+                if score < min {
+                    bail!("held-out satisfaction {score:.3} is below --fail-under {min}");
+                }
+            }
+            return Ok(());
         }
     };
     outcome.report.seed = args.seed;

@@ -8,6 +8,7 @@ pub mod eval;
 pub mod inspect;
 pub mod judge;
 pub mod llm;
+pub mod persona;
 pub mod serve;
 pub mod status;
 pub mod train;

@@ -19,6 +19,7 @@
 pub mod gpqa;
 pub mod gsm8k;
 pub mod humaneval;
+pub mod persona;
 pub mod ppl;
 pub mod results;
 pub mod sandbox;

@@ -1,0 +1,249 @@
+//! `claw eval --bench persona`: its options and the runs over personas × methods.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+use crate::eval::persona::metrics::{report, rolling_rate, RunResult};
+use crate::eval::persona::plot::{line_chart_png, Series, PALETTE};
+use crate::eval::persona::run::{run, Method, RunConfig};
+use crate::eval::persona::{persona, Persona, PERSONAS};
+
+/// Options of `--bench persona` (the others: --model, --url, --seed, --max-tokens,
+/// --json).
+#[derive(Args, Debug, Clone)]
+pub struct PersonaArgs {
+    /// persona: simulated users to run, comma-separated: no-bold, brief, direct,
+    /// ask-back, or all.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "all",
+        help_heading = "Persona benchmark"
+    )]
+    pub persona: Vec<String>,
+
+    /// persona: how the loop learns, comma-separated: rl, opd, combined, off
+    /// (off trains nothing: the control).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "combined,off",
+        help_heading = "Persona benchmark"
+    )]
+    pub method: Vec<Method>,
+
+    /// persona: training sessions per run (one task, one reply, the user's verdict).
+    #[arg(
+        long,
+        default_value_t = 48,
+        value_name = "N",
+        help_heading = "Persona benchmark"
+    )]
+    pub sessions: usize,
+
+    /// persona: sessions per round; after each round the user waits for the
+    /// training step they feed (also the training batch size).
+    #[arg(
+        long,
+        default_value_t = 4,
+        value_name = "N",
+        help_heading = "Persona benchmark"
+    )]
+    pub batch: usize,
+
+    /// persona: held-out tasks asked greedily before and after each run (0 = skip).
+    #[arg(
+        long,
+        default_value_t = 20,
+        value_name = "N",
+        help_heading = "Persona benchmark"
+    )]
+    pub heldout: usize,
+
+    /// persona: sampling temperature of the training sessions.
+    #[arg(long, default_value_t = 0.7, help_heading = "Persona benchmark")]
+    pub session_temperature: f32,
+
+    /// persona: learning rate of the LoRA steps.
+    #[arg(long, default_value_t = 5e-4, help_heading = "Persona benchmark")]
+    pub lr: f64,
+
+    /// persona: seconds to wait for a round's training step before going on.
+    #[arg(
+        long,
+        default_value_t = 300.0,
+        value_name = "SECONDS",
+        help_heading = "Persona benchmark"
+    )]
+    pub round_timeout: f64,
+
+    /// persona: keep each run's `claw up` directory under DIR (default: a
+    /// temporary one, removed after the run).
+    #[arg(long, value_name = "DIR", help_heading = "Persona benchmark")]
+    pub keep_data: Option<PathBuf>,
+
+    /// persona: write persona.md (report), persona.json (every session) and
+    /// persona.png (satisfaction over sessions) into DIR.
+    #[arg(long, value_name = "DIR", help_heading = "Persona benchmark")]
+    pub report: Option<PathBuf>,
+}
+
+/// Runs every (persona, method) pair; prints the table (or JSON) and writes the report.
+pub fn run_all(
+    args: &PersonaArgs,
+    model: Option<PathBuf>,
+    url: Option<String>,
+    seed: u64,
+    max_tokens: Option<usize>,
+    json: bool,
+) -> Result<Vec<RunResult>> {
+    let personas: Vec<&'static Persona> = match args.persona.iter().any(|p| p == "all") {
+        true => PERSONAS.iter().collect(),
+        false => args
+            .persona
+            .iter()
+            .map(|name| {
+                persona(name).with_context(|| {
+                    format!(
+                        "--persona {name}: unknown (choose from {}, or all)",
+                        PERSONAS.map(|p| p.name).join(", ")
+                    )
+                })
+            })
+            .collect::<Result<_>>()?,
+    };
+    anyhow::ensure!(
+        args.sessions > 0 && args.batch > 0,
+        "--sessions and --batch must be at least 1"
+    );
+    let methods: Vec<Method> = match &url {
+        // A running `claw up` trains however it was started: one run per persona.
+        Some(_) => vec![Method::Combined],
+        None => args.method.clone(),
+    };
+    let cfg = RunConfig {
+        model,
+        sessions: args.sessions,
+        batch: args.batch,
+        heldout: args.heldout,
+        temperature: args.session_temperature,
+        max_tokens: max_tokens.unwrap_or(128),
+        lr: args.lr,
+        seed,
+        round_timeout: Duration::from_secs_f64(args.round_timeout.max(1.0)),
+        data_dir: args.keep_data.clone(),
+        url,
+    };
+    let mut results = Vec::new();
+    for p in &personas {
+        for &m in &methods {
+            crate::info!(
+                "persona {} ({}), method {}: {} sessions",
+                p.name,
+                p.preference,
+                m.name(),
+                cfg.sessions
+            );
+            let bar = crate::ui::progress_bar(
+                Some(cfg.sessions as u64),
+                &format!("{} {}", p.name, m.name()),
+            );
+            let satisfied = std::cell::Cell::new(0usize);
+            let result = run(p, m, &cfg, &|s| {
+                satisfied.set(satisfied.get() + usize::from(s.satisfied));
+                let line = format!(
+                    "session {:>3} policy v{:<3} {} {}",
+                    s.index,
+                    s.policy_version,
+                    if s.satisfied {
+                        "satisfied  "
+                    } else {
+                        "unsatisfied"
+                    },
+                    s.task
+                );
+                if bar.is_hidden() {
+                    crate::debug!("{line}");
+                } else {
+                    bar.inc(1);
+                    bar.set_message(format!("{} satisfied", satisfied.get()));
+                }
+            })
+            .with_context(|| format!("persona {} with method {}", p.name, m.name()))?;
+            bar.finish_and_clear();
+            crate::info!(
+                "persona {} {}: 3-in-a-row at session {}, held-out {:.0}% -> {:.0}%, policy v{}, {:.1} min",
+                result.persona,
+                result.method,
+                result
+                    .sessions_to_success
+                    .map_or("never".into(), |k| k.to_string()),
+                100.0 * result.heldout_before,
+                100.0 * result.heldout_after,
+                result.final_policy_version,
+                result.seconds / 60.0
+            );
+            results.push(result);
+            if let Some(dir) = &args.report {
+                // Written after every run: an interrupted study keeps what it finished.
+                write_report(dir, &results)?;
+            }
+        }
+    }
+    let table = report(&results, &command_line(), None);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&results)?);
+    } else {
+        let mut out = std::io::stdout().lock();
+        for line in table.lines().filter(|l| l.starts_with('|')) {
+            writeln!(out, "{line}")?;
+        }
+    }
+    Ok(results)
+}
+
+fn command_line() -> String {
+    let mut args: Vec<String> = std::env::args().collect();
+    if let Some(first) = args.first_mut() {
+        *first = "claw".into();
+    }
+    args.join(" ")
+}
+
+fn write_report(dir: &std::path::Path, results: &[RunResult]) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let personas: Vec<&str> = {
+        let mut v: Vec<&str> = results.iter().map(|r| r.persona.as_str()).collect();
+        v.dedup();
+        v
+    };
+    let series: Vec<Series> = results
+        .iter()
+        .map(|r| {
+            let sat: Vec<bool> = r.sessions.iter().map(|s| s.satisfied).collect();
+            let k = personas.iter().position(|p| *p == r.persona).unwrap_or(0);
+            Series {
+                label: format!("{} {}", r.persona, r.method),
+                color: PALETTE[k % PALETTE.len()],
+                dashed: r.method == "off",
+                values: rolling_rate(&sat, 8),
+            }
+        })
+        .collect();
+    let png = line_chart_png("satisfaction rate (window 8)", "sessions", &series);
+    crate::fsutil::write_atomic(&dir.join("persona.png"), &png)?;
+    crate::fsutil::write_atomic(
+        &dir.join("persona.json"),
+        serde_json::to_string_pretty(results)?.as_bytes(),
+    )?;
+    crate::fsutil::write_atomic(
+        &dir.join("persona.md"),
+        report(results, &command_line(), Some("persona.png")).as_bytes(),
+    )?;
+    Ok(())
+}

@@ -1,0 +1,198 @@
+//! The persona benchmark (DESIGN.md section 11): does the loop learn what its user
+//! wants, only from talking to it?
+//!
+//! A simulated user has a preference a rule can check, and says so in natural
+//! words when a reply breaks it (and gives a thumbs down); a reply that keeps it
+//! gets a thumbs up. The user is scripted (rules and templates), so the benchmark
+//! needs no second model. Sessions go through a live `claw up` ([`run`]) while its
+//! stages train in the background, as in real use; [`metrics`] turns the sessions
+//! into OpenClaw-RL's measure (sessions until the preference is met in 3
+//! consecutive sessions) and the held-out satisfaction rate before and after.
+
+pub mod metrics;
+pub mod plot;
+pub mod run;
+
+use regex::Regex;
+use std::sync::LazyLock;
+
+/// A simulated user.
+pub struct Persona {
+    pub name: &'static str,
+    /// The preference, as the report states it.
+    pub preference: &'static str,
+    /// What the user says when a reply breaks it (one is picked per session).
+    pub feedback: &'static [&'static str],
+    check: fn(&str) -> bool,
+}
+
+impl Persona {
+    /// Whether `reply` keeps the preference.
+    pub fn satisfied(&self, reply: &str) -> bool {
+        (self.check)(reply)
+    }
+}
+
+/// Most words the `brief` user accepts.
+pub const BRIEF_WORDS: usize = 40;
+
+pub const PERSONAS: [Persona; 4] = [
+    Persona {
+        name: "no-bold",
+        preference: "no markdown bold (**x**, __x__) and no headers (# lines)",
+        feedback: &[
+            "Please don't use bold text or headers, just plain sentences.",
+            "No markdown formatting please, no bold and no headings.",
+            "Could you write that without the bold text? Plain text is easier for me.",
+        ],
+        check: no_bold,
+    },
+    Persona {
+        name: "brief",
+        preference: "answers under 40 words",
+        feedback: &[
+            "That's too long. Please keep your answers under 40 words.",
+            "Shorter please, a couple of sentences at most.",
+            "Too much text. Give me the short version, under 40 words.",
+        ],
+        check: brief,
+    },
+    Persona {
+        name: "direct",
+        preference: "starts with the answer itself (no \"Sure!\", \"Certainly\", greetings or other preamble)",
+        feedback: &[
+            "Just give me the answer directly, without 'Sure!' or any preamble.",
+            "Skip the introduction and start with the answer, please.",
+            "No need for 'Certainly' or 'Of course', just answer.",
+        ],
+        check: direct,
+    },
+    Persona {
+        name: "ask-back",
+        preference: "ends with a short follow-up question to the user",
+        feedback: &[
+            "Please end your answer with a short follow-up question for me.",
+            "I like it when you finish by asking me a question back.",
+            "Could you end with a question, so we can keep talking?",
+        ],
+        check: ask_back,
+    },
+];
+
+/// The persona called `name`.
+pub fn persona(name: &str) -> Option<&'static Persona> {
+    PERSONAS.iter().find(|p| p.name == name)
+}
+
+fn no_bold(reply: &str) -> bool {
+    static BOLD: LazyLock<Regex> =
+        LazyLock::new(|| Regex::new(r"\*\*[^*\n]+\*\*|__[^_\n]+__").expect("valid regex"));
+    !BOLD.is_match(reply) && !reply.lines().any(|l| l.trim_start().starts_with('#'))
+}
+
+fn brief(reply: &str) -> bool {
+    reply.split_whitespace().count() < BRIEF_WORDS
+}
+
+fn direct(reply: &str) -> bool {
+    static PREAMBLE: LazyLock<Regex> = LazyLock::new(|| {
+        Regex::new(
+            r"(?i)^\W*(sure|certainly|of course|absolutely|great|good question|what a|hello|hi|hey|greetings|okay|ok|well|thanks|thank you|glad|happy to|i'?d be|i would be|i'?m happy|i am happy|i can help|let me|here'?s|here is|here are|as an ai|alright|yes|no problem)\b",
+        )
+        .expect("valid regex")
+    });
+    !reply.trim().is_empty() && !PREAMBLE.is_match(reply)
+}
+
+fn ask_back(reply: &str) -> bool {
+    let text = reply.trim_end();
+    if !text.ends_with('?') {
+        return false;
+    }
+    // The question is the last sentence, and short.
+    let last = text[..text.len() - 1]
+        .rfind(['.', '!', '?', '\n'])
+        .map_or(text, |i| &text[i + 1..]);
+    last.split_whitespace().count() <= 25
+}
+
+/// The built-in training tasks (fixtures/persona/tasks.txt).
+pub fn tasks() -> Vec<&'static str> {
+    lines(include_str!("../../../fixtures/persona/tasks.txt"))
+}
+
+/// The built-in held-out tasks (fixtures/persona/heldout.txt).
+pub fn heldout() -> Vec<&'static str> {
+    lines(include_str!("../../../fixtures/persona/heldout.txt"))
+}
+
+fn lines(text: &'static str) -> Vec<&'static str> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(name: &str) -> &'static Persona {
+        persona(name).unwrap()
+    }
+
+    #[test]
+    fn no_bold_catches_bold_and_headers_only() {
+        assert!(p("no-bold").satisfied("Paris is the capital. It is big."));
+        assert!(p("no-bold").satisfied("Use 2 * 3 * 4 and snake_case_names."));
+        assert!(!p("no-bold").satisfied("The answer is **Paris**."));
+        assert!(!p("no-bold").satisfied("__Note__: it rains."));
+        assert!(!p("no-bold").satisfied("## Steps\n1. Boil water"));
+    }
+
+    #[test]
+    fn brief_counts_words() {
+        assert!(p("brief").satisfied("Paris."));
+        assert!(p("brief").satisfied(&"word ".repeat(BRIEF_WORDS - 1)));
+        assert!(!p("brief").satisfied(&"word ".repeat(BRIEF_WORDS)));
+    }
+
+    #[test]
+    fn direct_rejects_preambles() {
+        assert!(p("direct").satisfied("Paris is the capital of France."));
+        assert!(p("direct").satisfied("Shortly after dawn, bees leave the hive."));
+        for bad in [
+            "Sure! Paris.",
+            "Certainly, here you go.",
+            "Of course. Paris.",
+            "Hello there! Paris.",
+            "I'd be happy to help: Paris.",
+            "Here's how: boil water.",
+            "  **Great question!** Paris.",
+            "",
+        ] {
+            assert!(!p("direct").satisfied(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn ask_back_wants_a_short_closing_question() {
+        assert!(p("ask-back").satisfied("Paris. Have you been there?"));
+        assert!(p("ask-back").satisfied("Boil water.\nWant more tips?  "));
+        assert!(!p("ask-back").satisfied("Paris. Have you been there? It is nice."));
+        assert!(!p("ask-back").satisfied("Paris."));
+        let long = format!("Paris. {}?", "word ".repeat(30));
+        assert!(!p("ask-back").satisfied(&long));
+    }
+
+    #[test]
+    fn prompt_sets_are_disjoint_and_varied() {
+        let (tasks, heldout) = (tasks(), heldout());
+        assert!(tasks.len() >= 50 && heldout.len() >= 20);
+        for h in &heldout {
+            assert!(!tasks.contains(h), "{h} is in both sets");
+        }
+        let unique: std::collections::HashSet<_> = tasks.iter().collect();
+        assert_eq!(unique.len(), tasks.len());
+    }
+}

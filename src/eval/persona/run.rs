@@ -1,0 +1,403 @@
+//! Driving one persona benchmark run: start `claw up` with the method's stages (or
+//! use a running one), hold the sessions, measure the held-out set before and
+//! after, stop.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+
+use super::metrics::{sessions_to_success, RunResult, Session};
+use super::Persona;
+
+/// How the loop learns in a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// Binary RL: the thumbs are the reward (judge --sources feedback; no distill).
+    Rl,
+    /// On-policy distillation: the user's correction is the hint (w_rl = 0).
+    Opd,
+    /// Both signals.
+    Combined,
+    /// No training: the control.
+    Off,
+}
+
+impl Method {
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Rl => "rl",
+            Method::Opd => "opd",
+            Method::Combined => "combined",
+            Method::Off => "off",
+        }
+    }
+
+    /// The `claw up` options that make this method.
+    fn up_args(self, batch: usize, lr: f64) -> Vec<String> {
+        let mut args: Vec<String> = Vec::new();
+        let mut with = |stage: &str, rest: String| {
+            args.push("--with".into());
+            args.push(format!("{stage}={rest}"));
+        };
+        let train = |extra: &str| {
+            format!("--batch-size {batch} --partial-after 20s --lr {lr} --keep 3 {extra}")
+        };
+        match self {
+            Method::Off => {
+                return vec![
+                    "--without".into(),
+                    "collect,judge,distill-hints,train".into(),
+                ]
+            }
+            Method::Rl => with("train", train("--w-opd 0")),
+            Method::Opd => {
+                with("distill-hints", "--hint-source feedback".into());
+                with("train", train("--w-rl 0"));
+            }
+            Method::Combined => {
+                with("distill-hints", "--hint-source feedback".into());
+                with("train", train(""));
+            }
+        }
+        // The user's thumbs are the reward; feedback comes right after each reply.
+        with("judge", "--sources feedback".into());
+        with(
+            "collect",
+            "--feedback-grace 1s --session-timeout 10s".into(),
+        );
+        if self == Method::Rl {
+            args.extend(["--without".into(), "distill-hints".into()]);
+        }
+        args
+    }
+}
+
+/// Settings of a run.
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    pub model: Option<PathBuf>,
+    pub sessions: usize,
+    /// Sessions per round; also the training batch size.
+    pub batch: usize,
+    pub heldout: usize,
+    pub temperature: f32,
+    pub max_tokens: usize,
+    pub lr: f64,
+    pub seed: u64,
+    /// Longest wait for a round's training step.
+    pub round_timeout: Duration,
+    /// Where the run's `claw up` directory goes (kept); default a temporary one.
+    pub data_dir: Option<PathBuf>,
+    /// Drive this running `claw up` (base URL) instead of starting one.
+    pub url: Option<String>,
+}
+
+/// A `claw up` this run started; stopped (SIGINT, then SIGKILL) when dropped.
+struct Up {
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Up {
+    fn start(dir: &Path, method: Method, cfg: &RunConfig) -> Result<(Up, String)> {
+        let exe = std::env::current_exe().context("finding the claw executable")?;
+        let mut cmd = Command::new(exe);
+        cmd.arg("up")
+            .arg("--dir")
+            .arg(dir)
+            .args([
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--poll-interval",
+                "300ms",
+            ])
+            .args(["--with", "serve=--segment-age-ms 500 --reload-poll-ms 300"])
+            .args(method.up_args(cfg.batch, cfg.lr))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some(model) = &cfg.model {
+            cmd.arg("--model").arg(model);
+        }
+        let mut child = cmd.spawn().context("starting claw up")?;
+        let stderr = child.stderr.take().context("claw up's stderr")?;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        let thread_log = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                crate::debug!("{line}");
+                if let Some(at) = line.find("listening on http://") {
+                    let addr = line[at + "listening on ".len()..]
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or("")
+                        .to_string();
+                    let _ = tx.send(addr);
+                }
+                let mut log = thread_log.lock().unwrap_or_else(|e| e.into_inner());
+                log.push(line);
+                let excess = log.len().saturating_sub(200);
+                log.drain(..excess);
+            }
+        });
+        let up = Up { child, log };
+        match rx.recv_timeout(Duration::from_secs(300)) {
+            Ok(addr) => Ok((up, format!("{addr}/v1"))),
+            Err(_) => bail!("claw up did not start serving:\n{}", up.tail()),
+        }
+    }
+
+    fn tail(&self) -> String {
+        self.log.lock().map(|l| l.join("\n")).unwrap_or_default()
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        // SAFETY: signalling the child we started.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Talks to serve as the simulated user.
+struct Client {
+    base: String,
+}
+
+impl Client {
+    fn chat(
+        &self,
+        session: &str,
+        task: &str,
+        side: bool,
+        temperature: f32,
+        max_tokens: usize,
+        seed: u64,
+    ) -> Result<(String, String)> {
+        let body = json!({
+            "messages": [{"role": "user", "content": task}],
+            "temperature": temperature,
+            "max_tokens": max_tokens,
+            "seed": seed,
+        });
+        let reply: Value = ureq::post(&format!("{}/chat/completions", self.base))
+            .timeout(Duration::from_secs(600))
+            .set("X-Session-Id", session)
+            .set("X-Session-Done", "1")
+            .set("X-Turn-Type", if side { "side" } else { "main" })
+            .send_json(body)
+            .with_context(|| format!("chat request of session {session}"))?
+            .into_json()
+            .context("reading a chat reply")?;
+        let text = reply["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let id = reply["id"].as_str().unwrap_or_default().to_string();
+        Ok((id, text))
+    }
+
+    fn feedback(
+        &self,
+        session: &str,
+        response_id: &str,
+        rating: i8,
+        text: Option<&str>,
+    ) -> Result<()> {
+        ureq::post(&format!("{}/feedback", self.base))
+            .timeout(Duration::from_secs(60))
+            .send_json(json!({
+                "session_id": session, "response_id": response_id,
+                "rating": rating, "text": text,
+            }))
+            .with_context(|| format!("feedback for session {session}"))?;
+        Ok(())
+    }
+
+    fn policy_version(&self) -> Result<u64> {
+        let health_url = match self.base.strip_suffix("/v1") {
+            Some(root) => format!("{root}/healthz"),
+            None => format!("{}/healthz", self.base),
+        };
+        let health: Value = ureq::get(&health_url)
+            .timeout(Duration::from_secs(30))
+            .call()
+            .context("GET /healthz")?
+            .into_json()?;
+        Ok(health["policy_version"].as_u64().unwrap_or(0))
+    }
+
+    /// Waits until serve answers with a policy newer than `than`; false on timeout.
+    fn wait_for_policy(&self, than: u64, timeout: Duration) -> Result<bool> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.policy_version()? > than {
+                return Ok(true);
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        Ok(false)
+    }
+
+    /// Share of held-out tasks answered to the persona's liking (greedy, side turns).
+    fn heldout_rate(
+        &self,
+        persona: &Persona,
+        tasks: &[&str],
+        max_tokens: usize,
+        tag: &str,
+    ) -> Result<f64> {
+        if tasks.is_empty() {
+            return Ok(0.0);
+        }
+        let mut ok = 0;
+        for (i, task) in tasks.iter().enumerate() {
+            let (_, reply) = self.chat(
+                &format!("heldout-{tag}-{i}"),
+                task,
+                true,
+                0.0,
+                max_tokens,
+                0,
+            )?;
+            ok += usize::from(persona.satisfied(&reply));
+        }
+        Ok(ok as f64 / tasks.len() as f64)
+    }
+}
+
+/// One run of `persona` with `method`. `progress` is told about each session.
+pub fn run(
+    persona: &Persona,
+    method: Method,
+    cfg: &RunConfig,
+    progress: &dyn Fn(&Session),
+) -> Result<RunResult> {
+    let started = Instant::now();
+    let mut scratch = None;
+    let (up, base) = match &cfg.url {
+        Some(url) => (None, url.trim_end_matches('/').to_string()),
+        None => {
+            let name = format!("{}-{}-seed{}", persona.name, method.name(), cfg.seed);
+            let dir = match &cfg.data_dir {
+                Some(d) => d.join(name),
+                None => {
+                    let d = std::env::temp_dir()
+                        .join(format!("claw-persona-{}", std::process::id()))
+                        .join(name);
+                    scratch = Some(d.clone());
+                    d
+                }
+            };
+            anyhow::ensure!(
+                !dir.join("raw").exists(),
+                "{}: holds an earlier run (remove it, or pick another --keep-data)",
+                dir.display()
+            );
+            let (up, base) = Up::start(&dir, method, cfg)?;
+            (Some(up), base)
+        }
+    };
+    let client = Client { base };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
+    let mut tasks = super::tasks();
+    tasks.shuffle(&mut rng);
+    let heldout: Vec<&str> = super::heldout().into_iter().take(cfg.heldout).collect();
+    let tag = format!("{}-{}-{}", persona.name, method.name(), cfg.seed);
+
+    let heldout_before =
+        client.heldout_rate(persona, &heldout, cfg.max_tokens, &format!("{tag}-before"))?;
+    let mut sessions = Vec::with_capacity(cfg.sessions);
+    let mut round_version = client.policy_version()?;
+    for i in 0..cfg.sessions {
+        let task = tasks[i % tasks.len()];
+        let session_id = format!("{tag}-{}", i + 1);
+        let version = client.policy_version()?;
+        let (id, reply) = client.chat(
+            &session_id,
+            task,
+            false,
+            cfg.temperature,
+            cfg.max_tokens,
+            cfg.seed.wrapping_mul(1_000_003).wrapping_add(i as u64),
+        )?;
+        let satisfied = persona.satisfied(&reply);
+        match satisfied {
+            true => client.feedback(&session_id, &id, 1, None)?,
+            false => {
+                let text = persona.feedback[rng.gen_range(0..persona.feedback.len())];
+                client.feedback(&session_id, &id, -1, Some(text))?;
+            }
+        }
+        let session = Session {
+            index: i + 1,
+            task: task.to_string(),
+            reply,
+            satisfied,
+            policy_version: version,
+            seconds_since_start: started.elapsed().as_secs_f64(),
+        };
+        progress(&session);
+        sessions.push(session);
+        // A user who chats at the pace the system learns: after each batch of
+        // sessions, wait for the step they feed.
+        if method != Method::Off && (i + 1) % cfg.batch == 0 && i + 1 < cfg.sessions {
+            if !client.wait_for_policy(round_version, cfg.round_timeout)? {
+                crate::warn!(
+                    "persona {}: no training step within {:?} after session {}",
+                    persona.name,
+                    cfg.round_timeout,
+                    i + 1
+                );
+            }
+            round_version = client.policy_version()?;
+        }
+    }
+    if method != Method::Off {
+        client.wait_for_policy(round_version, cfg.round_timeout)?;
+    }
+    let final_policy_version = client.policy_version()?;
+    let heldout_after =
+        client.heldout_rate(persona, &heldout, cfg.max_tokens, &format!("{tag}-after"))?;
+    drop(up); // stops claw up before its directory goes
+    if let Some(dir) = scratch {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    let satisfied: Vec<bool> = sessions.iter().map(|s| s.satisfied).collect();
+    Ok(RunResult {
+        persona: persona.name.into(),
+        method: match cfg.url {
+            Some(_) => "external".into(),
+            None => method.name().into(),
+        },
+        seed: cfg.seed,
+        sessions_to_success: sessions_to_success(&satisfied),
+        sessions,
+        heldout_before,
+        heldout_after,
+        heldout_prompts: heldout.len(),
+        final_policy_version,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}

@@ -1,0 +1,107 @@
+//! The persona benchmark's plumbing at CI size: the tiny random model, a few
+//! sessions. It cannot learn anything; what is checked is that the sessions are
+//! recorded, judged, distilled and trained on, that serve hot-loads the
+//! checkpoints, and that the metrics, report and plot are written.
+
+mod common;
+use common::{claw, read_rows};
+
+use claw::model::testing::{write_tiny_gguf, TinySpec};
+
+#[test]
+fn a_short_persona_run_goes_through_the_whole_loop_and_writes_its_report() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("tiny.gguf");
+    write_tiny_gguf(
+        &model,
+        &TinySpec {
+            context: 1024,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let report = tmp.path().join("report");
+    let data = tmp.path().join("runs");
+    let out = claw()
+        .args(["eval", "--bench", "persona", "--persona", "brief"])
+        .args([
+            "--method",
+            "combined,off",
+            "--sessions",
+            "8",
+            "--batch",
+            "4",
+        ])
+        .args([
+            "--heldout",
+            "2",
+            "--max-tokens",
+            "8",
+            "--round-timeout",
+            "120",
+        ])
+        .arg("--model")
+        .arg(&model)
+        .arg("--report")
+        .arg(&report)
+        .arg("--keep-data")
+        .arg(&data)
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("| brief | combined |"), "{stdout}");
+
+    let results: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(report.join("persona.json")).unwrap()).unwrap();
+    let runs = results.as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    for run in runs {
+        assert_eq!(run["sessions"].as_array().unwrap().len(), 8);
+        assert_eq!(run["heldout_prompts"], 2);
+    }
+    // combined trained and serve loaded it; off stayed at the base model.
+    let combined = &runs[0];
+    assert_eq!(combined["method"], "combined");
+    assert!(
+        combined["final_policy_version"].as_u64().unwrap() >= 2,
+        "{combined}"
+    );
+    let last = combined["sessions"].as_array().unwrap().last().unwrap();
+    assert!(
+        last["policy_version"].as_u64().unwrap() >= 1,
+        "the second round was served by a trained policy: {last}"
+    );
+    assert_eq!(runs[1]["method"], "off");
+    assert_eq!(runs[1]["final_policy_version"], 0);
+
+    // Every session went through collect, judge (the thumbs are the reward) and
+    // distill-hints (the corrections are the hints).
+    let run_dir = data.join("brief-combined-seed0");
+    let mut distilled = Vec::new();
+    for entry in std::fs::read_dir(run_dir.join("distilled")).unwrap() {
+        distilled.extend(read_rows(&entry.unwrap().path()));
+    }
+    assert_eq!(distilled.len(), 8, "every training session became a sample");
+    for row in &distilled {
+        let reward = row.reward.expect("judged");
+        assert_eq!(reward.abs(), 1.0);
+        assert_eq!(
+            row.teacher_logprobs.is_some(),
+            reward < 0.0,
+            "{}",
+            row.sample_id
+        );
+    }
+    assert!(run_dir.join("checkpoints").join("LATEST").is_file());
+
+    let md = std::fs::read_to_string(report.join("persona.md")).unwrap();
+    assert!(
+        md.contains("| brief | off |") && md.contains("persona.png"),
+        "{md}"
+    );
+    let png = std::fs::read(report.join("persona.png")).unwrap();
+    assert_eq!(&png[..4], b"\x89PNG");
+}
