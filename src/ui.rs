@@ -16,11 +16,18 @@ pub fn verbosity() -> i8 {
     VERBOSITY.load(Ordering::Relaxed)
 }
 
+/// Writes one line to stderr. A closed stderr (the reader of a daemon's log went
+/// away) must not kill the process mid-work, as `eprintln!` would by panicking.
+pub fn log_line(args: std::fmt::Arguments) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{args}");
+}
+
 /// Progress and summaries a person wants to see; hidden by `-q`.
 #[macro_export]
 macro_rules! info {
     ($($arg:tt)*) => {
-        if $crate::ui::verbosity() >= 0 { eprintln!("claw: {}", format_args!($($arg)*)); }
+        if $crate::ui::verbosity() >= 0 { $crate::ui::log_line(format_args!("claw: {}", format_args!($($arg)*))); }
     };
 }
 
@@ -28,7 +35,7 @@ macro_rules! info {
 #[macro_export]
 macro_rules! debug {
     ($($arg:tt)*) => {
-        if $crate::ui::verbosity() >= 1 { eprintln!("claw: {}", format_args!($($arg)*)); }
+        if $crate::ui::verbosity() >= 1 { $crate::ui::log_line(format_args!("claw: {}", format_args!($($arg)*))); }
     };
 }
 
@@ -36,7 +43,7 @@ macro_rules! debug {
 #[macro_export]
 macro_rules! warn {
     ($($arg:tt)*) => {
-        if $crate::ui::verbosity() >= 0 { eprintln!("claw: warning: {}", format_args!($($arg)*)); }
+        if $crate::ui::verbosity() >= 0 { $crate::ui::log_line(format_args!("claw: warning: {}", format_args!($($arg)*))); }
     };
 }
 

@@ -419,13 +419,6 @@ fn bad_inputs_are_named() {
     );
 
     let out = claw()
-        .args(["eval", "--bench", "persona"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("issue #8"));
-
-    let out = claw()
         .args([
             "eval",
             "--bench",

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use crate::daemon::wake::{install_stop_handler, stop_requested};
+use crate::daemon::wake::{install_stop_handler, stop_requested, stop_when_parent_dies};
 
 const STAGES: [&str; 5] = ["serve", "collect", "judge", "distill-hints", "train"];
 
@@ -142,12 +142,14 @@ pub fn run(args: UpArgs) -> Result<()> {
     anyhow::ensure!(!stages.is_empty(), "--without left no stage to run");
     install_stop_handler();
     let exe = std::env::current_exe().context("finding the claw executable")?;
+    let serving = match stages.iter().any(|s| s.name == "serve") {
+        true => format!(" (serve on http://{}:{}/v1)", args.host, args.port),
+        false => String::new(),
+    };
     crate::info!(
-        "up: {} over {} (serve on http://{}:{}/v1); Ctrl-C stops",
+        "up: {} over {}{serving}; Ctrl-C stops",
         stages.iter().map(|s| s.name).collect::<Vec<_>>().join(", "),
-        args.dir.display(),
-        args.host,
-        args.port
+        args.dir.display()
     );
     let result = supervise(&exe, &args, &mut stages);
     shutdown(&mut stages);
@@ -202,6 +204,7 @@ fn spawn(exe: &PathBuf, args: &UpArgs, stage: &Stage) -> Result<Child> {
         // Its own process group: a terminal's Ctrl-C reaches `up` only, which then
         // stops each stage once (a second signal would make it abandon its work).
         .process_group(0);
+    stop_when_parent_dies(&mut cmd);
     if let Some(model) = &args.model {
         cmd.env("CLAW_MODEL", model);
     }
@@ -226,7 +229,7 @@ fn forward(name: &'static str, stream: impl Read + Send + 'static) {
             let Ok(line) = line else { break };
             // The children's own "claw: " prefix is noise in a merged stream.
             let line = line.strip_prefix("claw: ").unwrap_or(&line);
-            eprintln!("[{name:>13}] {line}");
+            crate::ui::log_line(format_args!("[{name:>13}] {line}"));
         }
     });
 }

@@ -61,6 +61,21 @@ pub fn sleep_unless_stopped(d: Duration) -> bool {
     true
 }
 
+/// The child gets SIGTERM (a graceful stop) if this process dies, however it
+/// dies: no stage outlives its `claw up`.
+pub fn stop_when_parent_dies(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Wakes a daemon when its input folder changes, or every `interval`.
 pub struct Waker {
     events: Option<Receiver<()>>,

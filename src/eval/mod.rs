@@ -41,7 +41,7 @@ pub enum Bench {
     Gsm8k,
     /// Perplexity and bits per byte of a text file (local model only).
     Ppl,
-    /// Sessions until the model learns a user's preference (issue #8, not built yet).
+    /// Sessions until the model learns a user's preference (see [`persona`]).
     Persona,
 }
 

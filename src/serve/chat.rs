@@ -40,7 +40,7 @@ pub const POLICY_HEADER: &str = "x-claw-policy-version";
 /// A request ready to generate.
 struct Prepared {
     id: String,
-    /// Unix milliseconds at arrival (the row's created_at).
+    /// Unix milliseconds at arrival (the response's `created`).
     created_ms: i64,
     started: Instant,
     session: SessionInfo,
@@ -355,7 +355,10 @@ fn chat_row(state: &AppState, job: &Prepared, outcome: &Outcome) -> RolloutRow {
         session_id: job.session.session_id.clone(),
         turn_type: job.session.turn_type.as_str().to_string(),
         session_done: Some(job.session.done),
-        created_at: job.created_ms,
+        // When the reply was complete: the user can react (feedback, next turn)
+        // only from then on, and collect's --feedback-grace counts from here, so
+        // a long generation or a wait in the queue never eats into it.
+        created_at: unix_ms(),
         model: state.model.name.clone(),
         policy_version: job.policy.version,
         messages_json: Json::Array(job.request.messages.clone()).to_string(),

@@ -71,7 +71,7 @@ impl Method {
         with("judge", "--sources feedback".into());
         with(
             "collect",
-            "--feedback-grace 1s --session-timeout 10s".into(),
+            "--feedback-grace 2s --session-timeout 10s".into(),
         );
         if self == Method::Rl {
             args.extend(["--without".into(), "distill-hints".into()]);
@@ -129,6 +129,7 @@ impl Up {
         if let Some(model) = &cfg.model {
             cmd.arg("--model").arg(model);
         }
+        crate::daemon::wake::stop_when_parent_dies(&mut cmd);
         let mut child = cmd.spawn().context("starting claw up")?;
         let stderr = child.stderr.take().context("claw up's stderr")?;
         let log = Arc::new(Mutex::new(Vec::new()));
