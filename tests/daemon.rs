@@ -4,7 +4,7 @@
 //! to quarantine, and `claw status` reading it all back.
 
 mod common;
-use common::{claw, read_rows, tiny_model, write_rows};
+use common::{claw, read_rows, tiny_chat_model, tiny_model, wait_until_listening, write_rows};
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
@@ -505,19 +505,8 @@ fn a_standby_collect_worker_waits_for_the_lock_and_sigterm_stops_it() {
 /// Ctrl-C (SIGINT) stops every stage.
 #[test]
 fn claw_up_runs_the_loop_until_serve_loads_a_trained_checkpoint() {
-    use std::io::{BufRead, BufReader};
-    use std::sync::{mpsc, Arc, Mutex};
-
     let tmp = tempfile::tempdir().unwrap();
-    let model = tmp.path().join("tiny.gguf");
-    claw::model::testing::write_tiny_gguf(
-        &model,
-        &claw::model::testing::TinySpec {
-            context: 1024,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let model = tiny_chat_model(tmp.path());
     let dir = tmp.path().join("data");
     let started = Instant::now();
     let mut up = claw()
@@ -553,30 +542,8 @@ fn claw_up_runs_the_loop_until_serve_loads_a_trained_checkpoint() {
         }
     }
     let _guard = StopOnDrop(up.id());
-    let log = Arc::new(Mutex::new(String::new()));
-    let (tx, rx) = mpsc::channel();
-    let stderr = up.stderr.take().unwrap();
-    let thread_log = log.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if let Some(at) = line.find("listening on http://") {
-                let addr = line[at + "listening on ".len()..]
-                    .split_whitespace()
-                    .next()
-                    .unwrap_or("")
-                    .to_string();
-                let _ = tx.send(addr);
-            }
-            let mut log = thread_log.lock().unwrap();
-            log.push_str(&line);
-            log.push('\n');
-        }
-    });
+    let (base, log) = wait_until_listening(&mut up);
     let log_text = || log.lock().unwrap().clone();
-    let base = rx
-        .recv_timeout(Duration::from_secs(60))
-        .unwrap_or_else(|_| panic!("serve did not start:\n{}", log_text()));
 
     // Three sessions of two turns, each reply thumbed down with a correction.
     for session in 0..3 {

@@ -2,6 +2,9 @@
 //! with feedback and env rules, a stub OpenAI-compatible judge on loopback (fixed
 //! votes, garbage, errors, timeouts), and the tiny local model.
 
+mod common;
+use common::tiny_chat_model;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -13,7 +16,6 @@ use std::time::Duration;
 
 use arrow::array::{RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema};
-use claw::model::testing::{write_tiny_gguf, TinySpec};
 use claw::rollout::{rows_to_batch, RolloutReader, RolloutRow, RolloutWriter};
 use serde_json::{json, Value as Json};
 
@@ -747,15 +749,7 @@ fn bad_arguments_and_inputs_are_clear_errors() {
 #[test]
 fn local_judge_on_the_tiny_model_is_reproducible() {
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("tiny.gguf");
-    write_tiny_gguf(
-        &model,
-        &TinySpec {
-            context: 1024,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let model = tiny_chat_model(dir.path());
     let prompt: PathBuf =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/judge/short-prompt.txt");
     let input = dir.path().join("samples.parquet");
@@ -807,15 +801,7 @@ fn local_judge_with_a_lora_adapter() {
     use claw::train::{Adapter, LoraConfig};
 
     let dir = tempfile::tempdir().unwrap();
-    let model_path = dir.path().join("tiny.gguf");
-    write_tiny_gguf(
-        &model_path,
-        &TinySpec {
-            context: 1024,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let model_path = tiny_chat_model(dir.path());
     let model = Model::load(&model_path).unwrap();
     let config = LoraConfig {
         rank: 2,

@@ -4,22 +4,12 @@
 //! checkpoints, and that the metrics, report and plot are written.
 
 mod common;
-use common::{claw, read_rows};
-
-use claw::model::testing::{write_tiny_gguf, TinySpec};
+use common::{claw, read_rows, tiny_chat_model};
 
 #[test]
 fn a_short_persona_run_goes_through_the_whole_loop_and_writes_its_report() {
     let tmp = tempfile::tempdir().unwrap();
-    let model = tmp.path().join("tiny.gguf");
-    write_tiny_gguf(
-        &model,
-        &TinySpec {
-            context: 1024,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let model = tiny_chat_model(tmp.path());
     let report = tmp.path().join("report");
     let data = tmp.path().join("runs");
     let out = claw()

@@ -5,14 +5,13 @@
 //! what the script did.
 
 mod common;
-use common::spawn_server;
+use common::{spawn_server, tiny_chat_model};
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use claw::model::testing::{write_tiny_gguf, TinySpec};
 use claw::rollout::{RolloutReader, RolloutRow};
 use serde_json::{json, Value as Json};
 
@@ -25,15 +24,7 @@ struct Server {
 
 impl Server {
     fn start(dir: &Path) -> Server {
-        let model = dir.join("tiny.gguf");
-        write_tiny_gguf(
-            &model,
-            &TinySpec {
-                context: 1024,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let model = tiny_chat_model(dir);
         let data = dir.join("data");
         let (child, base, log) = spawn_server(&model, &data, &[]);
         Server {

@@ -17,10 +17,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use super::ledger::{Ledger, StageLock};
+use super::ledger::Ledger;
 use super::quarantine::quarantine;
 use super::status::StatusFile;
-use super::wake::{install_stop_handler, sleep_unless_stopped, stop_requested, Waker};
+use super::wake::{sleep_unless_stopped, stop_requested, Waker};
 use super::{unix_ms, DaemonConfig};
 use crate::collect::{self, CollectConfig, Format};
 use crate::fsutil::write_atomic;
@@ -43,15 +43,10 @@ struct Intent {
 const TICK_EVERY: Duration = Duration::from_secs(5);
 
 pub fn run(cfg: &DaemonConfig, base: &CollectConfig) -> Result<()> {
-    install_stop_handler();
-    cfg.create_dirs()?;
-    let state_dir = cfg.state_dir();
-    let mut status = StatusFile::new(cfg);
-    status.set("standby");
-    let Some(_lock) = StageLock::acquire(&state_dir, &cfg.worker_id, "collect")? else {
-        status.set("stopped");
+    let Some((_lock, mut status)) = super::start_single_worker(cfg)? else {
         return Ok(());
     };
+    let state_dir = cfg.state_dir();
     let raw_dir = cfg.input_dir();
     let ledger = Ledger::open(&state_dir, &cfg.worker_id)?;
     let state_path = state_dir.join("collect-state.json");

@@ -256,6 +256,25 @@ impl DaemonConfig {
     }
 }
 
+/// Starts a stage that runs one worker per DIR (collect, train): signal handling,
+/// folders, its status file, and the stage lock, waiting as a standby while another
+/// worker holds it. `None` when stopped while waiting.
+pub(crate) fn start_single_worker(
+    cfg: &DaemonConfig,
+) -> Result<Option<(ledger::StageLock, status::StatusFile)>> {
+    wake::install_stop_handler();
+    cfg.create_dirs()?;
+    let mut status = status::StatusFile::new(cfg);
+    status.set("standby");
+    match ledger::StageLock::acquire(&cfg.state_dir(), &cfg.worker_id, cfg.stage.name())? {
+        Some(lock) => Ok(Some((lock, status))),
+        None => {
+            status.set("stopped");
+            Ok(None)
+        }
+    }
+}
+
 /// The host name, for worker ids and status files.
 pub fn hostname() -> String {
     let mut buf = [0u8; 256];

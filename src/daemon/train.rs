@@ -16,10 +16,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use super::ledger::{Ledger, StageLock};
+use super::ledger::Ledger;
 use super::quarantine::quarantine;
 use super::status::StatusFile;
-use super::wake::{install_stop_handler, stop_requested, Waker};
+use super::wake::{stop_requested, Waker};
 use super::DaemonConfig;
 use crate::rollout::{RolloutFile, RolloutRow};
 use crate::train::checkpoint::latest_in;
@@ -75,15 +75,10 @@ pub fn latest_ledger(checkpoints: &std::path::Path) -> Result<Option<TrainLedger
 impl TrainDaemon<'_> {
     pub fn run(&self, driver: &mut Driver) -> Result<()> {
         let cfg = self.cfg;
-        install_stop_handler();
-        cfg.create_dirs()?;
-        let state_dir = cfg.state_dir();
-        let mut status = StatusFile::new(cfg);
-        status.set("standby");
-        let Some(_lock) = StageLock::acquire(&state_dir, &cfg.worker_id, "train")? else {
-            status.set("stopped");
+        let Some((_lock, mut status)) = super::start_single_worker(cfg)? else {
             return Ok(());
         };
+        let state_dir = cfg.state_dir();
         let input_dir = cfg.input_dir();
         let ledger = Ledger::open(&state_dir, &cfg.worker_id)?;
         // Finish the bookkeeping of the checkpoint a crash may have cut short.

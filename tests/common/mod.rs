@@ -23,6 +23,21 @@ pub fn tiny_model(dir: &Path) -> PathBuf {
     path
 }
 
+/// The tiny model with a 1024-token context: room for chat prompts with their
+/// template, for tests that serve or judge conversations.
+pub fn tiny_chat_model(dir: &Path) -> PathBuf {
+    let path = dir.join("tiny.gguf");
+    write_tiny_gguf(
+        &path,
+        &TinySpec {
+            context: 1024,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    path
+}
+
 /// The real default model, or None with a visible message when it is not fetched.
 pub fn real_model() -> Option<PathBuf> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
@@ -71,7 +86,15 @@ pub fn spawn_server(
         .stderr(Stdio::piped())
         .spawn()
         .expect("cannot start claw serve");
-    let stderr = child.stderr.take().unwrap();
+    let (base, log) = wait_until_listening(&mut child);
+    (child, base, log)
+}
+
+/// Collects `child`'s stderr (serve's, or `claw up`'s) into a log and waits for
+/// serve's "listening on" line; returns its base URL (no /v1) and the log. Kills
+/// the child and panics with the log if serve does not start within 60 s.
+pub fn wait_until_listening(child: &mut Child) -> (String, Arc<Mutex<String>>) {
+    let stderr = child.stderr.take().expect("stderr is piped");
     let log = Arc::new(Mutex::new(String::new()));
     let (tx, rx) = mpsc::channel();
     let thread_log = log.clone();
@@ -97,5 +120,5 @@ pub fn spawn_server(
             panic!("server did not start:\n{}", log.lock().unwrap());
         }
     };
-    (child, base, log)
+    (base, log)
 }
