@@ -336,4 +336,31 @@ fn an_attnres_model_trained_from_scratch_serves() {
     };
     assert_eq!(reply["object"], "chat.completion");
     assert!(reply["usage"]["completion_tokens"].as_u64().unwrap() >= 1);
+
+    // ... and `claw eval --bench ppl` scores it: 3 steps on this repetitive text
+    // already beat the 259-way uniform guess.
+    let eval = claw()
+        .args(["eval", "--bench", "ppl", "--json", "--model"])
+        .arg(&out)
+        .arg("--data")
+        .arg(&text)
+        .env_remove("CLAW_MODEL")
+        .output()
+        .unwrap();
+    assert!(
+        eval.status.success(),
+        "{}",
+        String::from_utf8_lossy(&eval.stderr)
+    );
+    let report: Json = serde_json::from_slice(&eval.stdout).unwrap();
+    let text = report.to_string();
+    let ppl = report["metrics"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["name"] == "perplexity"))
+        .and_then(|m| m["value"].as_f64())
+        .unwrap_or_else(|| panic!("no perplexity in {text}"));
+    assert!(
+        ppl.is_finite() && ppl > 1.0 && ppl < 259.0,
+        "perplexity {ppl}"
+    );
 }
