@@ -136,6 +136,10 @@ pub fn run(args: DistillHintsArgs) -> Result<()> {
         return Ok(());
     }
     let daemon = args.daemon.config(Stage::Distill, &args.inputs)?;
+    anyhow::ensure!(
+        daemon.is_none() || args.output == "-",
+        "--watch writes DIR/distilled/; drop -o"
+    );
     let options = args.llm.call_options(args.votes)?;
     let judge = match args.hint_source {
         HintSource::Feedback => None,

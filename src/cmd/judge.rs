@@ -167,6 +167,10 @@ pub fn run(args: JudgeArgs) -> Result<()> {
         return Ok(());
     }
     let daemon = args.daemon.config(Stage::Judge, &args.inputs)?;
+    anyhow::ensure!(
+        daemon.is_none() || args.output == "-",
+        "--watch writes DIR/judged/; drop -o"
+    );
     // Check the prompt and the options before reading any input.
     let prompt = match &args.prompt {
         Some(path) => PromptTemplate::load(path, &PRM_VARS)?,

@@ -10,6 +10,9 @@ pub struct Session {
     pub task: String,
     pub reply: String,
     pub satisfied: bool,
+    /// The reply did not answer the task at all (empty, refusal, off topic).
+    #[serde(default)]
+    pub no_answer: bool,
     /// The policy version (training step) that answered.
     pub policy_version: u64,
     pub seconds_since_start: f64,
@@ -74,20 +77,23 @@ pub fn report(results: &[RunResult], command: &str, plot: Option<&str>) -> Strin
          a fresh `claw up` (serve + collect + judge + distill-hints + train, per the method) \
          and a simulated user with one preference a rule can check; the user gives a thumbs \
          up when a reply keeps it, and a thumbs down with a natural correction when it does \
-         not (DESIGN.md section 11). Methods: `rl` (binary reward from the thumbs), `opd` \
+         not (DESIGN.md section 11). A reply must answer the task (at least 5 words, no \
+         refusal, sharing a content word with the task) before its style counts: an empty \
+         reply keeps \"be brief\" but satisfies nobody, and a policy rewarded on the rule \
+         alone learns to say nothing. Methods: `rl` (binary reward from the thumbs), `opd` \
          (the correction as a hindsight hint, on-policy distillation), `combined` (both), \
          `off` (no training: the control).\n\n",
     );
     out.push_str(&format!("Command:\n\n```\n{command}\n```\n\n"));
     out.push_str(
-        "| persona | method | seed | sessions | sessions to 3-in-a-row | first half | second half | held-out before | held-out after | steps | minutes |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| persona | method | seed | sessions | sessions to 3-in-a-row | first half | second half | no answer (2nd half) | held-out before | held-out after | steps | minutes |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in results {
         let sat: Vec<bool> = r.sessions.iter().map(|s| s.satisfied).collect();
         let half = sat.len() / 2;
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {:.0}% | {:.0}% | {:.0}% | {:.0}% | {} | {:.1} |\n",
+            "| {} | {} | {} | {} | {} | {:.0}% | {:.0}% | {} | {:.0}% | {:.0}% | {} | {:.1} |\n",
             r.persona,
             r.method,
             r.seed,
@@ -96,6 +102,7 @@ pub fn report(results: &[RunResult], command: &str, plot: Option<&str>) -> Strin
                 .map_or("not reached".into(), |k| k.to_string()),
             100.0 * rate(&sat[..half]),
             100.0 * rate(&sat[half..]),
+            r.sessions[half..].iter().filter(|s| s.no_answer).count(),
             100.0 * r.heldout_before,
             100.0 * r.heldout_after,
             r.final_policy_version,

@@ -27,10 +27,70 @@ pub struct Persona {
 }
 
 impl Persona {
-    /// Whether `reply` keeps the preference.
-    pub fn satisfied(&self, reply: &str) -> bool {
+    /// Whether `reply` keeps the preference (only; see [`Verdict`] for the user's
+    /// whole judgement).
+    pub fn keeps_preference(&self, reply: &str) -> bool {
         (self.check)(reply)
     }
+
+    /// What the user makes of `reply` to `task`: a reply must answer the task at
+    /// all before its style counts, or the cheapest way to keep "be brief" or
+    /// "no bold" would be to say nothing (a policy trained on the rule alone
+    /// learns exactly that).
+    pub fn verdict(&self, task: &str, reply: &str) -> Verdict {
+        match (answers(task, reply), self.keeps_preference(reply)) {
+            (false, _) => Verdict::NoAnswer,
+            (true, false) => Verdict::Unsatisfied,
+            (true, true) => Verdict::Satisfied,
+        }
+    }
+}
+
+/// The simulated user's judgement of one reply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Satisfied,
+    /// An answer, but it breaks the preference.
+    Unsatisfied,
+    /// Empty, a refusal, too short to be an answer, or about something else.
+    NoAnswer,
+}
+
+/// What every user says to a reply that does not answer.
+pub const NO_ANSWER_FEEDBACK: &[&str] = &[
+    "That doesn't answer my question.",
+    "Please actually answer what I asked.",
+];
+
+/// Fewest words a reply needs to count as an answer to these open tasks.
+pub const MIN_ANSWER_WORDS: usize = 5;
+
+/// A rule-level check that `reply` answers `task`: enough words, no refusal, and
+/// on topic (it shares a content word with the task: one of five letters or
+/// more, compared on its first five letters so "airplanes" meets "airplane").
+pub fn answers(task: &str, reply: &str) -> bool {
+    static REFUSAL: LazyLock<Regex> = LazyLock::new(|| {
+        Regex::new(r"(?i)\b(i'?m sorry|i am sorry|i can(no|')t|i'?m (not able|unable)|as an ai)\b")
+            .expect("valid regex")
+    });
+    let stems = |text: &str| -> Vec<String> {
+        text.split(|c: char| !c.is_alphanumeric())
+            .filter(|w| w.chars().count() >= 5)
+            .map(|w| w.to_lowercase().chars().take(5).collect())
+            .collect()
+    };
+    const COMMON: [&str; 12] = [
+        "about", "which", "there", "their", "would", "could", "should", "where", "these", "those",
+        "other", "thing",
+    ];
+    let topic: Vec<String> = stems(task)
+        .into_iter()
+        .filter(|s| !COMMON.contains(&s.as_str()))
+        .collect();
+    let said = stems(reply);
+    reply.split_whitespace().count() >= MIN_ANSWER_WORDS
+        && !REFUSAL.is_match(reply)
+        && (topic.is_empty() || topic.iter().any(|t| said.contains(t)))
 }
 
 /// Most words the `brief` user accepts.
@@ -143,24 +203,24 @@ mod tests {
 
     #[test]
     fn no_bold_catches_bold_and_headers_only() {
-        assert!(p("no-bold").satisfied("Paris is the capital. It is big."));
-        assert!(p("no-bold").satisfied("Use 2 * 3 * 4 and snake_case_names."));
-        assert!(!p("no-bold").satisfied("The answer is **Paris**."));
-        assert!(!p("no-bold").satisfied("__Note__: it rains."));
-        assert!(!p("no-bold").satisfied("## Steps\n1. Boil water"));
+        assert!(p("no-bold").keeps_preference("Paris is the capital. It is big."));
+        assert!(p("no-bold").keeps_preference("Use 2 * 3 * 4 and snake_case_names."));
+        assert!(!p("no-bold").keeps_preference("The answer is **Paris**."));
+        assert!(!p("no-bold").keeps_preference("__Note__: it rains."));
+        assert!(!p("no-bold").keeps_preference("## Steps\n1. Boil water"));
     }
 
     #[test]
     fn brief_counts_words() {
-        assert!(p("brief").satisfied("Paris."));
-        assert!(p("brief").satisfied(&"word ".repeat(BRIEF_WORDS - 1)));
-        assert!(!p("brief").satisfied(&"word ".repeat(BRIEF_WORDS)));
+        assert!(p("brief").keeps_preference("Paris."));
+        assert!(p("brief").keeps_preference(&"word ".repeat(BRIEF_WORDS - 1)));
+        assert!(!p("brief").keeps_preference(&"word ".repeat(BRIEF_WORDS)));
     }
 
     #[test]
     fn direct_rejects_preambles() {
-        assert!(p("direct").satisfied("Paris is the capital of France."));
-        assert!(p("direct").satisfied("Shortly after dawn, bees leave the hive."));
+        assert!(p("direct").keeps_preference("Paris is the capital of France."));
+        assert!(p("direct").keeps_preference("Shortly after dawn, bees leave the hive."));
         for bad in [
             "Sure! Paris.",
             "Certainly, here you go.",
@@ -171,18 +231,38 @@ mod tests {
             "  **Great question!** Paris.",
             "",
         ] {
-            assert!(!p("direct").satisfied(bad), "{bad:?}");
+            assert!(!p("direct").keeps_preference(bad), "{bad:?}");
         }
     }
 
     #[test]
     fn ask_back_wants_a_short_closing_question() {
-        assert!(p("ask-back").satisfied("Paris. Have you been there?"));
-        assert!(p("ask-back").satisfied("Boil water.\nWant more tips?  "));
-        assert!(!p("ask-back").satisfied("Paris. Have you been there? It is nice."));
-        assert!(!p("ask-back").satisfied("Paris."));
+        assert!(p("ask-back").keeps_preference("Paris. Have you been there?"));
+        assert!(p("ask-back").keeps_preference("Boil water.\nWant more tips?  "));
+        assert!(!p("ask-back").keeps_preference("Paris. Have you been there? It is nice."));
+        assert!(!p("ask-back").keeps_preference("Paris."));
         let long = format!("Paris. {}?", "word ".repeat(30));
-        assert!(!p("ask-back").satisfied(&long));
+        assert!(!p("ask-back").keeps_preference(&long));
+    }
+
+    #[test]
+    fn a_reply_must_answer_before_its_style_counts() {
+        let task = "How do airplanes stay in the air?";
+        let good = "Airplanes fly because their wings push air down.";
+        assert!(answers(task, good));
+        for bad in [
+            "",
+            "The Dream-Tart.",
+            "I'm sorry, I cannot help with that question about planes.",
+            "The devil's own word is a mystery to everyone here.",
+        ] {
+            assert!(!answers(task, bad), "{bad:?}");
+        }
+        let brief = persona("brief").unwrap();
+        assert_eq!(brief.verdict(task, good), Verdict::Satisfied);
+        assert_eq!(brief.verdict(task, ""), Verdict::NoAnswer);
+        let long = format!("{good} {}", "More about wings and lift. ".repeat(10));
+        assert_eq!(brief.verdict(task, &long), Verdict::Unsatisfied);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
 use super::metrics::{sessions_to_success, RunResult, Session};
-use super::Persona;
+use super::{Persona, Verdict};
 
 /// How the loop learns in a run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -282,7 +282,7 @@ impl Client {
                 max_tokens,
                 0,
             )?;
-            ok += usize::from(persona.satisfied(&reply));
+            ok += usize::from(persona.verdict(task, &reply) == Verdict::Satisfied);
         }
         Ok(ok as f64 / tasks.len() as f64)
     }
@@ -343,11 +343,17 @@ pub fn run(
             cfg.max_tokens,
             cfg.seed.wrapping_mul(1_000_003).wrapping_add(i as u64),
         )?;
-        let satisfied = persona.satisfied(&reply);
-        match satisfied {
-            true => client.feedback(&session_id, &id, 1, None)?,
-            false => {
-                let text = persona.feedback[rng.gen_range(0..persona.feedback.len())];
+        let verdict = persona.verdict(task, &reply);
+        let satisfied = verdict == Verdict::Satisfied;
+        let complaints = match verdict {
+            Verdict::Satisfied => None,
+            Verdict::Unsatisfied => Some(persona.feedback),
+            Verdict::NoAnswer => Some(super::NO_ANSWER_FEEDBACK),
+        };
+        match complaints {
+            None => client.feedback(&session_id, &id, 1, None)?,
+            Some(texts) => {
+                let text = texts[rng.gen_range(0..texts.len())];
                 client.feedback(&session_id, &id, -1, Some(text))?;
             }
         }
@@ -356,6 +362,7 @@ pub fn run(
             task: task.to_string(),
             reply,
             satisfied,
+            no_answer: verdict == Verdict::NoAnswer,
             policy_version: version,
             seconds_since_start: started.elapsed().as_secs_f64(),
         };
