@@ -55,6 +55,8 @@ fn every_subcommand_has_help_with_an_example() {
         "distill-hints",
         "train",
         "eval",
+        "up",
+        "status",
     ] {
         let out = claw(&[cmd, "--help"]);
         assert!(out.status.success(), "{cmd} --help failed");
@@ -77,9 +79,10 @@ fn usage_errors_exit_2_and_failures_exit_1() {
         claw(&["chat", "--temperature", "warm", "hi"]).status.code(),
         Some(2)
     );
-    let out = claw(&["eval"]);
+    assert_eq!(claw(&["eval"]).status.code(), Some(2), "--bench is required");
+    let out = claw(&["status", "--dir", "/nonexistent/claw-data"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("not built yet"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("no such directory"), "{}", stderr(&out));
 }
 
 #[test]
