@@ -79,10 +79,18 @@ fn usage_errors_exit_2_and_failures_exit_1() {
         claw(&["chat", "--temperature", "warm", "hi"]).status.code(),
         Some(2)
     );
-    assert_eq!(claw(&["eval"]).status.code(), Some(2), "--bench is required");
+    assert_eq!(
+        claw(&["eval"]).status.code(),
+        Some(2),
+        "--bench is required"
+    );
     let out = claw(&["status", "--dir", "/nonexistent/claw-data"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("no such directory"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no such directory"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]

@@ -191,7 +191,7 @@ pub fn run_all(
             results.push(result);
             if let Some(dir) = &args.report {
                 // Written after every run: an interrupted study keeps what it finished.
-                write_report(dir, &results)?;
+                write_report(dir, &results, &command_line())?;
             }
         }
     }
@@ -215,7 +215,9 @@ fn command_line() -> String {
     args.join(" ")
 }
 
-fn write_report(dir: &std::path::Path, results: &[RunResult]) -> Result<()> {
+/// Writes persona.md, persona.json and persona.png for `results` into `dir`;
+/// `command` is the command line the report names.
+pub fn write_report(dir: &std::path::Path, results: &[RunResult], command: &str) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let personas: Vec<&str> = {
         let mut v: Vec<&str> = results.iter().map(|r| r.persona.as_str()).collect();
@@ -243,7 +245,7 @@ fn write_report(dir: &std::path::Path, results: &[RunResult]) -> Result<()> {
     )?;
     crate::fsutil::write_atomic(
         &dir.join("persona.md"),
-        report(results, &command_line(), Some("persona.png")).as_bytes(),
+        report(results, command, Some("persona.png")).as_bytes(),
     )?;
     Ok(())
 }

@@ -27,10 +27,10 @@ pub const PALETTE: [[u8; 3]; 8] = [
     [23, 190, 207],
 ];
 
-const WIDTH: usize = 960;
+const WIDTH: usize = 1000;
 const HEIGHT: usize = 540;
 const LEFT: usize = 80;
-const RIGHT: usize = 260;
+const RIGHT: usize = 300;
 const TOP: usize = 50;
 const BOTTOM: usize = 70;
 const SCALE: usize = 2;
