@@ -53,8 +53,10 @@ Benchmarks:
   persona    does the loop learn? Starts a `claw up` per (--persona, --method)
              with a simulated user who has one rule-checked preference (no-bold,
              brief: under 40 words, direct: no preamble, ask-back: ends with a
-             question), holds --sessions sessions of one task each from a built-in
-             set, giving a thumbs up when a reply keeps the preference and a thumbs
+             question, no-lists: plain sentences; any reply must also answer: 5+
+             words, no refusal, on topic), holds --sessions sessions of one task
+             each from a built-in set, giving a thumbs up when a reply keeps the
+             preference and a thumbs
              down with a natural correction when not, while the stages train; after
              each --batch of sessions the user waits for the step they feed.
              Reports the sessions until 3 satisfied in a row (OpenClaw-RL's

@@ -17,7 +17,7 @@ use crate::eval::persona::{persona, Persona, PERSONAS};
 #[derive(Args, Debug, Clone)]
 pub struct PersonaArgs {
     /// persona: simulated users to run, comma-separated: no-bold, brief, direct,
-    /// ask-back, or all.
+    /// ask-back, no-lists, or all.
     #[arg(
         long,
         value_delimiter = ',',

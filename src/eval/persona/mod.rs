@@ -96,7 +96,7 @@ pub fn answers(task: &str, reply: &str) -> bool {
 /// Most words the `brief` user accepts.
 pub const BRIEF_WORDS: usize = 40;
 
-pub const PERSONAS: [Persona; 4] = [
+pub const PERSONAS: [Persona; 5] = [
     Persona {
         name: "no-bold",
         preference: "no markdown bold (**x**, __x__) and no headers (# lines)",
@@ -137,6 +137,16 @@ pub const PERSONAS: [Persona; 4] = [
         ],
         check: ask_back,
     },
+    Persona {
+        name: "no-lists",
+        preference: "plain sentences: no bulleted or numbered lists",
+        feedback: &[
+            "Please answer in plain sentences, not in a list.",
+            "No bullet points or numbered lists, please. Just talk to me normally.",
+            "I find lists hard to read. Could you write it as a short paragraph?",
+        ],
+        check: no_lists,
+    },
 ];
 
 /// The persona called `name`.
@@ -148,6 +158,12 @@ fn no_bold(reply: &str) -> bool {
     static BOLD: LazyLock<Regex> =
         LazyLock::new(|| Regex::new(r"\*\*[^*\n]+\*\*|__[^_\n]+__").expect("valid regex"));
     !BOLD.is_match(reply) && !reply.lines().any(|l| l.trim_start().starts_with('#'))
+}
+
+fn no_lists(reply: &str) -> bool {
+    static ITEM: LazyLock<Regex> =
+        LazyLock::new(|| Regex::new(r"^\s*([-*•+]|\d+[.)])\s+\S").expect("valid regex"));
+    !reply.lines().any(|l| ITEM.is_match(l))
 }
 
 fn brief(reply: &str) -> bool {
@@ -208,6 +224,20 @@ mod tests {
         assert!(!p("no-bold").keeps_preference("The answer is **Paris**."));
         assert!(!p("no-bold").keeps_preference("__Note__: it rains."));
         assert!(!p("no-bold").keeps_preference("## Steps\n1. Boil water"));
+    }
+
+    #[test]
+    fn no_lists_catches_bullets_and_numbers() {
+        let p = persona("no-lists").unwrap();
+        assert!(p.keeps_preference("Boil water. Then add 2.5 cups of tea - or less."));
+        for bad in [
+            "Steps:\n1. Boil water",
+            "Tips:\n- sleep early",
+            " * one\n * two",
+            "2) second",
+        ] {
+            assert!(!p.keeps_preference(bad), "{bad:?}");
+        }
     }
 
     #[test]
