@@ -882,6 +882,30 @@ impl Decoder {
         Ok(out)
     }
 
+    /// This decoder with every parameter taken (as f32) from `tensors`, by its
+    /// Hugging Face name, each checked against the current shape; the tensors
+    /// used are removed, so what is left over is the caller's to judge.
+    pub fn take_parameters(
+        &self,
+        tensors: &mut std::collections::HashMap<String, Tensor>,
+        source: &std::path::Path,
+    ) -> anyhow::Result<Self> {
+        self.map_parameters(|name, current| {
+            let t = tensors
+                .remove(name)
+                .with_context(|| format!("{}: no tensor {name}", source.display()))?
+                .to_dtype(candle_core::DType::F32)?;
+            anyhow::ensure!(
+                t.dims() == current.dims(),
+                "{}: {name} has shape {:?}, the model needs {:?}",
+                source.display(),
+                t.dims(),
+                current.dims()
+            );
+            Ok(t)
+        })
+    }
+
     /// A copy whose parameters are replaced by `f(name, tensor)` (names as in
     /// [`parameters`](Self::parameters)); with a tied head, the head follows the
     /// embedding. Used to make every weight a trainable `Var`, and to load a

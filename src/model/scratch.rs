@@ -248,20 +248,7 @@ pub fn load_decoder(path: &Path, device: &candle_core::Device) -> Result<(ModelS
     let mut tensors = candle_core::safetensors::load_buffer(&bytes, device)
         .with_context(|| format!("cannot read the tensors of {}", path.display()))?;
     let shell = Decoder::new_random(&spec.config, spec.tied_head, 0.0, 0, device)?;
-    let decoder = shell.map_parameters(|name, current| {
-        let t = tensors
-            .remove(name)
-            .with_context(|| format!("{}: no tensor {name}", path.display()))?
-            .to_dtype(candle_core::DType::F32)?;
-        anyhow::ensure!(
-            t.dims() == current.dims(),
-            "{}: {name} has shape {:?}, the config needs {:?}",
-            path.display(),
-            t.dims(),
-            current.dims()
-        );
-        Ok(t)
-    })?;
+    let decoder = shell.take_parameters(&mut tensors, path)?;
     if let Some(extra) = tensors.keys().next() {
         anyhow::bail!(
             "{}: unexpected tensor {extra}: the file does not match its own config",

@@ -45,27 +45,10 @@ const SPECIAL_TOKENS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"
 const MERGES: [(&str, &str); 3] = [("h", "e"), ("Ġ", "t"), ("l", "l")];
 const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
-/// GPT-2's byte-to-unicode table: every byte gets a printable character.
-fn byte_level_alphabet() -> Vec<String> {
-    let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
-    let mut extra = 0u32;
-    (0u8..=255)
-        .map(|b| {
-            let c = if printable(b) {
-                char::from(b)
-            } else {
-                extra += 1;
-                char::from_u32(255 + extra).unwrap_or('?')
-            };
-            c.to_string()
-        })
-        .collect()
-}
-
 /// The tiny model's vocabulary: specials, 256 byte tokens, then merged tokens.
 pub fn tiny_vocab() -> Vec<String> {
     let mut vocab: Vec<String> = SPECIAL_TOKENS.iter().map(|s| s.to_string()).collect();
-    vocab.extend(byte_level_alphabet());
+    vocab.extend(super::tokenizer::byte_alphabet());
     vocab.extend(MERGES.iter().map(|(a, b)| format!("{a}{b}")));
     vocab
 }

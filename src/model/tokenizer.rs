@@ -233,7 +233,7 @@ pub const BYTE_SPECIALS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end
 
 /// GPT-2's byte-to-unicode table (what the ByteLevel pre-tokenizer maps bytes
 /// to), in byte order: entry b is the token of byte b.
-fn byte_alphabet() -> Vec<String> {
+pub(crate) fn byte_alphabet() -> Vec<String> {
     let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
     let mut extra = 0u32;
     (0u8..=255)

@@ -248,20 +248,7 @@ pub fn load_full_weights(
     let mut tensors = candle_core::safetensors::load(path, &Device::Cpu)
         .with_context(|| format!("cannot read weights {}", path.display()))?;
     let base = decoder.to_float()?.to_hf_layout()?;
-    let loaded = base.map_parameters(|name, current| {
-        let t = tensors
-            .remove(name)
-            .with_context(|| format!("{}: no tensor {name}", path.display()))?
-            .to_dtype(candle_core::DType::F32)?;
-        anyhow::ensure!(
-            t.dims() == current.dims(),
-            "{}: {name} has shape {:?}, the model needs {:?}",
-            path.display(),
-            t.dims(),
-            current.dims()
-        );
-        Ok(t)
-    })?;
+    let loaded = base.take_parameters(&mut tensors, path)?;
     // A tied model's head is the embedding; an untied checkpoint's lm_head would
     // be left over.
     tensors.remove("lm_head.weight");
