@@ -67,14 +67,39 @@ fn a_short_persona_run_goes_through_the_whole_loop_and_writes_its_report() {
     assert_eq!(runs[1]["method"], "off");
     assert_eq!(runs[1]["final_policy_version"], 0);
 
-    // Every session went through collect, judge (the thumbs are the reward) and
-    // distill-hints (the corrections are the hints).
+    // Every reply of every session went through collect, judge (the thumbs are
+    // the reward) and distill-hints (the corrections are the hints).
     let run_dir = data.join("brief-combined-seed0");
     let mut distilled = Vec::new();
     for entry in std::fs::read_dir(run_dir.join("distilled")).unwrap() {
         distilled.extend(read_rows(&entry.unwrap().path()));
     }
-    assert_eq!(distilled.len(), 8, "every training session became a sample");
+    let turns: Vec<u64> = combined["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["turns"].as_u64().unwrap())
+        .collect();
+    assert!(turns.iter().all(|&t| (1..=3).contains(&t)), "{turns:?}");
+    assert_eq!(
+        distilled.len() as u64,
+        turns.iter().sum::<u64>(),
+        "every reply became a sample"
+    );
+    // A disappointed user corrects the reply in the same session: the model's
+    // next turn is turn 2 of that session, and the correction is turn 1's next state.
+    if turns.iter().any(|&t| t > 1) {
+        let second = distilled
+            .iter()
+            .find(|r| r.turn == Some(2))
+            .expect("a turn 2");
+        let first = distilled
+            .iter()
+            .find(|r| r.turn == Some(1) && r.session_id == second.session_id)
+            .expect("its turn 1");
+        assert_eq!(first.reward, Some(-1.0));
+        assert_eq!(first.next_state_role.as_deref(), Some("user"));
+    }
     for row in &distilled {
         let reward = row.reward.expect("judged");
         assert_eq!(reward.abs(), 1.0);

@@ -17,7 +17,7 @@ use crate::eval::persona::{persona, Persona, PERSONAS};
 #[derive(Args, Debug, Clone)]
 pub struct PersonaArgs {
     /// persona: simulated users to run, comma-separated: no-bold, brief, direct,
-    /// ask-back, no-lists, or all.
+    /// ask-back, no-lists, one-paragraph, or all.
     #[arg(
         long,
         value_delimiter = ',',
@@ -37,7 +37,8 @@ pub struct PersonaArgs {
     )]
     pub method: Vec<Method>,
 
-    /// persona: training sessions per run (one task, one reply, the user's verdict).
+    /// persona: training sessions per run (one task; the user's verdict on each
+    /// reply, and a correction while one disappoints, up to --max-turns).
     #[arg(
         long,
         default_value_t = 48,
@@ -46,8 +47,8 @@ pub struct PersonaArgs {
     )]
     pub sessions: usize,
 
-    /// persona: sessions per round; after each round the user waits for the
-    /// training step they feed (also the training batch size).
+    /// persona: sessions per round, and the training batch size; after each
+    /// round the user waits until the steps its replies feed are served.
     #[arg(
         long,
         default_value_t = 4,
@@ -55,6 +56,17 @@ pub struct PersonaArgs {
         help_heading = "Persona benchmark"
     )]
     pub batch: usize,
+
+    /// persona: most replies per session. After a reply that breaks the
+    /// preference the user says so (a thumbs down and the correction as the next
+    /// message) and the model tries again; the first reply is what is measured.
+    #[arg(
+        long,
+        default_value_t = 3,
+        value_name = "N",
+        help_heading = "Persona benchmark"
+    )]
+    pub max_turns: usize,
 
     /// persona: held-out tasks asked greedily before and after each run (0 = skip).
     #[arg(
@@ -73,7 +85,13 @@ pub struct PersonaArgs {
     #[arg(long, default_value_t = 5e-4, help_heading = "Persona benchmark")]
     pub lr: f64,
 
-    /// persona: seconds to wait for a round's training step before going on.
+    /// persona: weight of the KL penalty (k3, against the base model) in the
+    /// training loss: it keeps a policy that finds what the user rewards from
+    /// drifting into nonsense that no longer answers.
+    #[arg(long, default_value_t = 0.1, help_heading = "Persona benchmark")]
+    pub beta_kl: f64,
+
+    /// persona: seconds to wait for each training step a round feeds before going on.
     #[arg(
         long,
         default_value_t = 300.0,
@@ -118,8 +136,8 @@ pub fn run_all(
             .collect::<Result<_>>()?,
     };
     anyhow::ensure!(
-        args.sessions > 0 && args.batch > 0,
-        "--sessions and --batch must be at least 1"
+        args.sessions > 0 && args.batch > 0 && args.max_turns > 0,
+        "--sessions, --batch and --max-turns must be at least 1"
     );
     let methods: Vec<Method> = match &url {
         // A running `claw up` trains however it was started: one run per persona.
@@ -131,9 +149,11 @@ pub fn run_all(
         sessions: args.sessions,
         batch: args.batch,
         heldout: args.heldout,
+        max_turns: args.max_turns,
         temperature: args.session_temperature,
         max_tokens: max_tokens.unwrap_or(128),
         lr: args.lr,
+        beta_kl: args.beta_kl,
         seed,
         round_timeout: Duration::from_secs_f64(args.round_timeout.max(1.0)),
         data_dir: args.keep_data.clone(),

@@ -1265,7 +1265,12 @@ impl Decoder {
 
     fn mlp(&self, mlp: &Mlp, x: &Tensor) -> Result<Tensor> {
         let gate_up = Linear::forward_many(&[&mlp.gate, &mlp.up], mlp.gate_up.as_ref(), x)?;
-        let h = (candle_nn::ops::silu(&gate_up[0])? * &gate_up[1])?;
+        let h = match self.kernels {
+            Kernels::Differentiable => gate_up[0]
+                .contiguous()?
+                .apply_op2(&gate_up[1].contiguous()?, super::ops::SiluMul)?,
+            _ => (candle_nn::ops::silu(&gate_up[0])? * &gate_up[1])?,
+        };
         Ok(mlp.down.forward(&h)?)
     }
 

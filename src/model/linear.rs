@@ -77,10 +77,11 @@ impl LoraDelta {
         self.a.dim(0).unwrap_or(0)
     }
 
-    /// scale·B(Ax) for a batch of rows `x` (..., in).
+    /// scale·B(Ax) for a batch of rows `x` (..., in). The scale is applied to the
+    /// rank-r intermediate, which is `out / rank` times smaller than the output.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let down = matmul_rows(x, &self.a)?;
-        matmul_rows(&down, &self.b)? * self.scale
+        let down = (matmul_rows(x, &self.a)? * self.scale)?;
+        matmul_rows(&down, &self.b)
     }
 
     /// Adds scale·B(Ax) to `y` for one input vector.
@@ -362,18 +363,28 @@ impl candle_core::CustomOp1 for FrozenMatmul {
         storage: &candle_core::CpuStorage,
         layout: &candle_core::Layout,
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let candle_core::CpuStorage::F32(data) = storage else {
-            candle_core::bail!("frozen-matmul: f32 inputs only");
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
+        use candle_core::backend::BackendStorage;
+        let Some((start, _)) = layout.contiguous_offsets() else {
             candle_core::bail!("frozen-matmul: the input must be contiguous");
         };
         let dims = layout.shape().dims();
-        let x = Tensor::from_slice(&data[start..end], dims, &candle_core::Device::Cpu)?;
-        let y = matmul_rows(&x, &self.w)?;
-        let shape = y.shape().clone();
-        let out = y.flatten_all()?.to_vec1::<f32>()?;
-        Ok((candle_core::CpuStorage::F32(out), shape))
+        let k = dims[dims.len() - 1];
+        let m = layout.shape().elem_count() / k.max(1);
+        let (out, in_dim) = self.w.dims2()?;
+        if in_dim != k {
+            candle_core::bail!("frozen-matmul: input has {k} features, the weight {in_dim}");
+        }
+        // Straight on the storages: no copy of the input or the output.
+        let (w_storage, w_layout) = self.w.storage_and_layout();
+        let candle_core::Storage::Cpu(w) = &*w_storage else {
+            candle_core::bail!("frozen-matmul: the weight must be on the CPU");
+        };
+        let lhs = candle_core::Layout::contiguous_with_offset((m, k), start);
+        let rhs = w_layout.transpose(0, 1)?;
+        let y = storage.matmul(w, (1, m, out, k), &lhs, &rhs)?;
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().expect("rank >= 1") = out;
+        Ok((y, out_dims.into()))
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {

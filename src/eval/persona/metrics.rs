@@ -13,9 +13,17 @@ pub struct Session {
     /// The reply did not answer the task at all (empty, refusal, off topic).
     #[serde(default)]
     pub no_answer: bool,
+    /// Replies in the session: 1 when the first one satisfied, more when the
+    /// user asked again after a correction.
+    #[serde(default = "one")]
+    pub turns: usize,
     /// The policy version (training step) that answered.
     pub policy_version: u64,
     pub seconds_since_start: f64,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// One (persona, method) run.
@@ -82,22 +90,26 @@ pub fn report(results: &[RunResult], command: &str, plot: Option<&str>) -> Strin
          reply keeps \"be brief\" but satisfies nobody, and a policy rewarded on the rule \
          alone learns to say nothing. Methods: `rl` (binary reward from the thumbs), `opd` \
          (the correction as a hindsight hint, on-policy distillation), `combined` (both), \
-         `off` (no training: the control).\n\n",
+         `off` (no training: the control). Within a session the user says what is wrong \
+         with a disappointing reply (the correction is the next message) and the model \
+         tries again, up to a few turns; the session counts as satisfied when its first \
+         reply is (OpenClaw-RL's measure).\n\n",
     );
     out.push_str(&format!("Command:\n\n```\n{command}\n```\n\n"));
     out.push_str(
-        "| persona | method | seed | sessions | sessions to 3-in-a-row | first half | second half | no answer (2nd half) | held-out before | held-out after | steps | minutes |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| persona | method | seed | sessions | replies | sessions to 3-in-a-row | first half | second half | no answer (2nd half) | held-out before | held-out after | steps | minutes |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in results {
         let sat: Vec<bool> = r.sessions.iter().map(|s| s.satisfied).collect();
         let half = sat.len() / 2;
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {:.0}% | {:.0}% | {} | {:.0}% | {:.0}% | {} | {:.1} |\n",
+            "| {} | {} | {} | {} | {} | {} | {:.0}% | {:.0}% | {} | {:.0}% | {:.0}% | {} | {:.1} |\n",
             r.persona,
             r.method,
             r.seed,
             sat.len(),
+            r.sessions.iter().map(|s| s.turns).sum::<usize>(),
             r.sessions_to_success
                 .map_or("not reached".into(), |k| k.to_string()),
             100.0 * rate(&sat[..half]),

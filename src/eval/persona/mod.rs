@@ -96,7 +96,7 @@ pub fn answers(task: &str, reply: &str) -> bool {
 /// Most words the `brief` user accepts.
 pub const BRIEF_WORDS: usize = 40;
 
-pub const PERSONAS: [Persona; 5] = [
+pub const PERSONAS: [Persona; 6] = [
     Persona {
         name: "no-bold",
         preference: "no markdown bold (**x**, __x__) and no headers (# lines)",
@@ -147,6 +147,16 @@ pub const PERSONAS: [Persona; 5] = [
         ],
         check: no_lists,
     },
+    Persona {
+        name: "one-paragraph",
+        preference: "one paragraph: no line breaks",
+        feedback: &[
+            "Please answer in one short paragraph, without line breaks.",
+            "Keep it to a single paragraph, please.",
+            "Could you put that in one paragraph instead of several?",
+        ],
+        check: one_paragraph,
+    },
 ];
 
 /// The persona called `name`.
@@ -164,6 +174,10 @@ fn no_lists(reply: &str) -> bool {
     static ITEM: LazyLock<Regex> =
         LazyLock::new(|| Regex::new(r"^\s*([-*•+]|\d+[.)])\s+\S").expect("valid regex"));
     !reply.lines().any(|l| ITEM.is_match(l))
+}
+
+fn one_paragraph(reply: &str) -> bool {
+    !reply.trim().contains('\n')
 }
 
 fn brief(reply: &str) -> bool {
@@ -238,6 +252,14 @@ mod tests {
         ] {
             assert!(!p.keeps_preference(bad), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn one_paragraph_rejects_any_line_break_inside() {
+        let p = p("one-paragraph");
+        assert!(p.keeps_preference("Boil water. Add the tea.\n"));
+        assert!(!p.keeps_preference("Boil water.\n\nAdd the tea."));
+        assert!(!p.keeps_preference("Steps:\n- boil\n- steep"));
     }
 
     #[test]

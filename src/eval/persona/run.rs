@@ -41,14 +41,16 @@ impl Method {
     }
 
     /// The `claw up` options that make this method.
-    fn up_args(self, batch: usize, lr: f64) -> Vec<String> {
+    fn up_args(self, batch: usize, lr: f64, beta_kl: f64) -> Vec<String> {
         let mut args: Vec<String> = Vec::new();
         let mut with = |stage: &str, rest: String| {
             args.push("--with".into());
             args.push(format!("{stage}={rest}"));
         };
         let train = |extra: &str| {
-            format!("--batch-size {batch} --partial-after 20s --lr {lr} --keep 3 {extra}")
+            format!(
+                "--batch-size {batch} --partial-after 20s --lr {lr} --beta-kl {beta_kl} --keep 3 {extra}"
+            )
         };
         match self {
             Method::Off => {
@@ -88,9 +90,14 @@ pub struct RunConfig {
     /// Sessions per round; also the training batch size.
     pub batch: usize,
     pub heldout: usize,
+    /// Most replies in one session: after an unsatisfying reply the user says
+    /// what is wrong (the next state) and the model tries again.
+    pub max_turns: usize,
     pub temperature: f32,
     pub max_tokens: usize,
     pub lr: f64,
+    /// Weight of the KL penalty that keeps the policy near the base model.
+    pub beta_kl: f64,
     pub seed: u64,
     /// Longest wait for a round's training step.
     pub round_timeout: Duration,
@@ -122,7 +129,7 @@ impl Up {
                 "300ms",
             ])
             .args(["--with", "serve=--segment-age-ms 500 --reload-poll-ms 300"])
-            .args(method.up_args(cfg.batch, cfg.lr))
+            .args(method.up_args(cfg.batch, cfg.lr, cfg.beta_kl))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -187,17 +194,21 @@ struct Client {
 }
 
 impl Client {
+    /// One turn of `session`: the model's reply to `messages` (its response id and
+    /// text). `last` tells collect the session ends with this turn.
+    #[allow(clippy::too_many_arguments)]
     fn chat(
         &self,
         session: &str,
-        task: &str,
+        messages: &[Value],
         side: bool,
+        last: bool,
         temperature: f32,
         max_tokens: usize,
         seed: u64,
     ) -> Result<(String, String)> {
         let body = json!({
-            "messages": [{"role": "user", "content": task}],
+            "messages": messages,
             "temperature": temperature,
             "max_tokens": max_tokens,
             "seed": seed,
@@ -205,7 +216,7 @@ impl Client {
         let reply: Value = ureq::post(&format!("{}/chat/completions", self.base))
             .timeout(Duration::from_secs(600))
             .set("X-Session-Id", session)
-            .set("X-Session-Done", "1")
+            .set("X-Session-Done", if last { "1" } else { "0" })
             .set("X-Turn-Type", if side { "side" } else { "main" })
             .send_json(body)
             .with_context(|| format!("chat request of session {session}"))?
@@ -249,11 +260,12 @@ impl Client {
         Ok(health["policy_version"].as_u64().unwrap_or(0))
     }
 
-    /// Waits until serve answers with a policy newer than `than`; false on timeout.
-    fn wait_for_policy(&self, than: u64, timeout: Duration) -> Result<bool> {
+    /// Waits until serve answers with policy version `at_least` or newer; false
+    /// on timeout.
+    fn wait_for_policy(&self, at_least: u64, timeout: Duration) -> Result<bool> {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
-            if self.policy_version()? > than {
+            if self.policy_version()? >= at_least {
                 return Ok(true);
             }
             std::thread::sleep(Duration::from_millis(250));
@@ -276,7 +288,8 @@ impl Client {
         for (i, task) in tasks.iter().enumerate() {
             let (_, reply) = self.chat(
                 &format!("heldout-{tag}-{i}"),
-                task,
+                &[user_message(task)],
+                true,
                 true,
                 0.0,
                 max_tokens,
@@ -286,6 +299,58 @@ impl Client {
         }
         Ok(ok as f64 / tasks.len() as f64)
     }
+}
+
+fn user_message(text: &str) -> Value {
+    json!({"role": "user", "content": text})
+}
+
+/// One session: the user asks `task`; while a reply disappoints them (and turns
+/// are left) they say why, with a thumbs down, and the model tries again; a
+/// reply they like gets a thumbs up and ends it. Returns the first reply (what the
+/// benchmark measures, as OpenClaw-RL does), its verdict and the number of turns.
+fn hold_session(
+    client: &Client,
+    persona: &Persona,
+    task: &str,
+    session_id: &str,
+    cfg: &RunConfig,
+    seed: u64,
+    rng: &mut impl Rng,
+) -> Result<(String, Verdict, usize)> {
+    let mut messages = vec![user_message(task)];
+    let mut first = None;
+    let max_turns = cfg.max_turns.max(1);
+    for turn in 0..max_turns {
+        let last = turn + 1 == max_turns;
+        let (id, reply) = client.chat(
+            session_id,
+            &messages,
+            false,
+            last,
+            cfg.temperature,
+            cfg.max_tokens,
+            seed.wrapping_add(turn as u64 * 7_919),
+        )?;
+        let verdict = persona.verdict(task, &reply);
+        let complaints = match verdict {
+            Verdict::Satisfied => None,
+            Verdict::Unsatisfied => Some(persona.feedback),
+            Verdict::NoAnswer => Some(super::NO_ANSWER_FEEDBACK),
+        };
+        let first = first.get_or_insert_with(|| (reply.clone(), verdict));
+        let Some(texts) = complaints else {
+            // A satisfied user moves on; collect ends the session after its timeout.
+            client.feedback(session_id, &id, 1, None)?;
+            return Ok((first.0.clone(), first.1, turn + 1));
+        };
+        let text = texts[rng.gen_range(0..texts.len())];
+        client.feedback(session_id, &id, -1, Some(text))?;
+        messages.push(json!({"role": "assistant", "content": reply}));
+        messages.push(user_message(text));
+    }
+    let (reply, verdict) = first.expect("at least one turn");
+    Ok((reply, verdict, max_turns))
 }
 
 /// One run of `persona` with `method`. `progress` is told about each session.
@@ -331,59 +396,44 @@ pub fn run(
         client.heldout_rate(persona, &heldout, cfg.max_tokens, &format!("{tag}-before"))?;
     let mut sessions = Vec::with_capacity(cfg.sessions);
     let mut round_version = client.policy_version()?;
+    let mut round_replies = 0;
     for i in 0..cfg.sessions {
         let task = tasks[i % tasks.len()];
         let session_id = format!("{tag}-{}", i + 1);
         let version = client.policy_version()?;
-        let (id, reply) = client.chat(
-            &session_id,
-            task,
-            false,
-            cfg.temperature,
-            cfg.max_tokens,
-            cfg.seed.wrapping_mul(1_000_003).wrapping_add(i as u64),
-        )?;
-        let verdict = persona.verdict(task, &reply);
+        let seed = cfg.seed.wrapping_mul(1_000_003).wrapping_add(i as u64);
+        let (reply, verdict, turns) =
+            hold_session(&client, persona, task, &session_id, cfg, seed, &mut rng)?;
         let satisfied = verdict == Verdict::Satisfied;
-        let complaints = match verdict {
-            Verdict::Satisfied => None,
-            Verdict::Unsatisfied => Some(persona.feedback),
-            Verdict::NoAnswer => Some(super::NO_ANSWER_FEEDBACK),
-        };
-        match complaints {
-            None => client.feedback(&session_id, &id, 1, None)?,
-            Some(texts) => {
-                let text = texts[rng.gen_range(0..texts.len())];
-                client.feedback(&session_id, &id, -1, Some(text))?;
-            }
-        }
+        round_replies += turns;
         let session = Session {
             index: i + 1,
             task: task.to_string(),
             reply,
             satisfied,
             no_answer: verdict == Verdict::NoAnswer,
+            turns,
             policy_version: version,
             seconds_since_start: started.elapsed().as_secs_f64(),
         };
         progress(&session);
         sessions.push(session);
         // A user who chats at the pace the system learns: after each batch of
-        // sessions, wait for the step they feed.
-        if method != Method::Off && (i + 1) % cfg.batch == 0 && i + 1 < cfg.sessions {
-            if !client.wait_for_policy(round_version, cfg.round_timeout)? {
+        // sessions, wait until the steps their replies feed have been served.
+        let round_over = (i + 1) % cfg.batch == 0 || i + 1 == cfg.sessions;
+        if method != Method::Off && round_over {
+            let steps = round_replies.div_ceil(cfg.batch).max(1) as u64;
+            let timeout = cfg.round_timeout * steps as u32;
+            if !client.wait_for_policy(round_version + steps, timeout)? {
                 crate::warn!(
-                    "persona {}: no training step within {:?} after session {}",
+                    "persona {}: {steps} training steps not served within {timeout:?} after session {}",
                     persona.name,
-                    cfg.round_timeout,
                     i + 1
                 );
             }
             round_version = client.policy_version()?;
+            round_replies = 0;
         }
-    }
-    if method != Method::Off {
-        client.wait_for_policy(round_version, cfg.round_timeout)?;
     }
     let final_policy_version = client.policy_version()?;
     let heldout_after =
