@@ -352,7 +352,7 @@ fn chat_streaming_feedback_and_exact_recording() {
     let fb = server.post(
         "/v1/feedback",
         &[],
-        &json!({"session_id": "sess-a", "rating": -1, "text": "too vague"}),
+        &json!({"session_id": "sess-a", "rating": -1, "text": "too vague", "session_done": true}),
     );
     assert_eq!(fb.status, 200, "{}", fb.body);
     let fb = fb.json();
@@ -432,6 +432,11 @@ fn chat_streaming_feedback_and_exact_recording() {
     assert_eq!(f.feedback, Some(-1));
     assert_eq!(f.feedback_text.as_deref(), Some("too vague"));
     assert_eq!(f.turn, Some(1));
+    assert_eq!(
+        f.session_done,
+        Some(true),
+        "the user left with this feedback"
+    );
     let event: Json = serde_json::from_str(&f.messages_json).unwrap();
     assert_eq!(event["response_id"], id1.as_str());
     assert!(f.response_ids.is_empty());

@@ -53,12 +53,14 @@ Benchmarks:
   persona    does the loop learn? Starts a `claw up` per (--persona, --method)
              with a simulated user who has one rule-checked preference (no-bold,
              brief: under 40 words, direct: no preamble, ask-back: ends with a
-             question, no-lists: plain sentences; any reply must also answer: 5+
-             words, no refusal, on topic), holds --sessions sessions of one task
-             each from a built-in set, giving a thumbs up when a reply keeps the
-             preference and a thumbs
-             down with a natural correction when not, while the stages train; after
-             each --batch of sessions the user waits for the step they feed.
+             question, no-lists: plain sentences, one-paragraph: no line
+             breaks; any reply must also answer: 5+ words, no refusal, on
+             topic), holds --sessions sessions, each opening with a task from a
+             built-in set: a thumbs up when a reply keeps the preference, else a
+             thumbs down and a natural correction as the next message, and the
+             model tries again (up to --max-turns replies), while the stages
+             train; after each --batch of sessions the user waits for the steps
+             those replies feed.
              Reports the sessions until 3 satisfied in a row (OpenClaw-RL's
              measure) and the held-out satisfaction (--heldout tasks, greedy, as
              side turns never trained on) before and after; --report DIR writes

@@ -11,6 +11,7 @@ use crate::eval::persona::metrics::{report, rolling_rate, RunResult};
 use crate::eval::persona::plot::{line_chart_png, Series, PALETTE};
 use crate::eval::persona::run::{run, Method, RunConfig};
 use crate::eval::persona::{persona, Persona, PERSONAS};
+use crate::train::RewardBaseline;
 
 /// Options of `--bench persona` (the others: --model, --url, --seed, --max-tokens,
 /// --json).
@@ -82,7 +83,7 @@ pub struct PersonaArgs {
     pub session_temperature: f32,
 
     /// persona: learning rate of the LoRA steps.
-    #[arg(long, default_value_t = 5e-4, help_heading = "Persona benchmark")]
+    #[arg(long, default_value_t = 2e-4, help_heading = "Persona benchmark")]
     pub lr: f64,
 
     /// persona: weight of the KL penalty (k3, against the base model) in the
@@ -90,6 +91,11 @@ pub struct PersonaArgs {
     /// drifting into nonsense that no longer answers.
     #[arg(long, default_value_t = 0.1, help_heading = "Persona benchmark")]
     pub beta_kl: f64,
+
+    /// persona: the baseline of the binary reward (see `claw train
+    /// --reward-baseline`).
+    #[arg(long, value_enum, default_value_t = RewardBaseline::BatchMean, help_heading = "Persona benchmark")]
+    pub reward_baseline: RewardBaseline,
 
     /// persona: seconds to wait for each training step a round feeds before going on.
     #[arg(
@@ -154,6 +160,7 @@ pub fn run_all(
         max_tokens: max_tokens.unwrap_or(128),
         lr: args.lr,
         beta_kl: args.beta_kl,
+        reward_baseline: args.reward_baseline,
         seed,
         round_timeout: Duration::from_secs_f64(args.round_timeout.max(1.0)),
         data_dir: args.keep_data.clone(),

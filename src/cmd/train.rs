@@ -14,7 +14,7 @@ use crate::train::driver::{Driver, DriverConfig, RunSummary};
 use crate::train::optim::AdamWConfig;
 use crate::train::score::{self, Sequence};
 use crate::train::{
-    Adapter, LoraConfig, LossConfig, Objective, TrainSample, Trainer, TrainerConfig,
+    Adapter, LoraConfig, LossConfig, Objective, RewardBaseline, TrainSample, Trainer, TrainerConfig,
 };
 use crate::{info, warn};
 
@@ -119,6 +119,11 @@ pub struct TrainArgs {
     /// Weight of the k3 KL penalty to the base model (0 = off, and no reference pass).
     #[arg(long, default_value_t = 0.0)]
     pub beta_kl: f32,
+    /// Baseline subtracted from the rewards: none (A = r, OpenClaw-RL's binary
+    /// RL) or batch-mean (A = r − the batch's mean reward: only the contrast
+    /// between replies teaches, so all-negative batches do not wear the model down).
+    #[arg(long, value_enum, default_value_t = RewardBaseline::None)]
+    pub reward_baseline: RewardBaseline,
     /// AdamW weight decay (matrices only).
     #[arg(long, default_value_t = 0.1)]
     pub weight_decay: f64,
@@ -254,6 +259,7 @@ pub fn run(mut args: TrainArgs) -> Result<()> {
             eps_low: args.eps_low,
             eps_high: args.eps_high,
             beta_kl: args.beta_kl,
+            reward_baseline: args.reward_baseline,
         },
         optim: AdamWConfig {
             lr: args.lr.unwrap_or(match (args.init.is_some(), full) {

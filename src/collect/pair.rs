@@ -694,6 +694,18 @@ mod tests {
         assert_eq!(p.out[0].next_state, None);
     }
 
+    #[test]
+    fn feedback_can_end_the_session_and_rate_its_last_turn() {
+        // "Thumbs up, and I'm done": the turn is final at once (grace 0), with the
+        // rating, and not after the 30-minute timeout.
+        let mut p = Pairer::new(cfg());
+        p.push(main_turn(0, "a", "r1", Some(("user", "q1"))));
+        p.push(done(feedback(5, "a", Some("r1"), None, 1, None)));
+        assert_eq!(p.out.len(), 1);
+        assert_eq!(p.out[0].feedback, Some(1));
+        assert_eq!(p.out[0].next_state, None);
+    }
+
     /// The events of three "segments": sessions spanning segment boundaries,
     /// feedback, a side turn, a timeout and a done flag.
     fn three_segments() -> Vec<Vec<Event>> {

@@ -1317,19 +1317,25 @@ impl Decoder {
         // folded into the row dimension, (b, kv, group*seq, d) x (b, kv, d, total).
         let group = heads / kv_heads;
         let q = q.reshape((batch, kv_heads, group * seq, dim))?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (dim as f64).sqrt()))?;
+        let scores = q.matmul(&k.t()?)?;
+        let scale = 1.0 / (dim as f64).sqrt();
         let probs = match (self.kernels, mask) {
             (Kernels::Fused, Some(mask)) => candle_nn::ops::softmax_last_dim(
-                &scores
+                &(scores * scale)?
                     .reshape((batch, kv_heads, group, seq, total))?
                     .broadcast_add(mask)?
                     .reshape((batch, kv_heads, group * seq, total))?,
             )?,
-            (Kernels::Fused, None) => candle_nn::ops::softmax_last_dim(&scores)?,
-            // The mask is built into the op (one pass, with its own backward).
-            (Kernels::Differentiable, _) => scores
-                .contiguous()?
-                .apply_op1(super::ops::CausalSoftmax { seq, offset })?,
+            (Kernels::Fused, None) => candle_nn::ops::softmax_last_dim(&(scores * scale)?)?,
+            // The mask and the scale are built into the op (one pass, with its
+            // own backward).
+            (Kernels::Differentiable, _) => {
+                scores.contiguous()?.apply_op1(super::ops::CausalSoftmax {
+                    seq,
+                    offset,
+                    scale: scale as f32,
+                })?
+            }
         };
         let y = probs
             .matmul(&v)?

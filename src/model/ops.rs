@@ -205,12 +205,15 @@ fn inv_rms(row: &[f32], eps: f32) -> f32 {
     1.0 / (mean_sq + eps).sqrt()
 }
 
-/// Softmax over the last dimension with a causal mask: row r of each
+/// softmax(scale · x) over the last dimension with a causal mask: row r of each
 /// `(seq, total)` block is query position `offset + r % seq` and sees keys
-/// `0..=offset + r % seq`. For attention scores (b, kv, group·seq, total).
+/// `0..=offset + r % seq`. For attention scores (b, kv, group·seq, total); the
+/// 1/sqrt(d) scale is folded in to save a pass (and its backward) over them.
 pub struct CausalSoftmax {
     pub seq: usize,
     pub offset: usize,
+    /// Positive.
+    pub scale: f32,
 }
 
 impl CustomOp1 for CausalSoftmax {
@@ -228,7 +231,7 @@ impl CustomOp1 for CausalSoftmax {
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0f32;
             for (o, v) in out.iter_mut().zip(row) {
-                *o = (v - max).exp();
+                *o = ((v - max) * self.scale).exp();
                 sum += *o;
             }
             let inv = 1.0 / sum;
@@ -247,7 +250,7 @@ impl CustomOp1 for CausalSoftmax {
             let g = &gv[r * total..(r + 1) * total];
             let dot: f32 = y.iter().zip(g).map(|(a, b)| a * b).sum();
             for i in 0..total {
-                out[i] = y[i] * (g[i] - dot);
+                out[i] = self.scale * y[i] * (g[i] - dot);
             }
         });
         Ok(Some(Tensor::from_vec(dx, y.shape(), y.device())?))
@@ -433,9 +436,17 @@ mod tests {
         let mask = Tensor::from_vec(mask, (seq, total), &Device::Cpu).unwrap();
         check(
             &x,
-            |x| x.apply_op1(CausalSoftmax { seq, offset }).unwrap(),
             |x| {
-                let masked = x
+                x.apply_op1(CausalSoftmax {
+                    seq,
+                    offset,
+                    scale: 0.7,
+                })
+                .unwrap()
+            },
+            |x| {
+                let masked = (x * 0.7)
+                    .unwrap()
                     .reshape((2, 1, 2, seq, total))
                     .unwrap()
                     .broadcast_add(&mask)

@@ -165,8 +165,9 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     )
 }
 
-/// `POST /v1/feedback`: `{session_id, turn?, response_id?, rating: 1|-1, text?}`
-/// (the session may come in `X-Session-Id` instead). Recorded as one row with
+/// `POST /v1/feedback`: `{session_id, turn?, response_id?, rating: 1|-1, text?,
+/// session_done?}` (the session may come in `X-Session-Id` instead, and
+/// `session_done` in `X-Session-Done`: the user is done with the session). Recorded as one row with
 /// `turn_type` "feedback" (see [`feedback_row`]).
 async fn feedback(
     State(state): State<Arc<AppState>>,
@@ -258,6 +259,22 @@ async fn feedback(
             ))
         }
     };
+    // The user rates the last reply and leaves: collect can end the session now
+    // instead of after its timeout.
+    let session_done = match (
+        headers.get(session::SESSION_DONE_HEADER),
+        fields.get("session_done"),
+    ) {
+        (Some(v), _) => v.to_str().is_ok_and(session::truthy),
+        (None, None | Some(Json::Null)) => false,
+        (None, Some(Json::Bool(b))) => *b,
+        (None, Some(other)) => {
+            return Err(ApiError::invalid(
+                format!("`session_done` must be a boolean, got {}", kind(other)),
+                "session_done",
+            ))
+        }
+    };
     let target = state
         .sessions
         .resolve_feedback(&session_id, response_id.as_deref(), turn)?;
@@ -268,15 +285,9 @@ async fn feedback(
         "rating": rating,
         "text": text,
     });
-    state.recorder.record(feedback_row(
-        &state,
-        &id,
-        &session_id,
-        &event,
-        target.turn,
-        rating,
-        text,
-    ));
+    let mut row = feedback_row(&state, &id, &session_id, &event, target.turn, rating, text);
+    row.session_done = Some(session_done);
+    state.recorder.record(row);
     let mut response = axum::Json(json!({
         "id": id,
         "object": "feedback",

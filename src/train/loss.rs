@@ -23,6 +23,37 @@ pub struct LossConfig {
     pub eps_low: f32,
     pub eps_high: f32,
     pub beta_kl: f32,
+    /// What the reward is measured against before it enters the advantage.
+    pub reward_baseline: RewardBaseline,
+}
+
+/// The baseline subtracted from each sample's reward (variance reduction).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum RewardBaseline {
+    /// The reward as judged (OpenClaw-RL's binary RL: A = r).
+    #[default]
+    None,
+    /// The mean reward of the step's batch (A = r − mean r, as GRPO and RLOO
+    /// do within a group): a batch whose rewards are all −1 no longer pushes
+    /// down every sampled token, which on a small model degrades the answers
+    /// themselves; only the contrast between replies teaches.
+    BatchMean,
+}
+
+impl RewardBaseline {
+    /// The rewards of a batch, measured against this baseline (`None` stays
+    /// `None`: a sample without a reward).
+    pub fn apply(self, rewards: &[Option<f32>]) -> Vec<Option<f32>> {
+        match self {
+            RewardBaseline::None => rewards.to_vec(),
+            RewardBaseline::BatchMean => {
+                let judged: Vec<f32> = rewards.iter().flatten().copied().collect();
+                let mean = judged.iter().sum::<f32>() / judged.len().max(1) as f32;
+                rewards.iter().map(|r| r.map(|r| r - mean)).collect()
+            }
+        }
+    }
 }
 
 impl Default for LossConfig {
@@ -34,6 +65,7 @@ impl Default for LossConfig {
             eps_low: 0.2,
             eps_high: 0.28,
             beta_kl: 0.0,
+            reward_baseline: RewardBaseline::None,
         }
     }
 }
@@ -215,6 +247,22 @@ mod tests {
         // A small ratio with a negative advantage is clipped at 1 - 0.2.
         let (loss, _) = loss_of(&cfg, &[-2.0], &neg);
         assert!((loss - 0.8).abs() < 1e-5, "{loss}");
+    }
+
+    #[test]
+    fn batch_mean_baseline_keeps_only_the_contrast() {
+        let rewards = [Some(-1.0), Some(-1.0), Some(1.0), None, Some(-1.0)];
+        assert_eq!(RewardBaseline::None.apply(&rewards), rewards.to_vec());
+        assert_eq!(
+            RewardBaseline::BatchMean.apply(&rewards),
+            vec![Some(-0.5), Some(-0.5), Some(1.5), None, Some(-0.5)]
+        );
+        // All alike: no reward signal left (the teacher gap may still teach).
+        let same = [Some(-1.0); 4];
+        assert!(RewardBaseline::BatchMean
+            .apply(&same)
+            .iter()
+            .all(|r| *r == Some(0.0)));
     }
 
     #[test]

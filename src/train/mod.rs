@@ -20,7 +20,7 @@ pub mod score;
 pub mod trainer;
 
 pub use lora::{Adapter, LoraConfig};
-pub use loss::LossConfig;
+pub use loss::{LossConfig, RewardBaseline};
 pub use trainer::{Objective, StepMetrics, TrainSample, Trainer, TrainerConfig};
 
 #[cfg(test)]

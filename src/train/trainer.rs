@@ -263,6 +263,8 @@ impl Trainer {
             ..Default::default()
         };
         let inv_batch = 1.0 / batch.len() as f64;
+        let rewards: Vec<Option<f32>> = batch.iter().map(|s| s.reward).collect();
+        let rewards = self.config.loss.reward_baseline.apply(&rewards);
         for group in score::token_groups(&seqs, budget) {
             let new = score::response_logprobs(&policy, &seqs[group.clone()])?;
             let mut total: Option<Tensor> = None;
@@ -272,7 +274,7 @@ impl Trainer {
                 let (loss_i, stats) = if rl {
                     let old: Vec<f32> = new_i.to_vec1()?;
                     let signal = SampleSignal {
-                        reward: sample.reward,
+                        reward: rewards[i],
                         teacher: sample.teacher_logprobs.as_deref(),
                         old: &old,
                         reference: reference.as_ref().map(|r| r[i].as_slice()),

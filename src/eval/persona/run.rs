@@ -15,6 +15,7 @@ use serde_json::{json, Value};
 
 use super::metrics::{sessions_to_success, RunResult, Session};
 use super::{Persona, Verdict};
+use crate::train::RewardBaseline;
 
 /// How the loop learns in a run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -41,7 +42,12 @@ impl Method {
     }
 
     /// The `claw up` options that make this method.
-    fn up_args(self, batch: usize, lr: f64, beta_kl: f64) -> Vec<String> {
+    fn up_args(self, cfg: &RunConfig) -> Vec<String> {
+        let (batch, lr, beta_kl) = (cfg.batch, cfg.lr, cfg.beta_kl);
+        let baseline = match cfg.reward_baseline {
+            RewardBaseline::None => "none",
+            RewardBaseline::BatchMean => "batch-mean",
+        };
         let mut args: Vec<String> = Vec::new();
         let mut with = |stage: &str, rest: String| {
             args.push("--with".into());
@@ -49,7 +55,8 @@ impl Method {
         };
         let train = |extra: &str| {
             format!(
-                "--batch-size {batch} --partial-after 20s --lr {lr} --beta-kl {beta_kl} --keep 3 {extra}"
+                "--batch-size {batch} --partial-after 20s --lr {lr} --beta-kl {beta_kl} \
+                 --reward-baseline {baseline} --keep 3 {extra}"
             )
         };
         match self {
@@ -73,7 +80,9 @@ impl Method {
         with("judge", "--sources feedback".into());
         with(
             "collect",
-            "--feedback-grace 2s --session-timeout 10s".into(),
+            // Sessions end when the user says so; the timeout is a backstop (a
+            // reply can take longer than 10 s on a busy machine).
+            "--feedback-grace 2s --session-timeout 2m".into(),
         );
         if self == Method::Rl {
             args.extend(["--without".into(), "distill-hints".into()]);
@@ -98,6 +107,7 @@ pub struct RunConfig {
     pub lr: f64,
     /// Weight of the KL penalty that keeps the policy near the base model.
     pub beta_kl: f64,
+    pub reward_baseline: RewardBaseline,
     pub seed: u64,
     /// Longest wait for a round's training step.
     pub round_timeout: Duration,
@@ -129,7 +139,7 @@ impl Up {
                 "300ms",
             ])
             .args(["--with", "serve=--segment-age-ms 500 --reload-poll-ms 300"])
-            .args(method.up_args(cfg.batch, cfg.lr, cfg.beta_kl))
+            .args(method.up_args(cfg))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -230,18 +240,20 @@ impl Client {
         Ok((id, text))
     }
 
+    /// Rates a reply; `done`: the user leaves the session with it.
     fn feedback(
         &self,
         session: &str,
         response_id: &str,
         rating: i8,
         text: Option<&str>,
+        done: bool,
     ) -> Result<()> {
         ureq::post(&format!("{}/feedback", self.base))
             .timeout(Duration::from_secs(60))
             .send_json(json!({
                 "session_id": session, "response_id": response_id,
-                "rating": rating, "text": text,
+                "rating": rating, "text": text, "session_done": done,
             }))
             .with_context(|| format!("feedback for session {session}"))?;
         Ok(())
@@ -340,12 +352,12 @@ fn hold_session(
         };
         let first = first.get_or_insert_with(|| (reply.clone(), verdict));
         let Some(texts) = complaints else {
-            // A satisfied user moves on; collect ends the session after its timeout.
-            client.feedback(session_id, &id, 1, None)?;
+            // A satisfied user moves on, and says the session is over.
+            client.feedback(session_id, &id, 1, None, true)?;
             return Ok((first.0.clone(), first.1, turn + 1));
         };
         let text = texts[rng.gen_range(0..texts.len())];
-        client.feedback(session_id, &id, -1, Some(text))?;
+        client.feedback(session_id, &id, -1, Some(text), last)?;
         messages.push(json!({"role": "assistant", "content": reply}));
         messages.push(user_message(text));
     }
