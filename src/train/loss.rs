@@ -42,6 +42,14 @@ pub enum RewardBaseline {
 }
 
 impl RewardBaseline {
+    /// The name `--reward-baseline` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            RewardBaseline::None => "none",
+            RewardBaseline::BatchMean => "batch-mean",
+        }
+    }
+
     /// The rewards of a batch, measured against this baseline (`None` stays
     /// `None`: a sample without a reward).
     pub fn apply(self, rewards: &[Option<f32>]) -> Vec<Option<f32>> {
@@ -263,6 +271,14 @@ mod tests {
             .apply(&same)
             .iter()
             .all(|r| *r == Some(0.0)));
+    }
+
+    #[test]
+    fn baseline_names_are_the_cli_names() {
+        use clap::ValueEnum;
+        for b in RewardBaseline::value_variants() {
+            assert_eq!(b.to_possible_value().unwrap().get_name(), b.name());
+        }
     }
 
     #[test]

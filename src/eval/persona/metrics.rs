@@ -42,6 +42,10 @@ pub struct RunResult {
     /// The last policy version served.
     pub final_policy_version: u64,
     pub seconds: f64,
+    /// The settings the run trained with (defaults change between versions; a
+    /// report must say what produced it). Empty in reports from before they were kept.
+    #[serde(default)]
+    pub settings: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 /// The first session `k` such that sessions k-2, k-1 and k were all satisfied.
@@ -120,6 +124,21 @@ pub fn report(results: &[RunResult], command: &str, plot: Option<&str>) -> Strin
             r.final_policy_version,
             r.seconds / 60.0
         ));
+    }
+    let mut seen: Vec<String> = Vec::new();
+    for r in results.iter().filter(|r| !r.settings.is_empty()) {
+        let line = r
+            .settings
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        if !seen.contains(&line) {
+            seen.push(line);
+        }
+    }
+    if !seen.is_empty() {
+        out.push_str(&format!("\nSettings: {}.\n", seen.join("; ")));
     }
     out.push_str(&format!(
         "\nHeld-out: {} prompts never used in training, answered greedily as side turns \

@@ -44,10 +44,7 @@ impl Method {
     /// The `claw up` options that make this method.
     fn up_args(self, cfg: &RunConfig) -> Vec<String> {
         let (batch, lr, beta_kl) = (cfg.batch, cfg.lr, cfg.beta_kl);
-        let baseline = match cfg.reward_baseline {
-            RewardBaseline::None => "none",
-            RewardBaseline::BatchMean => "batch-mean",
-        };
+        let baseline = cfg.reward_baseline.name();
         let mut args: Vec<String> = Vec::new();
         let mut with = |stage: &str, rest: String| {
             args.push("--with".into());
@@ -115,6 +112,23 @@ pub struct RunConfig {
     pub data_dir: Option<PathBuf>,
     /// Drive this running `claw up` (base URL) instead of starting one.
     pub url: Option<String>,
+}
+
+impl RunConfig {
+    /// What a report should say about how `method` trained.
+    fn settings(&self, method: Method) -> std::collections::BTreeMap<String, Value> {
+        let mut s = std::collections::BTreeMap::new();
+        s.insert("max_turns".into(), json!(self.max_turns));
+        s.insert("temperature".into(), json!(self.temperature));
+        s.insert("max_tokens".into(), json!(self.max_tokens));
+        if method != Method::Off {
+            s.insert("batch".into(), json!(self.batch));
+            s.insert("lr".into(), json!(self.lr));
+            s.insert("beta_kl".into(), json!(self.beta_kl));
+            s.insert("reward_baseline".into(), json!(self.reward_baseline.name()));
+        }
+        s
+    }
 }
 
 /// A `claw up` this run started; stopped (SIGINT, then SIGKILL) when dropped.
@@ -469,5 +483,6 @@ pub fn run(
         heldout_prompts: heldout.len(),
         final_policy_version,
         seconds: started.elapsed().as_secs_f64(),
+        settings: cfg.settings(method),
     })
 }
