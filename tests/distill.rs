@@ -91,7 +91,8 @@ fn feedback_hints_then_train_through_a_pipe() {
         ],
     );
     let mut distill = claw()
-        .args(["distill-hints", "--hint-source", "feedback"])
+        // With the teacher's top-3 too: train reads it and distills it.
+        .args(["distill-hints", "--hint-source", "feedback", "--topk", "3"])
         .arg(&input)
         .arg("--model")
         .arg(&model)

@@ -94,7 +94,9 @@ pub struct DistillHintsArgs {
     #[arg(long, value_name = "DIR")]
     pub checkpoints: Option<PathBuf>,
 
-    /// Also store the teacher's top-K distribution per token.
+    /// Also store the teacher's top-K distribution per token; `claw train`
+    /// then distills it too (KL to the student, weighted by --w-topk), which
+    /// teaches tokens the student did not sample.
     #[arg(long, default_value_t = 0, value_name = "K")]
     pub topk: usize,
 

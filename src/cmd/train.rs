@@ -107,6 +107,11 @@ pub struct TrainArgs {
     /// Weight of the teacher gap (on-policy distillation) in the advantage.
     #[arg(long, default_value_t = 1.0)]
     pub w_opd: f32,
+    /// Weight of top-K distillation (KL from the teacher's top-K distribution
+    /// to the student, per token) for samples that carry one (`claw
+    /// distill-hints --topk K`); 0 ignores it.
+    #[arg(long, default_value_t = 1.0)]
+    pub w_topk: f32,
     /// Clip of the per-token teacher gap.
     #[arg(long, default_value_t = 1.0)]
     pub teacher_clip: f32,
@@ -260,6 +265,7 @@ pub fn run(mut args: TrainArgs) -> Result<()> {
             eps_high: args.eps_high,
             beta_kl: args.beta_kl,
             reward_baseline: args.reward_baseline,
+            w_topk: args.w_topk,
         },
         optim: AdamWConfig {
             lr: args.lr.unwrap_or(match (args.init.is_some(), full) {
@@ -507,7 +513,7 @@ fn reads_stdin(inputs: &[String]) -> bool {
 
 /// The training view of a rollout row.
 fn train_sample(row: &RolloutRow) -> Result<TrainSample> {
-    let ids = |v: &[i32], field: &str| -> Result<Vec<u32>> {
+    let to_ids = |v: &[i32], field: &str| -> Result<Vec<u32>> {
         v.iter()
             .map(|&id| {
                 u32::try_from(id).with_context(|| format!("{field} holds a negative id {id}"))
@@ -516,10 +522,19 @@ fn train_sample(row: &RolloutRow) -> Result<TrainSample> {
     };
     Ok(TrainSample {
         sample_id: row.sample_id.clone(),
-        prompt_ids: ids(&row.prompt_ids, "prompt_ids")?,
-        response_ids: ids(&row.response_ids, "response_ids")?,
+        prompt_ids: to_ids(&row.prompt_ids, "prompt_ids")?,
+        response_ids: to_ids(&row.response_ids, "response_ids")?,
         reward: row.reward,
         teacher_logprobs: row.teacher_logprobs.clone(),
+        teacher_topk: match (&row.teacher_topk_ids, &row.teacher_topk_logprobs) {
+            (Some(ids), Some(lps)) => Some(
+                ids.iter()
+                    .zip(lps)
+                    .map(|(ids, lps)| Ok((to_ids(ids, "teacher_topk_ids")?, lps.clone())))
+                    .collect::<Result<_>>()?,
+            ),
+            _ => None,
+        },
         policy_version: row.policy_version,
     })
 }

@@ -25,6 +25,9 @@ pub struct LossConfig {
     pub beta_kl: f32,
     /// What the reward is measured against before it enters the advantage.
     pub reward_baseline: RewardBaseline,
+    /// Weight of the top-K distillation term, for samples that carry the
+    /// teacher's top-K distribution (`claw distill-hints --topk K`).
+    pub w_topk: f32,
 }
 
 /// The baseline subtracted from each sample's reward (variance reduction).
@@ -74,6 +77,7 @@ impl Default for LossConfig {
             eps_high: 0.28,
             beta_kl: 0.0,
             reward_baseline: RewardBaseline::None,
+            w_topk: 1.0,
         }
     }
 }
@@ -179,6 +183,42 @@ pub fn k3(new: &Tensor, reference: &Tensor) -> Result<Tensor> {
     Ok(((d.exp()? - &d)? - 1.0)?)
 }
 
+/// Top-K distillation (OpenClaw-RL's `--distill-topk`): per response token, the
+/// KL from the teacher's top-K distribution (renormalised over its K ids) to the
+/// student, mean over tokens:
+///
+/// ```text
+/// q_k = softmax_k(teacher_k)      L = mean_t Σ_k q_k (log q_k − student_k)
+/// ```
+///
+/// `student` is (tokens, K): the student's log-probs of the teacher's ids. Unlike
+/// the teacher gap on the sampled token, this teaches tokens the student did not
+/// sample (a question where it stopped, a full stop where it went on).
+pub fn topk_distill_loss(student: &Tensor, teacher: &[Vec<f32>]) -> Result<Tensor> {
+    let (tokens, k) = student.dims2()?;
+    anyhow::ensure!(
+        teacher.len() == tokens && teacher.iter().all(|row| row.len() == k),
+        "teacher top-K is {} rows for a student of {tokens} x {k}",
+        teacher.len()
+    );
+    let mut q = Vec::with_capacity(tokens * k);
+    let mut entropy_term = 0f64;
+    for row in teacher {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let sum: f32 = row.iter().map(|l| (l - max).exp()).sum();
+        for l in row {
+            let p = (l - max).exp() / sum;
+            q.push(p);
+            if p > 0.0 {
+                entropy_term += f64::from(p) * f64::from(p.ln());
+            }
+        }
+    }
+    let q = Tensor::from_vec(q, (tokens, k), student.device())?;
+    let cross = (q * student)?.sum_all()?.neg()?;
+    Ok(((cross + entropy_term)? / tokens.max(1) as f64)?)
+}
+
 /// Negative mean log-likelihood of the response: the SFT and LM objectives.
 pub fn nll_loss(new: &Tensor) -> Result<Tensor> {
     Ok(new.mean_all()?.neg()?)
@@ -271,6 +311,40 @@ mod tests {
             .apply(&same)
             .iter()
             .all(|r| *r == Some(0.0)));
+    }
+
+    #[test]
+    fn topk_loss_is_zero_at_the_teacher_and_pulls_towards_it() {
+        // Teacher top-2 at two tokens: probabilities (0.75, 0.25) and (0.5, 0.5).
+        let teacher = vec![vec![0.75f32.ln(), 0.25f32.ln()], vec![-3.0, -3.0]];
+        let at = |rows: [[f32; 2]; 2]| {
+            let flat: Vec<f32> = rows.iter().flatten().copied().collect();
+            candle_core::Var::from_vec(flat, (2, 2), &Device::Cpu).unwrap()
+        };
+        let same = at([[0.75f32.ln(), 0.25f32.ln()], [0.5f32.ln(), 0.5f32.ln()]]);
+        let l: f32 = topk_distill_loss(same.as_tensor(), &teacher)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(l.abs() < 1e-6, "{l}");
+        // Away from it the loss is positive and its gradient is −q/tokens.
+        let off = at([[-3.0, -0.1], [-1.0, -1.0]]);
+        let loss = topk_distill_loss(off.as_tensor(), &teacher).unwrap();
+        assert!(loss.to_scalar::<f32>().unwrap() > 0.1);
+        let g: Vec<f32> = loss
+            .backward()
+            .unwrap()
+            .get(off.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for (got, want) in g.iter().zip([-0.375f32, -0.125, -0.25, -0.25]) {
+            assert!((got - want).abs() < 1e-6, "{g:?}");
+        }
+        // Shapes must agree.
+        assert!(topk_distill_loss(off.as_tensor(), &teacher[..1]).is_err());
     }
 
     #[test]

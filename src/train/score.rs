@@ -31,6 +31,33 @@ pub fn response_logprobs(decoder: &Decoder, seqs: &[Sequence]) -> Result<Vec<Ten
         .collect()
 }
 
+/// Like [`response_logprobs`], and for each sequence given `extra` ids per
+/// response position ((tokens, K) u32), the log-probs of those ids as well
+/// ((tokens, K)): the student's side of top-K distillation.
+pub fn response_logprobs_and(
+    decoder: &Decoder,
+    seqs: &[Sequence],
+    extra: &[Option<Tensor>],
+) -> Result<Vec<(Tensor, Option<Tensor>)>> {
+    anyhow::ensure!(
+        extra.len() == seqs.len(),
+        "one entry of extra ids per sequence"
+    );
+    let (log_probs, targets, spans) = response_distributions(decoder, seqs)?;
+    let picked = log_probs.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
+    spans
+        .iter()
+        .zip(extra)
+        .map(|(&(start, len), ids)| {
+            let extra = match ids {
+                Some(ids) => Some(log_probs.narrow(0, start, len)?.gather(ids, 1)?),
+                None => None,
+            };
+            Ok((picked.narrow(0, start, len)?, extra))
+        })
+        .collect()
+}
+
 /// (log-probs (tokens, vocab), target ids (tokens), per-sequence (start, len)).
 type Distributions = (Tensor, Tensor, Vec<(usize, usize)>);
 

@@ -338,6 +338,48 @@ fn teacher_logprobs_pull_the_student_towards_the_teacher() {
 }
 
 #[test]
+fn a_teachers_top_k_teaches_a_token_the_student_did_not_sample() {
+    // The student answered 130 at the first position; the teacher's top-2 there
+    // puts 90% on 150 (never sampled). Only top-K distillation can move p(150).
+    let model = tiny_model(WeightFormat::F32);
+    let (sampled, wanted) = (130u32, 150u32);
+    let response = vec![sampled, 131, 2];
+    let uniform = || (vec![140u32, 141], vec![-0.7f32, -0.7]);
+    let batch = vec![TrainSample {
+        sample_id: "s".into(),
+        prompt_ids: PROMPT.to_vec(),
+        response_ids: response,
+        teacher_topk: Some(vec![
+            (vec![wanted, sampled], vec![0.9f32.ln(), 0.1f32.ln()]),
+            uniform(),
+            uniform(),
+        ]),
+        ..Default::default()
+    }];
+    let mut trainer = Trainer::new(&model.decoder, config(Objective::Rl, 1e-2), None).unwrap();
+    let before = first_token_logprob(&trainer, wanted);
+    for _ in 0..10 {
+        trainer.step(&batch).unwrap();
+    }
+    let after = first_token_logprob(&trainer, wanted);
+    assert!(after > before + 1.0, "log p(wanted) {before} -> {after}");
+
+    // A top-K that does not line up with the response is refused, naming the sample.
+    let mut bad = batch[0].clone();
+    bad.teacher_topk.as_mut().unwrap().pop();
+    let err = format!("{:#}", trainer.step(&[bad]).unwrap_err());
+    assert!(err.contains("sample s") && err.contains("top-K"), "{err}");
+
+    // With --w-topk 0 the same sample teaches nothing (no reward, no teacher gap).
+    let mut cfg = config(Objective::Rl, 1e-2);
+    cfg.loss.w_topk = 0.0;
+    let mut trainer = Trainer::new(&model.decoder, cfg, None).unwrap();
+    let before = first_token_logprob(&trainer, wanted);
+    trainer.step(&batch).unwrap();
+    assert_eq!(first_token_logprob(&trainer, wanted), before);
+}
+
+#[test]
 fn zero_weights_change_nothing() {
     let model = tiny_model(WeightFormat::F32);
     let mut cfg = config(Objective::Rl, 1e-2);

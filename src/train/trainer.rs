@@ -35,13 +35,41 @@ pub struct TrainSample {
     pub response_ids: Vec<u32>,
     pub reward: Option<f32>,
     pub teacher_logprobs: Option<Vec<f32>>,
+    /// The teacher's top-K distribution per response token: (ids, log-probs),
+    /// the same K for every token.
+    pub teacher_topk: Option<Vec<(Vec<u32>, Vec<f32>)>>,
     pub policy_version: i64,
 }
 
 impl TrainSample {
     /// Whether the sample moves the RL loss: reward 0 and no teacher means no signal.
     pub fn has_rl_signal(&self) -> bool {
-        self.reward.is_some_and(|r| r != 0.0) || self.teacher_logprobs.is_some()
+        self.reward.is_some_and(|r| r != 0.0)
+            || self.teacher_logprobs.is_some()
+            || self.teacher_topk.is_some()
+    }
+
+    /// The teacher's top-K ids as a (tokens, K) tensor for gathering, after
+    /// checking that they line up with the response.
+    fn topk_ids(&self, device: &candle_core::Device) -> Result<Option<Tensor>> {
+        let Some(topk) = &self.teacher_topk else {
+            return Ok(None);
+        };
+        let k = topk.first().map_or(0, |(ids, _)| ids.len());
+        anyhow::ensure!(
+            topk.len() == self.response_ids.len()
+                && k > 0
+                && topk.iter().all(|(ids, lps)| ids.len() == k && lps.len() == k),
+            "sample {}: the teacher's top-K has {} rows for {} response tokens (or rows of unequal K)",
+            self.sample_id,
+            topk.len(),
+            self.response_ids.len()
+        );
+        let flat: Vec<u32> = topk
+            .iter()
+            .flat_map(|(ids, _)| ids.iter().copied())
+            .collect();
+        Ok(Some(Tensor::from_vec(flat, (topk.len(), k), device)?))
     }
 
     fn sequence(&self) -> Sequence<'_> {
@@ -265,10 +293,21 @@ impl Trainer {
         let inv_batch = 1.0 / batch.len() as f64;
         let rewards: Vec<Option<f32>> = batch.iter().map(|s| s.reward).collect();
         let rewards = self.config.loss.reward_baseline.apply(&rewards);
+        let topk_ids = batch
+            .iter()
+            .map(|s| match rl && self.config.loss.w_topk != 0.0 {
+                true => s.topk_ids(self.base.device()),
+                false => Ok(None),
+            })
+            .collect::<Result<Vec<_>>>()?;
         for group in score::token_groups(&seqs, budget) {
-            let new = score::response_logprobs(&policy, &seqs[group.clone()])?;
+            let new = score::response_logprobs_and(
+                &policy,
+                &seqs[group.clone()],
+                &topk_ids[group.clone()],
+            )?;
             let mut total: Option<Tensor> = None;
-            for (offset, new_i) in new.iter().enumerate() {
+            for (offset, (new_i, student_topk)) in new.iter().enumerate() {
                 let i = group.start + offset;
                 let sample = &batch[i];
                 let (loss_i, stats) = if rl {
@@ -279,7 +318,17 @@ impl Trainer {
                         old: &old,
                         reference: reference.as_ref().map(|r| r[i].as_slice()),
                     };
-                    loss::policy_loss(&self.config.loss, new_i, &signal)?
+                    let (pg, stats) = loss::policy_loss(&self.config.loss, new_i, &signal)?;
+                    match (student_topk, &sample.teacher_topk) {
+                        (Some(student), Some(teacher)) => {
+                            let teacher: Vec<Vec<f32>> =
+                                teacher.iter().map(|(_, lps)| lps.clone()).collect();
+                            let distill = loss::topk_distill_loss(student, &teacher)?;
+                            let weighted = (distill * f64::from(self.config.loss.w_topk))?;
+                            ((pg + weighted)?, stats)
+                        }
+                        _ => (pg, stats),
+                    }
                 } else {
                     let l = loss::nll_loss(new_i)?;
                     let stats = SampleStats {
