@@ -141,7 +141,7 @@ pub fn run(args: UpArgs) -> Result<()> {
     }
     anyhow::ensure!(!stages.is_empty(), "--without left no stage to run");
     install_stop_handler();
-    let exe = std::env::current_exe().context("finding the claw executable")?;
+    let exe = crate::daemon::claw_executable()?;
     let serving = match stages.iter().any(|s| s.name == "serve") {
         true => format!(" (serve on http://{}:{}/v1)", args.host, args.port),
         false => String::new(),

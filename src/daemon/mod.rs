@@ -324,3 +324,40 @@ pub fn list_segments(dir: &Path) -> Result<Vec<String>> {
     names.sort();
     Ok(names)
 }
+
+/// The path of the running claw executable, for starting stages and runs as
+/// child processes. When the binary was replaced while this process ran (a
+/// rebuild or an upgrade), Linux reports the old file as `PATH (deleted)`; the
+/// new binary at PATH is what a restarted child should run.
+pub fn claw_executable() -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("finding the claw executable")?;
+    Ok(replaced_binary_path(exe))
+}
+
+fn replaced_binary_path(exe: PathBuf) -> PathBuf {
+    if exe.exists() {
+        return exe;
+    }
+    match exe.to_str().and_then(|s| s.strip_suffix(" (deleted)")) {
+        Some(path) if Path::new(path).is_file() => PathBuf::from(path),
+        _ => exe,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replaced_binary_is_found_at_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let new = dir.path().join("claw");
+        std::fs::write(&new, b"new build").unwrap();
+        let reported = PathBuf::from(format!("{} (deleted)", new.display()));
+        assert_eq!(replaced_binary_path(reported), new);
+        // A path that exists is kept as it is; a vanished binary stays reported.
+        assert_eq!(replaced_binary_path(new.clone()), new);
+        let gone = dir.path().join("gone (deleted)");
+        assert_eq!(replaced_binary_path(gone.clone()), gone);
+    }
+}

@@ -139,7 +139,7 @@ struct Up {
 
 impl Up {
     fn start(dir: &Path, method: Method, cfg: &RunConfig) -> Result<(Up, String)> {
-        let exe = std::env::current_exe().context("finding the claw executable")?;
+        let exe = crate::daemon::claw_executable()?;
         let mut cmd = Command::new(exe);
         cmd.arg("up")
             .arg("--dir")
