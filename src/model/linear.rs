@@ -398,8 +398,135 @@ impl candle_core::CustomOp1 for FrozenMatmul {
     }
 }
 
+/// y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ for a frozen W and a trainable LoRA pair (A, B), as
+/// one op. Composed from candle ops this is five tensors of the output's size
+/// (base product, low-rank product, scaled, sum) that the graph keeps until the
+/// backward pass, and two gradient contributions to x; here the op keeps only
+/// its inputs, and the backward recomputes the rank-r intermediate (cheap).
+struct FrozenLoraMatmul {
+    /// (out, in), no gradient.
+    w: Tensor,
+    scale: f64,
+    /// Whether x needs a gradient (not for the first layer's input).
+    input_grad: bool,
+}
+
+impl candle_core::CustomOp3 for FrozenLoraMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-lora-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &candle_core::CpuStorage,
+        xl: &candle_core::Layout,
+        a_s: &candle_core::CpuStorage,
+        al: &candle_core::Layout,
+        b_s: &candle_core::CpuStorage,
+        bl: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::backend::BackendStorage;
+        use candle_core::{CpuStorage, Layout};
+        let Some((start, _)) = xl.contiguous_offsets() else {
+            candle_core::bail!("frozen-lora-matmul: the input must be contiguous");
+        };
+        let dims = xl.shape().dims();
+        let k = dims[dims.len() - 1];
+        let m = xl.shape().elem_count() / k.max(1);
+        let (n, w_in) = self.w.dims2()?;
+        let (rank, a_in) = al.shape().dims2()?;
+        let (b_out, b_rank) = bl.shape().dims2()?;
+        if w_in != k || a_in != k || b_out != n || b_rank != rank {
+            candle_core::bail!(
+                "frozen-lora-matmul: x (.., {k}), W ({n}, {w_in}), A ({rank}, {a_in}), B ({b_out}, {b_rank}) do not fit"
+            );
+        }
+        let (w_storage, w_layout) = self.w.storage_and_layout();
+        let candle_core::Storage::Cpu(w) = &*w_storage else {
+            candle_core::bail!("frozen-lora-matmul: the weight must be on the CPU");
+        };
+        let x_layout = Layout::contiguous_with_offset((m, k), start);
+        let base = xs.matmul(w, (1, m, n, k), &x_layout, &w_layout.transpose(0, 1)?)?;
+        let down = xs.matmul(a_s, (1, m, rank, k), &x_layout, &al.transpose(0, 1)?)?;
+        let CpuStorage::F32(mut down) = down else {
+            candle_core::bail!("frozen-lora-matmul: f32 only");
+        };
+        let scale = self.scale as f32;
+        down.iter_mut().for_each(|v| *v *= scale);
+        let up = CpuStorage::F32(down).matmul(
+            b_s,
+            (1, m, n, rank),
+            &Layout::contiguous((m, rank)),
+            &bl.transpose(0, 1)?,
+        )?;
+        let (CpuStorage::F32(mut y), CpuStorage::F32(up)) = (base, up) else {
+            candle_core::bail!("frozen-lora-matmul: f32 only");
+        };
+        add_parallel(&mut y, &up);
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().expect("rank >= 1") = n;
+        Ok((CpuStorage::F32(y), out_dims.into()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, k) = self.w.dims2()?;
+        let rows = grad.elem_count() / n.max(1);
+        let gy = grad.contiguous()?.reshape((rows, n))?;
+        let x2 = x.detach().reshape((rows, k))?;
+        let (a, b) = (a.detach(), b.detach());
+        // gᵤ = s·gy·B is the gradient at the rank-r intermediate.
+        let g_down = (gy.matmul(&b)? * self.scale)?;
+        let down = (x2.matmul(&a.t()?)? * self.scale)?;
+        let grad_b = gy.t()?.matmul(&down)?;
+        let grad_a = g_down.t()?.matmul(&x2)?;
+        let grad_x = match self.input_grad {
+            true => Some((gy.matmul(&self.w)? + g_down.matmul(&a)?)?.reshape(x.shape())?),
+            false => None,
+        };
+        Ok((grad_x, Some(grad_a), Some(grad_b)))
+    }
+}
+
+/// y += x, split across threads when large.
+fn add_parallel(y: &mut [f32], x: &[f32]) {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 14;
+    if y.len() >= 4 * CHUNK {
+        y.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK))
+            .for_each(|(y, x)| y.iter_mut().zip(x).for_each(|(y, x)| *y += x));
+    } else {
+        y.iter_mut().zip(x).for_each(|(y, x)| *y += x);
+    }
+}
+
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let (Weight::Float(w), Some(lora)) = (&self.weight, &self.lora) {
+            let trains_lora = lora.a.track_op() || lora.b.track_op();
+            if !w.track_op() && (trains_lora || x.track_op()) {
+                let y = x.contiguous()?.apply_op3(
+                    &lora.a,
+                    &lora.b,
+                    FrozenLoraMatmul {
+                        w: w.clone(),
+                        scale: lora.scale,
+                        input_grad: x.track_op(),
+                    },
+                )?;
+                return match &self.bias {
+                    Some(bias) => y.broadcast_add(bias),
+                    None => Ok(y),
+                };
+            }
+        }
         let y = match &self.weight {
             Weight::Quantized(_, matmul) => matmul.forward(x)?,
             Weight::Packed(_, packed) => {
@@ -422,5 +549,81 @@ impl Module for Linear {
             Weight::Float(w) => matmul_rows(x, w)?,
         };
         self.finish(x, y)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    #[test]
+    fn frozen_lora_matmul_matches_the_composition() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 0.3, (24, 40), &dev).unwrap();
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 5, 40), &dev).unwrap()).unwrap();
+        let a = Var::from_tensor(&Tensor::randn(0f32, 0.2, (4, 40), &dev).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::randn(0f32, 0.2, (24, 4), &dev).unwrap()).unwrap();
+        let weights = Tensor::randn(0f32, 1.0, (2, 5, 24), &dev).unwrap();
+        let run = |fused: bool| {
+            let mut layer = Linear::float(w.clone(), None);
+            layer.lora =
+                Some(LoraDelta::new(a.as_tensor().clone(), b.as_tensor().clone(), 2.0).unwrap());
+            let y = match fused {
+                true => layer.forward(x.as_tensor()).unwrap(),
+                // The composition: base product plus the LoRA delta, as before.
+                false => (matmul_rows(x.as_tensor(), &w).unwrap()
+                    + layer.lora.as_ref().unwrap().forward(x.as_tensor()).unwrap())
+                .unwrap(),
+            };
+            let grads = (&y * &weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let g = |v: &Var| grads.get(v.as_tensor()).unwrap().clone();
+            (y, g(&x), g(&a), g(&b))
+        };
+        let (y1, gx1, ga1, gb1) = run(true);
+        let (y2, gx2, ga2, gb2) = run(false);
+        assert!(max_diff(&y1, &y2) < 1e-5, "values");
+        assert!(max_diff(&gx1, &gx2) < 1e-4, "input gradient");
+        assert!(max_diff(&ga1, &ga2) < 1e-4, "A gradient");
+        assert!(max_diff(&gb1, &gb2) < 1e-4, "B gradient");
+    }
+
+    #[test]
+    fn a_first_layer_input_gets_no_gradient_but_the_adapter_does() {
+        // x without a graph (the embedding output): only A and B are trained.
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (3, 8), &dev).unwrap();
+        let a = Var::from_tensor(&Tensor::randn(0f32, 0.2, (2, 8), &dev).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::randn(0f32, 0.2, (6, 2), &dev).unwrap()).unwrap();
+        let mut layer = Linear::float(Tensor::randn(0f32, 0.3, (6, 8), &dev).unwrap(), None);
+        layer.lora =
+            Some(LoraDelta::new(a.as_tensor().clone(), b.as_tensor().clone(), 1.0).unwrap());
+        let grads = layer
+            .forward(&x)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(grads.get(a.as_tensor()).is_some() && grads.get(b.as_tensor()).is_some());
+        assert!(grads.get(&x).is_none());
     }
 }
