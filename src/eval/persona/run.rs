@@ -119,7 +119,8 @@ impl RunConfig {
     fn settings(&self, method: Method) -> std::collections::BTreeMap<String, Value> {
         let mut s = std::collections::BTreeMap::new();
         s.insert("max_turns".into(), json!(self.max_turns));
-        s.insert("temperature".into(), json!(self.temperature));
+        // f32 -> f64 would print 0.7 as 0.699999988.
+        s.insert("temperature".into(), json!(format!("{}", self.temperature)));
         s.insert("max_tokens".into(), json!(self.max_tokens));
         if method != Method::Off {
             s.insert("batch".into(), json!(self.batch));
