@@ -120,7 +120,8 @@ impl RunConfig {
         let mut s = std::collections::BTreeMap::new();
         s.insert("max_turns".into(), json!(self.max_turns));
         // f32 -> f64 would print 0.7 as 0.699999988.
-        s.insert("temperature".into(), json!(format!("{}", self.temperature)));
+        let temperature: f64 = self.temperature.to_string().parse().unwrap_or_default();
+        s.insert("temperature".into(), json!(temperature));
         s.insert("max_tokens".into(), json!(self.max_tokens));
         if method != Method::Off {
             s.insert("batch".into(), json!(self.batch));
