@@ -321,18 +321,7 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var, D};
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
+    use crate::model::testing::max_abs_diff as max_diff;
 
     /// Values and gradients (of a weighted sum, so every output matters) of a
     /// fused op against its composition.

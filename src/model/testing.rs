@@ -210,3 +210,14 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }
+
+/// Largest absolute difference between two tensors of one shape (for tests
+/// that compare a fused op with its composition).
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .and_then(|d| d.abs())
+        .and_then(|d| d.flatten_all())
+        .and_then(|d| d.max(0))
+        .and_then(|d| d.to_scalar())
+        .expect("tensors of one shape")
+}
