@@ -343,6 +343,51 @@ fn matmul_rows(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     y.reshape(out_dims)
 }
 
+/// x·Wᵀ for a frozen W, straight on the storages (no copy of the input or the
+/// output): the base product of [`FrozenMatmul`] and [`FrozenLoraMatmul`].
+struct FrozenProduct {
+    /// (m, n) rows.
+    y: candle_core::CpuStorage,
+    /// x as (m, k) rows.
+    x_rows: candle_core::Layout,
+    /// x's shape with the last dimension n.
+    out_shape: candle_core::Shape,
+}
+
+impl FrozenProduct {
+    fn new(
+        xs: &candle_core::CpuStorage,
+        xl: &candle_core::Layout,
+        w: &Tensor,
+        op: &str,
+    ) -> Result<Self> {
+        use candle_core::backend::BackendStorage;
+        let Some((start, _)) = xl.contiguous_offsets() else {
+            candle_core::bail!("{op}: the input must be contiguous");
+        };
+        let dims = xl.shape().dims();
+        let k = dims[dims.len() - 1];
+        let m = xl.shape().elem_count() / k.max(1);
+        let (n, in_dim) = w.dims2()?;
+        if in_dim != k {
+            candle_core::bail!("{op}: input has {k} features, the weight {in_dim}");
+        }
+        let (w_storage, w_layout) = w.storage_and_layout();
+        let candle_core::Storage::Cpu(w) = &*w_storage else {
+            candle_core::bail!("{op}: the weight must be on the CPU");
+        };
+        let x_rows = candle_core::Layout::contiguous_with_offset((m, k), start);
+        let y = xs.matmul(w, (1, m, n, k), &x_rows, &w_layout.transpose(0, 1)?)?;
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().expect("rank >= 1") = n;
+        Ok(Self {
+            y,
+            x_rows,
+            out_shape: out_dims.into(),
+        })
+    }
+}
+
 /// y = x·Wᵀ for a frozen W, differentiable in x only. candle's matmul backward
 /// always computes the gradient of both operands; for a frozen weight that is a
 /// wasted GEMM per linear plus a weight-sized buffer per step (with LoRA on
@@ -363,28 +408,8 @@ impl candle_core::CustomOp1 for FrozenMatmul {
         storage: &candle_core::CpuStorage,
         layout: &candle_core::Layout,
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use candle_core::backend::BackendStorage;
-        let Some((start, _)) = layout.contiguous_offsets() else {
-            candle_core::bail!("frozen-matmul: the input must be contiguous");
-        };
-        let dims = layout.shape().dims();
-        let k = dims[dims.len() - 1];
-        let m = layout.shape().elem_count() / k.max(1);
-        let (out, in_dim) = self.w.dims2()?;
-        if in_dim != k {
-            candle_core::bail!("frozen-matmul: input has {k} features, the weight {in_dim}");
-        }
-        // Straight on the storages: no copy of the input or the output.
-        let (w_storage, w_layout) = self.w.storage_and_layout();
-        let candle_core::Storage::Cpu(w) = &*w_storage else {
-            candle_core::bail!("frozen-matmul: the weight must be on the CPU");
-        };
-        let lhs = candle_core::Layout::contiguous_with_offset((m, k), start);
-        let rhs = w_layout.transpose(0, 1)?;
-        let y = storage.matmul(w, (1, m, out, k), &lhs, &rhs)?;
-        let mut out_dims = dims.to_vec();
-        *out_dims.last_mut().expect("rank >= 1") = out;
-        Ok((y, out_dims.into()))
+        let product = FrozenProduct::new(storage, layout, &self.w, self.name())?;
+        Ok((product.y, product.out_shape))
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
@@ -427,27 +452,21 @@ impl candle_core::CustomOp3 for FrozenLoraMatmul {
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
         use candle_core::backend::BackendStorage;
         use candle_core::{CpuStorage, Layout};
-        let Some((start, _)) = xl.contiguous_offsets() else {
-            candle_core::bail!("frozen-lora-matmul: the input must be contiguous");
-        };
-        let dims = xl.shape().dims();
-        let k = dims[dims.len() - 1];
-        let m = xl.shape().elem_count() / k.max(1);
-        let (n, w_in) = self.w.dims2()?;
+        let FrozenProduct {
+            y: base,
+            x_rows,
+            out_shape,
+        } = FrozenProduct::new(xs, xl, &self.w, self.name())?;
+        let (m, k) = x_rows.shape().dims2()?;
+        let n = self.w.dim(0)?;
         let (rank, a_in) = al.shape().dims2()?;
         let (b_out, b_rank) = bl.shape().dims2()?;
-        if w_in != k || a_in != k || b_out != n || b_rank != rank {
+        if a_in != k || b_out != n || b_rank != rank {
             candle_core::bail!(
-                "frozen-lora-matmul: x (.., {k}), W ({n}, {w_in}), A ({rank}, {a_in}), B ({b_out}, {b_rank}) do not fit"
+                "frozen-lora-matmul: x (.., {k}), W ({n}, {k}), A ({rank}, {a_in}), B ({b_out}, {b_rank}) do not fit"
             );
         }
-        let (w_storage, w_layout) = self.w.storage_and_layout();
-        let candle_core::Storage::Cpu(w) = &*w_storage else {
-            candle_core::bail!("frozen-lora-matmul: the weight must be on the CPU");
-        };
-        let x_layout = Layout::contiguous_with_offset((m, k), start);
-        let base = xs.matmul(w, (1, m, n, k), &x_layout, &w_layout.transpose(0, 1)?)?;
-        let down = xs.matmul(a_s, (1, m, rank, k), &x_layout, &al.transpose(0, 1)?)?;
+        let down = xs.matmul(a_s, (1, m, rank, k), &x_rows, &al.transpose(0, 1)?)?;
         let CpuStorage::F32(mut down) = down else {
             candle_core::bail!("frozen-lora-matmul: f32 only");
         };
@@ -463,9 +482,7 @@ impl candle_core::CustomOp3 for FrozenLoraMatmul {
             candle_core::bail!("frozen-lora-matmul: f32 only");
         };
         add_parallel(&mut y, &up);
-        let mut out_dims = dims.to_vec();
-        *out_dims.last_mut().expect("rank >= 1") = n;
-        Ok((CpuStorage::F32(y), out_dims.into()))
+        Ok((CpuStorage::F32(y), out_shape))
     }
 
     fn bwd(
