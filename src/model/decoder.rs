@@ -3,8 +3,10 @@
 //!
 //! One implementation serves and trains. [`Kernels::Fused`] uses candle's fast
 //! fused kernels (rms_norm, rope, softmax_last_dim), which have no backward;
-//! [`Kernels::Differentiable`] composes the same math from ops that do, for the
-//! training path (DESIGN.md section 8 lists the ops without backward).
+//! [`Kernels::Differentiable`] computes the same math with ops that have one,
+//! for the training path (DESIGN.md section 8 lists the ops without backward):
+//! claw's own fused ops with written-out gradients ([`super::ops`], and the
+//! whole attention as [`super::attention::CausalAttention`]).
 //!
 //! The residual connection is the config's [`Residual`]: the standard running
 //! sum, or Attention Residuals ([`super::attnres`]), where each sublayer reads a
@@ -1287,6 +1289,23 @@ impl Decoder {
         let (batch, seq, _) = x.dims3()?;
         let (heads, kv_heads, dim) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let qkv = Linear::forward_many(&[&attn.q, &attn.k, &attn.v], attn.qkv.as_ref(), x)?;
+        if self.kernels == Kernels::Differentiable && cache.is_none() && offset == 0 {
+            // Training: the whole attention as one op with its own backward.
+            let y = qkv[0].contiguous()?.apply_op3(
+                &qkv[1].contiguous()?,
+                &qkv[2].contiguous()?,
+                super::attention::CausalAttention {
+                    heads,
+                    kv_heads,
+                    head_dim: dim,
+                    cos: self.rope.cos_vec.clone(),
+                    sin: self.rope.sin_vec.clone(),
+                    interleaved: self.rope.layout == RopeLayout::Interleaved,
+                    scale: 1.0 / (dim as f32).sqrt(),
+                },
+            )?;
+            return Ok(attn.o.forward(&y)?);
+        }
         let split = |t: &Tensor, n: usize| -> candle_core::Result<Tensor> {
             t.reshape((batch, seq, n, dim))?
                 .transpose(1, 2)?

@@ -9,7 +9,9 @@ use std::sync::Arc;
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{Module, Result, Tensor};
 
+use super::gemm::{gemm, gemm_into, Mat};
 use super::kernels::{BlockFormat, PackedMatrix};
+use super::ops::{f32_slice, F32View};
 
 /// From this many input rows on (prompt processing), a packed weight is expanded
 /// to f32 and multiplied by candle's GEMM: 3.5x faster than the block kernel at
@@ -450,8 +452,7 @@ impl candle_core::CustomOp3 for FrozenLoraMatmul {
         b_s: &candle_core::CpuStorage,
         bl: &candle_core::Layout,
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use candle_core::backend::BackendStorage;
-        use candle_core::{CpuStorage, Layout};
+        use candle_core::CpuStorage;
         let FrozenProduct {
             y: base,
             x_rows,
@@ -466,22 +467,16 @@ impl candle_core::CustomOp3 for FrozenLoraMatmul {
                 "frozen-lora-matmul: x (.., {k}), W ({n}, {k}), A ({rank}, {a_in}), B ({b_out}, {b_rank}) do not fit"
             );
         }
-        let down = xs.matmul(a_s, (1, m, rank, k), &x_rows, &al.transpose(0, 1)?)?;
-        let CpuStorage::F32(mut down) = down else {
+        let name = self.name();
+        let x = Mat::rows(f32_slice(xs, &x_rows, name)?, m, k);
+        let a = Mat::rows(f32_slice(a_s, al, name)?, rank, k);
+        let b = Mat::rows(f32_slice(b_s, bl, name)?, n, rank);
+        let CpuStorage::F32(mut y) = base else {
             candle_core::bail!("frozen-lora-matmul: f32 only");
         };
-        let scale = self.scale as f32;
-        down.iter_mut().for_each(|v| *v *= scale);
-        let up = CpuStorage::F32(down).matmul(
-            b_s,
-            (1, m, n, rank),
-            &Layout::contiguous((m, rank)),
-            &bl.transpose(0, 1)?,
-        )?;
-        let (CpuStorage::F32(mut y), CpuStorage::F32(up)) = (base, up) else {
-            candle_core::bail!("frozen-lora-matmul: f32 only");
-        };
-        add_parallel(&mut y, &up);
+        // y += (s·x·Aᵀ)·Bᵀ, into the base product: no second output-sized buffer.
+        let down = gemm(x, a.t(), self.scale as f32);
+        gemm_into(&mut y, Mat::rows(&down, m, rank), b.t(), 1.0, true);
         Ok((CpuStorage::F32(y), out_shape))
     }
 
@@ -493,34 +488,38 @@ impl candle_core::CustomOp3 for FrozenLoraMatmul {
         _y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let name = self.name();
         let (n, k) = self.w.dims2()?;
-        let rows = grad.elem_count() / n.max(1);
-        let gy = grad.contiguous()?.reshape((rows, n))?;
-        let x2 = x.detach().reshape((rows, k))?;
-        let (a, b) = (a.detach(), b.detach());
-        // gᵤ = s·gy·B is the gradient at the rank-r intermediate.
-        let g_down = (gy.matmul(&b)? * self.scale)?;
-        let down = (x2.matmul(&a.t()?)? * self.scale)?;
-        let grad_b = gy.t()?.matmul(&down)?;
-        let grad_a = g_down.t()?.matmul(&x2)?;
+        let (rank, _) = a.dims2()?;
+        let m = grad.elem_count() / n.max(1);
+        let grad = grad.contiguous()?;
+        let (gy, xv) = (F32View::of(&grad, name)?, F32View::of(x, name)?);
+        let (av, bv, wv) = (
+            F32View::of(a, name)?,
+            F32View::of(b, name)?,
+            F32View::of(&self.w, name)?,
+        );
+        let (gy, x2) = (Mat::rows(&gy, m, n), Mat::rows(&xv, m, k));
+        let (am, bm) = (Mat::rows(&av, rank, k), Mat::rows(&bv, n, rank));
+        let s = self.scale as f32;
+        // g_down = s·gy·B is the gradient at the rank-r intermediate s·x·Aᵀ.
+        let g_down = gemm(gy, bm, s);
+        let down = gemm(x2, am.t(), s);
+        let grad_b = gemm(gy.t(), Mat::rows(&down, m, rank), 1.0);
+        let grad_a = gemm(Mat::rows(&g_down, m, rank).t(), x2, 1.0);
         let grad_x = match self.input_grad {
-            true => Some((gy.matmul(&self.w)? + g_down.matmul(&a)?)?.reshape(x.shape())?),
+            true => {
+                let mut gx = gemm(gy, Mat::rows(&wv, n, k), 1.0);
+                gemm_into(&mut gx, Mat::rows(&g_down, m, rank), am, 1.0, true);
+                Some(Tensor::from_vec(gx, x.shape(), x.device())?)
+            }
             false => None,
         };
-        Ok((grad_x, Some(grad_a), Some(grad_b)))
-    }
-}
-
-/// y += x, split across threads when large.
-fn add_parallel(y: &mut [f32], x: &[f32]) {
-    use rayon::prelude::*;
-    const CHUNK: usize = 1 << 14;
-    if y.len() >= 4 * CHUNK {
-        y.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK))
-            .for_each(|(y, x)| y.iter_mut().zip(x).for_each(|(y, x)| *y += x));
-    } else {
-        y.iter_mut().zip(x).for_each(|(y, x)| *y += x);
+        Ok((
+            grad_x,
+            Some(Tensor::from_vec(grad_a, a.shape(), a.device())?),
+            Some(Tensor::from_vec(grad_b, b.shape(), b.device())?),
+        ))
     }
 }
 

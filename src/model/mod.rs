@@ -9,9 +9,11 @@
 //! - [`scratch`]: models created from a JSON config and saved as safetensors.
 //! - [`testing`]: a tiny random-weight GGUF for tests that must not need a download.
 
+pub mod attention;
 pub mod attnres;
 pub mod config;
 pub mod decoder;
+pub mod gemm;
 pub mod generate;
 pub mod kernels;
 pub mod linear;

@@ -8,16 +8,62 @@
 //! gradient formulas written out; tests check values and gradients against the
 //! compositions.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
-fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
+pub(crate) fn f32_slice<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    op: &str,
+) -> Result<&'a [f32]> {
     let CpuStorage::F32(data) = storage else {
         candle_core::bail!("{op}: f32 only");
     };
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&data[start..end]),
         None => candle_core::bail!("{op}: the input must be contiguous"),
+    }
+}
+
+/// The f32 elements of a contiguous CPU tensor, borrowed from its storage. The
+/// backward passes read their inputs through this: copying them out first
+/// (`to_vec1`) cost a single-threaded pass and a fresh allocation per input.
+pub(crate) struct F32View<G> {
+    /// The storage's read guard (candle's lock type is not public).
+    storage: G,
+    start: usize,
+    end: usize,
+}
+
+impl F32View<()> {
+    /// `t` must be contiguous (call `.contiguous()` first where it may not be).
+    pub(crate) fn of<'a>(
+        t: &'a Tensor,
+        op: &str,
+    ) -> Result<F32View<impl std::ops::Deref<Target = Storage> + 'a>> {
+        let (storage, layout) = t.storage_and_layout();
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("{op}: the input must be contiguous");
+        };
+        match &*storage {
+            Storage::Cpu(CpuStorage::F32(_)) => Ok(F32View {
+                storage,
+                start,
+                end,
+            }),
+            _ => candle_core::bail!("{op}: f32 CPU tensors only"),
+        }
+    }
+}
+
+impl<G: std::ops::Deref<Target = Storage>> std::ops::Deref for F32View<G> {
+    type Target = [f32];
+
+    fn deref(&self) -> &[f32] {
+        match &*self.storage {
+            Storage::Cpu(CpuStorage::F32(data)) => &data[self.start..self.end],
+            _ => unreachable!("checked in F32View::of"),
+        }
     }
 }
 
@@ -75,9 +121,10 @@ impl CustomOp2 for RmsNormOp {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let d = w.elem_count();
-        let xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        let wv: Vec<f32> = w.flatten_all()?.to_vec1()?;
-        let gv: Vec<f32> = grad.contiguous()?.flatten_all()?.to_vec1()?;
+        let grad = grad.contiguous()?;
+        let xv = F32View::of(x, self.name())?;
+        let wv = F32View::of(w, self.name())?;
+        let gv = F32View::of(&grad, self.name())?;
         let mut dx = vec![0f32; xv.len()];
         for_rows(&mut dx, d, |r, out| {
             let row = &xv[r * d..(r + 1) * d];
@@ -86,13 +133,13 @@ impl CustomOp2 for RmsNormOp {
             // u = g·w; dx = inv·u − x·inv³·mean(u·x)
             let dot: f32 = g
                 .iter()
-                .zip(&wv)
+                .zip(wv.iter())
                 .zip(row)
                 .map(|((g, w), x)| g * w * x)
                 .sum();
             let k = inv * inv * inv * dot / d as f32;
-            for i in 0..d {
-                out[i] = inv * g[i] * wv[i] - row[i] * k;
+            for (((o, g), w), x) in out.iter_mut().zip(g).zip(wv.iter()).zip(row) {
+                *o = inv * g * w - x * k;
             }
         });
         // dw = Σ_rows g·x·inv
@@ -103,9 +150,10 @@ impl CustomOp2 for RmsNormOp {
                 || vec![0f32; d],
                 |mut acc, r| {
                     let row = &xv[r * d..(r + 1) * d];
+                    let g = &gv[r * d..(r + 1) * d];
                     let inv = inv_rms(row, self.eps);
-                    for i in 0..d {
-                        acc[i] += gv[r * d + i] * row[i] * inv;
+                    for ((a, g), x) in acc.iter_mut().zip(g).zip(row) {
+                        *a += g * x * inv;
                     }
                     acc
                 },
@@ -134,18 +182,34 @@ fn silu(g: f32) -> f32 {
     g / (1.0 + (-g).exp())
 }
 
-/// Applies `f(i)` to each element of `out` in chunks across threads.
-fn for_elements(out: &mut [f32], f: impl Fn(usize) -> f32 + Sync + Send) {
-    const CHUNK: usize = 1 << 12;
-    let fill = |(c, chunk): (usize, &mut [f32])| {
-        for (j, o) in chunk.iter_mut().enumerate() {
-            *o = f(c * CHUNK + j);
-        }
-    };
-    if out.len() >= PAR_MIN {
-        out.par_chunks_mut(CHUNK).enumerate().for_each(fill);
+/// Elementwise work is split into chunks of this many elements.
+const CHUNK: usize = 1 << 12;
+
+/// Fills two equally long outputs chunk by chunk, across threads when large:
+/// `f(start, a, b)` writes elements `start..start + a.len()` of both.
+fn for_chunks2(
+    a: &mut [f32],
+    b: &mut [f32],
+    f: impl Fn(usize, &mut [f32], &mut [f32]) + Sync + Send,
+) {
+    if a.len() >= PAR_MIN {
+        a.par_chunks_mut(CHUNK)
+            .zip(b.par_chunks_mut(CHUNK))
+            .enumerate()
+            .for_each(|(c, (a, b))| f(c * CHUNK, a, b));
     } else {
-        out.chunks_mut(CHUNK).enumerate().for_each(fill);
+        f(0, a, b);
+    }
+}
+
+/// Like [`for_chunks2`] for one output.
+fn for_chunks(out: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync + Send) {
+    if out.len() >= PAR_MIN {
+        out.par_chunks_mut(CHUNK)
+            .enumerate()
+            .for_each(|(c, out)| f(c * CHUNK, out));
+    } else {
+        f(0, out);
     }
 }
 
@@ -171,7 +235,12 @@ impl CustomOp2 for SiluMul {
             );
         }
         let mut h = vec![0f32; g.len()];
-        for_elements(&mut h, |i| silu(g[i]) * u[i]);
+        for_chunks(&mut h, |start, h| {
+            let end = start + h.len();
+            for ((h, g), u) in h.iter_mut().zip(&g[start..end]).zip(&u[start..end]) {
+                *h = silu(*g) * u;
+            }
+        });
         Ok((CpuStorage::F32(h), gl.shape().clone()))
     }
 
@@ -182,17 +251,21 @@ impl CustomOp2 for SiluMul {
         _h: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let g: Vec<f32> = gate.flatten_all()?.to_vec1()?;
-        let u: Vec<f32> = up.flatten_all()?.to_vec1()?;
-        let dh: Vec<f32> = grad.contiguous()?.flatten_all()?.to_vec1()?;
-        // d silu(g)/dg = s·(1 + g·(1 − s)), s = sigmoid(g)
-        let mut dg = vec![0f32; g.len()];
-        for_elements(&mut dg, |i| {
-            let s = 1.0 / (1.0 + (-g[i]).exp());
-            dh[i] * u[i] * s * (1.0 + g[i] * (1.0 - s))
+        let grad = grad.contiguous()?;
+        let g = F32View::of(gate, self.name())?;
+        let u = F32View::of(up, self.name())?;
+        let dh = F32View::of(&grad, self.name())?;
+        let (mut dg, mut du) = (vec![0f32; g.len()], vec![0f32; g.len()]);
+        // One pass for both: d silu(g)/dg = s·(1 + g·(1 − s)), s = sigmoid(g).
+        for_chunks2(&mut dg, &mut du, |start, dg, du| {
+            let end = start + dg.len();
+            let (g, u, dh) = (&g[start..end], &u[start..end], &dh[start..end]);
+            for i in 0..dg.len() {
+                let s = 1.0 / (1.0 + (-g[i]).exp());
+                du[i] = dh[i] * g[i] * s;
+                dg[i] = dh[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+            }
         });
-        let mut du = vec![0f32; g.len()];
-        for_elements(&mut du, |i| dh[i] * silu(g[i]));
         Ok((
             Some(Tensor::from_vec(dg, gate.shape(), gate.device())?),
             Some(Tensor::from_vec(du, up.shape(), up.device())?),
@@ -242,15 +315,16 @@ impl CustomOp1 for CausalSoftmax {
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let total = y.dim(candle_core::D::Minus1)?;
-        let yv: Vec<f32> = y.flatten_all()?.to_vec1()?;
-        let gv: Vec<f32> = grad.contiguous()?.flatten_all()?.to_vec1()?;
+        let grad = grad.contiguous()?;
+        let yv = F32View::of(y, self.name())?;
+        let gv = F32View::of(&grad, self.name())?;
         let mut dx = vec![0f32; yv.len()];
         for_rows(&mut dx, total, |r, out| {
             let y = &yv[r * total..(r + 1) * total];
             let g = &gv[r * total..(r + 1) * total];
             let dot: f32 = y.iter().zip(g).map(|(a, b)| a * b).sum();
-            for i in 0..total {
-                out[i] = self.scale * y[i] * (g[i] - dot);
+            for ((o, y), g) in out.iter_mut().zip(y).zip(g) {
+                *o = self.scale * y * (g - dot);
             }
         });
         Ok(Some(Tensor::from_vec(dx, y.shape(), y.device())?))
@@ -267,6 +341,29 @@ pub struct RopeOp {
     pub interleaved: bool,
 }
 
+/// Rotates one head `row` into `out` by the angles whose cos/sin are `cos` and
+/// `sin` (one position's half-width table rows), or by their negatives
+/// (`inverse`: a rotation's transpose, for the backward pass).
+pub(crate) fn rotate_row(
+    row: &[f32],
+    out: &mut [f32],
+    cos: &[f32],
+    sin: &[f32],
+    interleaved: bool,
+    inverse: bool,
+) {
+    let half = cos.len();
+    for i in 0..half {
+        let (a, b) = match interleaved {
+            true => (2 * i, 2 * i + 1),
+            false => (i, i + half),
+        };
+        let s = if inverse { -sin[i] } else { sin[i] };
+        out[a] = row[a] * cos[i] - row[b] * s;
+        out[b] = row[a] * s + row[b] * cos[i];
+    }
+}
+
 impl RopeOp {
     fn rotate(&self, x: &[f32], dims: &[usize], inverse: bool) -> Vec<f32> {
         let (seq, dim) = (dims[2], dims[3]);
@@ -277,15 +374,7 @@ impl RopeOp {
             let cos = &self.cos[pos * half..(pos + 1) * half];
             let sin = &self.sin[pos * half..(pos + 1) * half];
             let row = &x[r * dim..(r + 1) * dim];
-            for i in 0..half {
-                let (a, b) = match self.interleaved {
-                    true => (2 * i, 2 * i + 1),
-                    false => (i, i + half),
-                };
-                let s = if inverse { -sin[i] } else { sin[i] };
-                o[a] = row[a] * cos[i] - row[b] * s;
-                o[b] = row[a] * s + row[b] * cos[i];
-            }
+            rotate_row(row, o, cos, sin, self.interleaved, inverse);
         });
         out
     }
@@ -310,9 +399,109 @@ impl CustomOp1 for RopeOp {
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         // A rotation's transpose is the rotation by the opposite angle.
-        let g: Vec<f32> = grad.contiguous()?.flatten_all()?.to_vec1()?;
-        let dx = self.rotate(&g, grad.dims(), true);
+        let grad = grad.contiguous()?;
+        let dx = self.rotate(&F32View::of(&grad, self.name())?, grad.dims(), true);
         Ok(Some(Tensor::from_vec(dx, grad.shape(), grad.device())?))
+    }
+}
+
+/// log softmax(logits)[id] for a few ids per row: logits (rows, vocab), ids
+/// (rows, k) u32 → (rows, k). The scorer needs the log-prob of each response
+/// token only; candle's `log_softmax` then `gather` keep several (rows, vocab)
+/// tensors for the backward pass (100 MB each on SmolLM2 for 512 tokens) and
+/// pass over them ~10 times. This keeps the logits only, and its backward,
+/// dlogits = onehot(ids)·g − softmax·Σg, is one pass.
+pub struct TokenLogProbs;
+
+impl TokenLogProbs {
+    /// max and log Σ exp(x − max) of a row: log softmax(x)[i] = x[i] − lse.
+    fn log_sum_exp(row: &[f32]) -> f32 {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        // Summed in f64: 49k terms in f32 drift by ~1e-6 relative.
+        let sum: f64 = row.iter().map(|v| f64::from((v - max).exp())).sum();
+        max + sum.ln() as f32
+    }
+
+    fn ids<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [u32]> {
+        let CpuStorage::U32(data) = storage else {
+            candle_core::bail!("token-logprobs: ids must be u32");
+        };
+        match layout.contiguous_offsets() {
+            Some((start, end)) => Ok(&data[start..end]),
+            None => candle_core::bail!("token-logprobs: ids must be contiguous"),
+        }
+    }
+}
+
+impl CustomOp2 for TokenLogProbs {
+    fn name(&self) -> &'static str {
+        "token-logprobs"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ls: &CpuStorage,
+        ll: &Layout,
+        is: &CpuStorage,
+        il: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let logits = f32_slice(ls, ll, self.name())?;
+        let ids = Self::ids(is, il)?;
+        let (rows, vocab) = ll.shape().dims2()?;
+        let (id_rows, k) = il.shape().dims2()?;
+        if id_rows != rows {
+            candle_core::bail!("token-logprobs: {rows} rows of logits, {id_rows} of ids");
+        }
+        if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab) {
+            candle_core::bail!("token-logprobs: id {bad} is outside the vocabulary of {vocab}");
+        }
+        let mut out = vec![0f32; rows * k];
+        out.par_chunks_mut(k.max(1))
+            .enumerate()
+            .for_each(|(r, out)| {
+                let row = &logits[r * vocab..(r + 1) * vocab];
+                let lse = Self::log_sum_exp(row);
+                for (o, &id) in out.iter_mut().zip(&ids[r * k..(r + 1) * k]) {
+                    *o = row[id as usize] - lse;
+                }
+            });
+        Ok((CpuStorage::F32(out), il.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        ids: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (rows, vocab) = logits.dims2()?;
+        let k = ids.dim(1)?;
+        let grad = grad.contiguous()?;
+        let (ids, ids_layout) = ids.storage_and_layout();
+        let Storage::Cpu(ids) = &*ids else {
+            candle_core::bail!("token-logprobs: CPU tensors only");
+        };
+        let ids = Self::ids(ids, ids_layout)?;
+        let x = F32View::of(logits, self.name())?;
+        let g = F32View::of(&grad, self.name())?;
+        let mut dx = vec![0f32; rows * vocab];
+        for_rows(&mut dx, vocab, |r, out| {
+            let row = &x[r * vocab..(r + 1) * vocab];
+            let g = &g[r * k..(r + 1) * k];
+            let lse = Self::log_sum_exp(row);
+            let total: f32 = g.iter().sum();
+            for (o, v) in out.iter_mut().zip(row) {
+                *o = -(v - lse).exp() * total;
+            }
+            for (&id, g) in ids[r * k..(r + 1) * k].iter().zip(g) {
+                out[id as usize] += g;
+            }
+        });
+        Ok((
+            Some(Tensor::from_vec(dx, (rows, vocab), logits.device())?),
+            None,
+        ))
     }
 }
 
@@ -446,6 +635,38 @@ mod tests {
             },
             None,
         );
+    }
+
+    #[test]
+    fn token_logprobs_match_log_softmax_and_gather() {
+        let logits =
+            Var::from_tensor(&Tensor::randn(0f32, 3.0, (5, 11), &Device::Cpu).unwrap()).unwrap();
+        // Two ids per row, one repeated, so both gradient terms are exercised.
+        let ids = Tensor::from_vec(
+            vec![0u32, 3, 10, 10, 2, 5, 7, 1, 4, 4],
+            (5, 2),
+            &Device::Cpu,
+        )
+        .unwrap();
+        check(
+            &logits,
+            |x| x.apply_op2(&ids, TokenLogProbs).unwrap(),
+            |x| {
+                candle_nn::ops::log_softmax(x, D::Minus1)
+                    .unwrap()
+                    .gather(&ids, 1)
+                    .unwrap()
+            },
+            None,
+        );
+    }
+
+    #[test]
+    fn token_logprobs_refuse_an_id_outside_the_vocabulary() {
+        let logits = Tensor::zeros((2, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let ids = Tensor::from_vec(vec![1u32, 4], (2, 1), &Device::Cpu).unwrap();
+        let err = logits.apply_op2(&ids, TokenLogProbs).unwrap_err();
+        assert!(err.to_string().contains("outside the vocabulary"), "{err}");
     }
 
     #[test]

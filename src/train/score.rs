@@ -11,6 +11,7 @@ use anyhow::{Context, Result};
 use candle_core::{Module, Tensor, D};
 
 use crate::model::decoder::{Decoder, Kernels};
+use crate::model::ops::TokenLogProbs;
 
 /// One prompt and the response tokens to score after it.
 #[derive(Debug, Clone, Copy)]
@@ -23,8 +24,10 @@ pub struct Sequence<'a> {
 /// decoder holds trainable `Var`s and uses differentiable kernels, the tensors
 /// carry the graph for `backward`.
 pub fn response_logprobs(decoder: &Decoder, seqs: &[Sequence]) -> Result<Vec<Tensor>> {
-    let (log_probs, targets, spans) = response_distributions(decoder, seqs)?;
-    let picked = log_probs.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
+    let (logits, targets, spans) = response_logits(decoder, seqs)?;
+    let picked = logits
+        .apply_op2(&targets.unsqueeze(1)?, TokenLogProbs)?
+        .squeeze(1)?;
     spans
         .iter()
         .map(|&(start, len)| Ok(picked.narrow(0, start, len)?))
@@ -43,6 +46,10 @@ pub fn response_logprobs_and(
         extra.len() == seqs.len(),
         "one entry of extra ids per sequence"
     );
+    if extra.iter().all(Option::is_none) {
+        let picked = response_logprobs(decoder, seqs)?;
+        return Ok(picked.into_iter().map(|t| (t, None)).collect());
+    }
     let (log_probs, targets, spans) = response_distributions(decoder, seqs)?;
     let picked = log_probs.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
     spans
@@ -58,13 +65,20 @@ pub fn response_logprobs_and(
         .collect()
 }
 
-/// (log-probs (tokens, vocab), target ids (tokens), per-sequence (start, len)).
+/// (log-probs or logits (tokens, vocab), target ids (tokens), per-sequence (start, len)).
 type Distributions = (Tensor, Tensor, Vec<(usize, usize)>);
 
 /// The full log-softmax over the vocabulary at every response position, stacked
 /// for all sequences: (total response tokens, vocab), with the target ids and
 /// each sequence's (start, len) span in it.
 fn response_distributions(decoder: &Decoder, seqs: &[Sequence]) -> Result<Distributions> {
+    let (logits, targets, spans) = response_logits(decoder, seqs)?;
+    let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+    Ok((log_probs, targets, spans))
+}
+
+/// Like [`response_distributions`], with the logits before the softmax.
+fn response_logits(decoder: &Decoder, seqs: &[Sequence]) -> Result<Distributions> {
     anyhow::ensure!(!seqs.is_empty(), "nothing to score");
     let context = decoder.config.context_length;
     // Input i is prompt ++ response[..len-1]: position p+j-1 predicts response[j].
@@ -102,9 +116,8 @@ fn response_distributions(decoder: &Decoder, seqs: &[Sequence]) -> Result<Distri
     let rows = Tensor::from_vec(rows, targets.len(), device)?;
     let picked = hidden.index_select(&rows, 0)?;
     let logits = decoder.head().forward(&picked)?;
-    let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
     let targets = Tensor::from_vec(targets, spans.iter().map(|s| s.1).sum::<usize>(), device)?;
-    Ok((log_probs, targets, spans))
+    Ok((logits, targets, spans))
 }
 
 /// Scores without gradients, as plain vectors, in groups of at most

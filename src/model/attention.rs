@@ -1,0 +1,401 @@
+//! Causal self-attention for the training path as one op: RoPE on q and k,
+//! grouped-query attention, the causal softmax and the product with v, from the
+//! q/k/v projections' outputs to the input of the output projection.
+//!
+//! Composed from candle ops this is ~15 graph nodes per layer (reshapes,
+//! transposes, copies, rope, two batched matmuls, softmax), and candle's
+//! backward gives every node's input a fresh zero buffer plus an add: on
+//! SmolLM2 that bookkeeping cost more than the attention arithmetic. Here the
+//! graph keeps only q, k and v; the backward recomputes the attention
+//! probabilities per head (as FlashAttention does) instead of keeping the
+//! (batch, heads, seq, seq) tensors, so it also saves their memory.
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::gemm::{gemm_into_on, Mat, Threads};
+use super::ops::{f32_slice, rotate_row, F32View};
+
+/// q (batch, seq, heads·dim), k and v (batch, seq, kv_heads·dim), contiguous,
+/// positions 0..seq → (batch, seq, heads·dim).
+pub struct CausalAttention {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// RoPE tables, (positions, head_dim / 2) each.
+    pub cos: Arc<Vec<f32>>,
+    pub sin: Arc<Vec<f32>>,
+    /// RoPE pairs (2i, 2i + 1) rather than (i, i + d/2).
+    pub interleaved: bool,
+    /// Applied to q·kᵀ before the softmax (1/√d).
+    pub scale: f32,
+}
+
+/// One sequence's q, k or v: (seq, n_heads·dim) rows.
+struct Rows<'a> {
+    data: &'a [f32],
+    heads: usize,
+    dim: usize,
+}
+
+impl<'a> Rows<'a> {
+    /// Head `h` as a strided (seq, dim) view.
+    fn head(&self, h: usize) -> Mat<'a> {
+        let seq = self.data.len() / (self.heads * self.dim);
+        Mat::strided(
+            &self.data[h * self.dim..],
+            seq,
+            self.dim,
+            self.heads * self.dim,
+        )
+    }
+}
+
+impl CausalAttention {
+    fn name(&self) -> &'static str {
+        "causal-attention"
+    }
+
+    /// Head `h` of `rows` with RoPE applied (or undone: `inverse`), as a
+    /// contiguous (seq, dim) block; `rows` is (seq, heads·dim).
+    fn rope_head(&self, rows: &[f32], heads: usize, h: usize, inverse: bool) -> Vec<f32> {
+        let d = self.head_dim;
+        let half = d / 2;
+        let seq = rows.len() / (heads * d);
+        let mut out = vec![0f32; seq * d];
+        for (t, o) in out.chunks_exact_mut(d).enumerate() {
+            let row = &rows[t * heads * d + h * d..][..d];
+            let (cos, sin) = (
+                &self.cos[t * half..(t + 1) * half],
+                &self.sin[t * half..(t + 1) * half],
+            );
+            rotate_row(row, o, cos, sin, self.interleaved, inverse);
+        }
+        out
+    }
+
+    /// The attention probabilities of one head: softmax(scale·q·kᵀ) with the
+    /// causal mask, (seq, seq) rows, zero above the diagonal.
+    fn probabilities(&self, q: &[f32], k: &[f32], seq: usize) -> Vec<f32> {
+        let d = self.head_dim;
+        let mut p = vec![0f32; seq * seq];
+        let (q, k) = (Mat::rows(q, seq, d), Mat::rows(k, seq, d));
+        gemm_into_on(&mut p, q, k.t(), 1.0, false, Threads::Caller);
+        for (i, row) in p.chunks_exact_mut(seq).enumerate() {
+            let (seen, masked) = row.split_at_mut(i + 1);
+            let max = seen.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for v in seen.iter_mut() {
+                *v = ((*v - max) * self.scale).exp();
+                sum += *v;
+            }
+            let inv = 1.0 / sum;
+            seen.iter_mut().for_each(|v| *v *= inv);
+            masked.fill(0.0);
+        }
+        p
+    }
+
+    /// (batch, seq) of q, checking k and v against it.
+    fn dims(&self, q: &Shape, k: &Shape, v: &Shape) -> Result<(usize, usize)> {
+        let (b, t, width) = q.dims3()?;
+        let kv_width = self.kv_heads * self.head_dim;
+        if width != self.heads * self.head_dim
+            || k.dims3()? != (b, t, kv_width)
+            || v.dims3()? != (b, t, kv_width)
+            || self.kv_heads == 0
+            || !self.heads.is_multiple_of(self.kv_heads)
+        {
+            candle_core::bail!(
+                "causal-attention: q {q:?}, k {k:?}, v {v:?} do not fit {} heads, {} kv heads of {}",
+                self.heads,
+                self.kv_heads,
+                self.head_dim
+            );
+        }
+        if t * self.head_dim / 2 > self.cos.len() {
+            candle_core::bail!("causal-attention: {t} positions exceed the RoPE table");
+        }
+        Ok((b, t))
+    }
+}
+
+impl CustomOp3 for CausalAttention {
+    fn name(&self) -> &'static str {
+        CausalAttention::name(self)
+    }
+
+    fn cpu_fwd(
+        &self,
+        qs: &CpuStorage,
+        ql: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, seq) = self.dims(ql.shape(), kl.shape(), vl.shape())?;
+        let name = CausalAttention::name(self);
+        let (q, k, v) = (
+            f32_slice(qs, ql, name)?,
+            f32_slice(ks, kl, name)?,
+            f32_slice(vs, vl, name)?,
+        );
+        let (h_all, kv, d) = (self.heads, self.kv_heads, self.head_dim);
+        let group = h_all / kv;
+        let mut out = vec![0f32; q.len()];
+        // Sequences in parallel; each head's products are small, so serial.
+        out.par_chunks_mut(seq * h_all * d)
+            .enumerate()
+            .for_each_init(
+                || vec![0f32; seq * d],
+                |o, (b, out)| {
+                    let q = &q[b * seq * h_all * d..][..seq * h_all * d];
+                    let k = &k[b * seq * kv * d..][..seq * kv * d];
+                    let v = Rows {
+                        data: &v[b * seq * kv * d..][..seq * kv * d],
+                        heads: kv,
+                        dim: d,
+                    };
+                    for kh in 0..kv {
+                        let k_rot = self.rope_head(k, kv, kh, false);
+                        for h in kh * group..(kh + 1) * group {
+                            let q_rot = self.rope_head(q, h_all, h, false);
+                            let p = self.probabilities(&q_rot, &k_rot, seq);
+                            let p = Mat::rows(&p, seq, seq);
+                            gemm_into_on(o, p, v.head(kh), 1.0, false, Threads::Caller);
+                            for (t, row) in o.chunks_exact(d).enumerate() {
+                                out[t * h_all * d + h * d..][..d].copy_from_slice(row);
+                            }
+                        }
+                    }
+                },
+            );
+        Ok((CpuStorage::F32(out), ql.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (_, seq) = self.dims(q.shape(), k.shape(), v.shape())?;
+        let name = CausalAttention::name(self);
+        let grad = grad.contiguous()?;
+        let (qv, kv_, vv, gv) = (
+            F32View::of(q, name)?,
+            F32View::of(k, name)?,
+            F32View::of(v, name)?,
+            F32View::of(&grad, name)?,
+        );
+        let (h_all, kv, d) = (self.heads, self.kv_heads, self.head_dim);
+        let group = h_all / kv;
+        let (q_len, kv_len) = (seq * h_all * d, seq * kv * d);
+        let mut dq = vec![0f32; qv.len()];
+        let mut dk = vec![0f32; kv_.len()];
+        let mut dv = vec![0f32; vv.len()];
+        dq.par_chunks_mut(q_len)
+            .zip(dk.par_chunks_mut(kv_len))
+            .zip(dv.par_chunks_mut(kv_len))
+            .enumerate()
+            .for_each(|(b, ((dq, dk), dv))| {
+                let q = &qv[b * q_len..][..q_len];
+                let k = &kv_[b * kv_len..][..kv_len];
+                let v = Rows {
+                    data: &vv[b * kv_len..][..kv_len],
+                    heads: kv,
+                    dim: d,
+                };
+                let g = Rows {
+                    data: &gv[b * q_len..][..q_len],
+                    heads: h_all,
+                    dim: d,
+                };
+                let mut dp = vec![0f32; seq * seq];
+                let mut dq_rot = vec![0f32; seq * d];
+                for kh in 0..kv {
+                    let k_rot = self.rope_head(k, kv, kh, false);
+                    let mut dk_rot = vec![0f32; seq * d];
+                    let mut dv_head = vec![0f32; seq * d];
+                    for h in kh * group..(kh + 1) * group {
+                        let q_rot = self.rope_head(q, h_all, h, false);
+                        let p = self.probabilities(&q_rot, &k_rot, seq);
+                        let pm = Mat::rows(&p, seq, seq);
+                        // dv += pᵀ·do; dp = do·vᵀ
+                        gemm_into_on(&mut dv_head, pm.t(), g.head(h), 1.0, true, Threads::Caller);
+                        gemm_into_on(
+                            &mut dp,
+                            g.head(h),
+                            v.head(kh).t(),
+                            1.0,
+                            false,
+                            Threads::Caller,
+                        );
+                        // ds = p ⊙ (dp − Σⱼ dp·p) per row, scaled like the logits.
+                        for (p_row, dp_row) in p.chunks_exact(seq).zip(dp.chunks_exact_mut(seq)) {
+                            let dot: f32 =
+                                p_row.iter().zip(dp_row.iter()).map(|(p, g)| p * g).sum();
+                            for (g, p) in dp_row.iter_mut().zip(p_row) {
+                                *g = self.scale * p * (*g - dot);
+                            }
+                        }
+                        let ds = Mat::rows(&dp, seq, seq);
+                        gemm_into_on(
+                            &mut dq_rot,
+                            ds,
+                            Mat::rows(&k_rot, seq, d),
+                            1.0,
+                            false,
+                            Threads::Caller,
+                        );
+                        gemm_into_on(
+                            &mut dk_rot,
+                            ds.t(),
+                            Mat::rows(&q_rot, seq, d),
+                            1.0,
+                            true,
+                            Threads::Caller,
+                        );
+                        scatter_head(dq, h_all, h, &self.rope_head(&dq_rot, 1, 0, true), d);
+                    }
+                    scatter_head(dk, kv, kh, &self.rope_head(&dk_rot, 1, 0, true), d);
+                    scatter_head(dv, kv, kh, &dv_head, d);
+                }
+            });
+        let tensor =
+            |data: Vec<f32>, like: &Tensor| Tensor::from_vec(data, like.shape(), like.device());
+        Ok((
+            Some(tensor(dq, q)?),
+            Some(tensor(dk, k)?),
+            Some(tensor(dv, v)?),
+        ))
+    }
+}
+
+/// Writes a contiguous (seq, dim) head block into column block `h` of
+/// (seq, heads·dim) rows.
+fn scatter_head(rows: &mut [f32], heads: usize, h: usize, block: &[f32], dim: usize) {
+    for (t, src) in block.chunks_exact(dim).enumerate() {
+        rows[t * heads * dim + h * dim..][..dim].copy_from_slice(src);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    use crate::model::ops::{CausalSoftmax, RopeOp};
+    use crate::model::testing::max_abs_diff;
+
+    /// The same attention from the separate differentiable ops (the path this
+    /// op replaces in the decoder).
+    fn composed(op: &CausalAttention, q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
+        let (b, t, _) = q.dims3().unwrap();
+        let (h, kv, d) = (op.heads, op.kv_heads, op.head_dim);
+        let split = |x: &Tensor, n: usize| {
+            x.reshape((b, t, n, d))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+        };
+        let rope = |x: Tensor| {
+            x.apply_op1(RopeOp {
+                cos: op.cos.clone(),
+                sin: op.sin.clone(),
+                offset: 0,
+                interleaved: op.interleaved,
+            })
+            .unwrap()
+        };
+        let q = rope(split(q, h)).reshape((b, kv, (h / kv) * t, d)).unwrap();
+        let k = rope(split(k, kv));
+        let v = split(v, kv);
+        let probs = q
+            .matmul(&k.t().unwrap())
+            .unwrap()
+            .apply_op1(CausalSoftmax {
+                seq: t,
+                offset: 0,
+                scale: op.scale,
+            })
+            .unwrap();
+        probs
+            .matmul(&v)
+            .unwrap()
+            .reshape((b, h, t, d))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((b, t, h * d))
+            .unwrap()
+    }
+
+    fn attention(
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        interleaved: bool,
+    ) -> CausalAttention {
+        let positions = 16;
+        let half = head_dim / 2;
+        let angles: Vec<f32> = (0..positions * half)
+            .map(|i| (i / half) as f32 * 0.3 / (1 + i % half) as f32)
+            .collect();
+        CausalAttention {
+            heads,
+            kv_heads,
+            head_dim,
+            cos: Arc::new(angles.iter().map(|a| a.cos()).collect()),
+            sin: Arc::new(angles.iter().map(|a| a.sin()).collect()),
+            interleaved,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+        }
+    }
+
+    #[test]
+    fn values_and_gradients_match_the_composed_ops() {
+        let dev = Device::Cpu;
+        for (heads, kv_heads, interleaved) in [(6, 2, false), (4, 4, true), (3, 1, false)] {
+            let op = attention(heads, kv_heads, 8, interleaved);
+            let (b, t) = (3, 7);
+            let var = |n: usize| Var::randn(0f32, 1.0, (b, t, n * 8), &dev).unwrap();
+            let (q, k, v) = (var(heads), var(kv_heads), var(kv_heads));
+            let fused = q
+                .as_tensor()
+                .apply_op3(
+                    k.as_tensor(),
+                    v.as_tensor(),
+                    attention(heads, kv_heads, 8, interleaved),
+                )
+                .unwrap();
+            let reference = composed(&op, q.as_tensor(), k.as_tensor(), v.as_tensor());
+            let d = max_abs_diff(&fused, &reference);
+            assert!(d < 1e-5, "{heads}/{kv_heads} heads: values differ by {d}");
+            // A weighted sum, so that every output position matters.
+            let w = Tensor::randn(0f32, 1.0, fused.shape(), &dev).unwrap();
+            let grads = |y: &Tensor| (y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let (gf, gr) = (grads(&fused), grads(&reference));
+            for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
+                let d = max_abs_diff(gf.get(x).unwrap(), gr.get(x).unwrap());
+                assert!(d < 1e-4, "{heads}/{kv_heads} heads: d{name} differs by {d}");
+            }
+        }
+    }
+
+    #[test]
+    fn mismatched_shapes_are_refused() {
+        let dev = Device::Cpu;
+        let q = Tensor::zeros((1, 4, 6 * 8), candle_core::DType::F32, &dev).unwrap();
+        let k = Tensor::zeros((1, 4, 3 * 8), candle_core::DType::F32, &dev).unwrap();
+        let err = q.apply_op3(&k, &k, attention(6, 2, 8, false)).unwrap_err();
+        assert!(err.to_string().contains("do not fit"), "{err}");
+    }
+}
