@@ -97,6 +97,18 @@ pub struct PersonaArgs {
     #[arg(long, value_enum, default_value_t = RewardBaseline::BatchMean, help_heading = "Persona benchmark")]
     pub reward_baseline: RewardBaseline,
 
+    /// persona: with opd and combined, also distill the teacher's top-K
+    /// distribution per token (`claw distill-hints --topk K`, weighted by
+    /// `claw train --w-topk`): it can teach tokens the model never sampled.
+    /// 0 = off.
+    #[arg(
+        long,
+        default_value_t = 0,
+        value_name = "K",
+        help_heading = "Persona benchmark"
+    )]
+    pub topk: usize,
+
     /// persona: seconds to wait for each training step a round feeds before going on.
     #[arg(
         long,
@@ -161,6 +173,7 @@ pub fn run_all(
         lr: args.lr,
         beta_kl: args.beta_kl,
         reward_baseline: args.reward_baseline,
+        topk: args.topk,
         seed,
         round_timeout: Duration::from_secs_f64(args.round_timeout.max(1.0)),
         data_dir: args.keep_data.clone(),

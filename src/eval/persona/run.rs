@@ -56,6 +56,10 @@ impl Method {
                  --reward-baseline {baseline} --keep 3 {extra}"
             )
         };
+        let distill = match cfg.topk {
+            0 => "--hint-source feedback".to_string(),
+            k => format!("--hint-source feedback --topk {k}"),
+        };
         match self {
             Method::Off => {
                 return vec![
@@ -65,11 +69,11 @@ impl Method {
             }
             Method::Rl => with("train", train("--w-opd 0")),
             Method::Opd => {
-                with("distill-hints", "--hint-source feedback".into());
+                with("distill-hints", distill);
                 with("train", train("--w-rl 0"));
             }
             Method::Combined => {
-                with("distill-hints", "--hint-source feedback".into());
+                with("distill-hints", distill);
                 with("train", train(""));
             }
         }
@@ -105,6 +109,8 @@ pub struct RunConfig {
     /// Weight of the KL penalty that keeps the policy near the base model.
     pub beta_kl: f64,
     pub reward_baseline: RewardBaseline,
+    /// Top-K distillation (opd, combined): K ids per token, 0 = off.
+    pub topk: usize,
     pub seed: u64,
     /// Longest wait for a round's training step.
     pub round_timeout: Duration,
@@ -128,6 +134,9 @@ impl RunConfig {
             s.insert("lr".into(), json!(self.lr));
             s.insert("beta_kl".into(), json!(self.beta_kl));
             s.insert("reward_baseline".into(), json!(self.reward_baseline.name()));
+        }
+        if matches!(method, Method::Opd | Method::Combined) && self.topk > 0 {
+            s.insert("topk".into(), json!(self.topk));
         }
         s
     }
@@ -487,4 +496,53 @@ pub fn run(
         seconds: started.elapsed().as_secs_f64(),
         settings: cfg.settings(method),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(topk: usize) -> RunConfig {
+        RunConfig {
+            model: None,
+            sessions: 4,
+            batch: 2,
+            heldout: 1,
+            max_turns: 3,
+            temperature: 0.7,
+            max_tokens: 32,
+            lr: 2e-4,
+            beta_kl: 0.1,
+            reward_baseline: RewardBaseline::BatchMean,
+            topk,
+            seed: 0,
+            round_timeout: Duration::from_secs(1),
+            data_dir: None,
+            url: None,
+        }
+    }
+
+    /// The value of `--with STAGE=...` in `claw up` arguments.
+    fn stage_args(args: &[String], stage: &str) -> Option<String> {
+        let prefix = format!("{stage}=");
+        args.windows(2)
+            .find(|w| w[0] == "--with" && w[1].starts_with(&prefix))
+            .map(|w| w[1][prefix.len()..].to_string())
+    }
+
+    #[test]
+    fn topk_reaches_distill_hints_for_the_distilling_methods_only() {
+        for method in [Method::Opd, Method::Combined] {
+            let args = method.up_args(&config(8));
+            let distill = stage_args(&args, "distill-hints").unwrap();
+            assert!(distill.contains("--topk 8"), "{method:?}: {distill}");
+            assert_eq!(config(8).settings(method)["topk"], json!(8));
+            let plain = stage_args(&method.up_args(&config(0)), "distill-hints").unwrap();
+            assert!(!plain.contains("--topk"), "{method:?}: {plain}");
+            assert!(!config(0).settings(method).contains_key("topk"));
+        }
+        let rl = Method::Rl.up_args(&config(8));
+        assert_eq!(stage_args(&rl, "distill-hints"), None);
+        assert!(!config(8).settings(Method::Rl).contains_key("topk"));
+    }
 }
