@@ -58,6 +58,16 @@ impl CausalAttention {
         "causal-attention"
     }
 
+    /// Query heads per KV head.
+    fn group(&self) -> usize {
+        self.heads / self.kv_heads
+    }
+
+    /// The query heads that share KV head `kh`.
+    fn heads_of(&self, kh: usize) -> std::ops::Range<usize> {
+        kh * self.group()..(kh + 1) * self.group()
+    }
+
     /// Head `h` of `rows` with RoPE applied (or undone: `inverse`), as a
     /// contiguous (seq, dim) block; `rows` is (seq, heads·dim).
     fn rope_head(&self, rows: &[f32], heads: usize, h: usize, inverse: bool) -> Vec<f32> {
@@ -144,35 +154,40 @@ impl CustomOp3 for CausalAttention {
             f32_slice(vs, vl, name)?,
         );
         let (h_all, kv, d) = (self.heads, self.kv_heads, self.head_dim);
-        let group = h_all / kv;
+        let (q_len, kv_len) = (seq * h_all * d, seq * kv * d);
+        let batch = q.len() / q_len.max(1);
+        // One task per (sequence, KV head), so that one long sequence still uses
+        // every thread; each task's products are small, so they run serially in it.
+        let blocks: Vec<Vec<f32>> = (0..batch * kv)
+            .into_par_iter()
+            .map(|task| {
+                let (b, kh) = (task / kv, task % kv);
+                let q = &q[b * q_len..][..q_len];
+                let k_rot = self.rope_head(&k[b * kv_len..][..kv_len], kv, kh, false);
+                let v = Rows {
+                    data: &v[b * kv_len..][..kv_len],
+                    heads: kv,
+                    dim: d,
+                };
+                // The group's heads one after another, each (seq, dim).
+                let mut block = vec![0f32; self.group() * seq * d];
+                for (h, o) in self.heads_of(kh).zip(block.chunks_exact_mut(seq * d)) {
+                    let q_rot = self.rope_head(q, h_all, h, false);
+                    let p = self.probabilities(&q_rot, &k_rot, seq);
+                    let p = Mat::rows(&p, seq, seq);
+                    gemm_into_on(o, p, v.head(kh), 1.0, false, Threads::Caller);
+                }
+                block
+            })
+            .collect();
         let mut out = vec![0f32; q.len()];
-        // Sequences in parallel; each head's products are small, so serial.
-        out.par_chunks_mut(seq * h_all * d)
-            .enumerate()
-            .for_each_init(
-                || vec![0f32; seq * d],
-                |o, (b, out)| {
-                    let q = &q[b * seq * h_all * d..][..seq * h_all * d];
-                    let k = &k[b * seq * kv * d..][..seq * kv * d];
-                    let v = Rows {
-                        data: &v[b * seq * kv * d..][..seq * kv * d],
-                        heads: kv,
-                        dim: d,
-                    };
-                    for kh in 0..kv {
-                        let k_rot = self.rope_head(k, kv, kh, false);
-                        for h in kh * group..(kh + 1) * group {
-                            let q_rot = self.rope_head(q, h_all, h, false);
-                            let p = self.probabilities(&q_rot, &k_rot, seq);
-                            let p = Mat::rows(&p, seq, seq);
-                            gemm_into_on(o, p, v.head(kh), 1.0, false, Threads::Caller);
-                            for (t, row) in o.chunks_exact(d).enumerate() {
-                                out[t * h_all * d + h * d..][..d].copy_from_slice(row);
-                            }
-                        }
-                    }
-                },
-            );
+        for (task, block) in blocks.iter().enumerate() {
+            let (b, kh) = (task / kv, task % kv);
+            let out = &mut out[b * q_len..][..q_len];
+            for (h, o) in self.heads_of(kh).zip(block.chunks_exact(seq * d)) {
+                scatter_head(out, h_all, h, o, d);
+            }
+        }
         Ok((CpuStorage::F32(out), ql.shape().clone()))
     }
 
@@ -194,18 +209,16 @@ impl CustomOp3 for CausalAttention {
             F32View::of(&grad, name)?,
         );
         let (h_all, kv, d) = (self.heads, self.kv_heads, self.head_dim);
-        let group = h_all / kv;
         let (q_len, kv_len) = (seq * h_all * d, seq * kv * d);
-        let mut dq = vec![0f32; qv.len()];
-        let mut dk = vec![0f32; kv_.len()];
-        let mut dv = vec![0f32; vv.len()];
-        dq.par_chunks_mut(q_len)
-            .zip(dk.par_chunks_mut(kv_len))
-            .zip(dv.par_chunks_mut(kv_len))
-            .enumerate()
-            .for_each(|(b, ((dq, dk), dv))| {
+        let batch = qv.len() / q_len.max(1);
+        // Per (sequence, KV head): dq of the group's heads, dk and dv, each
+        // (seq, dim) blocks; scattered into place afterwards.
+        let blocks: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..batch * kv)
+            .into_par_iter()
+            .map(|task| {
+                let (b, kh) = (task / kv, task % kv);
                 let q = &qv[b * q_len..][..q_len];
-                let k = &kv_[b * kv_len..][..kv_len];
+                let k_rot = self.rope_head(&kv_[b * kv_len..][..kv_len], kv, kh, false);
                 let v = Rows {
                     data: &vv[b * kv_len..][..kv_len],
                     heads: kv,
@@ -218,55 +231,52 @@ impl CustomOp3 for CausalAttention {
                 };
                 let mut dp = vec![0f32; seq * seq];
                 let mut dq_rot = vec![0f32; seq * d];
-                for kh in 0..kv {
-                    let k_rot = self.rope_head(k, kv, kh, false);
-                    let mut dk_rot = vec![0f32; seq * d];
-                    let mut dv_head = vec![0f32; seq * d];
-                    for h in kh * group..(kh + 1) * group {
-                        let q_rot = self.rope_head(q, h_all, h, false);
-                        let p = self.probabilities(&q_rot, &k_rot, seq);
-                        let pm = Mat::rows(&p, seq, seq);
-                        // dv += pᵀ·do; dp = do·vᵀ
-                        gemm_into_on(&mut dv_head, pm.t(), g.head(h), 1.0, true, Threads::Caller);
-                        gemm_into_on(
-                            &mut dp,
-                            g.head(h),
-                            v.head(kh).t(),
-                            1.0,
-                            false,
-                            Threads::Caller,
-                        );
-                        // ds = p ⊙ (dp − Σⱼ dp·p) per row, scaled like the logits.
-                        for (p_row, dp_row) in p.chunks_exact(seq).zip(dp.chunks_exact_mut(seq)) {
-                            let dot: f32 =
-                                p_row.iter().zip(dp_row.iter()).map(|(p, g)| p * g).sum();
-                            for (g, p) in dp_row.iter_mut().zip(p_row) {
-                                *g = self.scale * p * (*g - dot);
-                            }
+                let mut dq_block = Vec::with_capacity(self.group() * seq * d);
+                let mut dk_rot = vec![0f32; seq * d];
+                let mut dv_head = vec![0f32; seq * d];
+                for h in self.heads_of(kh) {
+                    let q_rot = self.rope_head(q, h_all, h, false);
+                    let p = self.probabilities(&q_rot, &k_rot, seq);
+                    let pm = Mat::rows(&p, seq, seq);
+                    // dv += pᵀ·do; dp = do·vᵀ
+                    gemm_into_on(&mut dv_head, pm.t(), g.head(h), 1.0, true, Threads::Caller);
+                    gemm_into_on(
+                        &mut dp,
+                        g.head(h),
+                        v.head(kh).t(),
+                        1.0,
+                        false,
+                        Threads::Caller,
+                    );
+                    // ds = p ⊙ (dp − Σⱼ dp·p) per row, scaled like the logits.
+                    for (p_row, dp_row) in p.chunks_exact(seq).zip(dp.chunks_exact_mut(seq)) {
+                        let dot: f32 = p_row.iter().zip(dp_row.iter()).map(|(p, g)| p * g).sum();
+                        for (g, p) in dp_row.iter_mut().zip(p_row) {
+                            *g = self.scale * p * (*g - dot);
                         }
-                        let ds = Mat::rows(&dp, seq, seq);
-                        gemm_into_on(
-                            &mut dq_rot,
-                            ds,
-                            Mat::rows(&k_rot, seq, d),
-                            1.0,
-                            false,
-                            Threads::Caller,
-                        );
-                        gemm_into_on(
-                            &mut dk_rot,
-                            ds.t(),
-                            Mat::rows(&q_rot, seq, d),
-                            1.0,
-                            true,
-                            Threads::Caller,
-                        );
-                        scatter_head(dq, h_all, h, &self.rope_head(&dq_rot, 1, 0, true), d);
                     }
-                    scatter_head(dk, kv, kh, &self.rope_head(&dk_rot, 1, 0, true), d);
-                    scatter_head(dv, kv, kh, &dv_head, d);
+                    let ds = Mat::rows(&dp, seq, seq);
+                    let k_rows = Mat::rows(&k_rot, seq, d);
+                    gemm_into_on(&mut dq_rot, ds, k_rows, 1.0, false, Threads::Caller);
+                    let q_rows = Mat::rows(&q_rot, seq, d);
+                    gemm_into_on(&mut dk_rot, ds.t(), q_rows, 1.0, true, Threads::Caller);
+                    dq_block.extend(self.rope_head(&dq_rot, 1, 0, true));
                 }
-            });
+                (dq_block, self.rope_head(&dk_rot, 1, 0, true), dv_head)
+            })
+            .collect();
+        let mut dq = vec![0f32; qv.len()];
+        let mut dk = vec![0f32; kv_.len()];
+        let mut dv = vec![0f32; vv.len()];
+        for (task, (dq_block, dk_head, dv_head)) in blocks.iter().enumerate() {
+            let (b, kh) = (task / kv, task % kv);
+            let dq = &mut dq[b * q_len..][..q_len];
+            for (h, block) in self.heads_of(kh).zip(dq_block.chunks_exact(seq * d)) {
+                scatter_head(dq, h_all, h, block, d);
+            }
+            scatter_head(&mut dk[b * kv_len..][..kv_len], kv, kh, dk_head, d);
+            scatter_head(&mut dv[b * kv_len..][..kv_len], kv, kh, dv_head, d);
+        }
         let tensor =
             |data: Vec<f32>, like: &Tensor| Tensor::from_vec(data, like.shape(), like.device());
         Ok((
