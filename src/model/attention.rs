@@ -16,7 +16,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::gemm::{gemm_into_on, Mat, Threads};
-use super::ops::{f32_slice, rotate_row, F32View};
+use super::ops::{f32_slice, f32_view, rotate_row};
 
 /// q (batch, seq, heads·dim), k and v (batch, seq, kv_heads·dim), contiguous,
 /// positions 0..seq → (batch, seq, heads·dim).
@@ -66,6 +66,28 @@ impl CausalAttention {
     /// The query heads that share KV head `kh`.
     fn heads_of(&self, kh: usize) -> std::ops::Range<usize> {
         kh * self.group()..(kh + 1) * self.group()
+    }
+
+    /// What the task of sequence `b` and KV head `kh` reads: the sequence's q
+    /// rows, the head's keys with RoPE applied, and the sequence's v rows.
+    fn task_inputs<'a>(
+        &self,
+        b: usize,
+        kh: usize,
+        seq: usize,
+        q: &'a [f32],
+        k: &[f32],
+        v: &'a [f32],
+    ) -> (&'a [f32], Vec<f32>, Rows<'a>) {
+        let d = self.head_dim;
+        let (q_len, kv_len) = (seq * self.heads * d, seq * self.kv_heads * d);
+        let k_rot = self.rope_head(&k[b * kv_len..][..kv_len], self.kv_heads, kh, false);
+        let v = Rows {
+            data: &v[b * kv_len..][..kv_len],
+            heads: self.kv_heads,
+            dim: d,
+        };
+        (&q[b * q_len..][..q_len], k_rot, v)
     }
 
     /// Head `h` of `rows` with RoPE applied (or undone: `inverse`), as a
@@ -146,7 +168,7 @@ impl CustomOp3 for CausalAttention {
         vs: &CpuStorage,
         vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (_, seq) = self.dims(ql.shape(), kl.shape(), vl.shape())?;
+        let (batch, seq) = self.dims(ql.shape(), kl.shape(), vl.shape())?;
         let name = CausalAttention::name(self);
         let (q, k, v) = (
             f32_slice(qs, ql, name)?,
@@ -154,21 +176,14 @@ impl CustomOp3 for CausalAttention {
             f32_slice(vs, vl, name)?,
         );
         let (h_all, kv, d) = (self.heads, self.kv_heads, self.head_dim);
-        let (q_len, kv_len) = (seq * h_all * d, seq * kv * d);
-        let batch = q.len() / q_len.max(1);
+        let q_len = seq * h_all * d;
         // One task per (sequence, KV head), so that one long sequence still uses
         // every thread; each task's products are small, so they run serially in it.
         let blocks: Vec<Vec<f32>> = (0..batch * kv)
             .into_par_iter()
             .map(|task| {
                 let (b, kh) = (task / kv, task % kv);
-                let q = &q[b * q_len..][..q_len];
-                let k_rot = self.rope_head(&k[b * kv_len..][..kv_len], kv, kh, false);
-                let v = Rows {
-                    data: &v[b * kv_len..][..kv_len],
-                    heads: kv,
-                    dim: d,
-                };
+                let (q, k_rot, v) = self.task_inputs(b, kh, seq, q, k, v);
                 // The group's heads one after another, each (seq, dim).
                 let mut block = vec![0f32; self.group() * seq * d];
                 for (h, o) in self.heads_of(kh).zip(block.chunks_exact_mut(seq * d)) {
@@ -199,31 +214,24 @@ impl CustomOp3 for CausalAttention {
         _out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (_, seq) = self.dims(q.shape(), k.shape(), v.shape())?;
+        let (batch, seq) = self.dims(q.shape(), k.shape(), v.shape())?;
         let name = CausalAttention::name(self);
         let grad = grad.contiguous()?;
         let (qv, kv_, vv, gv) = (
-            F32View::of(q, name)?,
-            F32View::of(k, name)?,
-            F32View::of(v, name)?,
-            F32View::of(&grad, name)?,
+            f32_view(q, name)?,
+            f32_view(k, name)?,
+            f32_view(v, name)?,
+            f32_view(&grad, name)?,
         );
         let (h_all, kv, d) = (self.heads, self.kv_heads, self.head_dim);
         let (q_len, kv_len) = (seq * h_all * d, seq * kv * d);
-        let batch = qv.len() / q_len.max(1);
         // Per (sequence, KV head): dq of the group's heads, dk and dv, each
         // (seq, dim) blocks; scattered into place afterwards.
         let blocks: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..batch * kv)
             .into_par_iter()
             .map(|task| {
                 let (b, kh) = (task / kv, task % kv);
-                let q = &qv[b * q_len..][..q_len];
-                let k_rot = self.rope_head(&kv_[b * kv_len..][..kv_len], kv, kh, false);
-                let v = Rows {
-                    data: &vv[b * kv_len..][..kv_len],
-                    heads: kv,
-                    dim: d,
-                };
+                let (q, k_rot, v) = self.task_inputs(b, kh, seq, &qv, &kv_, &vv);
                 let g = Rows {
                     data: &gv[b * q_len..][..q_len],
                     heads: h_all,

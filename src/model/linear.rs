@@ -11,7 +11,7 @@ use candle_core::{Module, Result, Tensor};
 
 use super::gemm::{gemm, gemm_into, Mat};
 use super::kernels::{BlockFormat, PackedMatrix};
-use super::ops::{f32_slice, F32View};
+use super::ops::{f32_slice, f32_view};
 
 /// From this many input rows on (prompt processing), a packed weight is expanded
 /// to f32 and multiplied by candle's GEMM: 3.5x faster than the block kernel at
@@ -493,11 +493,11 @@ impl candle_core::CustomOp3 for FrozenLoraMatmul {
         let (rank, _) = a.dims2()?;
         let m = grad.elem_count() / n.max(1);
         let grad = grad.contiguous()?;
-        let (gy, xv) = (F32View::of(&grad, name)?, F32View::of(x, name)?);
+        let (gy, xv) = (f32_view(&grad, name)?, f32_view(x, name)?);
         let (av, bv, wv) = (
-            F32View::of(a, name)?,
-            F32View::of(b, name)?,
-            F32View::of(&self.w, name)?,
+            f32_view(a, name)?,
+            f32_view(b, name)?,
+            f32_view(&self.w, name)?,
         );
         let (gy, x2) = (Mat::rows(&gy, m, n), Mat::rows(&xv, m, k));
         let (am, bm) = (Mat::rows(&av, rank, k), Mat::rows(&bv, n, rank));

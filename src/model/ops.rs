@@ -35,24 +35,23 @@ pub(crate) struct F32View<G> {
     end: usize,
 }
 
-impl F32View<()> {
-    /// `t` must be contiguous (call `.contiguous()` first where it may not be).
-    pub(crate) fn of<'a>(
-        t: &'a Tensor,
-        op: &str,
-    ) -> Result<F32View<impl std::ops::Deref<Target = Storage> + 'a>> {
-        let (storage, layout) = t.storage_and_layout();
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("{op}: the input must be contiguous");
-        };
-        match &*storage {
-            Storage::Cpu(CpuStorage::F32(_)) => Ok(F32View {
-                storage,
-                start,
-                end,
-            }),
-            _ => candle_core::bail!("{op}: f32 CPU tensors only"),
-        }
+/// A view of `t`'s elements; `t` must be contiguous (call `.contiguous()`
+/// first where it may not be).
+pub(crate) fn f32_view<'a>(
+    t: &'a Tensor,
+    op: &str,
+) -> Result<F32View<impl std::ops::Deref<Target = Storage> + 'a>> {
+    let (storage, layout) = t.storage_and_layout();
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{op}: the input must be contiguous");
+    };
+    match &*storage {
+        Storage::Cpu(CpuStorage::F32(_)) => Ok(F32View {
+            storage,
+            start,
+            end,
+        }),
+        _ => candle_core::bail!("{op}: f32 CPU tensors only"),
     }
 }
 
@@ -62,7 +61,7 @@ impl<G: std::ops::Deref<Target = Storage>> std::ops::Deref for F32View<G> {
     fn deref(&self) -> &[f32] {
         match &*self.storage {
             Storage::Cpu(CpuStorage::F32(data)) => &data[self.start..self.end],
-            _ => unreachable!("checked in F32View::of"),
+            _ => unreachable!("checked in f32_view"),
         }
     }
 }
@@ -122,9 +121,9 @@ impl CustomOp2 for RmsNormOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let d = w.elem_count();
         let grad = grad.contiguous()?;
-        let xv = F32View::of(x, self.name())?;
-        let wv = F32View::of(w, self.name())?;
-        let gv = F32View::of(&grad, self.name())?;
+        let xv = f32_view(x, self.name())?;
+        let wv = f32_view(w, self.name())?;
+        let gv = f32_view(&grad, self.name())?;
         let mut dx = vec![0f32; xv.len()];
         for_rows(&mut dx, d, |r, out| {
             let row = &xv[r * d..(r + 1) * d];
@@ -252,9 +251,9 @@ impl CustomOp2 for SiluMul {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        let g = F32View::of(gate, self.name())?;
-        let u = F32View::of(up, self.name())?;
-        let dh = F32View::of(&grad, self.name())?;
+        let g = f32_view(gate, self.name())?;
+        let u = f32_view(up, self.name())?;
+        let dh = f32_view(&grad, self.name())?;
         let (mut dg, mut du) = (vec![0f32; g.len()], vec![0f32; g.len()]);
         // One pass for both: d silu(g)/dg = s·(1 + g·(1 − s)), s = sigmoid(g).
         for_chunks2(&mut dg, &mut du, |start, dg, du| {
@@ -316,8 +315,8 @@ impl CustomOp1 for CausalSoftmax {
     fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let total = y.dim(candle_core::D::Minus1)?;
         let grad = grad.contiguous()?;
-        let yv = F32View::of(y, self.name())?;
-        let gv = F32View::of(&grad, self.name())?;
+        let yv = f32_view(y, self.name())?;
+        let gv = f32_view(&grad, self.name())?;
         let mut dx = vec![0f32; yv.len()];
         for_rows(&mut dx, total, |r, out| {
             let y = &yv[r * total..(r + 1) * total];
@@ -400,7 +399,7 @@ impl CustomOp1 for RopeOp {
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         // A rotation's transpose is the rotation by the opposite angle.
         let grad = grad.contiguous()?;
-        let dx = self.rotate(&F32View::of(&grad, self.name())?, grad.dims(), true);
+        let dx = self.rotate(&f32_view(&grad, self.name())?, grad.dims(), true);
         Ok(Some(Tensor::from_vec(dx, grad.shape(), grad.device())?))
     }
 }
@@ -483,8 +482,8 @@ impl CustomOp2 for TokenLogProbs {
             candle_core::bail!("token-logprobs: CPU tensors only");
         };
         let ids = Self::ids(ids, ids_layout)?;
-        let x = F32View::of(logits, self.name())?;
-        let g = F32View::of(&grad, self.name())?;
+        let x = f32_view(logits, self.name())?;
+        let g = f32_view(&grad, self.name())?;
         let mut dx = vec![0f32; rows * vocab];
         for_rows(&mut dx, vocab, |r, out| {
             let row = &x[r * vocab..(r + 1) * vocab];
