@@ -457,6 +457,117 @@ fn packed_kernel_equals_dequantized_f32_weights() {
     assert!(packed_vs_f32 < 1e-3, "packed vs f32: {packed_vs_f32}");
 }
 
+/// Logits of `prompt` and of each greedy step after it (the prompt goes through
+/// the prefill path, every step through the one-token decode kernels).
+fn prefill_and_decode_logits(model: &Model, prompt: &[u32], steps: usize) -> Vec<Vec<f32>> {
+    let mut cache = KvCache::new();
+    let mut ids = prompt.to_vec();
+    let mut all = Vec::new();
+    for _ in 0..=steps {
+        let t = Tensor::new(ids.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let logits: Vec<f32> = model
+            .decoder
+            .forward_last(&t, &mut cache)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        ids = vec![argmax(&logits)];
+        all.push(logits);
+    }
+    all
+}
+
+/// Every GGUF type with a packed kernel, on a whole (tiny) model whose linears
+/// are all of that type: the logits of the prompt and of each decode step stay
+/// within a bound of the same model dequantized to f32, and the greedy tokens
+/// are the same. The printed gaps are BENCHMARKS.md's accuracy table.
+#[test]
+fn every_packed_format_gives_the_f32_models_logits() {
+    use claw::model::kernels::BlockFormat;
+    let dir = tempfile::tempdir().unwrap();
+    let prompt: Vec<u32> = (3..40).collect();
+    for format in BlockFormat::ALL {
+        let path = dir.path().join(format!("tiny-{format:?}.gguf"));
+        let spec = TinySpec {
+            hidden: 256,
+            ffn: 512,
+            heads: 4,
+            kv_heads: 2,
+            linear_dtype: Some(format.ggml()),
+            ..Default::default()
+        };
+        write_tiny_gguf(&path, &spec).unwrap();
+        let packed = Model::load_with(&path, WeightFormat::Packed).unwrap();
+        let float = Model::load_with(&path, WeightFormat::F32).unwrap();
+        let (a, b) = (
+            prefill_and_decode_logits(&packed, &prompt, 4),
+            prefill_and_decode_logits(&float, &prompt, 4),
+        );
+        let prefill = max_abs_diff(&a[0], &b[0]);
+        let decode = a[1..]
+            .iter()
+            .zip(&b[1..])
+            .map(|(x, y)| max_abs_diff(x, y))
+            .fold(0f32, f32::max);
+        let scale = b.iter().flatten().fold(0f32, |m, v| m.max(v.abs()));
+        eprintln!(
+            "{format:?}: max |logit diff| vs f32: prefill {prefill:.1e}, decode {decode:.1e} (max |logit| {scale:.1})"
+        );
+        // The 16-bit activations of the one-row products (every product while
+        // decoding, the LM head after the prompt) are the whole gap: the same
+        // for every format, ~2e-5 (prefill) and ~4e-4 (decode) of the largest logit.
+        assert!(prefill < 1e-4 * scale, "{format:?} prefill: {prefill}");
+        assert!(decode < 1e-3 * scale, "{format:?} decode: {decode}");
+        let greedy = |l: &[Vec<f32>]| l.iter().map(|x| argmax(x)).collect::<Vec<_>>();
+        assert_eq!(greedy(&a), greedy(&b), "{format:?}: greedy tokens differ");
+    }
+}
+
+/// A real layer (SmolLM2's first MLP down projection, dequantized) re-quantized
+/// to every packed type: the one-row and several-row products equal the f32
+/// product of the same blocks.
+#[test]
+fn every_packed_format_multiplies_a_real_layer_exactly() {
+    use candle_core::quantized::QTensor;
+    use claw::model::kernels::{BlockFormat, PackedMatrix};
+    let Some(path) = real_model() else { return };
+    let mut file = std::fs::File::open(&path).unwrap();
+    let content = gguf_file::Content::read(&mut file).unwrap();
+    let real = content
+        .tensor(&mut file, "blk.0.ffn_down.weight", &Device::Cpu)
+        .unwrap()
+        .dequantize(&Device::Cpu)
+        .unwrap();
+    let (rows, cols) = real.dims2().unwrap();
+    for format in BlockFormat::ALL {
+        let q = QTensor::quantize(&real, format.ggml()).unwrap();
+        let dense = q.dequantize(&Device::Cpu).unwrap();
+        let packed = PackedMatrix::new(format, rows, cols, q.data().unwrap().into_owned()).unwrap();
+        for m in [1, 2, 7] {
+            let x = Tensor::randn(0f32, 1.0, (m, cols), &Device::Cpu).unwrap();
+            let expected: Vec<f32> = x
+                .matmul(&dense.t().unwrap())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let got = packed.matmul(&x.flatten_all().unwrap().to_vec1().unwrap(), m);
+            let gap = max_abs_diff(&expected, &got);
+            let scale = expected.iter().fold(0f32, |a, v| a.max(v.abs()));
+            assert!(
+                gap < 1e-4 * scale.max(1.0),
+                "{format:?} m={m}: {gap} (max |y| {scale})"
+            );
+        }
+    }
+}
+
 #[test]
 fn real_model_weight_format_gaps() {
     let Some(path) = real_model() else { return };

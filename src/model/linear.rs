@@ -143,16 +143,15 @@ impl Linear {
         })
     }
 
-    /// The same layer multiplied by our exact block kernel, when its GGUF format
-    /// has one (Q4_1, Q8_0); other layers are returned unchanged.
+    /// The same layer multiplied by our exact block kernels, when its GGUF format
+    /// has one (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K); other layers are
+    /// returned unchanged.
     pub fn to_packed(&self) -> Result<Self> {
         let Weight::Quantized(q, _) = &self.weight else {
             return Ok(self.clone());
         };
-        let format = match q.dtype() {
-            candle_core::quantized::GgmlDType::Q4_1 => BlockFormat::Q4_1,
-            candle_core::quantized::GgmlDType::Q8_0 => BlockFormat::Q8_0,
-            _ => return Ok(self.clone()),
+        let Some(format) = BlockFormat::from_ggml(q.dtype()) else {
+            return Ok(self.clone());
         };
         let (rows, cols) = q.shape().dims2()?;
         let packed = PackedMatrix::new(format, rows, cols, q.data()?.into_owned())

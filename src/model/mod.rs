@@ -18,6 +18,7 @@ pub mod generate;
 pub mod kernels;
 pub mod linear;
 pub mod ops;
+pub mod pool;
 pub mod sampling;
 pub mod scratch;
 pub mod template;
@@ -45,7 +46,8 @@ pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 #[serde(rename_all = "lowercase")]
 pub enum WeightFormat {
     /// GGUF blocks in memory (4-8 bits a weight), multiplied exactly with f32
-    /// activations by claw's kernel (Q4_1, Q8_0; other formats use `ggml`).
+    /// activations by claw's kernels (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K,
+    /// Q6_K; other formats use `ggml`).
     /// Same results as `f32`, a fraction of the memory traffic.
     #[default]
     Packed,

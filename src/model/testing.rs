@@ -24,6 +24,10 @@ pub struct TinySpec {
     pub ffn: usize,
     pub context: usize,
     pub seed: u64,
+    /// Every linear weight in this GGUF type (None: the default model's mix of
+    /// Q4_1 attention and Q8_0 MLP weights). k-quants need `hidden` and `ffn` to be
+    /// multiples of 256.
+    pub linear_dtype: Option<GgmlDType>,
 }
 
 impl Default for TinySpec {
@@ -37,6 +41,7 @@ impl Default for TinySpec {
             ffn: 128,
             context: 256,
             seed: 0,
+            linear_dtype: None,
         }
     }
 }
@@ -70,6 +75,11 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> Result<()> {
     };
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
     let mut add = |name: String, t: Tensor, dtype: GgmlDType| -> Result<()> {
+        let is_linear = name.starts_with("blk.") && name.ends_with(".weight") && t.rank() == 2;
+        let dtype = match spec.linear_dtype {
+            Some(linear) if is_linear => linear,
+            _ => dtype,
+        };
         let q = QTensor::quantize(&t, dtype).with_context(|| format!("quantizing {name}"))?;
         tensors.push((name, q));
         Ok(())

@@ -1,0 +1,416 @@
+//! Matrix products straight from GGUF blocks, with f32 activations.
+//!
+//! Why our own kernels: candle 0.11 has SIMD paths for only some formats (none for
+//! Q4_1 or Q5_0, which the default model and Qwen2.5's Q4_K_M files are mostly made
+//! of), and like llama.cpp it rounds the activations to 8 bits first, which flips
+//! some of SmolLM2-135M's greedy answers. Here the weights stay in their GGUF bytes
+//! (what decode speed depends on) while activations keep 16 bits (one token) or
+//! full f32 (several tokens): the logits agree with the f32 dequantized model to
+//! about 1e-4.
+//!
+//! - [`formats`]: the block layouts and their scalar dequantization.
+//! - `x86`: the AVX2 dot products (runtime-detected; the portable path dequantizes).
+
+pub mod formats;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+use rayon::prelude::*;
+
+use super::pool::{HotPool, SharedOut};
+
+use formats::dequantize_row;
+pub use formats::{BlockFormat, GROUP};
+
+/// A (rows, cols) weight matrix kept as its GGUF blocks, row-major.
+#[derive(Debug, Clone)]
+pub struct PackedMatrix {
+    format: BlockFormat,
+    rows: usize,
+    cols: usize,
+    data: Vec<u8>,
+}
+
+impl PackedMatrix {
+    /// Takes the raw GGUF bytes of a (rows, cols) tensor.
+    pub fn new(
+        format: BlockFormat,
+        rows: usize,
+        cols: usize,
+        data: Vec<u8>,
+    ) -> anyhow::Result<Self> {
+        let per_block = format.block_weights();
+        anyhow::ensure!(
+            cols.is_multiple_of(per_block),
+            "{format:?} needs rows of whole {per_block}-weight blocks, got {cols} columns"
+        );
+        let expected = rows * cols / per_block * format.block_bytes();
+        anyhow::ensure!(
+            data.len() == expected,
+            "{format:?} matrix {rows}x{cols} needs {expected} bytes, got {}",
+            data.len()
+        );
+        Ok(Self {
+            format,
+            rows,
+            cols,
+            data,
+        })
+    }
+
+    pub fn format(&self) -> BlockFormat {
+        self.format
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    fn row_bytes(&self) -> usize {
+        self.cols / self.format.block_weights() * self.format.block_bytes()
+    }
+
+    fn row(&self, r: usize) -> &[u8] {
+        let n = self.row_bytes();
+        &self.data[r * n..(r + 1) * n]
+    }
+
+    /// The whole matrix as dense f32, row-major (rows, cols), expanded in parallel.
+    /// Prompt processing uses it: with many activation rows a tuned f32 GEMM on
+    /// freshly expanded weights beats any block-at-a-time kernel.
+    pub fn to_dense(&self) -> Vec<f32> {
+        let mut dense = vec![0f32; self.rows * self.cols];
+        dense.par_chunks_mut(self.cols).enumerate().for_each_init(
+            || Vec::with_capacity(self.cols),
+            |row, (r, out)| {
+                row.clear();
+                dequantize_row(self.format, self.row(r), row);
+                out.copy_from_slice(row);
+            },
+        );
+        dense
+    }
+
+    /// Stacks matrices with the same format and width into one (their rows in
+    /// order), so several projections of one input run as a single parallel pass.
+    pub fn concat_rows(parts: &[&PackedMatrix]) -> Option<Self> {
+        let first = parts.first()?;
+        if parts
+            .iter()
+            .any(|p| p.format != first.format || p.cols != first.cols)
+        {
+            return None;
+        }
+        Some(Self {
+            format: first.format,
+            rows: parts.iter().map(|p| p.rows).sum(),
+            cols: first.cols,
+            data: parts.iter().flat_map(|p| p.data.iter().copied()).collect(),
+        })
+    }
+
+    /// `out = x · Wᵀ` for `x` of shape (m, cols); `out` is (m, rows), row-major.
+    pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        assert_eq!(x.len(), m * self.cols, "activation shape mismatch");
+        let groups_per_row = self.cols / GROUP;
+        // Σx per group of each activation row: a format's offset multiplies it.
+        let xsums: Vec<f32> = x.chunks_exact(GROUP).map(|c| c.iter().sum()).collect();
+        let x16 = Activations16::new(x);
+        let simd = simd_available();
+        // Work is split by weight rows so each weight byte is read once per call.
+        // Results are produced transposed (rows, m) so every task writes one
+        // contiguous slice; m == 1 (decode) needs no transpose.
+        let pool = HotPool::global();
+        let rows_per_task = self.rows.div_ceil(pool.threads() * 4).max(16);
+        let mut transposed = vec![0f32; self.rows * m];
+        let shared = SharedOut::new(&mut transposed);
+        pool.run(self.rows.div_ceil(rows_per_task), &|task| {
+            let first_row = task * rows_per_task;
+            let last_row = (first_row + rows_per_task).min(self.rows);
+            // SAFETY: task t writes only the outputs of its own weight rows.
+            let out = unsafe { shared.range(first_row * m, last_row * m) };
+            if m < DENSE_ROW_MIN_M && simd {
+                for (r, out_row) in out.chunks_exact_mut(m).enumerate() {
+                    let row = self.row(first_row + r);
+                    for (i, o) in out_row.iter_mut().enumerate() {
+                        let groups = i * groups_per_row..(i + 1) * groups_per_row;
+                        let xq = Quantized16 {
+                            values: &x16.values[i * self.cols..(i + 1) * self.cols],
+                            scales: &x16.scales[groups.clone()],
+                        };
+                        *o = dot_simd(self.format, row, &xq, &xsums[groups]);
+                    }
+                }
+            } else {
+                // Many activation rows (prefill), or no SIMD kernel: expand four
+                // weight rows to f32 once, then stream every activation row past
+                // all four, so each activation load feeds four dot products.
+                let rows_here = out.len() / m;
+                let mut dense: [Vec<f32>; 4] = Default::default();
+                for group_start in (0..rows_here).step_by(4) {
+                    let group = (rows_here - group_start).min(4);
+                    for (g, buffer) in dense.iter_mut().enumerate().take(group) {
+                        buffer.clear();
+                        dequantize_row(self.format, self.row(first_row + group_start + g), buffer);
+                    }
+                    for (i, xi) in x.chunks_exact(self.cols).enumerate() {
+                        if group == 4 {
+                            let sums = dot4_f32(&dense, xi);
+                            for (g, sum) in sums.into_iter().enumerate() {
+                                out[(group_start + g) * m + i] = sum;
+                            }
+                        } else {
+                            for (g, buffer) in dense.iter().enumerate().take(group) {
+                                out[(group_start + g) * m + i] = dot_f32(buffer, xi);
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        if m == 1 {
+            return transposed;
+        }
+        let mut out = vec![0f32; m * self.rows];
+        for r in 0..self.rows {
+            for i in 0..m {
+                out[i * self.rows + r] = transposed[r * m + i];
+            }
+        }
+        out
+    }
+}
+
+/// From this many activation rows on, a weight row is expanded to f32 once and
+/// reused, instead of being unpacked again for every activation row.
+const DENSE_ROW_MIN_M: usize = 4;
+
+fn simd_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *AVAILABLE.get_or_init(x86::available)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// One weight row times one 16-bit activation row; only called when
+/// [`simd_available`].
+fn dot_simd(format: BlockFormat, row: &[u8], xq: &Quantized16, xsums: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: callers check `simd_available` (the CPU has AVX2, FMA and F16C),
+        // and `row` holds the whole blocks of one row of `format` whose width is
+        // `xq`'s (both sliced by `PackedMatrix::matmul` from a checked matrix).
+        unsafe { x86::dot(format, row, xq, xsums) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (format, row, xq, xsums);
+        unreachable!("no SIMD kernels on this architecture")
+    }
+}
+
+/// A dot product LLVM vectorises (eight independent partial sums).
+pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let mut partial = [0f32; 8];
+    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = a8
+        .remainder()
+        .iter()
+        .zip(b8.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in a8.zip(b8) {
+        for i in 0..8 {
+            partial[i] += x[i] * y[i];
+        }
+    }
+    partial.iter().sum::<f32>() + tail
+}
+
+/// Four dot products of `x` with four equally long rows, sharing each load of `x`.
+fn dot4_f32(rows: &[Vec<f32>; 4], x: &[f32]) -> [f32; 4] {
+    let mut partial = [[0f32; 8]; 4];
+    let chunks = x.len() / 8;
+    for c in 0..chunks {
+        let xs: &[f32; 8] = x[c * 8..c * 8 + 8].try_into().expect("8 values");
+        for (p, row) in partial.iter_mut().zip(rows) {
+            let ws: &[f32; 8] = row[c * 8..c * 8 + 8].try_into().expect("8 values");
+            for j in 0..8 {
+                p[j] += ws[j] * xs[j];
+            }
+        }
+    }
+    let mut sums = [0f32; 4];
+    for ((sum, p), row) in sums.iter_mut().zip(&partial).zip(rows) {
+        let tail: f32 = (chunks * 8..x.len()).map(|j| row[j] * x[j]).sum();
+        *sum = p.iter().sum::<f32>() + tail;
+    }
+    sums
+}
+
+/// Activation rows rounded to 16-bit integers with one f32 scale per 32-value
+/// group: the relative rounding error is below 2^-15 (llama.cpp's 8-bit activations
+/// are at 2^-7, which is what moves SmolLM2's logits), and it lets the SIMD kernel
+/// multiply with `madd_epi16`, half the instructions of widening to f32.
+struct Activations16 {
+    values: Vec<i16>,
+    scales: Vec<f32>,
+}
+
+impl Activations16 {
+    fn new(x: &[f32]) -> Self {
+        let mut values = Vec::with_capacity(x.len());
+        let mut scales = Vec::with_capacity(x.len() / GROUP);
+        for block in x.chunks_exact(GROUP) {
+            let max = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let scale = max / f32::from(i16::MAX);
+            let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+            values.extend(block.iter().map(|v| (v * inv).round() as i16));
+            scales.push(scale);
+        }
+        Self { values, scales }
+    }
+}
+
+/// One activation row of [`Activations16`].
+pub struct Quantized16<'a> {
+    values: &'a [i16],
+    scales: &'a [f32],
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::QTensor;
+    use candle_core::{Device, Tensor};
+
+    /// Deterministic, roughly unit-scale values, so the tests cannot flake.
+    fn fixed_values(rows: usize, cols: usize, seed: u32) -> Tensor {
+        let data: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i as f32 * 12.9898 + seed as f32 * 78.233).sin() * 43758.547).fract() * 3.0)
+            .collect();
+        Tensor::from_vec(data, (rows, cols), &Device::Cpu).unwrap()
+    }
+
+    /// A (rows, cols) matrix quantized by candle to `format`, with candle's own
+    /// dequantization of the same blocks.
+    fn quantized(format: BlockFormat, rows: usize, cols: usize) -> (PackedMatrix, Tensor) {
+        let q = QTensor::quantize(&fixed_values(rows, cols, 1), format.ggml()).unwrap();
+        let dense = q.dequantize(&Device::Cpu).unwrap();
+        let packed = PackedMatrix::new(format, rows, cols, q.data().unwrap().into_owned()).unwrap();
+        (packed, dense)
+    }
+
+    #[test]
+    fn dequantization_matches_candle_for_every_format() {
+        for format in BlockFormat::ALL {
+            let (packed, dense) = quantized(format, 5, 512);
+            let expected: Vec<f32> = dense.flatten_all().unwrap().to_vec1().unwrap();
+            let got = packed.to_dense();
+            let worst = expected
+                .iter()
+                .zip(&got)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(worst < 1e-6, "{format:?}: max |difference| {worst}");
+        }
+    }
+
+    #[test]
+    fn matmul_matches_the_dequantized_matmul_for_every_format() {
+        for format in BlockFormat::ALL {
+            // 70 rows: the 4-row groups end with a partial one.
+            let (rows, cols) = (70, 512);
+            let (packed, dense) = quantized(format, rows, cols);
+            for m in [1, 3, 9, 4] {
+                let x = fixed_values(m, cols, 2);
+                let expected: Vec<f32> = x
+                    .matmul(&dense.t().unwrap())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let got = packed.matmul(&x.flatten_all().unwrap().to_vec1().unwrap(), m);
+                let worst = expected
+                    .iter()
+                    .zip(&got)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs()));
+                // few rows: 16-bit activations; many: exact f32 rows
+                let tolerance = if m < DENSE_ROW_MIN_M { 1e-4 } else { 1e-5 } * scale;
+                assert!(
+                    worst < tolerance,
+                    "{format:?} m={m}: max |difference| {worst} (max |y| {scale})"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn simd_dot_matches_the_exact_dot_for_every_format() {
+        if !simd_available() {
+            eprintln!("SKIP simd_dot_matches_the_exact_dot_for_every_format: no AVX2/FMA/F16C");
+            return;
+        }
+        for format in BlockFormat::ALL {
+            let cols = 1024;
+            let (packed, dense) = quantized(format, 1, cols);
+            let w: Vec<f32> = dense.flatten_all().unwrap().to_vec1().unwrap();
+            // Activations of very different sizes per group, as in a real layer.
+            let x: Vec<f32> = (0..cols)
+                .map(|i| (i as f32 * 0.37).sin() * (1.0 + (i / 32) as f32).powi(2))
+                .collect();
+            let xsums: Vec<f32> = x.chunks_exact(GROUP).map(|c| c.iter().sum()).collect();
+            let x16 = Activations16::new(&x);
+            let xq = Quantized16 {
+                values: &x16.values,
+                scales: &x16.scales,
+            };
+            let simd = dot_simd(format, packed.row(0), &xq, &xsums);
+            let exact: f64 = w.iter().zip(&x).map(|(w, x)| f64::from(w * x)).sum();
+            // 16-bit rounding errors scale with the sum of |w·x| terms, not the result.
+            let magnitude: f32 = w.iter().zip(&x).map(|(w, x)| (w * x).abs()).sum();
+            assert!(
+                (f64::from(simd) - exact).abs() < 1e-4 * f64::from(magnitude),
+                "{format:?}: simd {simd} vs exact {exact} (Σ|w·x| {magnitude})"
+            );
+        }
+    }
+
+    #[test]
+    fn fused_rows_multiply_like_their_parts() {
+        let (a, _) = quantized(BlockFormat::Q6K, 8, 256);
+        let (b, _) = quantized(BlockFormat::Q6K, 3, 256);
+        let fused = PackedMatrix::concat_rows(&[&a, &b]).unwrap();
+        let x: Vec<f32> = fixed_values(1, 256, 5)
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let mut parts = a.matmul(&x, 1);
+        parts.extend(b.matmul(&x, 1));
+        assert_eq!(fused.matmul(&x, 1), parts);
+        let (other, _) = quantized(BlockFormat::Q8_0, 3, 256);
+        assert!(
+            PackedMatrix::concat_rows(&[&a, &other]).is_none(),
+            "formats differ"
+        );
+    }
+
+    #[test]
+    fn rejects_wrong_sizes() {
+        assert!(PackedMatrix::new(BlockFormat::Q4_1, 2, 48, vec![0; 40]).is_err());
+        assert!(PackedMatrix::new(BlockFormat::Q8_0, 2, 32, vec![0; 10]).is_err());
+        let err = PackedMatrix::new(BlockFormat::Q4K, 2, 896, vec![0; 10]).unwrap_err();
+        assert!(err.to_string().contains("256-weight blocks"), "{err}");
+    }
+}

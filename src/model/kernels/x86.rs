@@ -1,0 +1,285 @@
+//! AVX2 dot products of one GGUF weight row with one activation row held as
+//! 16-bit integers ([`super::Quantized16`]): per 32-weight group the integer
+//! products are summed by `madd_epi16` and scaled once, in f32, by the weight's
+//! and the activation's scales; a format's offset (its min, or −8d for Q4_0)
+//! multiplies the group's Σx. The weights are read as stored in the file, so
+//! decode streams exactly the GGUF's bytes.
+//!
+//! Every function here requires AVX2, FMA and F16C (checked by the caller) and a
+//! row of whole blocks matching `xq` (checked when the matrix is built).
+
+use std::arch::x86_64::*;
+
+use super::formats::{scale_min_k4, BlockFormat, GROUP};
+use super::Quantized16;
+
+/// Whether this CPU can run the kernels of this module.
+pub fn available() -> bool {
+    std::is_x86_feature_detected!("avx2")
+        && std::is_x86_feature_detected!("fma")
+        && std::is_x86_feature_detected!("f16c")
+}
+
+/// Σ w·x over one row. `xsums` is Σx per 32-weight group.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C ([`available`]); `row` must hold
+/// `xq.scales.len() * 32` weights of `format` and `xsums` one entry per group.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot(format: BlockFormat, row: &[u8], xq: &Quantized16, xsums: &[f32]) -> f32 {
+    debug_assert_eq!(
+        row.len(),
+        xq.scales.len() * GROUP / format.block_weights() * format.block_bytes()
+    );
+    match format {
+        BlockFormat::Q4_0 => dot_q4_0(row, xq, xsums),
+        BlockFormat::Q4_1 => dot_q4_1(row, xq, xsums),
+        BlockFormat::Q5_0 => dot_q5_0(row, xq, xsums),
+        BlockFormat::Q5_1 => dot_q5_1(row, xq, xsums),
+        BlockFormat::Q8_0 => dot_q8_0(row, xq, xsums),
+        BlockFormat::Q4K => dot_q45_k(row, xq, xsums, false),
+        BlockFormat::Q5K => dot_q45_k(row, xq, xsums, true),
+        BlockFormat::Q6K => dot_q6_k(row, xq),
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    _mm_cvtss_f32(s)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn f16_at(p: *const u8) -> f32 {
+    let bits = std::ptr::read_unaligned(p as *const u16);
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
+}
+
+/// The integer products of 32 weights (as two vectors of 16 i16) with the 32
+/// activations at `x`, as 8 i32 partial sums.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn madd32(lo: __m256i, hi: __m256i, x: *const i16) -> __m256i {
+    let x_lo = _mm256_loadu_si256(x as *const __m256i);
+    let x_hi = _mm256_loadu_si256(x.add(16) as *const __m256i);
+    _mm256_add_epi32(_mm256_madd_epi16(lo, x_lo), _mm256_madd_epi16(hi, x_hi))
+}
+
+/// 16 bytes of nibbles as weights 0..16 (low nibbles) and 16..32 (high nibbles).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn nibbles16(p: *const u8) -> (__m256i, __m256i) {
+    let bytes = _mm_loadu_si128(p as *const __m128i);
+    let mask = _mm_set1_epi8(0x0F);
+    (
+        _mm256_cvtepu8_epi16(_mm_and_si128(bytes, mask)),
+        _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask)),
+    )
+}
+
+/// 16 bits as 16 i16 lanes holding 16 where the lane's bit is set (Q5's fifth bit).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn fifth_bits16(bits: u32) -> __m256i {
+    let lanes = _mm256_setr_epi16(
+        1,
+        2,
+        4,
+        8,
+        16,
+        32,
+        64,
+        128,
+        256,
+        512,
+        1024,
+        2048,
+        4096,
+        8192,
+        16384,
+        i16::MIN,
+    );
+    let picked = _mm256_and_si256(_mm256_set1_epi16(bits as u16 as i16), lanes);
+    _mm256_and_si256(_mm256_cmpeq_epi16(picked, lanes), _mm256_set1_epi16(16))
+}
+
+/// Widens 32 bytes to two vectors of 16 i16 (weights 0..16 and 16..32).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn widen_u8(v: __m256i) -> (__m256i, __m256i) {
+    (
+        _mm256_cvtepu8_epi16(_mm256_castsi256_si128(v)),
+        _mm256_cvtepu8_epi16(_mm256_extracti128_si256(v, 1)),
+    )
+}
+
+/// The loop shared by the 32-weight formats: `$decode` turns the block at `$b`
+/// into (low weights, high weights, scale, offset).
+macro_rules! dot_groups {
+    ($row:expr, $xq:expr, $xsums:expr, $bytes:expr, |$b:ident| $decode:expr) => {{
+        let (row, xq, xsums): (&[u8], &Quantized16, &[f32]) = ($row, $xq, $xsums);
+        let mut acc = _mm256_setzero_ps();
+        let mut offsets = 0f32;
+        let xp = xq.values.as_ptr();
+        for g in 0..xq.scales.len() {
+            let $b = row.as_ptr().add(g * $bytes);
+            let (lo, hi, d, offset): (__m256i, __m256i, f32, f32) = $decode;
+            let sums = madd32(lo, hi, xp.add(g * GROUP));
+            let scale = d * xq.scales.get_unchecked(g);
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(scale), acc);
+            offsets += offset * xsums.get_unchecked(g);
+        }
+        hsum(acc) + offsets
+    }};
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q4_0(row: &[u8], xq: &Quantized16, xsums: &[f32]) -> f32 {
+    dot_groups!(row, xq, xsums, 18, |b| {
+        let d = f16_at(b);
+        let (lo, hi) = nibbles16(b.add(2));
+        (lo, hi, d, -8.0 * d)
+    })
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q4_1(row: &[u8], xq: &Quantized16, xsums: &[f32]) -> f32 {
+    dot_groups!(row, xq, xsums, 20, |b| {
+        let (lo, hi) = nibbles16(b.add(4));
+        (lo, hi, f16_at(b), f16_at(b.add(2)))
+    })
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q5_0(row: &[u8], xq: &Quantized16, xsums: &[f32]) -> f32 {
+    dot_groups!(row, xq, xsums, 22, |b| {
+        let d = f16_at(b);
+        let high = std::ptr::read_unaligned(b.add(2) as *const u32);
+        let (lo, hi) = nibbles16(b.add(6));
+        (
+            _mm256_or_si256(lo, fifth_bits16(high)),
+            _mm256_or_si256(hi, fifth_bits16(high >> 16)),
+            d,
+            -16.0 * d,
+        )
+    })
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q5_1(row: &[u8], xq: &Quantized16, xsums: &[f32]) -> f32 {
+    dot_groups!(row, xq, xsums, 24, |b| {
+        let high = std::ptr::read_unaligned(b.add(4) as *const u32);
+        let (lo, hi) = nibbles16(b.add(8));
+        (
+            _mm256_or_si256(lo, fifth_bits16(high)),
+            _mm256_or_si256(hi, fifth_bits16(high >> 16)),
+            f16_at(b),
+            f16_at(b.add(2)),
+        )
+    })
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q8_0(row: &[u8], xq: &Quantized16, xsums: &[f32]) -> f32 {
+    dot_groups!(row, xq, xsums, 34, |b| {
+        let lo = _mm256_cvtepi8_epi16(_mm_loadu_si128(b.add(2) as *const __m128i));
+        let hi = _mm256_cvtepi8_epi16(_mm_loadu_si128(b.add(18) as *const __m128i));
+        (lo, hi, f16_at(b), 0.0)
+    })
+}
+
+/// Q4K and (with `fifth`) Q5K: per 32 bytes of nibbles, the low nibbles are
+/// group 2j and the high nibbles group 2j+1, each with its own 6-bit scale/min.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q45_k(row: &[u8], xq: &Quantized16, xsums: &[f32], fifth: bool) -> f32 {
+    let bytes = if fifth { 176 } else { 144 };
+    let mask = _mm256_set1_epi8(0x0F);
+    let sixteen = _mm256_set1_epi8(16);
+    let xp = xq.values.as_ptr();
+    let mut acc = _mm256_setzero_ps();
+    let mut offsets = 0f32;
+    for s in 0..xq.scales.len() / 8 {
+        let b = row.as_ptr().add(s * bytes);
+        let (d, dmin) = (f16_at(b), f16_at(b.add(2)));
+        let scales = std::slice::from_raw_parts(b.add(4), 12);
+        let (qh, qs) = match fifth {
+            true => (_mm256_loadu_si256(b.add(16) as *const __m256i), b.add(48)),
+            false => (_mm256_setzero_si256(), b.add(16)),
+        };
+        for j in 0..4 {
+            let packed = _mm256_loadu_si256(qs.add(32 * j) as *const __m256i);
+            let mut halves = [
+                _mm256_and_si256(packed, mask),
+                _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask),
+            ];
+            for (h, q) in halves.iter_mut().enumerate() {
+                let g = 2 * j + h;
+                if fifth {
+                    let bit = _mm256_set1_epi8(1 << g);
+                    let set = _mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit);
+                    *q = _mm256_or_si256(*q, _mm256_and_si256(set, sixteen));
+                }
+                let (sc, m) = scale_min_k4(g, scales);
+                let group = s * 8 + g;
+                let (lo, hi) = widen_u8(*q);
+                let sums = madd32(lo, hi, xp.add(group * GROUP));
+                let scale = d * f32::from(sc) * xq.scales.get_unchecked(group);
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(scale), acc);
+                offsets -= dmin * f32::from(m) * xsums.get_unchecked(group);
+            }
+        }
+    }
+    hsum(acc) + offsets
+}
+
+/// Q6K: a group's 32 weights are a low nibble from `ql`, two high bits from `qh`,
+/// minus 32, with one signed 8-bit scale per 16 weights.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q6_k(row: &[u8], xq: &Quantized16) -> f32 {
+    let mask = _mm256_set1_epi8(0x0F);
+    let three = _mm256_set1_epi8(3);
+    let thirty_two = _mm256_set1_epi16(32);
+    let xp = xq.values.as_ptr();
+    let mut acc = _mm256_setzero_ps();
+    for s in 0..xq.scales.len() / 8 {
+        let b = row.as_ptr().add(s * 210);
+        let d = f16_at(b.add(208));
+        let scales = b.add(192) as *const i8;
+        for half in 0..2 {
+            let qh = _mm256_loadu_si256(b.add(128 + 32 * half) as *const __m256i);
+            for which in 0..4 {
+                let ql = _mm256_loadu_si256(b.add(64 * half + 32 * (which % 2)) as *const __m256i);
+                let nibble = match which < 2 {
+                    true => _mm256_and_si256(ql, mask),
+                    false => _mm256_and_si256(_mm256_srli_epi16(ql, 4), mask),
+                };
+                let high = _mm256_and_si256(
+                    _mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * which as i32)),
+                    three,
+                );
+                let q = _mm256_or_si256(nibble, _mm256_slli_epi16(high, 4));
+                let (lo, hi) = widen_u8(q);
+                let group = s * 8 + half * 4 + which;
+                let x = xp.add(group * GROUP);
+                let lo = _mm256_madd_epi16(
+                    _mm256_sub_epi16(lo, thirty_two),
+                    _mm256_loadu_si256(x as *const __m256i),
+                );
+                let hi = _mm256_madd_epi16(
+                    _mm256_sub_epi16(hi, thirty_two),
+                    _mm256_loadu_si256(x.add(16) as *const __m256i),
+                );
+                let dx = d * xq.scales.get_unchecked(group);
+                let sc = scales.add(half * 8 + which * 2);
+                let (s0, s1) = (f32::from(*sc), f32::from(*sc.add(1)));
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_set1_ps(dx * s0), acc);
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_set1_ps(dx * s1), acc);
+            }
+        }
+    }
+    hsum(acc)
+}
