@@ -43,6 +43,25 @@ PROMPT = (
 )
 
 
+def long_prompt(approx_tokens):
+    """A ChatML prompt of about `approx_tokens` tokens: a long document of distinct
+    numbered notes (no repeated text a cache could exploit) and one question, the
+    shape of an agent's long system prompt."""
+    cities = ["Tokyo", "Kyoto", "Osaka", "Nara", "Hiroshima", "Sapporo", "Sendai", "Nagoya"]
+    notes = []
+    i = 0
+    # ~4 characters a token is a safe over-estimate for English text here.
+    while sum(len(n) for n in notes) < approx_tokens * 4 - 400:
+        a, b = cities[i % 8], cities[(i * 3 + 1) % 8]
+        notes.append(f"Note {i}: the train from {a} to {b} leaves at {6 + i % 14}:{(i * 7) % 60:02d} "
+                     f"from platform {1 + i % 9} and costs {1200 + 37 * i} yen.\n")
+        i += 1
+    return ("<|im_start|>system\nYou are a travel assistant. Use the timetable below.\n"
+            + "".join(notes) + "<|im_end|>\n<|im_start|>user\n"
+            "Which train should I take from Tokyo to Kyoto in the morning?<|im_end|>\n"
+            "<|im_start|>assistant\n")
+
+
 def log(*a):
     print(*a, file=sys.stderr, flush=True)
 
@@ -69,7 +88,7 @@ def bench_llamacpp(args):
         logits_all=False,
         verbose=False,
     )
-    ids = llm.tokenize(PROMPT.encode("utf-8"), add_bos=False, special=True)
+    ids = llm.tokenize(args.prompt.encode("utf-8"), add_bos=False, special=True)
     n_prompt = len(ids)
     need = n_prompt + args.tokens + 1
     if need > llm.n_ctx():
@@ -128,7 +147,7 @@ def bench_claw(args, weights):
         return {"engine": engine, "error": f"binary not found: {exe} (did `cargo build --release` succeed?)"}
     cmd = [exe, "chat", "--model", args.model, "--raw", "--ignore-eos",
            "--max-tokens", str(args.tokens), "--temperature", "0",
-           "--threads", str(args.threads), "--weights", weights, "--json", PROMPT]
+           "--threads", str(args.threads), "--weights", weights, "--json", args.prompt]
 
     def one_run():
         p = subprocess.run(cmd, capture_output=True, text=True)
@@ -224,16 +243,19 @@ def main():
     ap.add_argument("--llama-flash-attn", action="store_true")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--print-prompt", action="store_true")
+    ap.add_argument("--prompt-tokens", type=int, default=0,
+                    help="use a long prompt of about this many tokens instead of the ~100-token one")
     args = ap.parse_args()
+    args.prompt = long_prompt(args.prompt_tokens) if args.prompt_tokens > 0 else PROMPT
     if args.print_prompt:
-        sys.stdout.write(PROMPT)
+        sys.stdout.write(args.prompt)
         return
     if args.tokens < 1 or args.runs < 1 or args.threads < 1:
         ap.error("--tokens, --runs and --threads must be >= 1")
-    args.ctx_needed = 256 + args.tokens + 8
+    args.ctx_needed = 256 + max(args.prompt_tokens * 2, 0) + args.tokens + 8
 
     res = {"model": args.model, "threads": args.threads, "tokens": args.tokens,
-           "runs": args.runs, "prompt": PROMPT, "engines": [], "notes": []}
+           "runs": args.runs, "prompt": args.prompt[:200], "engines": [], "notes": []}
     lc = cl = None
     if not args.no_llamacpp:
         lc = bench_llamacpp(args)

@@ -127,14 +127,18 @@ pub fn dequantize_row(format: BlockFormat, row: &[u8], out: &mut Vec<f32>) {
 }
 
 fn dequantize_block(format: BlockFormat, b: &[u8], out: &mut Vec<f32>) {
-    // The 32-weight formats: nibble j holds weight j (low) and j + 16 (high).
+    // The 32-weight formats: byte j holds weight j (low nibble) and j + 16 (high
+    // nibble); bit j of `high_bits` is weight j's fifth bit (Q5_0, Q5_1).
     let nibbles = |qs: &[u8], high_bits: u32, d: f32, offset: f32, out: &mut Vec<f32>| {
-        let q = |j: usize| -> f32 {
-            let nibble = if j < 16 { qs[j] & 0xF } else { qs[j - 16] >> 4 };
-            let high = (((high_bits >> j) & 1) << 4) as u8;
-            f32::from(nibble | high)
-        };
-        out.extend((0..GROUP).map(|j| d * q(j) + offset));
+        let start = out.len();
+        out.resize(start + GROUP, 0.0);
+        let group = &mut out[start..];
+        for (j, &byte) in qs.iter().enumerate() {
+            let lo = (byte & 0xF) | ((((high_bits >> j) & 1) << 4) as u8);
+            let hi = (byte >> 4) | ((((high_bits >> (j + 16)) & 1) << 4) as u8);
+            group[j] = d * f32::from(lo) + offset;
+            group[j + 16] = d * f32::from(hi) + offset;
+        }
     };
     let u32_at = |at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
     match format {

@@ -81,30 +81,29 @@ unsafe fn nibbles16(p: *const u8) -> (__m256i, __m256i) {
     )
 }
 
-/// 16 bits as 16 i16 lanes holding 16 where the lane's bit is set (Q5's fifth bit).
+/// A 32-weight group of 5-bit weights as two vectors of 16 i16: 16 bytes of
+/// nibbles (byte j: weight j low, weight j + 16 high) and 32 fifth bits (bit j:
+/// weight j), expanded in the byte domain as llama.cpp's `bytes_from_bits_32`.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn fifth_bits16(bits: u32) -> __m256i {
-    let lanes = _mm256_setr_epi16(
-        1,
-        2,
-        4,
-        8,
-        16,
-        32,
-        64,
-        128,
-        256,
-        512,
-        1024,
-        2048,
-        4096,
-        8192,
-        16384,
-        i16::MIN,
+unsafe fn five_bit_group(nibbles: *const u8, fifth: *const u8) -> (__m256i, __m256i) {
+    let packed = _mm_loadu_si128(nibbles as *const __m128i);
+    let low_high = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
+    let q = _mm256_and_si256(low_high, _mm256_set1_epi8(0x0F));
+    // Byte j gets byte j/8 of the bits, then all of its bits but bit j%8 are set.
+    let bits = std::ptr::read_unaligned(fifth as *const u32);
+    let spread = _mm256_shuffle_epi8(
+        _mm256_set1_epi32(bits as i32),
+        _mm256_set_epi64x(
+            0x0303030303030303,
+            0x0202020202020202,
+            0x0101010101010101,
+            0,
+        ),
     );
-    let picked = _mm256_and_si256(_mm256_set1_epi16(bits as u16 as i16), lanes);
-    _mm256_and_si256(_mm256_cmpeq_epi16(picked, lanes), _mm256_set1_epi16(16))
+    let others = _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe);
+    let set = _mm256_cmpeq_epi8(_mm256_or_si256(spread, others), _mm256_set1_epi64x(-1));
+    widen_u8(_mm256_or_si256(q, _mm256_and_si256(set, _mm256_set1_epi8(16))))
 }
 
 /// Widens 32 bytes to two vectors of 16 i16 (weights 0..16 and 16..32).
@@ -158,28 +157,16 @@ unsafe fn dot_q4_1(row: &[u8], xq: &Quantized16, xsums: &[f32]) -> f32 {
 unsafe fn dot_q5_0(row: &[u8], xq: &Quantized16, xsums: &[f32]) -> f32 {
     dot_groups!(row, xq, xsums, 22, |b| {
         let d = f16_at(b);
-        let high = std::ptr::read_unaligned(b.add(2) as *const u32);
-        let (lo, hi) = nibbles16(b.add(6));
-        (
-            _mm256_or_si256(lo, fifth_bits16(high)),
-            _mm256_or_si256(hi, fifth_bits16(high >> 16)),
-            d,
-            -16.0 * d,
-        )
+        let (lo, hi) = five_bit_group(b.add(6), b.add(2));
+        (lo, hi, d, -16.0 * d)
     })
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q5_1(row: &[u8], xq: &Quantized16, xsums: &[f32]) -> f32 {
     dot_groups!(row, xq, xsums, 24, |b| {
-        let high = std::ptr::read_unaligned(b.add(4) as *const u32);
-        let (lo, hi) = nibbles16(b.add(8));
-        (
-            _mm256_or_si256(lo, fifth_bits16(high)),
-            _mm256_or_si256(hi, fifth_bits16(high >> 16)),
-            f16_at(b),
-            f16_at(b.add(2)),
-        )
+        let (lo, hi) = five_bit_group(b.add(8), b.add(4));
+        (lo, hi, f16_at(b), f16_at(b.add(2)))
     })
 }
 
