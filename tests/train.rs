@@ -342,6 +342,64 @@ fn real_model_rl_step_of_16_samples() {
     );
 }
 
+/// On the real Qwen2.5-0.5B (Q4_K_M, 151k vocabulary, q/k/v biases): one RL step
+/// and one SFT step of `claw train` run and report a finite loss; time and peak
+/// RSS are printed for the record.
+#[test]
+fn qwen_model_trains_one_rl_and_one_sft_step_when_fetched() {
+    let Some(model) = qwen_model() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/train");
+    let samples = dir.path().join("samples.parquet");
+    run_ok(
+        claw()
+            .arg("collect")
+            .arg(fixtures.join("pirate-train.jsonl"))
+            .arg("--model")
+            .arg(&model)
+            .arg("-o")
+            .arg(&samples),
+    );
+    let mut rows = read_rows(&samples);
+    rows.truncate(4);
+    for (i, row) in rows.iter_mut().enumerate() {
+        row.reward = Some(if i.is_multiple_of(2) { 1.0 } else { -1.0 });
+    }
+    let judged = dir.path().join("judged.parquet");
+    write_rows(&judged, &rows);
+    for objective in ["rl", "sft"] {
+        let (stdout, stderr) = run_ok(
+            claw()
+                .args(["train", "--objective", objective, "--batch-size", "4"])
+                .args(["--lr", "1e-4", "--max-steps", "1", "--json"])
+                .arg(&judged)
+                .arg("--model")
+                .arg(&model)
+                .arg("--out")
+                .arg(dir.path().join(format!("ckpt-{objective}"))),
+        );
+        let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        assert_eq!(report["steps"], 1, "{objective}: {stderr}");
+        assert_eq!(report["samples_trained"], 4, "{objective}: {stderr}");
+        let loss = report["last_loss"].as_f64().unwrap();
+        assert!(loss.is_finite(), "{objective}: loss {loss}");
+        assert!(
+            dir.path()
+                .join(format!("ckpt-{objective}"))
+                .join("LATEST")
+                .is_file(),
+            "{objective}: no checkpoint"
+        );
+        eprintln!(
+            "Qwen2.5-0.5B {objective} step: 4 samples, {} response tokens, loss {loss:.4}, \
+             {:.1} s, peak RSS {:.0} MB",
+            report["tokens_trained"],
+            report["train_seconds"].as_f64().unwrap(),
+            report["peak_rss_mb"].as_f64().unwrap_or(0.0)
+        );
+    }
+}
+
 /// A pipe carries Parquet segments back to back; `claw train` trains on each
 /// batch as soon as it is full, while the producer is still writing.
 #[test]
