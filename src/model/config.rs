@@ -326,6 +326,98 @@ fn rope_scaling<'c>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use gguf_file::Value as V;
+
+    /// The config of a GGUF header holding `arch`'s basic keys plus `extra`.
+    fn config_of(arch: &str, extra: &[(&str, V)]) -> Result<ModelConfig> {
+        let key = |k: &str| format!("{arch}.{k}");
+        let mut md: Vec<(String, V)> = vec![
+            ("general.architecture".into(), V::String(arch.into())),
+            (key("embedding_length"), V::U32(64)),
+            (key("attention.head_count"), V::U32(4)),
+            (key("feed_forward_length"), V::U32(128)),
+            (key("block_count"), V::U32(2)),
+            (key("vocab_size"), V::U32(100)),
+        ];
+        md.extend(extra.iter().map(|(k, v)| (key(k), v.clone())));
+        let refs: Vec<(&str, &V)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let mut bytes = std::io::Cursor::new(Vec::new());
+        gguf_file::write(&mut bytes, &refs, &[])?;
+        bytes.set_position(0);
+        ModelConfig::from_gguf(&gguf_file::Content::read(&mut bytes)?)
+    }
+
+    #[test]
+    fn head_size_comes_from_key_length() {
+        let c = config_of("qwen3", &[("attention.key_length", V::U32(32))]).unwrap();
+        assert_eq!((c.architecture, c.head_dim), (Architecture::Qwen3, 32));
+        assert_eq!(config_of("llama", &[]).unwrap().head_dim, 16);
+        let err = config_of("llama", &[("rope.dimension_count", V::U32(8))]).unwrap_err();
+        assert!(err.to_string().contains("partial RoPE"), "{err}");
+        let err = config_of("llama", &[("expert_count", V::U32(8))]).unwrap_err();
+        assert!(err.to_string().contains("8 experts"), "{err}");
+        let err = config_of("gemma2", &[]).unwrap_err();
+        assert!(
+            err.to_string().contains("`gemma2` is not supported"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn rope_scaling_is_read_from_metadata() {
+        let llama3 = config_of(
+            "llama",
+            &[
+                ("rope.scaling.type", V::String("llama3".into())),
+                ("rope.scaling.factor", V::F32(32.0)),
+            ],
+        )
+        .unwrap();
+        // Unnamed fields take Llama 3.1's values.
+        assert_eq!(
+            llama3.rope_scaling,
+            Some(RopeScaling::Llama3 {
+                factor: 32.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_context: 8192,
+            })
+        );
+        let linear = config_of(
+            "llama",
+            &[
+                ("rope.scaling.type", V::String("linear".into())),
+                ("rope.scaling.factor", V::F32(2.0)),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            linear.rope_scaling,
+            Some(RopeScaling::Linear { factor: 2.0 })
+        );
+        let none = config_of("llama", &[("rope.scaling.type", V::String("none".into()))]);
+        assert_eq!(none.unwrap().rope_scaling, None);
+        let err =
+            config_of("llama", &[("rope.scaling.type", V::String("yarn".into()))]).unwrap_err();
+        assert!(err.to_string().contains("`yarn` is not supported"), "{err}");
+    }
+
+    #[test]
+    fn llama3_divisors_keep_high_frequencies_and_divide_low_ones() {
+        let scaling = RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_context: 64,
+        };
+        // head_dim 16, base 10^4: wavelengths 6.3, 19.9, 62.8, 199, ...; kept
+        // below 64/4 = 16, divided by 8 above 64, interpolated between.
+        let d = scaling.divisors(16, 10_000.0);
+        assert_eq!(d.len(), 8);
+        assert_eq!(d[0], 1.0);
+        assert!(d[1] > 1.0 && d[1] < d[2] && d[2] < 8.0, "{d:?}");
+        assert!(d[3..].iter().all(|&x| x == 8.0), "{d:?}");
+    }
 
     #[test]
     fn residual_names_round_trip() {

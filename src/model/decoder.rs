@@ -554,7 +554,8 @@ impl Decoder {
         };
         let token_embd = gguf.tensor("token_embd.weight")?;
         let (h, ffn) = (cfg.hidden_size, cfg.intermediate_size);
-        // Only the width: some files pad the table beyond the tokenizer's vocabulary.
+        // Rows as stored (some files pad the table beyond the tokenizer's
+        // vocabulary); an untied head must have as many.
         let rows = token_embd.shape().dims().first().copied().unwrap_or(0);
         gguf.check_shape("token_embd.weight", &token_embd, (rows, h))?;
         let embedding = token_embd.dequantize(device)?;
@@ -606,12 +607,6 @@ impl Decoder {
         // Untied models carry output.weight; tied ones reuse the embedding table.
         let tied_head = !content.tensor_infos.contains_key("output.weight");
         let head = if !tied_head {
-            let rows = content.tensor_infos["output.weight"]
-                .shape
-                .dims()
-                .first()
-                .copied()
-                .unwrap_or(0);
             gguf.linear("output", false, (rows, h))?
         } else {
             Linear::quantized(token_embd, None)?
