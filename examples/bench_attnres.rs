@@ -114,6 +114,7 @@ fn config(arm: &Arm, residual: Residual, seq: usize) -> ModelConfig {
         rms_norm_eps: 1e-8,
         context_length: seq + 1,
         residual,
+        rope_scaling: None,
     }
 }
 

@@ -28,6 +28,7 @@ fn config(residual: Residual, layers: usize, eps: f64) -> ModelConfig {
         rms_norm_eps: eps,
         context_length: 64,
         residual,
+        rope_scaling: None,
     }
 }
 

@@ -10,13 +10,33 @@ use claw::model::testing::{write_tiny_gguf, TinySpec};
 use claw::model::{KvCache, Model, SamplingParams, WeightFormat};
 
 fn tiny_model(dir: &Path, architecture: Architecture) -> PathBuf {
-    let path = dir.join(format!("tiny-{architecture:?}.gguf"));
     let spec = TinySpec {
         architecture,
         ..Default::default()
     };
-    write_tiny_gguf(&path, &spec).expect("write tiny gguf");
+    tiny_model_of(dir, &format!("tiny-{architecture:?}"), &spec)
+}
+
+fn tiny_model_of(dir: &Path, name: &str, spec: &TinySpec) -> PathBuf {
+    let path = dir.join(format!("{name}.gguf"));
+    write_tiny_gguf(&path, spec).expect("write tiny gguf");
     path
+}
+
+/// Every tiny variant: (name, spec).
+fn tiny_variants() -> Vec<(&'static str, TinySpec)> {
+    vec![
+        ("llama", TinySpec::default()),
+        (
+            "qwen2",
+            TinySpec {
+                architecture: Architecture::Qwen2,
+                ..Default::default()
+            },
+        ),
+        ("qwen3", TinySpec::qwen3()),
+        ("llama3", TinySpec::llama3()),
+    ]
 }
 
 /// The real default model, or None with a visible message when it is not fetched.
@@ -36,6 +56,12 @@ fn real_model() -> Option<PathBuf> {
 enum Reference {
     Llama(candle_transformers::models::quantized_llama::ModelWeights),
     Qwen2(candle_transformers::models::quantized_qwen2::ModelWeights),
+    Qwen3(candle_transformers::models::quantized_qwen3::ModelWeights),
+    /// candle-transformers' float Llama, the one with Llama 3's RoPE scaling.
+    FloatLlama(
+        candle_transformers::models::llama::Llama,
+        candle_transformers::models::llama::Cache,
+    ),
 }
 
 impl Reference {
@@ -59,7 +85,54 @@ impl Reference {
                 )
                 .unwrap(),
             ),
+            Architecture::Qwen3 => Reference::Qwen3(
+                candle_transformers::models::quantized_qwen3::ModelWeights::from_gguf(
+                    content,
+                    &mut file,
+                    &Device::Cpu,
+                )
+                .unwrap(),
+            ),
         }
+    }
+
+    /// candle-transformers' float Llama with `model`'s weights (in the Hugging
+    /// Face layout, as it expects) and the given RoPE scaling.
+    fn float_llama(
+        model: &Model,
+        rope_scaling: Option<candle_transformers::models::llama::Llama3RopeConfig>,
+    ) -> Self {
+        use candle_transformers::models::llama;
+        let c = &model.config;
+        let weights: std::collections::HashMap<String, Tensor> = model
+            .decoder
+            .to_hf_layout()
+            .unwrap()
+            .parameters()
+            .unwrap()
+            .into_iter()
+            .collect();
+        let config = llama::Config {
+            hidden_size: c.hidden_size,
+            intermediate_size: c.intermediate_size,
+            vocab_size: c.vocab_size,
+            num_hidden_layers: c.num_layers,
+            num_attention_heads: c.num_heads,
+            num_key_value_heads: c.num_kv_heads,
+            use_flash_attn: false,
+            rms_norm_eps: c.rms_norm_eps,
+            rope_theta: c.rope_theta,
+            bos_token_id: None,
+            eos_token_id: None,
+            rope_scaling,
+            max_position_embeddings: c.context_length,
+            tie_word_embeddings: model.decoder.tied_head(),
+        };
+        let vb =
+            candle_nn::VarBuilder::from_tensors(weights, candle_core::DType::F32, &Device::Cpu);
+        let cache =
+            llama::Cache::new(true, candle_core::DType::F32, &config, &Device::Cpu).unwrap();
+        Reference::FloatLlama(llama::Llama::load(vb, &config).unwrap(), cache)
     }
 
     /// Last-position logits, (vocab,).
@@ -71,6 +144,8 @@ impl Reference {
         let logits = match self {
             Reference::Llama(m) => m.forward(&x, pos).unwrap(),
             Reference::Qwen2(m) => m.forward(&x, pos).unwrap(),
+            Reference::Qwen3(m) => m.forward(&x, pos).unwrap(),
+            Reference::FloatLlama(m, cache) => m.forward(&x, pos, cache).unwrap(),
         };
         logits.flatten_all().unwrap().to_vec1().unwrap()
     }
@@ -105,6 +180,11 @@ fn compare_with_reference(
 ) -> Gaps {
     let model = Model::load_with(path, WeightFormat::Ggml).unwrap();
     let mut reference = Reference::load(path, architecture);
+    compare(&model, &mut reference, prompt, steps)
+}
+
+/// [`compare_with_reference`] for a loaded model and any reference.
+fn compare(model: &Model, reference: &mut Reference, prompt: &[u32], steps: usize) -> Gaps {
     let mut cache = KvCache::new();
     let ids = Tensor::new(prompt, &Device::Cpu)
         .unwrap()
@@ -178,13 +258,171 @@ fn tiny_qwen2_logits_match_candle_quantized_qwen2() {
 }
 
 #[test]
+fn tiny_qwen3_logits_match_candle_quantized_qwen3() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = TinySpec::qwen3();
+    let path = tiny_model_of(dir.path(), "qwen3", &spec);
+    let model = Model::load(&path).unwrap();
+    assert_eq!(model.config.architecture, Architecture::Qwen3);
+    assert_ne!(
+        model.config.head_dim * model.config.num_heads,
+        model.config.hidden_size,
+        "the test model's heads should be wider than hidden / heads"
+    );
+    let prompt: Vec<u32> = (10..40).collect();
+    let gaps = compare_with_reference(&path, Architecture::Qwen3, &prompt, 8);
+    assert!(
+        gaps.prefill < 1e-3 && gaps.decode < 1e-3,
+        "{} / {}",
+        gaps.prefill,
+        gaps.decode
+    );
+}
+
+#[test]
+fn tiny_untied_llama_logits_match_candle_quantized_llama() {
+    // Llama 3's own LM head (output.weight); quantized_llama has no RoPE
+    // scaling, so this variant keeps the plain frequencies.
+    let dir = tempfile::tempdir().unwrap();
+    let spec = TinySpec {
+        untied_head: true,
+        ..Default::default()
+    };
+    let path = tiny_model_of(dir.path(), "untied", &spec);
+    assert!(!Model::load(&path).unwrap().decoder.tied_head());
+    let prompt: Vec<u32> = (3..40).collect();
+    let gaps = compare_with_reference(&path, Architecture::Llama, &prompt, 8);
+    assert!(
+        gaps.prefill < 1e-3 && gaps.decode < 1e-3,
+        "{} / {}",
+        gaps.prefill,
+        gaps.decode
+    );
+}
+
+#[test]
+fn tiny_llama3_rope_scaling_matches_candle_llama() {
+    use candle_transformers::models::llama::{Llama3RopeConfig, Llama3RopeType};
+    let dir = tempfile::tempdir().unwrap();
+    // llama.cpp's form (rope_freqs.weight) and the metadata form of one scaling.
+    let tensor_form = tiny_model_of(dir.path(), "llama3", &TinySpec::llama3());
+    let metadata_form = tiny_model_of(
+        dir.path(),
+        "llama3-metadata",
+        &TinySpec {
+            rope_freqs_tensor: false,
+            ..TinySpec::llama3()
+        },
+    );
+    let plain = tiny_model_of(
+        dir.path(),
+        "llama3-unscaled",
+        &TinySpec {
+            rope_scaling: None,
+            ..TinySpec::llama3()
+        },
+    );
+    let Some(claw::model::config::RopeScaling::Llama3 {
+        factor,
+        low_freq_factor,
+        high_freq_factor,
+        original_context,
+    }) = TinySpec::llama3().rope_scaling
+    else {
+        panic!("the llama3 spec has llama3 scaling")
+    };
+    let scaling = Llama3RopeConfig {
+        factor,
+        low_freq_factor,
+        high_freq_factor,
+        original_max_position_embeddings: original_context,
+        rope_type: Llama3RopeType::Llama3,
+    };
+    let prompt: Vec<u32> = (3..60).collect();
+    let model = Model::load_with(&tensor_form, WeightFormat::F32).unwrap();
+    assert!(!model.decoder.tied_head());
+    let mut reference = Reference::float_llama(&model, Some(scaling));
+    let gaps = compare(&model, &mut reference, &prompt, 8);
+    assert!(
+        gaps.prefill < 1e-3 && gaps.decode < 1e-3,
+        "vs candle's llama: {} / {}",
+        gaps.prefill,
+        gaps.decode
+    );
+    let last = |path: &Path| -> Vec<f32> {
+        let model = Model::load_with(path, WeightFormat::F32).unwrap();
+        let ids = Tensor::new(prompt.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let logits = model.decoder.forward_last(&ids, &mut KvCache::new());
+        logits.unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    };
+    let scaled = last(&tensor_form);
+    let d = max_abs_diff(&scaled, &last(&metadata_form));
+    assert!(
+        d < 1e-5,
+        "rope_freqs.weight vs rope.scaling.* metadata: {d}"
+    );
+    // The scaling matters at these positions, so the comparison above tests it.
+    let d = max_abs_diff(&scaled, &last(&plain));
+    assert!(d > 1e-2, "scaled vs plain RoPE differ by only {d}");
+}
+
+#[test]
+fn unsupported_architectures_and_tensor_types_are_named() {
+    use candle_core::quantized::gguf_file::Value;
+    let dir = tempfile::tempdir().unwrap();
+    let gemma = dir.path().join("gemma2.gguf");
+    let arch = Value::String("gemma2".into());
+    let mut file = std::fs::File::create(&gemma).unwrap();
+    gguf_file::write(&mut file, &[("general.architecture", &arch)], &[]).unwrap();
+    drop(file);
+    let err = format!("{:#}", Model::load(&gemma).err().unwrap());
+    assert!(
+        err.contains("architecture `gemma2` is not supported"),
+        "{err}"
+    );
+
+    // A tensor of a type claw cannot read (IQ4_XS, ggml type 23): its name and type.
+    let path = tiny_model(dir.path(), Architecture::Llama);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let name = b"blk.0.attn_q.weight";
+    let mut key = (name.len() as u64).to_le_bytes().to_vec();
+    key.extend_from_slice(name);
+    let at = bytes
+        .windows(key.len())
+        .position(|w| w == key.as_slice())
+        .expect("tensor info in the header");
+    // name, then n_dims (u32, 2 here), the dims (u64 each), the type (u32)
+    let type_at = at + key.len() + 4 + 2 * 8;
+    assert_eq!(bytes[type_at..type_at + 4], 3u32.to_le_bytes(), "Q4_1");
+    bytes[type_at..type_at + 4].copy_from_slice(&23u32.to_le_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    let err = format!("{:#}", Model::load(&path).err().unwrap());
+    assert!(
+        err.contains("tensor blk.0.attn_q.weight has type IQ4_XS"),
+        "{err}"
+    );
+}
+
+#[test]
 fn kv_cache_and_chunking_give_the_same_logits_as_one_pass() {
     let dir = tempfile::tempdir().unwrap();
-    let model = Model::load_with(
-        &tiny_model(dir.path(), Architecture::Llama),
-        WeightFormat::F32,
-    )
-    .unwrap();
+    for (name, spec) in tiny_variants() {
+        let path = tiny_model_of(dir.path(), name, &spec);
+        for (format, bound) in [(WeightFormat::F32, 1e-4), (WeightFormat::Packed, 5e-3)] {
+            let model = Model::load_with(&path, format).unwrap();
+            let diff = chunked_vs_one_pass(&model);
+            assert!(diff < bound, "{name} {format:?}: max |difference| {diff}");
+        }
+    }
+}
+
+/// The largest |logit difference| between one pass over 40 tokens and the same
+/// tokens fed as 25 + 1 + 1 + 13 through one cache (the single tokens take the
+/// vector decode step).
+fn chunked_vs_one_pass(model: &Model) -> f32 {
     let ids: Vec<u32> = (5..45).collect();
     let all = Tensor::new(ids.as_slice(), &Device::Cpu)
         .unwrap()
@@ -196,10 +434,9 @@ fn kv_cache_and_chunking_give_the_same_logits_as_one_pass() {
         .unwrap()
         .squeeze(0)
         .unwrap();
-    // the same sequence fed as 25 + 1 + 14 tokens through one cache
     let mut cache = KvCache::new();
     let mut pieces = Vec::new();
-    for range in [0..25, 25..26, 26..40] {
+    for range in [0..25, 25..26, 26..27, 27..40] {
         let t = Tensor::new(&ids[range], &Device::Cpu)
             .unwrap()
             .unsqueeze(0)
@@ -215,15 +452,14 @@ fn kv_cache_and_chunking_give_the_same_logits_as_one_pass() {
     }
     assert_eq!(cache.len(), 40);
     let incremental = Tensor::cat(&pieces, 0).unwrap();
-    let diff = (full - incremental)
+    (full - incremental)
         .unwrap()
         .abs()
         .unwrap()
         .max_all()
         .unwrap()
         .to_scalar::<f32>()
-        .unwrap();
-    assert!(diff < 1e-4, "max |difference| {diff}");
+        .unwrap()
 }
 
 #[test]

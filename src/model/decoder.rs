@@ -1,5 +1,7 @@
 //! The decoder: token embedding, N blocks of (RMSNorm → GQA attention with RoPE →
-//! residual, RMSNorm → SwiGLU MLP → residual), final RMSNorm and LM head.
+//! residual, RMSNorm → SwiGLU MLP → residual), final RMSNorm and LM head. Qwen3
+//! adds an RMSNorm on each head of q and k before RoPE; Llama 3.1+ scales RoPE's
+//! frequencies (`rope_freqs.weight` or the config's [`RopeScaling`]).
 //!
 //! One implementation serves and trains. [`Kernels::Fused`] uses candle's fast
 //! fused kernels (rms_norm, rope, softmax_last_dim), which have no backward;
@@ -19,7 +21,7 @@ use candle_core::quantized::{gguf_file, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
 use super::attnres::{self, DepthAttention};
-use super::config::{Architecture, ModelConfig, Residual};
+use super::config::{Architecture, ModelConfig, Residual, RopeScaling};
 use super::kernels::dot_f32;
 use super::linear::Linear;
 
@@ -61,12 +63,32 @@ impl RmsNorm {
 
     /// The fused kernel's arithmetic on one vector.
     fn forward_vec(&self, x: &[f32]) -> Vec<f32> {
+        let mut out = x.to_vec();
+        self.forward_in_place(&mut out);
+        out
+    }
+
+    fn forward_in_place(&self, x: &mut [f32]) {
         let mean_sq = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
         let inv = 1.0 / (mean_sq + self.eps as f32).sqrt();
-        x.iter()
+        x.iter_mut()
             .zip(&self.weight_vec)
-            .map(|(v, w)| v * inv * w)
-            .collect()
+            .for_each(|(v, w)| *v = *v * inv * w);
+    }
+
+    /// Normalizes each weight-sized chunk of `x` (every head of a q or k row).
+    fn forward_heads_vec(&self, x: &mut [f32]) {
+        for head in x.chunks_exact_mut(self.weight_vec.len()) {
+            self.forward_in_place(head);
+        }
+    }
+
+    /// `x`: (batch, seq, heads·dim) → the same, each head normalized.
+    fn forward_heads(&self, x: &Tensor, kernels: Kernels) -> candle_core::Result<Tensor> {
+        let (b, t, width) = x.dims3()?;
+        let dim = self.weight_vec.len();
+        let heads = x.reshape((b, t, width / dim, dim))?;
+        self.forward(&heads, kernels)?.reshape((b, t, width))
     }
 }
 
@@ -97,10 +119,33 @@ struct Rope {
 }
 
 impl Rope {
-    fn new(cfg: &ModelConfig, layout: RopeLayout, device: &Device) -> Result<Self> {
+    /// `freq_divisors`: a GGUF's `rope_freqs.weight` (one divisor per frequency,
+    /// llama.cpp's form of Llama 3's scaling), which replaces the config's
+    /// llama3 scaling; a linear scaling still applies on top, as in llama.cpp.
+    fn new(
+        cfg: &ModelConfig,
+        layout: RopeLayout,
+        freq_divisors: Option<&[f32]>,
+        device: &Device,
+    ) -> Result<Self> {
         let half = cfg.head_dim / 2;
+        let mut divisors = match (freq_divisors, &cfg.rope_scaling) {
+            (Some(d), _) => d.to_vec(),
+            (None, Some(scaling)) => scaling.divisors(cfg.head_dim, cfg.rope_theta),
+            (None, None) => vec![1.0; half],
+        };
+        if let (Some(_), Some(RopeScaling::Linear { factor })) = (freq_divisors, &cfg.rope_scaling)
+        {
+            divisors.iter_mut().for_each(|d| *d *= factor);
+        }
+        anyhow::ensure!(
+            divisors.len() == half && divisors.iter().all(|d| d.is_finite() && *d > 0.0),
+            "RoPE frequency divisors must be {half} positive numbers (head_dim {}), got {}",
+            cfg.head_dim,
+            divisors.len()
+        );
         let inv_freq: Vec<f32> = (0..half)
-            .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f32 / cfg.head_dim as f32))
+            .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f32 / cfg.head_dim as f32) / divisors[i])
             .collect();
         let positions = Tensor::arange(0u32, cfg.context_length as u32, device)?
             .to_dtype(DType::F32)?
@@ -161,8 +206,20 @@ struct Attention {
     k: Linear,
     v: Linear,
     o: Linear,
+    /// Qwen3: RMSNorm of each head of q and of k (weights of head_dim), before RoPE.
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
     /// q, k and v stacked into one packed matrix (packed weights only).
     qkv: Option<Linear>,
+}
+
+impl Attention {
+    /// The head norms present, by their Hugging Face names.
+    fn head_norms(&self) -> impl Iterator<Item = (&'static str, &RmsNorm)> {
+        [("q_norm", &self.q_norm), ("k_norm", &self.k_norm)]
+            .into_iter()
+            .filter_map(|(name, n)| n.as_ref().map(|n| (name, n)))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -496,22 +553,47 @@ impl Decoder {
             device,
         };
         let token_embd = gguf.tensor("token_embd.weight")?;
+        let (h, ffn) = (cfg.hidden_size, cfg.intermediate_size);
+        // Rows as stored (some files pad the table beyond the tokenizer's
+        // vocabulary); an untied head must have as many.
+        let rows = token_embd.shape().dims().first().copied().unwrap_or(0);
+        gguf.check_shape("token_embd.weight", &token_embd, (rows, h))?;
         let embedding = token_embd.dequantize(device)?;
-        let qkv_bias = cfg.architecture == Architecture::Qwen2;
+        let arch = cfg.architecture;
+        let bias = arch.has_qkv_bias();
+        let (q_out, kv_out) = (
+            cfg.num_heads * cfg.head_dim,
+            cfg.num_kv_heads * cfg.head_dim,
+        );
         let mut blocks = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let p = format!("blk.{i}");
+            let head_norm = |gguf: &mut GgufTensors<R>, name: &str| -> Result<Option<RmsNorm>> {
+                if !arch.has_qk_norm() {
+                    return Ok(None);
+                }
+                let norm = gguf.norm(&format!("{p}.{name}"), cfg.rms_norm_eps)?;
+                anyhow::ensure!(
+                    norm.weight_vec.len() == cfg.head_dim,
+                    "{p}.{name}.weight has {} values, the heads have {}",
+                    norm.weight_vec.len(),
+                    cfg.head_dim
+                );
+                Ok(Some(norm))
+            };
             let attn = Attention {
-                q: gguf.linear(&format!("{p}.attn_q"), qkv_bias)?,
-                k: gguf.linear(&format!("{p}.attn_k"), qkv_bias)?,
-                v: gguf.linear(&format!("{p}.attn_v"), qkv_bias)?,
-                o: gguf.linear(&format!("{p}.attn_output"), false)?,
+                q: gguf.linear(&format!("{p}.attn_q"), bias, (q_out, h))?,
+                k: gguf.linear(&format!("{p}.attn_k"), bias, (kv_out, h))?,
+                v: gguf.linear(&format!("{p}.attn_v"), bias, (kv_out, h))?,
+                o: gguf.linear(&format!("{p}.attn_output"), false, (h, q_out))?,
+                q_norm: head_norm(&mut gguf, "attn_q_norm")?,
+                k_norm: head_norm(&mut gguf, "attn_k_norm")?,
                 qkv: None,
             };
             let mlp = Mlp {
-                gate: gguf.linear(&format!("{p}.ffn_gate"), false)?,
-                up: gguf.linear(&format!("{p}.ffn_up"), false)?,
-                down: gguf.linear(&format!("{p}.ffn_down"), false)?,
+                gate: gguf.linear(&format!("{p}.ffn_gate"), false, (ffn, h))?,
+                up: gguf.linear(&format!("{p}.ffn_up"), false, (ffn, h))?,
+                down: gguf.linear(&format!("{p}.ffn_down"), false, (h, ffn))?,
                 gate_up: None,
             };
             blocks.push(Block {
@@ -525,13 +607,22 @@ impl Decoder {
         // Untied models carry output.weight; tied ones reuse the embedding table.
         let tied_head = !content.tensor_infos.contains_key("output.weight");
         let head = if !tied_head {
-            gguf.linear("output", false)?
+            gguf.linear("output", false, (rows, h))?
         } else {
             Linear::quantized(token_embd, None)?
         };
         let layout = match cfg.architecture {
             Architecture::Llama => RopeLayout::Interleaved,
-            Architecture::Qwen2 => RopeLayout::Halves,
+            Architecture::Qwen2 | Architecture::Qwen3 => RopeLayout::Halves,
+        };
+        let freq_divisors: Option<Vec<f32>> = match content.tensor_infos.contains_key(ROPE_FREQS) {
+            true => Some(
+                gguf.float(ROPE_FREQS)?
+                    .flatten_all()?
+                    .to_vec1()
+                    .with_context(|| format!("reading {ROPE_FREQS}"))?,
+            ),
+            false => None,
         };
         Ok(Self {
             config: cfg.clone(),
@@ -541,7 +632,8 @@ impl Decoder {
             final_norm,
             head,
             tied_head,
-            rope: Rope::new(cfg, layout, device)?,
+            rope: Rope::new(cfg, layout, freq_divisors.as_deref(), device)
+                .with_context(|| format!("RoPE of {} (or {ROPE_FREQS})", arch.gguf_name()))?,
             depth: Vec::new(),
             device: device.clone(),
         })
@@ -596,6 +688,8 @@ impl Decoder {
                 k: Linear::float(normal(kv, h, std)?, None),
                 v: Linear::float(normal(kv, h, std)?, None),
                 o: Linear::float(normal(h, h, out_std)?, None),
+                q_norm: None,
+                k_norm: None,
                 qkv: None,
             };
             let ffn = cfg.intermediate_size;
@@ -636,7 +730,7 @@ impl Decoder {
             final_norm: norm(cfg.rms_norm_eps)?,
             head,
             tied_head,
-            rope: Rope::new(cfg, RopeLayout::Halves, device)?,
+            rope: Rope::new(cfg, RopeLayout::Halves, None, device)?,
             depth,
             device: device.clone(),
         })
@@ -830,6 +924,14 @@ impl Decoder {
                     lora.b = interleaved_to_halves(&lora.b, n)?;
                 }
             }
+            // A head norm's weight follows its head's dimensions.
+            for norm in [&mut block.attn.q_norm, &mut block.attn.k_norm]
+                .into_iter()
+                .flatten()
+            {
+                let w = interleaved_to_halves(&norm.weight.unsqueeze(1)?, 1)?.squeeze(1)?;
+                *norm = RmsNorm::new(w, norm.eps)?;
+            }
             block.attn.qkv = None;
         }
         out.rope.layout = RopeLayout::Halves;
@@ -860,6 +962,9 @@ impl Decoder {
                 format!("{p}.post_attention_layernorm.weight"),
                 block.mlp_norm.weight.clone(),
             ));
+            for (name, norm) in block.attn.head_norms() {
+                out.push((format!("{p}.self_attn.{name}.weight"), norm.weight.clone()));
+            }
             for name in LINEAR_NAMES {
                 let linear = self.linear(i, name).context("linear")?;
                 let path = Self::module_path(i, name);
@@ -939,6 +1044,12 @@ impl Decoder {
                 RmsNorm::new(take(&format!("{p}.input_layernorm.weight"))?, eps)?;
             out.blocks[i].mlp_norm =
                 RmsNorm::new(take(&format!("{p}.post_attention_layernorm.weight"))?, eps)?;
+            let attn = &mut out.blocks[i].attn;
+            for (name, norm) in [("q_norm", &mut attn.q_norm), ("k_norm", &mut attn.k_norm)] {
+                if let Some(norm) = norm {
+                    *norm = RmsNorm::new(take(&format!("{p}.self_attn.{name}.weight"))?, norm.eps)?;
+                }
+            }
             for name in LINEAR_NAMES {
                 let path = Self::module_path(i, name);
                 let weight = take(&format!("{path}.weight"))?;
@@ -1233,6 +1344,12 @@ impl Decoder {
                 a.v.forward_vec(&h)?,
             ),
         };
+        if let Some(norm) = &a.q_norm {
+            norm.forward_heads_vec(&mut q);
+        }
+        if let Some(norm) = &a.k_norm {
+            norm.forward_heads_vec(&mut k);
+        }
         self.rope.apply_vec(&mut q, pos, dim);
         self.rope.apply_vec(&mut k, pos, dim);
         let layer_kv = cache.layer(i);
@@ -1288,7 +1405,12 @@ impl Decoder {
         let cfg = &self.config;
         let (batch, seq, _) = x.dims3()?;
         let (heads, kv_heads, dim) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let qkv = Linear::forward_many(&[&attn.q, &attn.k, &attn.v], attn.qkv.as_ref(), x)?;
+        let mut qkv = Linear::forward_many(&[&attn.q, &attn.k, &attn.v], attn.qkv.as_ref(), x)?;
+        for (t, norm) in qkv.iter_mut().zip([&attn.q_norm, &attn.k_norm]) {
+            if let Some(norm) = norm {
+                *t = norm.forward_heads(t, self.kernels)?;
+            }
+        }
         if self.kernels == Kernels::Differentiable && cache.is_none() && offset == 0 {
             // Training: the whole attention as one op with its own backward.
             let y = qkv[0].contiguous()?.apply_op3(
@@ -1386,6 +1508,9 @@ pub fn halves_to_interleaved(w: &Tensor, heads: usize) -> Result<Tensor> {
         .reshape((out, cols))?)
 }
 
+/// llama.cpp's per-frequency RoPE divisors (Llama 3.1+).
+const ROPE_FREQS: &str = "rope_freqs.weight";
+
 /// Reads named tensors out of a GGUF file.
 struct GgufTensors<'a, R> {
     content: &'a gguf_file::Content,
@@ -1404,13 +1529,26 @@ impl<R: Read + Seek> GgufTensors<'_, R> {
         Ok(self.tensor(name)?.dequantize(self.device)?)
     }
 
-    fn linear(&mut self, prefix: &str, with_bias: bool) -> Result<Linear> {
-        let weight = self.tensor(&format!("{prefix}.weight"))?;
+    /// A linear layer whose weight must be (out, in).
+    fn linear(&mut self, prefix: &str, with_bias: bool, shape: (usize, usize)) -> Result<Linear> {
+        let name = format!("{prefix}.weight");
+        let weight = self.tensor(&name)?;
+        self.check_shape(&name, &weight, shape)?;
         let bias = match with_bias {
             true => Some(self.float(&format!("{prefix}.bias"))?),
             false => None,
         };
         Ok(Linear::quantized(weight, bias)?)
+    }
+
+    /// The metadata's sizes against a tensor's, so a mismatch names the tensor.
+    fn check_shape(&self, name: &str, t: &QTensor, (out, inp): (usize, usize)) -> Result<()> {
+        anyhow::ensure!(
+            t.shape().dims() == [out, inp],
+            "tensor {name} has shape {:?}, the metadata says ({out}, {inp})",
+            t.shape().dims()
+        );
+        Ok(())
     }
 
     fn norm(&mut self, prefix: &str, eps: f64) -> Result<RmsNorm> {

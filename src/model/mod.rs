@@ -1,6 +1,8 @@
-//! The model runtime: one decoder for the Llama/Qwen2 family (DESIGN.md section 8).
+//! The model runtime: one decoder for the Llama (1-3), Qwen2 and Qwen3 family
+//! (DESIGN.md section 8).
 //!
 //! - [`config`]: architecture facts read from GGUF metadata.
+//! - [`gguf`]: names the tensor of a type claw cannot read.
 //! - [`tokenizer`]: byte-level BPE built from the GGUF's own vocabulary and merges.
 //! - [`template`]: the GGUF's chat template rendered with minijinja.
 //! - [`linear`], [`decoder`]: the network, with quantized or float weights.
@@ -15,6 +17,7 @@ pub mod config;
 pub mod decoder;
 pub mod gemm;
 pub mod generate;
+pub mod gguf;
 pub mod kernels;
 pub mod linear;
 pub mod ops;
@@ -91,9 +94,22 @@ impl Model {
         let device = Device::Cpu;
         let mut file = std::fs::File::open(path)
             .with_context(|| format!("cannot open model file {}", path.display()))?;
-        let content = gguf_file::Content::read(&mut file)
-            .map_err(anyhow::Error::from)
-            .with_context(|| format!("{} is not a readable GGUF file", path.display()))?;
+        let content = match gguf_file::Content::read(&mut file) {
+            Ok(content) => content,
+            Err(e) => {
+                if let Ok(Some((tensor, ty))) = gguf::unreadable_tensor(path) {
+                    anyhow::bail!(
+                        "{}: tensor {tensor} has type {} (ggml type {ty}), which claw cannot load \
+                         (it loads {})",
+                        path.display(),
+                        gguf::type_name(ty),
+                        gguf::readable_types()
+                    );
+                }
+                return Err(anyhow::Error::from(e))
+                    .with_context(|| format!("{} is not a readable GGUF file", path.display()));
+            }
+        };
         let config = ModelConfig::from_gguf(&content)
             .with_context(|| format!("unsupported model {}", path.display()))?;
         let tokenizer = Tokenizer::from_gguf(&content)

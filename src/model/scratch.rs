@@ -176,6 +176,7 @@ impl InitConfig {
             rms_norm_eps: self.rms_norm_eps,
             context_length: self.context_length,
             residual: self.residual,
+            rope_scaling: None,
         })
     }
 }

@@ -23,6 +23,10 @@ use tokenizers::{AddedToken, SplitDelimiterBehavior};
 /// Qwen2's pre-tokenizer regex (from its tokenizer.json): like GPT-2's, with single digits.
 const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// Llama 3's pre-tokenizer regex (`tokenizer.ggml.pre` llama-bpe): digits in
+/// groups of up to three.
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
 /// GGUF token types (llama.cpp's llama_token_type) that are not plain text.
 const TOKEN_TYPE_CONTROL: u32 = 3;
 const TOKEN_TYPE_USER_DEFINED: u32 = 4;
@@ -58,30 +62,40 @@ impl Tokenizer {
             .enumerate()
             .map(|(i, t)| (t.clone(), i as u32))
             .collect();
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .build()
-            .map_err(|e| anyhow!("cannot build BPE model: {e}"))?;
-        let mut inner = tokenizers::Tokenizer::new(bpe);
-
         let pre = md("tokenizer.ggml.pre")
             .and_then(|v| v.to_string().ok())
             .map(String::as_str)
             .unwrap_or("default");
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            // Llama 3's tokenizer.json: a pre-token that is itself in the
+            // vocabulary is one token, whatever the merges would make of it.
+            .ignore_merges(pre == "llama-bpe")
+            .build()
+            .map_err(|e| anyhow!("cannot build BPE model: {e}"))?;
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+
         let byte_level = ByteLevel::new(false, true, true);
         let pre_tokenizer: PreTokenizerWrapper = match pre {
             // SmolLM2's tokenizer.json: digits split one by one, then GPT-2 byte level.
             "smollm" => Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into(),
-            "qwen2" => {
-                inner
-                    .with_normalizer(Some(NFC))
-                    .map_err(|e| anyhow!("cannot set normalizer: {e}"))?;
+            "qwen2" | "llama-bpe" => {
+                // Qwen normalizes to NFC; Llama 3 does not normalize.
+                let regex = match pre {
+                    "qwen2" => {
+                        inner
+                            .with_normalizer(Some(NFC))
+                            .map_err(|e| anyhow!("cannot set normalizer: {e}"))?;
+                        QWEN2_SPLIT
+                    }
+                    _ => LLAMA3_SPLIT,
+                };
                 let split = Split::new(
-                    SplitPattern::Regex(QWEN2_SPLIT.to_string()),
+                    SplitPattern::Regex(regex.to_string()),
                     SplitDelimiterBehavior::Isolated,
                     false,
                 )
-                .map_err(|e| anyhow!("bad qwen2 split regex: {e}"))?;
+                .map_err(|e| anyhow!("bad {pre} split regex: {e}"))?;
                 Sequence::new(vec![
                     split.into(),
                     ByteLevel::new(false, false, false).into(),
@@ -323,6 +337,42 @@ fn string_array(value: Option<&Value>, key: &str) -> Result<Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A GGUF header with the tiny vocabulary plus `extra` tokens and the
+    /// pre-tokenizer `pre`.
+    fn tokenizer_with(pre: &str, extra: &[&str]) -> Tokenizer {
+        let mut vocab = crate::model::testing::tiny_vocab();
+        vocab.extend(extra.iter().map(|t| t.to_string()));
+        let md = [
+            ("tokenizer.ggml.model", Value::String("gpt2".into())),
+            ("tokenizer.ggml.pre", Value::String(pre.into())),
+            (
+                "tokenizer.ggml.tokens",
+                Value::Array(vocab.into_iter().map(Value::String).collect()),
+            ),
+            ("tokenizer.ggml.merges", Value::Array(Vec::new())),
+        ];
+        let refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (*k, v)).collect();
+        let mut bytes = std::io::Cursor::new(Vec::new());
+        gguf_file::write(&mut bytes, &refs, &[]).unwrap();
+        bytes.set_position(0);
+        Tokenizer::from_gguf(&gguf_file::Content::read(&mut bytes).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn llama3_groups_digits_by_three_and_takes_whole_words_from_the_vocabulary() {
+        let llama3 = tokenizer_with("llama-bpe", &["123", "Ġworld"]);
+        let pieces = |t: &Tokenizer, text: &str| -> Vec<String> {
+            let ids = t.encode(text).unwrap();
+            ids.iter().map(|&id| t.decode(&[id]).unwrap()).collect()
+        };
+        // "12345" is the pre-tokens "123" and "45"; "123" is in the vocabulary,
+        // and so is " world", though no merge makes it.
+        assert_eq!(pieces(&llama3, "12345 world"), ["123", "4", "5", " world"]);
+        // GPT-2's default keeps the digits together and applies merges only.
+        let gpt2 = tokenizer_with("default", &["123", "Ġworld"]);
+        assert_eq!(pieces(&gpt2, "12345").len(), 5);
+    }
 
     #[test]
     fn byte_tokenizer_ids_are_bytes_and_round_trip() {

@@ -14,10 +14,24 @@ use crate::model::testing::{write_tiny_gguf, TinySpec};
 use crate::model::{Model, SamplingParams, WeightFormat};
 
 fn tiny_model(format: WeightFormat) -> Model {
+    tiny_model_of(&TinySpec::default(), format)
+}
+
+fn tiny_model_of(spec: &TinySpec, format: WeightFormat) -> Model {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiny.gguf");
-    write_tiny_gguf(&path, &TinySpec::default()).unwrap();
+    write_tiny_gguf(&path, spec).unwrap();
     Model::load_with(&path, format).unwrap()
+}
+
+/// The architectures the trainer is checked on: SmolLM2-like llama, Qwen3
+/// (per-head q/k norms) and Llama 3 (scaled RoPE, untied head).
+fn variants() -> [(&'static str, TinySpec); 3] {
+    [
+        ("llama", TinySpec::default()),
+        ("qwen3", TinySpec::qwen3()),
+        ("llama3", TinySpec::llama3()),
+    ]
 }
 
 fn logits(decoder: &Decoder, ids: &[u32]) -> Vec<f32> {
@@ -75,16 +89,24 @@ fn randomize_b(adapter: &Adapter) {
 
 #[test]
 fn hf_layout_computes_the_same_function() {
-    let model = tiny_model(WeightFormat::F32);
-    let hf = model.decoder.to_hf_layout().unwrap();
-    let ids = [1u32, 50, 60, 70, 80, 90];
-    let d = max_diff(&logits(&model.decoder, &ids), &logits(&hf, &ids));
-    assert!(d < 1e-4, "interleaved vs HF layout logits differ by {d}");
+    for (name, spec) in variants() {
+        let model = tiny_model_of(&spec, WeightFormat::F32);
+        let hf = model.decoder.to_hf_layout().unwrap();
+        let ids = [1u32, 50, 60, 70, 80, 90];
+        let d = max_diff(&logits(&model.decoder, &ids), &logits(&hf, &ids));
+        assert!(d < 1e-4, "{name}: GGUF vs HF layout logits differ by {d}");
+    }
 }
 
 #[test]
 fn batched_scores_match_single_scores_and_serving_logprobs() {
-    let model = tiny_model(WeightFormat::F32);
+    for (name, spec) in variants() {
+        eprintln!("{name}");
+        batched_scores_match_on(&tiny_model_of(&spec, WeightFormat::F32));
+    }
+}
+
+fn batched_scores_match_on(model: &Model) {
     let params = SamplingParams {
         temperature: 1.0,
         seed: Some(3),
@@ -132,7 +154,13 @@ fn batched_scores_match_single_scores_and_serving_logprobs() {
 
 #[test]
 fn every_lora_tensor_and_every_full_weight_gets_a_gradient() {
-    let model = tiny_model(WeightFormat::F32);
+    for (name, spec) in variants() {
+        eprintln!("{name}");
+        every_tensor_gets_a_gradient_on(&tiny_model_of(&spec, WeightFormat::F32));
+    }
+}
+
+fn every_tensor_gets_a_gradient_on(model: &Model) {
     let batch = vec![TrainSample {
         sample_id: "s".into(),
         prompt_ids: PROMPT.to_vec(),
@@ -163,7 +191,17 @@ fn every_lora_tensor_and_every_full_weight_gets_a_gradient() {
     let trainer = Trainer::new(&model.decoder, full, None).unwrap();
     let (grads, _) = trainer.gradients(&batch).unwrap();
     let vars = trainer.named_vars();
-    assert_eq!(vars.len(), 1 + 2 * (2 + 7) + 1, "embedding, norms, linears");
+    let head_norms = if model.config.architecture.has_qk_norm() {
+        2
+    } else {
+        0
+    };
+    let lm_head = usize::from(!model.decoder.tied_head());
+    assert_eq!(
+        vars.len(),
+        1 + 2 * (2 + head_norms + 7) + 1 + lm_head,
+        "embedding, norms, linears, untied head"
+    );
     for (name, var) in vars {
         let g = grads
             .get(&var)
@@ -178,7 +216,19 @@ fn every_lora_tensor_and_every_full_weight_gets_a_gradient() {
 
 #[test]
 fn loss_gradient_matches_finite_differences() {
-    let model = tiny_model(WeightFormat::F32);
+    for (name, spec) in variants() {
+        eprintln!("{name}: LoRA");
+        gradient_matches_finite_differences(&tiny_model_of(&spec, WeightFormat::F32), true);
+    }
+    // Full fine-tuning reaches the norms too, Qwen3's per-head q/k norms among them.
+    eprintln!("qwen3: full");
+    gradient_matches_finite_differences(
+        &tiny_model_of(&TinySpec::qwen3(), WeightFormat::F32),
+        false,
+    );
+}
+
+fn gradient_matches_finite_differences(model: &Model, lora: bool) {
     let teacher = vec![-1.0f32, -2.0, -0.5, -3.0];
     let batch = vec![
         TrainSample {
@@ -197,8 +247,13 @@ fn loss_gradient_matches_finite_differences() {
     ];
     let mut cfg = config(Objective::Rl, 1e-3);
     cfg.loss.beta_kl = 0.5;
+    if !lora {
+        cfg.lora = None;
+    }
     let trainer = Trainer::new(&model.decoder, cfg, None).unwrap();
-    randomize_b(trainer.adapter().unwrap());
+    if lora {
+        randomize_b(trainer.adapter().unwrap());
+    }
     let (grads, _) = trainer.gradients(&batch).unwrap();
 
     // The loss as a function of the weights, with logp_old held fixed (as in
@@ -229,7 +284,8 @@ fn loss_gradient_matches_finite_differences() {
         total
     };
     let mut checked = 0;
-    for (name, var) in trainer.named_vars().into_iter().step_by(5) {
+    let vars = trainer.named_vars().into_iter().enumerate();
+    for (_, (name, var)) in vars.filter(|(i, (name, _))| i % 5 == 0 || name.contains("_norm")) {
         let g: Vec<f32> = grads
             .get(&var)
             .unwrap()
@@ -436,7 +492,14 @@ fn sft_lowers_the_loss_and_full_finetuning_learns_too() {
 
 #[test]
 fn a_saved_adapter_serves_on_the_packed_model_like_the_trainer_scores() {
-    let model = tiny_model(WeightFormat::F32);
+    for (name, spec) in variants() {
+        eprintln!("{name}");
+        a_saved_adapter_serves_like_the_trainer_scores(&spec);
+    }
+}
+
+fn a_saved_adapter_serves_like_the_trainer_scores(spec: &TinySpec) {
+    let model = tiny_model_of(spec, WeightFormat::F32);
     let mut trainer = Trainer::new(&model.decoder, config(Objective::Rl, 1e-2), None).unwrap();
     randomize_b(trainer.adapter().unwrap());
     let batch = vec![TrainSample {
@@ -464,7 +527,7 @@ fn a_saved_adapter_serves_on_the_packed_model_like_the_trainer_scores() {
 
     // The serving model keeps GGUF's interleaved Q/K rows and packed weights;
     // the adapter is stored in the HF layout and must be permuted on load.
-    let served = tiny_model(WeightFormat::F32);
+    let served = tiny_model_of(spec, WeightFormat::F32);
     let serving = loaded.apply_for_serving(&served.decoder).unwrap();
     let ids = [1u32, 104, 105, 106, 107];
     let trained = logits(&trainer.frozen_policy().unwrap(), &ids);
@@ -474,7 +537,7 @@ fn a_saved_adapter_serves_on_the_packed_model_like_the_trainer_scores() {
     assert!(base_d > 1e-3, "the adapter should change the logits");
 
     // The one-token decode step (plain vectors, fused layers) adds the deltas too.
-    let packed = tiny_model(WeightFormat::Packed);
+    let packed = tiny_model_of(spec, WeightFormat::Packed);
     let serving = loaded.apply_for_serving(&packed.decoder).unwrap();
     let mut cache = KvCache::new();
     let prompt = Tensor::new(&ids[..4], &Device::Cpu)

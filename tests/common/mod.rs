@@ -52,6 +52,22 @@ pub fn real_model() -> Option<PathBuf> {
     }
 }
 
+/// The Qwen2.5-Coder-0.5B model (`scripts/fetch-model --qwen`), or None with a
+/// visible message when it is not fetched.
+pub fn qwen_model() -> Option<PathBuf> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf");
+    if path.is_file() {
+        Some(path)
+    } else {
+        eprintln!(
+            "SKIP: {} is absent (run scripts/fetch-model --qwen)",
+            path.display()
+        );
+        None
+    }
+}
+
 pub fn write_rows(path: &Path, rows: &[RolloutRow]) {
     let mut w = RolloutWriter::file(path).unwrap();
     w.write_rows(rows).unwrap();
