@@ -8,8 +8,8 @@ Called by scripts/bench-prefix (which owns the cargo build); standard library on
 The conversation: a system prompt of about --prefix-tokens tokens (a tool
 catalogue, as agents send), a short user message; turn 2 re-sends all of it plus
 the assistant's turn-1 reply and a short new user message, as an agent does.
-Each round uses a fresh system prompt (a different session number at its start),
-so its turn 1 finds nothing cached. Requests stream, greedy; time to first token
+Each round uses a fresh system prompt (a different session number near its
+start), so its turn 1 finds only the chat template's first few tokens cached. Requests stream, greedy; time to first token
 is measured at the client from sending the request to the first content delta.
 The server's own prefill time and cached/prefilled counts come from its -v log.
 With --baseline, the same turn 2 is also sent to a server started with
@@ -206,6 +206,7 @@ def main():
         "threads": args.threads,
         "rounds": args.rounds,
         "turn1_prompt_tokens": med("turn1_prompt_tokens"),
+        "turn1_cached_tokens": med("turn1_cached_tokens"),
         "turn2_prompt_tokens": med("turn2_prompt_tokens"),
         "turn2_cached_tokens": med("turn2_cached_tokens"),
         "turn1_ttft_s": med("turn1_ttft_s"),
@@ -223,7 +224,8 @@ def main():
         return
     print(f"model {summary['model']}, {args.threads} threads, median of {args.rounds} round(s)")
     print(f"{'':24}{'prompt':>8}{'cached':>8}{'TTFT s':>9}{'prefill s':>11}")
-    print(f"{'turn 1 (cold)':24}{summary['turn1_prompt_tokens']:>8}{0:>8}"
+    print(f"{'turn 1 (cold)':24}{summary['turn1_prompt_tokens']:>8}"
+          f"{summary['turn1_cached_tokens']:>8}"
           f"{summary['turn1_ttft_s']:>9.3f}{summary['turn1_prefill_s']:>11.3f}")
     print(f"{'turn 2 (prefix cached)':24}{summary['turn2_prompt_tokens']:>8}"
           f"{summary['turn2_cached_tokens']:>8}{summary['turn2_ttft_s']:>9.3f}"
