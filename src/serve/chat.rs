@@ -3,10 +3,12 @@
 //! A request is checked (400s name the field), admitted (429 when `--queue` is
 //! full) under the policy serving now (which it keeps to its end, whatever hot
 //! reload swaps in meanwhile), rendered and tokenised, then handed to a job task
-//! that waits its turn for a generation slot and runs [`Model::generate_with`]
-//! with that policy's decoder on the blocking pool. Text
+//! that waits its turn for a generation slot and runs [`Model::generate_cached`]
+//! with that policy's decoder on the blocking pool, after the longest prefix of
+//! its prompt that the [`prefix`](super::prefix) cache holds for that policy. Text
 //! comes back through a channel as it is produced; when the receiving side is
-//! gone (the client disconnected) the next piece cancels the generation. A
+//! gone (the client disconnected) the next prefill chunk or text piece cancels
+//! the generation. A
 //! finished generation becomes one [`RolloutRow`] before the client sees the end
 //! of the response, so a graceful stop that waits for responses loses no row.
 

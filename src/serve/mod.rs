@@ -19,7 +19,7 @@
 //! one more gets 429 with Retry-After. Admitted requests wait in FIFO order (a fair
 //! tokio semaphore) for one of `--parallel` generation slots; generation runs on
 //! tokio's blocking pool and streams text back through a channel, and a closed
-//! channel (the client went away) cancels it. An admitted request holds the
+//! channel (the client went away) cancels it, between prefill chunks too. An admitted request holds the
 //! policy it was admitted under to its end; adapter swaps affect later requests.
 
 pub mod api;
