@@ -1218,6 +1218,193 @@ fn adapter_flag_serves_it_and_a_broken_one_is_refused_at_start() {
     );
 }
 
+// ---------------------------------------------------------------- prefix cache
+
+/// The tiny model with room for an agent-like prompt longer than a prefill chunk.
+fn long_context_spec() -> TinySpec {
+    TinySpec {
+        context: 2048,
+        ..TinySpec::default()
+    }
+}
+
+/// A conversation whose system prompt alone is over 1,000 tokens.
+fn long_conversation(turns: &[&str]) -> Vec<Json> {
+    let system: String = (0..25)
+        .map(|i| format!("Rule {i}: answer briefly and cite the tool you used. "))
+        .collect();
+    let mut messages = vec![json!({"role": "system", "content": system})];
+    for (i, text) in turns.iter().enumerate() {
+        let role = if i % 2 == 0 { "user" } else { "assistant" };
+        messages.push(json!({"role": role, "content": text}));
+    }
+    messages
+}
+
+/// (text, prompt_tokens, cached_tokens) of a greedy reply, streamed or not.
+fn greedy(server: &Server, messages: &[Json], stream: bool) -> (String, u64, u64) {
+    let mut body = json!({"messages": messages, "max_tokens": 12, "temperature": 0.0,
+                          "ignore_eos": true, "stream": stream});
+    if stream {
+        body["stream_options"] = json!({"include_usage": true});
+    }
+    let r = server.post("/v1/chat/completions", &[], &body);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let (text, usage) = if stream {
+        let chunks: Vec<Json> = sse_events(&r.body)
+            .iter()
+            .filter(|e| *e != "[DONE]")
+            .map(|e| serde_json::from_str(e).unwrap())
+            .collect();
+        let text: String = chunks
+            .iter()
+            .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+            .collect();
+        (text, chunks.last().unwrap()["usage"].clone())
+    } else {
+        let body = r.json();
+        let text = body["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        (text, body["usage"].clone())
+    };
+    let cached = usage["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no cached_tokens in {usage}"));
+    (text, usage["prompt_tokens"].as_u64().unwrap(), cached)
+}
+
+fn metric(server: &Server, name: &str) -> f64 {
+    let text = server.get("/metrics").body;
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+        .parse()
+        .unwrap()
+}
+
+/// The same long conversation twice, then its next turn: the repeats reuse the
+/// cached prefix (cached_tokens, /metrics, the -v log) and every reply, and its
+/// log-probs, are those of a server without the cache.
+#[test]
+fn prefix_cache_reuses_a_long_prefix_with_identical_replies() {
+    let mut cached = Server::start(long_context_spec(), &[]);
+    let mut plain = Server::start(long_context_spec(), &["--prefix-cache-mb", "0"]);
+    let turn1 = long_conversation(&["What is in the repository?"]);
+
+    let (text1, prompt1, hit) = greedy(&cached, &turn1, false);
+    assert!(prompt1 > 1000, "{prompt1}");
+    assert_eq!(hit, 0, "nothing is cached yet");
+    let (again, prompt, hit) = greedy(&cached, &turn1, true);
+    assert_eq!(prompt, prompt1);
+    assert_eq!(hit, prompt1 - 1, "all but the last prompt token");
+    assert_eq!(again, text1);
+
+    let turn2 = long_conversation(&["What is in the repository?", &text1, "And in src/?"]);
+    let (text2, prompt2, hit2) = greedy(&cached, &turn2, false);
+    assert!(
+        hit2 >= prompt1,
+        "turn 2 reuses at least turn 1's prompt: {hit2} of {prompt2}"
+    );
+
+    let (plain1, _, none) = greedy(&plain, &turn1, false);
+    assert_eq!((plain1.as_str(), none), (text1.as_str(), 0));
+    let (plain2, _, none) = greedy(&plain, &turn2, true);
+    assert_eq!((plain2.as_str(), none), (text2.as_str(), 0));
+
+    let hits = metric(&cached, "claw_prefix_cache_hit_tokens_total");
+    assert_eq!(hits as u64, prompt1 - 1 + hit2);
+    let misses = metric(&cached, "claw_prefix_cache_miss_tokens_total");
+    assert_eq!(misses as u64, 2 * prompt1 + prompt2 - hits as u64);
+    assert!(metric(&cached, "claw_prefix_cache_bytes") > 0.0);
+    assert!(metric(&cached, "claw_prefix_cache_entries") >= 1.0);
+    assert_eq!(metric(&plain, "claw_prefix_cache_bytes"), 0.0);
+    assert_eq!(metric(&plain, "claw_prefix_cache_hit_tokens_total"), 0.0);
+    let line = format!(
+        "{prompt2} prompt tokens ({hit2} cached, {} prefilled",
+        prompt2 - hit2
+    );
+    assert!(
+        cached.log().contains(&line),
+        "no {line:?} in\n{}",
+        cached.log()
+    );
+
+    assert!(cached.stop().success());
+    assert!(plain.stop().success());
+    let (with, without) = (cached.rows(), plain.rows());
+    assert_eq!(with.len(), 3);
+    assert_eq!(without.len(), 2);
+    for (a, b) in [(&with[0], &without[0]), (&with[2], &without[1])] {
+        assert_eq!(a.prompt_ids, b.prompt_ids);
+        assert_eq!(a.response_ids, b.response_ids);
+        assert!(max_abs_diff(&a.response_logprobs, &b.response_logprobs) < 2e-3);
+    }
+}
+
+/// A prefix cached under one policy is never served under the adapter swapped
+/// in after it: the first request after the swap prefills everything, and its
+/// log-probs are the adapter's.
+#[test]
+fn an_adapter_swap_never_reuses_a_stale_prefix() {
+    let mut server = Server::start(long_context_spec(), &["--reload-poll-ms", "100"]);
+    let model = load(&server.model);
+    let messages = long_conversation(&["Summarise the rules."]);
+    let ask = |want_version: i64| -> u64 {
+        let r = server.post(
+            "/v1/chat/completions",
+            &[],
+            &json!({"messages": messages, "max_tokens": 8, "temperature": 0.0,
+                    "ignore_eos": true}),
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(
+            r.headers.get("x-claw-policy-version"),
+            Some(&want_version.to_string())
+        );
+        r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(ask(0), 0);
+    let reused = ask(0);
+    assert!(reused > 1000, "{reused}");
+
+    let adapter = distinct_adapter(&model, 5);
+    CheckpointDir::create(&server.data.join("checkpoints"))
+        .unwrap()
+        .save(&adapter, "tiny", 1, None, None)
+        .unwrap();
+    wait_for("version 1 in /healthz", &server, || {
+        healthz_version(&server) == 1
+    });
+    assert_eq!(
+        ask(1),
+        0,
+        "the base model's prefix must not serve the adapter"
+    );
+    assert_eq!(ask(1), reused, "the adapter's own prefix is reused");
+    assert!(metric(&server, "claw_prefix_cache_evictions_total") >= 1.0);
+    assert_eq!(metric(&server, "claw_prefix_cache_entries"), 1.0);
+
+    assert!(server.stop().success());
+    let rows = server.rows();
+    assert_eq!(rows.len(), 4);
+    let served = adapter.apply_for_serving(&model.decoder).unwrap();
+    for (row, decoder) in rows
+        .iter()
+        .zip([&model.decoder, &model.decoder, &served, &served])
+    {
+        let d = max_abs_diff(&rescore(decoder, row), &row.response_logprobs);
+        assert!(d < 2e-3, "version {}: off by {d}", row.policy_version);
+    }
+    assert!(
+        max_abs_diff(&rows[0].response_logprobs, &rows[2].response_logprobs) > 0.1,
+        "the adapter changes the replies"
+    );
+}
+
 // ---------------------------------------------------------------- durability
 
 /// Segment files in DIR/raw: (complete `.parquet`, abandoned `.parquet.tmp`).

@@ -39,6 +39,12 @@ it (0 = base model). A checkpoint that fails to load is logged and ignored.
 unless --no-reload). The version is in /healthz, /metrics (claw_policy_version),
 /v1/models, the X-Claw-Policy-Version response header and system_fingerprint.
 
+Prefix cache: the KV of recent requests (prompt and reply) is kept, up to
+--prefix-cache-mb, per policy version; a request that starts with a cached token
+prefix prefills only the rest (usage.prompt_tokens_details.cached_tokens says how
+many were reused; /metrics has claw_prefix_cache_*). -v logs each request's prompt,
+cached and prefilled tokens and its prefill and decode times.
+
 Not yet: continuous batching (--parallel generations run side by side, the rest
 wait in FIFO order).
 
@@ -111,6 +117,11 @@ pub struct ServeArgs {
     /// notifications (which network filesystems do not deliver).
     #[arg(long, default_value_t = 1000, value_name = "MS")]
     pub reload_poll_ms: u64,
+    /// Memory for the prefix cache, in MiB: the KV of recent requests, so that a
+    /// prompt that starts like an earlier one (an agent's next turn) prefills
+    /// only the new part. Least recently used entries go first; 0 disables it.
+    #[arg(long, default_value_t = 1024, value_name = "MB")]
+    pub prefix_cache_mb: usize,
     /// Close a recorded segment after this many rows...
     #[arg(long, default_value_t = crate::rollout::DEFAULT_SEGMENT_ROWS)]
     pub segment_rows: usize,
@@ -145,6 +156,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         adapter: args.adapter,
         reload: !args.no_reload,
         reload_poll: Duration::from_millis(args.reload_poll_ms),
+        prefix_cache_bytes: args.prefix_cache_mb.saturating_mul(1 << 20),
         segment_rows: args.segment_rows,
         segment_age: Duration::from_millis(args.segment_age_ms),
     })

@@ -427,6 +427,60 @@ impl KvCache {
         self.len == 0
     }
 
+    /// A copy of the first `n` positions (all of them when `n >= len`): how a
+    /// cached prompt prefix starts a new request without being consumed.
+    pub fn prefix(&self, n: usize) -> Self {
+        let n = n.min(self.len);
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                let width = self.width(l);
+                LayerKv {
+                    keys: l.keys[..n * width].to_vec(),
+                    values: l.values[..n * width].to_vec(),
+                }
+            })
+            .collect();
+        Self { layers, len: n }
+    }
+
+    /// Keeps only the first `n` positions.
+    pub fn truncate(&mut self, n: usize) {
+        if n >= self.len {
+            return;
+        }
+        for i in 0..self.layers.len() {
+            let width = self.width(&self.layers[i]);
+            let layer = &mut self.layers[i];
+            layer.keys.truncate(n * width);
+            layer.values.truncate(n * width);
+        }
+        self.len = n;
+    }
+
+    /// Memory held (allocated capacity), in bytes.
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| (l.keys.capacity() + l.values.capacity()) * std::mem::size_of::<f32>())
+            .sum()
+    }
+
+    /// Frees the growth headroom, so that [`bytes`](Self::bytes) is what the
+    /// positions need (for a cache kept around, not appended to).
+    pub fn shrink_to_fit(&mut self) {
+        for layer in &mut self.layers {
+            layer.keys.shrink_to_fit();
+            layer.values.shrink_to_fit();
+        }
+    }
+
+    /// Floats per position in `layer` (kv_heads * head_dim).
+    fn width(&self, layer: &LayerKv) -> usize {
+        layer.keys.len().checked_div(self.len).unwrap_or(0)
+    }
+
     fn layer(&mut self, layer: usize) -> &mut LayerKv {
         if self.layers.len() <= layer {
             self.layers.resize_with(layer + 1, LayerKv::default);

@@ -3,10 +3,12 @@
 //! A request is checked (400s name the field), admitted (429 when `--queue` is
 //! full) under the policy serving now (which it keeps to its end, whatever hot
 //! reload swaps in meanwhile), rendered and tokenised, then handed to a job task
-//! that waits its turn for a generation slot and runs [`Model::generate_with`]
-//! with that policy's decoder on the blocking pool. Text
+//! that waits its turn for a generation slot and runs [`Model::generate_cached`]
+//! with that policy's decoder on the blocking pool, after the longest prefix of
+//! its prompt that the [`prefix`](super::prefix) cache holds for that policy. Text
 //! comes back through a channel as it is produced; when the receiving side is
-//! gone (the client disconnected) the next piece cancels the generation. A
+//! gone (the client disconnected) the next prefill chunk or text piece cancels
+//! the generation. A
 //! finished generation becomes one [`RolloutRow`] before the client sees the end
 //! of the response, so a graceful stop that waits for responses loses no row.
 
@@ -233,20 +235,14 @@ async fn run_job(
         return;
     }
     metrics.running.fetch_add(1, Relaxed);
-    let model = state.model.clone();
+    let shared = state.clone();
     let policy = job.policy.clone();
     let pieces = tx.clone();
     let ids = job.prompt_ids.clone();
     let params = job.params.clone();
-    let result = tokio::task::spawn_blocking(move || {
-        model.generate_with(policy.decoder(&model), &ids, &params, |piece| match pieces
-            .send(Event::Piece(piece.to_string()))
-        {
-            Ok(()) => Flow::Continue,
-            Err(_) => Flow::Cancel,
-        })
-    })
-    .await;
+    let result =
+        tokio::task::spawn_blocking(move || generate(&shared, &policy, &ids, &params, &pieces))
+            .await;
     metrics.running.fetch_sub(1, Relaxed);
     drop(slot);
 
@@ -263,6 +259,21 @@ async fn run_job(
             return;
         }
     };
+    let t = &generation.timing;
+    crate::debug!(
+        "request {}: {} prompt tokens ({} cached, {} prefilled in {:.3} s, {:.1} tok/s), \
+         {} generated in {:.3} s ({:.1} tok/s), {}",
+        job.id,
+        t.prompt_tokens,
+        t.cached_tokens,
+        t.prefilled_tokens(),
+        t.prefill_s,
+        t.prefill_tokens_per_s(),
+        t.completion_tokens,
+        t.decode_s,
+        t.decode_tokens_per_s(),
+        generation.finish_reason.as_str()
+    );
     if generation.finish_reason == FinishReason::Cancelled {
         // The client went away mid-reply: it never saw a complete turn, so the
         // turn is not recorded.
@@ -283,6 +294,58 @@ async fn run_job(
     state.recorder.record(chat_row(&state, &job, &outcome));
     let _ = tx.send(Event::Done(Ok(Box::new(outcome))));
     drop(admission);
+}
+
+/// Generates on the blocking pool after the longest prefix the prefix cache
+/// holds for this policy, streaming text into `pieces` (a closed channel
+/// cancels, in prefill too), then stores what was fed for the next request.
+fn generate(
+    state: &AppState,
+    policy: &Policy,
+    prompt_ids: &[u32],
+    params: &SamplingParams,
+    pieces: &mpsc::UnboundedSender<Event>,
+) -> anyhow::Result<Generation> {
+    let model = &state.model;
+    let mut cache = state
+        .prefix_cache
+        .lookup(policy.id, prompt_ids)
+        .map(|hit| hit.cache)
+        .unwrap_or_default();
+    let generation = model.generate_cached(
+        policy.decoder(model),
+        prompt_ids,
+        &mut cache,
+        params,
+        || pieces.is_closed(),
+        |piece| match pieces.send(Event::Piece(piece.to_string())) {
+            Ok(()) => Flow::Continue,
+            Err(_) => Flow::Cancel,
+        },
+    )?;
+    let cached = generation.timing.cached_tokens;
+    // The tokens whose KV the cache now holds: the prompt (all of it unless
+    // cancelled in prefill), then the reply but its last token.
+    let mut fed: Vec<u32> = prompt_ids[..cache.len().min(prompt_ids.len())].to_vec();
+    let replied = cache.len().saturating_sub(fed.len());
+    fed.extend(generation.token_ids.iter().take(replied));
+    let metrics = &state.metrics;
+    metrics.prefix_hit_tokens.fetch_add(cached as u64, Relaxed);
+    metrics
+        .prefix_miss_tokens
+        .fetch_add((cache.len().min(prompt_ids.len()) - cached) as u64, Relaxed);
+    let live = state.policies.current().id;
+    let stored = state.prefix_cache.store(live, policy.id, fed, cache);
+    metrics
+        .prefix_evictions
+        .fetch_add(stored.evicted as u64, Relaxed);
+    metrics
+        .prefix_bytes
+        .store(state.prefix_cache.bytes() as u64, Relaxed);
+    metrics
+        .prefix_entries
+        .store(state.prefix_cache.entries() as u64, Relaxed);
+    Ok(generation)
 }
 
 fn finish(model: &Model, job: &Prepared, generation: Generation) -> Outcome {

@@ -31,6 +31,14 @@ pub struct Metrics {
     pub adapter_load_errors: AtomicU64,
     /// Load time of the last adapter swapped in, microseconds.
     pub adapter_load_us: AtomicU64,
+    /// Prompt tokens whose KV came from the prefix cache...
+    pub prefix_hit_tokens: AtomicU64,
+    /// ...and those prefilled.
+    pub prefix_miss_tokens: AtomicU64,
+    pub prefix_evictions: AtomicU64,
+    /// KV bytes the prefix cache holds now, and its entries.
+    pub prefix_bytes: AtomicU64,
+    pub prefix_entries: AtomicU64,
     latency_counts: [AtomicU64; LATENCY_BUCKETS.len()],
     latency_count: AtomicU64,
     /// Sum of latencies in microseconds.
@@ -138,6 +146,36 @@ impl Metrics {
                 "Checkpoints that failed to load and were ignored (the old policy kept serving).",
                 self.adapter_load_errors.load(Relaxed),
             ),
+            (
+                "claw_prefix_cache_hit_tokens_total",
+                "counter",
+                "Prompt tokens whose KV came from the prefix cache (not prefilled).",
+                self.prefix_hit_tokens.load(Relaxed),
+            ),
+            (
+                "claw_prefix_cache_miss_tokens_total",
+                "counter",
+                "Prompt tokens prefilled (not found in the prefix cache).",
+                self.prefix_miss_tokens.load(Relaxed),
+            ),
+            (
+                "claw_prefix_cache_evictions_total",
+                "counter",
+                "Prefix cache entries evicted for room or dropped with their policy.",
+                self.prefix_evictions.load(Relaxed),
+            ),
+            (
+                "claw_prefix_cache_bytes",
+                "gauge",
+                "KV bytes held by the prefix cache (--prefix-cache-mb bounds it).",
+                self.prefix_bytes.load(Relaxed),
+            ),
+            (
+                "claw_prefix_cache_entries",
+                "gauge",
+                "Token sequences held by the prefix cache.",
+                self.prefix_entries.load(Relaxed),
+            ),
         ];
         for (name, kind, help, value) in simple {
             metric(name, kind, help, format!("{name} {value}\n"));
@@ -198,7 +236,10 @@ mod tests {
         m.count_request("/v1/chat/completions", 400);
         m.observe_latency(0.2);
         m.completion_tokens.fetch_add(7, Relaxed);
+        m.prefix_hit_tokens.fetch_add(90, Relaxed);
         let text = m.render(0);
+        assert!(text.contains("claw_prefix_cache_hit_tokens_total 90\n"));
+        assert!(text.contains("# TYPE claw_prefix_cache_bytes gauge\n"));
         assert!(
             text.contains("claw_requests_total{route=\"/v1/chat/completions\",status=\"200\"} 2\n")
         );

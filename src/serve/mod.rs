@@ -12,17 +12,20 @@
 //! - [`reload`]: the serving policy (base or base + LoRA adapter) and its hot
 //!   reload from `DIR/checkpoints/LATEST`.
 //! - [`tools`]: `<tool_call>` parsing.
+//! - [`prefix`]: the prefix cache (KV of recent requests, per policy, LRU under
+//!   `--prefix-cache-mb`).
 //!
 //! Concurrency: `--queue` bounds the chat requests admitted (generating or waiting);
 //! one more gets 429 with Retry-After. Admitted requests wait in FIFO order (a fair
 //! tokio semaphore) for one of `--parallel` generation slots; generation runs on
 //! tokio's blocking pool and streams text back through a channel, and a closed
-//! channel (the client went away) cancels it. An admitted request holds the
+//! channel (the client went away) cancels it, between prefill chunks too. An admitted request holds the
 //! policy it was admitted under to its end; adapter swaps affect later requests.
 
 pub mod api;
 pub mod chat;
 pub mod metrics;
+pub mod prefix;
 pub mod record;
 pub mod reload;
 pub mod response;
@@ -72,6 +75,8 @@ pub struct ServeConfig {
     pub reload: bool,
     /// How often the reload thread looks at `LATEST` besides notifications.
     pub reload_poll: Duration,
+    /// KV bytes the prefix cache may hold (0: no prefix cache).
+    pub prefix_cache_bytes: usize,
     /// A recorded segment is closed at this many rows...
     pub segment_rows: usize,
     /// ...or at this age.
@@ -99,6 +104,7 @@ pub struct AppState {
     pub started: u64,
     /// The policy serving new requests (swapped by hot reload).
     pub policies: Arc<Policies>,
+    pub prefix_cache: prefix::PrefixCache,
 }
 
 pub fn unix_ms() -> i64 {
@@ -227,8 +233,15 @@ async fn serve(
         engine: Arc::new(Semaphore::new(config.parallel)),
         started: (unix_ms() / 1000) as u64,
         policies,
+        prefix_cache: prefix::PrefixCache::new(config.prefix_cache_bytes),
         config,
     });
+    if state.prefix_cache.enabled() {
+        crate::debug!(
+            "prefix cache: up to {} MiB of KV",
+            state.config.prefix_cache_bytes >> 20
+        );
+    }
     if state.config.record {
         crate::info!("recording every turn to {}", raw_dir.display());
     } else {

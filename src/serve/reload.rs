@@ -19,7 +19,7 @@
 //! (the old policy keeps serving) until its files change.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
@@ -35,10 +35,16 @@ use crate::model::Model;
 use crate::train::checkpoint::{latest_in, LATEST};
 use crate::train::lora::{config_path_for, Adapter};
 
+/// Distinct for every adapter ever loaded (0 is the base model): the prefix
+/// cache's key, since two loads may carry the same step with different weights.
+static NEXT_POLICY_ID: AtomicU64 = AtomicU64::new(1);
+
 /// One servable policy: the base model, or the base model with an adapter on.
 pub struct Policy {
     /// The adapter's step (`claw_step` in its config); 0 for the base model.
     pub version: i64,
+    /// What computed a KV cache: equal ids, identical decoders.
+    pub id: u64,
     /// The adapter file, `None` for the base model.
     pub adapter: Option<PathBuf>,
     /// The base decoder with the adapter's deltas on; `None`: the model's own.
@@ -51,6 +57,7 @@ impl Policy {
     pub fn base() -> Self {
         Policy {
             version: 0,
+            id: 0,
             adapter: None,
             decoder: None,
             since_ms: unix_ms(),
@@ -88,6 +95,7 @@ impl Policy {
             .with_context(|| format!("{}: the adapted model is broken", path.display()))?;
         Ok(Policy {
             version,
+            id: NEXT_POLICY_ID.fetch_add(1, Relaxed),
             adapter: Some(path.to_path_buf()),
             decoder: Some(decoder),
             since_ms: unix_ms(),

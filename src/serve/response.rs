@@ -50,11 +50,14 @@ pub struct Meta {
 }
 
 impl Meta {
-    pub fn usage(&self, completion_tokens: usize) -> Json {
+    /// OpenAI's `usage`, with the prompt tokens the prefix cache served.
+    pub fn usage(&self, generation: &Generation) -> Json {
+        let completion_tokens = generation.token_ids.len();
         json!({
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": completion_tokens,
             "total_tokens": self.prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": generation.timing.cached_tokens},
         })
     }
 
@@ -113,7 +116,7 @@ pub async fn json_response(
             "logprobs": outcome.logprobs,
             "finish_reason": outcome.finish_reason,
         }],
-        "usage": meta.usage(outcome.generation.token_ids.len()),
+        "usage": meta.usage(&outcome.generation),
     });
     Ok(axum::Json(body).into_response())
 }
@@ -177,7 +180,7 @@ impl SseState {
                 self.frames.push_back(sse(&chunk));
                 if self.meta.include_usage {
                     let mut chunk = self.meta.chunk(json!([]));
-                    chunk["usage"] = self.meta.usage(outcome.generation.token_ids.len());
+                    chunk["usage"] = self.meta.usage(&outcome.generation);
                     self.frames.push_back(sse(&chunk));
                 }
                 self.end();
