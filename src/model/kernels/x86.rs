@@ -103,7 +103,10 @@ unsafe fn five_bit_group(nibbles: *const u8, fifth: *const u8) -> (__m256i, __m2
     );
     let others = _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe);
     let set = _mm256_cmpeq_epi8(_mm256_or_si256(spread, others), _mm256_set1_epi64x(-1));
-    widen_u8(_mm256_or_si256(q, _mm256_and_si256(set, _mm256_set1_epi8(16))))
+    widen_u8(_mm256_or_si256(
+        q,
+        _mm256_and_si256(set, _mm256_set1_epi8(16)),
+    ))
 }
 
 /// Widens 32 bytes to two vectors of 16 i16 (weights 0..16 and 16..32).
