@@ -25,7 +25,7 @@ use super::api::{self, ApiError, ChatRequest};
 use super::reload::Policy;
 use super::response::{json_response, sse_response, Event, Meta, Outcome};
 use super::session::{self, SessionInfo, SESSION_HEADER};
-use super::tools::{parse_tool_calls, ToolCall};
+use super::tools::ToolCall;
 use super::{unix_ms, AppState};
 use crate::model::generate::Flow;
 use crate::model::{FinishReason, Generation, Model, SamplingParams};
@@ -187,10 +187,11 @@ fn prepare(
     };
     let max_tokens = match request.max_tokens {
         Some(m) if m > max_tokens_limit => {
+            let field = request.max_tokens_field;
             return Err(ApiError::invalid(
-                format!("`max_tokens` is {m}, more than this server allows ({max_tokens_limit}, --max-tokens-limit)"),
-                "max_tokens",
-            ))
+                format!("`{field}` is {m}, more than this server allows ({max_tokens_limit}, --max-tokens-limit)"),
+                field,
+            ));
         }
         Some(m) if n.saturating_add(m) > context => return Err(overflow(n + m)),
         Some(m) => m,
@@ -286,11 +287,9 @@ async fn run_job(
 }
 
 fn finish(model: &Model, job: &Prepared, generation: Generation) -> Outcome {
-    let (content, tool_calls) = if job.request.active_tools().is_some() {
-        parse_tool_calls(&generation.text, || session::new_id("call_"))
-    } else {
-        (generation.text.clone(), Vec::new())
-    };
+    let (content, tool_calls) = job
+        .request
+        .reply_tool_calls(&generation.text, || session::new_id("call_"));
     let finish_reason = if !tool_calls.is_empty() {
         "tool_calls"
     } else {
