@@ -1440,6 +1440,12 @@ fn openclaw_requests_stream_and_are_recorded_as_sent() {
     let auth = [("authorization", "Bearer KEY")];
     let reply = server.post("/v1/chat/completions", &auth, &compat);
     assert_eq!(reply.status, 200, "{}", reply.body);
+    // The tiny model's ChatML template has no tools section: said, once.
+    let warning = "does not render them";
+    wait_for("the tools warning", &server, || {
+        server.log().contains(warning)
+    });
+    assert_eq!(server.log().matches(warning).count(), 1);
 
     // A field OpenClaw sends only when configured to, and that this server
     // cannot honour, is refused by name rather than ignored.

@@ -11,7 +11,7 @@
 //! of the response, so a graceful stop that waits for responses loses no row.
 
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
+use std::sync::{Arc, Once};
 use std::time::Instant;
 
 use axum::body::Body;
@@ -158,6 +158,15 @@ fn prepare(
     request: &ChatRequest,
     max_tokens_limit: usize,
 ) -> Result<(String, Vec<u32>, SamplingParams), ApiError> {
+    if request.active_tools().is_some() && !model.template.supports_tools() {
+        static WARNED: Once = Once::new();
+        WARNED.call_once(|| {
+            crate::warn!(
+                "requests send tools, but this model's chat template does not render them: \
+                 the model is not shown the tools (serve one whose template does, e.g. Qwen2.5)"
+            )
+        });
+    }
     let prompt_text = model
         .template
         .render(&request.template_messages, request.active_tools(), true)
