@@ -1549,3 +1549,172 @@ fn graceful_stop_under_load_loses_nothing() {
         server.log()
     );
 }
+
+// ---------------------------------------------------------------- OpenClaw
+
+/// A request OpenClaw 2026.9.6 really sent (fixtures/openclaw/README.md).
+fn openclaw_fixture(name: &str) -> Json {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/openclaw")
+        .join(name);
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+}
+
+/// The fixture cut to fit the tiny model: the ~42 kB system prompt shortened and
+/// a short completion; the tools, every message and every other field as sent.
+fn openclaw_trimmed(name: &str) -> Json {
+    let mut body = openclaw_fixture(name);
+    let system: String = body["messages"][0]["content"]
+        .as_str()
+        .unwrap()
+        .chars()
+        .take(1500)
+        .collect();
+    body["messages"][0]["content"] = Json::String(system);
+    body["max_completion_tokens"] = json!(8);
+    body
+}
+
+#[test]
+fn openclaw_requests_stream_and_are_recorded_as_sent() {
+    let tiny = TinySpec {
+        context: 8192,
+        ..Default::default()
+    };
+    let mut server = Server::start(tiny, &["--api-key", "KEY"]);
+    // OpenClaw's own headers (OpenAI JS SDK), less those of the connection.
+    let sent = openclaw_fixture("headers.json");
+    let headers: Vec<(String, String)> = sent["default"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| {
+            !["host", "content-length", "connection", "accept-encoding"].contains(&k.as_str())
+        })
+        .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
+        .collect();
+    let headers: Vec<(&str, &str)> = headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+
+    let turn = openclaw_trimmed("session-turn2.json");
+    let reply = server.post("/v1/chat/completions", &headers, &turn);
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.headers["x-session-id"], "openclaw-main");
+    assert!(reply.headers["content-type"].starts_with("text/event-stream"));
+    let events = sse_events(&reply.body);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Json> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    // stream_options.include_usage: `usage: null` on every chunk but the last,
+    // which has no choices and the counts.
+    let (usage, rest) = chunks.split_last().unwrap();
+    assert!(rest.iter().all(|c| c["usage"].is_null()), "{chunks:?}");
+    assert_eq!(usage["choices"], json!([]));
+    let prompt_tokens = usage["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(prompt_tokens > 1500, "{usage}");
+    assert!(rest
+        .last()
+        .is_some_and(|c| c["choices"][0]["finish_reason"].is_string()));
+
+    // With OpenClaw's compat flags: developer role, strict: false tools,
+    // prompt_cache_key, reasoning_effort, temperature, top_p; no session header.
+    let compat = openclaw_trimmed("compat-tool-round.json");
+    let auth = [("authorization", "Bearer KEY")];
+    let reply = server.post("/v1/chat/completions", &auth, &compat);
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    // The tiny model's ChatML template has no tools section: said, once.
+    let warning = "does not render them";
+    wait_for("the tools warning", &server, || {
+        server.log().contains(warning)
+    });
+    assert_eq!(server.log().matches(warning).count(), 1);
+
+    // A field OpenClaw sends only when configured to, and that this server
+    // cannot honour, is refused by name rather than ignored.
+    let mut json_mode = openclaw_trimmed("session-turn2.json");
+    json_mode["response_format"] = json!({"type": "json_object"});
+    let reply = server.post("/v1/chat/completions", &auth, &json_mode);
+    assert_openai_error(&reply, 400, "response_format");
+    assert_eq!(reply.json()["error"]["param"], "response_format");
+
+    assert!(server.stop().success());
+    let rows = server.rows();
+    assert_eq!(rows.len(), 2);
+    let (main, other): (Vec<_>, Vec<_>) =
+        rows.iter().partition(|r| r.session_id == "openclaw-main");
+    let (main, other) = (main[0], other[0]);
+    for (body, row) in [(&turn, main), (&compat, other)] {
+        // Recorded exactly as sent: messages (content parts, null content, tool
+        // call ids) and the tool schemas, keys in the client's order.
+        assert_eq!(row.messages_json, body["messages"].to_string());
+        assert_eq!(
+            row.tools_json.as_deref(),
+            Some(body["tools"].to_string().as_str())
+        );
+        assert_eq!(row.turn_type, "main");
+    }
+    // The client's key order, not sorted ("content" < "role").
+    assert!(
+        main.messages_json.contains(
+            r#"{"role":"assistant","content":null,"tool_calls":[{"id":"callls1","type":"function","#
+        ),
+        "{}",
+        main.messages_json
+    );
+    assert_eq!(main.prompt_ids.len() as u64, prompt_tokens);
+    // `developer` is rendered as the system turn.
+    assert!(other.prompt_text.starts_with("<|im_start|>system\n"));
+    assert!(other.messages_json.starts_with(r#"[{"role":"developer""#));
+}
+
+#[test]
+fn openclaw_prompt_renders_as_hugging_face_renders_it() {
+    use candle_core::quantized::gguf_file;
+    use claw::model::{ChatTemplate, Tokenizer};
+    use claw::serve::api::ChatRequest;
+
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf");
+    if !path.is_file() {
+        eprintln!(
+            "SKIP: openclaw_prompt_renders_as_hugging_face_renders_it: {} is absent",
+            path.display()
+        );
+        return;
+    }
+    let mut file = std::fs::File::open(&path).unwrap();
+    let content = gguf_file::Content::read(&mut file).unwrap();
+    let tokenizer = Tokenizer::from_gguf(&content).unwrap();
+    let template = ChatTemplate::from_gguf(&content, &tokenizer).unwrap();
+    let body = openclaw_fixture("session-turn2.json");
+    let request = ChatRequest::from_body(body.as_object().unwrap()).unwrap();
+    let prompt = template
+        .render(&request.template_messages, request.active_tools(), true)
+        .unwrap();
+    // scripts/hf_chat_template.py: tool schemas as json.dumps writes them (key
+    // order kept, ", " and ": ", nothing HTML-escaped), the parallel calls'
+    // arguments likewise.
+    let expected = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/openclaw/session-turn2.qwen2.5.txt"),
+    )
+    .unwrap();
+    if prompt != expected {
+        let at = prompt
+            .bytes()
+            .zip(expected.bytes())
+            .position(|(a, b)| a != b)
+            .unwrap_or(prompt.len().min(expected.len()));
+        let from = at.saturating_sub(80);
+        panic!(
+            "the prompt differs from Hugging Face's at byte {at}:\n claw: {:?}\n   hf: {:?}",
+            &prompt.get(from..(at + 80).min(prompt.len())),
+            &expected.get(from..(at + 80).min(expected.len())),
+        );
+    }
+    assert!(prompt.contains(r#"{"name": "read", "arguments": {"path": "AGENTS.md", "limit": 5}}"#));
+}

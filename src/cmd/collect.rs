@@ -26,8 +26,11 @@ session and turn; statistics on stderr (and as JSON on stdout with --json).
 The rules (DESIGN.md section 4):
   - Only main turns become samples, numbered 1, 2, ... within their session; side
     turns and turns without a response are dropped and counted.
-  - A turn's next state is the last message of the next main request in the same
-    session, if that is a user or tool message (next_state_role user/tool).
+  - A turn's next state is what the next main request in the same session has
+    after its last assistant message, if those are user or tool messages: the
+    user's reply, or every result of the turn's tool calls, joined by a blank line
+    (next_state_role: the last one's role, user/tool). OpenClaw's own runtime
+    context (<<<BEGIN_OPENCLAW_INTERNAL_CONTEXT>>> blocks) is left out.
   - Feedback (POST /v1/feedback) attaches to the turn it names (response id, else
     turn number), else to the session's latest main turn. It must arrive before
     the turn is final: when the next turn arrives or the session ends, plus

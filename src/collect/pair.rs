@@ -36,7 +36,8 @@ pub struct RowRef {
     pub row: u32,
 }
 
-/// The state that followed a turn: the next main request's last message.
+/// The state that followed a turn: the user or tool messages that end the next
+/// main request (src/collect/raw.rs, `next_state`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NextState {
     /// `user` or `tool` (or `feedback`: no next request, but feedback text).
@@ -49,8 +50,8 @@ pub struct NextState {
 pub enum EventKind {
     /// A main chat turn. `row` is `None` when the request got no response (the
     /// turn is dropped, but the request still gives the previous turn its next
-    /// state). `next_state` is the request's last message if it is a user or
-    /// tool message.
+    /// state). `next_state` is what the request's closing user or tool
+    /// messages say.
     Main {
         sample_id: String,
         row: Option<RowRef>,

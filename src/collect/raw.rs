@@ -68,7 +68,7 @@ pub(crate) fn batch_events(batch: &RolloutBatch) -> Result<BatchEvents> {
         let kind = match turn_type.value(i) {
             "main" => {
                 let has_response = !response_ids.value(i).is_empty();
-                let next_state = match last_message(messages.value(i)) {
+                let next_state = match next_state(messages.value(i)) {
                     Ok(m) => m,
                     Err(_) => {
                         bad_messages += 1;
@@ -133,25 +133,64 @@ pub(crate) fn batch_events(batch: &RolloutBatch) -> Result<BatchEvents> {
     })
 }
 
-/// The next state a request carries: its last message, if that is a user or tool
-/// message, as (role, text). Errors if `messages_json` is not a JSON array.
+/// The next state a request carries: what came after its last assistant message
+/// (the user's reply, or the results of the turn's tool calls, all of them when
+/// the calls were parallel), if those are user or tool messages: their texts
+/// joined by a blank line, with the role of the last one. Errors if
+/// `messages_json` is not a JSON array.
 ///
-/// Only the last message is parsed: the others are skipped as raw JSON (no
+/// Runtime context that the client itself appends is no one's answer to the turn
+/// and is left out: OpenClaw ends every request with a user message holding only
+/// an `<<<BEGIN_OPENCLAW_INTERNAL_CONTEXT>>>` block ("runtime-generated, not
+/// user-authored", as OpenClaw strips it itself before comparing messages).
+///
+/// Only that tail is parsed: the earlier messages are skipped as raw JSON (no
 /// strings are unescaped or copied), which matters because `messages_json` holds
 /// the whole conversation so far.
-pub(crate) fn last_message(messages_json: &str) -> Result<Option<NextState>> {
-    let LastOf(last) = serde_json::from_str(messages_json)?;
-    let Some(raw) = last else {
-        return Ok(None);
-    };
-    let m: Message = serde_json::from_str(raw.get())?;
-    Ok(m.role.and_then(|role| {
-        if role != "user" && role != "tool" {
-            return None;
-        }
+pub(crate) fn next_state(messages_json: &str) -> Result<Option<NextState>> {
+    let Elements(all) = serde_json::from_str(messages_json)?;
+    let mut role = None;
+    let mut texts = Vec::new();
+    for raw in all.iter().rev() {
+        let m: Message = serde_json::from_str(raw.get())?;
+        let Some(r) = m.role.filter(|r| r == "user" || r == "tool") else {
+            break;
+        };
         let text = m.content.as_ref().map(content_text).unwrap_or_default();
-        Some(NextState { role, text })
+        let answer = strip_runtime_context(&text);
+        if answer.len() < text.len() && answer.trim().is_empty() {
+            continue;
+        }
+        role.get_or_insert(r);
+        texts.push(answer);
+    }
+    texts.reverse();
+    Ok(role.map(|role| NextState {
+        role,
+        text: texts.join("\n\n"),
     }))
+}
+
+const RUNTIME_CONTEXT_BEGIN: &str = "<<<BEGIN_OPENCLAW_INTERNAL_CONTEXT>>>";
+const RUNTIME_CONTEXT_END: &str = "<<<END_OPENCLAW_INTERNAL_CONTEXT>>>";
+
+/// `text` without OpenClaw's internal runtime context blocks (an unterminated
+/// block runs to the end), trimmed when there was one.
+fn strip_runtime_context(text: &str) -> String {
+    if !text.contains(RUNTIME_CONTEXT_BEGIN) {
+        return text.to_string();
+    }
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(start) = rest.find(RUNTIME_CONTEXT_BEGIN) {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + RUNTIME_CONTEXT_BEGIN.len()..];
+        rest = after
+            .find(RUNTIME_CONTEXT_END)
+            .map_or("", |end| &after[end + RUNTIME_CONTEXT_END.len()..]);
+    }
+    out.push_str(rest);
+    out.trim().to_string()
 }
 
 /// A message's text: a string as is, a list of parts as their texts joined by
@@ -183,23 +222,23 @@ struct Message {
     content: Option<Json>,
 }
 
-/// The last element of a JSON array, as raw JSON borrowed from the input.
-struct LastOf<'a>(Option<&'a RawValue>);
+/// The elements of a JSON array, as raw JSON borrowed from the input.
+struct Elements<'a>(Vec<&'a RawValue>);
 
-impl<'de: 'a, 'a> Deserialize<'de> for LastOf<'a> {
+impl<'de: 'a, 'a> Deserialize<'de> for Elements<'a> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
         struct V<'a>(std::marker::PhantomData<&'a ()>);
         impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
-            type Value = LastOf<'a>;
+            type Value = Elements<'a>;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                 f.write_str("a JSON array of messages")
             }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<LastOf<'a>, A::Error> {
-                let mut last = None;
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Elements<'a>, A::Error> {
+                let mut all = Vec::new();
                 while let Some(m) = seq.next_element::<&'de RawValue>()? {
-                    last = Some(m);
+                    all.push(m);
                 }
-                Ok(LastOf(last))
+                Ok(Elements(all))
             }
         }
         d.deserialize_seq(V(std::marker::PhantomData))
@@ -211,8 +250,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn next_state_is_the_last_user_or_tool_message() {
-        let ns = |j: &str| last_message(j).unwrap().map(|n| (n.role, n.text));
+    fn next_state_is_what_followed_the_last_assistant_message() {
+        let ns = |j: &str| next_state(j).unwrap().map(|n| (n.role, n.text));
         assert_eq!(
             ns(r#"[{"role":"system","content":"s"},{"role":"user","content":"hi"}]"#),
             Some(("user".into(), "hi".into()))
@@ -228,7 +267,61 @@ mod tests {
             None
         );
         assert_eq!(ns("[]"), None);
-        assert!(last_message("{\"not\": \"a list\"}").is_err());
-        assert!(last_message("[{\"role\":").is_err());
+        assert!(next_state("{\"not\": \"a list\"}").is_err());
+        assert!(next_state("[{\"role\":").is_err());
+        // The results of parallel tool calls, all of them.
+        assert_eq!(
+            ns(
+                r#"[{"role":"user","content":"q"},{"role":"assistant","content":null,"tool_calls":[]},{"role":"tool","content":"a"},{"role":"tool","content":"b"}]"#
+            ),
+            Some(("tool".into(), "a\n\nb".into()))
+        );
+        assert_eq!(
+            ns(
+                r#"[{"role":"assistant","content":"x"},{"role":"user","content":"one"},{"role":"user","content":"two"}]"#
+            ),
+            Some(("user".into(), "one\n\ntwo".into()))
+        );
+    }
+
+    #[test]
+    fn openclaw_runtime_context_is_not_the_next_state() {
+        let ns = |j: &str| next_state(j).unwrap().map(|n| (n.role, n.text));
+        // What OpenClaw sends (fixtures/openclaw): the turn's tool results, then
+        // its runtime context as a content-parts user message.
+        let body: Json = serde_json::from_str(include_str!(
+            "../../fixtures/openclaw/compat-tool-round.json"
+        ))
+        .unwrap();
+        let (role, text) = ns(&body["messages"].to_string()).unwrap();
+        assert_eq!(role, "tool");
+        assert!(text.starts_with("\".git/\"\n\"AGENTS.md\""), "{text}");
+        assert!(text.contains("\n\n# AGENTS.md - Your Workspace"), "{text}");
+        assert!(!text.contains("OPENCLAW_INTERNAL_CONTEXT"), "{text}");
+        // The user's next message of a session.
+        let body: Json =
+            serde_json::from_str(include_str!("../../fixtures/openclaw/session-turn2.json"))
+                .unwrap();
+        assert_eq!(
+            ns(&body["messages"].to_string()),
+            Some((
+                "user".into(),
+                "[Thu 2026-12-03 12:53 UTC] Thanks. And what is 3+3?".into()
+            ))
+        );
+        // Context inside a message is cut out of it; a message of context only,
+        // with nothing else after the assistant, is no next state.
+        assert_eq!(
+            ns(
+                r#"[{"role":"assistant","content":"x"},{"role":"user","content":"ok\n<<<BEGIN_OPENCLAW_INTERNAL_CONTEXT>>>\nctx\n<<<END_OPENCLAW_INTERNAL_CONTEXT>>>"}]"#
+            ),
+            Some(("user".into(), "ok".into()))
+        );
+        assert_eq!(
+            ns(
+                r#"[{"role":"assistant","content":"x"},{"role":"user","content":"<<<BEGIN_OPENCLAW_INTERNAL_CONTEXT>>>ctx<<<END_OPENCLAW_INTERNAL_CONTEXT>>>"}]"#
+            ),
+            None
+        );
     }
 }

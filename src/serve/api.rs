@@ -10,6 +10,7 @@ use futures_util::StreamExt;
 use serde_json::{json, Map, Value as Json};
 
 use super::session::kind;
+use super::tools::{parse_tool_calls, ToolCall};
 
 /// An error answered with the OpenAI error body
 /// `{"error": {"message", "type", "param", "code"}}`.
@@ -171,6 +172,9 @@ pub struct ChatRequest {
     pub top_p: Option<f32>,
     pub top_k: Option<usize>,
     pub max_tokens: Option<usize>,
+    /// The field `max_tokens` came from (`max_completion_tokens` or `max_tokens`),
+    /// so that a limit error names what the client sent.
+    pub max_tokens_field: &'static str,
     pub stop: Vec<String>,
     pub seed: Option<u64>,
     pub stream: bool,
@@ -179,6 +183,8 @@ pub struct ChatRequest {
     /// Alternatives per token in `logprobs` (0-20).
     pub top_logprobs: usize,
     pub ignore_eos: bool,
+    /// False with `parallel_tool_calls: false`: the reply carries at most one call.
+    pub parallel_tool_calls: bool,
 }
 
 const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
@@ -378,13 +384,213 @@ fn check_tools(tools: &Json) -> Result<Vec<Json>, ApiError> {
                 ));
             }
         }
+        // OpenClaw sends `strict: false` (when told its endpoint "supports strict
+        // mode"); `true` promises arguments that match the schema exactly, which
+        // needs constrained decoding.
+        match tool.pointer("/function/strict") {
+            None | Some(Json::Null) | Some(Json::Bool(false)) => {}
+            Some(Json::Bool(true)) => {
+                return Err(ApiError::invalid(
+                    format!(
+                        "`{at}.function.strict: true` is not supported: this server does not \
+                         constrain tool call arguments to the schema (send false or omit it)"
+                    ),
+                    &format!("{at}.function.strict"),
+                ))
+            }
+            Some(other) => {
+                return Err(ApiError::invalid(
+                    format!(
+                        "`{at}.function.strict` must be a boolean, got {}",
+                        kind(other)
+                    ),
+                    &format!("{at}.function.strict"),
+                ))
+            }
+        }
     }
     Ok(list.clone())
 }
 
+/// `tool_choice`: whether the tools are shown at all ("none" hides them). A
+/// named function must be one of `tools`; "required" or a named function needs
+/// tools to choose from. (Neither forces a call: the model is shown the tools and
+/// decides, as with "auto".)
+fn check_tool_choice(body: &Map<String, Json>, tools: Option<&[Json]>) -> Result<bool, ApiError> {
+    let has_tools = tools.is_some_and(|t| !t.is_empty());
+    let needs_tools = |what: &str| {
+        if has_tools {
+            Ok(true)
+        } else {
+            Err(ApiError::invalid(
+                format!("`tool_choice` {what} needs a non-empty `tools` list"),
+                "tool_choice",
+            ))
+        }
+    };
+    match opt(body, "tool_choice") {
+        None => Ok(true),
+        Some(Json::String(s)) if s == "none" => Ok(false),
+        Some(Json::String(s)) if s == "auto" => Ok(true),
+        Some(Json::String(s)) if s == "required" => needs_tools("\"required\""),
+        Some(Json::Object(choice)) => {
+            let Some(name) = choice
+                .get("function")
+                .and_then(|f| f.get("name"))
+                .and_then(Json::as_str)
+            else {
+                // Other object forms (e.g. `allowed_tools`) only restrict choice.
+                return Ok(true);
+            };
+            let known = tools
+                .unwrap_or_default()
+                .iter()
+                .any(|t| t.pointer("/function/name").and_then(Json::as_str) == Some(name));
+            if !known {
+                return Err(ApiError::invalid(
+                    format!("`tool_choice` names the function {name:?}, which is not in `tools`"),
+                    "tool_choice.function.name",
+                ));
+            }
+            needs_tools("naming a function")
+        }
+        Some(other) => Err(ApiError::invalid(
+            format!(
+                "`tool_choice` must be \"none\", \"auto\", \"required\" or an object, got {other}"
+            ),
+            "tool_choice",
+        )),
+    }
+}
+
+/// Reasoning-effort levels OpenAI and OpenClaw send. The model does not reason
+/// before answering, so every level is honoured as it stands: the effort is an
+/// upper bound on reasoning, and no reasoning meets all of them.
+const REASONING_EFFORTS: [&str; 6] = ["none", "minimal", "low", "medium", "high", "xhigh"];
+
+/// Fields that change what a reply says but that this server cannot honour: a
+/// 400 naming the field, rather than a 200 that silently ignores it. Each is
+/// accepted at its neutral value (what sending nothing means).
+fn refuse_unhonoured(body: &Map<String, Json>) -> Result<(), ApiError> {
+    for field in ["frequency_penalty", "presence_penalty"] {
+        match number(body, field)? {
+            None => {}
+            Some(0.0) => {}
+            Some(p) => {
+                return Err(ApiError::invalid(
+                    format!("`{field}` is not supported by this server (only 0), got {p}"),
+                    field,
+                ))
+            }
+        }
+    }
+    match opt(body, "logit_bias") {
+        None => {}
+        Some(Json::Object(m)) if m.is_empty() => {}
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "`logit_bias` is not supported by this server",
+                "logit_bias",
+            ))
+        }
+    }
+    match opt(body, "response_format") {
+        None => {}
+        Some(f) if f.get("type").and_then(Json::as_str) == Some("text") => {}
+        Some(f) => {
+            let what = match f.get("type").and_then(Json::as_str) {
+                Some(t) => format!("{t:?}"),
+                None => f.to_string(),
+            };
+            return Err(ApiError::invalid(
+                format!(
+                    "`response_format` {what} is not supported: this server does not constrain \
+                     the reply to JSON (only {{\"type\": \"text\"}})"
+                ),
+                "response_format",
+            ));
+        }
+    }
+    match opt(body, "modalities") {
+        None => {}
+        Some(Json::Array(m)) if m.iter().all(|x| x.as_str() == Some("text")) => {}
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "`modalities` other than [\"text\"] are not supported: this model writes text only",
+                "modalities",
+            ))
+        }
+    }
+    for (field, why) in [
+        ("functions", "send them as `tools`"),
+        ("function_call", "use `tool_choice`"),
+        ("audio", "this model writes text only"),
+        ("prediction", "predicted outputs are not implemented"),
+        ("web_search_options", "this server has no web search"),
+    ] {
+        if opt(body, field).is_some() {
+            return Err(ApiError::invalid(
+                format!("`{field}` is not supported by this server: {why}"),
+                field,
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Fields that do not change the reply: accepted (and checked for their type,
+/// so a malformed request is still a 400). `store`: this server records every
+/// turn to its own directory whatever the client asks (that is what it is for);
+/// OpenAI's stored-completions API does not exist here. `prompt_cache_key` and
+/// `prompt_cache_retention`: hints for prompt caching, which keys on the tokens.
+fn check_hints(body: &Map<String, Json>) -> Result<(), ApiError> {
+    for field in [
+        "model",
+        "user",
+        "prompt_cache_key",
+        "prompt_cache_retention",
+        "safety_identifier",
+        "service_tier",
+    ] {
+        if let Some(v) = opt(body, field) {
+            if !v.is_string() {
+                return Err(ApiError::invalid(
+                    format!("`{field}` must be a string, got {}", kind(v)),
+                    field,
+                ));
+            }
+        }
+    }
+    boolean(body, "store")?;
+    if let Some(v) = opt(body, "metadata") {
+        if !v.is_object() {
+            return Err(ApiError::invalid(
+                format!("`metadata` must be an object, got {}", kind(v)),
+                "metadata",
+            ));
+        }
+    }
+    match opt(body, "reasoning_effort") {
+        None => {}
+        Some(Json::String(e)) if REASONING_EFFORTS.contains(&e.as_str()) => {}
+        Some(other) => {
+            return Err(ApiError::invalid(
+                format!(
+                    "`reasoning_effort` must be one of {}, got {other}",
+                    REASONING_EFFORTS.join(", ")
+                ),
+                "reasoning_effort",
+            ))
+        }
+    }
+    Ok(())
+}
+
 impl ChatRequest {
-    /// Checks every field the server uses; unknown fields are ignored, as OpenAI-
-    /// compatible servers do (clients send vendor extensions).
+    /// Checks every field the server uses; refuses the OpenAI fields that would
+    /// change the reply but are not implemented ([`refuse_unhonoured`]); other
+    /// unknown fields are ignored, as OpenAI-compatible servers do (clients send
+    /// vendor extensions).
     pub fn from_body(body: &Map<String, Json>) -> Result<Self, ApiError> {
         let messages = match body.get("messages") {
             None | Some(Json::Null) => {
@@ -422,18 +628,13 @@ impl ChatRequest {
             None => None,
             Some(t) => Some(check_tools(t)?),
         };
-        let use_tools = match opt(body, "tool_choice") {
+        let use_tools = check_tool_choice(body, tools.as_deref())?;
+        let parallel_tool_calls = match opt(body, "parallel_tool_calls") {
             None => true,
-            Some(Json::String(s)) if s == "none" => false,
-            Some(Json::String(s)) if s == "auto" || s == "required" => true,
-            Some(Json::Object(_)) => true,
-            Some(other) => {
-                return Err(ApiError::invalid(
-                    format!("`tool_choice` must be \"none\", \"auto\", \"required\" or an object, got {other}"),
-                    "tool_choice",
-                ))
-            }
+            Some(_) => boolean(body, "parallel_tool_calls")?,
         };
+        refuse_unhonoured(body)?;
+        check_hints(body)?;
 
         let temperature = number(body, "temperature")?.map(|t| t as f32);
         if let Some(t) = temperature {
@@ -464,6 +665,7 @@ impl ChatRequest {
                 field,
             ));
         }
+        let max_tokens_field = max_tokens.map_or("max_tokens", |(field, _)| field);
         let max_tokens = max_tokens.map(|(_, n)| usize::try_from(n).unwrap_or(usize::MAX));
 
         let stop = match opt(body, "stop") {
@@ -533,6 +735,12 @@ impl ChatRequest {
                     "top_logprobs",
                 ));
             }
+            Some(k) if k > 0 && !logprobs => {
+                return Err(ApiError::invalid(
+                    "`top_logprobs` needs `logprobs: true`",
+                    "top_logprobs",
+                ));
+            }
             Some(k) => k as usize,
             None => 0,
         };
@@ -545,6 +753,7 @@ impl ChatRequest {
             top_p,
             top_k,
             max_tokens,
+            max_tokens_field,
             stop,
             seed,
             stream,
@@ -552,7 +761,26 @@ impl ChatRequest {
             logprobs,
             top_logprobs,
             ignore_eos: boolean(body, "ignore_eos")?,
+            parallel_tool_calls,
         })
+    }
+
+    /// The reply's content and tool calls from the generated text: calls are
+    /// parsed only when tools were shown, and `parallel_tool_calls: false` keeps
+    /// the first (the recorded row still holds the whole generated text).
+    pub fn reply_tool_calls(
+        &self,
+        text: &str,
+        new_id: impl FnMut() -> String,
+    ) -> (String, Vec<ToolCall>) {
+        if self.active_tools().is_none() {
+            return (text.to_string(), Vec::new());
+        }
+        let (content, mut calls) = parse_tool_calls(text, new_id);
+        if !self.parallel_tool_calls {
+            calls.truncate(1);
+        }
+        (content, calls)
     }
 
     /// The tools the template sees and the output parser looks for.
@@ -643,6 +871,191 @@ mod tests {
                 "{}",
                 err.message
             );
+        }
+    }
+
+    /// Real requests OpenClaw 2026.9.6 sent (fixtures/openclaw/README.md).
+    const OPENCLAW_TURN: &str = include_str!("../../fixtures/openclaw/session-turn2.json");
+    const OPENCLAW_COMPAT: &str = include_str!("../../fixtures/openclaw/compat-tool-round.json");
+
+    #[test]
+    fn accepts_what_openclaw_sends() {
+        let body: Json = serde_json::from_str(OPENCLAW_TURN).unwrap();
+        let r = req(body.clone()).unwrap();
+        assert!(r.stream && r.include_usage);
+        assert_eq!(
+            (r.max_tokens, r.max_tokens_field),
+            (Some(2048), "max_completion_tokens")
+        );
+        assert_eq!(r.active_tools().map(<[Json]>::len), Some(12));
+        let roles: Vec<&str> = r
+            .template_messages
+            .iter()
+            .map(|m| m["role"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            roles,
+            [
+                "system",
+                "user",
+                "assistant",
+                "tool",
+                "tool",
+                "assistant",
+                "user",
+                "user"
+            ]
+        );
+        // The parallel calls of the assistant turn, arguments as objects in the
+        // client's key order; its `content: null` as an empty string.
+        let calls = &r.template_messages[2]["tool_calls"];
+        assert_eq!(
+            calls[1]["function"]["arguments"].to_string(),
+            r#"{"path":"AGENTS.md","limit":5}"#
+        );
+        assert_eq!(r.template_messages[2]["content"], "");
+        // The trailing content-parts message, joined.
+        assert!(r.template_messages[7]["content"]
+            .as_str()
+            .unwrap()
+            .starts_with("<<<BEGIN_OPENCLAW_INTERNAL_CONTEXT>>>"));
+        // Recorded as sent.
+        assert_eq!(Json::Array(r.messages.clone()), body["messages"]);
+        assert_eq!(r.messages[7]["content"][0]["type"], "text");
+
+        // With OpenClaw's compat flags on: `developer`, tools with `strict: false`,
+        // `prompt_cache_key`, `reasoning_effort`, temperature and top_p.
+        let body: Json = serde_json::from_str(OPENCLAW_COMPAT).unwrap();
+        for field in [
+            "prompt_cache_key",
+            "reasoning_effort",
+            "temperature",
+            "top_p",
+        ] {
+            assert!(body.get(field).is_some(), "the fixture has no {field}");
+        }
+        assert_eq!(body["tools"][0]["function"]["strict"], false);
+        let r = req(body.clone()).unwrap();
+        assert_eq!(body["messages"][0]["role"], "developer");
+        assert_eq!(r.template_messages[0]["role"], "system");
+        assert_eq!(r.messages[0]["role"], "developer");
+        assert_eq!((r.temperature, r.top_p), (Some(0.7), Some(0.9)));
+    }
+
+    #[test]
+    fn accepts_hints_and_neutral_values() {
+        let r = req(json!({
+            "messages": [{"role": "user", "content": "x"}],
+            "tools": [{"type": "function", "function": {"name": "f", "strict": false}}],
+            "tool_choice": {"type": "function", "function": {"name": "f"}},
+            "store": false, "prompt_cache_key": "s2:0", "prompt_cache_retention": "24h",
+            "reasoning_effort": "high", "metadata": {"k": "v"}, "user": "u", "service_tier": "auto",
+            "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {},
+            "response_format": {"type": "text"}, "modalities": ["text"],
+            "parallel_tool_calls": false, "top_logprobs": 0,
+            "chat_template_kwargs": {"enable_thinking": false}
+        }))
+        .unwrap();
+        assert!(!r.parallel_tool_calls);
+        assert!(r.active_tools().is_some());
+        let r = req(json!({"messages": [{"role": "user", "content": "x"}]})).unwrap();
+        assert!(r.parallel_tool_calls);
+        assert_eq!(r.max_tokens_field, "max_tokens");
+    }
+
+    #[test]
+    fn parallel_tool_calls_false_keeps_one_call() {
+        let text = "<tool_call>{\"name\": \"ls\", \"arguments\": {}}</tool_call>\n<tool_call>{\"name\": \"read\", \"arguments\": {\"path\": \"a\"}}</tool_call>";
+        let tools = json!([{"type": "function", "function": {"name": "ls"}}, {"type": "function", "function": {"name": "read"}}]);
+        let names = |extra: Json| {
+            let mut body = json!({"messages": [{"role": "user", "content": "x"}], "tools": tools});
+            body.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            let mut n = 0;
+            let (content, calls) = req(body).unwrap().reply_tool_calls(text, || {
+                n += 1;
+                format!("call_{n}")
+            });
+            (
+                content,
+                calls.into_iter().map(|c| c.name).collect::<Vec<_>>(),
+            )
+        };
+        assert_eq!(
+            names(json!({})),
+            (String::new(), vec!["ls".to_string(), "read".to_string()])
+        );
+        assert_eq!(
+            names(json!({"parallel_tool_calls": true})).1,
+            ["ls", "read"]
+        );
+        assert_eq!(names(json!({"parallel_tool_calls": false})).1, ["ls"]);
+        // Tools hidden: the markup is plain text.
+        assert_eq!(
+            names(json!({"tool_choice": "none"})),
+            (text.to_string(), vec![])
+        );
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_honour() {
+        let tools = json!([{"type": "function", "function": {"name": "f"}}]);
+        let cases = [
+            (json!({"presence_penalty": 0.5}), "presence_penalty"),
+            (json!({"frequency_penalty": -1}), "frequency_penalty"),
+            (json!({"logit_bias": {"42": 100}}), "logit_bias"),
+            (
+                json!({"response_format": {"type": "json_object"}}),
+                "response_format",
+            ),
+            (
+                json!({"response_format": {"type": "json_schema", "json_schema": {}}}),
+                "response_format",
+            ),
+            (json!({"response_format": "garbage"}), "response_format"),
+            (json!({"modalities": ["text", "audio"]}), "modalities"),
+            (json!({"functions": [{"name": "f"}]}), "functions"),
+            (json!({"function_call": "auto"}), "function_call"),
+            (json!({"audio": {"voice": "alloy"}}), "audio"),
+            (
+                json!({"prediction": {"type": "content", "content": "x"}}),
+                "prediction",
+            ),
+            (json!({"top_logprobs": 3}), "top_logprobs"),
+            (json!({"tool_choice": "required"}), "tool_choice"),
+            (
+                json!({"tool_choice": "required", "tools": []}),
+                "tool_choice",
+            ),
+            (
+                json!({"tool_choice": {"type": "function", "function": {"name": "g"}}, "tools": tools}),
+                "tool_choice.function.name",
+            ),
+            (
+                json!({"tools": [{"type": "function", "function": {"name": "f", "strict": true}}]}),
+                "tools[0].function.strict",
+            ),
+            (
+                json!({"tools": [{"type": "function", "function": {"name": "f", "strict": "no"}}]}),
+                "tools[0].function.strict",
+            ),
+            (json!({"reasoning_effort": "extreme"}), "reasoning_effort"),
+            (json!({"store": "yes"}), "store"),
+            (json!({"prompt_cache_key": 7}), "prompt_cache_key"),
+            (json!({"metadata": []}), "metadata"),
+            (json!({"parallel_tool_calls": "no"}), "parallel_tool_calls"),
+        ];
+        for (extra, param) in cases {
+            let mut body = json!({"messages": [{"role": "user", "content": "x"}]});
+            body.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            let err = req(body.clone()).unwrap_err();
+            assert_eq!(err.status, StatusCode::BAD_REQUEST, "{body}");
+            assert_eq!(err.param.as_deref(), Some(param), "{body}: {}", err.message);
+            let field = param.split(['.', '[']).next().unwrap();
+            assert!(err.message.contains(field), "{body}: {}", err.message);
         }
     }
 

@@ -13,7 +13,7 @@
 //! of the response, so a graceful stop that waits for responses loses no row.
 
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
+use std::sync::{Arc, Once};
 use std::time::Instant;
 
 use axum::body::Body;
@@ -27,7 +27,7 @@ use super::api::{self, ApiError, ChatRequest};
 use super::reload::Policy;
 use super::response::{json_response, sse_response, Event, Meta, Outcome};
 use super::session::{self, SessionInfo, SESSION_HEADER};
-use super::tools::{parse_tool_calls, ToolCall};
+use super::tools::ToolCall;
 use super::{unix_ms, AppState};
 use crate::model::generate::Flow;
 use crate::model::{FinishReason, Generation, Model, SamplingParams};
@@ -160,6 +160,15 @@ fn prepare(
     request: &ChatRequest,
     max_tokens_limit: usize,
 ) -> Result<(String, Vec<u32>, SamplingParams), ApiError> {
+    if request.active_tools().is_some() && !model.template.supports_tools() {
+        static WARNED: Once = Once::new();
+        WARNED.call_once(|| {
+            crate::warn!(
+                "requests send tools, but this model's chat template does not render them: \
+                 the model is not shown the tools (serve one whose template does, e.g. Qwen2.5)"
+            )
+        });
+    }
     let prompt_text = model
         .template
         .render(&request.template_messages, request.active_tools(), true)
@@ -189,10 +198,11 @@ fn prepare(
     };
     let max_tokens = match request.max_tokens {
         Some(m) if m > max_tokens_limit => {
+            let field = request.max_tokens_field;
             return Err(ApiError::invalid(
-                format!("`max_tokens` is {m}, more than this server allows ({max_tokens_limit}, --max-tokens-limit)"),
-                "max_tokens",
-            ))
+                format!("`{field}` is {m}, more than this server allows ({max_tokens_limit}, --max-tokens-limit)"),
+                field,
+            ));
         }
         Some(m) if n.saturating_add(m) > context => return Err(overflow(n + m)),
         Some(m) => m,
@@ -349,11 +359,9 @@ fn generate(
 }
 
 fn finish(model: &Model, job: &Prepared, generation: Generation) -> Outcome {
-    let (content, tool_calls) = if job.request.active_tools().is_some() {
-        parse_tool_calls(&generation.text, || session::new_id("call_"))
-    } else {
-        (generation.text.clone(), Vec::new())
-    };
+    let (content, tool_calls) = job
+        .request
+        .reply_tool_calls(&generation.text, || session::new_id("call_"));
     let finish_reason = if !tool_calls.is_empty() {
         "tool_calls"
     } else {

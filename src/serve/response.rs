@@ -162,6 +162,8 @@ impl SseState {
                         filter.finish(|| ids.next().unwrap_or_else(|| session::new_id("call_")));
                     self.content(&rest);
                     calls = parsed;
+                    // As many as the reply has (`parallel_tool_calls: false` keeps one).
+                    calls.truncate(outcome.tool_calls.len());
                 }
                 if !calls.is_empty() {
                     let deltas: Vec<Json> = calls
