@@ -1718,3 +1718,73 @@ fn openclaw_prompt_renders_as_hugging_face_renders_it() {
     }
     assert!(prompt.contains(r#"{"name": "read", "arguments": {"path": "AGENTS.md", "limit": 5}}"#));
 }
+
+/// Concurrent requests decode together in batches (continuous batching: they
+/// join and leave at different steps) and each records exactly the token ids
+/// and log-probs it gets when it runs alone.
+#[test]
+fn concurrent_requests_batch_and_record_their_unbatched_numbers() {
+    let spec = TinySpec {
+        linear_dtype: Some(candle_core::quantized::GgmlDType::Q4_0),
+        ..slow_spec()
+    };
+    let mut server = Server::start(spec, &["--parallel", "4", "--prefix-cache-mb", "0"]);
+    let request = |i: usize| {
+        json!({
+            "messages": user(&format!("request number {i}: tell me something")),
+            "max_tokens": 10 + 7 * i,
+            "ignore_eos": true,
+            "temperature": if i.is_multiple_of(2) { 0.0 } else { 0.9 },
+            "seed": i,
+            "logprobs": true,
+        })
+    };
+    let content = |reply: &Reply| reply.json()["choices"][0]["logprobs"]["content"].clone();
+    let alone: Vec<Json> = (0..4)
+        .map(|i| content(&server.post("/v1/chat/completions", &[], &request(i))))
+        .collect();
+    assert_eq!(
+        metric(&server, "claw_decode_steps_total"),
+        metric(&server, "claw_decode_rows_total")
+    );
+
+    let steps_before = metric(&server, "claw_decode_steps_total");
+    let rows_before = metric(&server, "claw_decode_rows_total");
+    let together: Vec<Json> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..4)
+            .map(|i| {
+                let server = &server;
+                let body = request(i);
+                scope.spawn(move || content(&server.post("/v1/chat/completions", &[], &body)))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let steps = metric(&server, "claw_decode_steps_total") - steps_before;
+    let rows = metric(&server, "claw_decode_rows_total") - rows_before;
+    assert!(
+        rows / steps > 1.5,
+        "requests did not decode together: {rows} tokens in {steps} passes\n{}",
+        server.log()
+    );
+    for (i, (a, t)) in alone.iter().zip(&together).enumerate() {
+        assert_eq!(a.as_array().unwrap().len(), 10 + 7 * i);
+        assert_eq!(a, t, "request {i}: batched tokens or log-probs differ");
+    }
+    server.sigterm();
+    assert!(server.wait_exit().success(), "{}", server.log());
+    let rows = server.rows();
+    assert_eq!(rows.len(), 8);
+    for i in 0..4 {
+        let mine: Vec<&RolloutRow> = rows
+            .iter()
+            .filter(|r| r.prompt_text.contains(&format!("request number {i}:")))
+            .collect();
+        assert_eq!(mine.len(), 2);
+        assert_eq!(mine[0].response_ids, mine[1].response_ids, "request {i}");
+        assert_eq!(
+            mine[0].response_logprobs, mine[1].response_logprobs,
+            "request {i}"
+        );
+    }
+}

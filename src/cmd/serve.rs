@@ -45,8 +45,11 @@ prefix prefills only the rest (usage.prompt_tokens_details.cached_tokens says ho
 many were reused; /metrics has claw_prefix_cache_*). -v logs each request's prompt,
 cached and prefilled tokens and its prefill and decode times.
 
-Not yet: continuous batching (--parallel generations run side by side, the rest
-wait in FIFO order).
+Continuous batching: up to --parallel requests decode together, one forward pass
+per token for all of them (each weight is read once for the batch); a request joins
+and leaves between steps, and a long prompt is prefilled one 512-token chunk per
+step so the others keep streaming. A request's tokens and log-probs are the same
+as if it ran alone.
 
 Example:
   claw serve --model models/SmolLM2-135M-Instruct.Q4_1.gguf --dir ./claw-data
@@ -97,8 +100,10 @@ pub struct ServeArgs {
     /// Chat requests admitted at once, generating or waiting (more get 429 + Retry-After).
     #[arg(long, default_value_t = 16)]
     pub queue: usize,
-    /// Generations run at once (the rest of the queue waits, first come first served).
-    #[arg(long, default_value_t = 1)]
+    /// Requests generated at once, decoded together in one batch (continuous
+    /// batching; the rest of the queue waits, first come first served). Each holds
+    /// its own KV cache, up to the context length.
+    #[arg(long, default_value_t = 8)]
     pub parallel: usize,
     /// Minutes after which an idle session is forgotten (feedback for it gets 404).
     #[arg(long, default_value_t = 30)]

@@ -133,119 +133,273 @@ impl Model {
         mut cancelled: impl FnMut() -> bool,
         mut on_text: impl FnMut(&str) -> Flow,
     ) -> Result<Generation> {
+        let mut sequence = Sequence::new(
+            self,
+            prompt_ids.to_vec(),
+            std::mem::take(cache),
+            params.clone(),
+        )?;
+        let result = (|| {
+            while sequence.is_prefilling() {
+                if cancelled() {
+                    sequence.cancel();
+                    break;
+                }
+                sequence.prefill_chunk(decoder, &mut on_text)?;
+            }
+            while let Some(token) = sequence.next_token() {
+                let logits = decoder.decode(&[token], &mut [&mut sequence.cache])?;
+                sequence.accept(&logits[0], &mut on_text)?;
+            }
+            anyhow::Ok(())
+        })();
+        if let Err(e) = result {
+            *cache = sequence.cache;
+            return Err(e);
+        }
+        let (generation, kv) = sequence.finish(&mut on_text);
+        *cache = kv;
+        Ok(generation)
+    }
+}
+
+/// Where a [`Sequence`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Prompt tokens are left to run through the model.
+    Prefill,
+    /// `next` was sampled and is fed next.
+    Decode {
+        next: u32,
+    },
+    Done(FinishReason),
+}
+
+/// One request's generation taken one step at a time: prompt chunks, then one
+/// token per step. [`Model::generate_cached`] runs one alone; `claw serve` runs
+/// many side by side, feeding the decode steps of all of them to one batched
+/// forward pass ([`Decoder::decode`]). Either way the same calls happen in the
+/// same order, so the tokens and log-probs are the same.
+pub struct Sequence<'m> {
+    model: &'m Model,
+    prompt: Vec<u32>,
+    params: SamplingParams,
+    sampler: Sampler,
+    max_tokens: usize,
+    /// The KV of every token fed so far (public so a batch can lend it out).
+    pub cache: KvCache,
+    phase: Phase,
+    timing: Timing,
+    started: Instant,
+    decode_started: Option<Instant>,
+    token_ids: Vec<u32>,
+    logprobs: Vec<f32>,
+    top_logprobs: Vec<Vec<(u32, f32)>>,
+    text: StreamDecoder,
+    /// Bytes of text already given to `on_text`.
+    released: usize,
+    stop_at: Option<usize>,
+}
+
+impl<'m> Sequence<'m> {
+    /// A generation of a reply to `prompt`, after `cache` (the KV of a prefix of
+    /// `prompt`, possibly empty). Checks the prompt and the parameters.
+    pub fn new(
+        model: &'m Model,
+        prompt: Vec<u32>,
+        cache: KvCache,
+        params: SamplingParams,
+    ) -> Result<Self> {
         params.validate()?;
-        anyhow::ensure!(!prompt_ids.is_empty(), "the prompt is empty");
+        anyhow::ensure!(!prompt.is_empty(), "the prompt is empty");
         anyhow::ensure!(
-            cache.len() < prompt_ids.len(),
+            cache.len() < prompt.len(),
             "the cached prefix ({} tokens) must leave at least one of the prompt's {} tokens \
              to prefill",
             cache.len(),
-            prompt_ids.len()
+            prompt.len()
         );
-        let context = self.config.context_length;
+        let context = model.config.context_length;
         anyhow::ensure!(
-            prompt_ids.len() < context,
+            prompt.len() < context,
             "the prompt has {} tokens; the model's context length is {context}",
-            prompt_ids.len()
+            prompt.len()
         );
-        if let Some(&bad) = prompt_ids
+        if let Some(&bad) = prompt
             .iter()
-            .find(|&&id| id as usize >= self.config.vocab_size)
+            .find(|&&id| id as usize >= model.config.vocab_size)
         {
             anyhow::bail!(
                 "token id {bad} is outside the vocabulary ({})",
-                self.config.vocab_size
+                model.config.vocab_size
             );
         }
-        let max_tokens = params.max_tokens.min(context - prompt_ids.len());
-        let mut sampler = Sampler::new(params.clone());
-        let mut timing = Timing {
-            prompt_tokens: prompt_ids.len(),
+        let max_tokens = params.max_tokens.min(context - prompt.len());
+        let timing = Timing {
+            prompt_tokens: prompt.len(),
             cached_tokens: cache.len(),
             ..Default::default()
         };
+        Ok(Self {
+            model,
+            sampler: Sampler::new(params.clone()),
+            params,
+            prompt,
+            max_tokens,
+            cache,
+            phase: Phase::Prefill,
+            timing,
+            started: Instant::now(),
+            decode_started: None,
+            token_ids: Vec::new(),
+            logprobs: Vec::new(),
+            top_logprobs: Vec::new(),
+            text: StreamDecoder::new(),
+            released: 0,
+            stop_at: None,
+        })
+    }
 
-        let start = Instant::now();
-        let mut logits = None;
-        for chunk in prompt_ids[cache.len()..].chunks(PREFILL_CHUNK) {
-            if cancelled() {
-                timing.prefill_s = start.elapsed().as_secs_f64();
-                return Ok(Generation {
-                    token_ids: Vec::new(),
-                    logprobs: Vec::new(),
-                    top_logprobs: Vec::new(),
-                    text: String::new(),
-                    finish_reason: FinishReason::Cancelled,
-                    timing,
-                });
-            }
-            let ids = Tensor::new(chunk, &self.device)?.unsqueeze(0)?;
-            logits = Some(decoder.forward_last(&ids, cache)?);
+    pub fn prompt(&self) -> &[u32] {
+        &self.prompt
+    }
+
+    pub fn is_prefilling(&self) -> bool {
+        self.phase == Phase::Prefill
+    }
+
+    pub fn is_done(&self) -> bool {
+        matches!(self.phase, Phase::Done(_))
+    }
+
+    /// The prompt tokens not yet run through the model.
+    pub fn prompt_left(&self) -> usize {
+        match self.phase {
+            Phase::Prefill => self.prompt.len() - self.cache.len(),
+            _ => 0,
         }
-        let mut logits: Vec<f32> = match logits {
-            Some(l) => l.squeeze(0)?.to_vec1()?,
-            None => unreachable!("prompt checked non-empty"),
+    }
+
+    /// The sampled token to feed next, while decoding.
+    pub fn next_token(&self) -> Option<u32> {
+        match self.phase {
+            Phase::Decode { next } => Some(next),
+            _ => None,
+        }
+    }
+
+    /// Stops here (the client went away): the reply is not finished.
+    pub fn cancel(&mut self) {
+        if !self.is_done() {
+            self.end(FinishReason::Cancelled);
+        }
+    }
+
+    /// Runs the next chunk of at most [`PREFILL_CHUNK`] prompt tokens; after the
+    /// last one, samples the first token (which may already end the reply).
+    pub fn prefill_chunk(
+        &mut self,
+        decoder: &Decoder,
+        on_text: &mut dyn FnMut(&str) -> Flow,
+    ) -> Result<()> {
+        anyhow::ensure!(self.is_prefilling(), "the prompt is already prefilled");
+        let start = self.cache.len();
+        let end = (start + PREFILL_CHUNK).min(self.prompt.len());
+        let ids = Tensor::new(&self.prompt[start..end], &self.model.device)?.unsqueeze(0)?;
+        let logits = decoder.forward_last(&ids, &mut self.cache)?;
+        if end < self.prompt.len() {
+            return Ok(());
+        }
+        let logits: Vec<f32> = logits.squeeze(0)?.to_vec1()?;
+        self.timing.prefill_s = self.started.elapsed().as_secs_f64();
+        self.decode_started = Some(Instant::now());
+        if self.max_tokens == 0 {
+            self.end(FinishReason::Length);
+            return Ok(());
+        }
+        self.accept(&logits, on_text)
+    }
+
+    /// Samples from the logits that followed the last token fed, and releases
+    /// the text that became final. Ends the reply at EOS, a stop string, the
+    /// token limit, or when `on_text` cancels.
+    pub fn accept(&mut self, logits: &[f32], on_text: &mut dyn FnMut(&str) -> Flow) -> Result<()> {
+        anyhow::ensure!(!self.is_done(), "the reply is already finished");
+        let sampled = self.sampler.sample(logits);
+        self.token_ids.push(sampled.token);
+        self.logprobs.push(sampled.logprob);
+        if self.params.top_logprobs > 0 {
+            self.top_logprobs.push(super::sampling::top_logprobs(
+                logits,
+                self.params.top_logprobs,
+            ));
+        }
+        let tokenizer = &self.model.tokenizer;
+        if !self.params.ignore_eos && tokenizer.is_eos(sampled.token) {
+            self.end(FinishReason::Stop);
+            return Ok(());
+        }
+        if self.text.push(tokenizer, sampled.token)?.is_some() {
+            let full = self.text.text();
+            if let Some(pos) = find_stop(full, &self.params.stop, self.released) {
+                self.stop_at = Some(pos);
+                self.end(FinishReason::Stop);
+                return Ok(());
+            }
+            let safe = full.len() - held_back(full, &self.params.stop);
+            if safe > self.released {
+                if on_text(&full[self.released..safe]) == Flow::Cancel {
+                    self.end(FinishReason::Cancelled);
+                    return Ok(());
+                }
+                self.released = safe;
+            }
+        }
+        self.phase = match self.token_ids.len() >= self.max_tokens {
+            true => Phase::Done(FinishReason::Length),
+            false => Phase::Decode {
+                next: sampled.token,
+            },
         };
-        timing.prefill_s = start.elapsed().as_secs_f64();
+        Ok(())
+    }
 
-        let decode_start = Instant::now();
-        let mut token_ids = Vec::new();
-        let mut logprobs = Vec::new();
-        let mut top_logprobs = Vec::new();
-        let mut text = StreamDecoder::new();
-        let mut released = 0; // bytes of text already given to on_text
-        let mut finish = FinishReason::Length;
-        let mut stop_at = None;
-        while token_ids.len() < max_tokens {
-            let sampled = sampler.sample(&logits);
-            token_ids.push(sampled.token);
-            logprobs.push(sampled.logprob);
-            if params.top_logprobs > 0 {
-                top_logprobs.push(super::sampling::top_logprobs(&logits, params.top_logprobs));
-            }
-            if !params.ignore_eos && self.tokenizer.is_eos(sampled.token) {
-                finish = FinishReason::Stop;
-                break;
-            }
-            if text.push(&self.tokenizer, sampled.token)?.is_some() {
-                let full = text.text();
-                if let Some(pos) = find_stop(full, &params.stop, released) {
-                    stop_at = Some(pos);
-                    finish = FinishReason::Stop;
-                    break;
-                }
-                let safe = full.len() - held_back(full, &params.stop);
-                if safe > released {
-                    if on_text(&full[released..safe]) == Flow::Cancel {
-                        finish = FinishReason::Cancelled;
-                        break;
-                    }
-                    released = safe;
-                }
-            }
-            if token_ids.len() == max_tokens {
-                break;
-            }
-            let ids = Tensor::new(&[sampled.token], &self.device)?.unsqueeze(0)?;
-            logits = decoder.forward_last(&ids, cache)?.squeeze(0)?.to_vec1()?;
+    fn end(&mut self, reason: FinishReason) {
+        self.phase = Phase::Done(reason);
+    }
+
+    /// The reply and the cache (every token fed: the prompt, or as much of it
+    /// as was prefilled, and the sampled tokens but the last). Text held back
+    /// for a possible stop string is released to `on_text` now.
+    pub fn finish(mut self, on_text: &mut dyn FnMut(&str) -> Flow) -> (Generation, KvCache) {
+        let finish_reason = match self.phase {
+            Phase::Done(reason) => reason,
+            // Finished early by an error: what was generated, cut off.
+            _ => FinishReason::Length,
+        };
+        if self.decode_started.is_none() {
+            self.timing.prefill_s = self.started.elapsed().as_secs_f64();
         }
-        let mut reply = text.text().to_string();
-        if let Some(pos) = stop_at {
+        let mut reply = self.text.text().to_string();
+        if let Some(pos) = self.stop_at {
             reply.truncate(pos);
         }
-        if reply.len() > released && finish != FinishReason::Cancelled {
-            on_text(&reply[released..]);
+        if reply.len() > self.released && finish_reason != FinishReason::Cancelled {
+            on_text(&reply[self.released..]);
         }
-        timing.completion_tokens = token_ids.len();
-        timing.decode_s = decode_start.elapsed().as_secs_f64();
-        Ok(Generation {
-            token_ids,
-            logprobs,
-            top_logprobs,
+        self.timing.completion_tokens = self.token_ids.len();
+        self.timing.decode_s = self
+            .decode_started
+            .map_or(0.0, |t| t.elapsed().as_secs_f64());
+        let generation = Generation {
+            token_ids: self.token_ids,
+            logprobs: self.logprobs,
+            top_logprobs: self.top_logprobs,
             text: reply,
-            finish_reason: finish,
-            timing,
-        })
+            finish_reason,
+            timing: self.timing,
+        };
+        (generation, self.cache)
     }
 }
 
@@ -455,6 +609,128 @@ mod tests {
         assert!(g.token_ids.is_empty());
         assert_eq!(cache.len(), 2 * PREFILL_CHUNK);
         assert_eq!(asked, 3);
+    }
+
+    /// Requests decoded together get exactly the tokens and log-probs each gets
+    /// alone, whatever joins or leaves the batch between steps: continuous
+    /// batching must not change what is recorded. Packed (block-quantized) and
+    /// f32 weights, greedy and seeded sampling, a late joiner, a stop string.
+    #[test]
+    fn a_batch_decodes_each_request_as_it_would_alone() {
+        use candle_core::quantized::GgmlDType;
+        for linear_dtype in [Some(GgmlDType::Q4_0), Some(GgmlDType::Q8_0), None] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("tiny.gguf");
+            let spec = TinySpec {
+                context: 1024,
+                linear_dtype,
+                ..TinySpec::default()
+            };
+            write_tiny_gguf(&path, &spec).unwrap();
+            let model = Model::load(&path).unwrap();
+            let vocab = model.config.vocab_size;
+            let requests: Vec<(Vec<u32>, SamplingParams)> = vec![
+                (
+                    random_ids(40, 1, vocab),
+                    SamplingParams {
+                        temperature: 0.0,
+                        max_tokens: 12,
+                        ignore_eos: true,
+                        ..Default::default()
+                    },
+                ),
+                (
+                    random_ids(700, 2, vocab),
+                    SamplingParams {
+                        temperature: 0.9,
+                        seed: Some(7),
+                        max_tokens: 20,
+                        ignore_eos: true,
+                        top_logprobs: 3,
+                        ..Default::default()
+                    },
+                ),
+                (
+                    random_ids(9, 3, vocab),
+                    SamplingParams {
+                        temperature: 0.8,
+                        top_p: 0.9,
+                        seed: Some(3),
+                        max_tokens: 6,
+                        ..Default::default()
+                    },
+                ),
+                (
+                    random_ids(25, 4, vocab),
+                    SamplingParams {
+                        temperature: 0.0,
+                        max_tokens: 15,
+                        stop: vec!["e".into()],
+                        ..Default::default()
+                    },
+                ),
+            ];
+            let alone: Vec<Generation> = requests
+                .iter()
+                .map(|(prompt, params)| model.generate(prompt, params, |_| Flow::Continue).unwrap())
+                .collect();
+
+            // The last request joins after three steps, as in `claw serve`.
+            let decoder = &model.decoder;
+            let mut active: Vec<(usize, Sequence)> = Vec::new();
+            let mut done: Vec<Option<Generation>> = vec![None; requests.len()];
+            let mut on_text = |_: &str| Flow::Continue;
+            for step in 0.. {
+                for (i, (prompt, params)) in requests.iter().enumerate() {
+                    let joins = if i == 3 { step == 3 } else { step == 0 };
+                    if joins {
+                        let seq =
+                            Sequence::new(&model, prompt.clone(), KvCache::new(), params.clone())
+                                .unwrap();
+                        active.push((i, seq));
+                    }
+                }
+                for (_, seq) in active.iter_mut().filter(|(_, s)| s.is_prefilling()) {
+                    seq.prefill_chunk(decoder, &mut on_text).unwrap();
+                }
+                let mut decoding: Vec<&mut (usize, Sequence)> = active
+                    .iter_mut()
+                    .filter(|(_, s)| s.next_token().is_some())
+                    .collect();
+                let tokens: Vec<u32> = decoding
+                    .iter()
+                    .map(|(_, s)| s.next_token().unwrap())
+                    .collect();
+                if !tokens.is_empty() {
+                    let mut caches: Vec<&mut KvCache> =
+                        decoding.iter_mut().map(|(_, s)| &mut s.cache).collect();
+                    let logits = decoder.decode(&tokens, &mut caches).unwrap();
+                    for ((_, seq), logits) in decoding.iter_mut().zip(logits) {
+                        seq.accept(&logits, &mut on_text).unwrap();
+                    }
+                }
+                for (i, seq) in std::mem::take(&mut active) {
+                    if seq.is_done() {
+                        done[i] = Some(seq.finish(&mut on_text).0);
+                    } else {
+                        active.push((i, seq));
+                    }
+                }
+                if active.is_empty() && step > 3 {
+                    break;
+                }
+            }
+            for (i, (alone, batched)) in alone.iter().zip(&done).enumerate() {
+                let batched = batched.as_ref().unwrap();
+                let what = format!("{linear_dtype:?} request {i}");
+                assert_eq!(batched.token_ids, alone.token_ids, "{what}: tokens");
+                assert_eq!(batched.logprobs, alone.logprobs, "{what}: log-probs");
+                assert_eq!(batched.top_logprobs, alone.top_logprobs, "{what}");
+                assert_eq!(batched.text, alone.text, "{what}: text");
+                assert_eq!(batched.finish_reason, alone.finish_reason, "{what}");
+            }
+            assert!(alone[1].token_ids.len() == 20 && alone[0].token_ids.len() == 12);
+        }
     }
 
     #[test]

@@ -308,22 +308,41 @@ impl Linear {
 }
 
 impl Linear {
-    /// One input vector to one output vector, for the decode step: packed weights
-    /// go straight to the block kernel with no tensor allocation in between.
+    /// One input vector to one output vector.
     pub fn forward_vec(&self, x: &[f32]) -> Result<Vec<f32>> {
+        self.forward_rows(x, 1)
+    }
+
+    /// `rows` input vectors (row-major in `x`) to as many output vectors, for
+    /// the decode step: packed weights go straight to the block kernel, which
+    /// reads each weight once for all rows, with no tensor in between. Each
+    /// row's result is the same whatever `rows` is (other weights run row by
+    /// row for that reason), so a batched request gets its unbatched numbers.
+    pub fn forward_rows(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+        let width = x.len() / rows.max(1);
         let mut y = match &self.weight {
-            Weight::Packed(_, packed) => packed.matmul(x, 1),
+            Weight::Packed(_, packed) => packed.matmul(x, rows),
             _ => {
-                let t = Tensor::from_slice(x, (1, x.len()), &candle_core::Device::Cpu)?;
-                return self.forward(&t)?.flatten_all()?.to_vec1();
+                let mut y = Vec::new();
+                for row in x.chunks_exact(width) {
+                    let t = Tensor::from_slice(row, (1, width), &candle_core::Device::Cpu)?;
+                    y.extend(self.forward(&t)?.flatten_all()?.to_vec1::<f32>()?);
+                }
+                return Ok(y);
             }
         };
+        let out = y.len() / rows.max(1);
         if let Some(bias) = &self.bias {
-            for (v, b) in y.iter_mut().zip(bias.to_vec1::<f32>()?) {
-                *v += b;
+            let bias = bias.to_vec1::<f32>()?;
+            for row in y.chunks_exact_mut(out) {
+                row.iter_mut().zip(&bias).for_each(|(v, b)| *v += b);
             }
         }
-        self.add_lora_vec(x, &mut y)?;
+        if self.lora.is_some() {
+            for (xi, yi) in x.chunks_exact(width).zip(y.chunks_exact_mut(out)) {
+                self.add_lora_vec(xi, yi)?;
+            }
+        }
         Ok(y)
     }
 }

@@ -2,13 +2,13 @@
 //!
 //! A request is checked (400s name the field), admitted (429 when `--queue` is
 //! full) under the policy serving now (which it keeps to its end, whatever hot
-//! reload swaps in meanwhile), rendered and tokenised, then handed to a job task
-//! that waits its turn for a generation slot and runs [`Model::generate_cached`]
-//! with that policy's decoder on the blocking pool, after the longest prefix of
-//! its prompt that the [`prefix`](super::prefix) cache holds for that policy. Text
-//! comes back through a channel as it is produced; when the receiving side is
-//! gone (the client disconnected) the next prefill chunk or text piece cancels
-//! the generation. A
+//! reload swaps in meanwhile), rendered and tokenised, then handed to the
+//! [`engine`](super::engine), which batches it with the other requests in
+//! flight, after the longest prefix of its prompt that the
+//! [`prefix`](super::prefix) cache holds for that policy. Text comes back
+//! through a channel as it is produced; when the receiving side is gone (the
+//! client disconnected) the engine cancels the generation at its next step
+//! (between prefill chunks too). A
 //! finished generation becomes one [`RolloutRow`] before the client sees the end
 //! of the response, so a graceful stop that waits for responses loses no row.
 
@@ -21,15 +21,15 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value as Json};
-use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 
 use super::api::{self, ApiError, ChatRequest};
+use super::engine::Work;
 use super::reload::Policy;
 use super::response::{json_response, sse_response, Event, Meta, Outcome};
 use super::session::{self, SessionInfo, SESSION_HEADER};
 use super::tools::ToolCall;
 use super::{unix_ms, AppState};
-use crate::model::generate::Flow;
 use crate::model::{FinishReason, Generation, Model, SamplingParams};
 use crate::rollout::RolloutRow;
 
@@ -229,7 +229,8 @@ fn prepare(
     Ok((prompt_text, prompt_ids, params))
 }
 
-/// Waits for a generation slot (FIFO), generates, records, reports.
+/// Hands the request to the engine (which batches it with the others), then
+/// records and reports.
 async fn run_job(
     state: Arc<AppState>,
     job: Prepared,
@@ -237,24 +238,15 @@ async fn run_job(
     tx: mpsc::UnboundedSender<Event>,
 ) {
     let metrics = &state.metrics;
-    metrics.queue_waiting.fetch_add(1, Relaxed);
-    let slot = state.engine.clone().acquire_owned().await;
-    metrics.queue_waiting.fetch_sub(1, Relaxed);
-    if tx.is_closed() {
-        metrics.generations_cancelled.fetch_add(1, Relaxed);
-        return;
-    }
-    metrics.running.fetch_add(1, Relaxed);
-    let shared = state.clone();
-    let policy = job.policy.clone();
-    let pieces = tx.clone();
-    let ids = job.prompt_ids.clone();
-    let params = job.params.clone();
-    let result =
-        tokio::task::spawn_blocking(move || generate(&shared, &policy, &ids, &params, &pieces))
-            .await;
-    metrics.running.fetch_sub(1, Relaxed);
-    drop(slot);
+    let (done, result) = oneshot::channel();
+    state.engine.submit(Work {
+        policy: job.policy.clone(),
+        prompt_ids: job.prompt_ids.clone(),
+        params: job.params.clone(),
+        events: tx.clone(),
+        done,
+    });
+    let result = result.await;
 
     let generation = match result {
         Ok(Ok(g)) => g,
@@ -263,8 +255,8 @@ async fn run_job(
             let _ = tx.send(Event::Done(Err(format!("generation failed: {e:#}"))));
             return;
         }
-        Err(e) => {
-            crate::warn!("request {}: generation panicked: {e}", job.id);
+        Err(_) => {
+            crate::warn!("request {}: the generation engine dropped it", job.id);
             let _ = tx.send(Event::Done(Err("generation failed".into())));
             return;
         }
@@ -304,58 +296,6 @@ async fn run_job(
     state.recorder.record(chat_row(&state, &job, &outcome));
     let _ = tx.send(Event::Done(Ok(Box::new(outcome))));
     drop(admission);
-}
-
-/// Generates on the blocking pool after the longest prefix the prefix cache
-/// holds for this policy, streaming text into `pieces` (a closed channel
-/// cancels, in prefill too), then stores what was fed for the next request.
-fn generate(
-    state: &AppState,
-    policy: &Policy,
-    prompt_ids: &[u32],
-    params: &SamplingParams,
-    pieces: &mpsc::UnboundedSender<Event>,
-) -> anyhow::Result<Generation> {
-    let model = &state.model;
-    let mut cache = state
-        .prefix_cache
-        .lookup(policy.id, prompt_ids)
-        .map(|hit| hit.cache)
-        .unwrap_or_default();
-    let generation = model.generate_cached(
-        policy.decoder(model),
-        prompt_ids,
-        &mut cache,
-        params,
-        || pieces.is_closed(),
-        |piece| match pieces.send(Event::Piece(piece.to_string())) {
-            Ok(()) => Flow::Continue,
-            Err(_) => Flow::Cancel,
-        },
-    )?;
-    let cached = generation.timing.cached_tokens;
-    // The tokens whose KV the cache now holds: the prompt (all of it unless
-    // cancelled in prefill), then the reply but its last token.
-    let mut fed: Vec<u32> = prompt_ids[..cache.len().min(prompt_ids.len())].to_vec();
-    let replied = cache.len().saturating_sub(fed.len());
-    fed.extend(generation.token_ids.iter().take(replied));
-    let metrics = &state.metrics;
-    metrics.prefix_hit_tokens.fetch_add(cached as u64, Relaxed);
-    metrics
-        .prefix_miss_tokens
-        .fetch_add((cache.len().min(prompt_ids.len()) - cached) as u64, Relaxed);
-    let live = state.policies.current().id;
-    let stored = state.prefix_cache.store(live, policy.id, fed, cache);
-    metrics
-        .prefix_evictions
-        .fetch_add(stored.evicted as u64, Relaxed);
-    metrics
-        .prefix_bytes
-        .store(state.prefix_cache.bytes() as u64, Relaxed);
-    metrics
-        .prefix_entries
-        .store(state.prefix_cache.entries() as u64, Relaxed);
-    Ok(generation)
 }
 
 fn finish(model: &Model, job: &Prepared, generation: Generation) -> Outcome {

@@ -22,6 +22,10 @@ pub struct Metrics {
     pub queue_waiting: AtomicU64,
     /// Chat requests generating now.
     pub running: AtomicU64,
+    /// Batched decode passes, and the request-tokens they decoded (their ratio
+    /// is the mean batch size).
+    pub decode_steps: AtomicU64,
+    pub decode_rows: AtomicU64,
     pub rows_recorded: AtomicU64,
     pub segments_written: AtomicU64,
     pub record_errors: AtomicU64,
@@ -115,6 +119,18 @@ impl Metrics {
                 "gauge",
                 "Chat requests generating now.",
                 self.running.load(Relaxed),
+            ),
+            (
+                "claw_decode_steps_total",
+                "counter",
+                "Batched decode forward passes (one token for each request in the batch).",
+                self.decode_steps.load(Relaxed),
+            ),
+            (
+                "claw_decode_rows_total",
+                "counter",
+                "Tokens decoded by those passes; divided by the steps, the mean batch size.",
+                self.decode_rows.load(Relaxed),
             ),
             (
                 "claw_rows_recorded_total",

@@ -2,8 +2,9 @@
 //! every turn (DESIGN.md sections 1-4).
 //!
 //! - [`api`]: the OpenAI wire format (error body, checked chat request).
-//! - [`chat`]: `POST /v1/chat/completions`: admission, generation on a blocking
-//!   thread, JSON or SSE responses, the recorded row.
+//! - [`chat`]: `POST /v1/chat/completions`: admission, JSON or SSE responses,
+//!   the recorded row.
+//! - [`engine`]: the thread that generates, batching the requests in flight.
 //! - [`response`]: the JSON body and the SSE chunk stream.
 //! - [`routes`]: the router, auth, metrics counting, the small endpoints.
 //! - [`session`]: session id / turn type / session end, and the session registry.
@@ -16,14 +17,16 @@
 //!   `--prefix-cache-mb`).
 //!
 //! Concurrency: `--queue` bounds the chat requests admitted (generating or waiting);
-//! one more gets 429 with Retry-After. Admitted requests wait in FIFO order (a fair
-//! tokio semaphore) for one of `--parallel` generation slots; generation runs on
-//! tokio's blocking pool and streams text back through a channel, and a closed
-//! channel (the client went away) cancels it, between prefill chunks too. An admitted request holds the
+//! one more gets 429 with Retry-After. Admitted requests wait in FIFO order for
+//! one of `--parallel` places in the engine's batch (continuous batching: a
+//! request joins and leaves between decode steps); text streams back through a
+//! channel, and a closed channel (the client went away) cancels the request at
+//! the next step, between prefill chunks too. An admitted request holds the
 //! policy it was admitted under to its end; adapter swaps affect later requests.
 
 pub mod api;
 pub mod chat;
+pub mod engine;
 pub mod metrics;
 pub mod prefix;
 pub mod record;
@@ -98,13 +101,12 @@ pub struct AppState {
     pub sessions: Registry,
     /// `--queue` permits: held from admission until the generation has finished.
     pub admission: Arc<Semaphore>,
-    /// `--parallel` permits: held while generating.
-    pub engine: Arc<Semaphore>,
+    /// Runs the generations, `--parallel` of them batched together.
+    pub engine: engine::Engine,
     /// Unix seconds the server started (the model's `created`).
     pub started: u64,
     /// The policy serving new requests (swapped by hot reload).
     pub policies: Arc<Policies>,
-    pub prefix_cache: prefix::PrefixCache,
 }
 
 pub fn unix_ms() -> i64 {
@@ -224,19 +226,25 @@ async fn serve(
     } else {
         None
     };
+    let engine = engine::Engine::start(
+        model.clone(),
+        policies.clone(),
+        prefix::PrefixCache::new(config.prefix_cache_bytes),
+        metrics.clone(),
+        config.parallel,
+    )?;
     let state = Arc::new(AppState {
         model,
         metrics: metrics.clone(),
         recorder,
         sessions: Registry::new(config.session_timeout),
         admission: Arc::new(Semaphore::new(config.queue)),
-        engine: Arc::new(Semaphore::new(config.parallel)),
+        engine,
         started: (unix_ms() / 1000) as u64,
         policies,
-        prefix_cache: prefix::PrefixCache::new(config.prefix_cache_bytes),
         config,
     });
-    if state.prefix_cache.enabled() {
+    if state.config.prefix_cache_bytes > 0 {
         crate::debug!(
             "prefix cache: up to {} MiB of KV",
             state.config.prefix_cache_bytes >> 20

@@ -124,6 +124,8 @@ impl PackedMatrix {
         // Work is split by weight rows so each weight byte is read once per call.
         // Results are produced transposed (rows, m) so every task writes one
         // contiguous slice; m == 1 (decode) needs no transpose.
+        let rows: Vec<Quantized16> = (0..m).map(|i| x16.row(i, self.cols)).collect();
+        let sums: Vec<&[f32]> = xsums.chunks_exact(groups_per_row).collect();
         let pool = HotPool::global();
         let rows_per_task = self.rows.div_ceil(pool.threads() * 4).max(16);
         let mut transposed = vec![0f32; self.rows * m];
@@ -133,22 +135,15 @@ impl PackedMatrix {
             let last_row = (first_row + rows_per_task).min(self.rows);
             // SAFETY: task t writes only the outputs of its own weight rows.
             let out = unsafe { shared.range(first_row * m, last_row * m) };
-            if m < DENSE_ROW_MIN_M && simd {
+            if simd {
                 for (r, out_row) in out.chunks_exact_mut(m).enumerate() {
                     let row = self.row(first_row + r);
-                    for (i, o) in out_row.iter_mut().enumerate() {
-                        let groups = i * groups_per_row..(i + 1) * groups_per_row;
-                        let xq = Quantized16 {
-                            values: &x16.values[i * self.cols..(i + 1) * self.cols],
-                            scales: &x16.scales[groups.clone()],
-                        };
-                        *o = dot_simd(self.format, row, &xq, &xsums[groups]);
-                    }
+                    dot_rows(self.format, row, &rows, &sums, out_row);
                 }
             } else {
-                // Many activation rows (prefill), or no SIMD kernel: expand four
-                // weight rows to f32 once, then stream every activation row past
-                // all four, so each activation load feeds four dot products.
+                // No SIMD kernel: expand four weight rows to f32 once, then stream
+                // every activation row past all four, so each activation load
+                // feeds four dot products.
                 let rows_here = out.len() / m;
                 let mut dense: [Vec<f32>; 4] = Default::default();
                 for group_start in (0..rows_here).step_by(4) {
@@ -185,10 +180,6 @@ impl PackedMatrix {
     }
 }
 
-/// From this many activation rows on, a weight row is expanded to f32 once and
-/// reused, instead of being unpacked again for every activation row.
-const DENSE_ROW_MIN_M: usize = 4;
-
 fn simd_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -199,19 +190,53 @@ fn simd_available() -> bool {
     false
 }
 
-/// One weight row times one 16-bit activation row; only called when
-/// [`simd_available`].
-fn dot_simd(format: BlockFormat, row: &[u8], xq: &Quantized16, xsums: &[f32]) -> f32 {
+/// How many activation rows one pass over a weight row serves: the decoded
+/// weights are reused from registers for each of them.
+const ROWS_PER_PASS: usize = 4;
+
+/// One weight row times each 16-bit activation row in `rows` into `out` (one
+/// value per row), [`ROWS_PER_PASS`] rows per pass over the weights; only called
+/// when [`simd_available`].
+fn dot_rows(
+    format: BlockFormat,
+    row: &[u8],
+    rows: &[Quantized16],
+    xsums: &[&[f32]],
+    out: &mut [f32],
+) {
     #[cfg(target_arch = "x86_64")]
     {
-        // SAFETY: callers check `simd_available` (the CPU has AVX2, FMA and F16C),
-        // and `row` holds the whole blocks of one row of `format` whose width is
-        // `xq`'s (both sliced by `PackedMatrix::matmul` from a checked matrix).
-        unsafe { x86::dot(format, row, xq, xsums) }
+        fn pass<const R: usize>(
+            format: BlockFormat,
+            row: &[u8],
+            xq: &[Quantized16],
+            xsums: &[&[f32]],
+            out: &mut [f32],
+        ) {
+            let xq: &[Quantized16; R] = xq.try_into().expect("R activation rows");
+            let xsums: &[&[f32]; R] = xsums.try_into().expect("R activation sums");
+            // SAFETY: callers check `simd_available` (the CPU has AVX2, FMA and
+            // F16C), and `row` holds the whole blocks of one row of `format` as
+            // wide as every activation row (all sliced by `PackedMatrix::matmul`
+            // from a checked matrix and activations of its width).
+            out.copy_from_slice(&unsafe { x86::dot::<R>(format, row, xq, xsums) });
+        }
+        let chunks = rows
+            .chunks(ROWS_PER_PASS)
+            .zip(xsums.chunks(ROWS_PER_PASS))
+            .zip(out.chunks_mut(ROWS_PER_PASS));
+        for ((xq, sums), out) in chunks {
+            match xq.len() {
+                4 => pass::<4>(format, row, xq, sums, out),
+                3 => pass::<3>(format, row, xq, sums, out),
+                2 => pass::<2>(format, row, xq, sums, out),
+                _ => pass::<1>(format, row, xq, sums, out),
+            }
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (format, row, xq, xsums);
+        let _ = (format, row, rows, xsums, out);
         unreachable!("no SIMD kernels on this architecture")
     }
 }
@@ -265,6 +290,14 @@ struct Activations16 {
 }
 
 impl Activations16 {
+    /// Activation row `i` of rows `cols` wide.
+    fn row(&self, i: usize, cols: usize) -> Quantized16<'_> {
+        Quantized16 {
+            values: &self.values[i * cols..(i + 1) * cols],
+            scales: &self.scales[i * cols / GROUP..(i + 1) * cols / GROUP],
+        }
+    }
+
     fn new(x: &[f32]) -> Self {
         let mut values = Vec::with_capacity(x.len());
         let mut scales = Vec::with_capacity(x.len() / GROUP);
@@ -346,7 +379,8 @@ mod tests {
                     .fold(0f32, f32::max);
                 let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs()));
                 // few rows: 16-bit activations; many: exact f32 rows
-                let tolerance = if m < DENSE_ROW_MIN_M { 1e-4 } else { 1e-5 } * scale;
+                // 16-bit activations with SIMD; exact f32 rows without.
+                let tolerance = if simd_available() { 1e-4 } else { 1e-5 } * scale;
                 assert!(
                     worst < tolerance,
                     "{format:?} m={m}: max |difference| {worst} (max |y| {scale})"
@@ -371,11 +405,15 @@ mod tests {
                 .collect();
             let xsums: Vec<f32> = x.chunks_exact(GROUP).map(|c| c.iter().sum()).collect();
             let x16 = Activations16::new(&x);
-            let xq = Quantized16 {
-                values: &x16.values,
-                scales: &x16.scales,
-            };
-            let simd = dot_simd(format, packed.row(0), &xq, &xsums);
+            let mut simd = [0f32];
+            dot_rows(
+                format,
+                packed.row(0),
+                &[x16.row(0, cols)],
+                &[&xsums],
+                &mut simd,
+            );
+            let simd = simd[0];
             let exact: f64 = w.iter().zip(&x).map(|(w, x)| f64::from(w * x)).sum();
             // 16-bit rounding errors scale with the sum of |w·x| terms, not the result.
             let magnitude: f32 = w.iter().zip(&x).map(|(w, x)| (w * x).abs()).sum();
@@ -383,6 +421,27 @@ mod tests {
                 (f64::from(simd) - exact).abs() < 1e-4 * f64::from(magnitude),
                 "{format:?}: simd {simd} vs exact {exact} (Σ|w·x| {magnitude})"
             );
+        }
+    }
+
+    #[test]
+    fn a_row_gets_the_same_bits_alone_or_among_others() {
+        // Batched decoding relies on it: a request's log-probs must not depend on
+        // which other requests share its forward pass.
+        for format in BlockFormat::ALL {
+            let (packed, _) = quantized(format, 37, 512);
+            let x: Vec<f32> = fixed_values(9, 512, 3)
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let alone: Vec<Vec<f32>> = x.chunks(512).map(|xi| packed.matmul(xi, 1)).collect();
+            for m in 2..=9 {
+                let together = packed.matmul(&x[..m * 512], m);
+                for (i, row) in together.chunks(37).enumerate() {
+                    assert_eq!(row, alone[i].as_slice(), "{format:?}: row {i} of {m}");
+                }
+            }
         }
     }
 

@@ -1,5 +1,8 @@
-//! AVX2 dot products of one GGUF weight row with one activation row held as
-//! 16-bit integers ([`super::Quantized16`]): per 32-weight group the integer
+//! AVX2 dot products of one GGUF weight row with `R` activation rows held as
+//! 16-bit integers ([`super::Quantized16`]). Each weight group is decoded once
+//! and multiplied into every activation row (a batch of decode steps, a short
+//! prompt chunk); each row's sums run in the same order whatever `R` is, so a
+//! row's result is bit for bit the one it gets alone. Per 32-weight group the integer
 //! products are summed by `madd_epi16` and scaled once, in f32, by the weight's
 //! and the activation's scales; a format's offset (its min, or −8d for Q4_0)
 //! multiplies the group's Σx. The weights are read as stored in the file, so
@@ -20,17 +23,27 @@ pub fn available() -> bool {
         && std::is_x86_feature_detected!("f16c")
 }
 
-/// Σ w·x over one row. `xsums` is Σx per 32-weight group.
+/// Σ w·x of one weight row with each of `R` activation rows. `xsums[r]` is Σx
+/// per 32-weight group of row r.
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C ([`available`]); `row` must hold
-/// `xq.scales.len() * 32` weights of `format` and `xsums` one entry per group.
+/// `xq[r].scales.len() * 32` weights of `format` for every r (all rows as wide)
+/// and each `xsums[r]` one entry per group.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot(format: BlockFormat, row: &[u8], xq: &Quantized16, xsums: &[f32]) -> f32 {
-    debug_assert_eq!(
-        row.len(),
-        xq.scales.len() * GROUP / format.block_weights() * format.block_bytes()
-    );
+pub unsafe fn dot<const R: usize>(
+    format: BlockFormat,
+    row: &[u8],
+    xq: &[Quantized16; R],
+    xsums: &[&[f32]; R],
+) -> [f32; R] {
+    for r in 0..R {
+        debug_assert_eq!(
+            row.len(),
+            xq[r].scales.len() * GROUP / format.block_weights() * format.block_bytes()
+        );
+        debug_assert_eq!(xsums[r].len(), xq[r].scales.len());
+    }
     match format {
         BlockFormat::Q4_0 => dot_q4_0(row, xq, xsums),
         BlockFormat::Q4_1 => dot_q4_1(row, xq, xsums),
@@ -41,6 +54,16 @@ pub unsafe fn dot(format: BlockFormat, row: &[u8], xq: &Quantized16, xsums: &[f3
         BlockFormat::Q5K => dot_q45_k(row, xq, xsums, true),
         BlockFormat::Q6K => dot_q6_k(row, xq),
     }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn hsums<const R: usize>(acc: &[__m256; R], offsets: &[f32; R]) -> [f32; R] {
+    let mut out = [0f32; R];
+    for r in 0..R {
+        out[r] = hsum(acc[r]) + offsets[r];
+    }
+    out
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -120,27 +143,32 @@ unsafe fn widen_u8(v: __m256i) -> (__m256i, __m256i) {
 }
 
 /// The loop shared by the 32-weight formats: `$decode` turns the block at `$b`
-/// into (low weights, high weights, scale, offset).
+/// into (low weights, high weights, scale, offset), once for all `R` rows.
 macro_rules! dot_groups {
     ($row:expr, $xq:expr, $xsums:expr, $bytes:expr, |$b:ident| $decode:expr) => {{
-        let (row, xq, xsums): (&[u8], &Quantized16, &[f32]) = ($row, $xq, $xsums);
-        let mut acc = _mm256_setzero_ps();
-        let mut offsets = 0f32;
-        let xp = xq.values.as_ptr();
-        for g in 0..xq.scales.len() {
+        let (row, xq, xsums): (&[u8], &[Quantized16; R], &[&[f32]; R]) = ($row, $xq, $xsums);
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut offsets = [0f32; R];
+        for g in 0..row.len() / $bytes {
             let $b = row.as_ptr().add(g * $bytes);
             let (lo, hi, d, offset): (__m256i, __m256i, f32, f32) = $decode;
-            let sums = madd32(lo, hi, xp.add(g * GROUP));
-            let scale = d * xq.scales.get_unchecked(g);
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(scale), acc);
-            offsets += offset * xsums.get_unchecked(g);
+            for r in 0..R {
+                let sums = madd32(lo, hi, xq[r].values.as_ptr().add(g * GROUP));
+                let scale = d * xq[r].scales.get_unchecked(g);
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(scale), acc[r]);
+                offsets[r] += offset * xsums[r].get_unchecked(g);
+            }
         }
-        hsum(acc) + offsets
+        hsums(&acc, &offsets)
     }};
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_q4_0(row: &[u8], xq: &Quantized16, xsums: &[f32]) -> f32 {
+unsafe fn dot_q4_0<const R: usize>(
+    row: &[u8],
+    xq: &[Quantized16; R],
+    xsums: &[&[f32]; R],
+) -> [f32; R] {
     dot_groups!(row, xq, xsums, 18, |b| {
         let d = f16_at(b);
         let (lo, hi) = nibbles16(b.add(2));
@@ -149,7 +177,11 @@ unsafe fn dot_q4_0(row: &[u8], xq: &Quantized16, xsums: &[f32]) -> f32 {
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_q4_1(row: &[u8], xq: &Quantized16, xsums: &[f32]) -> f32 {
+unsafe fn dot_q4_1<const R: usize>(
+    row: &[u8],
+    xq: &[Quantized16; R],
+    xsums: &[&[f32]; R],
+) -> [f32; R] {
     dot_groups!(row, xq, xsums, 20, |b| {
         let (lo, hi) = nibbles16(b.add(4));
         (lo, hi, f16_at(b), f16_at(b.add(2)))
@@ -157,7 +189,11 @@ unsafe fn dot_q4_1(row: &[u8], xq: &Quantized16, xsums: &[f32]) -> f32 {
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_q5_0(row: &[u8], xq: &Quantized16, xsums: &[f32]) -> f32 {
+unsafe fn dot_q5_0<const R: usize>(
+    row: &[u8],
+    xq: &[Quantized16; R],
+    xsums: &[&[f32]; R],
+) -> [f32; R] {
     dot_groups!(row, xq, xsums, 22, |b| {
         let d = f16_at(b);
         let (lo, hi) = five_bit_group(b.add(6), b.add(2));
@@ -166,7 +202,11 @@ unsafe fn dot_q5_0(row: &[u8], xq: &Quantized16, xsums: &[f32]) -> f32 {
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_q5_1(row: &[u8], xq: &Quantized16, xsums: &[f32]) -> f32 {
+unsafe fn dot_q5_1<const R: usize>(
+    row: &[u8],
+    xq: &[Quantized16; R],
+    xsums: &[&[f32]; R],
+) -> [f32; R] {
     dot_groups!(row, xq, xsums, 24, |b| {
         let (lo, hi) = five_bit_group(b.add(8), b.add(4));
         (lo, hi, f16_at(b), f16_at(b.add(2)))
@@ -174,7 +214,11 @@ unsafe fn dot_q5_1(row: &[u8], xq: &Quantized16, xsums: &[f32]) -> f32 {
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_q8_0(row: &[u8], xq: &Quantized16, xsums: &[f32]) -> f32 {
+unsafe fn dot_q8_0<const R: usize>(
+    row: &[u8],
+    xq: &[Quantized16; R],
+    xsums: &[&[f32]; R],
+) -> [f32; R] {
     dot_groups!(row, xq, xsums, 34, |b| {
         let lo = _mm256_cvtepi8_epi16(_mm_loadu_si128(b.add(2) as *const __m128i));
         let hi = _mm256_cvtepi8_epi16(_mm_loadu_si128(b.add(18) as *const __m128i));
@@ -185,14 +229,18 @@ unsafe fn dot_q8_0(row: &[u8], xq: &Quantized16, xsums: &[f32]) -> f32 {
 /// Q4K and (with `fifth`) Q5K: per 32 bytes of nibbles, the low nibbles are
 /// group 2j and the high nibbles group 2j+1, each with its own 6-bit scale/min.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_q45_k(row: &[u8], xq: &Quantized16, xsums: &[f32], fifth: bool) -> f32 {
+unsafe fn dot_q45_k<const R: usize>(
+    row: &[u8],
+    xq: &[Quantized16; R],
+    xsums: &[&[f32]; R],
+    fifth: bool,
+) -> [f32; R] {
     let bytes = if fifth { 176 } else { 144 };
     let mask = _mm256_set1_epi8(0x0F);
     let sixteen = _mm256_set1_epi8(16);
-    let xp = xq.values.as_ptr();
-    let mut acc = _mm256_setzero_ps();
-    let mut offsets = 0f32;
-    for s in 0..xq.scales.len() / 8 {
+    let mut acc = [_mm256_setzero_ps(); R];
+    let mut offsets = [0f32; R];
+    for s in 0..row.len() / bytes {
         let b = row.as_ptr().add(s * bytes);
         let (d, dmin) = (f16_at(b), f16_at(b.add(2)));
         let scales = std::slice::from_raw_parts(b.add(4), 12);
@@ -216,26 +264,29 @@ unsafe fn dot_q45_k(row: &[u8], xq: &Quantized16, xsums: &[f32], fifth: bool) ->
                 let (sc, m) = scale_min_k4(g, scales);
                 let group = s * 8 + g;
                 let (lo, hi) = widen_u8(*q);
-                let sums = madd32(lo, hi, xp.add(group * GROUP));
-                let scale = d * f32::from(sc) * xq.scales.get_unchecked(group);
-                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(scale), acc);
-                offsets -= dmin * f32::from(m) * xsums.get_unchecked(group);
+                let (dsc, dm) = (d * f32::from(sc), dmin * f32::from(m));
+                for r in 0..R {
+                    let sums = madd32(lo, hi, xq[r].values.as_ptr().add(group * GROUP));
+                    let scale = dsc * xq[r].scales.get_unchecked(group);
+                    acc[r] =
+                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(scale), acc[r]);
+                    offsets[r] -= dm * xsums[r].get_unchecked(group);
+                }
             }
         }
     }
-    hsum(acc) + offsets
+    hsums(&acc, &offsets)
 }
 
 /// Q6K: a group's 32 weights are a low nibble from `ql`, two high bits from `qh`,
 /// minus 32, with one signed 8-bit scale per 16 weights.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_q6_k(row: &[u8], xq: &Quantized16) -> f32 {
+unsafe fn dot_q6_k<const R: usize>(row: &[u8], xq: &[Quantized16; R]) -> [f32; R] {
     let mask = _mm256_set1_epi8(0x0F);
     let three = _mm256_set1_epi8(3);
     let thirty_two = _mm256_set1_epi16(32);
-    let xp = xq.values.as_ptr();
-    let mut acc = _mm256_setzero_ps();
-    for s in 0..xq.scales.len() / 8 {
+    let mut acc = [_mm256_setzero_ps(); R];
+    for s in 0..row.len() / 210 {
         let b = row.as_ptr().add(s * 210);
         let d = f16_at(b.add(208));
         let scales = b.add(192) as *const i8;
@@ -253,23 +304,25 @@ unsafe fn dot_q6_k(row: &[u8], xq: &Quantized16) -> f32 {
                 );
                 let q = _mm256_or_si256(nibble, _mm256_slli_epi16(high, 4));
                 let (lo, hi) = widen_u8(q);
-                let group = s * 8 + half * 4 + which;
-                let x = xp.add(group * GROUP);
-                let lo = _mm256_madd_epi16(
+                let (lo, hi) = (
                     _mm256_sub_epi16(lo, thirty_two),
-                    _mm256_loadu_si256(x as *const __m256i),
-                );
-                let hi = _mm256_madd_epi16(
                     _mm256_sub_epi16(hi, thirty_two),
-                    _mm256_loadu_si256(x.add(16) as *const __m256i),
                 );
-                let dx = d * xq.scales.get_unchecked(group);
+                let group = s * 8 + half * 4 + which;
                 let sc = scales.add(half * 8 + which * 2);
                 let (s0, s1) = (f32::from(*sc), f32::from(*sc.add(1)));
-                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_set1_ps(dx * s0), acc);
-                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_set1_ps(dx * s1), acc);
+                for r in 0..R {
+                    let x = xq[r].values.as_ptr().add(group * GROUP);
+                    let lo = _mm256_madd_epi16(lo, _mm256_loadu_si256(x as *const __m256i));
+                    let hi = _mm256_madd_epi16(hi, _mm256_loadu_si256(x.add(16) as *const __m256i));
+                    let dx = d * xq[r].scales.get_unchecked(group);
+                    acc[r] =
+                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_set1_ps(dx * s0), acc[r]);
+                    acc[r] =
+                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_set1_ps(dx * s1), acc[r]);
+                }
             }
         }
     }
-    hsum(acc)
+    hsums(&acc, &[0.0; R])
 }

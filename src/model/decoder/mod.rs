@@ -14,6 +14,9 @@
 //! sum, or Attention Residuals ([`super::attnres`]), where each sublayer reads a
 //! learned softmax mix over depth of the embedding and earlier sublayer outputs.
 
+mod cache;
+mod step;
+
 use std::io::{Read, Seek};
 
 use anyhow::{Context, Result};
@@ -22,8 +25,8 @@ use candle_core::{DType, Device, Module, Tensor};
 
 use super::attnres::{self, DepthAttention};
 use super::config::{Architecture, ModelConfig, Residual, RopeScaling};
-use super::kernels::dot_f32;
 use super::linear::Linear;
+pub use cache::KvCache;
 
 /// Which implementation of the non-matmul ops to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -391,176 +394,6 @@ impl Sources {
             }
         }
         Ok(())
-    }
-}
-
-/// Keys and values of the positions seen so far, one entry per layer. Each request
-/// owns one; the decoder itself is shared and immutable.
-///
-/// Stored position-major, (positions, kv_heads, head_dim) in plain vectors: a new
-/// token appends in place (no re-copy of the whole cache per step, as a tensor
-/// concatenation would do), and single-token attention reads it directly. A cache
-/// holds one sequence and is for inference: no gradient flows through it.
-#[derive(Debug, Clone, Default)]
-pub struct KvCache {
-    layers: Vec<LayerKv>,
-    len: usize,
-}
-
-#[derive(Debug, Clone, Default)]
-struct LayerKv {
-    keys: Vec<f32>,
-    values: Vec<f32>,
-}
-
-impl KvCache {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Number of positions cached.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// A copy of the first `n` positions (all of them when `n >= len`): how a
-    /// cached prompt prefix starts a new request without being consumed.
-    pub fn prefix(&self, n: usize) -> Self {
-        let n = n.min(self.len);
-        let layers = self
-            .layers
-            .iter()
-            .map(|l| {
-                let width = self.width(l);
-                LayerKv {
-                    keys: l.keys[..n * width].to_vec(),
-                    values: l.values[..n * width].to_vec(),
-                }
-            })
-            .collect();
-        Self { layers, len: n }
-    }
-
-    /// Keeps only the first `n` positions.
-    pub fn truncate(&mut self, n: usize) {
-        if n >= self.len {
-            return;
-        }
-        for i in 0..self.layers.len() {
-            let width = self.width(&self.layers[i]);
-            let layer = &mut self.layers[i];
-            layer.keys.truncate(n * width);
-            layer.values.truncate(n * width);
-        }
-        self.len = n;
-    }
-
-    /// Memory held (allocated capacity), in bytes.
-    pub fn bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .map(|l| (l.keys.capacity() + l.values.capacity()) * std::mem::size_of::<f32>())
-            .sum()
-    }
-
-    /// Frees the growth headroom, so that [`bytes`](Self::bytes) is what the
-    /// positions need (for a cache kept around, not appended to).
-    pub fn shrink_to_fit(&mut self) {
-        for layer in &mut self.layers {
-            layer.keys.shrink_to_fit();
-            layer.values.shrink_to_fit();
-        }
-    }
-
-    /// Floats per position in `layer` (kv_heads * head_dim).
-    fn width(&self, layer: &LayerKv) -> usize {
-        layer.keys.len().checked_div(self.len).unwrap_or(0)
-    }
-
-    fn layer(&mut self, layer: usize) -> &mut LayerKv {
-        if self.layers.len() <= layer {
-            self.layers.resize_with(layer + 1, LayerKv::default);
-        }
-        &mut self.layers[layer]
-    }
-}
-
-impl LayerKv {
-    /// Appends `k`, `v` of shape (1, kv_heads, seq, dim).
-    fn append(&mut self, k: &Tensor, v: &Tensor) -> candle_core::Result<()> {
-        for (store, t) in [(&mut self.keys, k), (&mut self.values, v)] {
-            let position_major = t.squeeze(0)?.transpose(0, 1)?.contiguous()?;
-            store.extend_from_slice(&position_major.flatten_all()?.to_vec1::<f32>()?);
-        }
-        Ok(())
-    }
-
-    /// Everything cached as tensors (1, kv_heads, positions, dim).
-    fn tensors(
-        &self,
-        kv_heads: usize,
-        dim: usize,
-        device: &Device,
-    ) -> candle_core::Result<(Tensor, Tensor)> {
-        let positions = self.keys.len() / (kv_heads * dim);
-        let as_tensor = |data: &[f32]| -> candle_core::Result<Tensor> {
-            Tensor::from_slice(data, (positions, kv_heads, dim), device)?
-                .transpose(0, 1)?
-                .contiguous()?
-                .unsqueeze(0)
-        };
-        Ok((as_tensor(&self.keys)?, as_tensor(&self.values)?))
-    }
-}
-
-/// Attention of one new token over all cached positions, straight on the cache's
-/// vectors: at decode time the per-op overhead of tensor matmuls and softmax is
-/// larger than the arithmetic. `q` is (heads, dim); returns (heads * dim).
-fn decode_attention(
-    q: &[f32],
-    cache: &LayerKv,
-    heads: usize,
-    kv_heads: usize,
-    dim: usize,
-) -> Vec<f32> {
-    let positions = cache.keys.len() / (kv_heads * dim);
-    let group = heads / kv_heads;
-    let scale = 1.0 / (dim as f32).sqrt();
-    let head_output = |h: usize| -> Vec<f32> {
-        let kv = h / group;
-        let qh = &q[h * dim..(h + 1) * dim];
-        let at = |t: usize| (t * kv_heads + kv) * dim;
-        let mut scores: Vec<f32> = (0..positions)
-            .map(|t| dot_f32(qh, &cache.keys[at(t)..at(t) + dim]) * scale)
-            .collect();
-        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut total = 0.0;
-        for s in &mut scores {
-            *s = (*s - max).exp();
-            total += *s;
-        }
-        let mut out = vec![0f32; dim];
-        for (t, p) in scores.iter().enumerate() {
-            let weight = p / total;
-            for (o, v) in out.iter_mut().zip(&cache.values[at(t)..at(t) + dim]) {
-                *o += weight * v;
-            }
-        }
-        out
-    };
-    // Threads pay off only once the context is long.
-    if positions * heads * dim >= 1 << 18 {
-        use rayon::prelude::*;
-        (0..heads)
-            .into_par_iter()
-            .flat_map_iter(head_output)
-            .collect()
-    } else {
-        (0..heads).flat_map(head_output).collect()
     }
 }
 
@@ -1210,10 +1043,7 @@ impl Decoder {
         if let Some(cache) = cache.as_deref_mut() {
             if batch == 1 && seq == 1 && self.kernels == Kernels::Fused && trace.is_none() {
                 let token: u32 = ids.flatten_all()?.to_vec1::<u32>()?[0];
-                let hidden = match attnres {
-                    true => self.decode_step_attnres(token, cache)?,
-                    false => self.decode_step(token, cache)?,
-                };
+                let hidden = self.decode_hidden(&[token], &mut [cache])?;
                 return Ok(Tensor::from_vec(
                     hidden,
                     (1, 1, self.config.hidden_size),
@@ -1275,165 +1105,6 @@ impl Decoder {
             cache.len = offset + seq;
         }
         Ok(self.final_norm.forward(&x, self.kernels)?)
-    }
-
-    /// One new token through the whole network on plain vectors, returning its
-    /// final-norm hidden state. The same arithmetic as the tensor path; at one
-    /// token, the per-op cost of ~30 small tensor operations a layer (allocation,
-    /// dispatch) was about a third of decode time.
-    fn decode_step(&self, token: u32, cache: &mut KvCache) -> Result<Vec<f32>> {
-        let pos = cache.len;
-        let mut x: Vec<f32> = self.embedding.get(token as usize)?.to_vec1()?;
-        for i in 0..self.blocks.len() {
-            let a = self.attention_vec(i, &x, pos, cache)?;
-            x.iter_mut().zip(a).for_each(|(xv, o)| *xv += o);
-            let m = self.mlp_vec(i, &x)?;
-            x.iter_mut().zip(m).for_each(|(xv, d)| *xv += d);
-        }
-        cache.len = pos + 1;
-        Ok(self.final_norm.forward_vec(&x))
-    }
-
-    /// The decode step with Attention Residuals. Depth attention is per token,
-    /// so the KV cache is the ordinary one and only this token's sources are
-    /// held. Block AttnRes runs the two-phase schedule: at each block start the
-    /// block's queries are scored at once against the finished block sums
-    /// ([`attnres::phase_one`]); each sublayer then merges the running partial
-    /// sum by an online-softmax step ([`attnres::phase_two`]).
-    fn decode_step_attnres(&self, token: u32, cache: &mut KvCache) -> Result<Vec<f32>> {
-        let pos = cache.len;
-        let total = 2 * self.blocks.len();
-        let eps = self.config.rms_norm_eps as f32;
-        let embedding: Vec<f32> = self.embedding.get(token as usize)?.to_vec1()?;
-        let sublayer = |j: usize, h: &[f32], cache: &mut KvCache| -> Result<Vec<f32>> {
-            match j % 2 {
-                0 => self.attention_vec(j / 2, h, pos, cache),
-                _ => self.mlp_vec(j / 2, h),
-            }
-        };
-        let out = match self.config.residual {
-            Residual::Block { size } => {
-                let mut blocks = embedding;
-                let mut partial: Option<Vec<f32>> = None;
-                let mut states = Vec::new();
-                let mut first = 0;
-                for j in 0..total {
-                    if j % size == 0 {
-                        if let Some(p) = partial.take() {
-                            blocks.extend_from_slice(&p);
-                        }
-                        // Phase 1 for the ops of sublayers j..j+size (sublayer 0 has none).
-                        first = j.max(1);
-                        let us: Vec<&[f32]> = (first..(j + size).min(total))
-                            .map(|k| self.depth[k - 1].u.as_slice())
-                            .collect();
-                        states = attnres::phase_one(&blocks, &us, eps);
-                    }
-                    let h = match j {
-                        0 => blocks.clone(),
-                        _ => attnres::phase_two(
-                            &states[j - first],
-                            &self.depth[j - 1].u,
-                            partial.as_deref(),
-                            eps,
-                        ),
-                    };
-                    let v = sublayer(j, &h, cache)?;
-                    partial = Some(match partial.take() {
-                        Some(mut p) => {
-                            p.iter_mut().zip(&v).for_each(|(a, b)| *a += b);
-                            p
-                        }
-                        None => v,
-                    });
-                }
-                let readout = &self.depth[total - 1].u;
-                let state = attnres::phase_one(&blocks, &[readout], eps);
-                attnres::phase_two(&state[0], readout, partial.as_deref(), eps)
-            }
-            _ => {
-                let mut sources = embedding;
-                for j in 0..total {
-                    let h = match j {
-                        0 => sources.clone(),
-                        _ => attnres::depth_attend(&sources, &self.depth[j - 1].u, eps),
-                    };
-                    let v = sublayer(j, &h, cache)?;
-                    sources.extend_from_slice(&v);
-                }
-                attnres::depth_attend(&sources, &self.depth[total - 1].u, eps)
-            }
-        };
-        cache.len = pos + 1;
-        Ok(self.final_norm.forward_vec(&out))
-    }
-
-    /// Block `i`'s attention sublayer (PreNorm included) for one token at
-    /// position `pos`, appending its key and value to the cache.
-    fn attention_vec(
-        &self,
-        i: usize,
-        x: &[f32],
-        pos: usize,
-        cache: &mut KvCache,
-    ) -> Result<Vec<f32>> {
-        let cfg = &self.config;
-        let (heads, kv_heads, dim) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let block = &self.blocks[i];
-        let h = block.attn_norm.forward_vec(x);
-        let a = &block.attn;
-        let (mut q, mut k, v) = match &a.qkv {
-            Some(fused) => {
-                let mut qkv = fused.forward_vec(&h)?;
-                let mut v = qkv.split_off((heads + kv_heads) * dim);
-                let mut k = qkv.split_off(heads * dim);
-                a.q.add_lora_vec(&h, &mut qkv)?;
-                a.k.add_lora_vec(&h, &mut k)?;
-                a.v.add_lora_vec(&h, &mut v)?;
-                (qkv, k, v)
-            }
-            None => (
-                a.q.forward_vec(&h)?,
-                a.k.forward_vec(&h)?,
-                a.v.forward_vec(&h)?,
-            ),
-        };
-        if let Some(norm) = &a.q_norm {
-            norm.forward_heads_vec(&mut q);
-        }
-        if let Some(norm) = &a.k_norm {
-            norm.forward_heads_vec(&mut k);
-        }
-        self.rope.apply_vec(&mut q, pos, dim);
-        self.rope.apply_vec(&mut k, pos, dim);
-        let layer_kv = cache.layer(i);
-        layer_kv.keys.extend_from_slice(&k);
-        layer_kv.values.extend_from_slice(&v);
-        let attended = decode_attention(&q, layer_kv, heads, kv_heads, dim);
-        Ok(a.o.forward_vec(&attended)?)
-    }
-
-    /// Block `i`'s MLP sublayer (PreNorm included) for one token.
-    fn mlp_vec(&self, i: usize, x: &[f32]) -> Result<Vec<f32>> {
-        let block = &self.blocks[i];
-        let h = block.mlp_norm.forward_vec(x);
-        let m = &block.mlp;
-        let (gate, up) = match &m.gate_up {
-            Some(fused) => {
-                let mut gu = fused.forward_vec(&h)?;
-                let mut up = gu.split_off(self.config.intermediate_size);
-                m.gate.add_lora_vec(&h, &mut gu)?;
-                m.up.add_lora_vec(&h, &mut up)?;
-                (gu, up)
-            }
-            None => (m.gate.forward_vec(&h)?, m.up.forward_vec(&h)?),
-        };
-        let act: Vec<f32> = gate
-            .iter()
-            .zip(&up)
-            .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
-            .collect();
-        Ok(m.down.forward_vec(&act)?)
     }
 
     fn mlp(&self, mlp: &Mlp, x: &Tensor) -> Result<Tensor> {
