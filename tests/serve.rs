@@ -1788,3 +1788,126 @@ fn concurrent_requests_batch_and_record_their_unbatched_numbers() {
         );
     }
 }
+
+/// The serve contract says no where it used to say yes: sessions expire on
+/// their timer, a session id must fit the header it is echoed in, huge stop
+/// strings are refused, chat and feedback read `session_done` alike, and a
+/// full queue turns a request away before reading its body.
+#[test]
+fn serve_refuses_what_it_cannot_honour() {
+    let server = Server::start(
+        slow_spec(),
+        &[
+            "--session-timeout",
+            "1s",
+            "--queue",
+            "1",
+            "--max-body-bytes",
+            "100000",
+        ],
+    );
+    let chat = |body: Json| server.post("/v1/chat/completions", &[], &body);
+    let ok = chat(json!({"messages": user("hi"), "max_tokens": 2, "session_id": "sess-t"}));
+    assert_eq!(ok.status, 200, "{}", ok.body);
+    let fb = server.post(
+        "/v1/feedback",
+        &[],
+        &json!({"session_id": "sess-t", "rating": 1, "session_done": "true"}),
+    );
+    assert_eq!(
+        fb.status, 200,
+        "a string session_done, as chat takes it: {}",
+        fb.body
+    );
+    // Past the timeout, with no chat request in between, the session is gone.
+    std::thread::sleep(Duration::from_millis(2500));
+    let late = server.post(
+        "/v1/feedback",
+        &[],
+        &json!({"session_id": "sess-t", "rating": 1}),
+    );
+    assert_eq!(late.status, 404, "{}", late.body);
+    assert!(late.body.contains("expired"), "{}", late.body);
+
+    let r = chat(json!({"messages": user("hi"), "session_id": "séance"}));
+    assert_openai_error(&r, 400, "session_id");
+    assert!(r.body.contains("visible ASCII"), "{}", r.body);
+    let r = chat(json!({"messages": user("hi"), "stop": ["x".repeat(2000)]}));
+    assert_openai_error(&r, 400, "stop");
+    // A header that is not ASCII (sent raw: HTTP clients refuse to) is a 400
+    // naming it, on feedback as on chat, not silently "false".
+    let body = json!({"session_id": "sess-t", "rating": 1}).to_string();
+    let mut raw = format!(
+        "POST /v1/feedback HTTP/1.1\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nX-Session-Done: ",
+        body.len()
+    )
+    .into_bytes();
+    raw.extend_from_slice(b"oui \xe9\r\n\r\n");
+    raw.extend_from_slice(body.as_bytes());
+    let answer = raw_http(&server, &raw);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(
+        answer.contains("x-session-done is not visible ASCII"),
+        "{answer}"
+    );
+
+    // A streaming generation holds the only queue place; an oversized body is
+    // then turned away with 429 (its size is never looked at), not 413.
+    let long = ureq::post(&format!("{}/v1/chat/completions", server.base))
+        .send_string(
+            &json!({"messages": user("go on"), "max_tokens": 2000, "ignore_eos": true,
+                    "stream": true})
+            .to_string(),
+        )
+        .unwrap();
+    let mut reader = BufReader::new(long.into_reader());
+    let mut first = String::new();
+    reader.read_line(&mut first).unwrap();
+    // Only the headers of a 200 kB body are sent: the answer comes without it.
+    let answer = raw_http(
+        &server,
+        b"POST /v1/chat/completions HTTP/1.1\r\nContent-Type: application/json\r\n\
+          Content-Length: 200000\r\n\r\n",
+    );
+    assert!(answer.starts_with("HTTP/1.1 429"), "{answer}");
+    assert!(answer.contains("queue_full"), "{answer}");
+    drop(reader);
+}
+
+/// Sends `request` (everything but the Host header and `Connection: close`)
+/// as raw bytes and reads the response until the server closes.
+fn raw_http(server: &Server, request: &[u8]) -> String {
+    use std::io::Write;
+    let host = server.base.trim_start_matches("http://");
+    let mut tcp = std::net::TcpStream::connect(host).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let (line, rest) = request.split_at(request.iter().position(|&b| b == b'\n').unwrap() + 1);
+    tcp.write_all(line).unwrap();
+    write!(tcp, "Host: {host}\r\nConnection: close\r\n").unwrap();
+    tcp.write_all(rest).unwrap();
+    let mut answer = Vec::new();
+    let _ = tcp.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[test]
+fn an_empty_api_key_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny.gguf");
+    write_tiny_gguf(&model, &TinySpec::default()).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_claw"))
+        .args(["serve", "--port", "0", "--api-key", "", "--model"])
+        .arg(&model)
+        .arg("--dir")
+        .arg(dir.path().join("data"))
+        .env_remove("CLAW_API_KEY")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--api-key (or CLAW_API_KEY) is empty"),
+        "{err}"
+    );
+}

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 
 use crate::model::{resolve_model_path, WeightFormat};
@@ -105,9 +105,10 @@ pub struct ServeArgs {
     /// its own KV cache, up to the context length.
     #[arg(long, default_value_t = 8)]
     pub parallel: usize,
-    /// Minutes after which an idle session is forgotten (feedback for it gets 404).
-    #[arg(long, default_value_t = 30)]
-    pub session_timeout: u64,
+    /// How long an idle session is remembered (feedback for it afterwards gets
+    /// 404), with a unit: 90s, 30m, 2h.
+    #[arg(long, value_name = "DURATION", default_value = "30m")]
+    pub session_timeout: String,
     /// CPU threads for the model (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -142,6 +143,12 @@ pub fn run(args: ServeArgs) -> Result<()> {
         // candle sizes its thread pool from this variable on first use.
         std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     }
+    // An empty key (often an unset variable in an env file) must not quietly
+    // turn authentication off.
+    anyhow::ensure!(
+        args.api_key.as_ref().is_none_or(|k| !k.trim().is_empty()),
+        "--api-key (or CLAW_API_KEY) is empty: give a key, or leave it out to serve without one"
+    );
     let model_path = resolve_model_path(args.model.as_deref())?;
     serve::run(ServeConfig {
         model_path,
@@ -150,14 +157,18 @@ pub fn run(args: ServeArgs) -> Result<()> {
         host: args.host,
         port: args.port,
         record: !args.no_record,
-        api_key: args.api_key.filter(|k| !k.is_empty()),
+        api_key: args.api_key,
         default_turn_type: args.default_turn_type,
         max_tokens_limit: args.max_tokens_limit,
         max_body_bytes: args.max_body_bytes,
         max_messages: args.max_messages,
         queue: args.queue,
         parallel: args.parallel,
-        session_timeout: Duration::from_secs(args.session_timeout.saturating_mul(60)),
+        session_timeout: Duration::from_millis(
+            crate::collect::parse_duration_ms(&args.session_timeout)
+                .context("--session-timeout")?
+                .max(0) as u64,
+        ),
         adapter: args.adapter,
         reload: !args.no_reload,
         reload_poll: Duration::from_millis(args.reload_poll_ms),

@@ -692,7 +692,10 @@ pub fn parse_duration_ms(text: &str) -> Result<Ms> {
         .parse()
         .map_err(|_| anyhow!("`{text}` is not a duration (examples: 90s, 30m, 2h)"))?;
     let scale = match unit.trim() {
-        "" | "m" | "min" => 60_000.0,
+        // A bare number is ambiguous (`--partial-after 60` once meant an hour).
+        "" if value == 0.0 => 1.0,
+        "" => bail!("`{text}` needs a unit: {num}s, {num}m or {num}h (also ms and d)"),
+        "m" | "min" => 60_000.0,
         "ms" => 1.0,
         "s" | "sec" => 1000.0,
         "h" => 3_600_000.0,
@@ -713,7 +716,8 @@ mod tests {
     #[test]
     fn durations() {
         assert_eq!(parse_duration_ms("30m").unwrap(), 1_800_000);
-        assert_eq!(parse_duration_ms("30").unwrap(), 1_800_000);
+        let bare = parse_duration_ms("30").unwrap_err().to_string();
+        assert!(bare.contains("needs a unit: 30s, 30m or 30h"), "{bare}");
         assert_eq!(parse_duration_ms("90s").unwrap(), 90_000);
         assert_eq!(parse_duration_ms("1.5h").unwrap(), 5_400_000);
         assert_eq!(parse_duration_ms("250ms").unwrap(), 250);

@@ -189,6 +189,8 @@ pub struct ChatRequest {
 
 const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
 const MAX_STOPS: usize = 16;
+/// Longest stop string: each is searched for after every token.
+const MAX_STOP_BYTES: usize = 1024;
 
 fn opt<'a>(body: &'a Map<String, Json>, field: &str) -> Option<&'a Json> {
     body.get(field).filter(|v| !v.is_null())
@@ -688,9 +690,16 @@ impl ChatRequest {
                 ))
             }
         };
-        if stop.len() > MAX_STOPS || stop.iter().any(String::is_empty) {
+        if stop.len() > MAX_STOPS
+            || stop
+                .iter()
+                .any(|s| s.is_empty() || s.len() > MAX_STOP_BYTES)
+        {
             return Err(ApiError::invalid(
-                format!("`stop` takes at most {MAX_STOPS} non-empty strings"),
+                format!(
+                    "`stop` takes at most {MAX_STOPS} non-empty strings of at most \
+                     {MAX_STOP_BYTES} bytes"
+                ),
                 "stop",
             ));
         }

@@ -71,6 +71,21 @@ async fn handle(
     body: Body,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
+    // The queue is checked before the body is even read: a full server spends
+    // nothing on a request it turns away.
+    let permit = state.admission.clone().try_acquire_owned().map_err(|_| {
+        let mut e = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            format!(
+                "the server is busy: {} request(s) already admitted (--queue); retry shortly",
+                state.config.queue
+            ),
+        )
+        .with_code("queue_full");
+        e.retry_after = Some(RETRY_AFTER_S);
+        e
+    })?;
     let body = api::read_body(body, state.config.max_body_bytes).await?;
     let mut fields = api::parse_object(&body)?;
     let session = session::extract(&headers, &mut fields, state.config.default_turn_type)?;
@@ -90,28 +105,24 @@ async fn handle(
     }
     let request = ChatRequest::from_body(&fields)?;
 
-    let permit = state.admission.clone().try_acquire_owned().map_err(|_| {
-        let mut e = ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limit_error",
-            format!(
-                "the server is busy: {} request(s) already admitted (--queue); retry shortly",
-                state.config.queue
-            ),
-        )
-        .with_code("queue_full");
-        e.retry_after = Some(RETRY_AFTER_S);
-        e
-    })?;
     let policy = state.policies.current();
 
     let model = state.model.clone();
     let limit = state.config.max_tokens_limit;
-    let (request, prompt_text, prompt_ids, params) = tokio::task::spawn_blocking(move || {
-        prepare(&model, &request, limit).map(|(text, ids, params)| (request, text, ids, params))
-    })
-    .await
-    .map_err(|e| ApiError::internal(format!("request preparation failed: {e}")))??;
+    // Rendering and tokenising a large body takes memory many times its size;
+    // a few at a time bound it, whatever the queue admits.
+    let (request, prompt_text, prompt_ids, params) = {
+        let _preparing = state
+            .preparing
+            .acquire()
+            .await
+            .map_err(|_| ApiError::internal("the server is stopping"))?;
+        tokio::task::spawn_blocking(move || {
+            prepare(&model, &request, limit).map(|(text, ids, params)| (request, text, ids, params))
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("request preparation failed: {e}")))??
+    };
 
     let prepared = Prepared {
         id: session::new_id("chatcmpl-"),

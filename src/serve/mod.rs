@@ -101,6 +101,8 @@ pub struct AppState {
     pub sessions: Registry,
     /// `--queue` permits: held from admission until the generation has finished.
     pub admission: Arc<Semaphore>,
+    /// Requests being rendered and tokenised at once (a memory bound).
+    pub preparing: Semaphore,
     /// Runs the generations, `--parallel` of them batched together.
     pub engine: engine::Engine,
     /// Unix seconds the server started (the model's `created`).
@@ -108,6 +110,10 @@ pub struct AppState {
     /// The policy serving new requests (swapped by hot reload).
     pub policies: Arc<Policies>,
 }
+
+/// Requests rendered and tokenised at once: tokenising a 4 MiB body holds
+/// hundreds of MiB for a moment.
+const PREPARING: usize = 2;
 
 pub fn unix_ms() -> i64 {
     SystemTime::now()
@@ -239,6 +245,7 @@ async fn serve(
         recorder,
         sessions: Registry::new(config.session_timeout),
         admission: Arc::new(Semaphore::new(config.queue)),
+        preparing: Semaphore::new(PREPARING),
         engine,
         started: (unix_ms() / 1000) as u64,
         policies,
@@ -258,6 +265,21 @@ async fn serve(
     if state.config.api_key.is_none() && !addr.ip().is_loopback() {
         crate::warn!("listening on {addr} without --api-key: anyone who can reach it can use it");
     }
+    // Idle sessions are forgotten on a timer, not only when a request comes.
+    let sessions = Arc::downgrade(&state);
+    tokio::spawn(async move {
+        let mut every = match sessions.upgrade() {
+            Some(state) => tokio::time::interval(state.sessions.prune_every()),
+            None => return,
+        };
+        loop {
+            every.tick().await;
+            match sessions.upgrade() {
+                Some(state) => state.sessions.prune(),
+                None => return,
+            }
+        }
+    });
     let stop = shutdown_signal()?;
     // Tests and scripts wait for this line (with --port 0 it is the only way to
     // learn the port).

@@ -261,20 +261,7 @@ async fn feedback(
     };
     // The user rates the last reply and leaves: collect can end the session now
     // instead of after its timeout.
-    let session_done = match (
-        headers.get(session::SESSION_DONE_HEADER),
-        fields.get("session_done"),
-    ) {
-        (Some(v), _) => v.to_str().is_ok_and(session::truthy),
-        (None, None | Some(Json::Null)) => false,
-        (None, Some(Json::Bool(b))) => *b,
-        (None, Some(other)) => {
-            return Err(ApiError::invalid(
-                format!("`session_done` must be a boolean, got {}", kind(other)),
-                "session_done",
-            ))
-        }
-    };
+    let session_done = session::parse_done(&headers, fields.get("session_done"))?;
     let target = state
         .sessions
         .resolve_feedback(&session_id, response_id.as_deref(), turn)?;

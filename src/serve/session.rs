@@ -120,26 +120,31 @@ pub fn extract(
         }
     };
 
-    let done = match header(headers, SESSION_DONE_HEADER)? {
-        Some(v) => truthy(&v),
-        None => match body_done {
-            None | Some(Json::Null) => false,
-            Some(Json::Bool(b)) => b,
-            Some(Json::String(s)) => truthy(&s),
-            Some(Json::Number(n)) => n.as_f64() == Some(1.0),
-            Some(other) => {
-                return Err(ApiError::invalid(
-                    format!("`session_done` must be a boolean, got {}", kind(&other)),
-                    "session_done",
-                ))
-            }
-        },
-    };
+    let done = parse_done(headers, body_done.as_ref())?;
     Ok(SessionInfo {
         session_id,
         turn_type,
         done,
     })
+}
+
+/// Whether the user is done with the session: the `X-Session-Done` header
+/// (`1`, `true`, `yes`, `on`), else the body's `session_done` (a boolean, or
+/// the same words or 1). One rule for chat requests and feedback.
+pub fn parse_done(headers: &HeaderMap, body: Option<&Json>) -> Result<bool, ApiError> {
+    if let Some(v) = header(headers, SESSION_DONE_HEADER)? {
+        return Ok(truthy(&v));
+    }
+    match body {
+        None | Some(Json::Null) => Ok(false),
+        Some(Json::Bool(b)) => Ok(*b),
+        Some(Json::String(s)) => Ok(truthy(s)),
+        Some(Json::Number(n)) => Ok(n.as_f64() == Some(1.0)),
+        Some(other) => Err(ApiError::invalid(
+            format!("`session_done` must be a boolean, got {}", kind(other)),
+            "session_done",
+        )),
+    }
 }
 
 /// `1`, `true`, `yes`, `on` (any case) mean yes.
@@ -152,9 +157,14 @@ pub fn truthy(value: &str) -> bool {
 
 pub fn validate_session_id(id: String) -> Result<String, ApiError> {
     let id = id.trim().to_string();
-    if id.is_empty() || id.len() > MAX_SESSION_ID_LEN || id.chars().any(char::is_control) {
+    // It is echoed in the X-Session-Id response header, so it must be what a
+    // header may carry: visible ASCII and spaces.
+    if id.is_empty()
+        || id.len() > MAX_SESSION_ID_LEN
+        || !id.bytes().all(|b| (b' '..=b'~').contains(&b))
+    {
         return Err(ApiError::invalid(
-            format!("session id must be 1-{MAX_SESSION_ID_LEN} printable characters"),
+            format!("session id must be 1-{MAX_SESSION_ID_LEN} visible ASCII characters"),
             "session_id",
         ));
     }
@@ -197,7 +207,6 @@ pub struct Registry {
 
 struct Inner {
     sessions: HashMap<String, Entry>,
-    last_prune: Instant,
 }
 
 /// What feedback resolved to.
@@ -214,7 +223,6 @@ impl Registry {
             timeout,
             inner: Mutex::new(Inner {
                 sessions: HashMap::new(),
-                last_prune: Instant::now(),
             }),
         }
     }
@@ -223,17 +231,27 @@ impl Registry {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Forgets the sessions idle for the timeout (`claw serve` calls it on a
+    /// timer; lookups also treat them as gone meanwhile).
+    pub fn prune(&self) {
+        let mut inner = self.lock();
+        let now = Instant::now();
+        let timeout = self.timeout;
+        inner
+            .sessions
+            .retain(|_, e| now.duration_since(e.last_seen) < timeout);
+    }
+
+    /// How often [`prune`](Self::prune) should run: often enough that memory
+    /// follows the timeout, at most once a second.
+    pub fn prune_every(&self) -> Duration {
+        (self.timeout / 4).clamp(Duration::from_secs(1), Duration::from_secs(60))
+    }
+
     /// Notes a served response.
     pub fn add_response(&self, info: &SessionInfo, response_id: &str) {
         let mut inner = self.lock();
         let now = Instant::now();
-        if now.duration_since(inner.last_prune) > Duration::from_secs(60) {
-            let timeout = self.timeout;
-            inner
-                .sessions
-                .retain(|_, e| now.duration_since(e.last_seen) < timeout);
-            inner.last_prune = now;
-        }
         let entry = inner
             .sessions
             .entry(info.session_id.clone())
@@ -261,7 +279,8 @@ impl Registry {
         turn: Option<i32>,
     ) -> Result<FeedbackTarget, ApiError> {
         let inner = self.lock();
-        let entry = inner.sessions.get(session_id).ok_or_else(|| {
+        let live = |e: &&Entry| e.last_seen.elapsed() < self.timeout;
+        let entry = inner.sessions.get(session_id).filter(live).ok_or_else(|| {
             ApiError::not_found(
                 format!(
                     "unknown session {session_id:?}: no response was served in it (or it expired)"
