@@ -1,7 +1,8 @@
 //! claw: learn from the conversations people have with a self-hosted model,
 //! while it keeps serving them.
 //!
-//! The crate is organised by concern (DESIGN.md section 13):
+//! The crate is organised by concern (docs/ARCHITECTURE.md, "Modules and dependency
+//! rules"):
 //! - [`rollout`]: the `claw.rollout.v1` schema and its Parquet I/O, shared by every stage.
 //! - [`model`]: the model runtime (GGUF loading, tokenizer, chat template, decoder, sampling).
 //! - [`serve`]: the OpenAI-compatible server that records every turn.

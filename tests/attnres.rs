@@ -1,6 +1,6 @@
-//! Attention Residuals (DESIGN.md section 9): the exact properties of the
-//! decoder, training gradients, and a from-scratch AttnRes checkpoint trained
-//! with `claw train --init` and served by `claw serve`.
+//! Attention Residuals (docs/ARCHITECTURE.md, "Attention Residuals"): the exact
+//! properties of the decoder, training gradients, and a from-scratch AttnRes
+//! checkpoint trained with `claw train --init` and served by `claw serve`.
 
 mod common;
 use common::{claw, spawn_server};

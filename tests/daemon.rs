@@ -1,7 +1,7 @@
-//! Daemon mode (DESIGN.md section 3) as a user runs it: the stages with `--watch
-//! DIR` over one shared directory, killed with SIGKILL at random moments while
-//! input flows, two workers of one stage sharing a folder, corrupt inputs going
-//! to quarantine, and `claw status` reading it all back.
+//! Daemon mode (docs/ARCHITECTURE.md, "Shared directory") as a user runs it: the
+//! stages with `--watch DIR` over one shared directory, killed with SIGKILL at random
+//! moments while input flows, two workers of one stage sharing a folder, corrupt
+//! inputs going to quarantine, and `claw status` reading it all back.
 
 mod common;
 use common::{claw, read_rows, tiny_chat_model, tiny_model, wait_until_listening, write_rows};

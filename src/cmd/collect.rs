@@ -23,7 +23,7 @@ chat template (--model) and marked token_source = retokenized.
 Writes: samples (Parquet, schema claw.rollout.v1) to -o FILE or stdout, sorted by
 session and turn; statistics on stderr (and as JSON on stdout with --json).
 
-The rules (DESIGN.md section 4):
+The rules (docs/ARCHITECTURE.md, \"Sessions and next state\"):
   - Only main turns become samples, numbered 1, 2, ... within their session; side
     turns and turns without a response are dropped and counted.
   - A turn's next state is what the next main request in the same session has

@@ -32,7 +32,7 @@ hint, hint_candidates_json and teacher_logprobs (one per response token; and wit
 --topk K, teacher_topk_ids / teacher_topk_logprobs) on the rows that got a hint.
 Every other row and column passes through unchanged.
 
-For each row with a next state (DESIGN.md section 6):
+For each row with a next state (docs/ARCHITECTURE.md, \"Hindsight hints and distillation\"):
   1. Hint: with --hint-source judge (default), the hint judge reads the response
      and the next state and answers \\boxed{1} with a 1-3 sentence hint in
      [HINT_START]...[HINT_END], or \\boxed{-1}. Hints from positive votes longer

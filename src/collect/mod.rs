@@ -1,6 +1,7 @@
-//! `claw collect`'s stage logic (DESIGN.md section 4): raw events from `claw serve`
-//! (and other tools' chat logs) become samples, one per main turn, numbered within
-//! their session and paired with their next state and explicit feedback.
+//! `claw collect`'s stage logic (docs/ARCHITECTURE.md, "Sessions and next state"):
+//! raw events from `claw serve` (and other tools' chat logs) become samples, one per
+//! main turn, numbered within their session and paired with their next state and
+//! explicit feedback.
 //!
 //! - [`pair`]: the pairing rules on plain events (next state, side turns, feedback,
 //!   session end in event time), testable without files.

@@ -1,6 +1,7 @@
-//! The pairing rules (DESIGN.md section 4), on plain events so they can be tested
-//! without files: main turns are numbered within their session, paired with the
-//! next state and with explicit feedback, and held until nothing can change them.
+//! The pairing rules (docs/ARCHITECTURE.md, "Sessions and next state"), on plain
+//! events so they can be tested without files: main turns are numbered within their
+//! session, paired with the next state and with explicit feedback, and held until
+//! nothing can change them.
 //!
 //! Time is event time (`created_at`), never the wall clock, so a batch run gives
 //! the same answer however long after the events it runs:

@@ -1,5 +1,6 @@
-//! Hindsight hints (DESIGN.md section 6): reading the hint judge's replies,
-//! choosing one hint, and building the teacher's context from it.
+//! Hindsight hints (docs/ARCHITECTURE.md, "Hindsight hints and distillation"):
+//! reading the hint judge's replies, choosing one hint, and building the teacher's
+//! context from it.
 
 use anyhow::{bail, Result};
 use serde::Serialize;

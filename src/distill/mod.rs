@@ -1,6 +1,6 @@
-//! `claw distill-hints` (DESIGN.md section 6): for each turn whose next state
-//! holds a hindsight hint, the teacher log-prob of every token of the student's
-//! own response under a context that includes the hint.
+//! `claw distill-hints` (docs/ARCHITECTURE.md, "Hindsight hints and distillation"):
+//! for each turn whose next state holds a hindsight hint, the teacher log-prob of
+//! every token of the student's own response under a context that includes the hint.
 //!
 //! - [`hints`]: reading the hint judge, choosing a hint, the teacher's messages.
 //! - [`Distiller`]: the stage over record batches: hint sources, teacher scoring

@@ -1,4 +1,5 @@
-//! Benchmarks for `claw eval` (DESIGN.md section 10), free of CLI concerns.
+//! Benchmarks for `claw eval` (docs/ARCHITECTURE.md, "Evaluation"), free of CLI
+//! concerns.
 //!
 //! Every generative benchmark builds chat prompts ([`VoteItem`]s), puts them to a
 //! [`VoteRunner`] (a local model or any OpenAI-compatible endpoint, see

@@ -1,4 +1,4 @@
-//! The judge stage (DESIGN.md section 5): give each main turn a reward in
+//! The judge stage (docs/ARCHITECTURE.md, "Judging"): give each main turn a reward in
 //! {-1, 0, +1} from the first source, in the configured order, that has something
 //! to say about it:
 //!

@@ -1,4 +1,4 @@
-//! Reading a judge's reply and combining votes (DESIGN.md section 5).
+//! Reading a judge's reply and combining votes (docs/ARCHITECTURE.md, "Judging").
 //!
 //! A reply's vote is its **last** `\boxed{...}` whose content is `1`, `+1`, `-1` or
 //! `0` (spaces around the number allowed). A reply whose last box holds anything

@@ -1,6 +1,7 @@
-//! Attention Residuals (Kimi, arXiv 2603.15031; DESIGN.md section 9,
-//! research/attnres.md): each sublayer reads a softmax-weighted mix of the
-//! token embedding and earlier sublayer outputs instead of their running sum.
+//! Attention Residuals (Kimi, arXiv 2603.15031; docs/ARCHITECTURE.md, "Attention
+//! Residuals", and the study in bench/attnres.md): each sublayer reads a
+//! softmax-weighted mix of the token embedding and earlier sublayer outputs
+//! instead of their running sum.
 //!
 //! For sublayer l with sources v_0..v_n (per token):
 //! `h_l = Σ_i α_i v_i`, `α = softmax_i(w_lᵀ RMSNorm_l(v_i))`, in f32, no 1/√d.

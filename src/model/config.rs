@@ -93,9 +93,9 @@ impl RopeScaling {
     }
 }
 
-/// How each sublayer's input is formed from what came before it (DESIGN.md
-/// section 9). Written `standard`, `attnres-full` or `attnres-block:S` (S in
-/// sublayers: attention and MLP each count as one).
+/// How each sublayer's input is formed from what came before it
+/// (docs/ARCHITECTURE.md, "Attention Residuals"). Written `standard`, `attnres-full`
+/// or `attnres-block:S` (S in sublayers: attention and MLP each count as one).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Residual {
     /// PreNorm residual: h_l = h_{l-1} + f_{l-1}(h_{l-1}).

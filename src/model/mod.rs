@@ -1,5 +1,5 @@
 //! The model runtime: one decoder for the Llama (1-3), Qwen2 and Qwen3 family
-//! (DESIGN.md section 8).
+//! (docs/ARCHITECTURE.md, "Model runtime").
 //!
 //! - [`config`]: architecture facts read from GGUF metadata.
 //! - [`gguf`]: names the tensor of a type claw cannot read.

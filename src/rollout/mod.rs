@@ -1,7 +1,7 @@
-//! The `claw.rollout.v1` file format (DESIGN.md sections 2 and 3), shared by every
-//! stage: the schema in one place, validation with errors that name the file and
-//! column, streaming reads from files, globs and stdin, atomic writes, and
-//! time-ordered segments for daemons.
+//! The `claw.rollout.v1` file format (docs/ARCHITECTURE.md, "Rollout schema" and
+//! "Shared directory"), shared by every stage: the schema in one place, validation
+//! with errors that name the file and column, streaming reads from files, globs and
+//! stdin, atomic writes, and time-ordered segments for daemons.
 //!
 //! Stages work on Arrow record batches so columns they do not own (including ones
 //! claw does not know) pass through untouched; [`RolloutRow`] is the typed view

@@ -16,9 +16,9 @@ use serde::{Deserialize, Serialize};
 
 use super::schema::{normalize_batch_at, schema, CREATED_AT_TZ};
 
-/// One row of `claw.rollout.v1` (DESIGN.md section 2). Required columns are plain
-/// values; columns that a later stage fills in are `Option`s, so "not judged yet"
-/// (`None`) stays distinct from a score of 0.
+/// One row of `claw.rollout.v1` (docs/ARCHITECTURE.md, "Rollout schema"). Required
+/// columns are plain values; columns that a later stage fills in are `Option`s, so
+/// "not judged yet" (`None`) stays distinct from a score of 0.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct RolloutRow {
     pub sample_id: String,

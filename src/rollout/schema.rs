@@ -1,5 +1,6 @@
-//! The `claw.rollout.v1` column table (DESIGN.md section 2), kept in one place so
-//! every stage, the validator and `claw inspect` agree on names, types and nullability.
+//! The `claw.rollout.v1` column table (docs/ARCHITECTURE.md, "Rollout schema"), kept
+//! in one place so every stage, the validator and `claw inspect` agree on names,
+//! types and nullability.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -26,7 +27,8 @@ pub const SCHEMA_TAG_KEY: &str = "claw.schema";
 pub const CREATED_AT_TZ: &str = "UTC";
 
 /// The logical type of a claw column. A closed set (rather than raw `DataType`s) so
-/// the table below can be a `const` and error messages use the names DESIGN.md uses.
+/// the table below can be a `const` and error messages use the type names of the
+/// column table in docs/ARCHITECTURE.md.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ColumnType {
     Utf8,
@@ -120,7 +122,8 @@ const fn col(name: &'static str, ty: ColumnType, required: bool, by: &'static st
 
 use ColumnType as T;
 
-/// Every column of `claw.rollout.v1` in file order (DESIGN.md section 2).
+/// Every column of `claw.rollout.v1` in file order (docs/ARCHITECTURE.md, "Rollout
+/// schema").
 pub const COLUMNS: &[Column] = &[
     col("sample_id", T::Utf8, true, "serve/collect"),
     col("session_id", T::Utf8, true, "serve"),
@@ -397,8 +400,8 @@ fn list_item(t: &DataType) -> Option<&DataType> {
     }
 }
 
-/// A short lower-case type name in the style DESIGN.md uses (`utf8`, `list<int32>`,
-/// `timestamp(ms, UTC)`), so errors read like the spec.
+/// A short lower-case type name in the style of docs/ARCHITECTURE.md's column table
+/// (`utf8`, `list<int32>`, `timestamp(ms, UTC)`), so errors read like the spec.
 pub fn type_name(t: &DataType) -> String {
     match t {
         DataType::Utf8 => "utf8".into(),

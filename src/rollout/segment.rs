@@ -1,7 +1,7 @@
-//! Segments: a long-running writer's output as a series of small, complete files
-//! in one directory (DESIGN.md sections 2 and 3). Parquet cannot be appended to,
-//! so a writer rolls to a new file every so many rows or seconds; names sort by
-//! time so a watcher handles them in order.
+//! Segments: a long-running writer's output as a series of small, complete files in
+//! one directory (docs/ARCHITECTURE.md, "Rollout schema" and "Shared directory").
+//! Parquet cannot be appended to, so a writer rolls to a new file every so many rows
+//! or seconds; names sort by time so a watcher handles them in order.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};

@@ -1,4 +1,5 @@
-//! Hot reload of LoRA adapters (DESIGN.md sections 1 and 7).
+//! Hot reload of LoRA adapters (docs/ARCHITECTURE.md, "Serving runtime" and
+//! "Shared directory": checkpoints and LATEST).
 //!
 //! The serving policy is an `Arc<Policy>` behind a lock: a chat request takes a
 //! clone of it when it is admitted and generates with that policy to the end,

@@ -1,6 +1,7 @@
-//! Sessions (DESIGN.md section 4): which conversation a request belongs to, whether
-//! it is a `main` or `side` turn, and whether it ends the session. Headers win over
-//! body fields; the body fields are removed before the messages reach the template.
+//! Sessions (docs/ARCHITECTURE.md, "Sessions and next state"): which conversation a
+//! request belongs to, whether it is a `main` or `side` turn, and whether it ends the
+//! session. Headers win over body fields; the body fields are removed before the
+//! messages reach the template.
 //!
 //! The registry remembers, per session, the response ids served, so feedback can
 //! be checked (unknown session or response id: 404) and aimed at a turn.

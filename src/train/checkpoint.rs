@@ -1,4 +1,4 @@
-//! The checkpoint directory (DESIGN.md sections 3 and 7):
+//! The checkpoint directory (docs/ARCHITECTURE.md, "Shared directory" and "Training"):
 //!
 //! ```text
 //! adapter-000012.safetensors        LoRA tensors, PEFT names

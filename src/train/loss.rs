@@ -1,4 +1,4 @@
-//! The training objectives of DESIGN.md section 7, per sample (token mean).
+//! The training objectives (docs/ARCHITECTURE.md, "Training"), per sample (token mean).
 //!
 //! ```text
 //! A_t     = w_rl * reward + w_opd * clip(teacher_t - old_t, -c, +c)

@@ -1,6 +1,7 @@
-//! Training on candle (DESIGN.md sections 6-8): the two learning signals (binary
-//! RL rewards and on-policy distillation from hindsight hints) turned into LoRA or
-//! full-weight updates.
+//! Training on candle (docs/ARCHITECTURE.md, "Hindsight hints and distillation",
+//! "Training" and "Model runtime"): the two learning signals (binary RL rewards and
+//! on-policy distillation from hindsight hints) turned into LoRA or full-weight
+//! updates.
 //!
 //! - [`score`]: teacher-forced log-probs of given responses, batched.
 //! - [`loss`]: the clipped policy-gradient loss with teacher advantages and k3 KL.

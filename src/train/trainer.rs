@@ -19,7 +19,8 @@ use crate::model::linear::LoraDelta;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Objective {
-    /// Policy gradient from rewards and teacher log-probs (DESIGN.md section 7).
+    /// Policy gradient from rewards and teacher log-probs (docs/ARCHITECTURE.md,
+    /// "Training").
     Rl,
     /// Next-token loss on the responses (supervised fine-tuning).
     Sft,

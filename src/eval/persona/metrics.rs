@@ -89,7 +89,8 @@ pub fn report(results: &[RunResult], command: &str, plot: Option<&str>) -> Strin
          a fresh `claw up` (serve + collect + judge + distill-hints + train, per the method) \
          and a simulated user with one preference a rule can check; the user gives a thumbs \
          up when a reply keeps it, and a thumbs down with a natural correction when it does \
-         not (DESIGN.md section 11). A reply must answer the task (at least 5 words, no \
+         not (docs/ARCHITECTURE.md, \"Persona benchmark\"). A reply must answer the task \
+         (at least 5 words, no \
          refusal, sharing a content word with the task) before its style counts: an empty \
          reply keeps \"be brief\" but satisfies nobody, and a policy rewarded on the rule \
          alone learns to say nothing. Methods: `rl` (binary reward from the thumbs), `opd` \

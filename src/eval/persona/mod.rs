@@ -1,5 +1,5 @@
-//! The persona benchmark (DESIGN.md section 11): does the loop learn what its user
-//! wants, only from talking to it?
+//! The persona benchmark (docs/ARCHITECTURE.md, "Persona benchmark"): does the loop
+//! learn what its user wants, only from talking to it?
 //!
 //! A simulated user has a preference a rule can check, and says so in natural
 //! words when a reply breaks it (and gives a thumbs down); a reply that keeps it
