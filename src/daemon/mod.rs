@@ -1,4 +1,4 @@
-//! Daemon mode (DESIGN.md section 3): every stage can run as a long-lived worker
+//! Daemon mode (docs/ARCHITECTURE.md, "Shared directory"): every stage can run as a long-lived worker
 //! over one shared directory, consuming its input folder and producing its output
 //! folder, so `serve`, `collect`, `judge`, `distill-hints` and `train` run
 //! concurrently (`claw up`, systemd, cron, or several machines over a shared

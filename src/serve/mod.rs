@@ -1,5 +1,5 @@
 //! `claw serve`: an OpenAI-compatible HTTP server over one local model that records
-//! every turn (DESIGN.md sections 1-4).
+//! every turn (docs/ARCHITECTURE.md, "Serving runtime" and "Sessions and next state").
 //!
 //! - [`api`]: the OpenAI wire format (error body, checked chat request).
 //! - [`chat`]: `POST /v1/chat/completions`: admission, JSON or SSE responses,

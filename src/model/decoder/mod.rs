@@ -6,7 +6,7 @@
 //! One implementation serves and trains. [`Kernels::Fused`] uses candle's fast
 //! fused kernels (rms_norm, rope, softmax_last_dim), which have no backward;
 //! [`Kernels::Differentiable`] computes the same math with ops that have one,
-//! for the training path (DESIGN.md section 8 lists the ops without backward):
+//! for the training path (docs/ARCHITECTURE.md, "Model runtime", lists the ops without backward):
 //! claw's own fused ops with written-out gradients ([`super::ops`], and the
 //! whole attention as [`super::attention::CausalAttention`]).
 //!
