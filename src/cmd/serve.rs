@@ -81,6 +81,10 @@ pub struct ServeArgs {
     /// Record nothing.
     #[arg(long)]
     pub no_record: bool,
+    /// Do not fsync each answered turn to DIR/wal/ before its reply completes
+    /// (then a kill -9 loses the turns of the open segment; for benchmarks).
+    #[arg(long)]
+    pub no_durable_log: bool,
     /// Require `Authorization: Bearer KEY` on every route but /healthz.
     #[arg(long, env = "CLAW_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
@@ -157,6 +161,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         host: args.host,
         port: args.port,
         record: !args.no_record,
+        durable_log: !args.no_durable_log,
         api_key: args.api_key,
         default_turn_type: args.default_turn_type,
         max_tokens_limit: args.max_tokens_limit,

@@ -302,9 +302,20 @@ impl<'m> Sequence<'m> {
         decoder: &Decoder,
         on_text: &mut dyn FnMut(&str) -> Flow,
     ) -> Result<()> {
+        self.prefill_at_most(PREFILL_CHUNK, decoder, on_text)
+    }
+
+    /// [`prefill_chunk`](Self::prefill_chunk) of at most `tokens` (at least 1)
+    /// prompt tokens: a batch shares one chunk's worth among its new requests.
+    pub fn prefill_at_most(
+        &mut self,
+        tokens: usize,
+        decoder: &Decoder,
+        on_text: &mut dyn FnMut(&str) -> Flow,
+    ) -> Result<()> {
         anyhow::ensure!(self.is_prefilling(), "the prompt is already prefilled");
         let start = self.cache.len();
-        let end = (start + PREFILL_CHUNK).min(self.prompt.len());
+        let end = (start + tokens.clamp(1, PREFILL_CHUNK)).min(self.prompt.len());
         let ids = Tensor::new(&self.prompt[start..end], &self.model.device)?.unsqueeze(0)?;
         let logits = decoder.forward_last(&ids, &mut self.cache)?;
         if end < self.prompt.len() {

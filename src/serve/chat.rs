@@ -304,7 +304,10 @@ async fn run_job(
         .fetch_add(outcome.generation.token_ids.len() as u64, Relaxed);
     metrics.observe_latency(job.started.elapsed().as_secs_f64());
     state.sessions.add_response(&job.session, &job.id);
-    state.recorder.record(chat_row(&state, &job, &outcome));
+    state
+        .recorder
+        .record(chat_row(&state, &job, &outcome))
+        .await;
     let _ = tx.send(Event::Done(Ok(Box::new(outcome))));
     drop(admission);
 }

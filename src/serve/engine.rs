@@ -6,9 +6,9 @@
 //! 1. admits waiting requests into free places (a request joins between steps,
 //!    starting from the longest prefix the [`PrefixCache`] holds for its policy),
 //! 2. drops requests whose client went away (streaming or not),
-//! 3. runs one prompt chunk of the oldest request still prefilling, so a long
-//!    prompt delays the others' next tokens by one chunk at a time, not by its
-//!    whole prefill,
+//! 3. runs one prompt chunk (512 tokens) of the requests still prefilling,
+//!    oldest first, so a long prompt delays the others' next tokens by one chunk
+//!    at a time, not by its whole prefill,
 //! 4. decodes one token for every other active request in one batched forward
 //!    pass per policy ([`Decoder::decode`]: each weight is read once for the
 //!    batch, which is what a memory-bound decode step costs),
@@ -33,7 +33,7 @@ use super::metrics::Metrics;
 use super::prefix::PrefixCache;
 use super::reload::{Policies, Policy};
 use super::response::Event;
-use crate::model::generate::{Flow, Sequence};
+use crate::model::generate::{Flow, Sequence, PREFILL_CHUNK};
 use crate::model::{Decoder, Generation, KvCache, Model, SamplingParams};
 
 /// One request for the engine.
@@ -202,13 +202,22 @@ impl Worker {
                 a.sequence.cancel();
             }
         }
-        if let Some(a) = active
-            .iter_mut()
-            .find(|a| a.sequence.is_prefilling() && a.failed.is_none())
-        {
+        // One chunk's worth of prompt tokens per step, oldest request first: a
+        // long prompt takes it all, many short remainders (prefix-cache hits)
+        // share it, so a crowd of new requests starts decoding together.
+        let mut budget = PREFILL_CHUNK;
+        for a in active.iter_mut() {
+            if budget == 0 {
+                break;
+            }
+            if !a.sequence.is_prefilling() || a.failed.is_some() {
+                continue;
+            }
+            let tokens = a.sequence.prompt_left().min(budget);
+            budget -= tokens;
             let decoder = a.policy.decoder(model);
             let mut on_text = Active::on_text(&a.events);
-            if let Err(e) = a.sequence.prefill_chunk(decoder, &mut on_text) {
+            if let Err(e) = a.sequence.prefill_at_most(tokens, decoder, &mut on_text) {
                 a.failed = Some(e.context("prefill failed"));
             }
         }

@@ -35,6 +35,7 @@ pub mod response;
 pub mod routes;
 pub mod session;
 pub mod tools;
+pub mod wal;
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering::Relaxed;
@@ -60,6 +61,8 @@ pub struct ServeConfig {
     pub host: String,
     pub port: u16,
     pub record: bool,
+    /// fsync each answered turn to `DIR/wal/` before the reply completes.
+    pub durable_log: bool,
     pub api_key: Option<String>,
     pub default_turn_type: TurnType,
     pub max_tokens_limit: usize,
@@ -196,6 +199,7 @@ async fn serve(
         let writer_id = format!("serve{}", std::process::id());
         let (r, t) = Recorder::start(
             raw_dir.clone(),
+            config.durable_log.then(|| wal::wal_dir(&config.dir)),
             &writer_id,
             config.segment_rows,
             config.segment_age,

@@ -2,9 +2,12 @@
 //! channel to one writer thread that owns a [`SegmentWriter`] on `DIR/raw/`. The
 //! thread rolls segments every `--segment-rows` rows or `--segment-age-ms` (by
 //! default 1024 rows or 5 s; a timer tick calls `roll_if_due`), and on shutdown
-//! closes the open segment so a graceful stop loses nothing. A kill -9 loses the
-//! open segment (its `.parquet.tmp` stays behind; no reader looks at it, and the
-//! next server removes it) and the rows still queued for it, nothing else.
+//! closes the open segment so a graceful stop loses nothing. Each batch of rows
+//! first goes to the durable log ([`super::wal`], one fsync per batch) and only
+//! then is acknowledged: a chat reply completes after its row is on disk, so a
+//! kill -9 loses no answered turn. Its open segment's `.parquet.tmp` stays
+//! behind (no reader looks at it); the next server removes it and replays the
+//! dead server's log into a segment of its own.
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering::Relaxed;
@@ -15,14 +18,18 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
+use tokio::sync::oneshot;
+
 use super::metrics::Metrics;
+use super::wal::{self, Wal};
 use crate::rollout::{RolloutRow, SegmentWriter};
 
 /// Longest the writer thread sleeps before checking the open segment's age.
 const TICK: Duration = Duration::from_millis(500);
 
 enum Msg {
-    Row(Box<RolloutRow>),
+    /// A row, and who waits for it to be durable.
+    Row(Box<RolloutRow>, Option<oneshot::Sender<()>>),
     Shutdown,
 }
 
@@ -46,25 +53,43 @@ impl Recorder {
     }
 
     /// Starts the writer thread on `dir` (created if missing); segments close at
-    /// `max_rows` rows or `max_age`.
+    /// `max_rows` rows or `max_age`. With `wal_dir`, rows are made durable in a
+    /// log there first, and the logs of servers that were killed are replayed.
     pub fn start(
         dir: PathBuf,
+        wal_dir: Option<PathBuf>,
         writer_id: &str,
         max_rows: usize,
         max_age: Duration,
         metrics: Arc<Metrics>,
     ) -> Result<(Self, RecorderThread)> {
-        let writer = SegmentWriter::new(&dir, writer_id)
+        let mut writer = SegmentWriter::new(&dir, writer_id)
             .with_context(|| format!("cannot record to {}", dir.display()))?
             .with_max_rows(max_rows)
             .with_max_age(max_age);
         remove_abandoned(&dir);
+        let wal = match wal_dir {
+            Some(wal_dir) => {
+                let recovered = wal::recover(&wal_dir, &dir, &mut writer, |w| {
+                    writer_pid(w)
+                        .is_some_and(|pid| pid != std::process::id() && !process_alive(pid))
+                })?;
+                if recovered > 0 {
+                    metrics.rows_recorded.fetch_add(recovered as u64, Relaxed);
+                    crate::info!(
+                        "recovered {recovered} answered turn(s) from the log of a server that was killed"
+                    );
+                }
+                Some(Wal::create(&wal_dir, writer_id)?)
+            }
+            None => None,
+        };
         let tick = TICK.min(max_age / 2).max(Duration::from_millis(10));
         let (tx, rx) = mpsc::channel();
         let thread_metrics = metrics.clone();
         let handle = std::thread::Builder::new()
             .name("claw-recorder".into())
-            .spawn(move || writer_loop(writer, rx, tick, &thread_metrics))
+            .spawn(move || writer_loop(writer, wal, rx, tick, &thread_metrics))
             .context("cannot start the recorder thread")?;
         Ok((
             Recorder {
@@ -79,14 +104,20 @@ impl Recorder {
         self.tx.is_some()
     }
 
-    /// Queues one row; never blocks.
-    pub fn record(&self, row: RolloutRow) {
-        if let Some(tx) = &self.tx {
-            if tx.send(Msg::Row(Box::new(row))).is_err() {
-                self.metrics.record_errors.fetch_add(1, Relaxed);
-                crate::warn!("recorder has stopped; a row was not recorded");
-            }
+    /// Queues one row and waits until it is durable (in the log, or without
+    /// one, queued): a reply completes after this.
+    pub async fn record(&self, row: RolloutRow) {
+        let Some(tx) = &self.tx else {
+            return;
+        };
+        let (ack, durable) = oneshot::channel();
+        if tx.send(Msg::Row(Box::new(row), Some(ack))).is_err() {
+            self.metrics.record_errors.fetch_add(1, Relaxed);
+            crate::warn!("recorder has stopped; a row was not recorded");
+            return;
         }
+        // An error here means the recorder could not log the row; it said so.
+        let _ = durable.await;
     }
 }
 
@@ -103,44 +134,69 @@ impl RecorderThread {
 
 fn writer_loop(
     mut writer: SegmentWriter,
+    mut wal: Option<Wal>,
     rx: mpsc::Receiver<Msg>,
     tick: Duration,
     metrics: &Metrics,
 ) {
     let dir = writer.dir().display().to_string();
-    let count_done = |done: Result<Vec<PathBuf>>, rows: u64| match done {
-        Ok(paths) => {
-            metrics.rows_recorded.fetch_add(rows, Relaxed);
-            metrics
-                .segments_written
-                .fetch_add(paths.len() as u64, Relaxed);
-            for p in paths {
-                crate::debug!("recorded segment {}", p.display());
-            }
-        }
-        Err(err) => {
-            metrics.record_errors.fetch_add(1, Relaxed);
-            crate::warn!("cannot write rollout rows to {dir}: {err:#}");
-        }
+    let fail = |what: &str, err: &anyhow::Error| {
+        metrics.record_errors.fetch_add(1, Relaxed);
+        crate::warn!("{what} in {dir}: {err:#}");
     };
+    // After segments may have closed: count them, and cut the log to the rows
+    // still open.
+    let settle =
+        |done: Result<Vec<PathBuf>>, rows: u64, writer: &SegmentWriter, wal: &mut Option<Wal>| {
+            match done {
+                Ok(paths) => {
+                    metrics.rows_recorded.fetch_add(rows, Relaxed);
+                    metrics
+                        .segments_written
+                        .fetch_add(paths.len() as u64, Relaxed);
+                    for p in &paths {
+                        crate::debug!("recorded segment {}", p.display());
+                    }
+                    if let Some(log) = wal.as_mut() {
+                        if let Err(e) = log.settle(writer.pending_rows(), !paths.is_empty()) {
+                            fail("cannot trim the durable log", &e);
+                        }
+                    }
+                }
+                Err(err) => fail("cannot write rollout rows", &err),
+            }
+        };
     loop {
         match rx.recv_timeout(tick) {
-            Ok(Msg::Row(row)) => {
-                // Take whatever else is queued too: one batch per wake-up.
+            Ok(Msg::Row(row, ack)) => {
+                // Take whatever else is queued too: one batch (and one fsync)
+                // per wake-up.
                 let mut rows = vec![*row];
+                let mut acks = vec![ack];
                 let mut stop = false;
                 while let Ok(msg) = rx.try_recv() {
                     match msg {
-                        Msg::Row(r) => rows.push(*r),
+                        Msg::Row(r, a) => {
+                            rows.push(*r);
+                            acks.push(a);
+                        }
                         Msg::Shutdown => {
                             stop = true;
                             break;
                         }
                     }
                 }
+                if let Some(log) = wal.as_mut() {
+                    if let Err(e) = log.append(&rows) {
+                        fail("cannot write the durable log", &e);
+                    }
+                }
+                for ack in acks.into_iter().flatten() {
+                    let _ = ack.send(());
+                }
                 let n = rows.len() as u64;
                 let done = writer.write_rows(&rows);
-                count_done(done, n);
+                settle(done, n, &writer, &mut wal);
                 if stop {
                     break;
                 }
@@ -148,21 +204,32 @@ fn writer_loop(
             Ok(Msg::Shutdown) | Err(RecvTimeoutError::Disconnected) => break,
             Err(RecvTimeoutError::Timeout) => {
                 let done = writer.roll_if_due().map(|p| p.into_iter().collect());
-                count_done(done, 0);
+                settle(done, 0, &writer, &mut wal);
             }
         }
     }
     match writer.finish() {
-        Ok(Some(path)) => {
-            metrics.segments_written.fetch_add(1, Relaxed);
-            crate::debug!("recorded segment {}", path.display());
+        Ok(closed) => {
+            if let Some(path) = closed {
+                metrics.segments_written.fetch_add(1, Relaxed);
+                crate::debug!("recorded segment {}", path.display());
+            }
+            if let Some(log) = wal {
+                if let Err(e) = log.remove() {
+                    fail("cannot remove the durable log", &e);
+                }
+            }
         }
-        Ok(None) => {}
-        Err(err) => {
-            metrics.record_errors.fetch_add(1, Relaxed);
-            crate::warn!("cannot close the last segment in {dir}: {err:#}");
-        }
+        Err(err) => fail(
+            "cannot close the last segment (its rows stay in the log)",
+            &err,
+        ),
     }
+}
+
+/// The process id in a serve writer id (`serve<PID>`).
+fn writer_pid(writer: &str) -> Option<u32> {
+    writer.strip_prefix("serve")?.parse().ok()
 }
 
 /// Removes the `.parquet.tmp` segments of earlier `claw serve` processes on this
@@ -182,10 +249,7 @@ fn remove_abandoned(dir: &std::path::Path) {
         let Some((_, writer, _)) = crate::rollout::parse_segment_file_name(segment) else {
             continue;
         };
-        let Some(pid) = writer
-            .strip_prefix("serve")
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
+        let Some(pid) = writer_pid(writer) else {
             continue;
         };
         if pid == std::process::id() || process_alive(pid) {

@@ -274,7 +274,7 @@ async fn feedback(
     });
     let mut row = feedback_row(&state, &id, &session_id, &event, target.turn, rating, text);
     row.session_done = Some(session_done);
-    state.recorder.record(row);
+    state.recorder.record(row).await;
     let mut response = axum::Json(json!({
         "id": id,
         "object": "feedback",
