@@ -28,6 +28,39 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     result
 }
 
+/// An output path that names an existing non-regular file (a character device
+/// such as /dev/null, a FIFO, a socket), opened for writing in place: such a
+/// target must not be replaced by a renamed temporary file. `None` for a regular
+/// file or a new path (write those atomically); an error for a directory.
+pub fn open_in_place(path: &Path) -> Result<Option<File>> {
+    let Ok(meta) = std::fs::metadata(path) else {
+        return Ok(None);
+    };
+    if meta.is_dir() {
+        anyhow::bail!("{}: is a directory, not an output file", path.display());
+    }
+    if meta.is_file() {
+        return Ok(None);
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .with_context(|| format!("{}: cannot open for writing", path.display()))
+        .map(Some)
+}
+
+/// Writes an output the user named: in place when it is a device or a FIFO
+/// (see [`open_in_place`]), else atomically ([`write_atomic`]).
+pub fn write_output(path: &Path, bytes: &[u8]) -> Result<()> {
+    match open_in_place(path)? {
+        Some(mut file) => file
+            .write_all(bytes)
+            .and_then(|()| file.flush())
+            .with_context(|| format!("writing {}", path.display())),
+        None => write_atomic(path, bytes),
+    }
+}
+
 /// `NAME.tmp` beside `NAME`.
 pub fn tmp_path(path: &Path) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
@@ -58,5 +91,33 @@ mod tests {
         write_atomic(&path, b"two").unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"two");
         assert!(!tmp_path(&path).exists());
+    }
+
+    #[test]
+    fn outputs_to_devices_are_written_in_place() {
+        use std::os::unix::fs::FileTypeExt;
+        // a regular file or a new path: atomically, as before
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.json");
+        write_output(&path, b"one").unwrap();
+        write_output(&path, b"two").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"two");
+        assert!(!tmp_path(&path).exists());
+        // a device stays a device; a full one is an error that names it
+        write_output(Path::new("/dev/null"), b"gone").unwrap();
+        let err = write_output(Path::new("/dev/full"), b"no room").unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("/dev/full") && msg.contains("No space"),
+            "{msg}"
+        );
+        for dev in ["/dev/null", "/dev/full"] {
+            let ft = std::fs::metadata(dev).unwrap().file_type();
+            assert!(ft.is_char_device(), "{dev} is no longer a device");
+        }
+        assert!(!Path::new("/dev/full.tmp").exists());
+        // a directory is refused, not renamed over
+        let err = write_output(dir.path(), b"x").unwrap_err();
+        assert!(err.to_string().contains("is a directory"), "{err}");
     }
 }

@@ -832,3 +832,65 @@ fn what_serve_records_is_collected() {
         && r.response_logprobs.len() == r.response_ids.len()
         && r.token_source == "engine"));
 }
+
+#[test]
+fn outputs_to_devices_and_fifos_are_written_in_place() {
+    use std::io::Read;
+    use std::os::unix::fs::FileTypeExt;
+    let dir = tempfile::tempdir().unwrap();
+    let seg = dir.path().join("raw.parquet");
+    write(
+        &seg,
+        &[
+            main_turn("alice", "a1", 0, "hi"),
+            main_turn("alice", "a2", 5, "more"),
+        ],
+    );
+    let is_char_device = |p: &str| std::fs::metadata(p).unwrap().file_type().is_char_device();
+    // a full device: the write error is the run's failure, and the device stays
+    let out = claw(&["collect", s(&seg), "-o", "/dev/full"]);
+    assert!(!out.status.success(), "claw collect -o /dev/full succeeded");
+    let err = stderr(&out);
+    assert!(
+        err.contains("/dev/full") && err.contains("No space"),
+        "{err}"
+    );
+    assert!(is_char_device("/dev/full"), "/dev/full was replaced");
+    assert!(!Path::new("/dev/full.tmp").exists());
+    ok(claw(&["collect", s(&seg), "-o", "/dev/null"]));
+    assert!(is_char_device("/dev/null"), "/dev/null was replaced");
+
+    // a FIFO: the reader at the other end gets the rollout
+    let fifo = dir.path().join("samples.fifo");
+    let c = std::ffi::CString::new(s(&fifo)).unwrap();
+    // SAFETY: plain system call on a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let reader = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            std::fs::File::open(&fifo)
+                .unwrap()
+                .read_to_end(&mut bytes)
+                .unwrap();
+            bytes
+        })
+    };
+    ok(claw(&["collect", s(&seg), "-o", s(&fifo)]));
+    let bytes = reader.join().unwrap();
+    let file = claw::rollout::RolloutFile::from_bytes(bytes.into(), "fifo").unwrap();
+    assert_eq!(file.num_rows(), 2);
+    assert!(std::fs::metadata(&fifo).unwrap().file_type().is_fifo());
+    assert!(!dir.path().join("samples.fifo.tmp").exists());
+
+    // a regular file: replaced atomically, as before
+    let regular = dir.path().join("samples.parquet");
+    std::fs::write(&regular, b"old").unwrap();
+    ok(claw(&["collect", s(&seg), "-o", s(&regular)]));
+    assert_eq!(read(&regular).len(), 2);
+    assert!(!dir.path().join("samples.parquet.tmp").exists());
+    // a directory is refused with its name
+    let out = claw(&["collect", s(&seg), "-o", s(dir.path())]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("is a directory"), "{}", stderr(&out));
+}

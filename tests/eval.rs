@@ -392,6 +392,40 @@ fn gsm8k_fixture_stub_fail_under_and_parquet() {
 }
 
 #[test]
+fn results_to_a_device_are_written_in_place() {
+    use std::os::unix::fs::FileTypeExt;
+    let (url, _) = stub_endpoint(|_| "Answer: 0".to_string());
+    let data = fixture("gsm8k-mini.jsonl");
+    let run = |out: &str| {
+        claw()
+            .args([
+                "eval", "--bench", "gsm8k", "--limit", "2", "--url", &url, "--data",
+            ])
+            .arg(&data)
+            .args(["--out", out])
+            .output()
+            .unwrap()
+    };
+    let out = run("/dev/full");
+    assert!(!out.status.success(), "eval --out /dev/full succeeded");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("/dev/full") && err.contains("No space"),
+        "{err}"
+    );
+    let out = run("/dev/null");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for dev in ["/dev/full", "/dev/null"] {
+        let ft = std::fs::metadata(dev).unwrap().file_type();
+        assert!(ft.is_char_device(), "{dev} was replaced");
+    }
+}
+
+#[test]
 fn bad_inputs_are_named() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.jsonl");
