@@ -1,7 +1,6 @@
 //! [`RolloutWriter`]: one rollout file (atomically renamed into place; written
 //! in place when the path is a device or a FIFO) or a stream on stdout.
 
-use std::ffi::OsString;
 use std::fs::File;
 use std::io::{self, IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -24,7 +23,7 @@ use super::row::{rows_to_batch, RolloutRow};
 use super::schema::{
     column, normalize_batch, schema, type_name, validate_schema, SCHEMA_TAG, SCHEMA_TAG_KEY,
 };
-use crate::fsutil::{open_in_place, sync_parent_dir};
+use crate::fsutil::{open_in_place, sync_parent_dir, tmp_path};
 
 /// Rows per Parquet row group at most. Readers hold a row group's column chunks
 /// in memory, so groups stay bounded in rows and in bytes.
@@ -123,9 +122,7 @@ impl RolloutWriter {
                 segments: false,
             });
         }
-        let mut tmp = OsString::from(path.as_os_str());
-        tmp.push(".tmp");
-        let tmp = PathBuf::from(tmp);
+        let tmp = tmp_path(&path);
         let file =
             File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
         Ok(RolloutWriter {
