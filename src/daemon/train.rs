@@ -231,11 +231,15 @@ fn read_samples(
     let mut out = Vec::new();
     for batch in file.batches(4096, None)? {
         let batch = batch?;
-        for row in batch.rows()? {
-            out.push(
-                to_sample(&row)
-                    .with_context(|| format!("{}: sample {}", batch.source, row.sample_id))?,
-            );
+        for (i, row) in batch.rows()?.into_iter().enumerate() {
+            out.push(to_sample(&row).with_context(|| {
+                format!(
+                    "{}: row {} (sample {})",
+                    batch.source,
+                    batch.first_row + i as u64 + 1,
+                    row.sample_id
+                )
+            })?);
         }
     }
     Ok(out)
