@@ -832,3 +832,211 @@ fn what_serve_records_is_collected() {
         && r.response_logprobs.len() == r.response_ids.len()
         && r.token_source == "engine"));
 }
+
+#[test]
+fn outputs_to_devices_and_fifos_are_written_in_place() {
+    use std::io::Read;
+    use std::os::unix::fs::FileTypeExt;
+    let dir = tempfile::tempdir().unwrap();
+    let seg = dir.path().join("raw.parquet");
+    write(
+        &seg,
+        &[
+            main_turn("alice", "a1", 0, "hi"),
+            main_turn("alice", "a2", 5, "more"),
+        ],
+    );
+    let is_char_device = |p: &str| std::fs::metadata(p).unwrap().file_type().is_char_device();
+    // a full device: the write error is the run's failure, and the device stays
+    let out = claw(&["collect", s(&seg), "-o", "/dev/full"]);
+    assert!(!out.status.success(), "claw collect -o /dev/full succeeded");
+    let err = stderr(&out);
+    assert!(
+        err.contains("/dev/full") && err.contains("No space"),
+        "{err}"
+    );
+    assert!(is_char_device("/dev/full"), "/dev/full was replaced");
+    assert!(!Path::new("/dev/full.tmp").exists());
+    ok(claw(&["collect", s(&seg), "-o", "/dev/null"]));
+    assert!(is_char_device("/dev/null"), "/dev/null was replaced");
+
+    // a FIFO: the reader at the other end gets the rollout
+    let fifo = dir.path().join("samples.fifo");
+    let c = std::ffi::CString::new(s(&fifo)).unwrap();
+    // SAFETY: plain system call on a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let reader = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            std::fs::File::open(&fifo)
+                .unwrap()
+                .read_to_end(&mut bytes)
+                .unwrap();
+            bytes
+        })
+    };
+    ok(claw(&["collect", s(&seg), "-o", s(&fifo)]));
+    let bytes = reader.join().unwrap();
+    let file = claw::rollout::RolloutFile::from_bytes(bytes.into(), "fifo").unwrap();
+    assert_eq!(file.num_rows(), 2);
+    assert!(std::fs::metadata(&fifo).unwrap().file_type().is_fifo());
+    assert!(!dir.path().join("samples.fifo.tmp").exists());
+
+    // a regular file: replaced atomically, as before
+    let regular = dir.path().join("samples.parquet");
+    std::fs::write(&regular, b"old").unwrap();
+    ok(claw(&["collect", s(&seg), "-o", s(&regular)]));
+    assert_eq!(read(&regular).len(), 2);
+    assert!(!dir.path().join("samples.parquet.tmp").exists());
+    // a directory is refused with its name
+    let out = claw(&["collect", s(&seg), "-o", s(dir.path())]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("is a directory"), "{}", stderr(&out));
+}
+
+/// One OpenAI chat-format line: a question, an answer, and extra fields.
+fn chat_line(id: &str, extra_message: Json, extra: Json) -> String {
+    let mut line = json!({
+        "id": id,
+        "messages": [
+            {"role": "user", "content": format!("question {id}")},
+            {"role": "assistant", "content": format!("answer {id}")},
+            extra_message,
+        ],
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        line[k] = v.clone();
+    }
+    line.to_string()
+}
+
+#[test]
+fn imports_refuse_what_serve_refuses_naming_file_line_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let log = dir.path().join("chats.jsonl");
+    let user = json!({"role": "user", "content": "thanks"});
+    let lines = [
+        chat_line("good", user.clone(), json!({})),
+        chat_line(
+            "hacker",
+            json!({"role": "hacker", "content": "rm -rf"}),
+            json!({}),
+        ),
+        chat_line("five", json!({"role": "user", "content": 5}), json!({})),
+        json!({"id": "seven", "messages": [
+            {"role": "user", "content": "rate this"},
+            {"role": "assistant", "content": "ok", "rating": 7},
+        ]})
+        .to_string(),
+    ];
+    std::fs::write(&log, lines.join("\n")).unwrap();
+    let out = dir.path().join("out.parquet");
+    let args = [
+        "collect",
+        s(&log),
+        "--model",
+        s(&model),
+        "-o",
+        s(&out),
+        "--json",
+    ];
+    let run = ok(claw(&args));
+    let err = stderr(&run);
+    for needle in [
+        "chats.jsonl:2: `messages[2].role` \"hacker\" is not one of",
+        "chats.jsonl:3: `messages[2].content` must be a string or an array of text parts, got a number",
+        "chats.jsonl:4: message 1: `rating`: 7 is not a rating",
+    ] {
+        assert!(err.contains(needle), "no {needle:?} in:\n{err}");
+    }
+    let stats: Json = serde_json::from_slice(&run.stdout).unwrap();
+    assert_eq!(stats["dropped"]["malformed_line"], 3);
+    let rows = read(&out);
+    let sessions: Vec<&str> = rows.iter().map(|r| r.session_id.as_str()).collect();
+    assert_eq!(sessions, ["good"], "only the good line is stored");
+    assert!(rows.iter().all(|r| r.feedback.is_none()));
+    // --strict: the first of them fails the run
+    let strict = claw(&[&args[..], &["--strict"]].concat());
+    assert_eq!(strict.status.code(), Some(1));
+    assert!(
+        stderr(&strict).contains("chats.jsonl:2:"),
+        "{}",
+        stderr(&strict)
+    );
+}
+
+#[test]
+fn a_long_or_undecodable_first_line_is_not_a_silent_skip() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let out = dir.path().join("out.parquet");
+    let user = json!({"role": "user", "content": "thanks"});
+    let collect = |input: &Path| {
+        claw(&[
+            "collect",
+            s(input),
+            "--model",
+            s(&model),
+            "-o",
+            s(&out),
+            "--json",
+        ])
+    };
+
+    // a first conversation over 1 MiB (a long attachment kept beside it) is imported
+    let long = dir.path().join("long.jsonl");
+    let big = chat_line(
+        "big",
+        user.clone(),
+        json!({"metadata": "x".repeat(3 << 20)}),
+    );
+    assert!(big.len() > 3 << 20);
+    std::fs::write(
+        &long,
+        [big, chat_line("small", user.clone(), json!({}))].join("\n"),
+    )
+    .unwrap();
+    let run = ok(collect(&long));
+    let stats: Json = serde_json::from_slice(&run.stdout).unwrap();
+    assert_eq!(stats["inputs_unreadable"], 0, "{}", stderr(&run));
+    let mut sessions: Vec<String> = read(&out).into_iter().map(|r| r.session_id).collect();
+    sessions.sort();
+    assert_eq!(sessions, ["big", "small"]);
+
+    // invalid UTF-8 on the first line: a clear error, exit 1
+    let latin1 = dir.path().join("latin1.jsonl");
+    let mut bytes = chat_line("cafe", user.clone(), json!({})).into_bytes();
+    let at = bytes.windows(6).position(|w| w == b"answer").unwrap();
+    bytes[at] = 0xe9;
+    bytes.push(b'\n');
+    bytes.extend(chat_line("ok", user.clone(), json!({})).into_bytes());
+    std::fs::write(&latin1, &bytes).unwrap();
+    let run = collect(&latin1);
+    assert_eq!(run.status.code(), Some(1), "{}", stderr(&run));
+    let err = stderr(&run);
+    assert!(
+        err.contains("latin1.jsonl: line 1 is not valid UTF-8"),
+        "{err}"
+    );
+
+    // on a later line: that line is named and skipped, not stored with U+FFFD
+    let later = dir.path().join("later.jsonl");
+    let mut bytes = chat_line("ok", user.clone(), json!({})).into_bytes();
+    bytes.push(b'\n');
+    let mut bad = chat_line("bad", user, json!({})).into_bytes();
+    let at = bad.windows(6).position(|w| w == b"answer").unwrap();
+    bad[at] = 0xff;
+    bytes.extend(bad);
+    std::fs::write(&later, &bytes).unwrap();
+    let run = ok(collect(&later));
+    assert!(
+        stderr(&run).contains("later.jsonl:2: not valid UTF-8"),
+        "{}",
+        stderr(&run)
+    );
+    let rows = read(&out);
+    assert_eq!(rows.len(), 1);
+    assert!(rows.iter().all(|r| !r.response_text.contains('\u{fffd}')));
+}

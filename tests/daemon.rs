@@ -626,3 +626,186 @@ fn claw_up_runs_the_loop_until_serve_loads_a_trained_checkpoint() {
     }
     assert!(log.contains("[        train] step 1 "), "{log}");
 }
+
+/// Runs `cmd` to its end, failing the test (and killing it) past `limit`.
+fn run_within(cmd: &mut Command, limit: Duration) -> Output {
+    let mut child = cmd.stderr(Stdio::piped()).spawn().unwrap();
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > limit {
+            kill9(&mut child);
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "{cmd:?} still running after {limit:?}:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A file that was written long ago (so no daemon waits for it to settle).
+fn age(path: &Path) {
+    let file = std::fs::File::options().write(true).open(path).unwrap();
+    file.set_modified(std::time::SystemTime::now() - Duration::from_secs(3600))
+        .unwrap();
+}
+
+#[test]
+fn names_as_long_as_the_filesystem_allows_flow_through_every_stage() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let dir = tmp.path().join("data");
+    let raw = dir.join("raw");
+    std::fs::create_dir_all(&raw).unwrap();
+    const SESSIONS: i64 = 3;
+    for i in 0..SESSIONS + 2 {
+        write_raw_segment(&raw, i, SESSIONS);
+    }
+    write_clock_segment(&raw, SESSIONS + 2);
+    // A segment whose batch makes samples gets a 255-byte name (in the same
+    // time order), which its output in samples/ then has too.
+    let short = segment_file_name((T0 + 200_000) as u64, "feeder", 2);
+    let writer = "w".repeat(255 - short.len() + "feeder".len());
+    let long = segment_file_name((T0 + 200_000) as u64, &writer, 2);
+    assert_eq!(long.len(), 255);
+    std::fs::rename(raw.join(&short), raw.join(&long)).unwrap();
+    // and a damaged one beside the others
+    let bad = raw.join(segment_file_name((T0 + 150_000) as u64, "feeder", 99));
+    std::fs::write(&bad, b"PAR1 not really").unwrap();
+    age(&bad);
+
+    let limit = Duration::from_secs(120);
+    for stage in ["collect", "judge", "distill-hints"] {
+        let mut cmd = stage_cmd(stage, &dir, &model, true);
+        cmd.args(["--batch-segments", "2"]);
+        run_within(&mut cmd, limit);
+    }
+    let expected = all_turn_ids(SESSIONS);
+    for folder in ["samples", "judged", "distilled"] {
+        assert_exactly_once(folder, &ids_in(&dir.join(folder)), &expected);
+    }
+    assert!(
+        dir.join("samples").join(&long).is_file(),
+        "the long name's output"
+    );
+    // only the damaged one is in quarantine, with its reason
+    let q = dir.join("quarantine").join("raw");
+    let names: Vec<String> = std::fs::read_dir(&q)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let bad_name = bad.file_name().unwrap().to_string_lossy().into_owned();
+    assert_eq!(names.len(), 2, "{names:?}");
+    assert!(names.contains(&bad_name) && names.contains(&format!("{bad_name}.err")));
+    let status = run_ok(claw().args(["status", "--dir", s(&dir), "--json"]));
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    for stage in status["stages"].as_array().unwrap() {
+        if stage["stage"] != "train" {
+            assert_eq!(stage["backlog_segments"], 0, "{stage}");
+        }
+    }
+}
+
+#[test]
+fn a_long_name_in_quarantine_keeps_its_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let dir = tmp.path().join("data");
+    let samples = dir.join("samples");
+    std::fs::create_dir_all(&samples).unwrap();
+    let long = format!("{}.parquet", "b".repeat(247));
+    std::fs::write(samples.join(&long), b"not parquet").unwrap();
+    age(&samples.join(&long));
+    write_rows(&samples.join("good.parquet"), &sample_rows(0, 3));
+    run_within(
+        &mut stage_cmd("judge", &dir, &model, true),
+        Duration::from_secs(60),
+    );
+    let q = dir.join("quarantine").join("samples");
+    assert!(q.join(&long).is_file());
+    let reasons: Vec<_> = std::fs::read_dir(&q)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "err"))
+        .collect();
+    assert_eq!(reasons.len(), 1, "{reasons:?}");
+    let text = std::fs::read_to_string(&reasons[0]).unwrap();
+    assert!(
+        text.contains(&long) && text.contains("stage: judge"),
+        "{text}"
+    );
+    assert_eq!(ids_in(&dir.join("judged")).len(), 3);
+}
+
+/// Copies `bytes` into `path` slowly, as a non-atomic `cp` over a slow link:
+/// empty first, then in three parts with pauses shorter than the settle time.
+fn slow_copy(path: &Path, bytes: Vec<u8>) -> std::thread::JoinHandle<()> {
+    use std::io::Write;
+    let path = path.to_path_buf();
+    let mut file = std::fs::File::create(&path).unwrap();
+    std::thread::spawn(move || {
+        for part in bytes.chunks(bytes.len().div_ceil(3)) {
+            std::thread::sleep(Duration::from_millis(700));
+            file.write_all(part).unwrap();
+            file.flush().unwrap();
+        }
+    })
+}
+
+#[test]
+fn inputs_still_being_written_are_waited_for() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let dir = tmp.path().join("data");
+    let (raw, samples) = (dir.join("raw"), dir.join("samples"));
+    std::fs::create_dir_all(&raw).unwrap();
+    std::fs::create_dir_all(&samples).unwrap();
+
+    // judge: a good segment, and one arriving slowly beside it
+    write_rows(&samples.join("good.parquet"), &sample_rows(0, 3));
+    let staged = tmp.path().join("staged.parquet");
+    write_rows(&staged, &sample_rows(1, 4));
+    let copy = slow_copy(
+        &samples.join("slow.parquet"),
+        std::fs::read(&staged).unwrap(),
+    );
+    run_within(
+        &mut stage_cmd("judge", &dir, &model, true),
+        Duration::from_secs(60),
+    );
+    copy.join().unwrap();
+    assert_eq!(ids_in(&dir.join("judged")).len(), 7);
+    assert!(
+        !dir.join("quarantine").join("samples").exists(),
+        "quarantined"
+    );
+
+    // collect: the traffic, one segment arriving slowly
+    const SESSIONS: i64 = 2;
+    for i in 0..SESSIONS + 2 {
+        write_raw_segment(&raw, i, SESSIONS);
+    }
+    write_clock_segment(&raw, SESSIONS + 2);
+    let name = segment_file_name((T0 + 100_000) as u64, "feeder", 1);
+    let bytes = std::fs::read(raw.join(&name)).unwrap();
+    std::fs::remove_file(raw.join(&name)).unwrap();
+    let copy = slow_copy(&raw.join(&name), bytes);
+    run_within(
+        &mut stage_cmd("collect", &dir, &model, true),
+        Duration::from_secs(60),
+    );
+    copy.join().unwrap();
+    assert!(!dir.join("quarantine").join("raw").exists(), "quarantined");
+    let expected = all_turn_ids(SESSIONS);
+    let mut found = ids_in(&samples);
+    found.retain(|id, _| !id.starts_with('g'));
+    assert_exactly_once("samples", &found, &expected);
+}

@@ -8,6 +8,7 @@ use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -391,6 +392,40 @@ fn gsm8k_fixture_stub_fail_under_and_parquet() {
 }
 
 #[test]
+fn results_to_a_device_are_written_in_place() {
+    use std::os::unix::fs::FileTypeExt;
+    let (url, _) = stub_endpoint(|_| "Answer: 0".to_string());
+    let data = fixture("gsm8k-mini.jsonl");
+    let run = |out: &str| {
+        claw()
+            .args([
+                "eval", "--bench", "gsm8k", "--limit", "2", "--url", &url, "--data",
+            ])
+            .arg(&data)
+            .args(["--out", out])
+            .output()
+            .unwrap()
+    };
+    let out = run("/dev/full");
+    assert!(!out.status.success(), "eval --out /dev/full succeeded");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("/dev/full") && err.contains("No space"),
+        "{err}"
+    );
+    let out = run("/dev/null");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for dev in ["/dev/full", "/dev/null"] {
+        let ft = std::fs::metadata(dev).unwrap().file_type();
+        assert!(ft.is_char_device(), "{dev} was replaced");
+    }
+}
+
+#[test]
 fn bad_inputs_are_named() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.jsonl");
@@ -435,8 +470,18 @@ fn bad_inputs_are_named() {
 
 // ---------------------------------------------------------------- sandbox
 
-fn sandbox(timeout_s: u64) -> Sandbox {
-    Sandbox::new(
+/// The sandbox, or None with a visible message where this machine cannot
+/// give one (no python3, or no unprivileged namespaces).
+fn sandbox(timeout_s: u64) -> Option<Sandbox> {
+    if Command::new("python3")
+        .args(["-c", "pass"])
+        .status()
+        .map_or(true, |s| !s.success())
+    {
+        eprintln!("SKIP: no python3 on PATH: the sandbox tests need it");
+        return None;
+    }
+    let sb = Sandbox::new(
         "python3",
         Limits {
             timeout: Duration::from_secs(timeout_s),
@@ -444,33 +489,159 @@ fn sandbox(timeout_s: u64) -> Sandbox {
             ..Limits::default()
         },
         false,
+    );
+    match sb {
+        Ok(sb) => Some(sb),
+        Err(e) if format!("{e:#}").contains("no user namespaces") => {
+            eprintln!("SKIP: no namespaces for the sandbox here: {e:#}");
+            None
+        }
+        Err(e) => panic!("the sandbox cannot start: {e:#}"),
+    }
+}
+
+/// A name no other test or run uses.
+fn unique(tag: &str) -> String {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!(
+        "claw-{tag}-{}-{nanos}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
     )
-    .expect("the sandbox needs python3 and user+network namespaces")
+}
+
+/// Host processes whose command line contains `needle` (zombies excluded).
+fn host_processes_with(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let pid = entry.file_name().to_string_lossy().to_string();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if !String::from_utf8_lossy(&cmdline).contains(needle) {
+            continue;
+        }
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        if stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+        {
+            found.push(format!("{pid}: {}", String::from_utf8_lossy(&cmdline)));
+        }
+    }
+    found
+}
+
+/// A directory others may read (as a claw data directory usually is), with a
+/// world-readable file in it.
+fn readable_dir_with_file(base: &Path, name: &str, content: &str) -> (tempfile::TempDir, PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::Builder::new()
+        .prefix("claw-data-")
+        .tempdir_in(base)
+        .unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let file = dir.path().join(name);
+    std::fs::write(&file, content).unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    (dir, file)
 }
 
 #[test]
 fn sandbox_runs_good_and_bad_programs() {
-    let sb = sandbox(5);
-    assert!(sb.network_isolated());
+    let Some(sb) = sandbox(5) else { return };
+    assert!(sb.isolated());
     let ok = sb.run("print('hi')\n").unwrap();
     assert!(ok.passed && ok.stdout == "hi\n", "{ok:?}");
     let bad = sb.run("assert 1 == 2\n").unwrap();
     assert!(!bad.passed && !bad.timed_out);
     assert!(bad.failure().unwrap().contains("AssertionError"), "{bad:?}");
-    // each program gets a fresh, empty directory, and no environment of ours
+    // tracebacks show the program's own lines
+    assert!(bad.stderr.contains("assert 1 == 2"), "{bad:?}");
+    let syntax = sb.run("def f(:\n").unwrap();
+    assert!(!syntax.passed);
+    assert!(
+        syntax.failure().unwrap().contains("SyntaxError"),
+        "{syntax:?}"
+    );
+    // each program starts in an empty private directory, with no environment
+    // of ours, and its files are gone for the next one
     let r = sb
-        .run("import os\nassert os.listdir('.') == ['program.py', 'stdout', 'stderr'] or sorted(os.listdir('.')) == ['program.py', 'stderr', 'stdout'], os.listdir('.')\nassert 'CARGO' not in ''.join(os.environ)\nopen('x', 'w').write('1')\n")
+        .run("import os\nassert os.listdir('.') == [], os.listdir('.')\nassert 'CARGO' not in ''.join(os.environ)\nopen('x', 'w').write('1')\n")
         .unwrap();
     assert!(r.passed, "{r:?}");
     let r = sb
         .run("import os\nassert not os.path.exists('x')\n")
         .unwrap();
     assert!(r.passed, "{r:?}");
+    // what HumanEval solutions import works
+    let r = sb
+        .run("import math, re, string, itertools, collections, functools, heapq, hashlib, typing, fractions, random, statistics, decimal, json\nprint(hashlib.md5(b'a').hexdigest()[:4], random.random() < 1)\n")
+        .unwrap();
+    assert!(r.passed && r.stdout == "0cc1 True\n", "{r:?}");
+}
+
+#[test]
+fn sandbox_passes_only_programs_that_run_to_their_end() {
+    let Some(sb) = sandbox(5) else { return };
+    for early in [
+        "import os\nos._exit(0)\n",
+        "raise SystemExit(0)\n",
+        "import sys\nsys.exit()\n",
+        "exit(0)\n",
+        "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n",
+        // a marker of its own making does not count
+        "import sys\nfor fd in range(3, 64):\n    try:\n        __import__('os').write(fd, b'PASS')\n    except OSError:\n        pass\nsys.stdout.write('PASS\\n')\n__import__('os')._exit(0)\n",
+    ] {
+        let program = format!("{early}assert False, 'the tests ran'\n");
+        let r = sb.run(&program).unwrap();
+        assert!(!r.passed, "{early:?} passed: {r:?}");
+        let why = r.failure().unwrap();
+        assert!(!why.contains("the tests ran"), "{early:?}: {why}");
+    }
+    let r = sb.run("import os\nos._exit(0)\n").unwrap();
+    assert!(
+        r.failure().unwrap().contains("before its end"),
+        "{:?}",
+        r.failure()
+    );
+    // a program that ends normally passes whatever it leaves behind
+    let r = sb
+        .run("import atexit, os\natexit.register(lambda: os._exit(3))\nprint('done')\n")
+        .unwrap();
+    assert!(r.passed, "{r:?}");
+
+    // HumanEval: a completion that exits before (or while) check() runs fails
+    let problem = humaneval::Problem {
+        task_id: "Test/0".into(),
+        prompt: "def add(a, b):\n".into(),
+        canonical_solution: "    return a + b\n".into(),
+        test: "def check(candidate):\n    assert candidate(1, 2) == 3\n".into(),
+        entry_point: "add".into(),
+    };
+    let good = sb
+        .run(&humaneval::program(&problem, &problem.canonical_solution))
+        .unwrap();
+    assert!(good.passed, "{good:?}");
+    for completion in [
+        "    return 0\nraise SystemExit(0)\n",
+        "    import sys; sys.exit(0)\n",
+        "    import os; os._exit(0)\n",
+        "    return 0\nimport os\nos._exit(0)\n",
+    ] {
+        let r = sb.run(&humaneval::program(&problem, completion)).unwrap();
+        assert!(!r.passed, "{completion:?} passed: {r:?}");
+    }
 }
 
 #[test]
 fn sandbox_kills_an_endless_loop_at_the_timeout() {
-    let sb = sandbox(2);
+    let Some(sb) = sandbox(2) else { return };
     let start = Instant::now();
     let r = sb.run("while True:\n    pass\n").unwrap();
     assert!(r.timed_out && !r.passed, "{r:?}");
@@ -483,7 +654,7 @@ fn sandbox_kills_an_endless_loop_at_the_timeout() {
 
 #[test]
 fn sandbox_contains_a_fork_bomb() {
-    let sb = sandbox(3);
+    let Some(sb) = sandbox(3) else { return };
     let start = Instant::now();
     let r = sb
         .run("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n")
@@ -508,27 +679,167 @@ fn sandbox_contains_a_fork_bomb() {
 }
 
 #[test]
-fn sandbox_kills_children_left_behind() {
-    let sb = sandbox(5);
+fn sandbox_leaves_no_process_behind() {
+    let Some(sb) = sandbox(3) else { return };
+    // A child of its own, and a daemon in a new session (which a process-group
+    // kill misses), each an exec'd `sleep` with a duration no one else uses.
+    let spawn = |secs: &str| {
+        format!(
+            "import os\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n        os.execvp('sleep', ['sleep', '{secs}'])\n    os._exit(0)\nif os.fork() == 0:\n    os.execvp('sleep', ['sleep', '{secs}1'])\nimport time\ntime.sleep(0.3)\n"
+        )
+    };
+    let secs = format!("{}.{}", 200 + std::process::id() % 97, std::process::id());
+    let r = sb.run(&spawn(&secs)).unwrap();
+    assert!(r.passed, "{r:?}");
+    // gone by the time run() returns
+    let left = host_processes_with(&format!("sleep\0{secs}"));
+    assert!(left.is_empty(), "left behind: {left:?}");
+
+    // and when the program is killed at its timeout
+    let secs = format!("{}.{}", 300 + std::process::id() % 97, std::process::id());
     let r = sb
-        .run("import os, time\npid = os.fork()\nif pid == 0:\n    time.sleep(60)\n    os._exit(0)\nprint(pid)\n")
+        .run(&format!("{}while True:\n    pass\n", spawn(&secs)))
+        .unwrap();
+    assert!(r.timed_out, "{r:?}");
+    let start = Instant::now();
+    let mut left = host_processes_with(&format!("sleep\0{secs}"));
+    while !left.is_empty() && start.elapsed() < Duration::from_secs(2) {
+        std::thread::sleep(Duration::from_millis(20));
+        left = host_processes_with(&format!("sleep\0{secs}"));
+    }
+    assert!(left.is_empty(), "left behind after the timeout: {left:?}");
+}
+
+#[test]
+fn sandbox_kill_all_reaches_only_the_program_itself() {
+    let Some(sb) = sandbox(10) else { return };
+    let sleeper = "import time\ntime.sleep(2)\nprint('survived')\n".to_string();
+    let killer = "import os, time\nfor _ in range(30):\n    try:\n        os.kill(-1, 9)\n    except OSError:\n        pass\n    time.sleep(0.1)\n"
+        .to_string();
+    let programs = vec![sleeper.clone(), killer.clone(), sleeper, killer];
+    let ran = humaneval::run_programs(&sb, &programs, 4, &|| {}).unwrap();
+    for (i, r) in ran.iter().enumerate() {
+        assert!(r.passed, "program {i} was killed: {r:?}");
+    }
+    assert_eq!(ran[0].stdout, "survived\n");
+}
+
+#[test]
+fn sandbox_sees_no_host_files() {
+    let Some(sb) = sandbox(5) else { return };
+    // A data directory as claw's are (world-readable), in the temp dir and in
+    // the build tree, and this user's home.
+    let (_tmp_data, in_tmp) = readable_dir_with_file(
+        &std::env::temp_dir(),
+        "conversations.jsonl",
+        "{\"secret\": \"recorded chat\"}\n",
+    );
+    let (_tree_data, in_tree) = readable_dir_with_file(
+        Path::new(env!("CARGO_TARGET_TMPDIR")),
+        "segment.parquet",
+        "PAR1 secret",
+    );
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    let program = format!(
+        "import os\nseen = []\nfor p in [{:?}, {:?}, os.path.dirname({:?}), {:?}, {:?}, '/etc/passwd', '/proc/self/environ']:\n    try:\n        if os.path.isdir(p):\n            os.listdir(p)\n        else:\n            open(p).read()\n        seen.append(p)\n    except OSError:\n        pass\nassert not seen, seen\nprint(sorted(os.listdir('/')))\n",
+        in_tmp.display().to_string(),
+        in_tree.display().to_string(),
+        in_tree.display().to_string(),
+        home,
+        env!("CARGO_MANIFEST_DIR"),
+    );
+    let r = sb.run(&program).unwrap();
+    assert!(r.passed, "the program read host files: {r:?}");
+    // writes to what it does see fail
+    let r = sb
+        .run("import os\nfor p in ['/usr/claw-probe', '/claw-probe', '/etc/claw-probe']:\n    try:\n        open(p, 'w')\n        raise SystemExit('wrote ' + p)\n    except OSError:\n        pass\n")
         .unwrap();
     assert!(r.passed, "{r:?}");
-    // The child's pid is namespaced only for the network, not for processes: it
-    // is a real pid here. It must be gone (or a zombie on its way out).
-    let pid: u32 = r.stdout.trim().parse().unwrap();
-    std::thread::sleep(Duration::from_millis(200));
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let alive = stat
-        .split(") ")
-        .nth(1)
-        .is_some_and(|rest| !rest.starts_with('Z'));
-    assert!(!alive, "child {pid} survived: {stat}");
+    assert!(!Path::new("/usr/claw-probe").exists());
+}
+
+#[test]
+fn sandbox_temp_dirs_are_private() {
+    let Some(sb) = sandbox(5) else { return };
+    let name = unique("leak");
+    let program = format!(
+        "for d in ['/tmp', '/dev/shm', '/var/tmp']:\n    with open(d + '/{name}', 'w') as f:\n        f.write('x')\n"
+    );
+    let r = sb.run(&program).unwrap();
+    let leaked: Vec<_> = ["/tmp", "/dev/shm", "/var/tmp"]
+        .iter()
+        .map(|d| Path::new(d).join(&name))
+        .filter(|p| p.exists())
+        .collect();
+    for p in &leaked {
+        let _ = std::fs::remove_file(p);
+    }
+    assert!(r.passed, "the sandbox's temp dirs are not writable: {r:?}");
+    assert!(leaked.is_empty(), "written on the host: {leaked:?}");
+    // and the next program does not see them
+    let r = sb
+        .run(&format!(
+            "import os\nassert not os.path.exists('/tmp/{name}')\n"
+        ))
+        .unwrap();
+    assert!(r.passed, "{r:?}");
+}
+
+#[test]
+fn sandbox_programs_cannot_see_each_other() {
+    let Some(sb) = sandbox(10) else { return };
+    let marker = unique("secret-source");
+    let victim = format!("import time\n# {marker}\ntime.sleep(2)\n");
+    // Looks for the other program's source wherever the sandbox keeps it.
+    let spy = format!(
+        "import os, time\ntime.sleep(0.5)\nfound = []\ntmp = {:?}\nroots = [os.path.join(tmp, d) for d in os.listdir(tmp) if d.startswith('claw-sandbox')]\nfor root in roots + ['/tmp', '/var/tmp', '/dev/shm']:\n    for top, dirs, files in os.walk(root):\n        for f in files:\n            try:\n                with open(os.path.join(top, f), 'rb') as h:\n                    if ({:?} + {:?}).encode() in h.read():\n                        found.append(os.path.join(top, f))\n            except OSError:\n                pass\nassert not found, found\n",
+        std::env::temp_dir().display().to_string(),
+        &marker[..8],
+        &marker[8..],
+    );
+    let ran = humaneval::run_programs(&sb, &[victim, spy], 2, &|| {}).unwrap();
+    assert!(ran[0].passed, "{:?}", ran[0]);
+    assert!(
+        ran[1].passed,
+        "one program read another's source: {:?}",
+        ran[1]
+    );
+}
+
+#[test]
+fn sandbox_cannot_reach_host_unix_sockets() {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::net::{SocketAddr, UnixListener};
+    let Some(sb) = sandbox(5) else { return };
+    let dir = tempfile::Builder::new()
+        .prefix("claw-sock-")
+        .tempdir()
+        .unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = dir.path().join("agent.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777)).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let abstract_name = unique("abstract");
+    let abstract_listener =
+        UnixListener::bind_addr(&SocketAddr::from_abstract_name(abstract_name.as_bytes()).unwrap())
+            .unwrap();
+    abstract_listener.set_nonblocking(true).unwrap();
+    let program = format!(
+        "import socket\nreached = []\nfor addr in [{:?}, '\\0' + {:?}]:\n    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n    try:\n        s.connect(addr)\n        s.sendall(b'leak')\n        reached.append(addr)\n    except OSError:\n        pass\nassert not reached, reached\n",
+        path.display().to_string(),
+        abstract_name
+    );
+    let r = sb.run(&program).unwrap();
+    assert!(r.passed, "the program reached a host socket: {r:?}");
+    assert!(listener.accept().is_err(), "a connection came in");
+    assert!(abstract_listener.accept().is_err(), "a connection came in");
 }
 
 #[test]
 fn sandbox_bounds_memory() {
-    let sb = sandbox(10);
+    let Some(sb) = sandbox(10) else { return };
     let start = Instant::now();
     let r = sb
         .run("chunks = []\nwhile True:\n    chunks.append(bytearray(50 << 20))\n")
@@ -549,7 +860,7 @@ fn sandbox_has_no_network() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let port = listener.local_addr().unwrap().port();
-    let sb = sandbox(5);
+    let Some(sb) = sandbox(5) else { return };
     let program = format!(
         "import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=2)\ns.sendall(b'leak')\nprint('connected')\n"
     );
@@ -589,7 +900,7 @@ fn humaneval_canonical_solutions_all_pass_and_empty_completions_none() {
     let Some(path) = humaneval_data() else { return };
     let problems = humaneval::load(&path).unwrap();
     assert_eq!(problems.len(), 164);
-    let sb = sandbox(20);
+    let Some(sb) = sandbox(20) else { return };
     let settings = humaneval::Settings {
         samples: 1,
         ks: &[1],
@@ -655,6 +966,86 @@ fn humaneval_through_the_cli_with_a_stub_model() {
     assert_eq!(metric(&report, "pass@2"), 1.0);
     assert_eq!(metric(&report, "problems_solved"), 6.0);
     assert!(report["notes"].to_string().contains("pass@5 needs"));
+}
+
+#[test]
+fn humaneval_early_exits_score_zero_through_the_cli() {
+    if sandbox(5).is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("he.jsonl");
+    let problems = [
+        (
+            "add",
+            "def add(a, b):\n",
+            "    return a + b\n",
+            "assert candidate(2, 3) == 5",
+        ),
+        (
+            "neg",
+            "def neg(x):\n",
+            "    return -x\n",
+            "assert candidate(4) == -4",
+        ),
+    ];
+    let lines: Vec<String> = problems
+        .iter()
+        .enumerate()
+        .map(|(i, (name, prompt, solution, test))| {
+            json!({
+                "task_id": format!("Test/{i}"),
+                "prompt": prompt,
+                "canonical_solution": solution,
+                "test": format!("def check(candidate):\n    {test}\n"),
+                "entry_point": name,
+            })
+            .to_string()
+        })
+        .collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let run = |reply: &'static str| {
+        let (url, _) = stub_endpoint(move |_| reply.to_string());
+        eval_json(&[
+            "--bench",
+            "humaneval",
+            "--data",
+            data.to_str().unwrap(),
+            "--url",
+            &url,
+            "--exec-timeout",
+            "5",
+        ])
+    };
+    // a body that exits before check() can fail, and one that leaves at import
+    for reply in [
+        "```python\n    raise SystemExit(0)\n```",
+        "```python\nimport os\nos._exit(0)\ndef add(a, b):\n    return a + b\ndef neg(x):\n    return -x\n```",
+        "```python\n    import sys\n    sys.exit(0)\n```",
+    ] {
+        let report = run(reply);
+        assert_eq!(metric(&report, "pass@1"), 0.0, "{reply:?}: {report}");
+    }
+    // the canonical solutions pass through the same path
+    let out = claw()
+        .args([
+            "eval",
+            "--bench",
+            "humaneval",
+            "--canonical",
+            "--json",
+            "--data",
+        ])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Json = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(metric(&report, "pass@1"), 1.0, "{report}");
 }
 
 // ---------------------------------------------------------------- local vs serve
@@ -773,7 +1164,7 @@ fn help_teaches() {
         "humaneval",
         "pass@k",
         "--fail-under",
-        "--unsafe-no-netns",
+        "--unsafe-no-sandbox",
         "Examples:",
     ] {
         assert!(help.contains(needle), "--help lacks {needle}");

@@ -693,3 +693,54 @@ fn a_trained_adapter_is_hot_loaded_by_serve_and_changes_its_answers() {
         "serve answers what the adapter was trained on"
     );
 }
+
+#[test]
+fn an_out_of_vocabulary_id_names_the_file_row_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let input = dir.path().join("foreign.parquet");
+    let mut rows: Vec<RolloutRow> = (0..3).map(|i| sample(i, Some(1.0))).collect();
+    rows[1].response_ids[1] = 999_999;
+    write_rows(&input, &rows);
+    let output = claw()
+        .args(["train", "--batch-size", "2", "--lora-rank", "2"])
+        .arg(&input)
+        .arg("--model")
+        .arg(&model)
+        .arg("--out")
+        .arg(dir.path().join("ckpt"))
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for needle in [
+        "foreign.parquet",
+        "row 2",
+        "sample s1",
+        "`response_ids`[1] = 999999",
+        "vocabulary",
+    ] {
+        assert!(stderr.contains(needle), "no {needle:?} in: {stderr}");
+    }
+    assert!(!stderr.contains("index-select"), "{stderr}");
+
+    // a negative id, in the prompt
+    let mut rows: Vec<RolloutRow> = (0..2).map(|i| sample(i, Some(1.0))).collect();
+    rows[0].prompt_ids[2] = -5;
+    write_rows(&input, &rows);
+    let output = claw()
+        .arg("train")
+        .arg(&input)
+        .arg("--model")
+        .arg(&model)
+        .arg("--out")
+        .arg(dir.path().join("ckpt"))
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("row 1") && stderr.contains("`prompt_ids`[2] = -5"),
+        "{stderr}"
+    );
+}

@@ -35,11 +35,14 @@ Benchmarks:
   humaneval  --data (default data/HumanEval.jsonl.gz, fetched by
              `scripts/fetch-data humaneval`). --samples completions per problem,
              each run as prompt + completion + test + check(entry_point) in a
-             sandbox: its own python3 process in a fresh temp directory, with a
+             sandbox: its own python3 process in its own user, PID, mount,
+             network and IPC namespaces (it sees only the system directories
+             and Python's, read-only, and a private /tmp; no network, no host
+             socket; everything it starts dies with it; where the kernel allows
+             no namespaces, it refuses unless --unsafe-no-sandbox), with a
              wall-clock timeout (--exec-timeout), CPU, memory (--exec-memory-mb),
-             process and file-size limits, no network (a new network namespace;
-             where the kernel allows none, it refuses unless --unsafe-no-netns),
-             killed with its whole process group. Code in ``` fences is taken
+             process and file-size limits. A program passes only if it runs to
+             its end (an early exit, even with status 0, fails). Code in ``` fences is taken
              out; a function body is cut at the HumanEval stop sequences (\\ndef,
              \\nclass, \\nif __name__, \\nprint, \\n#). Reports pass@k for --k
              (unbiased estimator). --canonical runs the data file's reference
@@ -199,10 +202,11 @@ pub struct EvalArgs {
     #[arg(long, default_value = "python3", value_name = "PATH")]
     pub python: String,
 
-    /// HumanEval: run programs with this machine's network when the kernel
-    /// gives no network namespace (only for code you trust).
-    #[arg(long)]
-    pub unsafe_no_netns: bool,
+    /// HumanEval: run programs without the sandbox (only rlimits, with this
+    /// machine's files and network) when the kernel gives no user namespaces
+    /// (only for code you trust).
+    #[arg(long, alias = "unsafe-no-netns")]
+    pub unsafe_no_sandbox: bool,
 
     /// ppl: tokens per scored window (default: the context length, at most 2048).
     #[arg(long, value_name = "N")]
@@ -494,7 +498,7 @@ fn run_humaneval(args: &EvalArgs) -> Result<Outcome> {
         memory_bytes: args.exec_memory_mb.saturating_mul(1 << 20),
         ..Limits::default()
     };
-    let sandbox = Sandbox::new(&args.python, limits, args.unsafe_no_netns)?;
+    let sandbox = Sandbox::new(&args.python, limits, args.unsafe_no_sandbox)?;
     let workers = args
         .exec_workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
@@ -531,11 +535,11 @@ fn run_humaneval(args: &EvalArgs) -> Result<Outcome> {
     if !explicit {
         outcome.report.notes.retain(|n| !n.starts_with("pass@"));
     }
-    if !sandbox.network_isolated() {
+    if !sandbox.isolated() {
         outcome
             .report
             .notes
-            .push("programs ran WITHOUT network isolation (--unsafe-no-netns)".into());
+            .push("programs ran WITHOUT the sandbox (--unsafe-no-sandbox)".into());
     }
     Ok(outcome)
 }

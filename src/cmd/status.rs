@@ -124,7 +124,7 @@ fn stage_report(layout: &Layout, stage: Stage) -> Result<StageReport> {
     let input_dir = layout.folder(&input);
     let waiting: Vec<String> = list_segments(&input_dir)?
         .into_iter()
-        .filter(|n| !done.contains(n))
+        .filter(|n| !done.contains(&crate::fsutil::short_name(n)))
         .collect();
     // Row counts come from footers; a huge backlog is sampled rather than read whole.
     let backlog_rows = waiting

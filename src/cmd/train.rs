@@ -298,8 +298,9 @@ pub fn run(mut args: TrainArgs) -> Result<()> {
         trainer.config.optim.lr
     );
 
+    let vocab = model.config.vocab_size;
     let eval_samples = match &args.eval {
-        Some(path) => Some(read_samples(std::slice::from_ref(path))?),
+        Some(path) => Some(read_samples(std::slice::from_ref(path), vocab)?),
         None => None,
     };
     let eval_loss_before = match &eval_samples {
@@ -328,7 +329,7 @@ pub fn run(mut args: TrainArgs) -> Result<()> {
         crate::daemon::train::TrainDaemon {
             cfg,
             partial_after: std::time::Duration::from_millis(partial_after.max(0) as u64),
-            to_sample: &train_sample,
+            to_sample: &|row| train_sample(row, vocab),
             on_step: &on_step,
         }
         .run(&mut driver)?;
@@ -369,9 +370,9 @@ pub fn run(mut args: TrainArgs) -> Result<()> {
             _ => {
                 for batch in RolloutReader::new(&args.inputs)? {
                     let batch = batch?;
-                    for row in batch.rows()? {
-                        let sample = train_sample(&row).with_context(|| {
-                            format!("{}: sample {}", batch.source, row.sample_id)
+                    for (i, row) in batch.rows()?.into_iter().enumerate() {
+                        let sample = train_sample(&row, vocab).with_context(|| {
+                            sample_at(&batch.source, batch.first_row + i as u64, &row)
                         })?;
                         if let Some(m) = driver.push(sample)? {
                             on_step(&m);
@@ -511,12 +512,24 @@ fn reads_stdin(inputs: &[String]) -> bool {
     inputs.is_empty() || inputs.iter().any(|i| i == "-")
 }
 
-/// The training view of a rollout row.
-fn train_sample(row: &RolloutRow) -> Result<TrainSample> {
+/// `FILE: row N (sample ID)`, for errors about one row (`index` from 0).
+fn sample_at(source: &str, index: u64, row: &RolloutRow) -> String {
+    format!("{source}: row {} (sample {})", index + 1, row.sample_id)
+}
+
+/// The training view of a rollout row; every token id must be one of the
+/// model's `vocab` (else the error names the field and the id).
+fn train_sample(row: &RolloutRow, vocab: usize) -> Result<TrainSample> {
     let to_ids = |v: &[i32], field: &str| -> Result<Vec<u32>> {
         v.iter()
-            .map(|&id| {
-                u32::try_from(id).with_context(|| format!("{field} holds a negative id {id}"))
+            .enumerate()
+            .map(|(k, &id)| match u32::try_from(id) {
+                Ok(u) if (u as usize) < vocab => Ok(u),
+                Ok(_) => anyhow::bail!(
+                    "`{field}`[{k}] = {id} is outside the model's vocabulary ({vocab} tokens): \
+                     were these ids made with another model's tokenizer?"
+                ),
+                Err(_) => anyhow::bail!("`{field}`[{k}] = {id} is a negative token id"),
             })
             .collect()
     };
@@ -530,7 +543,10 @@ fn train_sample(row: &RolloutRow) -> Result<TrainSample> {
             (Some(ids), Some(lps)) => Some(
                 ids.iter()
                     .zip(lps)
-                    .map(|(ids, lps)| Ok((to_ids(ids, "teacher_topk_ids")?, lps.clone())))
+                    .enumerate()
+                    .map(|(t, (ids, lps))| {
+                        Ok((to_ids(ids, &format!("teacher_topk_ids[{t}]"))?, lps.clone()))
+                    })
                     .collect::<Result<_>>()?,
             ),
             _ => None,
@@ -539,14 +555,14 @@ fn train_sample(row: &RolloutRow) -> Result<TrainSample> {
     })
 }
 
-fn read_samples(inputs: &[String]) -> Result<Vec<TrainSample>> {
+fn read_samples(inputs: &[String], vocab: usize) -> Result<Vec<TrainSample>> {
     let mut out = Vec::new();
     for batch in RolloutReader::new(inputs)? {
         let batch = batch?;
-        for row in batch.rows()? {
+        for (i, row) in batch.rows()?.into_iter().enumerate() {
             out.push(
-                train_sample(&row)
-                    .with_context(|| format!("{}: sample {}", batch.source, row.sample_id))?,
+                train_sample(&row, vocab)
+                    .with_context(|| sample_at(&batch.source, batch.first_row + i as u64, &row))?,
             );
         }
     }

@@ -7,7 +7,8 @@
 //!   `{"messages": [...], "tools"?, "id"|"session_id"|"conversation_id"?, "model"?,
 //!   "created"|"created_at"|"timestamp"?}`. Every assistant message is a turn; its
 //!   prompt is the messages before it and its next state is the last message before
-//!   the next assistant message (if that is a user or tool message). Ratings as chat
+//!   the next assistant message (if that is a user or tool message). Messages
+//!   follow `claw serve`'s rules (a known role, text content). Ratings as chat
 //!   UIs export them, on the assistant message: `rating` (±1, true/false, "up"/
 //!   "down", "thumbs_up"...), `feedback` (a rating, a text, or `{rating, text}`),
 //!   `annotation: {rating, comment}` (Open WebUI), `feedback_text`/`comment`.
@@ -53,23 +54,73 @@ impl Format {
     }
 }
 
+/// An input that is evidently a chat log (JSON, or text that is not UTF-8) yet
+/// cannot be read: it fails the run, where an input that is something else
+/// (notes, a CSV) is skipped with a warning.
+#[derive(Debug)]
+pub struct BrokenLog(pub String);
+
+impl std::fmt::Display for BrokenLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BrokenLog {}
+
+/// The first non-empty line of `bytes` (1-based number, bytes without the line
+/// end), and whether it ended (a newline follows it).
+pub fn first_line(bytes: &[u8]) -> Option<(usize, &[u8], bool)> {
+    let mut start = 0;
+    let mut n = 0;
+    while start < bytes.len() {
+        n += 1;
+        let end = bytes[start..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map(|p| start + p);
+        let line = &bytes[start..end.unwrap_or(bytes.len())];
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if !line.trim_ascii().is_empty() {
+            return Some((n, line, end.is_some()));
+        }
+        match end {
+            Some(e) => start = e + 1,
+            None => break,
+        }
+    }
+    None
+}
+
 /// Tells the format of a file from its first bytes (Parquet magic) or its first
-/// non-empty JSON line.
+/// non-empty JSON line, which `head` must hold whole. Errors that are a
+/// [`BrokenLog`] mean the input should fail the run rather than be skipped.
 pub fn detect(head: &[u8], source: &str) -> Result<Format> {
     if head.starts_with(b"PAR1") {
         return Ok(Format::Raw);
     }
-    let text = String::from_utf8_lossy(head);
-    let Some((n, line)) = text.lines().enumerate().find(|(_, l)| !l.trim().is_empty()) else {
+    let Some((n, line, _)) = first_line(head) else {
         return Err(anyhow!(
             "{source}: empty, so its format cannot be told (give --format)"
         ));
     };
+    let line = std::str::from_utf8(line).map_err(|e| {
+        BrokenLog(format!(
+            "{source}: line {n} is not valid UTF-8 (byte {}): chat logs must be UTF-8 JSON lines",
+            e.valid_up_to() + 1
+        ))
+    })?;
     let value: Json = serde_json::from_str(line).map_err(|e| {
-        anyhow!(
-            "{source}: neither Parquet nor JSON lines (line {}: {e}); give --format if it is one of them",
-            n + 1
-        )
+        if line.trim_start().starts_with('{') {
+            anyhow::Error::new(BrokenLog(format!(
+                "{source}: line {n} looks like JSON but does not parse ({e}), so its format \
+                 cannot be told; fix the line or give --format"
+            )))
+        } else {
+            anyhow!(
+                "{source}: neither Parquet nor JSON lines (line {n}: {e}); give --format if it is one of them"
+            )
+        }
     })?;
     let has = |k: &str| value.get(k).is_some();
     if has("response_text") || (has("prompt_text") && has("session_id")) {
@@ -84,8 +135,7 @@ pub fn detect(head: &[u8], source: &str) -> Result<Format> {
         ));
     }
     Err(anyhow!(
-        "{source}: line {} is JSON but neither OpenAI chat format (a `messages` list) nor an OpenClaw-RL record (`response_text`); give --format",
-        n + 1
+        "{source}: line {n} is JSON but neither OpenAI chat format (a `messages` list) nor an OpenClaw-RL record (`response_text`); give --format"
     ))
 }
 
@@ -227,18 +277,30 @@ pub struct ImportContext<'a> {
 /// Converts every line of a JSONL file; lines are independent, so they are
 /// converted in parallel and kept in file order.
 pub fn import_lines(text: &str, format: Format, cx: &ImportContext) -> Imported {
-    let lines: Vec<(usize, &str)> = text
-        .lines()
+    import_bytes(text.as_bytes(), format, cx)
+}
+
+/// [`import_lines`] on bytes: a line that is not valid UTF-8 is malformed (not
+/// decoded with replacement characters).
+pub fn import_bytes(bytes: &[u8], format: Format, cx: &ImportContext) -> Imported {
+    let lines: Vec<(usize, &[u8])> = bytes
+        .split(|&b| b == b'\n')
         .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| (i + 1, l))
+        .map(|(i, l)| (i + 1, l.strip_suffix(b"\r").unwrap_or(l)))
+        .filter(|(_, l)| !l.trim_ascii().is_empty())
         .collect();
     let results: Vec<(usize, Result<LineRows>)> = lines
         .par_iter()
         .map(|&(n, line)| {
-            let r = match format {
-                Format::Openclaw => openclaw_line(line, n, cx),
-                _ => openai_line(line, n, cx),
+            let r = match std::str::from_utf8(line) {
+                Err(e) => Err(anyhow!(
+                    "not valid UTF-8 (byte {} of the line)",
+                    e.valid_up_to() + 1
+                )),
+                Ok(line) => match format {
+                    Format::Openclaw => openclaw_line(line, n, cx),
+                    _ => openai_line(line, n, cx),
+                },
             };
             (n, r)
         })
@@ -289,9 +351,7 @@ fn openai_line(line: &str, n: usize, cx: &ImportContext) -> Result<LineRows> {
         .and_then(Json::as_array)
         .ok_or_else(|| anyhow!("`messages` is missing or not a list"))?;
     for (i, m) in messages.iter().enumerate() {
-        if m.get("role").and_then(Json::as_str).is_none() {
-            return Err(anyhow!("message {i} has no `role`"));
-        }
+        check_message(i, m)?;
     }
     let tools = tools_of(obj)?;
     let session_id = ["session_id", "conversation_id", "id"]
@@ -383,6 +443,9 @@ fn openclaw_line(line: &str, _n: usize, cx: &ImportContext) -> Result<LineRows> 
     if messages.is_empty() {
         return Err(anyhow!("`messages` is empty: nothing was asked"));
     }
+    for (i, m) in messages.iter().enumerate() {
+        check_message(i, m)?;
+    }
     let recorded = obj
         .get("response_text")
         .and_then(Json::as_str)
@@ -449,6 +512,88 @@ fn openclaw_line(line: &str, _n: usize, cx: &ImportContext) -> Result<LineRows> 
         rows: vec![row],
         no_response: 0,
     })
+}
+
+const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
+
+/// What a JSON value is, for messages.
+fn kind(v: &Json) -> &'static str {
+    match v {
+        Json::Null => "null",
+        Json::Bool(_) => "a boolean",
+        Json::Number(_) => "a number",
+        Json::String(_) => "a string",
+        Json::Array(_) => "an array",
+        Json::Object(_) => "an object",
+    }
+}
+
+/// The rules `claw serve` applies to a request's messages: a known role, text
+/// content (a string or text parts), tool calls only on an assistant message.
+/// An assistant message may hold neither text nor calls (a reply that came
+/// back empty; it is counted, not imported).
+fn check_message(i: usize, m: &Json) -> Result<()> {
+    let at = format!("messages[{i}]");
+    let obj = m.as_object().ok_or_else(|| {
+        anyhow!(
+            "`{at}` must be an object with `role` and `content`, got {}",
+            kind(m)
+        )
+    })?;
+    let role = match obj.get("role") {
+        Some(Json::String(r)) => r.as_str(),
+        Some(other) => return Err(anyhow!("`{at}.role` must be a string, got {}", kind(other))),
+        None => return Err(anyhow!("`{at}` has no `role`")),
+    };
+    if !ROLES.contains(&role) {
+        return Err(anyhow!(
+            "`{at}.role` {role:?} is not one of system, user, assistant, tool (or developer)"
+        ));
+    }
+    let has_text = match obj.get("content") {
+        None | Some(Json::Null) => false,
+        Some(Json::String(_)) => true,
+        Some(Json::Array(parts)) => {
+            for (j, part) in parts.iter().enumerate() {
+                let p = format!("{at}.content[{j}]");
+                match (part.get("type").and_then(Json::as_str), part.get("text")) {
+                    (Some("text") | None, Some(Json::String(_))) => {}
+                    (Some(other), _) if other != "text" => {
+                        return Err(anyhow!(
+                            "`{p}.type` {other:?} is not supported: claw trains on text only"
+                        ))
+                    }
+                    _ => {
+                        return Err(anyhow!(
+                            "`{p}` must be a text part {{\"type\": \"text\", \"text\": \"...\"}}"
+                        ))
+                    }
+                }
+            }
+            true
+        }
+        Some(other) => {
+            return Err(anyhow!(
+                "`{at}.content` must be a string or an array of text parts, got {}",
+                kind(other)
+            ))
+        }
+    };
+    let has_calls = match obj.get("tool_calls") {
+        None | Some(Json::Null) => false,
+        Some(Json::Array(_)) if role == "assistant" => true,
+        Some(_) => {
+            return Err(anyhow!(
+                "`{at}.tool_calls` must be an array on an assistant message"
+            ))
+        }
+    };
+    if !has_text && !has_calls && role != "assistant" {
+        return Err(anyhow!(
+            "`{at}.content` is missing (only an assistant message with tool_calls may omit it)"
+        ));
+    }
+    Ok(())
 }
 
 struct TurnParts {
@@ -634,15 +779,20 @@ fn thumbs(s: &str) -> Option<i8> {
     }
 }
 
-/// A rating value: its sign (0 means none), true/false, or a thumbs word.
+/// A rating value: 1 or -1 (0: none), true/false, or a thumbs word. Other
+/// numbers (a 7, a 4-star score) are refused rather than read as a sign.
 fn rating_of(v: &Json) -> std::result::Result<Option<i8>, String> {
     match v {
         Json::Null => Ok(None),
         Json::Bool(b) => Ok(Some(if *b { 1 } else { -1 })),
-        Json::Number(n) => {
-            let x = n.as_f64().unwrap_or(0.0);
-            Ok((x != 0.0).then_some(if x > 0.0 { 1 } else { -1 }))
-        }
+        Json::Number(n) => match n.as_f64() {
+            Some(1.0) => Ok(Some(1)),
+            Some(-1.0) => Ok(Some(-1)),
+            Some(0.0) => Ok(None),
+            _ => Err(format!(
+                "{n} is not a rating (use 1/-1, true/false, up/down)"
+            )),
+        },
         Json::String(s) if s.trim().is_empty() => Ok(None),
         Json::String(s) => thumbs(s)
             .map(Some)
@@ -790,7 +940,12 @@ mod tests {
     fn ratings_as_chat_uis_export_them() {
         let fb = |v: Json| feedback_of(v.as_object().unwrap());
         assert_eq!(fb(json!({"rating": 1})).unwrap(), (Some(1), None));
-        assert_eq!(fb(json!({"rating": -5})).unwrap(), (Some(-1), None));
+        assert_eq!(fb(json!({"rating": -1.0})).unwrap(), (Some(-1), None));
+        assert_eq!(fb(json!({"rating": 0})).unwrap(), (None, None));
+        let err = fb(json!({"rating": 7})).unwrap_err().to_string();
+        assert!(err.contains("`rating`") && err.contains('7'), "{err}");
+        assert!(fb(json!({"rating": -5})).is_err());
+        assert!(fb(json!({"annotation": {"rating": 0.5}})).is_err());
         assert_eq!(
             fb(json!({"rating": "thumbs_down"})).unwrap(),
             (Some(-1), None)
@@ -848,5 +1003,55 @@ mod tests {
         assert!(err.contains("PRM"), "{err}");
         let err = detect(b"hello", "f.txt").unwrap_err().to_string();
         assert!(err.contains("f.txt") && err.contains("--format"), "{err}");
+        assert!(!err_is_broken(&detect(b"hello", "f.txt").unwrap_err()));
+        // evidently a log, yet unreadable: errors that fail the run
+        let err = detect(b"\n{\"messages\": [\xff]}\n", "f.jsonl").unwrap_err();
+        assert!(err_is_broken(&err), "{err}");
+        assert!(
+            err.to_string().contains("line 2 is not valid UTF-8"),
+            "{err}"
+        );
+        let err = detect(b"{\"messages\": [", "f.jsonl").unwrap_err();
+        assert!(
+            err_is_broken(&err) && err.to_string().contains("line 1"),
+            "{err}"
+        );
+    }
+
+    fn err_is_broken(e: &anyhow::Error) -> bool {
+        e.chain().any(|c| c.is::<BrokenLog>())
+    }
+
+    #[test]
+    fn messages_follow_serves_rules() {
+        let check = |m: Json| check_message(3, &m).map_err(|e| e.to_string());
+        assert!(check(json!({"role": "user", "content": "hi"})).is_ok());
+        assert!(
+            check(json!({"role": "developer", "content": [{"type": "text", "text": "x"}]})).is_ok()
+        );
+        assert!(check(json!({"role": "assistant", "content": null, "tool_calls": []})).is_ok());
+        let err = check(json!({"role": "hacker", "content": "hi"})).unwrap_err();
+        assert!(err.contains("`messages[3].role` \"hacker\""), "{err}");
+        let err = check(json!({"role": "user", "content": 5})).unwrap_err();
+        assert!(
+            err.contains("`messages[3].content`") && err.contains("a number"),
+            "{err}"
+        );
+        let err = check(json!({"role": "user", "content": [{"type": "image_url"}]})).unwrap_err();
+        assert!(err.contains("`messages[3].content[0].type`"), "{err}");
+        let err = check(json!({"role": "user", "tool_calls": []})).unwrap_err();
+        assert!(err.contains("tool_calls"), "{err}");
+        let err = check(json!({"role": "tool"})).unwrap_err();
+        assert!(err.contains("`messages[3].content` is missing"), "{err}");
+        assert!(check(json!({"role": 1}))
+            .unwrap_err()
+            .contains("must be a string"));
+    }
+
+    #[test]
+    fn first_lines_are_found_whole() {
+        assert_eq!(first_line(b"\n \r\nab\r\ncd"), Some((3, &b"ab"[..], true)));
+        assert_eq!(first_line(b"abc"), Some((1, &b"abc"[..], false)));
+        assert_eq!(first_line(b"\n\n"), None);
     }
 }

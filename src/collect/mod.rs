@@ -25,7 +25,7 @@ mod raw;
 mod state;
 
 use std::collections::{BTreeSet, HashSet};
-use std::io::Read;
+use std::io::{BufRead, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -268,6 +268,8 @@ pub fn collect(inputs: &[String], output: &str, cfg: &CollectConfig) -> Result<S
         let name: Arc<str> = input.name().into();
         let (format, bytes) = match open_source(&input, cfg.format) {
             Ok(x) => x,
+            // a chat log that cannot be read is not "something else": no skip
+            Err(e) if e.chain().any(|c| c.is::<import::BrokenLog>()) => return Err(e),
             Err(e) => {
                 unreadable(&mut stats, cfg.strict, e)?;
                 continue;
@@ -569,6 +571,40 @@ fn unreadable(stats: &mut Stats, strict: bool, e: anyhow::Error) -> Result<()> {
     Ok(())
 }
 
+/// The most of a file read to tell its format: its first non-empty line must
+/// end within this.
+const MAX_FIRST_LINE: u64 = 64 << 20;
+
+/// The start of a file, up to the end of its first non-empty line (however
+/// long: a chat log's first conversation may be megabytes), for [`import::detect`].
+fn read_head(file: std::fs::File, name: &str) -> Result<Vec<u8>> {
+    let mut reader = std::io::BufReader::new(file.take(MAX_FIRST_LINE));
+    let start = reader
+        .fill_buf()
+        .with_context(|| format!("{name}: cannot read"))?;
+    if start.starts_with(b"PAR1") {
+        return Ok(b"PAR1".to_vec());
+    }
+    let mut head = Vec::new();
+    loop {
+        let n = reader
+            .read_until(b'\n', &mut head)
+            .with_context(|| format!("{name}: cannot read"))?;
+        match import::first_line(&head) {
+            Some((_, _, true)) => return Ok(head),
+            Some((line, _, false)) if n > 0 && head.len() as u64 >= MAX_FIRST_LINE => {
+                return Err(anyhow::Error::new(import::BrokenLog(format!(
+                    "{name}: line {line} is longer than {} MiB, so its format cannot be told; \
+                     give --format",
+                    MAX_FIRST_LINE >> 20
+                ))))
+            }
+            _ if n == 0 => return Ok(head), // the end of the file
+            _ => {}
+        }
+    }
+}
+
 /// Tells an input's format (reading stdin whole, since Parquet needs to seek).
 fn open_source(input: &Input, format: Format) -> Result<(Format, Option<Bytes>)> {
     let name = input.name();
@@ -582,16 +618,11 @@ fn open_source(input: &Input, format: Format) -> Result<(Format, Option<Bytes>)>
                 .read_to_end(&mut buf)
                 .context("<stdin>: reading standard input")?;
             let bytes = Bytes::from(buf);
-            (bytes.slice(..bytes.len().min(1 << 20)), Some(bytes))
+            (bytes.clone(), Some(bytes))
         }
         Input::Path(p) => {
-            let mut head = Vec::new();
-            std::fs::File::open(p)
-                .with_context(|| format!("{name}: cannot open"))?
-                .take(1 << 20)
-                .read_to_end(&mut head)
-                .with_context(|| format!("{name}: cannot read"))?;
-            (Bytes::from(head), None)
+            let file = std::fs::File::open(p).with_context(|| format!("{name}: cannot open"))?;
+            (Bytes::from(read_head(file, &name)?), None)
         }
     };
     let detected = match format {
@@ -644,7 +675,7 @@ fn load_source(source: &Source, retokenizer: Option<&Retokenizer>) -> Result<Loa
             let retokenizer =
                 retokenizer.ok_or_else(|| anyhow!("internal: no tokenizer for an import"))?;
             let (text, default_time) = match (&source.bytes, &source.input) {
-                (Some(b), _) => (String::from_utf8_lossy(b).into_owned(), now_ms()),
+                (Some(b), _) => (b.to_vec(), now_ms()),
                 (None, Input::Path(p)) => {
                     let raw = std::fs::read(p)
                         .with_context(|| format!("{}: cannot read", source.name))?;
@@ -653,7 +684,7 @@ fn load_source(source: &Source, retokenizer: Option<&Retokenizer>) -> Result<Loa
                         .ok()
                         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
                         .map_or_else(now_ms, |d| d.as_millis() as Ms);
-                    (String::from_utf8_lossy(&raw).into_owned(), mtime)
+                    (raw, mtime)
                 }
                 (None, Input::Stdin) => bail!("internal: stdin was not read"),
             };
@@ -670,7 +701,7 @@ fn load_source(source: &Source, retokenizer: Option<&Retokenizer>) -> Result<Loa
                 file_name: &file_name,
                 default_time,
             };
-            Ok(Loaded::Imported(import::import_lines(&text, format, &cx)))
+            Ok(Loaded::Imported(import::import_bytes(&text, format, &cx)))
         }
     }
 }

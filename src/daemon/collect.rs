@@ -21,7 +21,7 @@ use super::ledger::Ledger;
 use super::quarantine::quarantine;
 use super::status::StatusFile;
 use super::wake::{sleep_unless_stopped, stop_requested, Waker};
-use super::{unix_ms, DaemonConfig};
+use super::{unix_ms, DaemonConfig, Settling};
 use crate::collect::{self, CollectConfig, Format};
 use crate::fsutil::write_atomic;
 use crate::rollout::{segment_file_name, RolloutFile};
@@ -61,6 +61,10 @@ pub fn run(cfg: &DaemonConfig, base: &CollectConfig) -> Result<()> {
     status.set("idle");
     let mut last_tick = Instant::now();
     let mut failures = 0u32;
+    let mut settling = Settling::default();
+    // After a batch failed for no input's fault that shows: plan this many
+    // inputs one at a time, so that the one at fault stops only itself.
+    let mut solo = 0usize;
     while !stop_requested() {
         let intent = match read_intent(&intent_path)? {
             Some(intent) => {
@@ -69,7 +73,16 @@ pub fn run(cfg: &DaemonConfig, base: &CollectConfig) -> Result<()> {
             }
             None => {
                 let tick = last_tick.elapsed() >= TICK_EVERY;
-                match plan(cfg, &ledger, &state_path, tick, &mut status)? {
+                let most = if solo > 0 { 1 } else { cfg.batch_segments };
+                match plan(
+                    cfg,
+                    &ledger,
+                    &state_path,
+                    tick,
+                    most,
+                    &mut status,
+                    &mut settling,
+                )? {
                     Some(intent) => {
                         if intent.inputs.is_empty() {
                             last_tick = Instant::now();
@@ -78,7 +91,7 @@ pub fn run(cfg: &DaemonConfig, base: &CollectConfig) -> Result<()> {
                         intent
                     }
                     None => {
-                        if cfg.once {
+                        if cfg.once && !settling.any_waiting() {
                             break;
                         }
                         status.heartbeat();
@@ -92,6 +105,7 @@ pub fn run(cfg: &DaemonConfig, base: &CollectConfig) -> Result<()> {
         match execute(cfg, base, &state_path, &intent) {
             Ok(rows) => {
                 failures = 0;
+                solo = solo.saturating_sub(intent.inputs.len());
                 for name in &intent.inputs {
                     ledger.mark_done(name)?;
                 }
@@ -122,6 +136,21 @@ pub fn run(cfg: &DaemonConfig, base: &CollectConfig) -> Result<()> {
                 }
                 if bad > 0 {
                     remove_intent(&intent_path)?;
+                } else if intent.inputs.len() > 1 {
+                    crate::warn!(
+                        "collect: a batch of {} segments failed ({e:#}); running them one by one",
+                        intent.inputs.len()
+                    );
+                    solo = intent.inputs.len();
+                    remove_intent(&intent_path)?;
+                } else if let (Some(name), false) = (intent.inputs.first(), is_io(&e)) {
+                    // Readable, yet collect refuses its rows: the input is at
+                    // fault (an I/O error is this machine's, and is retried).
+                    let path = raw_dir.join(name);
+                    quarantine(&cfg.layout.quarantine(), &cfg.input, &path, "collect", &e)?;
+                    status.status.segments_quarantined += 1;
+                    solo = solo.saturating_sub(1);
+                    remove_intent(&intent_path)?;
                 } else {
                     failures += 1;
                     let wait = Duration::from_secs(1 << failures.min(6));
@@ -149,17 +178,22 @@ pub fn run(cfg: &DaemonConfig, base: &CollectConfig) -> Result<()> {
 
 /// The next batch: unconsumed raw segments (bad ones are quarantined here), or
 /// with `tick` and open sessions waiting on the clock, a run without inputs.
+/// At most `most` inputs; one still being written ends the batch before it
+/// (raw segments are in time order).
 fn plan(
     cfg: &DaemonConfig,
     ledger: &Ledger,
     state_path: &Path,
     tick: bool,
+    most: usize,
     status: &mut StatusFile,
+    settling: &mut Settling,
 ) -> Result<Option<Intent>> {
     let raw_dir = cfg.input_dir();
     let consumed = consumed_names(state_path, &raw_dir)?;
     let done = ledger.done_set()?;
     let mut inputs = Vec::new();
+    settling.begin_scan();
     for name in super::list_segments(&raw_dir)? {
         if consumed.contains(&name) {
             // Consumed, but the crash came before its marker: add the marker.
@@ -168,12 +202,13 @@ fn plan(
             }
             continue;
         }
-        if inputs.len() >= cfg.batch_segments {
+        if inputs.len() >= most {
             break;
         }
         let path = raw_dir.join(&name);
         match RolloutFile::open_path(&path) {
             Ok(_) => inputs.push(name),
+            Err(_) if path.exists() && !settling.settled(&name, &path) => break,
             Err(e) if path.exists() => {
                 status.error(&e);
                 status.status.segments_quarantined += 1;
@@ -322,6 +357,12 @@ fn remove_intent(path: &Path) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e).with_context(|| format!("removing {}", path.display())),
     }
+}
+
+/// Whether an I/O error is behind `e` (this machine's trouble, not the data's).
+fn is_io(e: &anyhow::Error) -> bool {
+    e.chain()
+        .any(|c| c.downcast_ref::<std::io::Error>().is_some())
 }
 
 /// Reads every row of a segment (finds damage the footer check does not).

@@ -9,6 +9,9 @@
 //!   server's lock lease expires), which is the lease: no heartbeats, no clocks.
 //! - `state/STAGE/worker.lock`: the same, for stages that run one worker at a
 //!   time (collect and train); a second worker waits as a standby.
+//!
+//! Markers and claims are keyed by [`short_name`]: the input's name itself, or
+//! for a name too long to take a suffix, its start and a hash of the whole.
 
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
@@ -19,6 +22,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
+
+use crate::fsutil::short_name;
 
 pub struct Ledger {
     done: PathBuf,
@@ -42,24 +47,26 @@ impl Ledger {
         })
     }
 
-    /// The names marked done.
-    pub fn done_set(&self) -> Result<HashSet<String>> {
+    /// The inputs marked done.
+    pub fn done_set(&self) -> Result<DoneSet> {
         let entries = std::fs::read_dir(&self.done)
             .with_context(|| format!("listing {}", self.done.display()))?;
-        Ok(entries
-            .filter_map(|e| e.ok())
-            .filter_map(|e| e.file_name().into_string().ok())
-            .filter(|n| !n.starts_with('.'))
-            .collect())
+        Ok(DoneSet(
+            entries
+                .filter_map(|e| e.ok())
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| !n.starts_with('.'))
+                .collect(),
+        ))
     }
 
     pub fn is_done(&self, name: &str) -> bool {
-        self.done.join(name).exists()
+        self.done.join(short_name(name)).exists()
     }
 
     /// Marks `name` done. Call only once its output is durable.
     pub fn mark_done(&self, name: &str) -> Result<()> {
-        let path = self.done.join(name);
+        let path = self.done.join(short_name(name));
         File::create(&path).with_context(|| format!("{}: cannot create", path.display()))?;
         Ok(())
     }
@@ -71,7 +78,10 @@ impl Ledger {
 
     /// Claims `name` for this worker, or `None` when another live worker holds it.
     pub fn try_claim(&self, name: &str) -> Result<Option<Claim>> {
-        try_lock(&self.claims.join(format!("{name}.lock")), &self.worker)
+        try_lock(
+            &self.claims.join(format!("{}.lock", short_name(name))),
+            &self.worker,
+        )
     }
 
     /// Deletes input segments in `input_dir` marked done more than `age` ago.
@@ -79,8 +89,8 @@ impl Ledger {
     pub fn retain(&self, input_dir: &Path, age: Duration) -> Result<usize> {
         let now = SystemTime::now();
         let mut removed = 0;
-        for name in self.done_set()? {
-            let marker = self.done.join(&name);
+        for name in super::list_segments(input_dir)? {
+            let marker = self.done.join(short_name(&name));
             let finished = match std::fs::metadata(&marker).and_then(|m| m.modified()) {
                 Ok(t) => t,
                 Err(_) => continue,
@@ -97,6 +107,23 @@ impl Ledger {
             }
         }
         Ok(removed)
+    }
+}
+
+/// The inputs a stage has finished (see [`Ledger::done_set`]).
+pub struct DoneSet(HashSet<String>);
+
+impl DoneSet {
+    pub fn contains(&self, name: &str) -> bool {
+        self.0.contains(&short_name(name))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 }
 
@@ -218,6 +245,27 @@ mod tests {
         let done = ledger.done_set().unwrap();
         assert_eq!(done.len(), 2);
         assert!(ledger.is_done("b.parquet") && !ledger.is_done("c.parquet"));
+        assert!(done.contains("a.parquet") && !done.contains("c.parquet"));
+    }
+
+    #[test]
+    fn names_too_long_for_a_suffix_still_get_markers_and_claims() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path(), "w").unwrap();
+        let long = format!("{}.parquet", "x".repeat(247)); // 255 bytes
+        let claim = ledger.try_claim(&long).unwrap().expect("free");
+        assert!(ledger.try_claim(&long).unwrap().is_none());
+        drop(claim);
+        ledger.mark_done(&long).unwrap();
+        assert!(ledger.is_done(&long));
+        assert!(ledger.done_set().unwrap().contains(&long));
+        let other = format!("{}.parquet", "x".repeat(246));
+        assert!(!ledger.is_done(&other));
+        // retain finds it by its marker
+        let input = dir.path().join("in");
+        std::fs::create_dir_all(&input).unwrap();
+        std::fs::write(input.join(&long), b"x").unwrap();
+        assert_eq!(ledger.retain(&input, Duration::ZERO).unwrap(), 1);
     }
 
     #[test]

@@ -21,6 +21,8 @@
 //! - several workers of one stage share the work through per-segment claims
 //!   (`flock`ed lock files, released by the kernel when the owner dies);
 //! - bad inputs go to [`quarantine`] with the reason, and the worker goes on;
+//!   an input that cannot be read yet while it is still changing is waited for
+//!   ([`Settling`]); any file name works ([`crate::fsutil::short_name`]);
 //! - SIGINT/SIGTERM finish the segment in flight, a second one exits at once
 //!   ([`wake`]);
 //! - new inputs are noticed by filesystem notifications with a polling fallback.
@@ -33,8 +35,9 @@ pub mod status;
 pub mod train;
 pub mod wake;
 
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use clap::Args;
@@ -323,6 +326,68 @@ pub fn list_segments(dir: &Path) -> Result<Vec<String>> {
         .collect();
     names.sort();
     Ok(names)
+}
+
+/// How long an input that cannot be read must stay unchanged (size and mtime)
+/// before it counts as bad: a copy still being written into the folder is
+/// waited for, not quarantined.
+pub const SETTLE: Duration = Duration::from_secs(2);
+
+/// Inputs that failed to read while they may still be being written.
+#[derive(Default)]
+pub struct Settling {
+    /// name -> (size, mtime) when last seen, and since when it is so.
+    seen: HashMap<String, ((u64, Option<SystemTime>), Instant)>,
+    /// Names found still changing in the current scan.
+    waiting: HashSet<String>,
+}
+
+impl Settling {
+    /// Starts a scan of the input folder.
+    pub fn begin_scan(&mut self) {
+        self.waiting.clear();
+    }
+
+    /// Whether `path` (input `name`, which failed to read) has stopped changing:
+    /// unmodified for [`SETTLE`] by the clock, or seen unchanged by this process
+    /// for that long (a writer's clock may be ahead of ours).
+    pub fn settled(&mut self, name: &str, path: &Path) -> bool {
+        let Ok(meta) = std::fs::metadata(path) else {
+            return true; // gone: nothing to wait for
+        };
+        let modified = meta.modified().ok();
+        if modified
+            .and_then(|m| SystemTime::now().duration_since(m).ok())
+            .is_some_and(|age| age >= SETTLE)
+        {
+            self.seen.remove(name);
+            return true;
+        }
+        let now = (meta.len(), modified);
+        let since = match self.seen.get(name) {
+            Some((seen, since)) if *seen == now => *since,
+            _ => {
+                self.seen.insert(name.to_string(), (now, Instant::now()));
+                Instant::now()
+            }
+        };
+        if since.elapsed() >= SETTLE {
+            self.seen.remove(name);
+            return true;
+        }
+        crate::debug!("{}: still being written, waiting for it", path.display());
+        self.waiting.insert(name.to_string());
+        false
+    }
+
+    /// Whether the last scan left inputs to wait for (`--once` must not stop).
+    pub fn any_waiting(&self) -> bool {
+        !self.waiting.is_empty()
+    }
+
+    pub fn is_waiting(&self, name: &str) -> bool {
+        self.waiting.contains(name)
+    }
 }
 
 /// The path of the running claw executable, for starting stages and runs as

@@ -1,6 +1,8 @@
 //! Inputs a stage cannot use are moved out of the way, never deleted: to
 //! `DIR/quarantine/INPUT-FOLDER/NAME`, with `NAME.err` beside it saying which
-//! stage refused it, when and why. Moving it back into its folder retries it.
+//! stage refused it, when and why (`KEY.err` for a name too long for the
+//! suffix, see [`crate::fsutil::short_name`]). Moving it back into its folder
+//! retries it.
 
 use std::path::{Path, PathBuf};
 
@@ -26,6 +28,10 @@ pub fn quarantine(
     let target = dir.join(name);
     let mut err_name = name.to_os_string();
     err_name.push(".err");
+    if err_name.len() > crate::fsutil::NAME_MAX {
+        // (the report names the file in full)
+        err_name = format!("{}.err", crate::fsutil::short_name(&name.to_string_lossy())).into();
+    }
     let report = format!(
         "stage: {stage}\nfile: {}\ntime_unix_ms: {}\nreason: {reason:#}\n\nMove the file back into {folder}/ to retry it.\n",
         input.display(),

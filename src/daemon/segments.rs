@@ -17,7 +17,7 @@ use super::ledger::{Claim, Ledger};
 use super::quarantine::quarantine;
 use super::status::StatusFile;
 use super::wake::{install_stop_handler, stop_requested, Waker};
-use super::DaemonConfig;
+use super::{DaemonConfig, Settling};
 use crate::rollout::{RolloutBatch, RolloutFile, RolloutWriter};
 
 /// Rows read per batch from an input segment.
@@ -51,8 +51,9 @@ pub fn run(
         cfg.worker_id
     );
     status.set("idle");
+    let mut settling = Settling::default();
     while !stop_requested() {
-        let claimed = claim_batch(cfg, &ledger, &mut status)?;
+        let claimed = claim_batch(cfg, &ledger, &mut status, &mut settling)?;
         if claimed.is_empty() {
             if cfg.once && nothing_left(&input_dir, &ledger)? {
                 break;
@@ -104,15 +105,17 @@ pub fn run(
 }
 
 /// Claims up to `batch_segments` unfinished inputs and reads them; unreadable
-/// ones are quarantined on the way.
+/// ones are quarantined on the way, unless still being written.
 fn claim_batch(
     cfg: &DaemonConfig,
     ledger: &Ledger,
     status: &mut StatusFile,
+    settling: &mut Settling,
 ) -> Result<Vec<Claimed>> {
     let input_dir = cfg.input_dir();
     let done = ledger.done_set()?;
     let mut claimed = Vec::new();
+    settling.begin_scan();
     for name in super::list_segments(&input_dir)? {
         if claimed.len() >= cfg.batch_segments || stop_requested() {
             break;
@@ -120,8 +123,15 @@ fn claim_batch(
         if done.contains(&name) {
             continue;
         }
-        let Some(claim) = ledger.try_claim(&name)? else {
-            continue; // another worker has it
+        let claim = match ledger.try_claim(&name) {
+            Ok(Some(claim)) => claim,
+            Ok(None) => continue, // another worker has it
+            Err(e) => {
+                // this input only: the others go on
+                crate::warn!("{}: {e:#}", cfg.stage.name());
+                status.error(&e);
+                continue;
+            }
         };
         // Finished between our listing and our claim (by the worker we waited on).
         if ledger.is_done(&name) {
@@ -137,6 +147,7 @@ fn claim_batch(
             Err(e) if !path.exists() => {
                 crate::debug!("{}: gone before it was read ({e:#})", path.display());
             }
+            Err(_) if !settling.settled(&name, &path) => {}
             Err(e) => {
                 status.error(&e);
                 status.status.segments_quarantined += 1;

@@ -20,7 +20,7 @@ use super::ledger::Ledger;
 use super::quarantine::quarantine;
 use super::status::StatusFile;
 use super::wake::{stop_requested, Waker};
-use super::DaemonConfig;
+use super::{DaemonConfig, Settling};
 use crate::rollout::{RolloutFile, RolloutRow};
 use crate::train::checkpoint::latest_in;
 use crate::train::driver::Driver;
@@ -101,11 +101,13 @@ impl TrainDaemon<'_> {
         let mut quiet_since = Instant::now();
         // Segments read to the end whose samples are not all in a checkpoint yet.
         let mut read_ahead: std::collections::HashSet<String> = Default::default();
+        // Inputs still being written, skipped until the next wait.
+        let mut settling = Settling::default();
         while !stop_requested() && !driver.done() {
             let done = ledger.done_set()?;
             let next = super::list_segments(&input_dir)?
                 .into_iter()
-                .find(|n| !done.contains(n) && !read_ahead.contains(n));
+                .find(|n| !done.contains(n) && !read_ahead.contains(n) && !settling.is_waiting(n));
             let Some(name) = next else {
                 if driver.pending() > 0 && (cfg.once || quiet_since.elapsed() >= self.partial_after)
                 {
@@ -122,12 +124,13 @@ impl TrainDaemon<'_> {
                     // segments read to the end are done.
                     self.saved(&ledger, &mut finished_since_save, &mut read_ahead)?;
                 }
-                if cfg.once {
+                if cfg.once && !settling.any_waiting() {
                     break;
                 }
                 self.update_status(&mut status, driver);
                 status.heartbeat();
                 waker.wait()?;
+                settling.begin_scan();
                 continue;
             };
             quiet_since = Instant::now();
@@ -139,6 +142,7 @@ impl TrainDaemon<'_> {
                     crate::debug!("{}: gone before it was read ({e:#})", path.display());
                     continue;
                 }
+                Err(_) if !settling.settled(&name, &path) => continue,
                 Err(e) => {
                     status.error(&e);
                     status.status.segments_quarantined += 1;
@@ -227,11 +231,15 @@ fn read_samples(
     let mut out = Vec::new();
     for batch in file.batches(4096, None)? {
         let batch = batch?;
-        for row in batch.rows()? {
-            out.push(
-                to_sample(&row)
-                    .with_context(|| format!("{}: sample {}", batch.source, row.sample_id))?,
-            );
+        for (i, row) in batch.rows()?.into_iter().enumerate() {
+            out.push(to_sample(&row).with_context(|| {
+                format!(
+                    "{}: row {} (sample {})",
+                    batch.source,
+                    batch.first_row + i as u64 + 1,
+                    row.sample_id
+                )
+            })?);
         }
     }
     Ok(out)

@@ -13,14 +13,18 @@ use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 
 use super::{ItemResult, Outcome};
-use crate::fsutil::write_atomic;
+use crate::fsutil::write_output;
 
 /// Writes `outcome` to `path`: `.parquet` or `.json` by extension.
 pub fn write(path: &Path, outcome: &Outcome) -> Result<()> {
-    let ext = path
+    let mut ext = path
         .extension()
         .map(|e| e.to_string_lossy().to_ascii_lowercase())
         .unwrap_or_default();
+    // /dev/stdout, a FIFO: JSON unless named otherwise
+    if ext.is_empty() && std::fs::metadata(path).is_ok_and(|m| !m.is_file() && !m.is_dir()) {
+        ext = "json".into();
+    }
     let bytes = match ext.as_str() {
         "parquet" => to_parquet(outcome)?,
         "json" => {
@@ -31,7 +35,7 @@ pub fn write(path: &Path, outcome: &Outcome) -> Result<()> {
         }
         _ => bail!("{}: --out must end in .parquet or .json", path.display()),
     };
-    write_atomic(path, &bytes).with_context(|| format!("cannot write {}", path.display()))
+    write_output(path, &bytes).with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// The Arrow schema of the results file.

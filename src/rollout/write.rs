@@ -1,7 +1,6 @@
-//! [`RolloutWriter`]: one rollout file (atomically renamed into place) or a stream
-//! on stdout.
+//! [`RolloutWriter`]: one rollout file (atomically renamed into place; written
+//! in place when the path is a device or a FIFO) or a stream on stdout.
 
-use std::ffi::OsString;
 use std::fs::File;
 use std::io::{self, IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -24,7 +23,7 @@ use super::row::{rows_to_batch, RolloutRow};
 use super::schema::{
     column, normalize_batch, schema, type_name, validate_schema, SCHEMA_TAG, SCHEMA_TAG_KEY,
 };
-use crate::fsutil::sync_parent_dir;
+use crate::fsutil::{open_in_place, sync_parent_dir, tmp_path};
 
 /// Rows per Parquet row group at most. Readers hold a row group's column chunks
 /// in memory, so groups stay bounded in rows and in bytes.
@@ -50,6 +49,11 @@ enum Target {
     File {
         path: PathBuf,
         tmp: PathBuf,
+    },
+    /// An existing device or FIFO (/dev/null, a named pipe): written in place,
+    /// as one Parquet file.
+    InPlace {
+        path: PathBuf,
     },
     Stdout,
 }
@@ -104,12 +108,21 @@ impl RolloutWriter {
         }
     }
 
-    /// A file written atomically at `path` (see the type docs).
+    /// A file written atomically at `path` (see the type docs); a path that
+    /// names a device or a FIFO is written in place instead.
     pub fn file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let mut tmp = OsString::from(path.as_os_str());
-        tmp.push(".tmp");
-        let tmp = PathBuf::from(tmp);
+        if let Some(file) = open_in_place(&path)? {
+            return Ok(RolloutWriter {
+                target: Target::InPlace { path },
+                sink: Some(Sink::File(file)),
+                writer: None,
+                schema: None,
+                rows: 0,
+                segments: false,
+            });
+        }
+        let tmp = tmp_path(&path);
         let file =
             File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
         Ok(RolloutWriter {
@@ -143,7 +156,7 @@ impl RolloutWriter {
     /// The final path of a file target (`None` for stdout).
     pub fn path(&self) -> Option<&Path> {
         match &self.target {
-            Target::File { path, .. } => Some(path),
+            Target::File { path, .. } | Target::InPlace { path } => Some(path),
             Target::Stdout => None,
         }
     }
@@ -284,6 +297,8 @@ impl RolloutWriter {
                     .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
                 sync_parent_dir(path)?;
             }
+            // a device or FIFO: written through, nothing to rename (and fsync
+            // means nothing there)
             (mut sink, _) => sink.flush().with_context(|| format!("{name}: flush"))?,
         }
         // Nothing left to clean up in Drop.
