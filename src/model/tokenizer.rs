@@ -205,6 +205,43 @@ impl Tokenizer {
         Ok(encoding.get_ids().to_vec())
     }
 
+    /// Whether `text` has more than `limit` tokens, found without tokenising a
+    /// huge text whole: encoding holds many times the text's size (a 4 MB body
+    /// took ~1.5 GB), so a text longer than `limit` bytes (a token is at least
+    /// one byte) is counted in pieces of about 64 KiB cut after whitespace, and
+    /// the count stops once past `limit`. A cut can only merge or split tokens
+    /// at its own boundary, so the pieces' total is within one token a cut of
+    /// the true count; the answer is "more" only when the total minus that
+    /// margin is past `limit`.
+    pub fn exceeds(&self, text: &str, limit: usize) -> Result<bool> {
+        const PIECE: usize = 64 * 1024;
+        if text.len() <= limit {
+            return Ok(false);
+        }
+        let (mut total, mut cuts, mut rest) = (0usize, 0usize, text);
+        while !rest.is_empty() {
+            let mut end = PIECE.min(rest.len());
+            while !rest.is_char_boundary(end) {
+                end += 1;
+            }
+            if end < rest.len() {
+                if let Some(space) = rest[..end].rfind(char::is_whitespace) {
+                    end = space.max(1);
+                    while !rest.is_char_boundary(end) {
+                        end += 1;
+                    }
+                }
+                cuts += 1;
+            }
+            total += self.encode(&rest[..end])?.len();
+            if total.saturating_sub(cuts) > limit {
+                return Ok(true);
+            }
+            rest = &rest[end..];
+        }
+        Ok(false)
+    }
+
     /// Text of `ids`, special tokens left out.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner
@@ -372,6 +409,23 @@ mod tests {
         // GPT-2's default keeps the digits together and applies merges only.
         let gpt2 = tokenizer_with("default", &["123", "Ġworld"]);
         assert_eq!(pieces(&gpt2, "12345").len(), 5);
+    }
+
+    #[test]
+    fn a_huge_text_is_found_over_the_limit_in_pieces() {
+        for t in [Tokenizer::bytes().unwrap(), tokenizer_with("llama-bpe", &["123", "Ġworld"])] {
+            // ~300 kB: several 64 KiB pieces, cut after whitespace, multi-byte text.
+            let text = "héllo wörld 123 ☃\n".repeat(15_000);
+            let n = t.encode(&text).unwrap().len();
+            let cuts = text.len() / (64 * 1024) + 1;
+            assert!(t.exceeds(&text, n / 2).unwrap());
+            assert!(t.exceeds(&text, n - cuts - 1).unwrap());
+            assert!(!t.exceeds(&text, n).unwrap(), "never more than it has");
+            assert!(!t.exceeds(&text, n + 10).unwrap());
+            assert!(!t.exceeds("short", 5).unwrap(), "5 bytes cannot be 6 tokens");
+            let short = t.encode("short").unwrap().len();
+            assert_eq!(t.exceeds("short", 4).unwrap(), short > 4);
+        }
     }
 
     #[test]

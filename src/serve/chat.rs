@@ -189,11 +189,29 @@ fn prepare(
                 "messages",
             )
         })?;
+    let context = model.config.context_length;
+    let tokenise_error =
+        |e: anyhow::Error| ApiError::internal(format!("cannot tokenise the prompt: {e:#}"));
+    // A prompt far over the context is refused before it is tokenised whole.
+    if model
+        .tokenizer
+        .exceeds(&prompt_text, context)
+        .map_err(tokenise_error)?
+    {
+        return Err(ApiError::invalid(
+            format!(
+                "this model's maximum context length is {context} tokens, but the messages alone \
+                 have more ({} bytes of prompt): shorten the messages",
+                prompt_text.len()
+            ),
+            "messages",
+        )
+        .with_code("context_length_exceeded"));
+    }
     let prompt_ids = model
         .tokenizer
         .encode(&prompt_text)
-        .map_err(|e| ApiError::internal(format!("cannot tokenise the prompt: {e:#}")))?;
-    let context = model.config.context_length;
+        .map_err(tokenise_error)?;
     let n = prompt_ids.len();
     let overflow = |wanted: usize| {
         ApiError::invalid(
