@@ -27,6 +27,7 @@ use serde_json::{json, Map, Value as Json};
 
 use super::raw::content_text;
 use crate::model::{ChatTemplate, Tokenizer};
+use crate::rollout::json_kind as kind;
 use crate::rollout::RolloutRow;
 
 /// Input formats `claw collect` reads.
@@ -515,18 +516,6 @@ fn openclaw_line(line: &str, _n: usize, cx: &ImportContext) -> Result<LineRows> 
 }
 
 const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
-
-/// What a JSON value is, for messages.
-fn kind(v: &Json) -> &'static str {
-    match v {
-        Json::Null => "null",
-        Json::Bool(_) => "a boolean",
-        Json::Number(_) => "a number",
-        Json::String(_) => "a string",
-        Json::Array(_) => "an array",
-        Json::Object(_) => "an object",
-    }
-}
 
 /// The rules `claw serve` applies to a request's messages: a known role, text
 /// content (a string or text parts), tool calls only on an assistant message.

@@ -413,7 +413,10 @@ mod tests {
 
     #[test]
     fn a_huge_text_is_found_over_the_limit_in_pieces() {
-        for t in [Tokenizer::bytes().unwrap(), tokenizer_with("llama-bpe", &["123", "Ġworld"])] {
+        for t in [
+            Tokenizer::bytes().unwrap(),
+            tokenizer_with("llama-bpe", &["123", "Ġworld"]),
+        ] {
             // ~300 kB: several 64 KiB pieces, cut after whitespace, multi-byte text.
             let text = "héllo wörld 123 ☃\n".repeat(15_000);
             let n = t.encode(&text).unwrap().len();
@@ -422,7 +425,10 @@ mod tests {
             assert!(t.exceeds(&text, n - cuts - 1).unwrap());
             assert!(!t.exceeds(&text, n).unwrap(), "never more than it has");
             assert!(!t.exceeds(&text, n + 10).unwrap());
-            assert!(!t.exceeds("short", 5).unwrap(), "5 bytes cannot be 6 tokens");
+            assert!(
+                !t.exceeds("short", 5).unwrap(),
+                "5 bytes cannot be 6 tokens"
+            );
             let short = t.encode("short").unwrap().len();
             assert_eq!(t.exceeds("short", 4).unwrap(), short > 4);
         }

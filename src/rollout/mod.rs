@@ -29,5 +29,19 @@ pub use segment::{
 };
 pub use write::RolloutWriter;
 
+/// What a JSON value is ("a string", "an array", ...), for error messages about
+/// the messages and fields that serve and import both check.
+pub fn json_kind(value: &serde_json::Value) -> &'static str {
+    use serde_json::Value as Json;
+    match value {
+        Json::Null => "null",
+        Json::Bool(_) => "a boolean",
+        Json::Number(_) => "a number",
+        Json::String(_) => "a string",
+        Json::Array(_) => "an array",
+        Json::Object(_) => "an object",
+    }
+}
+
 #[cfg(test)]
 mod tests;

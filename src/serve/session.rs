@@ -16,6 +16,7 @@ use rand::Rng;
 use serde_json::{Map, Value as Json};
 
 use super::api::ApiError;
+pub use crate::rollout::json_kind as kind;
 
 pub const SESSION_HEADER: &str = "x-session-id";
 pub const TURN_TYPE_HEADER: &str = "x-turn-type";
@@ -179,17 +180,6 @@ fn header(headers: &HeaderMap, name: &str) -> Result<Option<String>, ApiError> {
             .to_str()
             .map(|s| Some(s.to_string()))
             .map_err(|_| ApiError::invalid(format!("header {name} is not visible ASCII"), name)),
-    }
-}
-
-pub fn kind(value: &Json) -> &'static str {
-    match value {
-        Json::Null => "null",
-        Json::Bool(_) => "a boolean",
-        Json::Number(_) => "a number",
-        Json::String(_) => "a string",
-        Json::Array(_) => "an array",
-        Json::Object(_) => "an object",
     }
 }
 
