@@ -1098,12 +1098,13 @@ fn adapters_hot_swap_under_load_with_exact_policy_versions() {
         let own = rescore(&decoders[&v], row);
         let d = max_abs_diff(&own, &row.response_logprobs);
         worst_own = worst_own.max(d);
-        // The serving decode step and teacher-forced scoring sum in different
-        // orders; these random adapters make log-probs of magnitude ~10, so
-        // 1e-2 is ~1e-3 relative, and an order below the smallest gap between
-        // neighbouring versions seen in a run (typically ~1 or more).
+        // Serving rounds activations to 16 bits (decode steps and prompt chunks
+        // under 16 tokens) and sums in another order than teacher-forced f32
+        // scoring; these random adapters make log-probs of magnitude ~10, so
+        // 3e-2 is ~3e-3 relative (0.0106 was seen), still far below the
+        // smallest gap between neighbouring versions (typically ~1 or more).
         assert!(
-            d < 1e-2,
+            d < 3e-2,
             "row {} (version {v}): recorded log-probs differ from adapter {v}'s by {d}",
             row.sample_id
         );
