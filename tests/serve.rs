@@ -604,6 +604,19 @@ fn bad_inputs_get_openai_errors_and_the_server_keeps_serving() {
     );
 }
 
+/// Sends a streaming chat request and reads its first SSE line: the reply is
+/// then being generated, and the rest of it can be read (or dropped) from the
+/// returned reader.
+fn start_stream(server: &Server, body: Json) -> (BufReader<Box<dyn Read + Send>>, String) {
+    let long = ureq::post(&format!("{}/v1/chat/completions", server.base))
+        .send_string(&body.to_string())
+        .unwrap();
+    let mut reader = BufReader::new(Box::new(long.into_reader()) as Box<dyn Read + Send>);
+    let mut first = String::new();
+    reader.read_line(&mut first).unwrap();
+    (reader, first)
+}
+
 /// A model slow enough that a long generation is still running when the next
 /// request arrives.
 fn slow_spec() -> TinySpec {
@@ -622,16 +635,11 @@ fn slow_spec() -> TinySpec {
 fn full_queue_gets_429_and_a_disconnect_cancels() {
     let mut server = Server::start(slow_spec(), &["--queue", "1", "--max-tokens-limit", "4000"]);
     // A long streaming generation holds the only queue slot...
-    let long = ureq::post(&format!("{}/v1/chat/completions", server.base))
-        .send_string(
-            &json!({"messages": user("go on"), "max_tokens": 4000, "ignore_eos": true,
-                    "stream": true, "temperature": 1.0})
-            .to_string(),
-        )
-        .unwrap();
-    let mut reader = BufReader::new(long.into_reader());
-    let mut first = String::new();
-    reader.read_line(&mut first).unwrap();
+    let (mut reader, first) = start_stream(
+        &server,
+        json!({"messages": user("go on"), "max_tokens": 4000, "ignore_eos": true,
+                    "stream": true, "temperature": 1.0}),
+    );
     assert!(first.starts_with("data: {"), "{first}");
     // ...so the next request is turned away at once, with Retry-After.
     let r = server.post(
@@ -673,16 +681,11 @@ fn full_queue_gets_429_and_a_disconnect_cancels() {
     assert!(metrics.contains("status=\"429\"}"), "{metrics}");
 
     // SIGTERM while a reply is streaming: the reply finishes and is recorded.
-    let long = ureq::post(&format!("{}/v1/chat/completions", server.base))
-        .send_string(
-            &json!({"messages": user("last one"), "max_tokens": 300, "ignore_eos": true,
-                    "stream": true})
-            .to_string(),
-        )
-        .unwrap();
-    let mut reader = BufReader::new(long.into_reader());
-    let mut first = String::new();
-    reader.read_line(&mut first).unwrap();
+    let (mut reader, first) = start_stream(
+        &server,
+        json!({"messages": user("last one"), "max_tokens": 300, "ignore_eos": true,
+                    "stream": true}),
+    );
     server.sigterm();
     let mut rest = String::new();
     reader.read_to_string(&mut rest).unwrap();
@@ -1871,16 +1874,11 @@ fn serve_refuses_what_it_cannot_honour() {
 
     // A streaming generation holds the only queue place; an oversized body is
     // then turned away with 429 (its size is never looked at), not 413.
-    let long = ureq::post(&format!("{}/v1/chat/completions", server.base))
-        .send_string(
-            &json!({"messages": user("go on"), "max_tokens": 2000, "ignore_eos": true,
-                    "stream": true})
-            .to_string(),
-        )
-        .unwrap();
-    let mut reader = BufReader::new(long.into_reader());
-    let mut first = String::new();
-    reader.read_line(&mut first).unwrap();
+    let (reader, _first) = start_stream(
+        &server,
+        json!({"messages": user("go on"), "max_tokens": 2000, "ignore_eos": true,
+                    "stream": true}),
+    );
     // Only the headers of a 200 kB body are sent: the answer comes without it.
     let answer = raw_http(
         &server,

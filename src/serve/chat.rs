@@ -33,6 +33,10 @@ use super::{unix_ms, AppState};
 use crate::model::{FinishReason, Generation, Model, SamplingParams};
 use crate::rollout::RolloutRow;
 
+/// From this prompt size on, the prompt is counted in pieces before it is
+/// tokenised whole: below it, tokenising whole holds at most ~100 MB.
+const PIECEWISE_COUNT_MIN_BYTES: usize = 256 * 1024;
+
 /// Seconds a client is told to wait when the queue is full.
 const RETRY_AFTER_S: u64 = 1;
 
@@ -192,11 +196,14 @@ fn prepare(
     let context = model.config.context_length;
     let tokenise_error =
         |e: anyhow::Error| ApiError::internal(format!("cannot tokenise the prompt: {e:#}"));
-    // A prompt far over the context is refused before it is tokenised whole.
-    if model
-        .tokenizer
-        .exceeds(&prompt_text, context)
-        .map_err(tokenise_error)?
+    // A huge prompt is counted in pieces first, so one far over the context is
+    // refused before it is tokenised whole; an ordinary one (an agent's 50 kB
+    // system prompt) is tokenised once, and the context check below catches it.
+    if prompt_text.len() > PIECEWISE_COUNT_MIN_BYTES
+        && model
+            .tokenizer
+            .exceeds(&prompt_text, context)
+            .map_err(tokenise_error)?
     {
         return Err(ApiError::invalid(
             format!(

@@ -28,7 +28,7 @@ pub struct Wal {
     open: VecDeque<String>,
 }
 
-/// Where writer `writer_id`'s log lives, for data directory `dir`.
+/// The folder of the servers' logs in data directory `data_dir`.
 pub fn wal_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("wal")
 }
