@@ -64,6 +64,38 @@ fn main() -> Result<()> {
                 ms / m as f64 / single
             );
         }
+        // Prompt chunks: the VNNI panel GEMM against expanding the weights to f32
+        // for candle's GEMM (what prompts use without VNNI).
+        for m in [16, 64, 256, 512] {
+            let x: Vec<f32> = (0..m * cols).map(|i| (i as f32 * 0.37).cos()).collect();
+            let reps = 2048 / m + 2;
+            let time = |f: &dyn Fn()| {
+                f();
+                let start = Instant::now();
+                for _ in 0..reps {
+                    f();
+                }
+                start.elapsed().as_secs_f64() * 1e3 / reps as f64
+            };
+            let dense = time(&|| {
+                let w = Tensor::from_vec(packed.to_dense(), (rows, cols), &Device::Cpu).unwrap();
+                let xt = Tensor::from_slice(&x, (m, cols), &Device::Cpu).unwrap();
+                std::hint::black_box(xt.matmul(&w.t().unwrap()).unwrap());
+            });
+            if packed.prompt_matmul(&x, m).is_none() {
+                println!("{format:?} m={m}: dense {dense:.2} ms (no AVX-512 VNNI)");
+                continue;
+            }
+            let vnni = time(&|| {
+                std::hint::black_box(packed.prompt_matmul(&x, m));
+            });
+            let gmacs = (m * rows * cols) as f64 / vnni / 1e6;
+            println!(
+                "{:<6} prompt m={m:>3}: vnni {vnni:>8.2} ms ({gmacs:.0} GMAC/s), dense f32 {dense:>8.2} ms, {:.2}x",
+                format!("{format:?}"),
+                dense / vnni
+            );
+        }
     }
     Ok(())
 }

@@ -754,10 +754,11 @@ fn every_packed_format_gives_the_f32_models_logits() {
         eprintln!(
             "{format:?}: max |logit diff| vs f32: prefill {prefill:.1e}, decode {decode:.1e} (max |logit| {scale:.1})"
         );
-        // The 16-bit activations of the one-row products (every product while
-        // decoding, the LM head after the prompt) are the whole gap: the same
-        // for every format, ~2e-5 (prefill) and ~4e-4 (decode) of the largest logit.
-        assert!(prefill < 1e-4 * scale, "{format:?} prefill: {prefill}");
+        // The activations rounded to 16 bits per 32-value group (in the prompt
+        // GEMM on AVX-512 VNNI CPUs, and in every decode product) are the whole
+        // gap: ~5e-4 of the largest logit for every format. Without VNNI the
+        // prompt runs in f32 and its gap is ~2e-5.
+        assert!(prefill < 1e-3 * scale, "{format:?} prefill: {prefill}");
         assert!(decode < 1e-3 * scale, "{format:?} decode: {decode}");
         let greedy = |l: &[Vec<f32>]| l.iter().map(|x| argmax(x)).collect::<Vec<_>>();
         assert_eq!(greedy(&a), greedy(&b), "{format:?}: greedy tokens differ");
@@ -812,7 +813,10 @@ fn real_model_weight_format_gaps() {
     let packed_vs_f32 = max_abs_diff(&l[0].1, &l[1].1);
     let ggml_vs_f32 = max_abs_diff(&l[2].1, &l[1].1);
     eprintln!("SmolLM2 max |logit gap|: packed vs f32 {packed_vs_f32}, ggml (8-bit activations) vs f32 {ggml_vs_f32}");
-    assert!(packed_vs_f32 < 1e-2, "packed vs f32: {packed_vs_f32}");
+    // 16-bit activations in the prompt GEMM (AVX-512 VNNI): 0.013 seen; an f32
+    // prompt (other CPUs) gives 0.0009. Either way the greedy answer is the same
+    // (`real_model_knows_the_capital_of_france`).
+    assert!(packed_vs_f32 < 3e-2, "packed vs f32: {packed_vs_f32}");
 }
 
 #[test]

@@ -182,14 +182,20 @@ fn wait_for_job(shared: &Shared, seen: u64) -> u64 {
 #[derive(Clone, Copy)]
 pub struct SharedOut<T>(*mut T, usize);
 
-// SAFETY: a SharedOut only hands out disjoint ranges (see `range`), so tasks on
-// different threads never touch the same element.
+// SAFETY: a SharedOut only hands out disjoint ranges (see `range`, and `ptr`'s
+// callers), so tasks on different threads never touch the same element.
 unsafe impl<T: Send> Send for SharedOut<T> {}
 unsafe impl<T: Send> Sync for SharedOut<T> {}
 
 impl<T> SharedOut<T> {
     pub fn new(buffer: &mut [T]) -> Self {
         Self(buffer.as_mut_ptr(), buffer.len())
+    }
+
+    /// The buffer's first element, for tasks whose parts are not contiguous
+    /// (columns of a row-major matrix); each such use argues its disjointness.
+    pub fn ptr(&self) -> *mut T {
+        self.0
     }
 
     /// Elements `start..end` of the buffer.

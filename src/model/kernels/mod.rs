@@ -10,8 +10,12 @@
 //!
 //! - [`formats`]: the block layouts and their scalar dequantization.
 //! - `x86`: the AVX2 dot products (runtime-detected; the portable path dequantizes).
+//! - `vnni`: the AVX-512 VNNI GEMM for prompt chunks (runtime-detected; without it
+//!   prompts expand the weights to f32 for candle's GEMM).
 
 pub mod formats;
+#[cfg(target_arch = "x86_64")]
+mod vnni;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
@@ -118,14 +122,13 @@ impl PackedMatrix {
         assert_eq!(x.len(), m * self.cols, "activation shape mismatch");
         let groups_per_row = self.cols / GROUP;
         // Σx per group of each activation row: a format's offset multiplies it.
-        let xsums: Vec<f32> = x.chunks_exact(GROUP).map(|c| c.iter().sum()).collect();
         let x16 = Activations16::new(x);
         let simd = simd_available();
         // Work is split by weight rows so each weight byte is read once per call.
         // Results are produced transposed (rows, m) so every task writes one
         // contiguous slice; m == 1 (decode) needs no transpose.
         let rows: Vec<Quantized16> = (0..m).map(|i| x16.row(i, self.cols)).collect();
-        let sums: Vec<&[f32]> = xsums.chunks_exact(groups_per_row).collect();
+        let sums: Vec<&[f32]> = x16.sums.chunks_exact(groups_per_row).collect();
         let pool = HotPool::global();
         let rows_per_task = self.rows.div_ceil(pool.threads() * 4).max(16);
         let mut transposed = vec![0f32; self.rows * m];
@@ -177,6 +180,64 @@ impl PackedMatrix {
             }
         }
         out
+    }
+
+    /// `out = x · Wᵀ` for a prompt chunk of `m` rows, on CPUs with AVX-512 VNNI
+    /// (`None` elsewhere: the caller expands the weights to f32 instead). The
+    /// weights are decoded to 16-bit integers once per call, 32 rows at a time
+    /// into a panel that stays in cache while every activation row passes it.
+    pub fn prompt_matmul(&self, x: &[f32], m: usize) -> Option<Vec<f32>> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::cell::RefCell;
+            use vnni::PANEL_ROWS;
+            static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+            if !*AVAILABLE.get_or_init(vnni::available) {
+                return None;
+            }
+            assert_eq!(x.len(), m * self.cols, "activation shape mismatch");
+            // Zero rows pad the activations to whole tiles; their outputs are dropped.
+            let padded = m.next_multiple_of(vnni::TILE_ROWS);
+            let x16 = Activations16::padded(x, padded * self.cols);
+            let activations = vnni::Activations {
+                values: &x16.values,
+                scales: &x16.scales,
+                sums: &x16.sums,
+                cols: self.cols,
+            };
+            let panels = self.rows.div_ceil(PANEL_ROWS);
+            let mut out = vec![0f32; m * self.rows];
+            let shared = SharedOut::new(&mut out);
+            thread_local! {
+                static PANEL: RefCell<vnni::Panel> = RefCell::default();
+            }
+            HotPool::global().run(panels, &|p| {
+                let first = p * PANEL_ROWS;
+                let last = (first + PANEL_ROWS).min(self.rows);
+                let out = vnni::Output {
+                    // SAFETY: column `first` of row 0 is inside the buffer, which
+                    // outlives the job.
+                    at: unsafe { shared.ptr().add(first) },
+                    stride: self.rows,
+                    rows: m,
+                    lanes: last - first,
+                };
+                // SAFETY: `vnni::available` was checked above; the panel is filled
+                // with rows as wide as the activations, which are padded to whole
+                // tiles, and task p alone writes columns first..last of the m
+                // output rows.
+                PANEL.with_borrow_mut(|panel| unsafe {
+                    panel.fill(self.format, self.cols, (first..last).map(|r| self.row(r)));
+                    vnni::panel_product(self.format, panel, &activations, &out);
+                });
+            });
+            Some(out)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (x, m);
+            None
+        }
     }
 }
 
@@ -287,6 +348,8 @@ fn dot4_f32(rows: &[Vec<f32>; 4], x: &[f32]) -> [f32; 4] {
 struct Activations16 {
     values: Vec<i16>,
     scales: Vec<f32>,
+    /// Σx per group (of the f32 values): a format's offset multiplies it.
+    sums: Vec<f32>,
 }
 
 impl Activations16 {
@@ -299,16 +362,42 @@ impl Activations16 {
     }
 
     fn new(x: &[f32]) -> Self {
-        let mut values = Vec::with_capacity(x.len());
-        let mut scales = Vec::with_capacity(x.len() / GROUP);
-        for block in x.chunks_exact(GROUP) {
+        Self::padded(x, x.len())
+    }
+
+    /// The rows of `x` followed by zero rows up to `len` values in all.
+    fn padded(x: &[f32], len: usize) -> Self {
+        let mut values = vec![0i16; len];
+        let mut scales = vec![0f32; len / GROUP];
+        let mut sums = vec![0f32; len / GROUP];
+        let groups = x
+            .chunks_exact(GROUP)
+            .zip(values.chunks_exact_mut(GROUP))
+            .zip(scales.iter_mut().zip(sums.iter_mut()));
+        let simd = simd_available();
+        for ((block, out), (scale, sum)) in groups {
+            let block: &[f32; GROUP] = block.try_into().expect("whole groups");
+            let out: &mut [i16; GROUP] = out.try_into().expect("whole groups");
+            #[cfg(target_arch = "x86_64")]
+            if simd {
+                // SAFETY: `simd_available` checked the CPU's AVX2, FMA and F16C.
+                (*scale, *sum) = unsafe { x86::quantize_group(block, out) };
+                continue;
+            }
+            let _ = simd;
             let max = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let scale = max / f32::from(i16::MAX);
-            let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-            values.extend(block.iter().map(|v| (v * inv).round() as i16));
-            scales.push(scale);
+            *sum = block.iter().sum();
+            *scale = max / f32::from(i16::MAX);
+            let inv = if *scale > 0.0 { 1.0 / *scale } else { 0.0 };
+            for (q, v) in out.iter_mut().zip(block) {
+                *q = (v * inv).round() as i16;
+            }
         }
-        Self { values, scales }
+        Self {
+            values,
+            scales,
+            sums,
+        }
     }
 }
 
@@ -441,6 +530,90 @@ mod tests {
                 for (i, row) in together.chunks(37).enumerate() {
                     assert_eq!(row, alone[i].as_slice(), "{format:?}: row {i} of {m}");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn integer_rows_are_the_dequantized_rows() {
+        for format in BlockFormat::ALL {
+            let (packed, dense) = quantized(format, 3, 512);
+            let expected: Vec<f32> = dense.flatten_all().unwrap().to_vec1().unwrap();
+            let (mut q, mut scales, mut offsets) =
+                (vec![0i16; 512], vec![0f32; 32], vec![0f32; 16]);
+            for r in 0..3 {
+                formats::integer_row(format, packed.row(r), &mut q, &mut scales, &mut offsets);
+                for j in 0..512 {
+                    let w = scales[j / 16] * f32::from(q[j]) + offsets[j / 32];
+                    let want = expected[r * 512 + j];
+                    assert!(
+                        (w - want).abs() <= 1e-6 * want.abs().max(1.0),
+                        "{format:?} row {r} weight {j}: {w} vs {want}"
+                    );
+                }
+                if !format.has_offsets() {
+                    assert!(offsets.iter().all(|&o| o == 0.0), "{format:?}");
+                }
+                if !format.has_half_scales() {
+                    assert!(scales.chunks(2).all(|s| s[0] == s[1]), "{format:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn prompt_matmul_matches_the_dequantized_matmul_for_every_format() {
+        for format in BlockFormat::ALL {
+            // 70 rows: the last 32-row panel is partial.
+            let (rows, cols) = (70, 512);
+            let (packed, dense) = quantized(format, rows, cols);
+            for m in [1, 6, 37] {
+                let x = fixed_values(m, cols, 2);
+                let expected: Vec<f32> = x
+                    .matmul(&dense.t().unwrap())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let Some(got) =
+                    packed.prompt_matmul(&x.flatten_all().unwrap().to_vec1().unwrap(), m)
+                else {
+                    eprintln!("SKIP prompt_matmul_matches_the_dequantized_matmul_for_every_format: no AVX-512 VNNI");
+                    return;
+                };
+                let worst = expected
+                    .iter()
+                    .zip(&got)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs()));
+                assert!(
+                    worst < 1e-4 * scale,
+                    "{format:?} m={m}: max |difference| {worst} (max |y| {scale})"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_prompt_row_gets_the_same_bits_alone_or_among_others() {
+        for format in BlockFormat::ALL {
+            let (packed, _) = quantized(format, 40, 256);
+            let x: Vec<f32> = fixed_values(9, 256, 3)
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let Some(together) = packed.prompt_matmul(&x, 9) else {
+                eprintln!(
+                    "SKIP a_prompt_row_gets_the_same_bits_alone_or_among_others: no AVX-512 VNNI"
+                );
+                return;
+            };
+            for (i, row) in together.chunks(40).enumerate() {
+                let alone = packed.prompt_matmul(&x[i * 256..(i + 1) * 256], 1).unwrap();
+                assert_eq!(row, alone.as_slice(), "{format:?}: row {i}");
             }
         }
     }

@@ -326,3 +326,40 @@ unsafe fn dot_q6_k<const R: usize>(row: &[u8], xq: &[Quantized16; R]) -> [f32; R
     }
     hsums(&acc, &[0.0; R])
 }
+
+/// Rounds 32 activations to i16 with one scale (max |x| maps to 32767, rounding
+/// to nearest) into `out`; returns (scale, Σx).
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C ([`available`]).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn quantize_group(x: &[f32; GROUP], out: &mut [i16; GROUP]) -> (f32, f32) {
+    let p = x.as_ptr();
+    let v = [
+        _mm256_loadu_ps(p),
+        _mm256_loadu_ps(p.add(8)),
+        _mm256_loadu_ps(p.add(16)),
+        _mm256_loadu_ps(p.add(24)),
+    ];
+    let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    let max = _mm256_max_ps(
+        _mm256_max_ps(_mm256_and_ps(v[0], abs), _mm256_and_ps(v[1], abs)),
+        _mm256_max_ps(_mm256_and_ps(v[2], abs), _mm256_and_ps(v[3], abs)),
+    );
+    let max = _mm_max_ps(_mm256_castps256_ps128(max), _mm256_extractf128_ps(max, 1));
+    let max = _mm_max_ps(max, _mm_movehl_ps(max, max));
+    let max = _mm_cvtss_f32(_mm_max_ss(max, _mm_shuffle_ps(max, max, 1)));
+    let sum = hsum(_mm256_add_ps(
+        _mm256_add_ps(v[0], v[1]),
+        _mm256_add_ps(v[2], v[3]),
+    ));
+    let scale = max / f32::from(i16::MAX);
+    let inv = _mm256_set1_ps(if scale > 0.0 { 1.0 / scale } else { 0.0 });
+    let q: [__m256i; 4] = std::array::from_fn(|i| _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv)));
+    // packs works within 128-bit lanes; the permute puts the values back in order.
+    let lo = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[0], q[1]), 0b11_01_10_00);
+    let hi = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[2], q[3]), 0b11_01_10_00);
+    _mm256_storeu_si256(out.as_mut_ptr() as *mut __m256i, lo);
+    _mm256_storeu_si256(out.as_mut_ptr().add(16) as *mut __m256i, hi);
+    (scale, sum)
+}
