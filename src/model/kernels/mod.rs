@@ -561,6 +561,33 @@ mod tests {
         }
     }
 
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn simd_integer_rows_equal_the_scalar_ones() {
+        if !simd_available() {
+            eprintln!("SKIP simd_integer_rows_equal_the_scalar_ones: no AVX2/FMA/F16C");
+            return;
+        }
+        for format in BlockFormat::ALL {
+            let (packed, _) = quantized(format, 2, 512);
+            let scalar = |r| {
+                let (mut q, mut s, mut o) = (vec![0i16; 512], vec![0f32; 32], vec![0f32; 16]);
+                formats::integer_row(format, packed.row(r), &mut q, &mut s, &mut o);
+                (q, s, o)
+            };
+            for r in 0..2 {
+                let (mut q, mut s, mut o) = (vec![0i16; 512], vec![0f32; 32], vec![0f32; 16]);
+                // SAFETY: checked above; the buffers fit a 512-weight row.
+                let done =
+                    unsafe { x86::integer_row(format, packed.row(r), &mut q, &mut s, &mut o) };
+                assert_eq!(done, format.block_weights() == GROUP, "{format:?}");
+                if done {
+                    assert_eq!((q, s, o), scalar(r), "{format:?} row {r}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn prompt_matmul_matches_the_dequantized_matmul_for_every_format() {
         for format in BlockFormat::ALL {

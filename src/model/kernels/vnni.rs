@@ -34,7 +34,8 @@ const KC: usize = 256;
 
 /// Whether this CPU can run the kernels of this module.
 pub fn available() -> bool {
-    std::is_x86_feature_detected!("avx512f")
+    super::x86::available()
+        && std::is_x86_feature_detected!("avx512f")
         && std::is_x86_feature_detected!("avx512bw")
         && std::is_x86_feature_detected!("avx512vnni")
 }
@@ -60,7 +61,7 @@ impl Panel {
     /// Decodes `rows` (each `cols` weights of `format`, at most [`PANEL_ROWS`]).
     ///
     /// # Safety
-    /// The CPU must support AVX-512 F ([`available`]).
+    /// The CPU must support this module's kernels ([`available`]).
     pub unsafe fn fill<'a>(
         &mut self,
         format: BlockFormat,
@@ -77,13 +78,13 @@ impl Panel {
         self.row_offsets.resize(groups, 0.0);
         let filled = rows.len();
         for (r, row) in rows.enumerate() {
-            integer_row(
-                format,
-                row,
-                &mut self.rows_q[r * cols..(r + 1) * cols],
-                &mut self.row_scales,
-                &mut self.row_offsets,
-            );
+            let q = &mut self.rows_q[r * cols..(r + 1) * cols];
+            let (scales, offsets) = (&mut self.row_scales, &mut self.row_offsets);
+            // SAFETY: `available` includes the AVX2 kernels' features; the
+            // buffers are sized for `cols` weights above.
+            if !super::x86::integer_row(format, row, q, scales, offsets) {
+                integer_row(format, row, q, scales, offsets);
+            }
             for (h, &s) in self.row_scales.iter().enumerate() {
                 self.scales[h * PANEL_ROWS + r] = s;
             }

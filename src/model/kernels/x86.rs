@@ -363,3 +363,74 @@ pub unsafe fn quantize_group(x: &[f32; GROUP], out: &mut [i16; GROUP]) -> (f32, 
     _mm256_storeu_si256(out.as_mut_ptr().add(16) as *mut __m256i, hi);
     (scale, sum)
 }
+
+/// [`super::formats::integer_row`] with AVX2 for the 32-weight formats (the bulk
+/// of Q4_0, Q4_1 and Q4_K_M files); returns false, leaving the outputs alone, for
+/// the k-quants.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C ([`available`]); `row` must hold whole
+/// blocks of `format`, `q` one value per weight, `scales` one per 16 and
+/// `offsets` one per 32.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn integer_row(
+    format: BlockFormat,
+    row: &[u8],
+    q: &mut [i16],
+    scales: &mut [f32],
+    offsets: &mut [f32],
+) -> bool {
+    let bytes = format.block_bytes();
+    let groups = row.len() / bytes;
+    if format.block_weights() != GROUP {
+        return false;
+    }
+    assert!(q.len() == groups * GROUP && scales.len() == 2 * groups && offsets.len() == groups);
+    let eight = _mm256_set1_epi16(8);
+    let sixteen = _mm256_set1_epi16(16);
+    for g in 0..groups {
+        let b = row.as_ptr().add(g * bytes);
+        let (lo, hi, d, offset) = match format {
+            BlockFormat::Q4_0 => {
+                let (lo, hi) = nibbles16(b.add(2));
+                (
+                    _mm256_sub_epi16(lo, eight),
+                    _mm256_sub_epi16(hi, eight),
+                    f16_at(b),
+                    0.0,
+                )
+            }
+            BlockFormat::Q4_1 => {
+                let (lo, hi) = nibbles16(b.add(4));
+                (lo, hi, f16_at(b), f16_at(b.add(2)))
+            }
+            BlockFormat::Q5_0 => {
+                let (lo, hi) = five_bit_group(b.add(6), b.add(2));
+                (
+                    _mm256_sub_epi16(lo, sixteen),
+                    _mm256_sub_epi16(hi, sixteen),
+                    f16_at(b),
+                    0.0,
+                )
+            }
+            BlockFormat::Q5_1 => {
+                let (lo, hi) = five_bit_group(b.add(8), b.add(4));
+                (lo, hi, f16_at(b), f16_at(b.add(2)))
+            }
+            BlockFormat::Q8_0 => (
+                _mm256_cvtepi8_epi16(_mm_loadu_si128(b.add(2) as *const __m128i)),
+                _mm256_cvtepi8_epi16(_mm_loadu_si128(b.add(18) as *const __m128i)),
+                f16_at(b),
+                0.0,
+            ),
+            BlockFormat::Q4K | BlockFormat::Q5K | BlockFormat::Q6K => return false,
+        };
+        let out = q.as_mut_ptr().add(g * GROUP);
+        _mm256_storeu_si256(out as *mut __m256i, lo);
+        _mm256_storeu_si256(out.add(16) as *mut __m256i, hi);
+        scales[2 * g] = d;
+        scales[2 * g + 1] = d;
+        offsets[g] = offset;
+    }
+    true
+}
