@@ -119,81 +119,19 @@ pub(super) fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     }
 }
 
-/// Appends the f32 values of a row of whole blocks to `out`.
+/// Appends the f32 values of a row of whole blocks to `out`: the integers of
+/// [`integer_row`] times their scales plus their offsets, which is how candle
+/// (and llama.cpp) dequantize too.
 pub fn dequantize_row(format: BlockFormat, row: &[u8], out: &mut Vec<f32>) {
-    for block in row.chunks_exact(format.block_bytes()) {
-        dequantize_block(format, block, out);
-    }
-}
-
-fn dequantize_block(format: BlockFormat, b: &[u8], out: &mut Vec<f32>) {
-    // The 32-weight formats: byte j holds weight j (low nibble) and j + 16 (high
-    // nibble); bit j of `high_bits` is weight j's fifth bit (Q5_0, Q5_1).
-    let nibbles = |qs: &[u8], high_bits: u32, d: f32, offset: f32, out: &mut Vec<f32>| {
-        let start = out.len();
-        out.resize(start + GROUP, 0.0);
-        let group = &mut out[start..];
-        for (j, &byte) in qs.iter().enumerate() {
-            let lo = (byte & 0xF) | ((((high_bits >> j) & 1) << 4) as u8);
-            let hi = (byte >> 4) | ((((high_bits >> (j + 16)) & 1) << 4) as u8);
-            group[j] = d * f32::from(lo) + offset;
-            group[j + 16] = d * f32::from(hi) + offset;
-        }
-    };
-    let u32_at = |at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
-    match format {
-        BlockFormat::Q4_0 => {
-            let d = f16_at(b, 0);
-            nibbles(&b[2..18], 0, d, -8.0 * d, out);
-        }
-        BlockFormat::Q4_1 => nibbles(&b[4..20], 0, f16_at(b, 0), f16_at(b, 2), out),
-        BlockFormat::Q5_0 => {
-            let d = f16_at(b, 0);
-            nibbles(&b[6..22], u32_at(2), d, -16.0 * d, out);
-        }
-        BlockFormat::Q5_1 => nibbles(&b[8..24], u32_at(4), f16_at(b, 0), f16_at(b, 2), out),
-        BlockFormat::Q8_0 => {
-            let d = f16_at(b, 0);
-            out.extend(b[2..34].iter().map(|&q| d * f32::from(q as i8)));
-        }
-        BlockFormat::Q4K | BlockFormat::Q5K => {
-            let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
-            let scales = &b[4..16];
-            let (qh, qs) = match format {
-                BlockFormat::Q5K => (Some(&b[16..48]), &b[48..176]),
-                _ => (None, &b[16..144]),
-            };
-            for g in 0..8 {
-                // Groups 2j and 2j+1 are the low and high nibbles of the same 32 bytes.
-                let bytes = &qs[(g / 2) * 32..(g / 2) * 32 + 32];
-                let (sc, m) = scale_min_k4(g, scales);
-                let (scale, offset) = (d * f32::from(sc), -dmin * f32::from(m));
-                out.extend((0..GROUP).map(|l| {
-                    let nibble = if g % 2 == 0 {
-                        bytes[l] & 0xF
-                    } else {
-                        bytes[l] >> 4
-                    };
-                    let high = qh.map_or(0, |h| ((h[l] >> g) & 1) << 4);
-                    scale * f32::from(nibble | high) + offset
-                }));
-            }
-        }
-        BlockFormat::Q6K => {
-            let (ql, qh, sc, d) = (&b[0..128], &b[128..192], &b[192..208], f16_at(b, 208));
-            for g in 0..8 {
-                let (half, which) = (g / 4, g % 4);
-                let low = &ql[half * 64 + (which % 2) * 32..][..32];
-                let high = &qh[half * 32..][..32];
-                out.extend((0..GROUP).map(|l| {
-                    let nibble = if which < 2 { low[l] & 0xF } else { low[l] >> 4 };
-                    let q = (nibble | (((high[l] >> (2 * which)) & 3) << 4)) as i32 - 32;
-                    let scale = sc[half * 8 + which * 2 + l / 16] as i8;
-                    d * f32::from(scale) * q as f32
-                }));
-            }
-        }
-    }
+    let n = row.len() / format.block_bytes() * format.block_weights();
+    let (mut q, mut scales, mut offsets) =
+        (vec![0i16; n], vec![0f32; n / 16], vec![0f32; n / GROUP]);
+    integer_row(format, row, &mut q, &mut scales, &mut offsets);
+    out.extend(
+        q.iter()
+            .enumerate()
+            .map(|(j, &q)| scales[j / 16] * f32::from(q) + offsets[j / GROUP]),
+    );
 }
 
 /// Weights of a row of whole blocks as small integers with their scales, the form
