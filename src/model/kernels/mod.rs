@@ -445,29 +445,39 @@ mod tests {
         }
     }
 
+    /// The largest |difference| between `product(x, m)` and the f32 product with
+    /// the same blocks dequantized, and the largest |y|, for a (70, 512) matrix
+    /// (70 rows: the last 4-row pass and the last 32-row panel are partial).
+    /// `None` when `product` is not available on this CPU.
+    fn gap_to_dequantized(
+        format: BlockFormat,
+        m: usize,
+        product: impl Fn(&PackedMatrix, &[f32], usize) -> Option<Vec<f32>>,
+    ) -> Option<(f32, f32)> {
+        let (packed, dense) = quantized(format, 70, 512);
+        let x = fixed_values(m, 512, 2);
+        let expected: Vec<f32> = x
+            .matmul(&dense.t().unwrap())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let got = product(&packed, &x.flatten_all().unwrap().to_vec1().unwrap(), m)?;
+        let worst = expected
+            .iter()
+            .zip(&got)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        Some((worst, expected.iter().fold(0f32, |m, v| m.max(v.abs()))))
+    }
+
     #[test]
     fn matmul_matches_the_dequantized_matmul_for_every_format() {
         for format in BlockFormat::ALL {
-            // 70 rows: the 4-row groups end with a partial one.
-            let (rows, cols) = (70, 512);
-            let (packed, dense) = quantized(format, rows, cols);
             for m in [1, 3, 9, 4] {
-                let x = fixed_values(m, cols, 2);
-                let expected: Vec<f32> = x
-                    .matmul(&dense.t().unwrap())
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
-                let got = packed.matmul(&x.flatten_all().unwrap().to_vec1().unwrap(), m);
-                let worst = expected
-                    .iter()
-                    .zip(&got)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0f32, f32::max);
-                let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs()));
-                // few rows: 16-bit activations; many: exact f32 rows
+                let (worst, scale) =
+                    gap_to_dequantized(format, m, |p, x, m| Some(p.matmul(x, m))).unwrap();
                 // 16-bit activations with SIMD; exact f32 rows without.
                 let tolerance = if simd_available() { 1e-4 } else { 1e-5 } * scale;
                 assert!(
@@ -591,30 +601,13 @@ mod tests {
     #[test]
     fn prompt_matmul_matches_the_dequantized_matmul_for_every_format() {
         for format in BlockFormat::ALL {
-            // 70 rows: the last 32-row panel is partial.
-            let (rows, cols) = (70, 512);
-            let (packed, dense) = quantized(format, rows, cols);
             for m in [1, 6, 37] {
-                let x = fixed_values(m, cols, 2);
-                let expected: Vec<f32> = x
-                    .matmul(&dense.t().unwrap())
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
-                let Some(got) =
-                    packed.prompt_matmul(&x.flatten_all().unwrap().to_vec1().unwrap(), m)
+                let Some((worst, scale)) =
+                    gap_to_dequantized(format, m, |p, x, m| p.prompt_matmul(x, m))
                 else {
                     eprintln!("SKIP prompt_matmul_matches_the_dequantized_matmul_for_every_format: no AVX-512 VNNI");
                     return;
                 };
-                let worst = expected
-                    .iter()
-                    .zip(&got)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0f32, f32::max);
-                let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs()));
                 assert!(
                     worst < 1e-4 * scale,
                     "{format:?} m={m}: max |difference| {worst} (max |y| {scale})"
