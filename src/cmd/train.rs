@@ -42,7 +42,11 @@ Objectives:
 A batch is --batch-size samples; the gradient is the batch mean of per-sample
 token means, computed in micro-batches of --micro-batch-tokens padded tokens
 (memory), then clipped to --grad-clip and applied by AdamW (weight decay on
-matrices only). A final partial batch is trained on too.
+matrices only). A final partial batch is trained on too. A sample longer than
+--micro-batch-tokens (an agent's turn after a 12k-token system prompt) runs alone:
+its earlier positions are read without a graph as fixed context (keys and
+values), and the gradient flows through its last --micro-batch-tokens positions
+(all of the response, if longer), so memory follows the budget, not the length.
 
 Examples:
   claw collect claw-data/raw/*.parquet | claw judge | claw train --out claw-data/checkpoints
@@ -135,7 +139,8 @@ pub struct TrainArgs {
     /// Global gradient-norm clip (0 = off).
     #[arg(long, default_value_t = 1.0)]
     pub grad_clip: f64,
-    /// Padded tokens per forward/backward pass: lower it if memory is short.
+    /// Padded tokens per forward/backward pass, and the positions of a longer
+    /// sample that carry gradient: lower it if memory is short.
     #[arg(long, default_value_t = 2048)]
     pub micro_batch_tokens: usize,
     /// Stop after this many optimizer steps.

@@ -6,12 +6,17 @@
 //! a later pad, so padding changes no real position's output and needs no
 //! attention mask; the pads are simply not read. The LM head (the largest
 //! matmul, 49k outputs) runs only on the rows that predict response tokens.
+//!
+//! A sequence longer than the token budget (an agent's turn after a 10k-token
+//! system prompt) runs alone and in parts, so memory follows the budget rather
+//! than the length: see [`long_sequence_logits`].
 
 use anyhow::{Context, Result};
 use candle_core::{Module, Tensor, D};
 
 use crate::model::decoder::{Decoder, Kernels};
 use crate::model::ops::TokenLogProbs;
+use crate::model::KvCache;
 
 /// One prompt and the response tokens to score after it.
 #[derive(Debug, Clone, Copy)]
@@ -20,11 +25,19 @@ pub struct Sequence<'a> {
     pub response: &'a [u32],
 }
 
+/// Positions read per forward when a long sequence is read into a KV cache.
+const CACHE_CHUNK: usize = 512;
+
 /// Log-probs of every response token, one 1-D tensor per sequence. If the
 /// decoder holds trainable `Var`s and uses differentiable kernels, the tensors
-/// carry the graph for `backward`.
-pub fn response_logprobs(decoder: &Decoder, seqs: &[Sequence]) -> Result<Vec<Tensor>> {
-    let (logits, targets, spans) = response_logits(decoder, seqs)?;
+/// carry the graph for `backward`. A single sequence of more than `max_tokens`
+/// tokens runs in parts ([`long_sequence_logits`]).
+pub fn response_logprobs(
+    decoder: &Decoder,
+    seqs: &[Sequence],
+    max_tokens: usize,
+) -> Result<Vec<Tensor>> {
+    let (logits, targets, spans) = response_logits(decoder, seqs, max_tokens)?;
     let picked = logits
         .apply_op2(&targets.unsqueeze(1)?, TokenLogProbs)?
         .squeeze(1)?;
@@ -41,16 +54,17 @@ pub fn response_logprobs_and(
     decoder: &Decoder,
     seqs: &[Sequence],
     extra: &[Option<Tensor>],
+    max_tokens: usize,
 ) -> Result<Vec<(Tensor, Option<Tensor>)>> {
     anyhow::ensure!(
         extra.len() == seqs.len(),
         "one entry of extra ids per sequence"
     );
     if extra.iter().all(Option::is_none) {
-        let picked = response_logprobs(decoder, seqs)?;
+        let picked = response_logprobs(decoder, seqs, max_tokens)?;
         return Ok(picked.into_iter().map(|t| (t, None)).collect());
     }
-    let (log_probs, targets, spans) = response_distributions(decoder, seqs)?;
+    let (log_probs, targets, spans) = response_distributions(decoder, seqs, max_tokens)?;
     let picked = log_probs.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
     spans
         .iter()
@@ -71,14 +85,22 @@ type Distributions = (Tensor, Tensor, Vec<(usize, usize)>);
 /// The full log-softmax over the vocabulary at every response position, stacked
 /// for all sequences: (total response tokens, vocab), with the target ids and
 /// each sequence's (start, len) span in it.
-fn response_distributions(decoder: &Decoder, seqs: &[Sequence]) -> Result<Distributions> {
-    let (logits, targets, spans) = response_logits(decoder, seqs)?;
+fn response_distributions(
+    decoder: &Decoder,
+    seqs: &[Sequence],
+    max_tokens: usize,
+) -> Result<Distributions> {
+    let (logits, targets, spans) = response_logits(decoder, seqs, max_tokens)?;
     let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
     Ok((log_probs, targets, spans))
 }
 
 /// Like [`response_distributions`], with the logits before the softmax.
-fn response_logits(decoder: &Decoder, seqs: &[Sequence]) -> Result<Distributions> {
+fn response_logits(
+    decoder: &Decoder,
+    seqs: &[Sequence],
+    max_tokens: usize,
+) -> Result<Distributions> {
     anyhow::ensure!(!seqs.is_empty(), "nothing to score");
     let context = decoder.config.context_length;
     // Input i is prompt ++ response[..len-1]: position p+j-1 predicts response[j].
@@ -94,6 +116,11 @@ fn response_logits(decoder: &Decoder, seqs: &[Sequence]) -> Result<Distributions
             s.response.len()
         );
         lengths.push(n);
+    }
+    if let ([s], [n]) = (seqs, lengths.as_slice()) {
+        if *n > max_tokens.max(1) {
+            return long_sequence_logits(decoder, s, max_tokens.max(1));
+        }
     }
     let width = *lengths.iter().max().context("no sequences")?;
     let mut ids = Vec::with_capacity(seqs.len() * width);
@@ -120,6 +147,59 @@ fn response_logits(decoder: &Decoder, seqs: &[Sequence]) -> Result<Distributions
     Ok((logits, targets, spans))
 }
 
+/// One sequence longer than `max_tokens`, in parts. The positions before the
+/// last `max_tokens` (or before the response, when it is longer) are read into
+/// a KV cache with no graph, `max_tokens` (at most [`CACHE_CHUNK`]) at a time; the rest runs after that
+/// cache as a fixed context ([`Decoder::hidden_after`]). The values are those of
+/// a whole pass, within float rounding. With differentiable kernels the
+/// gradient covers the live part only: the context's keys and values are taken
+/// as given, as truncated backpropagation through time does with old steps.
+/// Fused kernels (scoring) read the live part through the cache too, so memory
+/// stays bounded for any length.
+fn long_sequence_logits(
+    decoder: &Decoder,
+    s: &Sequence,
+    max_tokens: usize,
+) -> Result<Distributions> {
+    let mut ids = Vec::with_capacity(s.prompt.len() + s.response.len() - 1);
+    ids.extend_from_slice(s.prompt);
+    ids.extend_from_slice(&s.response[..s.response.len() - 1]);
+    // Position first + j predicts response[j].
+    let first = s.prompt.len() - 1;
+    let device = decoder.device();
+    let row_tensor = |ids: &[u32]| Tensor::from_slice(ids, (1, ids.len()), device);
+    let fused = decoder.clone().with_kernels(Kernels::Fused);
+    let chunk_len = max_tokens.min(CACHE_CHUNK);
+    let mut cache = KvCache::new();
+    let hidden = match decoder.kernels {
+        Kernels::Fused => {
+            let mut picked = Vec::new();
+            for (c, chunk) in ids.chunks(chunk_len).enumerate() {
+                let start = c * chunk_len;
+                let hidden = fused.hidden_with_cache(&row_tensor(chunk)?, &mut cache)?;
+                let end = start + chunk.len();
+                if end > first {
+                    let from = first.max(start);
+                    picked.push(hidden.squeeze(0)?.narrow(0, from - start, end - from)?);
+                }
+            }
+            Tensor::cat(&picked, 0)?
+        }
+        Kernels::Differentiable => {
+            let split = ids.len().saturating_sub(max_tokens).min(first);
+            for chunk in ids[..split].chunks(chunk_len) {
+                fused.hidden_with_cache(&row_tensor(chunk)?, &mut cache)?;
+            }
+            let live = decoder.hidden_after(&row_tensor(&ids[split..])?, &cache)?;
+            live.squeeze(0)?
+                .narrow(0, first - split, ids.len() - first)?
+        }
+    };
+    let logits = decoder.head().forward(&hidden)?;
+    let targets = Tensor::from_slice(s.response, s.response.len(), device)?;
+    Ok((logits, targets, vec![(0, s.response.len())]))
+}
+
 /// Scores without gradients, as plain vectors, in groups of at most
 /// `max_tokens` padded tokens per forward (memory stays bounded on long
 /// inputs). Uses the fused kernels: the fastest path, same function.
@@ -127,7 +207,7 @@ pub fn score(decoder: &Decoder, seqs: &[Sequence], max_tokens: usize) -> Result<
     let mut out = Vec::with_capacity(seqs.len());
     let fused = decoder.clone().with_kernels(Kernels::Fused);
     for group in token_groups(seqs, max_tokens) {
-        for t in response_logprobs(&fused, &seqs[group])? {
+        for t in response_logprobs(&fused, &seqs[group], max_tokens)? {
             out.push(t.to_vec1()?);
         }
     }
@@ -149,7 +229,7 @@ pub fn score_with_topk(
     let mut topk = Vec::with_capacity(seqs.len());
     let fused = decoder.clone().with_kernels(Kernels::Fused);
     for group in token_groups(seqs, max_tokens) {
-        let (dist, targets, spans) = response_distributions(&fused, &seqs[group])?;
+        let (dist, targets, spans) = response_distributions(&fused, &seqs[group], max_tokens)?;
         let dist: Vec<Vec<f32>> = dist.to_vec2()?;
         let targets: Vec<u32> = targets.to_vec1()?;
         for (start, len) in spans {

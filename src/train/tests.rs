@@ -133,11 +133,11 @@ fn batched_scores_match_on(model: &Model) {
     // recorded log-probs: the same weights, so they must agree closely.
     let trainer = Trainer::new(&model.decoder, config(Objective::Rl, 1e-3), None).unwrap();
     let policy = trainer.policy().unwrap();
-    let batched = score::response_logprobs(&policy, &seqs).unwrap();
+    let batched = score::response_logprobs(&policy, &seqs, 4096).unwrap();
     let batched0: Vec<f32> = batched[0].to_vec1().unwrap();
     let gap = max_diff(&batched0, &generation.logprobs);
     assert!(gap < 1e-4, "train vs serve log-probs differ by {gap}");
-    let single: Vec<f32> = score::response_logprobs(&policy, &seqs[1..]).unwrap()[0]
+    let single: Vec<f32> = score::response_logprobs(&policy, &seqs[1..], 4096).unwrap()[0]
         .to_vec1()
         .unwrap();
     let padded: Vec<f32> = batched[1].to_vec1().unwrap();
@@ -150,6 +150,71 @@ fn batched_scores_match_on(model: &Model) {
     // The no-grad fused path agrees too.
     let fused = score::score(&policy, &seqs, 8).unwrap();
     assert!(max_diff(&fused[0], &batched0) < 1e-4);
+}
+
+#[test]
+fn a_sequence_over_the_token_budget_runs_in_parts_with_the_same_values() {
+    for (name, spec) in variants() {
+        let model = tiny_model_of(&spec, WeightFormat::F32);
+        let prompt: Vec<u32> = (0..40).map(|i| 10 + (i * 7) % 90).collect();
+        let response: Vec<u32> = (120..130).collect();
+        let seqs = [Sequence {
+            prompt: &prompt,
+            response: &response,
+        }];
+        let trainer = Trainer::new(&model.decoder, config(Objective::Rl, 1e-3), None).unwrap();
+        randomize_b(trainer.adapter().unwrap());
+        let policy = trainer.policy().unwrap();
+        let values = |max_tokens: usize| -> Vec<f32> {
+            score::response_logprobs(&policy, &seqs, max_tokens).unwrap()[0]
+                .to_vec1()
+                .unwrap()
+        };
+        let whole = values(4096);
+        // 49 positions: 33 read into a cache in chunks of 16, 16 live; with a
+        // budget under the response's 10 tokens, the response alone is live.
+        for max_tokens in [16, 5] {
+            let d = max_diff(&values(max_tokens), &whole);
+            assert!(d < 1e-4, "{name}, budget {max_tokens}: parts differ by {d}");
+        }
+        // No-grad scoring reads everything through the cache, 16 at a time
+        // (the last chunk a single token).
+        let d = max_diff(&score::score(&policy, &seqs, 16).unwrap()[0], &whole);
+        assert!(d < 1e-4, "{name}: chunked scoring differs by {d}");
+
+        // The trainer under that budget: every adapter tensor still gets a
+        // gradient (through the live positions).
+        let batch = vec![TrainSample {
+            sample_id: "long".into(),
+            prompt_ids: prompt.clone(),
+            response_ids: response.clone(),
+            reward: Some(1.0),
+            ..Default::default()
+        }];
+        let small_budget = TrainerConfig {
+            micro_batch_tokens: 16,
+            ..config(Objective::Rl, 1e-3)
+        };
+        let trainer = Trainer::new(&model.decoder, small_budget, None).unwrap();
+        randomize_b(trainer.adapter().unwrap());
+        let (grads, metrics) = trainer.gradients(&batch).unwrap();
+        assert!(metrics.loss.is_finite(), "{name}: loss {}", metrics.loss);
+        for (var_name, var) in trainer.named_vars() {
+            let norm: f32 = grads
+                .get(&var)
+                .unwrap_or_else(|| panic!("{name} {var_name}: no gradient"))
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert!(
+                norm.is_finite() && norm > 0.0,
+                "{name} {var_name}: gradient norm {norm}"
+            );
+        }
+    }
 }
 
 #[test]
@@ -269,7 +334,7 @@ fn gradient_matches_finite_differences(model: &Model, lora: bool) {
     let reference = score::score(trainer.reference(), &seqs, 4096).unwrap();
     let loss_now = |trainer: &Trainer| -> f64 {
         let policy = trainer.policy().unwrap();
-        let new = score::response_logprobs(&policy, &seqs).unwrap();
+        let new = score::response_logprobs(&policy, &seqs, 4096).unwrap();
         let mut total = 0.0;
         for (i, s) in batch.iter().enumerate() {
             let signal = super::loss::SampleSignal {

@@ -306,6 +306,7 @@ impl Trainer {
                 &policy,
                 &seqs[group.clone()],
                 &topk_ids[group.clone()],
+                budget,
             )?;
             let mut total: Option<Tensor> = None;
             for (offset, (new_i, student_topk)) in new.iter().enumerate() {

@@ -27,7 +27,7 @@ mod load;
 mod params;
 mod step;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use candle_core::{DType, Device, Module, Tensor};
 
 use super::attnres::{self, DepthAttention};
@@ -464,6 +464,18 @@ impl Decoder {
         self.hidden_states(ids, None)
     }
 
+    /// Final-norm hidden states of `ids` (1, seq) at the positions after
+    /// `context`'s, attending to its keys and values without extending it. With
+    /// differentiable kernels the gradient flows through these rows only, not
+    /// into the context: how a sequence longer than the memory for its whole
+    /// graph trains on its last positions.
+    pub fn hidden_after(&self, ids: &Tensor, context: &KvCache) -> Result<Tensor> {
+        match context.is_empty() {
+            true => self.hidden_traced(ids, Past::None, None),
+            false => self.hidden_traced(ids, Past::Fixed(context), None),
+        }
+    }
+
     /// The LM head (hidden → vocabulary logits).
     pub fn head(&self) -> &Linear {
         &self.head
@@ -483,6 +495,12 @@ impl Decoder {
         Ok(self.head.forward(&hidden)?)
     }
 
+    /// Final-norm hidden states of `ids` (1, seq) after the positions in
+    /// `cache`, which the pass extends: (1, seq, hidden).
+    pub fn hidden_with_cache(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        self.hidden_states(ids, Some(cache))
+    }
+
     /// Like [`forward`](Self::forward) but only the last position's logits:
     /// (batch, vocab). This is what generation needs, and it skips the LM head
     /// (the largest matmul) for every other prompt position.
@@ -497,22 +515,31 @@ impl Decoder {
     /// per-depth magnitudes and (AttnRes) routing weights of this pass.
     pub fn trace_sequences(&self, ids: &Tensor) -> Result<(Tensor, DepthTrace)> {
         let mut trace = DepthTrace::default();
-        let hidden = self.hidden_traced(ids, None, Some(&mut trace))?;
+        let hidden = self.hidden_traced(ids, Past::None, Some(&mut trace))?;
         Ok((hidden, trace))
     }
 
     fn hidden_states(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
-        self.hidden_traced(ids, cache, None)
+        let past = match cache {
+            Some(cache) => Past::Cache(cache),
+            None => Past::None,
+        };
+        self.hidden_traced(ids, past, None)
     }
 
     fn hidden_traced(
         &self,
         ids: &Tensor,
-        mut cache: Option<&mut KvCache>,
+        past: Past,
         mut trace: Option<&mut DepthTrace>,
     ) -> Result<Tensor> {
         let (batch, seq) = ids.dims2()?;
-        let offset = cache.as_ref().map_or(0, |c| c.len);
+        let (mut cache, context) = past.split();
+        let offset = match (&cache, context) {
+            (Some(c), _) => c.len,
+            (None, Some(c)) => c.len,
+            (None, None) => 0,
+        };
         anyhow::ensure!(seq > 0, "forward called with no tokens");
         anyhow::ensure!(
             offset + seq <= self.config.context_length,
@@ -562,7 +589,7 @@ impl Decoder {
                             i,
                             offset,
                             mask.as_ref(),
-                            cache.as_deref_mut(),
+                            Past::of(cache.as_deref_mut(), context),
                         )?
                     }
                     _ => {
@@ -613,8 +640,9 @@ impl Decoder {
         layer: usize,
         offset: usize,
         mask: Option<&Tensor>,
-        cache: Option<&mut KvCache>,
+        past: Past,
     ) -> Result<Tensor> {
+        let (cache, context) = past.split();
         let cfg = &self.config;
         let (batch, seq, _) = x.dims3()?;
         let (heads, kv_heads, dim) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
@@ -624,8 +652,26 @@ impl Decoder {
                 *t = norm.forward_heads(t, self.kernels)?;
             }
         }
-        if self.kernels == Kernels::Differentiable && cache.is_none() && offset == 0 {
+        if self.kernels == Kernels::Differentiable && cache.is_none() {
             // Training: the whole attention as one op with its own backward.
+            let context = match context {
+                Some(c) => {
+                    anyhow::ensure!(
+                        batch == 1,
+                        "a fixed context holds one sequence, got a batch of {batch}"
+                    );
+                    let kv = c
+                        .layers
+                        .get(layer)
+                        .with_context(|| format!("the context has no layer {layer}"))?;
+                    Some(super::attention::FixedContext {
+                        keys: std::sync::Arc::new(kv.keys.clone()),
+                        values: std::sync::Arc::new(kv.values.clone()),
+                        positions: c.len,
+                    })
+                }
+                None => None,
+            };
             let y = qkv[0].contiguous()?.apply_op3(
                 &qkv[1].contiguous()?,
                 &qkv[2].contiguous()?,
@@ -637,6 +683,7 @@ impl Decoder {
                     sin: self.rope.sin_vec.clone(),
                     interleaved: self.rope.layout == RopeLayout::Interleaved,
                     scale: 1.0 / (dim as f32).sqrt(),
+                    context,
                 },
             )?;
             return Ok(attn.o.forward(&y)?);
@@ -653,14 +700,21 @@ impl Decoder {
             .rope
             .apply(&split(&qkv[1], kv_heads)?, offset, self.kernels)?;
         let v = split(&qkv[2], kv_heads)?;
-        let (k, v) = match cache {
-            None => (k, v),
-            Some(cache) => {
-                anyhow::ensure!(
-                    batch == 1,
-                    "a KV cache holds one sequence, got a batch of {batch}"
-                );
+        anyhow::ensure!(
+            batch == 1 || (cache.is_none() && context.is_none()),
+            "a KV cache holds one sequence, got a batch of {batch}"
+        );
+        let (k, v) = match (cache, context) {
+            (None, None) => (k, v),
+            (Some(cache), _) => {
                 let layer_kv = cache.layer(layer);
+                layer_kv.append(&k, &v)?;
+                layer_kv.tensors(kv_heads, dim, &self.device)?
+            }
+            // Fused kernels after a fixed context: the numbers of a cache that
+            // the pass does not extend.
+            (None, Some(context)) => {
+                let mut layer_kv = context.layers.get(layer).cloned().unwrap_or_default();
                 layer_kv.append(&k, &v)?;
                 layer_kv.tensors(kv_heads, dim, &self.device)?
             }
@@ -697,6 +751,35 @@ impl Decoder {
             .transpose(1, 2)?
             .reshape((batch, seq, heads * dim))?;
         Ok(attn.o.forward(&y)?)
+    }
+}
+
+/// What a forward pass continues from.
+enum Past<'a> {
+    /// Nothing: positions start at 0.
+    None,
+    /// A cache the pass appends its keys and values to (inference).
+    Cache(&'a mut KvCache),
+    /// Keys and values the pass attends to without extending them; with
+    /// differentiable kernels no gradient reaches them.
+    Fixed(&'a KvCache),
+}
+
+impl<'a> Past<'a> {
+    fn of(cache: Option<&'a mut KvCache>, context: Option<&'a KvCache>) -> Self {
+        match (cache, context) {
+            (Some(cache), _) => Past::Cache(cache),
+            (None, Some(context)) => Past::Fixed(context),
+            (None, None) => Past::None,
+        }
+    }
+
+    fn split(self) -> (Option<&'a mut KvCache>, Option<&'a KvCache>) {
+        match self {
+            Past::None => (None, None),
+            Past::Cache(cache) => (Some(cache), None),
+            Past::Fixed(context) => (None, Some(context)),
+        }
     }
 }
 
