@@ -10,9 +10,13 @@
 //!
 //! - [`formats`]: the block layouts and their scalar dequantization.
 //! - `x86`: the AVX2 dot products (runtime-detected; the portable path dequantizes).
+//! - `avx512`: the same dot products on 512-bit vectors, where the CPU has AVX-512
+//!   F and BW (runtime-detected; `CLAW_NO_AVX512=1` keeps the AVX2 ones).
 //! - `vnni`: the AVX-512 VNNI GEMM for prompt chunks (runtime-detected; without it
 //!   prompts expand the weights to f32 for candle's GEMM).
 
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 pub mod formats;
 #[cfg(target_arch = "x86_64")]
 mod vnni;
@@ -251,6 +255,16 @@ fn simd_available() -> bool {
     false
 }
 
+/// Whether the decode dot products run on AVX-512 ([`avx512`]): where the CPU has
+/// it, unless `CLAW_NO_AVX512` is set (to compare the two on one machine).
+#[cfg(target_arch = "x86_64")]
+fn avx512_dots() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        avx512::available() && std::env::var_os("CLAW_NO_AVX512").is_none_or(|v| v.is_empty())
+    })
+}
+
 /// How many activation rows one pass over a weight row serves: the decoded
 /// weights are reused from registers for each of them.
 const ROWS_PER_PASS: usize = 4;
@@ -277,10 +291,17 @@ fn dot_rows(
             let xq: &[Quantized16; R] = xq.try_into().expect("R activation rows");
             let xsums: &[&[f32]; R] = xsums.try_into().expect("R activation sums");
             // SAFETY: callers check `simd_available` (the CPU has AVX2, FMA and
-            // F16C), and `row` holds the whole blocks of one row of `format` as
-            // wide as every activation row (all sliced by `PackedMatrix::matmul`
-            // from a checked matrix and activations of its width).
-            out.copy_from_slice(&unsafe { x86::dot::<R>(format, row, xq, xsums) });
+            // F16C), `avx512_dots` checked AVX-512 F and BW, and `row` holds the
+            // whole blocks of one row of `format` as wide as every activation row
+            // (all sliced by `PackedMatrix::matmul` from a checked matrix and
+            // activations of its width).
+            let sums = unsafe {
+                match avx512_dots() {
+                    true => avx512::dot::<R>(format, row, xq, xsums),
+                    false => x86::dot::<R>(format, row, xq, xsums),
+                }
+            };
+            out.copy_from_slice(&sums);
         }
         let chunks = rows
             .chunks(ROWS_PER_PASS)
@@ -566,6 +587,46 @@ mod tests {
                 }
                 if !format.has_half_scales() {
                     assert!(scales.chunks(2).all(|s| s[0] == s[1]), "{format:?}");
+                }
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_dots_agree_with_the_avx2_ones() {
+        if !avx512::available() {
+            eprintln!("SKIP avx512_dots_agree_with_the_avx2_ones: no AVX-512 F/BW");
+            return;
+        }
+        for format in BlockFormat::ALL {
+            let (packed, _) = quantized(format, 5, 1024);
+            let x: Vec<f32> = fixed_values(4, 1024, 11)
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let x16 = Activations16::new(&x);
+            let rows: Vec<Quantized16> = (0..4).map(|i| x16.row(i, 1024)).collect();
+            let rows: &[Quantized16; 4] = rows.as_slice().try_into().unwrap();
+            let sums: Vec<&[f32]> = x16.sums.chunks_exact(1024 / GROUP).collect();
+            let sums: &[&[f32]; 4] = sums.as_slice().try_into().unwrap();
+            for r in 0..5 {
+                let row = packed.row(r);
+                // SAFETY: both kernels' features were checked; the row and the
+                // activations are 1024 wide.
+                let (wide, narrow) = unsafe {
+                    (
+                        avx512::dot::<4>(format, row, rows, sums),
+                        x86::dot::<4>(format, row, rows, sums),
+                    )
+                };
+                for (a, b) in wide.iter().zip(&narrow) {
+                    // Only the order of the f32 additions differs.
+                    assert!(
+                        (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+                        "{format:?} row {r}: {wide:?} vs {narrow:?}"
+                    );
                 }
             }
         }

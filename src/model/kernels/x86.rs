@@ -77,7 +77,7 @@ unsafe fn hsum(v: __m256) -> f32 {
 
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn f16_at(p: *const u8) -> f32 {
+pub(super) unsafe fn f16_at(p: *const u8) -> f32 {
     let bits = std::ptr::read_unaligned(p as *const u16);
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
 }
@@ -104,12 +104,32 @@ unsafe fn nibbles16(p: *const u8) -> (__m256i, __m256i) {
     )
 }
 
-/// A 32-weight group of 5-bit weights as two vectors of 16 i16: 16 bytes of
-/// nibbles (byte j: weight j low, weight j + 16 high) and 32 fifth bits (bit j:
-/// weight j), expanded in the byte domain as llama.cpp's `bytes_from_bits_32`.
+/// 16 bytes of nibbles as the 32 weights' bytes, in order: the low nibbles
+/// (weights 0..16), then the high ones.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(super) unsafe fn nibble_bytes(p: *const u8) -> __m256i {
+    let bytes = _mm_loadu_si128(p as *const __m128i);
+    let mask = _mm_set1_epi8(0x0F);
+    _mm256_set_m128i(
+        _mm_and_si128(_mm_srli_epi16(bytes, 4), mask),
+        _mm_and_si128(bytes, mask),
+    )
+}
+
+/// A 32-weight group of 5-bit weights as two vectors of 16 i16 ([`five_bit_bytes`]).
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn five_bit_group(nibbles: *const u8, fifth: *const u8) -> (__m256i, __m256i) {
+    widen_u8(five_bit_bytes(nibbles, fifth))
+}
+
+/// A 32-weight group of 5-bit weights as 32 bytes: 16 bytes of nibbles (byte j:
+/// weight j low, weight j + 16 high) and 32 fifth bits (bit j: weight j),
+/// expanded in the byte domain as llama.cpp's `bytes_from_bits_32`.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(super) unsafe fn five_bit_bytes(nibbles: *const u8, fifth: *const u8) -> __m256i {
     let packed = _mm_loadu_si128(nibbles as *const __m128i);
     let low_high = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
     let q = _mm256_and_si256(low_high, _mm256_set1_epi8(0x0F));
@@ -126,10 +146,7 @@ unsafe fn five_bit_group(nibbles: *const u8, fifth: *const u8) -> (__m256i, __m2
     );
     let others = _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe);
     let set = _mm256_cmpeq_epi8(_mm256_or_si256(spread, others), _mm256_set1_epi64x(-1));
-    widen_u8(_mm256_or_si256(
-        q,
-        _mm256_and_si256(set, _mm256_set1_epi8(16)),
-    ))
+    _mm256_or_si256(q, _mm256_and_si256(set, _mm256_set1_epi8(16)))
 }
 
 /// Widens 32 bytes to two vectors of 16 i16 (weights 0..16 and 16..32).
@@ -226,8 +243,49 @@ unsafe fn dot_q8_0<const R: usize>(
     })
 }
 
-/// Q4K and (with `fifth`) Q5K: per 32 bytes of nibbles, the low nibbles are
-/// group 2j and the high nibbles group 2j+1, each with its own 6-bit scale/min.
+/// Group `g` (0..8) of a Q4K or (with `fifth`) Q5K super-block as 32 bytes of
+/// weights: per 32 bytes of nibbles at `qs`, the low nibbles are group 2j and the
+/// high nibbles group 2j+1; Q5K's fifth bits are bit g of each byte of `qh`.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(super) unsafe fn q45_k_group_bytes(
+    qs: *const u8,
+    qh: __m256i,
+    g: usize,
+    fifth: bool,
+) -> __m256i {
+    let mask = _mm256_set1_epi8(0x0F);
+    let packed = _mm256_loadu_si256(qs.add(32 * (g / 2)) as *const __m256i);
+    let q = match g % 2 {
+        0 => _mm256_and_si256(packed, mask),
+        _ => _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask),
+    };
+    if !fifth {
+        return q;
+    }
+    let bit = _mm256_set1_epi8(1 << g);
+    let set = _mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit);
+    _mm256_or_si256(q, _mm256_and_si256(set, _mm256_set1_epi8(16)))
+}
+
+/// A Q4K/Q5K super-block at `b`: (d, dmin, its 12 bytes of 6-bit scales and
+/// mins, Q5K's fifth bits, the nibbles).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(super) unsafe fn q45_k_block<'a>(
+    b: *const u8,
+    fifth: bool,
+) -> (f32, f32, &'a [u8], __m256i, *const u8) {
+    let scales = std::slice::from_raw_parts(b.add(4), 12);
+    let (qh, qs) = match fifth {
+        true => (_mm256_loadu_si256(b.add(16) as *const __m256i), b.add(48)),
+        false => (_mm256_setzero_si256(), b.add(16)),
+    };
+    (f16_at(b), f16_at(b.add(2)), scales, qh, qs)
+}
+
+/// Q4K and (with `fifth`) Q5K: eight 32-weight groups per super-block, each with
+/// its own 6-bit scale and min.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q45_k<const R: usize>(
     row: &[u8],
@@ -236,91 +294,75 @@ unsafe fn dot_q45_k<const R: usize>(
     fifth: bool,
 ) -> [f32; R] {
     let bytes = if fifth { 176 } else { 144 };
-    let mask = _mm256_set1_epi8(0x0F);
-    let sixteen = _mm256_set1_epi8(16);
     let mut acc = [_mm256_setzero_ps(); R];
     let mut offsets = [0f32; R];
     for s in 0..row.len() / bytes {
-        let b = row.as_ptr().add(s * bytes);
-        let (d, dmin) = (f16_at(b), f16_at(b.add(2)));
-        let scales = std::slice::from_raw_parts(b.add(4), 12);
-        let (qh, qs) = match fifth {
-            true => (_mm256_loadu_si256(b.add(16) as *const __m256i), b.add(48)),
-            false => (_mm256_setzero_si256(), b.add(16)),
-        };
-        for j in 0..4 {
-            let packed = _mm256_loadu_si256(qs.add(32 * j) as *const __m256i);
-            let mut halves = [
-                _mm256_and_si256(packed, mask),
-                _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask),
-            ];
-            for (h, q) in halves.iter_mut().enumerate() {
-                let g = 2 * j + h;
-                if fifth {
-                    let bit = _mm256_set1_epi8(1 << g);
-                    let set = _mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit);
-                    *q = _mm256_or_si256(*q, _mm256_and_si256(set, sixteen));
-                }
-                let (sc, m) = scale_min_k4(g, scales);
-                let group = s * 8 + g;
-                let (lo, hi) = widen_u8(*q);
-                let (dsc, dm) = (d * f32::from(sc), dmin * f32::from(m));
-                for r in 0..R {
-                    let sums = madd32(lo, hi, xq[r].values.as_ptr().add(group * GROUP));
-                    let scale = dsc * xq[r].scales.get_unchecked(group);
-                    acc[r] =
-                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(scale), acc[r]);
-                    offsets[r] -= dm * xsums[r].get_unchecked(group);
-                }
+        let (d, dmin, scales, qh, qs) = q45_k_block(row.as_ptr().add(s * bytes), fifth);
+        for g in 0..8 {
+            let (sc, m) = scale_min_k4(g, scales);
+            let group = s * 8 + g;
+            let (lo, hi) = widen_u8(q45_k_group_bytes(qs, qh, g, fifth));
+            let (dsc, dm) = (d * f32::from(sc), dmin * f32::from(m));
+            for r in 0..R {
+                let sums = madd32(lo, hi, xq[r].values.as_ptr().add(group * GROUP));
+                let scale = dsc * xq[r].scales.get_unchecked(group);
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(scale), acc[r]);
+                offsets[r] -= dm * xsums[r].get_unchecked(group);
             }
         }
     }
     hsums(&acc, &offsets)
 }
 
-/// Q6K: a group's 32 weights are a low nibble from `ql`, two high bits from `qh`,
-/// minus 32, with one signed 8-bit scale per 16 weights.
+/// Group `g` (0..8) of the Q6K super-block at `b` as 32 bytes of unsigned
+/// weights (0..64; the format subtracts 32): a low nibble from `ql`, two high
+/// bits from `qh`.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(super) unsafe fn q6_k_group_bytes(b: *const u8, g: usize) -> __m256i {
+    let (half, which) = (g / 4, g % 4);
+    let qh = _mm256_loadu_si256(b.add(128 + 32 * half) as *const __m256i);
+    let ql = _mm256_loadu_si256(b.add(64 * half + 32 * (which % 2)) as *const __m256i);
+    let mask = _mm256_set1_epi8(0x0F);
+    let nibble = match which < 2 {
+        true => _mm256_and_si256(ql, mask),
+        false => _mm256_and_si256(_mm256_srli_epi16(ql, 4), mask),
+    };
+    let high = _mm256_and_si256(
+        _mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * which as i32)),
+        _mm256_set1_epi8(3),
+    );
+    _mm256_or_si256(nibble, _mm256_slli_epi16(high, 4))
+}
+
+/// Q6K: a group's 32 weights are 6-bit values minus 32, with one signed 8-bit
+/// scale per 16 weights (at byte 192 + 2g and 193 + 2g) and the f16 d at 208.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q6_k<const R: usize>(row: &[u8], xq: &[Quantized16; R]) -> [f32; R] {
-    let mask = _mm256_set1_epi8(0x0F);
-    let three = _mm256_set1_epi8(3);
     let thirty_two = _mm256_set1_epi16(32);
     let mut acc = [_mm256_setzero_ps(); R];
     for s in 0..row.len() / 210 {
         let b = row.as_ptr().add(s * 210);
         let d = f16_at(b.add(208));
         let scales = b.add(192) as *const i8;
-        for half in 0..2 {
-            let qh = _mm256_loadu_si256(b.add(128 + 32 * half) as *const __m256i);
-            for which in 0..4 {
-                let ql = _mm256_loadu_si256(b.add(64 * half + 32 * (which % 2)) as *const __m256i);
-                let nibble = match which < 2 {
-                    true => _mm256_and_si256(ql, mask),
-                    false => _mm256_and_si256(_mm256_srli_epi16(ql, 4), mask),
-                };
-                let high = _mm256_and_si256(
-                    _mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * which as i32)),
-                    three,
-                );
-                let q = _mm256_or_si256(nibble, _mm256_slli_epi16(high, 4));
-                let (lo, hi) = widen_u8(q);
-                let (lo, hi) = (
-                    _mm256_sub_epi16(lo, thirty_two),
-                    _mm256_sub_epi16(hi, thirty_two),
-                );
-                let group = s * 8 + half * 4 + which;
-                let sc = scales.add(half * 8 + which * 2);
-                let (s0, s1) = (f32::from(*sc), f32::from(*sc.add(1)));
-                for r in 0..R {
-                    let x = xq[r].values.as_ptr().add(group * GROUP);
-                    let lo = _mm256_madd_epi16(lo, _mm256_loadu_si256(x as *const __m256i));
-                    let hi = _mm256_madd_epi16(hi, _mm256_loadu_si256(x.add(16) as *const __m256i));
-                    let dx = d * xq[r].scales.get_unchecked(group);
-                    acc[r] =
-                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_set1_ps(dx * s0), acc[r]);
-                    acc[r] =
-                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_set1_ps(dx * s1), acc[r]);
-                }
+        for g in 0..8 {
+            let (lo, hi) = widen_u8(q6_k_group_bytes(b, g));
+            let (lo, hi) = (
+                _mm256_sub_epi16(lo, thirty_two),
+                _mm256_sub_epi16(hi, thirty_two),
+            );
+            let group = s * 8 + g;
+            let (s0, s1) = (
+                f32::from(*scales.add(2 * g)),
+                f32::from(*scales.add(2 * g + 1)),
+            );
+            for r in 0..R {
+                let x = xq[r].values.as_ptr().add(group * GROUP);
+                let lo = _mm256_madd_epi16(lo, _mm256_loadu_si256(x as *const __m256i));
+                let hi = _mm256_madd_epi16(hi, _mm256_loadu_si256(x.add(16) as *const __m256i));
+                let dx = d * xq[r].scales.get_unchecked(group);
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_set1_ps(dx * s0), acc[r]);
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_set1_ps(dx * s1), acc[r]);
             }
         }
     }

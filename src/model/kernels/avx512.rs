@@ -1,0 +1,194 @@
+//! The decode dot products of [`super::x86`] on 512-bit vectors (AVX-512 F and
+//! BW). One `vpmaddwd` on a zmm multiplies a whole 32-weight group by its 32
+//! 16-bit activations, where AVX2 needs two and an add, and the group's sums are
+//! scaled by one f32 multiply-add; the weights are decoded to bytes by the same
+//! helpers as the AVX2 kernels and widened in one step. Same contract as
+//! `x86::dot`: each activation row's sums run in the same order whatever `R` is,
+//! so a row's result is bit for bit the one it gets alone.
+//!
+//! Every function here requires AVX-512 F and BW plus AVX2, FMA and F16C (checked
+//! by [`available`]) and a row of whole blocks matching `xq`.
+
+use std::arch::x86_64::*;
+
+use super::formats::{scale_min_k4, BlockFormat, GROUP};
+use super::x86::{
+    f16_at, five_bit_bytes, nibble_bytes, q45_k_block, q45_k_group_bytes, q6_k_group_bytes,
+};
+use super::Quantized16;
+
+/// Whether this CPU can run the kernels of this module.
+pub fn available() -> bool {
+    super::x86::available()
+        && std::is_x86_feature_detected!("avx512f")
+        && std::is_x86_feature_detected!("avx512bw")
+}
+
+/// Σ w·x of one weight row with each of `R` activation rows, as `x86::dot`.
+///
+/// # Safety
+/// The CPU must support what [`available`] checks; `row` must hold
+/// `xq[r].scales.len() * 32` weights of `format` for every r and each `xsums[r]`
+/// one entry per group.
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+pub unsafe fn dot<const R: usize>(
+    format: BlockFormat,
+    row: &[u8],
+    xq: &[Quantized16; R],
+    xsums: &[&[f32]; R],
+) -> [f32; R] {
+    for r in 0..R {
+        debug_assert_eq!(
+            row.len(),
+            xq[r].scales.len() * GROUP / format.block_weights() * format.block_bytes()
+        );
+        debug_assert_eq!(xsums[r].len(), xq[r].scales.len());
+    }
+    match format {
+        BlockFormat::Q4_0 => dot_groups(row, xq, xsums, 18, |b| {
+            let d = f16_at(b);
+            (nibble_bytes(b.add(2)), d, -8.0 * d)
+        }),
+        BlockFormat::Q4_1 => dot_groups(row, xq, xsums, 20, |b| {
+            (nibble_bytes(b.add(4)), f16_at(b), f16_at(b.add(2)))
+        }),
+        BlockFormat::Q5_0 => dot_groups(row, xq, xsums, 22, |b| {
+            let d = f16_at(b);
+            (five_bit_bytes(b.add(6), b.add(2)), d, -16.0 * d)
+        }),
+        BlockFormat::Q5_1 => dot_groups(row, xq, xsums, 24, |b| {
+            (
+                five_bit_bytes(b.add(8), b.add(4)),
+                f16_at(b),
+                f16_at(b.add(2)),
+            )
+        }),
+        BlockFormat::Q8_0 => dot_q8_0(row, xq),
+        BlockFormat::Q4K => dot_q45_k(row, xq, xsums, false),
+        BlockFormat::Q5K => dot_q45_k(row, xq, xsums, true),
+        BlockFormat::Q6K => dot_q6_k(row, xq),
+    }
+}
+
+/// The 32 activations of group `g` of row `x` times 32 i16 weights: 16 i32
+/// sums, lane i holding weights 2i and 2i + 1.
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+#[inline]
+unsafe fn madd_group(weights: __m512i, x: &Quantized16, g: usize) -> __m512i {
+    let x = _mm512_loadu_si512(x.values.as_ptr().add(g * GROUP) as *const __m512i);
+    _mm512_madd_epi16(weights, x)
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+#[inline]
+unsafe fn finish<const R: usize>(acc: &[__m512; R], offsets: &[f32; R]) -> [f32; R] {
+    let mut out = [0f32; R];
+    for r in 0..R {
+        out[r] = _mm512_reduce_add_ps(acc[r]) + offsets[r];
+    }
+    out
+}
+
+/// The loop of the unsigned 32-weight formats: `decode` turns the block at a
+/// pointer into (32 weight bytes, scale, offset), once for all `R` rows.
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+#[inline]
+unsafe fn dot_groups<const R: usize>(
+    row: &[u8],
+    xq: &[Quantized16; R],
+    xsums: &[&[f32]; R],
+    bytes: usize,
+    decode: impl Fn(*const u8) -> (__m256i, f32, f32),
+) -> [f32; R] {
+    let mut acc = [_mm512_setzero_ps(); R];
+    let mut offsets = [0f32; R];
+    for g in 0..row.len() / bytes {
+        let (q, d, offset) = decode(row.as_ptr().add(g * bytes));
+        let weights = _mm512_cvtepu8_epi16(q);
+        for r in 0..R {
+            let sums = madd_group(weights, &xq[r], g);
+            let scale = _mm512_set1_ps(d * xq[r].scales.get_unchecked(g));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), scale, acc[r]);
+            offsets[r] += offset * xsums[r].get_unchecked(g);
+        }
+    }
+    finish(&acc, &offsets)
+}
+
+/// Q8_0: signed bytes, no offset.
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+unsafe fn dot_q8_0<const R: usize>(row: &[u8], xq: &[Quantized16; R]) -> [f32; R] {
+    let mut acc = [_mm512_setzero_ps(); R];
+    for g in 0..row.len() / 34 {
+        let b = row.as_ptr().add(g * 34);
+        let weights = _mm512_cvtepi8_epi16(_mm256_loadu_si256(b.add(2) as *const __m256i));
+        let d = f16_at(b);
+        for r in 0..R {
+            let sums = madd_group(weights, &xq[r], g);
+            let scale = _mm512_set1_ps(d * xq[r].scales.get_unchecked(g));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), scale, acc[r]);
+        }
+    }
+    finish(&acc, &[0.0; R])
+}
+
+/// Q4K and (with `fifth`) Q5K: eight 32-weight groups per super-block, each with
+/// its own 6-bit scale and min.
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+unsafe fn dot_q45_k<const R: usize>(
+    row: &[u8],
+    xq: &[Quantized16; R],
+    xsums: &[&[f32]; R],
+    fifth: bool,
+) -> [f32; R] {
+    let bytes = if fifth { 176 } else { 144 };
+    let mut acc = [_mm512_setzero_ps(); R];
+    let mut offsets = [0f32; R];
+    for s in 0..row.len() / bytes {
+        let (d, dmin, scales, qh, qs) = q45_k_block(row.as_ptr().add(s * bytes), fifth);
+        for g in 0..8 {
+            let (sc, m) = scale_min_k4(g, scales);
+            let group = s * 8 + g;
+            let weights = _mm512_cvtepu8_epi16(q45_k_group_bytes(qs, qh, g, fifth));
+            let (dsc, dm) = (d * f32::from(sc), dmin * f32::from(m));
+            for r in 0..R {
+                let sums = madd_group(weights, &xq[r], group);
+                let scale = _mm512_set1_ps(dsc * xq[r].scales.get_unchecked(group));
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), scale, acc[r]);
+                offsets[r] -= dm * xsums[r].get_unchecked(group);
+            }
+        }
+    }
+    finish(&acc, &offsets)
+}
+
+/// Q6K: 6-bit weights minus 32, one signed 8-bit scale per 16 weights, so the
+/// low 8 lanes of a group's sums (weights 0..16) and the high 8 take different
+/// scales.
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+unsafe fn dot_q6_k<const R: usize>(row: &[u8], xq: &[Quantized16; R]) -> [f32; R] {
+    let thirty_two = _mm512_set1_epi16(32);
+    let mut acc = [_mm512_setzero_ps(); R];
+    for s in 0..row.len() / 210 {
+        let b = row.as_ptr().add(s * 210);
+        let d = f16_at(b.add(208));
+        let scales = b.add(192) as *const i8;
+        for g in 0..8 {
+            let weights =
+                _mm512_sub_epi16(_mm512_cvtepu8_epi16(q6_k_group_bytes(b, g)), thirty_two);
+            let group = s * 8 + g;
+            let (s0, s1) = (
+                f32::from(*scales.add(2 * g)),
+                f32::from(*scales.add(2 * g + 1)),
+            );
+            for r in 0..R {
+                let sums = madd_group(weights, &xq[r], group);
+                let dx = d * xq[r].scales.get_unchecked(group);
+                let scale =
+                    _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(dx * s0), _mm512_set1_ps(dx * s1));
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), scale, acc[r]);
+            }
+        }
+    }
+    finish(&acc, &[0.0; R])
+}
