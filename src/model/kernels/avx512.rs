@@ -17,6 +17,9 @@ use super::x86::{
 };
 use super::Quantized16;
 
+/// How far ahead of the block being read the weights are prefetched, in bytes.
+const PREFETCH_AHEAD: usize = 1024;
+
 /// Whether this CPU can run the kernels of this module.
 pub fn available() -> bool {
     super::x86::available()
@@ -103,7 +106,10 @@ unsafe fn dot_groups<const R: usize>(
     let mut acc = [_mm512_setzero_ps(); R];
     let mut offsets = [0f32; R];
     for g in 0..row.len() / bytes {
-        let (q, d, offset) = decode(row.as_ptr().add(g * bytes));
+        let block = row.as_ptr().add(g * bytes);
+        // A prefetch never faults, past the row's end included.
+        _mm_prefetch::<_MM_HINT_T0>(block.wrapping_add(PREFETCH_AHEAD) as *const i8);
+        let (q, d, offset) = decode(block);
         let weights = _mm512_cvtepu8_epi16(q);
         for r in 0..R {
             let sums = madd_group(weights, &xq[r], g);
@@ -121,6 +127,7 @@ unsafe fn dot_q8_0<const R: usize>(row: &[u8], xq: &[Quantized16; R]) -> [f32; R
     let mut acc = [_mm512_setzero_ps(); R];
     for g in 0..row.len() / 34 {
         let b = row.as_ptr().add(g * 34);
+        _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(PREFETCH_AHEAD) as *const i8);
         let weights = _mm512_cvtepi8_epi16(_mm256_loadu_si256(b.add(2) as *const __m256i));
         let d = f16_at(b);
         for r in 0..R {
