@@ -641,13 +641,14 @@ fn real_model_logits_match_candle_quantized_llama() {
         "SmolLM2 vs quantized_llama: max |logit difference| {} after the prompt, {} while decoding",
         gaps.prefill, gaps.decode
     );
-    // The prompt runs through the same tensor ops and kernels: equal logits. Decode
-    // steps use claw's own vector code for norms, RoPE and attention; both engines
-    // round activations to 8 bits before each quantized matmul, so 1e-6 float
-    // differences can land an activation in the next int8 bucket, which over 30
-    // layers shows as up to about a logit. The greedy tokens (checked at every step)
-    // must agree.
-    assert!(gaps.prefill < 1e-3, "after the prompt: {}", gaps.prefill);
+    // claw runs its own attention (`model::flash`, blocked softmax) for the prompt
+    // and its own vector code for norms, RoPE and attention when decoding; both
+    // engines round activations to 8 bits before each quantized matmul, so 1e-6
+    // float differences can land an activation in the next int8 bucket, which over
+    // 30 layers shows as up to about a logit (0.68 seen after the prompt). The
+    // architecture itself is checked to 1e-3 on the tiny models (two layers, too
+    // few to amplify it); here the greedy tokens (checked at every step) must agree.
+    assert!(gaps.prefill < 2.0, "after the prompt: {}", gaps.prefill);
     assert!(gaps.decode < 2.0, "while decoding: {}", gaps.decode);
 }
 
@@ -690,7 +691,14 @@ fn packed_kernel_equals_dequantized_f32_weights() {
     let ids: Vec<u32> = (3..60).collect();
     let l = logits_by_format(&path, &ids);
     let packed_vs_f32 = max_abs_diff(&l[0].1, &l[1].1);
-    assert!(packed_vs_f32 < 1e-3, "packed vs f32: {packed_vs_f32}");
+    // The 16-bit activation rounding, relative to the logits' size (as
+    // `every_packed_format_gives_the_f32_models_logits` bounds it): 0.00106 of a
+    // largest logit of 20.2 seen.
+    let largest = l[1].1.iter().fold(0f32, |m, v| m.max(v.abs()));
+    assert!(
+        packed_vs_f32 < 1e-4 * largest,
+        "packed vs f32: {packed_vs_f32} (largest logit {largest})"
+    );
 }
 
 /// Logits of `prompt` and of each greedy step after it (the prompt goes through
@@ -836,8 +844,9 @@ fn qwen2_model_matches_candle_quantized_qwen2_when_fetched() {
         "Qwen2.5 vs quantized_qwen2: max |logit difference| {} after the prompt, {} while decoding",
         gaps.prefill, gaps.decode
     );
-    // See real_model_logits_match_candle_quantized_llama for the bounds.
-    assert!(gaps.prefill < 1e-2, "after the prompt: {}", gaps.prefill);
+    // See real_model_logits_match_candle_quantized_llama for the bounds (0.37 seen
+    // after the prompt).
+    assert!(gaps.prefill < 2.0, "after the prompt: {}", gaps.prefill);
     assert!(gaps.decode < 2.0, "while decoding: {}", gaps.decode);
 }
 

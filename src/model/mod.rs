@@ -15,6 +15,7 @@ pub mod attention;
 pub mod attnres;
 pub mod config;
 pub mod decoder;
+pub mod flash;
 pub mod gemm;
 pub mod generate;
 pub mod gguf;

@@ -2,8 +2,7 @@
 
 use candle_core::{Device, Tensor};
 
-use crate::model::kernels::dot_f32;
-use crate::model::pool::{HotPool, SharedOut};
+use crate::model::flash;
 
 /// Keys and values of the positions seen so far, one entry per layer. Each request
 /// owns one; the decoder itself is shared and immutable.
@@ -129,11 +128,13 @@ impl LayerKv {
 }
 
 /// Attention of one new token per sequence over that sequence's cached
-/// positions, straight on the caches' vectors: at decode time the per-op
-/// overhead of tensor matmuls and softmax is larger than the arithmetic. `q` is
-/// (batch, heads, dim), `layers` one layer's cache per sequence; returns (batch,
-/// heads * dim). Every (sequence, head) is computed on its own, the same way at
-/// any batch size, so batching does not change a sequence's numbers.
+/// positions (the token's own key and value already appended), straight on the
+/// caches' vectors: at decode time the per-op overhead of tensor matmuls and
+/// softmax is larger than the arithmetic. `q` is (batch, heads, dim), `layers`
+/// one layer's cache per sequence; returns (batch, heads * dim). It is the
+/// prompt's blocked attention ([`flash`]) with one query row, so a sequence's
+/// numbers are the same at any batch size, and the same as when its position
+/// is read as part of a prompt.
 pub(super) fn decode_attention(
     q: &[f32],
     layers: &[&LayerKv],
@@ -141,45 +142,23 @@ pub(super) fn decode_attention(
     kv_heads: usize,
     dim: usize,
 ) -> Vec<f32> {
-    let group = heads / kv_heads;
-    let scale = 1.0 / (dim as f32).sqrt();
-    let head_output = |task: usize, out: &mut [f32]| {
-        let (seq, h) = (task / heads, task % heads);
-        let cache = layers[seq];
-        let positions = cache.keys.len() / (kv_heads * dim);
-        let kv = h / group;
-        let qh = &q[task * dim..(task + 1) * dim];
-        let at = |t: usize| (t * kv_heads + kv) * dim;
-        let mut scores: Vec<f32> = (0..positions)
-            .map(|t| dot_f32(qh, &cache.keys[at(t)..at(t) + dim]) * scale)
-            .collect();
-        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut total = 0.0;
-        for s in &mut scores {
-            *s = (*s - max).exp();
-            total += *s;
-        }
-        for (t, p) in scores.iter().enumerate() {
-            let weight = p / total;
-            for (o, v) in out.iter_mut().zip(&cache.values[at(t)..at(t) + dim]) {
-                *o += weight * v;
-            }
-        }
-    };
-    let tasks = layers.len() * heads;
-    let mut out = vec![0f32; tasks * dim];
-    let work: usize = layers.iter().map(|l| l.keys.len()).sum::<usize>() * group;
-    // Threads pay off only once the contexts are long.
-    if work >= 1 << 18 {
-        let shared = SharedOut::new(&mut out);
-        HotPool::global().run(tasks, &|task| {
-            // SAFETY: each task writes only its own head's `dim` outputs.
-            head_output(task, unsafe { shared.range(task * dim, (task + 1) * dim) })
-        });
-    } else {
-        for (task, chunk) in out.chunks_exact_mut(dim).enumerate() {
-            head_output(task, chunk);
-        }
-    }
-    out
+    let (width, kv_width) = (heads * dim, kv_heads * dim);
+    let sequences: Vec<flash::Sequence> = layers
+        .iter()
+        .enumerate()
+        .map(|(r, layer)| flash::Sequence {
+            q: &q[r * width..(r + 1) * width],
+            keys: &layer.keys,
+            values: &layer.values,
+            offset: layer.keys.len() / kv_width - 1,
+        })
+        .collect();
+    flash::causal_attention_batch(
+        &sequences,
+        flash::Heads {
+            heads,
+            kv_heads,
+            dim,
+        },
+    )
 }

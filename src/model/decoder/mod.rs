@@ -32,8 +32,10 @@ use candle_core::{DType, Device, Module, Tensor};
 
 use super::attnres::{self, DepthAttention};
 use super::config::{Architecture, ModelConfig, Residual, RopeScaling};
+use super::flash;
 use super::linear::Linear;
 pub use cache::KvCache;
+use cache::LayerKv;
 pub use load::{halves_to_interleaved, interleaved_to_halves};
 pub use params::LINEAR_NAMES;
 
@@ -572,7 +574,11 @@ impl Decoder {
             seq,
             self.config.hidden_size,
         ))?;
-        let mask = causal_mask(seq, offset, &self.device)?;
+        // Only the tensor attention of a batch reads it (see `attention`).
+        let mask = match self.kernels == Kernels::Fused && batch > 1 {
+            true => causal_mask(seq, offset, &self.device)?,
+            false => None,
+        };
         let mut sources = attnres.then(|| Sources::new(self.config.residual, x.clone()));
         for (i, block) in self.blocks.iter().enumerate() {
             for j in [2 * i, 2 * i + 1] {
@@ -700,6 +706,30 @@ impl Decoder {
             .rope
             .apply(&split(&qkv[1], kv_heads)?, offset, self.kernels)?;
         let v = split(&qkv[2], kv_heads)?;
+        if self.kernels == Kernels::Fused && batch == 1 {
+            // Inference on one sequence: blocked attention on the cache's vectors.
+            let mut scratch = LayerKv::default();
+            let layer_kv = match (cache, context) {
+                (Some(cache), _) => cache.layer(layer),
+                (None, Some(context)) => {
+                    scratch = context.layers.get(layer).cloned().unwrap_or_default();
+                    &mut scratch
+                }
+                (None, None) => &mut scratch,
+            };
+            layer_kv.append(&k, &v)?;
+            let total = layer_kv.keys.len() / (kv_heads * dim);
+            let shape = flash::Heads {
+                heads,
+                kv_heads,
+                dim,
+            };
+            let q: Vec<f32> = q.flatten_all()?.to_vec1()?;
+            let y =
+                flash::causal_attention(&q, &layer_kv.keys, &layer_kv.values, shape, total - seq);
+            let y = Tensor::from_vec(y, (1, seq, heads * dim), &self.device)?;
+            return Ok(attn.o.forward(&y)?);
+        }
         anyhow::ensure!(
             batch == 1 || (cache.is_none() && context.is_none()),
             "a KV cache holds one sequence, got a batch of {batch}"
