@@ -78,8 +78,22 @@ unsafe fn hsum(v: __m256) -> f32 {
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 pub(super) unsafe fn f16_at(p: *const u8) -> f32 {
-    let bits = std::ptr::read_unaligned(p as *const u16);
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
+    // Written out because the intrinsics (`_mm_cvtsi32_si128` of the bits, or a
+    // broadcast) compile to a `vpinsrw` merging into whichever register LLVM
+    // likes, here the running offset sum: that chained every group of a dot
+    // product to the one before it, 14 cycles a Q5_0 group instead of ~5
+    // (examples/bench_decode). `vmovd` from a general register zeroes the rest.
+    let x: __m128;
+    std::arch::asm!(
+        "movzx {bits:e}, word ptr [{p}]",
+        "vmovd {x}, {bits:e}",
+        "vcvtph2ps {x}, {x}",
+        p = in(reg) p,
+        bits = out(reg) _,
+        x = out(xmm_reg) x,
+        options(pure, readonly, nostack, preserves_flags),
+    );
+    _mm_cvtss_f32(x)
 }
 
 /// The integer products of 32 weights (as two vectors of 16 i16) with the 32
