@@ -16,9 +16,12 @@
 //! batch it is in. So a prompt read in one chunk or in several (a prefix-cache
 //! hit, a long prompt) gets the same bits.
 //!
-//! The arithmetic is plain Rust over fixed-width blocks, compiled three times
-//! (AVX-512, AVX2 + FMA, and the portable baseline) and picked at run time, so
-//! LLVM vectorises the same source for each CPU.
+//! The arithmetic is one generic body over a few vector operations ([`Lanes`]):
+//! score and value tiles of 4 query rows × 4 vectors of accumulators that stay
+//! in registers, instantiated for AVX-512 (16 lanes), AVX2 + FMA (8 lanes) and a
+//! portable scalar fallback, picked at run time. The exponential is a
+//! polynomial ([`exp`]) that LLVM vectorises. On Qwen2.5-0.5B's 2,781-token
+//! prompt this took attention from ~35% of the prefill to ~17% (perf).
 
 use super::pool::{HotPool, SharedOut};
 
@@ -79,6 +82,16 @@ pub struct Sequence<'a> {
 /// [`causal_attention`] of several sequences in one parallel job (a batch of
 /// decode steps): their attended rows one after the other.
 pub fn causal_attention_batch(sequences: &[Sequence], shape: Heads) -> Vec<f32> {
+    batch_at(sequences, shape, best_level())
+}
+
+/// [`causal_attention_batch`] with the tiles of `level` (at most
+/// [`best_level`]).
+fn batch_at(sequences: &[Sequence], shape: Heads, level: Level) -> Vec<f32> {
+    assert!(
+        level <= best_level(),
+        "{level:?} is not available on this CPU"
+    );
     let Heads {
         heads,
         kv_heads,
@@ -131,6 +144,7 @@ pub fn causal_attention_batch(sequences: &[Sequence], shape: Heads) -> Vec<f32> 
             kh,
             first,
             rows,
+            level,
         };
         let mut attended = vec![0f32; rows * width];
         run_task(&input, &mut attended);
@@ -162,30 +176,53 @@ struct TaskInput<'a> {
     kh: usize,
     first: usize,
     rows: usize,
+    level: Level,
 }
 
-/// The task on the widest vector unit this CPU has.
-fn run_task(input: &TaskInput, out: &mut [f32]) {
+/// Which compilation of the tiles runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Level {
+    Portable,
+    Avx2,
+    Avx512,
+}
+
+/// The widest level this CPU runs.
+fn best_level() -> Level {
     #[cfg(target_arch = "x86_64")]
     {
         use std::sync::OnceLock;
-        static LEVEL: OnceLock<u8> = OnceLock::new();
-        let level = *LEVEL.get_or_init(|| {
+        static LEVEL: OnceLock<Level> = OnceLock::new();
+        *LEVEL.get_or_init(|| {
             let avx2 =
                 std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
             match (avx2, std::is_x86_feature_detected!("avx512f")) {
-                (true, true) => 2,
-                (true, false) => 1,
-                _ => 0,
+                (true, true) => Level::Avx512,
+                (true, false) => Level::Avx2,
+                _ => Level::Portable,
             }
-        });
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    Level::Portable
+}
+
+/// The task at its input's level, or the next one down that takes its head
+/// dimension (the tiles need whole vectors of a head).
+fn run_task(input: &TaskInput, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
         let dim = input.shape.dim;
-        // SAFETY: each wrapper only enables features the CPU was found to have,
-        // and the tiles need whole vectors of a head.
+        // SAFETY: `input.level` is at most `best_level()`, so each wrapper
+        // only enables features the CPU was found to have.
         unsafe {
-            match level {
-                2 if dim.is_multiple_of(x86::Avx512::LANES) => return x86::task_avx512(input, out),
-                1 | 2 if dim.is_multiple_of(x86::Avx2::LANES) => return x86::task_avx2(input, out),
+            match input.level {
+                Level::Avx512 if dim.is_multiple_of(x86::Avx512::LANES) => {
+                    return x86::task_avx512(input, out)
+                }
+                Level::Avx512 | Level::Avx2 if dim.is_multiple_of(x86::Avx2::LANES) => {
+                    return x86::task_avx2(input, out)
+                }
                 _ => {}
             }
         }
@@ -207,6 +244,18 @@ trait Lanes {
     unsafe fn splat(x: f32) -> Self::V;
     /// `a·b + c`, fused.
     unsafe fn madd(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+
+    /// A whole block of keys transposed: `kt[d · KEY_BLOCK + j]` = dimension d
+    /// of key j, where key j's `dim` values start at `keys + j · stride`.
+    #[inline(always)]
+    unsafe fn transpose_keys(keys: *const f32, stride: usize, dim: usize, kt: &mut [f32]) {
+        for j in 0..KEY_BLOCK {
+            let key = keys.add(j * stride);
+            for d in 0..dim {
+                *kt.get_unchecked_mut(d * KEY_BLOCK + j) = *key.add(d);
+            }
+        }
+    }
 }
 
 /// One lane, no fusing: any CPU.
@@ -261,6 +310,75 @@ mod x86 {
         unsafe fn madd(a: __m512, b: __m512, c: __m512) -> __m512 {
             _mm512_fmadd_ps(a, b, c)
         }
+
+        /// 16 × 16 tiles transposed in registers: element by element, LLVM
+        /// made 64-bit-indexed gathers of it, half of a decode step's
+        /// attention at 2,800 positions.
+        #[inline(always)]
+        unsafe fn transpose_keys(keys: *const f32, stride: usize, dim: usize, kt: &mut [f32]) {
+            debug_assert!(dim.is_multiple_of(16) && kt.len() >= dim * super::KEY_BLOCK);
+            for j0 in (0..super::KEY_BLOCK).step_by(16) {
+                for d0 in (0..dim).step_by(16) {
+                    let rows: [__m512; 16] =
+                        std::array::from_fn(|j| _mm512_loadu_ps(keys.add((j0 + j) * stride + d0)));
+                    let columns = transpose16(rows);
+                    for (d, column) in columns.iter().enumerate() {
+                        let at = kt.as_mut_ptr().add((d0 + d) * super::KEY_BLOCK + j0);
+                        _mm512_storeu_ps(at, *column);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The transpose of 16 rows of 16 floats: element d of row j becomes
+    /// element j of row d.
+    #[inline(always)]
+    unsafe fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
+        // Pairs of rows interleaved by 32-bit, then 64-bit elements: each
+        // 128-bit lane of t[4k + i] holds a 4 × 4 block's column.
+        let mut a = [_mm512_setzero_ps(); 16];
+        for k in 0..8 {
+            a[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
+            a[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);
+        }
+        let mut b = [_mm512_setzero_ps(); 16];
+        for k in 0..4 {
+            let (x0, x1, y0, y1) = (a[4 * k], a[4 * k + 1], a[4 * k + 2], a[4 * k + 3]);
+            b[4 * k] = _mm512_castpd_ps(_mm512_unpacklo_pd(
+                _mm512_castps_pd(x0),
+                _mm512_castps_pd(y0),
+            ));
+            b[4 * k + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(
+                _mm512_castps_pd(x0),
+                _mm512_castps_pd(y0),
+            ));
+            b[4 * k + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(
+                _mm512_castps_pd(x1),
+                _mm512_castps_pd(y1),
+            ));
+            b[4 * k + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(
+                _mm512_castps_pd(x1),
+                _mm512_castps_pd(y1),
+            ));
+        }
+        // b[4k + i], lane l: rows 4k..4k + 4, column 4l + i. Gather the 128-bit
+        // lanes: first across row groups (0,1) and (2,3), then across pairs.
+        let mut c = [_mm512_setzero_ps(); 16];
+        for i in 0..4 {
+            c[i] = _mm512_shuffle_f32x4::<0x88>(b[i], b[4 + i]);
+            c[4 + i] = _mm512_shuffle_f32x4::<0xdd>(b[i], b[4 + i]);
+            c[8 + i] = _mm512_shuffle_f32x4::<0x88>(b[8 + i], b[12 + i]);
+            c[12 + i] = _mm512_shuffle_f32x4::<0xdd>(b[8 + i], b[12 + i]);
+        }
+        let mut out = [_mm512_setzero_ps(); 16];
+        for i in 0..4 {
+            out[i] = _mm512_shuffle_f32x4::<0x88>(c[i], c[8 + i]);
+            out[8 + i] = _mm512_shuffle_f32x4::<0xdd>(c[i], c[8 + i]);
+            out[4 + i] = _mm512_shuffle_f32x4::<0x88>(c[4 + i], c[12 + i]);
+            out[12 + i] = _mm512_shuffle_f32x4::<0xdd>(c[4 + i], c[12 + i]);
+        }
+        out
     }
 
     impl Lanes for Avx2 {
@@ -341,20 +459,23 @@ unsafe fn score_tile<L: Lanes, const R: usize>(
 }
 
 /// `o_r += Σ_j p[r][j] · v_j` over the first `keys` keys of a block of values
-/// `vb` (KEY_BLOCK, dim), for `R` output rows. Each output is a chain of fused
-/// multiply-adds over the keys in order (a row's zero weights past its own
-/// visible keys add exact zeros), whatever `R` or `L`.
+/// (`values[j · stride..][..dim]` is key j's), for `R` output rows. Each output
+/// is a chain of fused multiply-adds over the keys in order (a row's zero
+/// weights past its own visible keys add exact zeros), whatever `R` or `L`.
 ///
 /// # Safety
-/// As [`score_tile`]; each `o[r]` holds `dim` values, a multiple of `L::LANES`.
+/// As [`score_tile`]; `values` holds `keys` rows; each `o[r]` holds `dim`
+/// values, a multiple of `L::LANES`.
 #[inline(always)]
 unsafe fn value_tile<L: Lanes, const R: usize>(
     p: [&[f32; KEY_BLOCK]; R],
-    vb: &[f32],
+    values: &[f32],
+    stride: usize,
     dim: usize,
     keys: usize,
     o: [&mut [f32]; R],
 ) {
+    debug_assert!(keys == 0 || values.len() >= (keys - 1) * stride + dim);
     let mut c = 0;
     while c < dim {
         let vectors = ((dim - c) / L::LANES).min(VECTORS);
@@ -364,7 +485,7 @@ unsafe fn value_tile<L: Lanes, const R: usize>(
                     std::array::from_fn(|v| L::load(o[r].as_ptr().add(c + v * L::LANES)))
                 });
                 for j in 0..keys {
-                    let at = vb.as_ptr().add(j * dim + c);
+                    let at = values.as_ptr().add(j * stride + c);
                     let values: [L::V; $n] = std::array::from_fn(|v| L::load(at.add(v * L::LANES)));
                     for r in 0..R {
                         let w = L::splat(*p[r].get_unchecked(j));
@@ -409,6 +530,7 @@ unsafe fn task_body<L: Lanes, const R: usize>(input: &TaskInput, out: &mut [f32]
         kh,
         first,
         rows,
+        level: _,
     } = *input;
     let (dim, group) = (shape.dim, shape.group());
     let kv_width = shape.kv_heads * dim;
@@ -428,29 +550,30 @@ unsafe fn task_body<L: Lanes, const R: usize>(input: &TaskInput, out: &mut [f32]
     let mut max = vec![f32::NEG_INFINITY; n];
     let mut sum = vec![0f32; n];
     out.fill(0.0);
-    // Keys transposed (dim, KEY_BLOCK) and values (KEY_BLOCK, dim) of a block.
+    // A block's keys, transposed (dim, KEY_BLOCK).
     let mut kt = vec![0f32; dim * KEY_BLOCK];
-    let mut vb = vec![0f32; KEY_BLOCK * dim];
     let mut s = [[0f32; KEY_BLOCK]; R];
     let mut p = [[0f32; KEY_BLOCK]; R];
     let last_position = offset + first + rows - 1;
     for block_start in (0..=last_position).step_by(KEY_BLOCK) {
         let present = (last_position + 1 - block_start).min(KEY_BLOCK);
-        for j in 0..KEY_BLOCK {
-            let vrow = &mut vb[j * dim..][..dim];
-            if j < present {
-                let at = (block_start + j) * kv_width + kh * dim;
-                vrow.copy_from_slice(&values[at..at + dim]);
-                for (d, k) in keys[at..at + dim].iter().enumerate() {
-                    kt[d * KEY_BLOCK + j] = *k;
+        // Keys transposed so a score tile reads KEY_BLOCK of them per dimension
+        // (zeros past the last present position); values are read in place.
+        let base = block_start * kv_width + kh * dim;
+        if present == KEY_BLOCK {
+            L::transpose_keys(keys.as_ptr().add(base), kv_width, dim, &mut kt);
+        } else {
+            for d in 0..dim {
+                let row = &mut kt[d * KEY_BLOCK..][..KEY_BLOCK];
+                for (j, slot) in row[..present].iter_mut().enumerate() {
+                    // SAFETY: positions block_start..block_start + present
+                    // exist (checked against `keys.len()` by the caller).
+                    *slot = *keys.get_unchecked(base + j * kv_width + d);
                 }
-            } else {
-                vrow.fill(0.0);
-                for d in 0..dim {
-                    kt[d * KEY_BLOCK + j] = 0.0;
-                }
+                row[present..].fill(0.0);
             }
         }
+        let block_values = &values[base..base + (present - 1) * kv_width + dim];
         // The first row that sees this block; rows are in position order.
         let start = (0..n).find(|&r| position(r) >= block_start).unwrap_or(n);
         let mut r0 = start;
@@ -500,10 +623,10 @@ unsafe fn task_body<L: Lanes, const R: usize>(input: &TaskInput, out: &mut [f32]
                 let mut rows_out = rest.chunks_exact_mut(dim);
                 let os: [&mut [f32]; R] = std::array::from_fn(|_| rows_out.next().expect("R rows"));
                 let ps: [&[f32; KEY_BLOCK]; R] = std::array::from_fn(|t| &p[t]);
-                value_tile::<L, R>(ps, &vb, dim, keys_here, os);
+                value_tile::<L, R>(ps, block_values, kv_width, dim, keys_here, os);
             } else {
                 for (t, o) in rest.chunks_exact_mut(dim).take(tile).enumerate() {
-                    value_tile::<L, 1>([&p[t]], &vb, dim, visible[t], [o]);
+                    value_tile::<L, 1>([&p[t]], block_values, kv_width, dim, visible[t], [o]);
                 }
             }
             r0 += tile;
@@ -609,16 +732,22 @@ mod tests {
         out
     }
 
+    /// The levels this CPU runs.
+    fn levels() -> Vec<Level> {
+        [Level::Portable, Level::Avx2, Level::Avx512]
+            .into_iter()
+            .filter(|&l| l <= best_level())
+            .collect()
+    }
+
     #[test]
     fn matches_the_textbook_softmax_with_and_without_a_cached_prefix() {
-        let shape = Heads {
-            heads: 6,
-            kv_heads: 2,
-            dim: 16,
-        };
+        // Head sizes of one AVX2 vector, one and several AVX-512 tiles (the
+        // register transpose of whole key blocks), and one no vector fits.
+        let shapes = [(6, 2, 16), (4, 1, 64), (2, 2, 128), (3, 3, 8), (2, 1, 12)];
         // Cached prefixes shorter and longer than a key block, partial blocks,
         // query blocks that straddle a key block.
-        for (offset, seq) in [
+        let cases = [
             (0, 1),
             (0, 37),
             (5, 20),
@@ -626,52 +755,84 @@ mod tests {
             (70, 3),
             (130, 40),
             (0, 150),
-        ] {
-            let total = offset + seq;
-            let q = values(shape.heads * seq * shape.dim, 1);
-            let keys = values(total * shape.kv_heads * shape.dim, 2);
-            let vals = values(total * shape.kv_heads * shape.dim, 3);
-            let got = causal_attention(&q, &keys, &vals, shape, offset);
-            let want = reference(&q, &keys, &vals, shape, offset);
-            let worst = got
-                .iter()
-                .zip(&want)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
-            assert!(
-                worst < 2e-5,
-                "offset {offset}, seq {seq}: max |gap| {worst}"
-            );
+        ];
+        for (heads, kv_heads, dim) in shapes {
+            let shape = Heads {
+                heads,
+                kv_heads,
+                dim,
+            };
+            for (offset, seq) in cases {
+                let total = offset + seq;
+                let q = values(heads * seq * dim, 1);
+                let keys = values(total * kv_heads * dim, 2);
+                let vals = values(total * kv_heads * dim, 3);
+                let want = reference(&q, &keys, &vals, shape, offset);
+                for level in levels() {
+                    let one = [Sequence {
+                        q: &q,
+                        keys: &keys,
+                        values: &vals,
+                        offset,
+                    }];
+                    let got = batch_at(&one, shape, level);
+                    let worst = got
+                        .iter()
+                        .zip(&want)
+                        .map(|(a, b)| (a - b).abs())
+                        .fold(0f32, f32::max);
+                    assert!(
+                        worst < 2e-5,
+                        "{level:?} {shape:?}, offset {offset}, seq {seq}: max |gap| {worst}"
+                    );
+                }
+            }
         }
     }
 
     #[test]
     fn a_row_gets_the_same_bits_in_any_chunking() {
         // The prefix cache relies on it: a prompt read as 150 rows at once or as
-        // 100 + 50 after a cache hit attends identically.
-        let shape = Heads {
-            heads: 4,
-            kv_heads: 1,
-            dim: 8,
-        };
-        let total = 150;
-        let q = values(shape.heads * total * shape.dim, 4);
-        let keys = values(total * shape.dim, 5);
-        let vals = values(total * shape.dim, 6);
-        let whole = causal_attention(&q, &keys, &vals, shape, 0);
-        let head_rows = |from: usize, to: usize| -> Vec<f32> {
-            (0..shape.heads)
-                .flat_map(|h| {
-                    q[(h * total + from) * shape.dim..(h * total + to) * shape.dim].to_vec()
-                })
-                .collect()
-        };
-        let first = causal_attention(&head_rows(0, 100), &keys, &vals, shape, 0);
-        let rest = causal_attention(&head_rows(100, 150), &keys, &vals, shape, 100);
-        let width = shape.heads * shape.dim;
-        let split: Vec<f32> = first.into_iter().chain(rest).collect();
-        for (i, (a, b)) in whole.chunks(width).zip(split.chunks(width)).enumerate() {
-            assert!(a == b, "row {i}: {a:?} vs {b:?}");
+        // 100 + 50 after a cache hit attends identically, and so does a decode
+        // step (one row) at the same position.
+        for dim in [8, 64] {
+            let shape = Heads {
+                heads: 4,
+                kv_heads: 1,
+                dim,
+            };
+            let total = 150;
+            let q = values(shape.heads * total * dim, 4);
+            let keys = values(total * dim, 5);
+            let vals = values(total * dim, 6);
+            let head_rows = |from: usize, to: usize| -> Vec<f32> {
+                (0..shape.heads)
+                    .flat_map(|h| q[(h * total + from) * dim..(h * total + to) * dim].to_vec())
+                    .collect()
+            };
+            for level in levels() {
+                let run = |from: usize, to: usize| {
+                    let rows = head_rows(from, to);
+                    let one = [Sequence {
+                        q: &rows,
+                        keys: &keys,
+                        values: &vals,
+                        offset: from,
+                    }];
+                    batch_at(&one, shape, level)
+                };
+                let whole = run(0, total);
+                let split: Vec<f32> = run(0, 100).into_iter().chain(run(100, 150)).collect();
+                let width = shape.heads * dim;
+                for (i, (a, b)) in whole.chunks(width).zip(split.chunks(width)).enumerate() {
+                    assert!(a == b, "{level:?} dim {dim} row {i}: {a:?} vs {b:?}");
+                }
+                for position in [0, 63, 64, 149] {
+                    let step = run(position, position + 1);
+                    let row = &whole[position * width..(position + 1) * width];
+                    assert_eq!(step, row, "{level:?} dim {dim}: decode at {position}");
+                }
+            }
         }
     }
 }
