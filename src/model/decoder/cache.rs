@@ -1,4 +1,5 @@
-//! The KV cache of one sequence, and the attention of a decode step over it.
+//! The KV cache of one sequence, what a forward pass continues from ([`Past`]),
+//! and the attention of prompt chunks and decode steps over a cache ([`flash`]).
 
 use candle_core::{Device, Tensor};
 
@@ -109,6 +110,34 @@ impl LayerKv {
         Ok(())
     }
 
+    /// Appends a chunk's keys and values, (1, kv_heads, seq, dim) each, and
+    /// attends its queries `q`, (1, heads, seq, dim) with RoPE applied, over
+    /// every cached position ([`flash`]): the attended rows (seq, heads·dim).
+    pub(super) fn append_and_attend(
+        &mut self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        heads: usize,
+    ) -> candle_core::Result<Vec<f32>> {
+        let (_, kv_heads, seq, dim) = k.dims4()?;
+        self.append(k, v)?;
+        let total = self.keys.len() / (kv_heads * dim);
+        let shape = flash::Heads {
+            heads,
+            kv_heads,
+            dim,
+        };
+        let q: Vec<f32> = q.flatten_all()?.to_vec1()?;
+        Ok(flash::causal_attention(
+            &q,
+            &self.keys,
+            &self.values,
+            shape,
+            total - seq,
+        ))
+    }
+
     /// Everything cached as tensors (1, kv_heads, positions, dim).
     pub(super) fn tensors(
         &self,
@@ -161,4 +190,33 @@ pub(super) fn decode_attention(
             dim,
         },
     )
+}
+
+/// What a forward pass continues from.
+pub(super) enum Past<'a> {
+    /// Nothing: positions start at 0.
+    None,
+    /// A cache the pass appends its keys and values to (inference).
+    Cache(&'a mut KvCache),
+    /// Keys and values the pass attends to without extending them; with
+    /// differentiable kernels no gradient reaches them.
+    Fixed(&'a KvCache),
+}
+
+impl<'a> Past<'a> {
+    pub(super) fn of(cache: Option<&'a mut KvCache>, context: Option<&'a KvCache>) -> Self {
+        match (cache, context) {
+            (Some(cache), _) => Past::Cache(cache),
+            (None, Some(context)) => Past::Fixed(context),
+            (None, None) => Past::None,
+        }
+    }
+
+    pub(super) fn split(self) -> (Option<&'a mut KvCache>, Option<&'a KvCache>) {
+        match self {
+            Past::None => (None, None),
+            Past::Cache(cache) => (Some(cache), None),
+            Past::Fixed(context) => (None, Some(context)),
+        }
+    }
 }

@@ -18,7 +18,7 @@
 //! - this file: the layers' types and the tensor forward pass (prompts,
 //!   training, scoring);
 //! - [`step`]: the decode step on plain vectors, batched over sequences;
-//! - [`cache`]: the per-sequence KV cache and decode-time attention;
+//! - [`cache`]: the per-sequence KV cache and the attention over it;
 //! - `load`: building from a GGUF file or random weights;
 //! - `params`: weights by Hugging Face name, LoRA deltas, format conversions.
 
@@ -32,10 +32,9 @@ use candle_core::{DType, Device, Module, Tensor};
 
 use super::attnres::{self, DepthAttention};
 use super::config::{Architecture, ModelConfig, Residual, RopeScaling};
-use super::flash;
 use super::linear::Linear;
 pub use cache::KvCache;
-use cache::LayerKv;
+use cache::{LayerKv, Past};
 pub use load::{halves_to_interleaved, interleaved_to_halves};
 pub use params::LINEAR_NAMES;
 
@@ -717,16 +716,7 @@ impl Decoder {
                 }
                 (None, None) => &mut scratch,
             };
-            layer_kv.append(&k, &v)?;
-            let total = layer_kv.keys.len() / (kv_heads * dim);
-            let shape = flash::Heads {
-                heads,
-                kv_heads,
-                dim,
-            };
-            let q: Vec<f32> = q.flatten_all()?.to_vec1()?;
-            let y =
-                flash::causal_attention(&q, &layer_kv.keys, &layer_kv.values, shape, total - seq);
+            let y = layer_kv.append_and_attend(&q, &k, &v, heads)?;
             let y = Tensor::from_vec(y, (1, seq, heads * dim), &self.device)?;
             return Ok(attn.o.forward(&y)?);
         }
@@ -781,35 +771,6 @@ impl Decoder {
             .transpose(1, 2)?
             .reshape((batch, seq, heads * dim))?;
         Ok(attn.o.forward(&y)?)
-    }
-}
-
-/// What a forward pass continues from.
-enum Past<'a> {
-    /// Nothing: positions start at 0.
-    None,
-    /// A cache the pass appends its keys and values to (inference).
-    Cache(&'a mut KvCache),
-    /// Keys and values the pass attends to without extending them; with
-    /// differentiable kernels no gradient reaches them.
-    Fixed(&'a KvCache),
-}
-
-impl<'a> Past<'a> {
-    fn of(cache: Option<&'a mut KvCache>, context: Option<&'a KvCache>) -> Self {
-        match (cache, context) {
-            (Some(cache), _) => Past::Cache(cache),
-            (None, Some(context)) => Past::Fixed(context),
-            (None, None) => Past::None,
-        }
-    }
-
-    fn split(self) -> (Option<&'a mut KvCache>, Option<&'a KvCache>) {
-        match self {
-            Past::None => (None, None),
-            Past::Cache(cache) => (Some(cache), None),
-            Past::Fixed(context) => (None, Some(context)),
-        }
     }
 }
 
