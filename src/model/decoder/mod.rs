@@ -724,17 +724,13 @@ impl Decoder {
             batch == 1 || (cache.is_none() && context.is_none()),
             "a KV cache holds one sequence, got a batch of {batch}"
         );
-        let (k, v) = match (cache, context) {
-            (None, None) => (k, v),
-            (Some(cache), _) => {
+        // Only the differentiable kernels get here with a cache (the fused ones
+        // took the blocked path above), and nothing gets here with a fixed
+        // context (the fused path above, or the differentiable op earlier).
+        let (k, v) = match cache {
+            None => (k, v),
+            Some(cache) => {
                 let layer_kv = cache.layer(layer);
-                layer_kv.append(&k, &v)?;
-                layer_kv.tensors(kv_heads, dim, &self.device)?
-            }
-            // Fused kernels after a fixed context: the numbers of a cache that
-            // the pass does not extend.
-            (None, Some(context)) => {
-                let mut layer_kv = context.layers.get(layer).cloned().unwrap_or_default();
                 layer_kv.append(&k, &v)?;
                 layer_kv.tensors(kv_heads, dim, &self.device)?
             }
