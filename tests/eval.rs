@@ -625,7 +625,7 @@ fn sandbox_passes_only_programs_that_run_to_their_end() {
         entry_point: "add".into(),
     };
     let good = sb
-        .run(&humaneval::program(&problem, &problem.canonical_solution))
+        .check(&humaneval::program(&problem, &problem.canonical_solution))
         .unwrap();
     assert!(good.passed, "{good:?}");
     for completion in [
@@ -634,9 +634,77 @@ fn sandbox_passes_only_programs_that_run_to_their_end() {
         "    import os; os._exit(0)\n",
         "    return 0\nimport os\nos._exit(0)\n",
     ] {
-        let r = sb.run(&humaneval::program(&problem, completion)).unwrap();
+        let r = sb.check(&humaneval::program(&problem, completion)).unwrap();
         assert!(!r.passed, "{completion:?} passed: {r:?}");
     }
+}
+
+/// Looks for the verdict's nonce (32 hex digits) in every frame and object it
+/// can reach, writes each candidate to every descriptor, and exits 0.
+const FORGER: &str = "    import gc, os, re, sys\n    found = set()\n    def look(v):\n        if isinstance(v, bytes):\n            v = v.decode('latin-1')\n        if isinstance(v, str) and re.fullmatch('[0-9a-f]{32}', v):\n            found.add(v.encode())\n    f = sys._getframe()\n    while f is not None:\n        for v in f.f_locals.values():\n            look(v)\n        f = f.f_back\n    for o in gc.get_objects():\n        look(o)\n    for nonce in found:\n        for fd in range(3, 64):\n            try:\n                os.pwrite(fd, nonce, 0)\n            except OSError:\n                pass\n    os._exit(0)\n";
+
+#[test]
+fn humaneval_verdicts_cannot_be_forged() {
+    let Some(sb) = sandbox(10) else { return };
+    let problem = humaneval::Problem {
+        task_id: "Test/1".into(),
+        prompt: "from collections import Counter, namedtuple\n\ndef add(a, b):\n".into(),
+        canonical_solution: "    return a + b\n".into(),
+        test: "def check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate([1], [2.5]) == [1, 2.5]\n    assert candidate('a', 'b') == 'ab'\n".into(),
+        entry_point: "add".into(),
+    };
+    let good = sb
+        .check(&humaneval::program(&problem, &problem.canonical_solution))
+        .unwrap();
+    assert!(good.passed, "{good:?}");
+    // Subclasses of plain values cross as the plain values they are.
+    let sub = "    class Sum(type(a)):\n        pass\n    return Sum(a + b)\n";
+    let r = sb.check(&humaneval::program(&problem, sub)).unwrap();
+    assert!(r.passed, "{r:?}");
+
+    // The frame-walking forger finds the nonce where the program shares the
+    // harness's process (what `run` documents)...
+    let in_process = format!(
+        "{}{FORGER}\n\n{}\n\ncheck({})\n",
+        problem.prompt, problem.test, problem.entry_point
+    );
+    let r = sb.run(&in_process).unwrap();
+    assert!(
+        r.passed,
+        "the forger is no test if it cannot forge here: {r:?}"
+    );
+    // ...and nothing in the checked candidate's process.
+    let hostile = [
+        FORGER,
+        // an answer equal to everything, bare or as an int
+        "    class Any:\n        def __eq__(self, other):\n            return True\n    return Any()\n",
+        "    class Any(int):\n        def __eq__(self, other):\n            return True\n        __hash__ = int.__hash__\n    return Any(0)\n",
+        // ending the checker, or the whole sandbox, early
+        "    import os\n    os.kill(os.getppid(), 9)\n",
+        "    import os\n    os.kill(-1, 9)\n",
+        "    raise SystemExit(0)\n",
+        // at import, before any test
+        "    return a + b\nimport os\nos._exit(0)\n",
+    ];
+    for completion in hostile {
+        let r = sb.check(&humaneval::program(&problem, completion)).unwrap();
+        assert!(!r.passed && !r.completed, "{completion:?} passed: {r:?}");
+    }
+    let r = sb
+        .check(&humaneval::program(&problem, "    return 1 / 0\n"))
+        .unwrap();
+    assert_eq!(r.failure().unwrap(), "ZeroDivisionError: division by zero");
+
+    // The checker cannot be traced by the candidate (it would read the nonce).
+    let tracer = humaneval::Problem {
+        prompt: "def attach():\n".into(),
+        test: "def check(candidate):\n    assert candidate() == 'EPERM'\n".into(),
+        entry_point: "attach".into(),
+        ..problem
+    };
+    let attach = "    import ctypes, errno, os\n    libc = ctypes.CDLL(None, use_errno=True)\n    if libc.ptrace(16, os.getppid(), 0, 0) == 0:\n        return 'attached'\n    return errno.errorcode[ctypes.get_errno()]\n";
+    let r = sb.check(&humaneval::program(&tracer, attach)).unwrap();
+    assert!(r.passed, "{r:?}");
 }
 
 #[test]
@@ -919,7 +987,7 @@ fn humaneval_canonical_solutions_all_pass_and_empty_completions_none() {
 
     // An empty completion leaves a function with only its docstring: it returns
     // None, and no problem's tests accept that.
-    let programs: Vec<String> = problems.iter().map(|p| humaneval::program(p, "")).collect();
+    let programs: Vec<_> = problems.iter().map(|p| humaneval::program(p, "")).collect();
     let ran = humaneval::run_programs(&sb, &programs, 2, &|| {}).unwrap();
     let passed: Vec<_> = problems
         .iter()

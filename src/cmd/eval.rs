@@ -34,15 +34,18 @@ Benchmarks:
              invalid-answer rate.
   humaneval  --data (default data/HumanEval.jsonl.gz, fetched by
              `scripts/fetch-data humaneval`). --samples completions per problem,
-             each run as prompt + completion + test + check(entry_point) in a
-             sandbox: its own python3 process in its own user, PID, mount,
+             each checked in a sandbox: prompt + completion in one python3
+             process, the problem's test + check(entry_point) in another that
+             calls it through pipes and compares the plain values it returns;
+             both in their own user, PID, mount,
              network and IPC namespaces (it sees only the system directories
              and Python's, read-only, and a private /tmp; no network, no host
              socket; everything it starts dies with it; where the kernel allows
              no namespaces, it refuses unless --unsafe-no-sandbox), with a
              wall-clock timeout (--exec-timeout), CPU, memory (--exec-memory-mb),
-             process and file-size limits. A program passes only if it runs to
-             its end (an early exit, even with status 0, fails). Code in ``` fences is taken
+             process and file-size limits. A program passes only if check()
+             returns (an early exit, even with status 0, fails; so does an
+             answer whose __eq__ is always True). Code in ``` fences is taken
              out; a function body is cut at the HumanEval stop sequences (\\ndef,
              \\nclass, \\nif __name__, \\nprint, \\n#). Reports pass@k for --k
              (unbiased estimator). --canonical runs the data file's reference

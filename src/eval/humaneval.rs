@@ -6,8 +6,11 @@
 //! `test` (a `check(candidate)` function) and `entry_point`.
 //!
 //! The model gets the prompt in a chat message and is asked for the function in
-//! a code block. The program run is `prompt + completion + test +
-//! check(entry_point)` in the [`Sandbox`]: the completion is the fenced code
+//! a code block. The program is checked in the [`Sandbox`]: `prompt +
+//! completion` runs in one process, the problem's `test` in another that calls
+//! the candidate's `entry_point` through pipes ([`Sandbox::check`]), so a
+//! completion can neither forge the verdict nor return an object that equals
+//! anything. The completion is the fenced code
 //! when the reply has a fence, cut at the usual HumanEval stop sequences when it
 //! is a function body, or the reply's own full definition of the function (which
 //! then redefines the prompt's stub) when it writes one.
@@ -20,7 +23,7 @@ use std::sync::Mutex;
 use anyhow::{Context, Result};
 use serde_json::Value as Json;
 
-use super::sandbox::{RunResult, Sandbox};
+use super::sandbox::{CheckedProgram, Program, RunResult, Sandbox};
 use super::{stats, user_prompt, Bench, ItemResult, Metric, Outcome, Report};
 use crate::judge::llm::VoteRunner;
 
@@ -151,17 +154,19 @@ fn fenced_code<'a>(reply: &'a str, entry_point: &str) -> Option<&'a str> {
 }
 
 /// The program that checks a completion.
-pub fn program(problem: &Problem, completion: &str) -> String {
-    format!(
-        "{}{}\n\n{}\n\ncheck({})\n",
-        problem.prompt, completion, problem.test, problem.entry_point
-    )
+pub fn program(problem: &Problem, completion: &str) -> CheckedProgram {
+    CheckedProgram {
+        candidate: format!("{}{completion}\n", problem.prompt),
+        prelude: problem.prompt.clone(),
+        test: problem.test.clone(),
+        entry_point: problem.entry_point.clone(),
+    }
 }
 
 /// Runs `programs` in the sandbox on `workers` threads; results in order.
-pub fn run_programs(
+pub fn run_programs<P: Program>(
     sandbox: &Sandbox,
-    programs: &[String],
+    programs: &[P],
     workers: usize,
     on_done: &(dyn Fn() + Sync),
 ) -> Result<Vec<RunResult>> {
@@ -175,7 +180,7 @@ pub fn run_programs(
                 if i >= programs.len() {
                     break;
                 }
-                let r = sandbox.run(&programs[i]);
+                let r = programs[i].run_in(sandbox);
                 results.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(r);
                 on_done();
             });
@@ -301,7 +306,7 @@ pub fn run_canonical(
     settings: &Settings,
     on_done: &(dyn Fn() + Sync),
 ) -> Result<Outcome> {
-    let programs: Vec<String> = problems
+    let programs: Vec<CheckedProgram> = problems
         .iter()
         .map(|p| program(p, &p.canonical_solution))
         .collect();
