@@ -15,6 +15,8 @@
 //! - [`eval`]: benchmarks (gpqa, humaneval in a sandbox, gsm8k, perplexity).
 //! - [`fsutil`]: atomic, durable file writes.
 //! - [`judge`]: rewards from feedback, tool errors and an LLM judge (PRM).
+//! - [`llm`]: asking an LLM (local or an endpoint) the same prompts several times:
+//!   the client and vote runner that judge, distill and eval share; prompt files.
 //! - [`cmd`]: one module per subcommand; each holds its clap `Args` and `run()`.
 //! - [`ui`]: verbosity-aware logging to stderr.
 
@@ -25,6 +27,7 @@ pub mod distill;
 pub mod eval;
 pub mod fsutil;
 pub mod judge;
+pub mod llm;
 pub mod model;
 pub mod rollout;
 pub mod serve;

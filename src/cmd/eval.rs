@@ -8,7 +8,7 @@ use clap::Args;
 
 use crate::eval::sandbox::{Limits, Sandbox};
 use crate::eval::{gpqa, gsm8k, humaneval, ppl, results, Bench, Outcome, Report};
-use crate::judge::llm::{
+use crate::llm::{
     CallOptions, ChatBackend, EndpointFlags, LocalBackend, RemoteBackend, VoteRunner,
 };
 use crate::model::{resolve_model_path, Model, WeightFormat};
@@ -346,7 +346,7 @@ fn check(args: &EvalArgs) -> Result<()> {
         );
     }
     if let Some(url) = &args.url {
-        crate::judge::llm::endpoints(url)?;
+        crate::llm::endpoints(url)?;
     }
     Ok(())
 }

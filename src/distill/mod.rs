@@ -17,8 +17,8 @@ use arrow::array::RecordBatch;
 use serde::Serialize;
 use serde_json::{json, Value as Json};
 
-use crate::judge::llm::{CallStats, VoteItem, VoteRunner};
-use crate::judge::prompt::{clip_middle, PromptTemplate};
+use crate::llm::prompt::{clip_middle, PromptTemplate};
+use crate::llm::{CallStats, VoteItem, VoteRunner};
 use crate::model::decoder::Decoder;
 use crate::model::Model;
 use crate::rollout::{rows_from_batch, rows_to_batch, set_columns, RolloutRow};

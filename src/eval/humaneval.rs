@@ -22,7 +22,7 @@ use serde_json::Value as Json;
 
 use super::sandbox::{RunResult, Sandbox};
 use super::{stats, user_prompt, Bench, ItemResult, Metric, Outcome, Report};
-use crate::judge::llm::VoteRunner;
+use crate::llm::VoteRunner;
 
 /// Where `scripts/fetch-data humaneval` puts the data, relative to the repository.
 pub const DEFAULT_DATA: &str = "data/HumanEval.jsonl.gz";
