@@ -7,12 +7,12 @@ use clap::Args;
 use serde::Serialize;
 
 use crate::daemon::{Stage, WatchArgs};
+use crate::model::score::{self, Sequence};
 use crate::model::{resolve_model_path, Model, WeightFormat};
 use crate::rollout::{RolloutReader, RolloutRow};
 use crate::train::checkpoint::{self, CheckpointDir};
 use crate::train::driver::{Driver, DriverConfig, RunSummary};
 use crate::train::optim::AdamWConfig;
-use crate::train::score::{self, Sequence};
 use crate::train::{
     Adapter, LoraConfig, LossConfig, Objective, RewardBaseline, TrainSample, Trainer, TrainerConfig,
 };

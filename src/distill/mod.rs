@@ -20,10 +20,10 @@ use serde_json::{json, Value as Json};
 use crate::llm::prompt::{clip_middle, PromptTemplate};
 use crate::llm::{CallStats, VoteItem, VoteRunner};
 use crate::model::decoder::Decoder;
+use crate::model::score::{self, Sequence};
 use crate::model::Model;
 use crate::rollout::{rows_from_batch, rows_to_batch, set_columns, RolloutRow};
 use crate::train::checkpoint::adapter_file_name;
-use crate::train::score::{self, Sequence};
 use crate::train::Adapter;
 use hints::{parse_hint_reply, select_hint, teacher_messages, Select};
 
