@@ -4,12 +4,13 @@
 //! The crate is organised by concern (docs/ARCHITECTURE.md, "Modules and dependency
 //! rules"):
 //! - [`rollout`]: the `claw.rollout.v1` schema and its Parquet I/O, shared by every stage.
-//! - [`model`]: the model runtime (GGUF loading, tokenizer, chat template, decoder, sampling).
+//! - [`model`]: the model runtime (GGUF loading, tokenizer, chat template, decoder, sampling,
+//!   teacher-forced scoring).
+//! - [`adapter`]: the LoRA adapter format and checkpoint layout train writes and serve loads.
 //! - [`serve`]: the OpenAI-compatible server that records every turn.
 //! - [`collect`]: raw events to samples: next state, feedback, sessions; log imports.
 //! - [`distill`]: hindsight hints and teacher log-probs under them.
-//! - [`train`]: LoRA/full training on candle: teacher-forced log-probs, the policy
-//!   loss, AdamW, checkpoints.
+//! - [`train`]: LoRA/full training on candle: the policy loss, AdamW, checkpoints.
 //! - [`daemon`]: the stages as workers over a shared directory: ledgers, claims,
 //!   quarantine, notifications, status.
 //! - [`eval`]: benchmarks (gpqa, humaneval in a sandbox, gsm8k, perplexity).
@@ -20,6 +21,7 @@
 //! - [`cmd`]: one module per subcommand; each holds its clap `Args` and `run()`.
 //! - [`ui`]: verbosity-aware logging to stderr.
 
+pub mod adapter;
 pub mod cmd;
 pub mod collect;
 pub mod daemon;

@@ -8,9 +8,9 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Args;
 
+use crate::adapter::Adapter;
 use crate::llm::{CallOptions, ChatBackend, LocalBackend, RemoteBackend};
 use crate::model::{resolve_model_path, Model, WeightFormat};
-use crate::train::Adapter;
 
 #[derive(Args, Debug, Clone)]
 pub struct LlmArgs {

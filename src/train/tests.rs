@@ -4,10 +4,10 @@
 
 use candle_core::{Device, Tensor};
 
-use super::lora::{Adapter, LoraConfig};
 use super::loss::LossConfig;
 use super::optim::AdamWConfig;
 use super::trainer::{Objective, TrainSample, Trainer, TrainerConfig};
+use crate::adapter::{Adapter, LoraConfig};
 use crate::model::decoder::{Decoder, KvCache};
 use crate::model::score::{self, Sequence};
 use crate::model::testing::{write_tiny_gguf, TinySpec};
