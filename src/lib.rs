@@ -4,20 +4,24 @@
 //! The crate is organised by concern (docs/ARCHITECTURE.md, "Modules and dependency
 //! rules"):
 //! - [`rollout`]: the `claw.rollout.v1` schema and its Parquet I/O, shared by every stage.
-//! - [`model`]: the model runtime (GGUF loading, tokenizer, chat template, decoder, sampling).
+//! - [`model`]: the model runtime (GGUF loading, tokenizer, chat template, decoder, sampling,
+//!   teacher-forced scoring).
+//! - [`adapter`]: the LoRA adapter format and checkpoint layout train writes and serve loads.
 //! - [`serve`]: the OpenAI-compatible server that records every turn.
 //! - [`collect`]: raw events to samples: next state, feedback, sessions; log imports.
 //! - [`distill`]: hindsight hints and teacher log-probs under them.
-//! - [`train`]: LoRA/full training on candle: teacher-forced log-probs, the policy
-//!   loss, AdamW, checkpoints.
+//! - [`train`]: LoRA/full training on candle: the policy loss, AdamW, checkpoints.
 //! - [`daemon`]: the stages as workers over a shared directory: ledgers, claims,
 //!   quarantine, notifications, status.
 //! - [`eval`]: benchmarks (gpqa, humaneval in a sandbox, gsm8k, perplexity).
 //! - [`fsutil`]: atomic, durable file writes.
 //! - [`judge`]: rewards from feedback, tool errors and an LLM judge (PRM).
+//! - [`llm`]: asking an LLM (local or an endpoint) the same prompts several times:
+//!   the client and vote runner that judge, distill and eval share; prompt files.
 //! - [`cmd`]: one module per subcommand; each holds its clap `Args` and `run()`.
 //! - [`ui`]: verbosity-aware logging to stderr.
 
+pub mod adapter;
 pub mod cmd;
 pub mod collect;
 pub mod daemon;
@@ -25,6 +29,7 @@ pub mod distill;
 pub mod eval;
 pub mod fsutil;
 pub mod judge;
+pub mod llm;
 pub mod model;
 pub mod rollout;
 pub mod serve;

@@ -11,8 +11,8 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use claw::adapter::layout::parse_adapter_step;
 use claw::rollout::{segment_file_name, RolloutRow};
-use claw::train::checkpoint::parse_adapter_step;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 

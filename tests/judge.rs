@@ -797,8 +797,8 @@ fn local_judge_on_the_tiny_model_is_reproducible() {
 
 #[test]
 fn local_judge_with_a_lora_adapter() {
+    use claw::adapter::{Adapter, LoraConfig};
     use claw::model::Model;
-    use claw::train::{Adapter, LoraConfig};
 
     let dir = tempfile::tempdir().unwrap();
     let model_path = tiny_chat_model(dir.path());

@@ -14,13 +14,13 @@ use std::time::{Duration, Instant};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{Device, Tensor};
+use claw::adapter::{Adapter, LoraConfig};
 use claw::model::decoder::Decoder;
+use claw::model::score::{score, Sequence};
 use claw::model::testing::{write_tiny_gguf, TinySpec};
 use claw::model::Model;
 use claw::rollout::{RolloutReader, RolloutRow};
 use claw::train::checkpoint::CheckpointDir;
-use claw::train::score::{score, Sequence};
-use claw::train::{Adapter, LoraConfig};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value as Json};

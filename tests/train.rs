@@ -490,8 +490,8 @@ fn qwen_model_training_logprobs_match_serving_when_fetched() {
 }
 
 fn training_logprobs_match_serving(path: &Path, bounds: &[(claw::model::WeightFormat, f32)]) {
+    use claw::model::score::{self, Sequence};
     use claw::model::{Model, SamplingParams, WeightFormat};
-    use claw::train::score::{self, Sequence};
     use claw::train::{Trainer, TrainerConfig};
     let prompt = "<|im_start|>user\nName three colours.<|im_end|>\n<|im_start|>assistant\n";
     let trainer_model = Model::load_with(path, WeightFormat::F32).unwrap();

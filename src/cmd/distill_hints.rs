@@ -15,8 +15,8 @@ use crate::distill::{
     DistillConfig, DistillStats, Distiller, HintJudge, HintSource, TeacherWeights,
     DEFAULT_HINT_PROMPT, HINT_PROMPT_VARS,
 };
-use crate::judge::llm::VoteRunner;
-use crate::judge::prompt::PromptTemplate;
+use crate::llm::prompt::PromptTemplate;
+use crate::llm::VoteRunner;
 use crate::model::{resolve_model_path, Model, WeightFormat};
 use crate::rollout::{RolloutReader, RolloutWriter};
 

@@ -6,13 +6,13 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
+use crate::adapter::Adapter;
 use crate::eval::sandbox::{Limits, Sandbox};
 use crate::eval::{gpqa, gsm8k, humaneval, ppl, results, Bench, Outcome, Report};
-use crate::judge::llm::{
+use crate::llm::{
     CallOptions, ChatBackend, EndpointFlags, LocalBackend, RemoteBackend, VoteRunner,
 };
 use crate::model::{resolve_model_path, Model, WeightFormat};
-use crate::train::Adapter;
 
 const LONG_ABOUT: &str = "\
 Score a model on a benchmark: the local GGUF model (optionally with a LoRA
@@ -349,7 +349,7 @@ fn check(args: &EvalArgs) -> Result<()> {
         );
     }
     if let Some(url) = &args.url {
-        crate::judge::llm::endpoints(url)?;
+        crate::llm::endpoints(url)?;
     }
     Ok(())
 }

@@ -10,12 +10,12 @@ use clap::Args;
 
 use super::llm::LlmArgs;
 use crate::daemon::{self, Stage, WatchArgs};
-use crate::judge::llm::VoteRunner;
-use crate::judge::prompt::PromptTemplate;
 use crate::judge::{
     env, Judge, JudgeConfig, PrmFactory, PrmJudge, Source, DEFAULT_PRM_PROMPT, MAX_FIELD_CHARS,
     PRM_VARS,
 };
+use crate::llm::prompt::PromptTemplate;
+use crate::llm::VoteRunner;
 use crate::rollout::{RolloutReader, RolloutWriter};
 
 fn long_about() -> String {

@@ -8,9 +8,9 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Args;
 
-use crate::judge::llm::{CallOptions, ChatBackend, LocalBackend, RemoteBackend};
+use crate::adapter::Adapter;
+use crate::llm::{CallOptions, ChatBackend, LocalBackend, RemoteBackend};
 use crate::model::{resolve_model_path, Model, WeightFormat};
-use crate::train::Adapter;
 
 #[derive(Args, Debug, Clone)]
 pub struct LlmArgs {
@@ -85,7 +85,7 @@ impl LlmArgs {
         anyhow::ensure!(votes >= 1, "--votes must be at least 1");
         anyhow::ensure!(self.concurrency >= 1, "--concurrency must be at least 1");
         if let Some(url) = &self.judge_url {
-            crate::judge::llm::endpoints(url)?; // a bad URL is a usage error: say so now
+            crate::llm::endpoints(url)?; // a bad URL is a usage error: say so now
         }
         Ok(CallOptions {
             votes,

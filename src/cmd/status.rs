@@ -6,10 +6,10 @@ use anyhow::{Context, Result};
 use clap::Args;
 use serde::Serialize;
 
+use crate::adapter::layout::{latest_in, parse_adapter_step};
 use crate::daemon::status::{is_alive, read_all, WorkerStatus};
 use crate::daemon::{list_segments, quarantine, unix_ms, Layout, Stage};
 use crate::rollout::RolloutFile;
-use crate::train::checkpoint::{latest_in, parse_adapter_step};
 
 /// Show per-stage backlog, lag, throughput and errors of a shared directory.
 #[derive(Args, Debug)]

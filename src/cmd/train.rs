@@ -6,16 +6,15 @@ use anyhow::{Context, Result};
 use clap::Args;
 use serde::Serialize;
 
+use crate::adapter::{Adapter, LoraConfig};
 use crate::daemon::{Stage, WatchArgs};
+use crate::model::score::{self, Sequence};
 use crate::model::{resolve_model_path, Model, WeightFormat};
 use crate::rollout::{RolloutReader, RolloutRow};
 use crate::train::checkpoint::{self, CheckpointDir};
 use crate::train::driver::{Driver, DriverConfig, RunSummary};
 use crate::train::optim::AdamWConfig;
-use crate::train::score::{self, Sequence};
-use crate::train::{
-    Adapter, LoraConfig, LossConfig, Objective, RewardBaseline, TrainSample, Trainer, TrainerConfig,
-};
+use crate::train::{LossConfig, Objective, RewardBaseline, TrainSample, Trainer, TrainerConfig};
 use crate::{info, warn};
 
 /// Update the model (LoRA or full) from judged or distilled samples.

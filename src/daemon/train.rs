@@ -21,8 +21,8 @@ use super::quarantine::quarantine;
 use super::status::StatusFile;
 use super::wake::{stop_requested, Waker};
 use super::{DaemonConfig, Settling};
+use crate::adapter::layout::latest_in;
 use crate::rollout::{RolloutFile, RolloutRow};
-use crate::train::checkpoint::latest_in;
 use crate::train::driver::Driver;
 use crate::train::{StepMetrics, TrainSample};
 

@@ -6,7 +6,7 @@ use anyhow::{bail, Result};
 use serde::Serialize;
 use serde_json::{json, Value as Json};
 
-use crate::judge::votes::{last_boxed, parse_score};
+use crate::llm::boxed::{last_boxed, parse_score};
 
 /// Hints of this many characters or fewer are not hints (OpenClaw-RL's filter).
 pub const MIN_HINT_CHARS: usize = 10;

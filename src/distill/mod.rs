@@ -17,14 +17,14 @@ use arrow::array::RecordBatch;
 use serde::Serialize;
 use serde_json::{json, Value as Json};
 
-use crate::judge::llm::{CallStats, VoteItem, VoteRunner};
-use crate::judge::prompt::{clip_middle, PromptTemplate};
+use crate::adapter::layout::adapter_file_name;
+use crate::adapter::Adapter;
+use crate::llm::prompt::{clip_middle, PromptTemplate};
+use crate::llm::{CallStats, VoteItem, VoteRunner};
 use crate::model::decoder::Decoder;
+use crate::model::score::{self, Sequence};
 use crate::model::Model;
 use crate::rollout::{rows_from_batch, rows_to_batch, set_columns, RolloutRow};
-use crate::train::checkpoint::adapter_file_name;
-use crate::train::score::{self, Sequence};
-use crate::train::Adapter;
 use hints::{parse_hint_reply, select_hint, teacher_messages, Select};
 
 /// The columns this stage owns.

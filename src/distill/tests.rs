@@ -8,11 +8,11 @@ use serde_json::json;
 
 use super::hints::Select;
 use super::*;
-use crate::judge::llm::{CallError, CallOptions, ChatBackend, ChatRequest, Reply};
+use crate::adapter::LoraConfig;
+use crate::llm::{CallError, CallOptions, ChatBackend, ChatRequest, Reply};
 use crate::model::testing::{write_tiny_gguf, TinySpec};
 use crate::model::{Model, WeightFormat};
 use crate::train::checkpoint::CheckpointDir;
-use crate::train::LoraConfig;
 
 fn tiny_model() -> Arc<Model> {
     let dir = tempfile::tempdir().unwrap();

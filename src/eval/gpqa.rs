@@ -18,7 +18,7 @@ use rand::SeedableRng;
 use regex::Regex;
 
 use super::{stats, user_prompt, Bench, ItemResult, Metric, Outcome, Report};
-use crate::judge::llm::{vote_seed, VoteItem, VoteRunner};
+use crate::llm::{vote_seed, VoteItem, VoteRunner};
 
 pub const LETTERS: [char; 4] = ['A', 'B', 'C', 'D'];
 

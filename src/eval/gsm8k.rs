@@ -12,7 +12,7 @@ use regex::Regex;
 use serde_json::Value as Json;
 
 use super::{stats, user_prompt, Bench, ItemResult, Metric, Outcome, Report};
-use crate::judge::llm::VoteRunner;
+use crate::llm::VoteRunner;
 
 /// One problem.
 #[derive(Clone, Debug, PartialEq)]

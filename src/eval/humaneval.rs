@@ -25,7 +25,7 @@ use serde_json::Value as Json;
 
 use super::sandbox::{CheckedProgram, Program, RunResult, Sandbox};
 use super::{stats, user_prompt, Bench, ItemResult, Metric, Outcome, Report};
-use crate::judge::llm::VoteRunner;
+use crate::llm::VoteRunner;
 
 /// Where `scripts/fetch-data humaneval` puts the data, relative to the repository.
 pub const DEFAULT_DATA: &str = "data/HumanEval.jsonl.gz";

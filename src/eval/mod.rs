@@ -3,7 +3,7 @@
 //!
 //! Every generative benchmark builds chat prompts ([`VoteItem`]s), puts them to a
 //! [`VoteRunner`] (a local model or any OpenAI-compatible endpoint, see
-//! [`crate::judge::llm`]), and grades the replies into per-item [`ItemResult`]s and
+//! [`crate::llm`]), and grades the replies into per-item [`ItemResult`]s and
 //! a [`Report`]. Each call's seed derives from `--seed`, the item's key and the
 //! sample index, so a run is reproducible whatever order the calls finish in.
 //!
@@ -28,7 +28,7 @@ pub mod stats;
 
 use serde::Serialize;
 
-use crate::judge::llm::{CallStats, Replies, VoteItem, VoteRunner};
+use crate::llm::{CallStats, Replies, VoteItem, VoteRunner};
 
 /// The benchmarks `claw eval --bench` knows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]

@@ -12,8 +12,8 @@ use std::path::Path;
 use anyhow::{Context, Result};
 
 use super::{Bench, ItemResult, Metric, Outcome, Report};
+use crate::model::score::{score, Sequence};
 use crate::model::{Decoder, Model};
-use crate::train::score::{score, Sequence};
 
 /// Padded tokens per scoring forward pass (bounds memory).
 const SCORE_TOKENS: usize = 2048;

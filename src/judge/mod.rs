@@ -8,7 +8,8 @@
 //!    scores -1 (rules in [`env`]). A clean tool result is not scored here.
 //! 3. [`Source::Prm`]: an LLM judge reads the response and the next state, `m`
 //!    times, and the majority of its `\boxed{}` votes is the reward
-//!    ([`votes`], [`llm`], prompt in [`prompt`]).
+//!    ([`votes`]; the client and vote runner are [`crate::llm`], the prompt file
+//!    format [`crate::llm::prompt`]).
 //!
 //! A turn no source can score (no feedback and no next state: the last turn of a
 //! session) gets no reward (null), not 0. Rows that are not main turns, and rows
@@ -18,8 +19,6 @@
 //! kept as it was.
 
 pub mod env;
-pub mod llm;
-pub mod prompt;
 pub mod votes;
 
 use std::collections::BTreeMap;
@@ -33,9 +32,9 @@ use arrow::array::{
 use arrow::datatypes::{Float32Type, Int32Type, Int8Type, SchemaRef};
 use serde::Serialize;
 
+use crate::llm::prompt::{clip_middle, PromptTemplate};
+use crate::llm::{CallStats, VoteItem, VoteRunner};
 use crate::rollout::{set_columns, RolloutBatch};
-use llm::{CallStats, VoteItem, VoteRunner};
-use prompt::{clip_middle, PromptTemplate};
 
 /// The built-in PRM prompt (`prompts/judge-prm.txt`), mirroring OpenClaw-RL's.
 pub const DEFAULT_PRM_PROMPT: &str = include_str!("../../prompts/judge-prm.txt");

@@ -7,8 +7,8 @@ use std::time::Duration;
 use arrow::array::{Array, AsArray, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema};
 
-use super::llm::{CallError, CallOptions, ChatBackend, ChatRequest, Reply, VoteRunner};
 use super::*;
+use crate::llm::{CallError, CallOptions, ChatBackend, ChatRequest, Reply, VoteRunner};
 use crate::rollout::{rows_from_batch, rows_to_batch, RolloutRow, COLUMNS};
 
 /// Replies from a script found in the judge prompt: a next state containing
@@ -469,4 +469,25 @@ fn long_fields_are_clipped_for_the_judge() {
     assert!(prompts[0].len() < 2 * MAX_FIELD_CHARS);
     assert!(prompts[0].contains("START") && prompts[0].contains("END"));
     assert!(prompts[0].contains("characters cut"));
+}
+
+#[test]
+fn the_default_prompt_parses() {
+    const VARS: [&str; 3] = ["response", "next_state_role", "next_state_text"];
+    let p = PromptTemplate::parse(DEFAULT_PRM_PROMPT, "default", &VARS).unwrap();
+    let msgs = p.render(&[
+        ("response", "Here you go."),
+        ("next_state_role", "user"),
+        ("next_state_text", "no, do it again"),
+    ]);
+    assert_eq!(msgs.len(), 2);
+    assert_eq!(msgs[0]["role"], "system");
+    assert_eq!(msgs[1]["role"], "user");
+    let system = msgs[0]["content"].as_str().unwrap();
+    let user = msgs[1]["content"].as_str().unwrap();
+    assert!(!system.contains("claw judge"), "comments are not sent");
+    assert!(system.contains("\\boxed{1}") && system.contains("\\boxed{-1}"));
+    assert!(user.contains("## Assistant output\nHere you go."));
+    assert!(user.contains("## Next state [role: user]\nno, do it again"));
+    assert!(user.trim_end().ends_with("\\boxed{0}."));
 }

@@ -6,39 +6,12 @@
 //! vote. Votes are combined by strict majority: the value that occurs most often
 //! wins, a tie between the top values gives 0, and no valid vote gives 0.
 
-/// The content of the last `\boxed{...}` in `text`, if any. Nested braces inside
-/// the box are matched, so `\boxed{\text{1}}` yields `\text{1}`.
-pub fn last_boxed(text: &str) -> Option<&str> {
-    const OPEN: &str = "\\boxed{";
-    let start = text.rfind(OPEN)? + OPEN.len();
-    let mut depth = 1usize;
-    for (i, c) in text[start..].char_indices() {
-        match c {
-            '{' => depth += 1,
-            '}' => {
-                depth -= 1;
-                if depth == 0 {
-                    return Some(&text[start..start + i]);
-                }
-            }
-            _ => {}
-        }
-    }
-    None // an unclosed box (the reply was cut off) is no box
-}
+use crate::llm::boxed::{last_boxed, parse_score};
 
 /// The vote in a judge reply: the last `\boxed{}` read as -1, 0 or +1, or `None`
 /// (an invalid vote) when there is no box or the last box holds something else.
 pub fn parse_vote(text: &str) -> Option<i8> {
     parse_score(last_boxed(text)?, &[-1, 0, 1])
-}
-
-/// Reads a box's content as one of `allowed` (`+1` and `1` are the same). Shared
-/// with judges whose boxes allow fewer values (the hint judge accepts only ±1).
-pub fn parse_score(content: &str, allowed: &[i8]) -> Option<i8> {
-    // `i8::from_str` takes an optional sign (`+1`, `-1`) but not `+-1` or spaces.
-    let value: i8 = content.trim().parse().ok()?;
-    allowed.contains(&value).then_some(value)
 }
 
 /// The majority of the valid votes: the most frequent value, 0 on a tie between
@@ -136,23 +109,6 @@ mod tests {
         assert_eq!(parse_vote("\\boxed{\\text{1}}"), None);
         // an unclosed last box hides an earlier closed one: the reply was cut off
         assert_eq!(parse_vote("\\boxed{1} and finally \\boxed{-"), None);
-    }
-
-    #[test]
-    fn last_boxed_matches_nested_braces() {
-        assert_eq!(
-            last_boxed("a \\boxed{\\frac{1}{2}} b"),
-            Some("\\frac{1}{2}")
-        );
-        assert_eq!(last_boxed("\\boxed{x}\\boxed{y}"), Some("y"));
-        assert_eq!(last_boxed("nothing"), None);
-    }
-
-    #[test]
-    fn score_with_restricted_values() {
-        assert_eq!(parse_score("1", &[-1, 1]), Some(1));
-        assert_eq!(parse_score("0", &[-1, 1]), None);
-        assert_eq!(parse_score(" +1 ", &[-1, 1]), Some(1));
     }
 
     #[test]

@@ -7,6 +7,8 @@
 //! - [`template`]: the GGUF's chat template rendered with minijinja.
 //! - [`linear`], [`decoder`]: the network, with quantized or float weights.
 //! - [`sampling`], [`generate`]: token selection and the generation loop.
+//! - [`score`]: teacher-forced log-probs of given responses, batched (train,
+//!   distill-hints' teacher, `eval ppl`).
 //! - [`attnres`]: Attention Residuals (depth attention, two-phase Block inference).
 //! - [`scratch`]: models created from a JSON config and saved as safetensors.
 //! - [`testing`]: a tiny random-weight GGUF for tests that must not need a download.
@@ -24,6 +26,7 @@ pub mod linear;
 pub mod ops;
 pub mod pool;
 pub mod sampling;
+pub mod score;
 pub mod scratch;
 pub mod template;
 pub mod testing;

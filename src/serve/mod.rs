@@ -168,7 +168,7 @@ pub fn run(config: ServeConfig) -> Result<()> {
                 metrics.adapter_load_errors.fetch_add(1, Relaxed);
                 crate::warn!(
                     "ignoring the checkpoint {} names (serving the base model): {e:#}",
-                    checkpoints.join(crate::train::checkpoint::LATEST).display()
+                    checkpoints.join(crate::adapter::layout::LATEST).display()
                 );
                 None
             }
@@ -221,7 +221,7 @@ async fn serve(
             "following {} for new adapters (checked on change and every {} ms)",
             config
                 .checkpoints_dir()
-                .join(crate::train::checkpoint::LATEST)
+                .join(crate::adapter::layout::LATEST)
                 .display(),
             config.reload_poll.as_millis()
         );

@@ -31,10 +31,10 @@ use candle_core::Tensor;
 
 use super::metrics::Metrics;
 use super::unix_ms;
+use crate::adapter::layout::{config_path_for, latest_in, LATEST};
+use crate::adapter::Adapter;
 use crate::model::decoder::{Decoder, KvCache};
 use crate::model::Model;
-use crate::train::checkpoint::{latest_in, LATEST};
-use crate::train::lora::{config_path_for, Adapter};
 
 /// Distinct for every adapter ever loaded (0 is the base model): the prefix
 /// cache's key, since two loads may carry the same step with different weights.

@@ -1,12 +1,8 @@
-//! The checkpoint directory (docs/ARCHITECTURE.md, "Shared directory" and "Training"):
+//! Writing the checkpoint directory (docs/ARCHITECTURE.md, "Shared directory" and
+//! "Training"), in the layout [`crate::adapter::layout`] defines: adapters with
+//! their config and optimizer state, full-weight `model-NNNNNN.safetensors`,
+//! `metrics.jsonl`, keep-last-K pruning, and loading for `--resume`.
 //!
-//! ```text
-//! adapter-000012.safetensors        LoRA tensors, PEFT names
-//! adapter-000012.json               PEFT adapter config + claw_step + step metrics
-//! adapter-000012.optim.safetensors  AdamW moments, for --resume
-//! LATEST                            the newest adapter's file name
-//! metrics.jsonl                     one line per step
-//! ```
 //! Every file is written atomically and `LATEST` is replaced last, so a reader
 //! (`claw serve`) following `LATEST` only ever sees complete checkpoints.
 
@@ -16,29 +12,14 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use candle_core::Device;
 
-use super::lora::Adapter;
 use super::optim::AdamW;
 use super::trainer::StepMetrics;
+use crate::adapter::layout::{adapter_file_name, latest_in, optim_path, LATEST, METRICS};
+use crate::adapter::Adapter;
 use crate::fsutil::write_atomic;
-
-pub const LATEST: &str = "LATEST";
-pub const METRICS: &str = "metrics.jsonl";
 
 pub struct CheckpointDir {
     dir: PathBuf,
-}
-
-/// `adapter-000012.safetensors`.
-pub fn adapter_file_name(step: u64) -> String {
-    format!("adapter-{step:06}.safetensors")
-}
-
-/// The step of an `adapter-NNNNNN.safetensors` name.
-pub fn parse_adapter_step(name: &str) -> Option<u64> {
-    name.strip_prefix("adapter-")?
-        .strip_suffix(".safetensors")?
-        .parse()
-        .ok()
 }
 
 impl CheckpointDir {
@@ -197,29 +178,6 @@ impl CheckpointDir {
     }
 }
 
-/// The adapter `DIR/LATEST` names, if `LATEST` exists.
-pub fn latest_in(dir: &Path) -> Result<Option<PathBuf>> {
-    let pointer = dir.join(LATEST);
-    match std::fs::read_to_string(&pointer) {
-        Ok(text) => {
-            let name = text.trim();
-            anyhow::ensure!(
-                !name.is_empty() && !name.contains('/') && !name.contains(".."),
-                "{}: expected a checkpoint file name, found {name:?}",
-                pointer.display()
-            );
-            Ok(Some(dir.join(name)))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e).with_context(|| format!("cannot read {}", pointer.display())),
-    }
-}
-
-/// `adapter-000012.safetensors` → `adapter-000012.optim.safetensors`.
-pub fn optim_path(adapter: &Path) -> PathBuf {
-    adapter.with_extension("optim.safetensors")
-}
-
 /// Loads an adapter and, when present, its optimizer state into `optim`.
 /// Returns the adapter and the step it was saved at.
 pub fn load_optimizer_state(adapter_path: &Path, optim: &mut AdamW, step: u64) -> Result<bool> {
@@ -260,28 +218,4 @@ pub fn load_full_weights(
         );
     }
     Ok(loaded)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names_round_trip() {
-        assert_eq!(adapter_file_name(12), "adapter-000012.safetensors");
-        assert_eq!(parse_adapter_step("adapter-000012.safetensors"), Some(12));
-        assert_eq!(parse_adapter_step("adapter-000012.optim.safetensors"), None);
-        assert_eq!(
-            optim_path(Path::new("d/adapter-000003.safetensors")),
-            Path::new("d/adapter-000003.optim.safetensors")
-        );
-    }
-
-    #[test]
-    fn latest_rejects_paths() {
-        let dir = tempfile::tempdir().unwrap();
-        assert_eq!(latest_in(dir.path()).unwrap(), None);
-        std::fs::write(dir.path().join(LATEST), "../etc/passwd\n").unwrap();
-        assert!(latest_in(dir.path()).is_err());
-    }
 }

@@ -1,26 +1,25 @@
 //! Training on candle (docs/ARCHITECTURE.md, "Hindsight hints and distillation",
 //! "Training" and "Model runtime"): the two learning signals (binary RL rewards and
 //! on-policy distillation from hindsight hints) turned into LoRA or full-weight
-//! updates.
+//! updates. The teacher-forced log-probs it trains on come from
+//! [`crate::model::score`].
 //!
-//! - [`score`]: teacher-forced log-probs of given responses, batched.
 //! - [`loss`]: the clipped policy-gradient loss with teacher advantages and k3 KL.
-//! - [`lora`]: adapters with PEFT names, applied to the decoder's linears.
 //! - [`optim`]: AdamW with accumulation and grad-norm clipping.
 //! - [`trainer`]: one step over a batch.
 //! - [`checkpoint`]: atomic adapter checkpoints, `LATEST`, keep-last-K, resume.
+//!
+//! The LoRA adapters it trains, their file format and the checkpoint layout are
+//! [`crate::adapter`], shared with `serve`.
 //! - [`init`]: a new model from a JSON config (`--init`), trained from scratch.
 
 pub mod checkpoint;
 pub mod driver;
 pub mod init;
-pub mod lora;
 pub mod loss;
 pub mod optim;
-pub mod score;
 pub mod trainer;
 
-pub use lora::{Adapter, LoraConfig};
 pub use loss::{LossConfig, RewardBaseline};
 pub use trainer::{Objective, StepMetrics, TrainSample, Trainer, TrainerConfig};
 

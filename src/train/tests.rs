@@ -4,12 +4,12 @@
 
 use candle_core::{Device, Tensor};
 
-use super::lora::{Adapter, LoraConfig};
 use super::loss::LossConfig;
 use super::optim::AdamWConfig;
-use super::score::{self, Sequence};
 use super::trainer::{Objective, TrainSample, Trainer, TrainerConfig};
+use crate::adapter::{Adapter, LoraConfig};
 use crate::model::decoder::{Decoder, KvCache};
+use crate::model::score::{self, Sequence};
 use crate::model::testing::{write_tiny_gguf, TinySpec};
 use crate::model::{Model, SamplingParams, WeightFormat};
 

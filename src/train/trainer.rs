@@ -8,12 +8,12 @@ use anyhow::{Context, Result};
 use candle_core::{Tensor, Var};
 use serde::Serialize;
 
-use super::lora::{Adapter, LoraConfig};
 use super::loss::{self, LossConfig, SampleSignal, SampleStats};
 use super::optim::{AdamW, AdamWConfig, GradSum};
-use super::score::{self, Sequence};
+use crate::adapter::{Adapter, LoraConfig};
 use crate::model::decoder::{Decoder, Kernels};
 use crate::model::linear::LoraDelta;
+use crate::model::score::{self, Sequence};
 
 /// What the step optimises.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]

@@ -143,28 +143,6 @@ pub fn clip_middle(text: &str, max_chars: usize) -> String {
 mod tests {
     use super::*;
 
-    const VARS: [&str; 3] = ["response", "next_state_role", "next_state_text"];
-
-    #[test]
-    fn the_default_prompt_parses() {
-        let p = PromptTemplate::parse(super::super::DEFAULT_PRM_PROMPT, "default", &VARS).unwrap();
-        let msgs = p.render(&[
-            ("response", "Here you go."),
-            ("next_state_role", "user"),
-            ("next_state_text", "no, do it again"),
-        ]);
-        assert_eq!(msgs.len(), 2);
-        assert_eq!(msgs[0]["role"], "system");
-        assert_eq!(msgs[1]["role"], "user");
-        let system = msgs[0]["content"].as_str().unwrap();
-        let user = msgs[1]["content"].as_str().unwrap();
-        assert!(!system.contains("claw judge"), "comments are not sent");
-        assert!(system.contains("\\boxed{1}") && system.contains("\\boxed{-1}"));
-        assert!(user.contains("## Assistant output\nHere you go."));
-        assert!(user.contains("## Next state [role: user]\nno, do it again"));
-        assert!(user.trim_end().ends_with("\\boxed{0}."));
-    }
-
     #[test]
     fn sections_comments_and_placeholders() {
         let p = PromptTemplate::parse(

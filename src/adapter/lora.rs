@@ -7,13 +7,14 @@
 //! adapter there permutes the rows of the q/k `B` matrices to match.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
+use super::layout::config_path_for;
 use crate::model::decoder::{halves_to_interleaved, Decoder, RopeLayout, LINEAR_NAMES};
 use crate::model::linear::LoraDelta;
 
@@ -315,20 +316,6 @@ impl Adapter {
         };
         Ok((Self { config, pairs }, file_config))
     }
-}
-
-/// `adapter-000012.safetensors` → `adapter-000012.json`; falls back to PEFT's
-/// `adapter_config.json` in the same directory.
-pub fn config_path_for(path: &Path) -> PathBuf {
-    let own = path.with_extension("json");
-    if own.is_file() {
-        return own;
-    }
-    let peft = path.with_file_name("adapter_config.json");
-    if peft.is_file() {
-        return peft;
-    }
-    own
 }
 
 /// `base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight` →

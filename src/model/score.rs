@@ -1,6 +1,7 @@
 //! Teacher forcing: the log-prob of each given response token under a given
 //! prompt, for a batch of sequences in one forward pass. Used by `train`
-//! (logp_old, logp_new, reference) and by `distill-hints` (teacher log-probs).
+//! (logp_old, logp_new, reference), by `distill-hints` (teacher log-probs) and by
+//! `eval ppl`.
 //!
 //! Sequences are right-padded. Under a causal mask a real token never attends to
 //! a later pad, so padding changes no real position's output and needs no
