@@ -15,7 +15,7 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use super::layout::config_path_for;
-use crate::model::decoder::{halves_to_interleaved, Decoder, RopeLayout, LINEAR_NAMES};
+use crate::model::decoder::{halves_to_interleaved, Decoder, LinearName, RopeLayout};
 use crate::model::linear::LoraDelta;
 
 /// What an adapter adapts: rank, scale and target linears.
@@ -23,8 +23,8 @@ use crate::model::linear::LoraDelta;
 pub struct LoraConfig {
     pub rank: usize,
     pub alpha: f64,
-    /// Short names from [`LINEAR_NAMES`] (`q_proj`, …, `down_proj`).
-    pub targets: Vec<String>,
+    /// The adapted linears, in block order (serialized as `q_proj`, ...).
+    pub targets: Vec<LinearName>,
 }
 
 impl Default for LoraConfig {
@@ -32,7 +32,7 @@ impl Default for LoraConfig {
         Self {
             rank: 16,
             alpha: 32.0,
-            targets: LINEAR_NAMES.iter().map(|s| s.to_string()).collect(),
+            targets: LinearName::ALL.to_vec(),
         }
     }
 }
@@ -43,24 +43,22 @@ impl LoraConfig {
     }
 
     /// Parses `q,k,v,o,gate,up,down` (with or without `_proj`), or `all`.
-    pub fn parse_targets(spec: &str) -> Result<Vec<String>> {
+    pub fn parse_targets(spec: &str) -> Result<Vec<LinearName>> {
         if spec.trim() == "all" {
-            return Ok(LINEAR_NAMES.iter().map(|s| s.to_string()).collect());
+            return Ok(LinearName::ALL.to_vec());
         }
         let mut out = Vec::new();
         for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let name = match part.ends_with("_proj") {
-                true => part.to_string(),
-                false => format!("{part}_proj"),
+                true => LinearName::from_hf(part),
+                false => LinearName::from_hf(&format!("{part}_proj")),
             };
-            if !LINEAR_NAMES.contains(&name.as_str()) {
+            let Some(name) = name else {
                 bail!(
                     "unknown LoRA target `{part}`: expected some of q,k,v,o,gate,up,down (or all)"
                 );
-            }
-            if !out.contains(&name) {
-                out.push(name);
-            }
+            };
+            out.push(name);
         }
         anyhow::ensure!(!out.is_empty(), "no LoRA targets given");
         Ok(canonical_order(out))
@@ -71,7 +69,7 @@ impl LoraConfig {
 #[derive(Debug, Clone)]
 pub struct LoraPair {
     pub layer: usize,
-    pub name: String,
+    pub name: LinearName,
     pub a: Var,
     pub b: Var,
 }
@@ -82,7 +80,7 @@ impl LoraPair {
     pub fn peft_prefix(&self) -> String {
         format!(
             "base_model.model.{}",
-            Decoder::module_path(self.layer, &self.name)
+            Decoder::module_path(self.layer, self.name)
         )
     }
 }
@@ -123,18 +121,18 @@ impl Adapter {
         let device = decoder.device().clone();
         let mut pairs = Vec::new();
         for layer in 0..decoder.config.num_layers {
-            for name in &config.targets {
+            for &name in &config.targets {
                 let linear = decoder
                     .linear(layer, name)
                     .with_context(|| format!("no linear {name} in layer {layer}"))?;
-                let (out, inp) = (linear.out_dim()?, linear_in_dim(decoder, name));
+                let (out, inp) = (linear.out_dim()?, decoder.linear_in_dim(name));
                 let bound = 1.0 / (inp as f64).sqrt();
                 let a: Vec<f32> = (0..config.rank * inp)
                     .map(|_| rng.gen_range(-bound..bound) as f32)
                     .collect();
                 pairs.push(LoraPair {
                     layer,
-                    name: name.clone(),
+                    name,
                     a: Var::from_vec(a, (config.rank, inp), &device)?,
                     b: Var::zeros((out, config.rank), DType::F32, &device)?,
                 });
@@ -193,17 +191,17 @@ impl Adapter {
             );
             let mut b = pair.b.as_tensor().clone();
             if interleaved {
-                let heads = match pair.name.as_str() {
-                    "q_proj" => Some(decoder.config.num_heads),
-                    "k_proj" => Some(decoder.config.num_kv_heads),
+                let heads = match pair.name {
+                    LinearName::Q => Some(decoder.config.num_heads),
+                    LinearName::K => Some(decoder.config.num_kv_heads),
                     _ => None,
                 };
                 if let Some(heads) = heads {
                     b = halves_to_interleaved(&b, heads)?;
                 }
             }
-            let linear = decoder.linear(pair.layer, &pair.name).context("linear")?;
-            let (out_dim, in_dim) = (linear.out_dim()?, linear_in_dim(decoder, &pair.name));
+            let linear = decoder.linear(pair.layer, pair.name).context("linear")?;
+            let (out_dim, in_dim) = (linear.out_dim()?, decoder.linear_in_dim(pair.name));
             anyhow::ensure!(
                 b.dims2()? == (out_dim, self.config.rank)
                     && pair.a.dims2()? == (self.config.rank, in_dim),
@@ -215,7 +213,7 @@ impl Adapter {
             );
             out.set_lora(
                 pair.layer,
-                &pair.name,
+                pair.name,
                 Some(make(pair.a.as_tensor().clone(), b, scale)?),
             )?;
         }
@@ -238,7 +236,7 @@ impl Adapter {
             lora_alpha: self.config.alpha,
             lora_dropout: 0.0,
             bias: "none".into(),
-            target_modules: self.config.targets.clone(),
+            target_modules: self.config.targets.iter().map(|t| t.to_string()).collect(),
             base_model_name_or_path: base_model.into(),
             claw_step: step,
             claw_metrics: serde_json::Value::Null,
@@ -269,7 +267,7 @@ impl Adapter {
             .with_context(|| format!("cannot read adapter {}", path.display()))?;
         let tensors = candle_core::safetensors::load_buffer(&bytes, device)
             .with_context(|| format!("{}: not a safetensors file", path.display()))?;
-        let mut by_module: BTreeMap<(usize, String), (Option<Tensor>, Option<Tensor>)> =
+        let mut by_module: BTreeMap<(usize, LinearName), (Option<Tensor>, Option<Tensor>)> =
             BTreeMap::new();
         for (key, tensor) in tensors {
             let (layer, name, which) = parse_peft_name(&key).with_context(|| {
@@ -291,7 +289,7 @@ impl Adapter {
             path.display()
         );
         let mut pairs = Vec::new();
-        let mut targets: Vec<String> = Vec::new();
+        let mut targets = Vec::new();
         for ((layer, name), (a, b)) in by_module {
             let (Some(a), Some(b)) = (a, b) else {
                 bail!(
@@ -299,9 +297,7 @@ impl Adapter {
                     path.display()
                 );
             };
-            if !targets.contains(&name) {
-                targets.push(name.clone());
-            }
+            targets.push(name);
             pairs.push(LoraPair {
                 layer,
                 name,
@@ -319,16 +315,13 @@ impl Adapter {
 }
 
 /// `base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight` →
-/// (3, "q_proj", 'A'). Also accepts PEFT's `.lora_A.default.weight` spelling.
-fn parse_peft_name(key: &str) -> Option<(usize, String, char)> {
+/// (3, Q, 'A'). Also accepts PEFT's `.lora_A.default.weight` spelling.
+fn parse_peft_name(key: &str) -> Option<(usize, LinearName, char)> {
     let rest = key.split("layers.").nth(1)?;
     let mut parts = rest.split('.');
     let layer: usize = parts.next()?.parse().ok()?;
     let _group = parts.next()?;
-    let name = parts.next()?.to_string();
-    if !LINEAR_NAMES.contains(&name.as_str()) {
-        return None;
-    }
+    let name = LinearName::from_hf(parts.next()?)?;
     let which = match parts.next()? {
         "lora_A" => 'A',
         "lora_B" => 'B',
@@ -337,22 +330,12 @@ fn parse_peft_name(key: &str) -> Option<(usize, String, char)> {
     Some((layer, name, which))
 }
 
-/// Targets in block order (q, k, v, o, gate, up, down), whatever order they came in.
-fn canonical_order(targets: Vec<String>) -> Vec<String> {
-    LINEAR_NAMES
-        .iter()
-        .filter(|n| targets.iter().any(|t| t == *n))
-        .map(|n| n.to_string())
-        .collect()
-}
-
-fn linear_in_dim(decoder: &Decoder, name: &str) -> usize {
-    let cfg = &decoder.config;
-    match name {
-        "o_proj" => cfg.num_heads * cfg.head_dim,
-        "down_proj" => cfg.intermediate_size,
-        _ => cfg.hidden_size,
-    }
+/// Targets in block order (q, k, v, o, gate, up, down), once each, whatever
+/// order they came in.
+fn canonical_order(mut targets: Vec<LinearName>) -> Vec<LinearName> {
+    targets.sort();
+    targets.dedup();
+    targets
 }
 
 #[cfg(test)]
@@ -363,13 +346,13 @@ mod tests {
     fn parses_peft_names() {
         assert_eq!(
             parse_peft_name("base_model.model.model.layers.12.mlp.down_proj.lora_B.weight"),
-            Some((12, "down_proj".into(), 'B'))
+            Some((12, LinearName::Down, 'B'))
         );
         assert_eq!(
             parse_peft_name(
                 "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"
             ),
-            Some((0, "q_proj".into(), 'A'))
+            Some((0, LinearName::Q, 'A'))
         );
         assert_eq!(parse_peft_name("model.embed_tokens.weight"), None);
     }
@@ -378,7 +361,7 @@ mod tests {
     fn parses_targets() {
         assert_eq!(
             LoraConfig::parse_targets("v_proj,q,q").unwrap(),
-            vec!["q_proj", "v_proj"]
+            vec![LinearName::Q, LinearName::V]
         );
         assert_eq!(LoraConfig::parse_targets("all").unwrap().len(), 7);
         assert!(LoraConfig::parse_targets("qq").is_err());

@@ -242,7 +242,7 @@ impl Trainer {
                 for p in &adapter.pairs {
                     let delta =
                         LoraDelta::new(p.a.as_tensor().detach(), p.b.as_tensor().detach(), scale)?;
-                    out.set_lora(p.layer, &p.name, Some(delta))?;
+                    out.set_lora(p.layer, p.name, Some(delta))?;
                 }
                 Ok(out)
             }

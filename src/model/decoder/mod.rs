@@ -36,7 +36,7 @@ use super::linear::Linear;
 pub use cache::KvCache;
 use cache::{LayerKv, Past};
 pub use load::{halves_to_interleaved, interleaved_to_halves};
-pub use params::LINEAR_NAMES;
+pub use params::LinearName;
 
 /// Which implementation of the non-matmul ops to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

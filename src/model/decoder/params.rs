@@ -4,19 +4,75 @@
 
 use anyhow::{Context, Result};
 use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
 
 use super::*;
 
-/// The Hugging Face names of the block linears LoRA can target, in block order.
-pub const LINEAR_NAMES: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
+/// One of a block's linears, by its job. Its Hugging Face module name
+/// ([`LinearName::hf_name`]) is what PEFT adapters, checkpoints and
+/// `--lora-targets` use; the variants' order is the block's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum LinearName {
+    #[serde(rename = "q_proj")]
+    Q,
+    #[serde(rename = "k_proj")]
+    K,
+    #[serde(rename = "v_proj")]
+    V,
+    #[serde(rename = "o_proj")]
+    O,
+    #[serde(rename = "gate_proj")]
+    Gate,
+    #[serde(rename = "up_proj")]
+    Up,
+    #[serde(rename = "down_proj")]
+    Down,
+}
+
+impl LinearName {
+    /// Every block linear, in block order.
+    pub const ALL: [LinearName; 7] = [
+        LinearName::Q,
+        LinearName::K,
+        LinearName::V,
+        LinearName::O,
+        LinearName::Gate,
+        LinearName::Up,
+        LinearName::Down,
+    ];
+
+    /// The Hugging Face module name, e.g. `q_proj`.
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            LinearName::Q => "q_proj",
+            LinearName::K => "k_proj",
+            LinearName::V => "v_proj",
+            LinearName::O => "o_proj",
+            LinearName::Gate => "gate_proj",
+            LinearName::Up => "up_proj",
+            LinearName::Down => "down_proj",
+        }
+    }
+
+    /// The linear a Hugging Face module name (`q_proj`, ...) names.
+    pub fn from_hf(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|l| l.hf_name() == name)
+    }
+
+    /// The Hugging Face module group it sits in.
+    fn group(self) -> &'static str {
+        match self {
+            LinearName::Q | LinearName::K | LinearName::V | LinearName::O => "self_attn",
+            LinearName::Gate | LinearName::Up | LinearName::Down => "mlp",
+        }
+    }
+}
+
+impl std::fmt::Display for LinearName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.hf_name())
+    }
+}
 
 impl Decoder {
     /// A copy with every linear weight dequantized to f32 (same math, no
@@ -84,44 +140,47 @@ impl Decoder {
         Ok(out)
     }
 
-    /// The Hugging Face module path of block `layer`'s linear `name` (one of
-    /// [`LINEAR_NAMES`]), e.g. `model.layers.3.self_attn.q_proj`: the names PEFT
-    /// adapters use.
-    pub fn module_path(layer: usize, name: &str) -> String {
-        let group = match name {
-            "q_proj" | "k_proj" | "v_proj" | "o_proj" => "self_attn",
-            _ => "mlp",
-        };
-        format!("model.layers.{layer}.{group}.{name}")
+    /// The Hugging Face module path of block `layer`'s linear `name`, e.g.
+    /// `model.layers.3.self_attn.q_proj`: the names PEFT adapters use.
+    pub fn module_path(layer: usize, name: LinearName) -> String {
+        format!("model.layers.{layer}.{}.{name}", name.group())
     }
 
-    /// Block `layer`'s linear `name` (one of [`LINEAR_NAMES`]).
-    pub fn linear(&self, layer: usize, name: &str) -> Option<&Linear> {
+    /// Block `layer`'s linear `name` (None past the last layer).
+    pub fn linear(&self, layer: usize, name: LinearName) -> Option<&Linear> {
         let block = self.blocks.get(layer)?;
         Some(match name {
-            "q_proj" => &block.attn.q,
-            "k_proj" => &block.attn.k,
-            "v_proj" => &block.attn.v,
-            "o_proj" => &block.attn.o,
-            "gate_proj" => &block.mlp.gate,
-            "up_proj" => &block.mlp.up,
-            "down_proj" => &block.mlp.down,
-            _ => return None,
+            LinearName::Q => &block.attn.q,
+            LinearName::K => &block.attn.k,
+            LinearName::V => &block.attn.v,
+            LinearName::O => &block.attn.o,
+            LinearName::Gate => &block.mlp.gate,
+            LinearName::Up => &block.mlp.up,
+            LinearName::Down => &block.mlp.down,
         })
     }
 
-    fn linear_mut(&mut self, layer: usize, name: &str) -> Option<&mut Linear> {
+    fn linear_mut(&mut self, layer: usize, name: LinearName) -> Option<&mut Linear> {
         let block = self.blocks.get_mut(layer)?;
         Some(match name {
-            "q_proj" => &mut block.attn.q,
-            "k_proj" => &mut block.attn.k,
-            "v_proj" => &mut block.attn.v,
-            "o_proj" => &mut block.attn.o,
-            "gate_proj" => &mut block.mlp.gate,
-            "up_proj" => &mut block.mlp.up,
-            "down_proj" => &mut block.mlp.down,
-            _ => return None,
+            LinearName::Q => &mut block.attn.q,
+            LinearName::K => &mut block.attn.k,
+            LinearName::V => &mut block.attn.v,
+            LinearName::O => &mut block.attn.o,
+            LinearName::Gate => &mut block.mlp.gate,
+            LinearName::Up => &mut block.mlp.up,
+            LinearName::Down => &mut block.mlp.down,
         })
+    }
+
+    /// The input width of linear `name` (its output width is the weight's rows).
+    pub fn linear_in_dim(&self, name: LinearName) -> usize {
+        let cfg = &self.config;
+        match name {
+            LinearName::O => cfg.num_heads * cfg.head_dim,
+            LinearName::Down => cfg.intermediate_size,
+            _ => cfg.hidden_size,
+        }
     }
 
     /// A copy with `lora` set on block `layer`'s linear `name` (None removes it).
@@ -129,7 +188,7 @@ impl Decoder {
     pub fn set_lora(
         &mut self,
         layer: usize,
-        name: &str,
+        name: LinearName,
         lora: Option<crate::model::linear::LoraDelta>,
     ) -> Result<()> {
         let linear = self
@@ -143,7 +202,7 @@ impl Decoder {
     pub fn without_lora(&self) -> Self {
         let mut out = self.clone();
         for layer in 0..out.blocks.len() {
-            for name in LINEAR_NAMES {
+            for name in LinearName::ALL {
                 if let Some(l) = out.linear_mut(layer, name) {
                     l.lora = None;
                 }
@@ -216,7 +275,7 @@ impl Decoder {
             for (name, norm) in block.attn.head_norms() {
                 out.push((format!("{p}.self_attn.{name}.weight"), norm.weight.clone()));
             }
-            for name in LINEAR_NAMES {
+            for name in LinearName::ALL {
                 let linear = self.linear(i, name).context("linear")?;
                 let path = Self::module_path(i, name);
                 out.push((format!("{path}.weight"), float(linear)?));
@@ -301,7 +360,7 @@ impl Decoder {
                     *norm = RmsNorm::new(take(&format!("{p}.self_attn.{name}.weight"))?, norm.eps)?;
                 }
             }
-            for name in LINEAR_NAMES {
+            for name in LinearName::ALL {
                 let path = Self::module_path(i, name);
                 let weight = take(&format!("{path}.weight"))?;
                 let bias = match has_bias.contains(&format!("{path}.bias")) {
