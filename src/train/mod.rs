@@ -8,15 +8,20 @@
 //! - [`lora`]: adapters with PEFT names, applied to the decoder's linears.
 //! - [`optim`]: AdamW with accumulation and grad-norm clipping.
 //! - [`trainer`]: one step over a batch.
+//! - [`driver`]: the loop around it: batching, skips, checkpoints and metrics.
+//! - [`data`]: rollout rows and text files as samples, the held-out loss.
+//! - [`run`]: one `claw train` run: model, trainer or resume, epochs.
 //! - [`checkpoint`]: atomic adapter checkpoints, `LATEST`, keep-last-K, resume.
 //! - [`init`]: a new model from a JSON config (`--init`), trained from scratch.
 
 pub mod checkpoint;
+pub mod data;
 pub mod driver;
 pub mod init;
 pub mod lora;
 pub mod loss;
 pub mod optim;
+pub mod run;
 pub mod score;
 pub mod trainer;
 
