@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use super::score::{self, Sequence};
 use super::trainer::{TrainSample, Trainer};
 use crate::model::Model;
-use crate::rollout::{RolloutFile, RolloutReader, RolloutRow};
+use crate::rollout::{RolloutBatch, RolloutFile, RolloutReader, RolloutRow};
 
 /// Whether `inputs` (as `RolloutReader` takes them) read standard input.
 pub fn reads_stdin(inputs: &[String]) -> bool {
@@ -17,7 +17,7 @@ pub fn reads_stdin(inputs: &[String]) -> bool {
 }
 
 /// `FILE: row N (sample ID)`, for errors about one row (`index` from 0).
-pub fn sample_at(source: &str, index: u64, row: &RolloutRow) -> String {
+fn sample_at(source: &str, index: u64, row: &RolloutRow) -> String {
     format!("{source}: row {} (sample {})", index + 1, row.sample_id)
 }
 
@@ -59,17 +59,32 @@ pub fn train_sample(row: &RolloutRow, vocab: usize) -> Result<TrainSample> {
     })
 }
 
+/// Row `i` of `batch` as a training sample; an error names the file and row.
+pub fn batch_row_sample(
+    batch: &RolloutBatch,
+    i: usize,
+    row: &RolloutRow,
+    vocab: usize,
+) -> Result<TrainSample> {
+    train_sample(row, vocab)
+        .with_context(|| sample_at(&batch.source, batch.first_row + i as u64, row))
+}
+
+/// Every row of `batch` as a training sample; any bad row fails the batch.
+fn batch_samples(batch: &RolloutBatch, vocab: usize) -> Result<Vec<TrainSample>> {
+    batch
+        .rows()?
+        .iter()
+        .enumerate()
+        .map(|(i, row)| batch_row_sample(batch, i, row, vocab))
+        .collect()
+}
+
 /// Every row of `inputs` (files, globs, directories, `-`) as a training sample.
 pub fn read_samples(inputs: &[String], vocab: usize) -> Result<Vec<TrainSample>> {
     let mut out = Vec::new();
     for batch in RolloutReader::new(inputs)? {
-        let batch = batch?;
-        for (i, row) in batch.rows()?.into_iter().enumerate() {
-            out.push(
-                train_sample(&row, vocab)
-                    .with_context(|| sample_at(&batch.source, batch.first_row + i as u64, &row))?,
-            );
-        }
+        out.extend(batch_samples(&batch?, vocab)?);
     }
     Ok(out)
 }
@@ -79,13 +94,7 @@ pub fn file_samples(path: &Path, vocab: usize) -> Result<Vec<TrainSample>> {
     let file = RolloutFile::open_path(path)?;
     let mut out = Vec::new();
     for batch in file.batches(4096, None)? {
-        let batch = batch?;
-        for (i, row) in batch.rows()?.into_iter().enumerate() {
-            out.push(
-                train_sample(&row, vocab)
-                    .with_context(|| sample_at(&batch.source, batch.first_row + i as u64, &row))?,
-            );
-        }
+        out.extend(batch_samples(&batch?, vocab)?);
     }
     Ok(out)
 }

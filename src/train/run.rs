@@ -4,10 +4,10 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
 use super::checkpoint::{self, CheckpointDir};
-use super::data::{mean_nll, read_samples, reads_stdin, sample_at, text_samples, train_sample};
+use super::data::{batch_row_sample, mean_nll, read_samples, reads_stdin, text_samples};
 use super::driver::{Driver, DriverConfig, RunSummary};
 use super::optim::AdamWConfig;
 use super::{
@@ -210,9 +210,7 @@ impl Run {
                     for batch in RolloutReader::new(&config.inputs)? {
                         let batch = batch?;
                         for (i, row) in batch.rows()?.into_iter().enumerate() {
-                            let sample = train_sample(&row, vocab).with_context(|| {
-                                sample_at(&batch.source, batch.first_row + i as u64, &row)
-                            })?;
+                            let sample = batch_row_sample(&batch, i, &row, vocab)?;
                             if let Some(m) = driver.push(sample)? {
                                 on_step(&m);
                             }
