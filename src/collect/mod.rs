@@ -100,7 +100,7 @@ pub fn collect(inputs: &[String], output: &str, cfg: &CollectConfig) -> Result<S
     );
     // 4. Pair, in event time order; sort the samples.
     let (clock, open, out, pstats) =
-        pair(held.events, held.imported, held.clock, held.carried, cfg);
+        pair_events(held.events, held.imported, held.clock, held.carried, cfg);
     crate::debug!(
         "collect: paired and sorted {} samples at {:.2} s",
         out.len(),
@@ -286,7 +286,7 @@ fn hold(
 /// order), ends sessions as the config says, and sorts every sample (paired and
 /// imported) by (session, turn). Returns the clock, the sessions left open, the
 /// samples and the pairing's counts.
-fn pair(
+fn pair_events(
     mut events: Vec<Event>,
     imported: Vec<Sample>,
     clock: Option<Ms>,
