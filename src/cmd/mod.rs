@@ -1,4 +1,5 @@
-//! One module per subcommand: its clap `Args` (with the `--help` text) and `run()`.
+//! One module per subcommand: its clap `Args` (with the `--help` text) and `run()`,
+//! which turns the flags into the stage's config, calls the library and prints.
 //! The stage logic itself lives in the library modules, free of CLI concerns.
 
 pub mod chat;

@@ -6,15 +6,10 @@ use anyhow::{Context, Result};
 use clap::Args;
 use serde::Serialize;
 
-use crate::adapter::{Adapter, LoraConfig};
 use crate::daemon::{Stage, WatchArgs};
-use crate::model::score::{self, Sequence};
-use crate::model::{resolve_model_path, Model, WeightFormat};
-use crate::rollout::{RolloutReader, RolloutRow};
-use crate::train::checkpoint::{self, CheckpointDir};
-use crate::train::driver::{Driver, DriverConfig, RunSummary};
-use crate::train::optim::AdamWConfig;
-use crate::train::{LossConfig, Objective, RewardBaseline, TrainSample, Trainer, TrainerConfig};
+use crate::train::driver::RunSummary;
+use crate::train::run::{keep_freed_memory, Run, RunConfig};
+use crate::train::{LossConfig, Objective, RewardBaseline, StepMetrics};
 use crate::{info, warn};
 
 /// Update the model (LoRA or full) from judged or distilled samples.
@@ -207,6 +202,50 @@ struct Report<'a> {
     checkpoint_dir: PathBuf,
 }
 
+impl TrainArgs {
+    /// The run's settings (after `--watch` has set out, resume and save-every).
+    fn run_config(mut self) -> RunConfig {
+        self.inputs.append(&mut self.data);
+        RunConfig {
+            inputs: self.inputs,
+            model: self.model,
+            base_weights: self.base_weights,
+            init: self.init,
+            out: self.out,
+            objective: self.objective,
+            batch_size: self.batch_size,
+            grad_accum: self.grad_accum,
+            lr: self.lr,
+            full: self.full,
+            lora_rank: self.lora_rank,
+            lora_alpha: self.lora_alpha,
+            lora_targets: self.lora_targets,
+            loss: LossConfig {
+                w_rl: self.w_rl,
+                w_opd: self.w_opd,
+                teacher_clip: self.teacher_clip,
+                eps_low: self.eps_low,
+                eps_high: self.eps_high,
+                beta_kl: self.beta_kl,
+                reward_baseline: self.reward_baseline,
+                w_topk: self.w_topk,
+            },
+            weight_decay: self.weight_decay,
+            grad_clip: self.grad_clip,
+            micro_batch_tokens: self.micro_batch_tokens,
+            max_steps: self.max_steps,
+            max_staleness: self.max_staleness,
+            epochs: self.epochs,
+            save_every: self.save_every,
+            keep: self.keep,
+            resume: self.resume,
+            seq_len: self.seq_len,
+            eval: self.eval,
+            seed: self.seed,
+        }
+    }
+}
+
 pub fn run(mut args: TrainArgs) -> Result<()> {
     keep_freed_memory();
     let daemon = args
@@ -229,118 +268,24 @@ pub fn run(mut args: TrainArgs) -> Result<()> {
         args.resume = true;
         args.save_every = 1;
     }
-    anyhow::ensure!(args.batch_size > 0, "--batch-size must be at least 1");
-    anyhow::ensure!(args.grad_accum > 0, "--grad-accum must be at least 1");
-    anyhow::ensure!(args.lora_rank > 0, "--lora-rank must be at least 1");
-    // --init: a new model (all weights trained); otherwise the one given.
-    let (mut model, model_spec) = match &args.init {
-        Some(init) => crate::train::init::init_model(
-            init,
-            &args.out,
-            args.resume,
-            args.base_weights.is_some(),
-        )?,
-        None => {
-            let model_path = resolve_model_path(args.model.as_deref())?;
-            (Model::load_with(&model_path, WeightFormat::F32)?, None)
-        }
-    };
-    args.inputs.append(&mut args.data);
-    let full = args.full || args.init.is_some();
-    if let Some(path) = &args.base_weights {
-        model.decoder = checkpoint::load_full_weights(&model.decoder, path)?;
-        info!("base weights from {}", path.display());
-    }
-    let lora = match full {
-        true => None,
-        false => Some(LoraConfig {
-            rank: args.lora_rank,
-            alpha: args.lora_alpha,
-            targets: LoraConfig::parse_targets(&args.lora_targets)?,
-        }),
-    };
-    let config = TrainerConfig {
-        objective: args.objective,
-        loss: LossConfig {
-            w_rl: args.w_rl,
-            w_opd: args.w_opd,
-            teacher_clip: args.teacher_clip,
-            eps_low: args.eps_low,
-            eps_high: args.eps_high,
-            beta_kl: args.beta_kl,
-            reward_baseline: args.reward_baseline,
-            w_topk: args.w_topk,
-        },
-        optim: AdamWConfig {
-            lr: args.lr.unwrap_or(match (args.init.is_some(), full) {
-                (true, _) => 1e-3,
-                (false, true) => 1e-5,
-                (false, false) => 1e-4,
-            }),
-            weight_decay: args.weight_decay,
-            ..Default::default()
-        },
-        grad_clip: args.grad_clip,
-        lora,
-        seed: args.seed,
-        micro_batch_tokens: args.micro_batch_tokens,
-    };
-    let checkpoints = CheckpointDir::create(&args.out)?;
-    let trainer = start_trainer(&model, config, &checkpoints, args.resume)?;
-    let trainable_parameters: usize = trainer
-        .named_vars()
-        .iter()
-        .map(|(_, v)| v.elem_count())
-        .sum();
-    info!(
-        "training {} ({}, {} trainable parameters) from step {}, objective {:?}, lr {}",
-        model.name,
-        if full { "full" } else { "LoRA" },
-        trainable_parameters,
-        trainer.steps(),
-        args.objective,
-        trainer.config.optim.lr
-    );
-
-    let vocab = model.config.vocab_size;
-    let eval_samples = match &args.eval {
-        Some(path) => Some(read_samples(std::slice::from_ref(path), vocab)?),
-        None => None,
-    };
-    let eval_loss_before = match &eval_samples {
-        Some(s) => Some(mean_nll(&trainer, s)?),
-        None => None,
-    };
-
-    let mut driver = Driver::new(
-        trainer,
-        DriverConfig {
-            batch_size: args.batch_size * args.grad_accum,
-            max_steps: args.max_steps,
-            max_staleness: args.max_staleness,
-            save_every: args.save_every,
-            keep: args.keep,
-            max_sequence: model.config.context_length - 1,
-            base_model: model.name.clone(),
-        },
-        Some(checkpoints),
-    );
-    driver.set_model_spec(model_spec);
+    let json = args.json;
+    let partial_after = args.partial_after.clone();
+    let mut run = Run::start(args.run_config())?;
     if let Some(cfg) = &daemon {
         let partial_after =
-            crate::collect::parse_duration_ms(&args.partial_after).context("--partial-after")?;
-        let on_step = |m: &crate::train::StepMetrics| info!("{}", step_line(m));
+            crate::collect::parse_duration_ms(&partial_after).context("--partial-after")?;
+        let on_step = |m: &StepMetrics| info!("{}", step_line(m));
         crate::daemon::train::TrainDaemon {
             cfg,
             partial_after: std::time::Duration::from_millis(partial_after.max(0) as u64),
-            to_sample: &|row| train_sample(row, vocab),
+            vocab: run.vocab(),
             on_step: &on_step,
         }
-        .run(&mut driver)?;
+        .run(&mut run.driver)?;
         return Ok(());
     }
-    let bar = crate::ui::progress_bar(args.max_steps, "train");
-    let on_step = |m: &crate::train::StepMetrics| {
+    let bar = crate::ui::progress_bar(run.config.max_steps, "train");
+    let on_step = |m: &StepMetrics| {
         let line = step_line(m);
         if bar.is_hidden() {
             info!("{line}");
@@ -350,58 +295,12 @@ pub fn run(mut args: TrainArgs) -> Result<()> {
             bar.println(line);
         }
     };
-    for epoch in 0..args.epochs.max(1) {
-        if driver.done() {
-            break;
-        }
-        if epoch > 0 {
-            anyhow::ensure!(
-                !reads_stdin(&args.inputs),
-                "--epochs > 1 needs file inputs (stdin can be read once)"
-            );
-        }
-        match args.objective {
-            Objective::Lm => {
-                for sample in text_samples(&model, &args.inputs, args.seq_len)? {
-                    if let Some(m) = driver.push(sample)? {
-                        on_step(&m);
-                    }
-                    if driver.done() {
-                        break;
-                    }
-                }
-            }
-            _ => {
-                for batch in RolloutReader::new(&args.inputs)? {
-                    let batch = batch?;
-                    for (i, row) in batch.rows()?.into_iter().enumerate() {
-                        let sample = train_sample(&row, vocab).with_context(|| {
-                            sample_at(&batch.source, batch.first_row + i as u64, &row)
-                        })?;
-                        if let Some(m) = driver.push(sample)? {
-                            on_step(&m);
-                        }
-                        if driver.done() {
-                            break;
-                        }
-                    }
-                    if driver.done() {
-                        break;
-                    }
-                }
-            }
-        }
-    }
-    if let Some(m) = driver.finish()? {
-        on_step(&m);
-    }
+    run.train(&on_step)?;
     bar.finish_and_clear();
 
-    let eval_loss_after = match &eval_samples {
-        Some(s) => Some(mean_nll(&driver.trainer, s)?),
-        None => None,
-    };
-    let summary = &driver.summary;
+    let eval_loss_before = run.eval_loss_before;
+    let eval_loss_after = run.eval_loss()?;
+    let summary = run.summary();
     let skipped = &summary.skipped;
     info!(
         "{} steps on {} of {} samples ({} tokens, {:.0} tok/s); skipped: {} without signal, {} stale, {} empty, {} too long",
@@ -423,81 +322,23 @@ pub fn run(mut args: TrainArgs) -> Result<()> {
         None if summary.steps == 0 => warn!("no step taken: no input sample carried a signal"),
         None => {}
     }
-    if args.json {
+    if json {
         let report = Report {
             run: summary,
-            objective: args.objective,
-            trainable_parameters,
+            objective: run.config.objective,
+            trainable_parameters: run.trainable_parameters,
             eval_loss_before,
             eval_loss_after,
             peak_rss_mb: crate::ui::peak_rss_bytes().map(|b| b as f64 / (1024.0 * 1024.0)),
-            checkpoint_dir: args.out.clone(),
+            checkpoint_dir: run.config.out.clone(),
         };
         println!("{}", serde_json::to_string_pretty(&report)?);
     }
     Ok(())
 }
 
-/// Tells glibc to keep freed memory in the process. A step frees and reallocates
-/// the same gigabytes of activations; by default glibc hands large blocks back to
-/// the OS and the next step faults them in again, zero-filled by the kernel:
-/// `perf` put 38% of a step there, and these settings made the step 1.6x faster
-/// (BENCHMARKS.md, training step).
-fn keep_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets allocator parameters; called before training allocates.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-        libc::mallopt(libc::M_TOP_PAD, 1 << 30);
-    }
-}
-
-/// A new trainer, or with --resume the one LATEST names (adapter + optimizer state).
-fn start_trainer(
-    model: &Model,
-    config: TrainerConfig,
-    checkpoints: &CheckpointDir,
-    resume: bool,
-) -> Result<Trainer> {
-    if !resume {
-        return Trainer::new(&model.decoder, config, None);
-    }
-    anyhow::ensure!(
-        config.lora.is_some(),
-        "--resume continues a LoRA adapter; it does not apply to --full"
-    );
-    let Some(path) = checkpoints.latest()? else {
-        warn!(
-            "--resume: {} has no LATEST checkpoint yet; starting a new adapter",
-            checkpoints.path().display()
-        );
-        return Trainer::new(&model.decoder, config, None);
-    };
-    let (adapter, file_config) = Adapter::load(&path, &model.device)?;
-    let mut config = config;
-    // The adapter's own shape wins over the command line's.
-    config.lora = Some(adapter.config.clone());
-    let mut trainer = Trainer::new(&model.decoder, config, Some(adapter))?;
-    let restored =
-        checkpoint::load_optimizer_state(&path, trainer.optimizer_mut(), file_config.claw_step)?;
-    if !restored {
-        warn!(
-            "{}: no optimizer state beside it; AdamW moments start from zero",
-            path.display()
-        );
-        trainer.optimizer_mut().set_steps(file_config.claw_step);
-    }
-    info!(
-        "resuming from {} (step {})",
-        path.display(),
-        file_config.claw_step
-    );
-    Ok(trainer)
-}
-
 /// One line per optimizer step.
-fn step_line(m: &crate::train::StepMetrics) -> String {
+fn step_line(m: &StepMetrics) -> String {
     format!(
         "step {} loss {:.4} reward {:+.2} |A| {:.3} clip {:.2} grad {:.3} {} tok in {:.1}s ({:.0} tok/s)",
         m.step,
@@ -510,127 +351,4 @@ fn step_line(m: &crate::train::StepMetrics) -> String {
         m.seconds,
         m.tokens_per_s
     )
-}
-
-fn reads_stdin(inputs: &[String]) -> bool {
-    inputs.is_empty() || inputs.iter().any(|i| i == "-")
-}
-
-/// `FILE: row N (sample ID)`, for errors about one row (`index` from 0).
-fn sample_at(source: &str, index: u64, row: &RolloutRow) -> String {
-    format!("{source}: row {} (sample {})", index + 1, row.sample_id)
-}
-
-/// The training view of a rollout row; every token id must be one of the
-/// model's `vocab` (else the error names the field and the id).
-fn train_sample(row: &RolloutRow, vocab: usize) -> Result<TrainSample> {
-    let to_ids = |v: &[i32], field: &str| -> Result<Vec<u32>> {
-        v.iter()
-            .enumerate()
-            .map(|(k, &id)| match u32::try_from(id) {
-                Ok(u) if (u as usize) < vocab => Ok(u),
-                Ok(_) => anyhow::bail!(
-                    "`{field}`[{k}] = {id} is outside the model's vocabulary ({vocab} tokens): \
-                     were these ids made with another model's tokenizer?"
-                ),
-                Err(_) => anyhow::bail!("`{field}`[{k}] = {id} is a negative token id"),
-            })
-            .collect()
-    };
-    Ok(TrainSample {
-        sample_id: row.sample_id.clone(),
-        prompt_ids: to_ids(&row.prompt_ids, "prompt_ids")?,
-        response_ids: to_ids(&row.response_ids, "response_ids")?,
-        reward: row.reward,
-        teacher_logprobs: row.teacher_logprobs.clone(),
-        teacher_topk: match (&row.teacher_topk_ids, &row.teacher_topk_logprobs) {
-            (Some(ids), Some(lps)) => Some(
-                ids.iter()
-                    .zip(lps)
-                    .enumerate()
-                    .map(|(t, (ids, lps))| {
-                        Ok((to_ids(ids, &format!("teacher_topk_ids[{t}]"))?, lps.clone()))
-                    })
-                    .collect::<Result<_>>()?,
-            ),
-            _ => None,
-        },
-        policy_version: row.policy_version,
-    })
-}
-
-fn read_samples(inputs: &[String], vocab: usize) -> Result<Vec<TrainSample>> {
-    let mut out = Vec::new();
-    for batch in RolloutReader::new(inputs)? {
-        let batch = batch?;
-        for (i, row) in batch.rows()?.into_iter().enumerate() {
-            out.push(
-                train_sample(&row, vocab)
-                    .with_context(|| sample_at(&batch.source, batch.first_row + i as u64, &row))?,
-            );
-        }
-    }
-    Ok(out)
-}
-
-/// Mean over samples of the per-token NLL of the response under the current policy.
-fn mean_nll(trainer: &Trainer, samples: &[TrainSample]) -> Result<f64> {
-    let seqs: Vec<Sequence> = samples
-        .iter()
-        .filter(|s| !s.prompt_ids.is_empty() && !s.response_ids.is_empty())
-        .map(|s| Sequence {
-            prompt: &s.prompt_ids,
-            response: &s.response_ids,
-        })
-        .collect();
-    anyhow::ensure!(
-        !seqs.is_empty(),
-        "--eval: no sample with prompt and response ids"
-    );
-    let scores = score::score(
-        &trainer.frozen_policy()?,
-        &seqs,
-        trainer.config.micro_batch_tokens,
-    )?;
-    let per_sample: Vec<f64> = scores
-        .iter()
-        .map(|lp| -lp.iter().map(|&x| x as f64).sum::<f64>() / lp.len() as f64)
-        .collect();
-    Ok(per_sample.iter().sum::<f64>() / per_sample.len() as f64)
-}
-
-/// Plain text as language-modelling samples: the tokens of each file in windows
-/// of `seq_len` (the first token is the prompt, the rest are predicted).
-fn text_samples(model: &Model, inputs: &[String], seq_len: usize) -> Result<Vec<TrainSample>> {
-    anyhow::ensure!(seq_len >= 2, "--seq-len must be at least 2");
-    anyhow::ensure!(
-        seq_len < model.config.context_length,
-        "--seq-len {seq_len} must be below the model's context length {}",
-        model.config.context_length
-    );
-    anyhow::ensure!(
-        !inputs.is_empty(),
-        "--objective lm needs text files to read"
-    );
-    let mut out = Vec::new();
-    for input in inputs {
-        let text = std::fs::read_to_string(input)
-            .with_context(|| format!("cannot read text file {input}"))?;
-        let ids = model
-            .tokenizer
-            .encode(&text)
-            .with_context(|| format!("{input}: tokenizing"))?;
-        for (i, window) in ids.chunks(seq_len).enumerate() {
-            if window.len() < 2 {
-                continue;
-            }
-            out.push(TrainSample {
-                sample_id: format!("{input}#{i}"),
-                prompt_ids: window[..1].to_vec(),
-                response_ids: window[1..].to_vec(),
-                ..Default::default()
-            });
-        }
-    }
-    Ok(out)
 }

@@ -5,15 +5,13 @@
 //! (or its memory) cannot take the others down, each restarts on its own, and
 //! they are exactly the daemons one would run under systemd.
 
-use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Args;
 
-use crate::daemon::wake::{install_stop_handler, stop_requested, stop_when_parent_dies};
+use crate::daemon::supervise::{self, StageProcess};
+use crate::daemon::wake::install_stop_handler;
 
 const STAGES: [&str; 5] = ["serve", "collect", "judge", "distill-hints", "train"];
 
@@ -66,15 +64,6 @@ pub struct UpArgs {
     /// How often the daemons look for new input besides notifications.
     #[arg(long, default_value = "1s", value_name = "DURATION")]
     pub poll_interval: String,
-}
-
-struct Stage {
-    name: &'static str,
-    args: Vec<String>,
-    child: Option<Child>,
-    started: Instant,
-    restarts: u32,
-    restart_at: Option<Instant>,
 }
 
 pub fn run(args: UpArgs) -> Result<()> {
@@ -130,14 +119,7 @@ pub fn run(args: UpArgs) -> Result<()> {
             argv.extend(["--from".into(), "judged".into()]);
         }
         argv.extend(extra.remove(name).unwrap_or_default());
-        stages.push(Stage {
-            name,
-            args: argv,
-            child: None,
-            started: Instant::now(),
-            restarts: 0,
-            restart_at: Some(Instant::now()),
-        });
+        stages.push(StageProcess::new(name, argv));
     }
     anyhow::ensure!(!stages.is_empty(), "--without left no stage to run");
     install_stop_handler();
@@ -151,118 +133,5 @@ pub fn run(args: UpArgs) -> Result<()> {
         stages.iter().map(|s| s.name).collect::<Vec<_>>().join(", "),
         args.dir.display()
     );
-    let result = supervise(&exe, &args, &mut stages);
-    shutdown(&mut stages);
-    result
-}
-
-fn supervise(exe: &PathBuf, args: &UpArgs, stages: &mut [Stage]) -> Result<()> {
-    while !stop_requested() {
-        for stage in stages.iter_mut() {
-            if let Some(child) = &mut stage.child {
-                if let Some(status) = child.try_wait()? {
-                    stage.child = None;
-                    if status.code() == Some(2) {
-                        bail!(
-                            "{} refused its arguments (exit 2): {}",
-                            stage.name,
-                            stage.args.join(" ")
-                        );
-                    }
-                    // Back off for stages that keep dying young; reset for one that ran a while.
-                    if stage.started.elapsed() > Duration::from_secs(60) {
-                        stage.restarts = 0;
-                    }
-                    let wait = Duration::from_secs(1 << stage.restarts.min(6));
-                    stage.restarts += 1;
-                    crate::warn!(
-                        "up: {} exited ({status}); restarting in {}s",
-                        stage.name,
-                        wait.as_secs()
-                    );
-                    stage.restart_at = Some(Instant::now() + wait);
-                }
-            }
-            if stage.child.is_none() && stage.restart_at.is_some_and(|t| Instant::now() >= t) {
-                stage.child = Some(spawn(exe, args, stage)?);
-                stage.started = Instant::now();
-                stage.restart_at = None;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Ok(())
-}
-
-fn spawn(exe: &PathBuf, args: &UpArgs, stage: &Stage) -> Result<Child> {
-    use std::os::unix::process::CommandExt;
-    let mut cmd = Command::new(exe);
-    cmd.args(&stage.args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        // Its own process group: a terminal's Ctrl-C reaches `up` only, which then
-        // stops each stage once (a second signal would make it abandon its work).
-        .process_group(0);
-    stop_when_parent_dies(&mut cmd);
-    if let Some(model) = &args.model {
-        cmd.env("CLAW_MODEL", model);
-    }
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("starting {} {}", exe.display(), stage.args.join(" ")))?;
-    let name = stage.name;
-    if let Some(out) = child.stdout.take() {
-        forward(name, out);
-    }
-    if let Some(err) = child.stderr.take() {
-        forward(name, err);
-    }
-    crate::debug!("up: started {name} (pid {})", child.id());
-    Ok(child)
-}
-
-/// Copies a child's output to our stderr, a line at a time, prefixed by stage.
-fn forward(name: &'static str, stream: impl Read + Send + 'static) {
-    std::thread::spawn(move || {
-        for line in BufReader::new(stream).lines() {
-            let Ok(line) = line else { break };
-            // The children's own "claw: " prefix is noise in a merged stream.
-            let line = line.strip_prefix("claw: ").unwrap_or(&line);
-            crate::ui::log_line(format_args!("[{name:>13}] {line}"));
-        }
-    });
-}
-
-/// SIGTERM to every stage, then a grace period, then SIGKILL.
-fn shutdown(stages: &mut [Stage]) {
-    let running: Vec<&mut Stage> = stages.iter_mut().filter(|s| s.child.is_some()).collect();
-    if running.is_empty() {
-        return;
-    }
-    crate::info!("up: stopping {} stage(s)", running.len());
-    for s in &running {
-        if let Some(child) = &s.child {
-            // SAFETY: signalling a child we started.
-            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-        }
-    }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    for s in running {
-        let Some(mut child) = s.child.take() else {
-            continue;
-        };
-        loop {
-            match child.try_wait() {
-                Ok(Some(_)) | Err(_) => break,
-                Ok(None) if Instant::now() >= deadline => {
-                    crate::warn!("up: {} did not stop in time; killing it", s.name);
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    break;
-                }
-                Ok(None) => std::thread::sleep(Duration::from_millis(50)),
-            }
-        }
-    }
+    supervise::run(&exe, args.model.as_deref(), &mut stages)
 }

@@ -30,8 +30,10 @@
 pub mod collect;
 pub mod ledger;
 pub mod quarantine;
+pub mod report;
 pub mod segments;
 pub mod status;
+pub mod supervise;
 pub mod train;
 pub mod wake;
 

@@ -22,9 +22,9 @@ use super::status::StatusFile;
 use super::wake::{stop_requested, Waker};
 use super::{DaemonConfig, Settling};
 use crate::adapter::layout::latest_in;
-use crate::rollout::{RolloutFile, RolloutRow};
+use crate::train::data::file_samples;
 use crate::train::driver::Driver;
-use crate::train::{StepMetrics, TrainSample};
+use crate::train::StepMetrics;
 
 /// What a checkpoint has consumed (its config's `claw_ledger`).
 #[derive(Serialize, Deserialize, Debug, Default, Clone)]
@@ -49,8 +49,9 @@ pub struct TrainDaemon<'a> {
     pub cfg: &'a DaemonConfig,
     /// Train on a partial batch once input has been quiet this long.
     pub partial_after: Duration,
-    /// Converts a row; an error quarantines its segment.
-    pub to_sample: &'a dyn Fn(&RolloutRow) -> Result<TrainSample>,
+    /// The model's vocabulary size: a row with a token id outside it (or any
+    /// other bad row) quarantines its segment.
+    pub vocab: usize,
     pub on_step: &'a dyn Fn(&StepMetrics),
 }
 
@@ -136,7 +137,7 @@ impl TrainDaemon<'_> {
             quiet_since = Instant::now();
             status.set("working");
             let path = input_dir.join(&name);
-            let samples = match read_samples(&path, self.to_sample) {
+            let samples = match file_samples(&path, self.vocab) {
                 Ok(s) => s,
                 Err(e) if !path.exists() => {
                     crate::debug!("{}: gone before it was read ({e:#})", path.display());
@@ -220,27 +221,4 @@ impl TrainDaemon<'_> {
             "last_checkpoint": driver.summary.last_checkpoint,
         });
     }
-}
-
-/// Every row of a segment as a training sample; any bad row fails the segment.
-fn read_samples(
-    path: &std::path::Path,
-    to_sample: &dyn Fn(&RolloutRow) -> Result<TrainSample>,
-) -> Result<Vec<TrainSample>> {
-    let file = RolloutFile::open_path(path)?;
-    let mut out = Vec::new();
-    for batch in file.batches(4096, None)? {
-        let batch = batch?;
-        for (i, row) in batch.rows()?.into_iter().enumerate() {
-            out.push(to_sample(&row).with_context(|| {
-                format!(
-                    "{}: row {} (sample {})",
-                    batch.source,
-                    batch.first_row + i as u64 + 1,
-                    row.sample_id
-                )
-            })?);
-        }
-    }
-    Ok(out)
 }

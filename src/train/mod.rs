@@ -7,6 +7,9 @@
 //! - [`loss`]: the clipped policy-gradient loss with teacher advantages and k3 KL.
 //! - [`optim`]: AdamW with accumulation and grad-norm clipping.
 //! - [`trainer`]: one step over a batch.
+//! - [`driver`]: the loop around it: batching, skips, checkpoints and metrics.
+//! - [`data`]: rollout rows and text files as samples, the held-out loss.
+//! - [`run`]: one `claw train` run: model, trainer or resume, epochs.
 //! - [`checkpoint`]: atomic adapter checkpoints, `LATEST`, keep-last-K, resume.
 //!
 //! The LoRA adapters it trains, their file format and the checkpoint layout are
@@ -14,10 +17,12 @@
 //! - [`init`]: a new model from a JSON config (`--init`), trained from scratch.
 
 pub mod checkpoint;
+pub mod data;
 pub mod driver;
 pub mod init;
 pub mod loss;
 pub mod optim;
+pub mod run;
 pub mod trainer;
 
 pub use loss::{LossConfig, RewardBaseline};

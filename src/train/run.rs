@@ -1,0 +1,303 @@
+//! One `claw train` run as a library call: the model (loaded, or new with
+//! `--init`), the trainer (new, or resumed from `LATEST`), the held-out loss
+//! before and after, and the epoch loop over rollout files or text windows.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+
+use super::checkpoint::{self, CheckpointDir};
+use super::data::{batch_row_sample, mean_nll, read_samples, reads_stdin, text_samples};
+use super::driver::{Driver, DriverConfig, RunSummary};
+use super::optim::AdamWConfig;
+use super::{LossConfig, Objective, StepMetrics, TrainSample, Trainer, TrainerConfig};
+use crate::adapter::{Adapter, LoraConfig};
+use crate::model::{resolve_model_path, Model, WeightFormat};
+use crate::rollout::RolloutReader;
+use crate::{info, warn};
+
+/// What to train, from `claw train`'s flags.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    /// Rollout files (globs, directories, `-`); with [`Objective::Lm`] text files.
+    pub inputs: Vec<String>,
+    /// GGUF base model (resolved as `--model` / `CLAW_MODEL` are).
+    pub model: Option<PathBuf>,
+    /// Float weights to start from instead of the GGUF's own.
+    pub base_weights: Option<PathBuf>,
+    /// A JSON config for a new model trained from scratch.
+    pub init: Option<PathBuf>,
+    /// Checkpoint directory.
+    pub out: PathBuf,
+    pub objective: Objective,
+    /// Samples per gradient batch.
+    pub batch_size: usize,
+    /// Batches per optimizer step.
+    pub grad_accum: usize,
+    /// Learning rate; `None`: 1e-3 with `init`, 1e-5 full, 1e-4 LoRA.
+    pub lr: Option<f64>,
+    /// Train every weight (also implied by `init`).
+    pub full: bool,
+    pub lora_rank: usize,
+    pub lora_alpha: f64,
+    /// Linears to adapt, as `--lora-targets` takes them.
+    pub lora_targets: String,
+    pub loss: LossConfig,
+    pub weight_decay: f64,
+    pub grad_clip: f64,
+    pub micro_batch_tokens: usize,
+    pub max_steps: Option<u64>,
+    pub max_staleness: Option<i64>,
+    /// Passes over the input.
+    pub epochs: usize,
+    pub save_every: u64,
+    pub keep: usize,
+    /// Continue from `out/LATEST`.
+    pub resume: bool,
+    /// Token window for [`Objective::Lm`].
+    pub seq_len: usize,
+    /// Held-out rollout file.
+    pub eval: Option<String>,
+    pub seed: u64,
+}
+
+/// A run ready to train: the model, and the driver around its trainer.
+pub struct Run {
+    pub config: RunConfig,
+    pub model: Model,
+    pub driver: Driver,
+    pub trainable_parameters: usize,
+    eval_samples: Option<Vec<TrainSample>>,
+    /// Held-out loss before training.
+    pub eval_loss_before: Option<f64>,
+}
+
+impl Run {
+    /// Loads (or creates) the model, starts or resumes the trainer and measures the
+    /// held-out loss.
+    pub fn start(config: RunConfig) -> Result<Run> {
+        anyhow::ensure!(config.batch_size > 0, "--batch-size must be at least 1");
+        anyhow::ensure!(config.grad_accum > 0, "--grad-accum must be at least 1");
+        anyhow::ensure!(config.lora_rank > 0, "--lora-rank must be at least 1");
+        // --init: a new model (all weights trained); otherwise the one given.
+        let (mut model, model_spec) = match &config.init {
+            Some(init) => super::init::init_model(
+                init,
+                &config.out,
+                config.resume,
+                config.base_weights.is_some(),
+            )?,
+            None => {
+                let model_path = resolve_model_path(config.model.as_deref())?;
+                (Model::load_with(&model_path, WeightFormat::F32)?, None)
+            }
+        };
+        let full = config.full || config.init.is_some();
+        if let Some(path) = &config.base_weights {
+            model.decoder = checkpoint::load_full_weights(&model.decoder, path)?;
+            info!("base weights from {}", path.display());
+        }
+        let lora = match full {
+            true => None,
+            false => Some(LoraConfig {
+                rank: config.lora_rank,
+                alpha: config.lora_alpha,
+                targets: LoraConfig::parse_targets(&config.lora_targets)?,
+            }),
+        };
+        let trainer_config = TrainerConfig {
+            objective: config.objective,
+            loss: config.loss,
+            optim: AdamWConfig {
+                lr: config.lr.unwrap_or(match (config.init.is_some(), full) {
+                    (true, _) => 1e-3,
+                    (false, true) => 1e-5,
+                    (false, false) => 1e-4,
+                }),
+                weight_decay: config.weight_decay,
+                ..Default::default()
+            },
+            grad_clip: config.grad_clip,
+            lora,
+            seed: config.seed,
+            micro_batch_tokens: config.micro_batch_tokens,
+        };
+        let checkpoints = CheckpointDir::create(&config.out)?;
+        let trainer = start_trainer(&model, trainer_config, &checkpoints, config.resume)?;
+        let trainable_parameters: usize = trainer
+            .named_vars()
+            .iter()
+            .map(|(_, v)| v.elem_count())
+            .sum();
+        info!(
+            "training {} ({}, {} trainable parameters) from step {}, objective {:?}, lr {}",
+            model.name,
+            if full { "full" } else { "LoRA" },
+            trainable_parameters,
+            trainer.steps(),
+            config.objective,
+            trainer.config.optim.lr
+        );
+
+        let vocab = model.config.vocab_size;
+        let eval_samples = match &config.eval {
+            Some(path) => Some(read_samples(std::slice::from_ref(path), vocab)?),
+            None => None,
+        };
+        let eval_loss_before = match &eval_samples {
+            Some(s) => Some(mean_nll(&trainer, s)?),
+            None => None,
+        };
+
+        let mut driver = Driver::new(
+            trainer,
+            DriverConfig {
+                batch_size: config.batch_size * config.grad_accum,
+                max_steps: config.max_steps,
+                max_staleness: config.max_staleness,
+                save_every: config.save_every,
+                keep: config.keep,
+                max_sequence: model.config.context_length - 1,
+                base_model: model.name.clone(),
+            },
+            Some(checkpoints),
+        );
+        driver.set_model_spec(model_spec);
+        Ok(Run {
+            config,
+            model,
+            driver,
+            trainable_parameters,
+            eval_samples,
+            eval_loss_before,
+        })
+    }
+
+    /// The model's vocabulary size (token ids of samples must be below it).
+    pub fn vocab(&self) -> usize {
+        self.model.config.vocab_size
+    }
+
+    /// Trains on the inputs for the configured epochs (or until `max_steps`),
+    /// then on the final partial batch; `on_step` sees every step's metrics.
+    pub fn train(&mut self, on_step: &dyn Fn(&StepMetrics)) -> Result<()> {
+        let vocab = self.vocab();
+        let config = &self.config;
+        let driver = &mut self.driver;
+        for epoch in 0..config.epochs.max(1) {
+            if driver.done() {
+                break;
+            }
+            if epoch > 0 {
+                anyhow::ensure!(
+                    !reads_stdin(&config.inputs),
+                    "--epochs > 1 needs file inputs (stdin can be read once)"
+                );
+            }
+            match config.objective {
+                Objective::Lm => {
+                    for sample in text_samples(&self.model, &config.inputs, config.seq_len)? {
+                        if let Some(m) = driver.push(sample)? {
+                            on_step(&m);
+                        }
+                        if driver.done() {
+                            break;
+                        }
+                    }
+                }
+                _ => {
+                    for batch in RolloutReader::new(&config.inputs)? {
+                        let batch = batch?;
+                        for (i, row) in batch.rows()?.into_iter().enumerate() {
+                            let sample = batch_row_sample(&batch, i, &row, vocab)?;
+                            if let Some(m) = driver.push(sample)? {
+                                on_step(&m);
+                            }
+                            if driver.done() {
+                                break;
+                            }
+                        }
+                        if driver.done() {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(m) = driver.finish()? {
+            on_step(&m);
+        }
+        Ok(())
+    }
+
+    /// Held-out loss under the current weights (`None` without held-out samples).
+    pub fn eval_loss(&self) -> Result<Option<f64>> {
+        match &self.eval_samples {
+            Some(s) => Ok(Some(mean_nll(&self.driver.trainer, s)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// What the run did.
+    pub fn summary(&self) -> &RunSummary {
+        &self.driver.summary
+    }
+}
+
+/// Tells glibc to keep freed memory in the process. A step frees and reallocates
+/// the same gigabytes of activations; by default glibc hands large blocks back to
+/// the OS and the next step faults them in again, zero-filled by the kernel:
+/// `perf` put 38% of a step there, and these settings made the step 1.6x faster
+/// (BENCHMARKS.md, training step).
+pub fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; called before training allocates.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_TOP_PAD, 1 << 30);
+    }
+}
+
+/// A new trainer, or with --resume the one LATEST names (adapter + optimizer state).
+fn start_trainer(
+    model: &Model,
+    config: TrainerConfig,
+    checkpoints: &CheckpointDir,
+    resume: bool,
+) -> Result<Trainer> {
+    if !resume {
+        return Trainer::new(&model.decoder, config, None);
+    }
+    anyhow::ensure!(
+        config.lora.is_some(),
+        "--resume continues a LoRA adapter; it does not apply to --full"
+    );
+    let Some(path) = checkpoints.latest()? else {
+        warn!(
+            "--resume: {} has no LATEST checkpoint yet; starting a new adapter",
+            checkpoints.path().display()
+        );
+        return Trainer::new(&model.decoder, config, None);
+    };
+    let (adapter, file_config) = Adapter::load(&path, &model.device)?;
+    let mut config = config;
+    // The adapter's own shape wins over the command line's.
+    config.lora = Some(adapter.config.clone());
+    let mut trainer = Trainer::new(&model.decoder, config, Some(adapter))?;
+    let restored =
+        checkpoint::load_optimizer_state(&path, trainer.optimizer_mut(), file_config.claw_step)?;
+    if !restored {
+        warn!(
+            "{}: no optimizer state beside it; AdamW moments start from zero",
+            path.display()
+        );
+        trainer.optimizer_mut().set_steps(file_config.claw_step);
+    }
+    info!(
+        "resuming from {} (step {})",
+        path.display(),
+        file_config.claw_step
+    );
+    Ok(trainer)
+}
