@@ -155,11 +155,8 @@ fn draw(
     let root = BitMapBackend::with_buffer(rgb, (width, height)).into_drawing_area();
     root.fill(&WHITE)?;
     let (head, body) = root.split_vertically(TITLE_H);
-    head.draw(&Text::new(
-        chart.title.clone(),
-        (16, 12),
-        font(22.0).color(&ink),
-    ))?;
+    let (title, size) = fit(&chart.title, width.saturating_sub(32), 22.0);
+    head.draw(&Text::new(title, (16, 12), font(size).color(&ink)))?;
     let (grid, legend) = body.split_horizontally(width - legend_w);
     let grid = grid.shrink((0, 0), (cols * PANEL_W, rows * PANEL_H));
     let areas = grid.split_evenly((rows as usize, cols as usize));
