@@ -191,12 +191,14 @@ fn fit(text: &str, width: u32, size: f64) -> (String, f64) {
     while size > 12.0 && text_size(text, size).0 > width {
         size -= 1.0;
     }
-    let mut text = text.to_string();
-    while text_size(&text, size).0 > width && text.chars().count() > 1 {
-        text.pop();
-        text = format!("{}…", text.trim_end_matches('…').trim_end());
+    let chars: Vec<char> = text.chars().collect();
+    let mut out = text.to_string();
+    let mut n = chars.len();
+    while n > 1 && text_size(&out, size).0 > width {
+        n -= 1;
+        out = format!("{}…", chars[..n].iter().collect::<String>().trim_end());
     }
-    (text, size)
+    (out, size)
 }
 
 fn rgb_color([r, g, b]: [u8; 3]) -> RGBColor {
@@ -415,6 +417,23 @@ mod tests {
             .filter(|&i| rgb[i..i + 3] == GREY)
             .count();
         assert!(grey > 20, "the control's dashed swatch: {grey}");
+    }
+
+    #[test]
+    fn a_title_too_long_for_its_panel_is_shrunk_then_cut_short() {
+        let short = "brief: answers under 40 words";
+        assert_eq!(fit(short, 500, 18.0), (short.to_string(), 18.0));
+        let long = "direct: starts with the answer itself (no \"Sure!\", \"Certainly\", greetings)";
+        let (text, size) = fit(long, 500, 18.0);
+        assert!(
+            (12.0..18.0).contains(&size) && text == long,
+            "{size} {text}"
+        );
+        assert!(text_size(&text, size).0 <= 500);
+        let (text, size) = fit(long, 150, 18.0);
+        assert_eq!(size, 12.0);
+        assert!(text.ends_with('…') && long.starts_with(text.trim_end_matches('…')));
+        assert!(text_size(&text, size).0 <= 150, "{text}");
     }
 
     #[test]
