@@ -79,8 +79,9 @@ const LEGEND_FONT: f64 = 17.0;
 fn font(size: f64) -> FontDesc<'static> {
     static REGISTER: Once = Once::new();
     REGISTER.call_once(|| {
-        // DejaVu Sans parses (the crate ships the upstream file); a failure here
-        // would only leave the text out, so it is not worth an error path.
+        // The crate ships the upstream DejaVuSans.ttf, which parses; were it not
+        // to, every text draw would fail and render_png return that error (the
+        // tests draw text, so it would not go unnoticed).
         let _ = plotters::style::register_font(FONT, FontStyle::Normal, dejavu::sans::regular());
     });
     (FONT, size).into_font()
