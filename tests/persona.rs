@@ -117,6 +117,18 @@ fn a_short_persona_run_goes_through_the_whole_loop_and_writes_its_report() {
         md.contains("| brief | off |") && md.contains("persona.png"),
         "{md}"
     );
+    // The chart decodes, and has both methods on it: the combined run's colour
+    // and the control's grey, more of each than the legend's swatches hold (one
+    // panel, the persona's, with the legend beside it).
     let png = std::fs::read(report.join("persona.png")).unwrap();
-    assert_eq!(&png[..4], b"\x89PNG");
+    let mut reader = png::Decoder::new(std::io::Cursor::new(png))
+        .read_info()
+        .unwrap();
+    let mut rgb = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut rgb).unwrap();
+    assert_eq!(info.color_type, png::ColorType::Rgb);
+    assert!(info.width > info.height, "{}x{}", info.width, info.height);
+    let count = |c: [u8; 3]| rgb.chunks(3).filter(|p| *p == c).count();
+    assert!(count([31, 119, 180]) > 400, "the combined run's line");
+    assert!(count([110, 110, 110]) > 400, "the control's line");
 }

@@ -7,8 +7,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Args;
 
-use crate::eval::persona::metrics::{report, rolling_rate, RunResult};
-use crate::eval::persona::plot::{line_chart_png, Series, PALETTE};
+use crate::eval::persona::metrics::{report, satisfaction_chart, RunResult};
+use crate::eval::persona::plot::render_png;
 use crate::eval::persona::run::{run, Method, RunConfig};
 use crate::eval::persona::{persona, Persona, PERSONAS};
 use crate::train::RewardBaseline;
@@ -259,25 +259,7 @@ fn command_line() -> String {
 /// `command` is the command line the report names.
 pub fn write_report(dir: &std::path::Path, results: &[RunResult], command: &str) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let personas: Vec<&str> = {
-        let mut v: Vec<&str> = results.iter().map(|r| r.persona.as_str()).collect();
-        v.dedup();
-        v
-    };
-    let series: Vec<Series> = results
-        .iter()
-        .map(|r| {
-            let sat: Vec<bool> = r.sessions.iter().map(|s| s.satisfied).collect();
-            let k = personas.iter().position(|p| *p == r.persona).unwrap_or(0);
-            Series {
-                label: format!("{} {}", r.persona, r.method),
-                color: PALETTE[k % PALETTE.len()],
-                dashed: r.method == "off",
-                values: rolling_rate(&sat, 8),
-            }
-        })
-        .collect();
-    let png = line_chart_png("satisfaction rate (window 8)", "sessions", &series);
+    let png = render_png(&satisfaction_chart(results))?;
     crate::fsutil::write_atomic(&dir.join("persona.png"), &png)?;
     crate::fsutil::write_atomic(
         &dir.join("persona.json"),

@@ -2,6 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::plot::{Chart, Panel, Series, GREY, PALETTE};
+
 /// One training session: the task, the reply, and what the user thought.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Session {
@@ -71,6 +73,81 @@ pub fn rolling_rate(satisfied: &[bool], window: usize) -> Vec<f64> {
             slice.iter().filter(|&&s| s).count() as f64 / slice.len() as f64
         })
         .collect()
+}
+
+/// Sessions in the plot's sliding window.
+pub const PLOT_WINDOW: usize = 8;
+
+/// The learning curves of `results`: one panel per persona (in order of first
+/// appearance), every method of that persona on it, the control (`off`) grey and
+/// dashed. Labels name the method, and the seed where a persona ran with more
+/// than one; a label keeps its colour across panels.
+pub fn satisfaction_chart(results: &[RunResult]) -> Chart {
+    let mut personas: Vec<&str> = Vec::new();
+    for r in results {
+        if !personas.contains(&r.persona.as_str()) {
+            personas.push(&r.persona);
+        }
+    }
+    let mut labels: Vec<String> = Vec::new();
+    let panels = personas
+        .iter()
+        .map(|&p| {
+            let runs: Vec<&RunResult> = results.iter().filter(|r| r.persona == p).collect();
+            let seeds = runs.iter().any(|r| r.seed != runs[0].seed);
+            let series = runs
+                .iter()
+                .map(|r| {
+                    let control = r.method == "off";
+                    let mut label = match control {
+                        true => "off (control)".to_string(),
+                        false => r.method.clone(),
+                    };
+                    if seeds {
+                        label = format!("{label}, seed {}", r.seed);
+                    }
+                    let color = match control {
+                        true => GREY,
+                        false => {
+                            let k = labels.iter().position(|l| *l == label).unwrap_or_else(|| {
+                                labels.push(label.clone());
+                                labels.len() - 1
+                            });
+                            PALETTE[k % PALETTE.len()]
+                        }
+                    };
+                    let sat: Vec<bool> = r.sessions.iter().map(|s| s.satisfied).collect();
+                    Series {
+                        label,
+                        color,
+                        dashed: control,
+                        points: r
+                            .sessions
+                            .iter()
+                            .zip(rolling_rate(&sat, PLOT_WINDOW))
+                            .map(|(s, y)| (s.index as f64, y))
+                            .collect(),
+                    }
+                })
+                .collect();
+            let preference = super::persona(p).map(|q| q.preference);
+            Panel {
+                title: preference.map_or(p.to_string(), |q| format!("{p}: {q}")),
+                series,
+            }
+        })
+        .collect();
+    Chart {
+        title: format!(
+            "Persona benchmark: satisfied sessions over a sliding window of {PLOT_WINDOW}"
+        ),
+        x_label: "session".into(),
+        y_label: format!("satisfied (last {PLOT_WINDOW} sessions)"),
+        // A little room past 0% and 100%: a control flat at 0% stays off the axis.
+        y_range: (-0.03, 1.03),
+        y_percent: true,
+        panels,
+    }
 }
 
 /// Share of satisfied sessions in `[from, to)` (by position).
@@ -149,7 +226,8 @@ pub fn report(results: &[RunResult], command: &str, plot: Option<&str>) -> Strin
     if let Some(plot) = plot {
         out.push_str(&format!(
             "\n![satisfaction over sessions]({plot})\n\nSatisfaction rate over a sliding \
-             window of 8 sessions, per persona and method.\n"
+             window of {PLOT_WINDOW} sessions: one panel per persona, every method on it \
+             (the control, `off`, dashed).\n"
         ));
     }
     out
@@ -166,6 +244,72 @@ mod tests {
         assert_eq!(sessions_to_success(&s(&[1, 1, 0, 1, 1, 1, 1])), Some(6));
         assert_eq!(sessions_to_success(&s(&[0, 1, 1, 0, 1, 1])), None);
         assert_eq!(sessions_to_success(&[]), None);
+    }
+
+    fn run(persona: &str, method: &str, seed: u64, sat: &[bool]) -> RunResult {
+        RunResult {
+            persona: persona.into(),
+            method: method.into(),
+            seed,
+            sessions: sat
+                .iter()
+                .enumerate()
+                .map(|(i, &satisfied)| Session {
+                    index: i + 1,
+                    task: String::new(),
+                    reply: String::new(),
+                    satisfied,
+                    no_answer: false,
+                    turns: 1,
+                    policy_version: 0,
+                    seconds_since_start: 0.0,
+                })
+                .collect(),
+            sessions_to_success: None,
+            heldout_before: 0.0,
+            heldout_after: 0.0,
+            heldout_prompts: 0,
+            final_policy_version: 0,
+            seconds: 0.0,
+            settings: Default::default(),
+        }
+    }
+
+    #[test]
+    fn the_chart_has_a_panel_per_persona_with_the_control_on_it() {
+        let results = [
+            run("brief", "combined", 1, &[false, true, true]),
+            run("one-paragraph", "combined", 1, &[true, true]),
+            run("brief", "off", 1, &[false, false, false]),
+            run("one-paragraph", "off", 1, &[false, true]),
+            run("one-paragraph", "combined", 0, &[true, false]),
+        ];
+        let chart = satisfaction_chart(&results);
+        let titles: Vec<&str> = chart.panels.iter().map(|p| p.title.as_str()).collect();
+        assert_eq!(
+            titles,
+            [
+                "brief: answers under 40 words",
+                "one-paragraph: one paragraph: no line breaks"
+            ]
+        );
+        let brief = &chart.panels[0].series;
+        let labels: Vec<&str> = brief.iter().map(|s| s.label.as_str()).collect();
+        assert_eq!(labels, ["combined", "off (control)"]);
+        assert_eq!(brief[0].points, [(1.0, 0.0), (2.0, 0.5), (3.0, 2.0 / 3.0)]);
+        assert!(brief[1].dashed && brief[1].color == GREY && !brief[0].dashed);
+        // Two seeds on one panel: the labels say which.
+        let para = &chart.panels[1].series;
+        let labels: Vec<&str> = para.iter().map(|s| s.label.as_str()).collect();
+        assert_eq!(
+            labels,
+            [
+                "combined, seed 1",
+                "off (control), seed 1",
+                "combined, seed 0"
+            ]
+        );
+        assert_ne!(para[0].color, para[2].color);
     }
 
     #[test]
