@@ -14,10 +14,12 @@
 //!   quarantine, notifications, status.
 //! - [`eval`]: benchmarks (gpqa, humaneval in a sandbox, gsm8k, perplexity).
 //! - [`fsutil`]: atomic, durable file writes.
+//! - [`clock`]: the wall clock in Unix milliseconds.
 //! - [`judge`]: rewards from feedback, tool errors and an LLM judge (PRM).
 //! - [`cmd`]: one module per subcommand; each holds its clap `Args` and `run()`.
 //! - [`ui`]: verbosity-aware logging to stderr.
 
+pub mod clock;
 pub mod cmd;
 pub mod collect;
 pub mod daemon;

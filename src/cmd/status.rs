@@ -6,8 +6,9 @@ use anyhow::{Context, Result};
 use clap::Args;
 use serde::Serialize;
 
+use crate::clock::unix_ms;
 use crate::daemon::status::{is_alive, read_all, WorkerStatus};
-use crate::daemon::{list_segments, quarantine, unix_ms, Layout, Stage};
+use crate::daemon::{list_segments, quarantine, Layout, Stage};
 use crate::rollout::RolloutFile;
 use crate::train::checkpoint::{latest_in, parse_adapter_step};
 
@@ -152,7 +153,7 @@ fn stage_report(layout: &Layout, stage: Stage) -> Result<StageReport> {
         last_error: last_error.and_then(|w| w.last_error.clone()),
         last_error_age_s: last_error
             .and_then(|w| w.last_error_unix_ms)
-            .map(|t| unix_ms().saturating_sub(t) as f64 / 1000.0),
+            .map(|t| unix_ms().saturating_sub(t).max(0) as f64 / 1000.0),
         input,
         workers,
     })

@@ -43,6 +43,7 @@ use self::import::{ImportContext, Imported};
 use self::output::{Gather, Held};
 use self::pair::{Ms, RowRef};
 use self::raw::BatchEvents;
+use crate::clock::{unix_ms, unix_ms_of};
 use crate::model::resolve_model_path;
 use crate::rollout::stream::SegmentSplitter;
 use crate::rollout::{expand_inputs, rows_to_batch, Input, RolloutFile, RolloutWriter};
@@ -675,15 +676,15 @@ fn load_source(source: &Source, retokenizer: Option<&Retokenizer>) -> Result<Loa
             let retokenizer =
                 retokenizer.ok_or_else(|| anyhow!("internal: no tokenizer for an import"))?;
             let (text, default_time) = match (&source.bytes, &source.input) {
-                (Some(b), _) => (b.to_vec(), now_ms()),
+                (Some(b), _) => (b.to_vec(), unix_ms()),
                 (None, Input::Path(p)) => {
                     let raw = std::fs::read(p)
                         .with_context(|| format!("{}: cannot read", source.name))?;
                     let mtime = std::fs::metadata(p)
                         .and_then(|m| m.modified())
                         .ok()
-                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                        .map_or_else(now_ms, |d| d.as_millis() as Ms);
+                        .and_then(unix_ms_of)
+                        .unwrap_or_else(unix_ms);
                     (raw, mtime)
                 }
                 (None, Input::Stdin) => bail!("internal: stdin was not read"),
@@ -704,12 +705,6 @@ fn load_source(source: &Source, retokenizer: Option<&Retokenizer>) -> Result<Loa
             Ok(Loaded::Imported(import::import_bytes(&text, format, &cx)))
         }
     }
-}
-
-fn now_ms() -> Ms {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as Ms)
 }
 
 /// Parses a duration: `90s`, `30m`, `2h`, `500ms`, `1d`; a plain number is minutes

@@ -29,7 +29,8 @@ use super::reload::Policy;
 use super::response::{json_response, sse_response, Event, Meta, Outcome};
 use super::session::{self, SessionInfo, SESSION_HEADER};
 use super::tools::ToolCall;
-use super::{unix_ms, AppState};
+use super::AppState;
+use crate::clock::unix_ms;
 use crate::model::{FinishReason, Generation, Model, SamplingParams};
 use crate::rollout::RolloutRow;
 

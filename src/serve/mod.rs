@@ -40,7 +40,7 @@ pub mod wal;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use tokio::sync::Semaphore;
@@ -117,12 +117,6 @@ pub struct AppState {
 /// Requests rendered and tokenised at once: tokenising a 4 MiB body holds
 /// hundreds of MiB for a moment.
 const PREPARING: usize = 2;
-
-pub fn unix_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
 
 /// Loads the model, binds, serves until SIGINT/SIGTERM, then drains: stops
 /// accepting, lets requests in flight finish, writes and closes the open segment.
@@ -251,7 +245,7 @@ async fn serve(
         admission: Arc::new(Semaphore::new(config.queue)),
         preparing: Semaphore::new(PREPARING),
         engine,
-        started: (unix_ms() / 1000) as u64,
+        started: (crate::clock::unix_ms() / 1000) as u64,
         policies,
         config,
     });

@@ -30,7 +30,7 @@ use anyhow::{Context, Result};
 use candle_core::Tensor;
 
 use super::metrics::Metrics;
-use super::unix_ms;
+use crate::clock::unix_ms;
 use crate::model::decoder::{Decoder, KvCache};
 use crate::model::Model;
 use crate::train::checkpoint::{latest_in, LATEST};

@@ -15,7 +15,8 @@ use serde_json::{json, Value as Json};
 use super::api::{self, ApiError};
 use super::chat::completions;
 use super::session::{self, kind, SESSION_HEADER};
-use super::{unix_ms, AppState};
+use super::AppState;
+use crate::clock::unix_ms;
 use crate::rollout::RolloutRow;
 
 /// Longest free-text feedback accepted, in bytes.
