@@ -14,7 +14,7 @@
 //!   quarantine, notifications, status.
 //! - [`eval`]: benchmarks (gpqa, humaneval in a sandbox, gsm8k, perplexity).
 //! - [`fsutil`]: atomic, durable file writes.
-//! - [`clock`]: the wall clock in Unix milliseconds.
+//! - [`clock`]: the wall clock in Unix milliseconds; [`date`]: ISO 8601 to and from it.
 //! - [`judge`]: rewards from feedback, tool errors and an LLM judge (PRM).
 //! - [`cmd`]: one module per subcommand; each holds its clap `Args` and `run()`.
 //! - [`ui`]: verbosity-aware logging to stderr.
@@ -23,6 +23,7 @@ pub mod clock;
 pub mod cmd;
 pub mod collect;
 pub mod daemon;
+pub mod date;
 pub mod distill;
 pub mod eval;
 pub mod fsutil;

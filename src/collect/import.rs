@@ -817,7 +817,7 @@ pub(crate) fn parse_time(v: &Json) -> Option<i64> {
             if let Ok(x) = s.parse::<f64>() {
                 return epoch_number(x);
             }
-            parse_iso(s)
+            crate::date::parse_iso_ms(s)
         }
         _ => None,
     }
@@ -834,72 +834,6 @@ fn epoch_number(x: f64) -> Option<i64> {
         _ => x / 1e6,
     };
     Some(ms.round() as i64)
-}
-
-fn parse_iso(s: &str) -> Option<i64> {
-    let num = |t: &str| -> Option<i64> {
-        (!t.is_empty() && t.bytes().all(|b| b.is_ascii_digit())).then(|| t.parse().ok())?
-    };
-    let (date, rest) = match s.find(['T', 't', ' ']) {
-        Some(i) => (&s[..i], &s[i + 1..]),
-        None => (s, ""),
-    };
-    let mut d = date.split('-');
-    let (y, mo, da) = (num(d.next()?)?, num(d.next()?)?, num(d.next()?)?);
-    if d.next().is_some() || !(1..=12).contains(&mo) || !(1..=31).contains(&da) {
-        return None;
-    }
-    let mut ms = days_from_civil(y, mo, da) * 86_400_000;
-    if rest.is_empty() {
-        return Some(ms);
-    }
-    // Split off a zone: Z, +HH:MM, -HH:MM, +HHMM.
-    let (clock, offset_min) = if let Some(c) = rest.strip_suffix(['Z', 'z']) {
-        (c, 0)
-    } else if let Some(i) = rest.rfind(['+', '-']) {
-        let (c, z) = rest.split_at(i);
-        let sign = if z.starts_with('-') { -1 } else { 1 };
-        let z = z[1..].replace(':', "");
-        if z.len() != 4 {
-            return None;
-        }
-        (c, sign * (num(&z[..2])? * 60 + num(&z[2..])?))
-    } else {
-        (rest, 0)
-    };
-    let (hms, frac) = match clock.split_once(['.', ',']) {
-        Some((a, b)) => (a, b),
-        None => (clock, ""),
-    };
-    let mut t = hms.split(':');
-    let h = num(t.next()?)?;
-    let mi = num(t.next()?)?;
-    let sec = match t.next() {
-        Some(x) => num(x)?,
-        None => 0,
-    };
-    if t.next().is_some() || h > 23 || mi > 59 || sec > 60 {
-        return None;
-    }
-    let frac_ms = if frac.is_empty() {
-        0
-    } else {
-        let digits: String = frac.chars().chain("000".chars()).take(3).collect();
-        num(&digits)?
-    };
-    ms += ((h * 60 + mi) * 60 + sec) * 1000 + frac_ms;
-    Some(ms - offset_min * 60_000)
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
 }
 
 #[cfg(test)]
