@@ -707,8 +707,8 @@ fn load_source(source: &Source, retokenizer: Option<&Retokenizer>) -> Result<Loa
     }
 }
 
-/// Parses a duration: `90s`, `30m`, `2h`, `500ms`, `1d`; a plain number is minutes
-/// (as `claw serve --session-timeout` takes it).
+/// Parses a duration with its unit: `90s`, `30m`, `2h`, `500ms`, `1d`; a bare
+/// number other than 0 is refused (it was ambiguous).
 pub fn parse_duration_ms(text: &str) -> Result<Ms> {
     let t = text.trim();
     let split = t
