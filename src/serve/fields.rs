@@ -102,6 +102,7 @@ pub fn opt<'a>(body: &'a Map<String, Json>, field: &str) -> Option<&'a Json> {
     body.get(field).filter(|v| !v.is_null())
 }
 
+/// A number field (absent or null: `None`).
 pub fn number(body: &Map<String, Json>, field: &str) -> Result<Option<f64>, ApiError> {
     match opt(body, field) {
         None => Ok(None),
@@ -113,6 +114,7 @@ pub fn number(body: &Map<String, Json>, field: &str) -> Result<Option<f64>, ApiE
     }
 }
 
+/// A non-negative integer field (absent or null: `None`).
 pub fn count(body: &Map<String, Json>, field: &str) -> Result<Option<u64>, ApiError> {
     match opt(body, field) {
         None => Ok(None),
@@ -125,6 +127,7 @@ pub fn count(body: &Map<String, Json>, field: &str) -> Result<Option<u64>, ApiEr
     }
 }
 
+/// A boolean field (absent or null: false).
 pub fn boolean(body: &Map<String, Json>, field: &str) -> Result<bool, ApiError> {
     match opt(body, field) {
         None => Ok(false),
@@ -186,14 +189,15 @@ pub fn parse_done(headers: &HeaderMap, body: Option<&Json>) -> Result<bool, ApiE
 }
 
 /// `1`, `true`, `yes`, `on` (any case) mean yes.
-pub fn truthy(value: &str) -> bool {
+fn truthy(value: &str) -> bool {
     matches!(
         value.trim().to_ascii_lowercase().as_str(),
         "1" | "true" | "yes" | "on"
     )
 }
 
-pub fn validate_session_id(id: String) -> Result<String, ApiError> {
+/// A session id, trimmed: 1 to 256 visible ASCII characters.
+fn validate_session_id(id: String) -> Result<String, ApiError> {
     let id = id.trim().to_string();
     // It is echoed in the X-Session-Id response header, so it must be what a
     // header may carry: visible ASCII and spaces.
@@ -209,6 +213,7 @@ pub fn validate_session_id(id: String) -> Result<String, ApiError> {
     Ok(id)
 }
 
+/// A header's text; a 400 naming the header when it is not visible ASCII.
 pub fn header(headers: &HeaderMap, name: &str) -> Result<Option<String>, ApiError> {
     match headers.get(name) {
         None => Ok(None),
