@@ -1696,7 +1696,7 @@ fn openclaw_requests_stream_and_are_recorded_as_sent() {
 fn openclaw_prompt_renders_as_hugging_face_renders_it() {
     use candle_core::quantized::gguf_file;
     use claw::model::{ChatTemplate, Tokenizer};
-    use claw::serve::api::ChatRequest;
+    use claw::serve::request::ChatRequest;
 
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf");

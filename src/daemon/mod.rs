@@ -39,7 +39,7 @@ pub mod wake;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result};
 use clap::Args;
@@ -304,12 +304,6 @@ pub fn hostname() -> String {
         true => "host".into(),
         false => clean,
     }
-}
-
-pub fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The `*.parquet` segments of `dir`, sorted by name (time order for claw's own

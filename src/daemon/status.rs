@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::{unix_ms, DaemonConfig};
+use super::DaemonConfig;
+use crate::clock::unix_ms;
 use crate::fsutil::write_atomic;
 
 /// One worker's status file.
@@ -21,8 +22,8 @@ pub struct WorkerStatus {
     pub worker: String,
     pub host: String,
     pub pid: u32,
-    pub started_unix_ms: u64,
-    pub updated_unix_ms: u64,
+    pub started_unix_ms: i64,
+    pub updated_unix_ms: i64,
     /// `starting`, `idle`, `working`, `standby`, `stopped`.
     pub state: String,
     pub segments_done: u64,
@@ -31,7 +32,7 @@ pub struct WorkerStatus {
     /// Rows per second over the work of the last minute or so.
     pub rows_per_s: f64,
     pub last_error: Option<String>,
-    pub last_error_unix_ms: Option<u64>,
+    pub last_error_unix_ms: Option<i64>,
     /// Stage-specific extras (train: step, checkpoint).
     #[serde(default)]
     pub extra: serde_json::Value,
@@ -172,7 +173,7 @@ pub fn is_alive(status: &WorkerStatus) -> bool {
     if status.state == "stopped" {
         return false;
     }
-    let fresh = unix_ms().saturating_sub(status.updated_unix_ms) < 3 * HEARTBEAT.as_millis() as u64;
+    let fresh = unix_ms().saturating_sub(status.updated_unix_ms) < 3 * HEARTBEAT.as_millis() as i64;
     if status.host == super::hostname() {
         // SAFETY: signal 0 only checks that the process exists.
         let exists = unsafe { libc::kill(status.pid as libc::pid_t, 0) } == 0;
