@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::DaemonConfig;
+use super::host::hostname;
 use crate::clock::unix_ms;
 use crate::fsutil::write_atomic;
 
@@ -51,18 +51,18 @@ pub struct StatusFile {
 const HEARTBEAT: Duration = Duration::from_secs(5);
 
 impl StatusFile {
-    pub fn new(cfg: &DaemonConfig) -> Self {
-        remove_dead_workers(&cfg.state_dir());
+    /// The status file of worker `worker` of `stage` reading `input`, in the
+    /// stage's `state_dir`.
+    pub fn new(state_dir: &Path, stage: &str, input: &str, worker: &str) -> Self {
+        remove_dead_workers(state_dir);
         let now = unix_ms();
         StatusFile {
-            path: cfg
-                .state_dir()
-                .join(format!("status-{}.json", cfg.worker_id)),
+            path: state_dir.join(format!("status-{worker}.json")),
             status: WorkerStatus {
-                stage: cfg.stage.name().into(),
-                input: cfg.input.clone(),
-                worker: cfg.worker_id.clone(),
-                host: super::hostname(),
+                stage: stage.into(),
+                input: input.into(),
+                worker: worker.into(),
+                host: hostname(),
                 pid: std::process::id(),
                 started_unix_ms: now,
                 updated_unix_ms: now,
@@ -123,7 +123,7 @@ impl StatusFile {
 /// Removes the status files of workers on this host whose process is gone (each
 /// restart is a new worker id), so `claw status` lists the workers that matter.
 fn remove_dead_workers(stage_dir: &Path) {
-    let host = super::hostname();
+    let host = hostname();
     let Ok(entries) = std::fs::read_dir(stage_dir) else {
         return;
     };
@@ -174,7 +174,7 @@ pub fn is_alive(status: &WorkerStatus) -> bool {
         return false;
     }
     let fresh = unix_ms().saturating_sub(status.updated_unix_ms) < 3 * HEARTBEAT.as_millis() as i64;
-    if status.host == super::hostname() {
+    if status.host == hostname() {
         // SAFETY: signal 0 only checks that the process exists.
         let exists = unsafe { libc::kill(status.pid as libc::pid_t, 0) } == 0;
         return exists && fresh;
