@@ -375,4 +375,30 @@ mod tests {
             400
         );
     }
+
+    /// Issue 21: idle sessions were forgotten only when a chat request came.
+    /// `prune` (which `claw serve` runs every `prune_every`) forgets them with no
+    /// request at all, and keeps the live ones.
+    #[test]
+    fn prune_forgets_idle_sessions_without_a_request() {
+        let reg = Registry::new(Duration::from_millis(200));
+        let info = |id: &str| SessionInfo {
+            session_id: id.into(),
+            turn_type: TurnType::Main,
+            done: false,
+        };
+        reg.add_response(&info("old"), "r1");
+        std::thread::sleep(Duration::from_millis(250));
+        reg.add_response(&info("new"), "r2");
+        reg.prune();
+        let mut left: Vec<String> = reg.lock().sessions.keys().cloned().collect();
+        left.sort();
+        assert_eq!(left, ["new"]);
+        // the timer runs every quarter of the timeout, kept between 1 s and 60 s
+        assert_eq!(reg.prune_every(), Duration::from_secs(1));
+        let hour = Registry::new(Duration::from_secs(3600));
+        assert_eq!(hour.prune_every(), Duration::from_secs(60));
+        let minute = Registry::new(Duration::from_secs(60));
+        assert_eq!(minute.prune_every(), Duration::from_secs(15));
+    }
 }
