@@ -8,7 +8,7 @@ use clap::Args;
 
 use crate::adapter::Adapter;
 use crate::eval::sandbox::{Limits, Sandbox};
-use crate::eval::{gpqa, gsm8k, humaneval, ppl, results, Bench, Outcome, Report};
+use crate::eval::{facts, gpqa, gsm8k, humaneval, ppl, results, retention, Bench, Outcome, Report};
 use crate::llm::{
     CallOptions, ChatBackend, EndpointFlags, LocalBackend, RemoteBackend, VoteRunner,
 };
@@ -251,6 +251,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
         Bench::Humaneval => run_humaneval(&args)?,
         Bench::Gsm8k => run_gsm8k(&args)?,
         Bench::Ppl => run_ppl(&args)?,
+        Bench::Facts => run_facts(&args)?,
+        Bench::Retention => return run_retention(&args),
         Bench::Persona => {
             let results = super::persona::run_all(
                 &args.persona,
@@ -334,6 +336,22 @@ fn check(args: &EvalArgs) -> Result<()> {
     if args.max_tokens == Some(0) {
         bail!("--max-tokens must be at least 1");
     }
+    if args.bench == Bench::Retention {
+        anyhow::ensure!(
+            args.adapter.is_some(),
+            "--bench retention compares the base model with an adapter: give --adapter FILE"
+        );
+        anyhow::ensure!(
+            args.data.is_none(),
+            "--bench retention uses the built-in gsm8k-mini, facts-mini and ppl-mini: drop --data"
+        );
+        if let Some(x) = args.fail_under {
+            anyhow::ensure!(
+                x.is_finite() && x > 0.0,
+                "--fail-under for retention is the share of the base score to keep, e.g. 0.95"
+            );
+        }
+    }
     if args.fail_under.is_some() && args.bench == Bench::Ppl {
         bail!("--fail-under is for scores where higher is better; for ppl use --fail-over");
     }
@@ -347,6 +365,9 @@ fn check(args: &EvalArgs) -> Result<()> {
         bail!(
             "--bench ppl scores the local model (teacher forcing needs its log-probs): drop --url"
         );
+    }
+    if args.url.is_some() && args.bench == Bench::Retention {
+        bail!("--bench retention scores the local model with and without --adapter: drop --url");
     }
     if let Some(url) = &args.url {
         crate::llm::endpoints(url)?;
@@ -362,11 +383,16 @@ const EVAL_FLAGS: EndpointFlags = EndpointFlags {
 
 /// The local model with its adapter on.
 fn load_model(args: &EvalArgs) -> Result<Model> {
+    load_model_with(args, args.adapter.as_deref())
+}
+
+/// The local model with `adapter` on, if any.
+fn load_model_with(args: &EvalArgs, adapter: Option<&Path>) -> Result<Model> {
     let path = resolve_model_path(args.model.as_deref())?;
     crate::info!("loading {}", path.display());
     let mut model = Model::load_with(&path, args.weights)
         .with_context(|| format!("loading the model {}", path.display()))?;
-    if let Some(adapter_path) = &args.adapter {
+    if let Some(adapter_path) = adapter {
         let (adapter, _) = Adapter::load(adapter_path, &model.device)
             .with_context(|| format!("loading the adapter {}", adapter_path.display()))?;
         model.decoder = adapter
@@ -483,6 +509,88 @@ fn run_gsm8k(args: &EvalArgs) -> Result<Outcome> {
     with_progress(problems.len(), "gsm8k", |tick| {
         gsm8k::run(&runner, &problems, &name, tick)
     })
+}
+
+fn run_facts(args: &EvalArgs) -> Result<Outcome> {
+    let (questions, name) = match &args.data {
+        Some(path) => (facts::load(path)?, path.display().to_string()),
+        None => (facts::builtin()?, facts::BUILTIN_NAME.to_string()),
+    };
+    let questions = limit(questions, args.limit);
+    let runner = runner(args, 32, 1, &[])?;
+    crate::info!(
+        "facts: {} questions to {}",
+        questions.len(),
+        runner.backend().name()
+    );
+    with_progress(questions.len(), "facts", |tick| {
+        facts::run(&runner, &questions, &name, tick)
+    })
+}
+
+/// `--bench retention`: the base model and the base with --adapter, side by side.
+fn run_retention(args: &EvalArgs) -> Result<()> {
+    let adapter = args
+        .adapter
+        .as_deref()
+        .context("--bench retention needs --adapter FILE")?;
+    let mut settings = retention::Settings::builtin()?;
+    if let Some(n) = args.limit {
+        settings = settings.limit(n);
+    }
+    if let Some(n) = args.max_tokens {
+        settings.gsm8k_max_tokens = n;
+    }
+    if let Some(x) = args.fail_under {
+        settings.keep = x;
+    }
+    settings.window = args.window;
+    settings.seed = args.seed;
+    settings.timeout = args.timeout;
+    let base = load_model_with(args, None)?;
+    let adapted = load_model(args)?;
+    let progress = |what: &str| crate::info!("retention: {what}");
+    let mut report = retention::compare(base, adapted, &settings, &progress)?;
+    report.adapter = Some(adapter.display().to_string());
+    if let Some(path) = &args.out {
+        anyhow::ensure!(
+            path.extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("json"))
+                || std::fs::metadata(path).is_ok_and(|m| !m.is_file() && !m.is_dir()),
+            "{}: --out for --bench retention must end in .json",
+            path.display()
+        );
+        let items = |s: &retention::Scores| -> serde_json::Value {
+            s.outcomes
+                .iter()
+                .map(|o| {
+                    (
+                        o.report.bench.name().to_string(),
+                        serde_json::json!(o.items),
+                    )
+                })
+                .collect::<serde_json::Map<_, _>>()
+                .into()
+        };
+        let doc = serde_json::json!({
+            "report": report,
+            "items": {"base": items(&report.base), "adapted": items(&report.adapted)},
+        });
+        let mut bytes = serde_json::to_vec_pretty(&doc)?;
+        bytes.push(b'\n');
+        crate::fsutil::write_output(path, &bytes)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        crate::info!("wrote every item to {}", path.display());
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.text());
+    }
+    if args.fail_under.is_some() && !report.kept {
+        bail!("{}", report.overall());
+    }
+    Ok(())
 }
 
 fn run_humaneval(args: &EvalArgs) -> Result<Outcome> {
