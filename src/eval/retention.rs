@@ -13,12 +13,15 @@
 //! reproducible, and an adapter equal to the base (B = 0) keeps everything
 //! with ratio 1.
 
+use std::path::Path;
+
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::{facts, gsm8k, ppl, Outcome};
+use crate::adapter::Adapter;
 use crate::llm::{CallOptions, LocalBackend, VoteRunner};
-use crate::model::Model;
+use crate::model::{resolve_model_path, Model};
 
 /// The share of the base score an adapter must keep.
 pub const KEEP: f64 = 0.95;
@@ -317,6 +320,65 @@ pub fn compare(
     let base = measure(base, settings, progress)?;
     let adapted = measure(adapted, settings, progress)?;
     Ok(RetentionReport::from_scores(base, adapted, settings))
+}
+
+/// The retention check of a study that trains several adapters on one base
+/// model (the persona benchmark): the base is scored once, on first use.
+#[derive(Clone, Debug)]
+pub struct Check {
+    pub settings: Settings,
+    base: std::sync::Arc<std::sync::Mutex<Option<Scores>>>,
+}
+
+impl Check {
+    pub fn new(settings: Settings) -> Self {
+        Check {
+            settings,
+            base: Default::default(),
+        }
+    }
+
+    /// Compares the model at `model` (None: the default model) with `adapter` on
+    /// against the base.
+    pub fn adapter(
+        &self,
+        model: Option<&Path>,
+        adapter: &Path,
+        progress: &dyn Fn(&str),
+    ) -> Result<RetentionReport> {
+        let path = resolve_model_path(model)?;
+        let load =
+            || Model::load(&path).with_context(|| format!("loading the model {}", path.display()));
+        let base = {
+            let mut cached = self.base.lock().unwrap_or_else(|e| e.into_inner());
+            match &*cached {
+                Some(scores) => scores.clone(),
+                None => {
+                    let scores = measure(load()?, &self.settings, progress)?;
+                    *cached = Some(scores.clone());
+                    scores
+                }
+            }
+        };
+        let adapted = with_adapter(load()?, adapter)?;
+        let adapted = measure(adapted, &self.settings, progress)?;
+        let mut report = RetentionReport::from_scores(base, adapted, &self.settings);
+        report.adapter = Some(adapter.display().to_string());
+        Ok(report)
+    }
+}
+
+/// `model` with the adapter at `path` on; its name gains `+STEM`.
+pub fn with_adapter(mut model: Model, path: &Path) -> Result<Model> {
+    let (adapter, _) = Adapter::load(path, &model.device)
+        .with_context(|| format!("loading the adapter {}", path.display()))?;
+    model.decoder = adapter
+        .apply_for_serving(&model.decoder)
+        .with_context(|| format!("{} does not fit {}", path.display(), model.name))?;
+    if let Some(stem) = path.file_stem() {
+        model.name = format!("{}+{}", model.name, stem.to_string_lossy());
+    }
+    Ok(model)
 }
 
 #[cfg(test)]
