@@ -55,6 +55,25 @@ Benchmarks:
   ppl        --data FILE.txt: perplexity, bits per byte and NLL per token of the
              text under the local model (teacher forcing, in --window token
              windows, each after the BOS token). No --url.
+  facts      short factual questions (capitals, elements, dates, authors):
+             --data FILE.jsonl with {\"question\", \"answers\": [...]} lines
+             (default: the built-in facts-mini, 42 questions written for claw).
+             A reply is right when it contains an accepted answer, ignoring case,
+             as whole words (\"Au\" is not found in \"Australia\", \"0\" not in
+             \"100\"). Reports accuracy with a 95% interval. --max-tokens 32.
+  retention  does a learned adapter keep what the base model could do? Needs
+             --adapter FILE (local model only, no --data): scores the base model
+             and base+adapter on the built-in gsm8k-mini (32 problems, at most
+             --max-tokens 256), facts-mini (42 questions, at most 32 tokens) and
+             the perplexity of ppl-mini, greedy, and prints them side by side
+             with the ratio, oriented so higher is better (adapted/base; for
+             perplexity, which is lower when better, base/adapted) and a verdict
+             per metric: kept (ratio >= 0.95) or LOST, then an overall line.
+             --limit N asks only the first N problems and questions (quicker,
+             noisier). --fail-under X: the share to keep (default 0.95), and exit
+             with status 1 when a metric is LOST. --out FILE.json: the report and
+             every item of both models. About 5 minutes per model for SmolLM2
+             on two cores.
   persona    does the loop learn? Starts a `claw up` per (--persona, --method)
              with a simulated user who has one rule-checked preference (no-bold,
              brief: under 40 words, direct: no preamble, ask-back: ends with a
@@ -91,6 +110,8 @@ Examples:
   claw eval --bench gpqa --data gpqa/ --subset diamond --url http://127.0.0.1:8000 \\
       --concurrency 8 --json
   claw eval --bench ppl --data README.md --adapter ckpt/adapter-000100.safetensors
+  claw eval --bench facts --url http://127.0.0.1:8000
+  claw eval --bench retention --adapter ckpt/adapter-000100.safetensors --fail-under 0.95
   claw eval --bench gsm8k --data held-out.jsonl --fail-under 0.3   # a CI gate";
 
 #[derive(Args, Debug)]
@@ -151,7 +172,8 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f32,
 
-    /// Most tokens per reply (default: gpqa 1024, gsm8k 512, humaneval 512).
+    /// Most tokens per reply (default: gpqa 1024, gsm8k 512, humaneval 512,
+    /// facts 32; retention: its gsm8k replies, 256).
     #[arg(long, value_name = "N")]
     pub max_tokens: Option<usize>,
 
@@ -222,7 +244,8 @@ pub struct EvalArgs {
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
 
-    /// Exit with status 1 when the score is below X (not for ppl).
+    /// Exit with status 1 when the score is below X (not for ppl; retention:
+    /// when a metric keeps less than X of the base score).
     #[arg(long, value_name = "X")]
     pub fail_under: Option<f64>,
 
