@@ -60,7 +60,8 @@ Benchmarks:
              (default: the built-in facts-mini, 42 questions written for claw).
              A reply is right when it contains an accepted answer, ignoring case,
              as whole words (\"Au\" is not found in \"Australia\", \"0\" not in
-             \"100\"). Reports accuracy with a 95% interval. --max-tokens 32.
+             \"100\"). Reports accuracy with a 95% interval. Replies: at most
+             32 tokens unless --max-tokens.
   retention  does a learned adapter keep what the base model could do? Needs
              --adapter FILE (local model only, no --data): scores the base model
              and base+adapter on the built-in gsm8k-mini (32 problems, at most
