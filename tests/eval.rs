@@ -1231,10 +1231,218 @@ fn help_teaches() {
         "gpqa",
         "humaneval",
         "pass@k",
+        "facts",
+        "retention",
+        "--no-retention",
         "--fail-under",
         "--unsafe-no-sandbox",
         "Examples:",
     ] {
         assert!(help.contains(needle), "--help lacks {needle}");
     }
+}
+
+// ---------------------------------------------------------------- facts
+
+#[test]
+fn facts_against_a_stub_endpoint() {
+    let questions = claw::eval::facts::builtin().unwrap();
+    assert!(questions.len() >= 40);
+    // right on every other question, in a sentence with other words around it
+    let answers: HashMap<String, (usize, String)> = questions
+        .iter()
+        .enumerate()
+        .map(|(i, q)| (q.question.clone(), (i, q.answers[0].clone())))
+        .collect();
+    let (url, calls) = stub_endpoint(move |prompt| {
+        let (i, answer) = answers
+            .iter()
+            .find(|(q, _)| prompt.ends_with(q.as_str()))
+            .map(|(_, a)| a.clone())
+            .unwrap();
+        if i % 2 == 0 {
+            format!("I believe it is {}.", answer.to_uppercase())
+        } else {
+            format!("Surely not x{answer}x.")
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("items.json");
+    let report = eval_json(&[
+        "--bench",
+        "facts",
+        "--url",
+        &url,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let n = questions.len();
+    assert_eq!(calls.load(Ordering::SeqCst), n);
+    assert_eq!(report["bench"], "facts");
+    assert_eq!(report["items"].as_u64().unwrap() as usize, n);
+    let right = n.div_ceil(2) as f64;
+    assert!(
+        (report["score"].as_f64().unwrap() - right / n as f64).abs() < 1e-12,
+        "{report}"
+    );
+    let ci = &report["metrics"][0]["ci95"];
+    assert!(ci[0].as_f64().unwrap() < report["score"].as_f64().unwrap());
+    let doc: Json = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let items = doc["items"].as_array().unwrap();
+    assert_eq!(items.len(), n);
+    assert_eq!(items[0]["correct"], true);
+    assert_eq!(items[0]["extracted"], questions[0].answers[0].as_str());
+    assert_eq!(items[1]["correct"], false);
+
+    // --data, --limit and the gate
+    let file = dir.path().join("mine.jsonl");
+    std::fs::write(
+        &file,
+        "{\"question\": \"What is the capital of France?\", \"answers\": [\"Paris\"]}\n",
+    )
+    .unwrap();
+    let (wrong, _) = stub_endpoint(|_| "Lyon".to_string());
+    let out = claw()
+        .args([
+            "eval",
+            "--bench",
+            "facts",
+            "--url",
+            &wrong,
+            "--fail-under",
+            "0.5",
+        ])
+        .arg("--data")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("below --fail-under 0.5"), "{stderr}");
+    // a bad file is named with its line
+    std::fs::write(&file, "{\"question\": \"Q?\"}\n").unwrap();
+    let out = claw()
+        .args(["eval", "--bench", "facts", "--url", &wrong, "--data"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("mine.jsonl:1: `answers`"), "{stderr}");
+}
+
+// ---------------------------------------------------------------- retention
+
+/// A fresh LoRA (B = 0) for `model`: the adapted model equals the base.
+fn fresh_adapter(model: &Path, dir: &Path) -> PathBuf {
+    use claw::adapter::{Adapter, LoraConfig};
+    let loaded = claw::model::Model::load(model).unwrap();
+    let adapter = Adapter::new(&loaded.decoder, LoraConfig::default(), 7).unwrap();
+    let path = dir.join("adapter-000000.safetensors");
+    std::fs::write(&path, adapter.to_safetensors().unwrap()).unwrap();
+    std::fs::write(
+        path.with_extension("json"),
+        serde_json::to_string(&adapter.file_config(&loaded.name, 0)).unwrap(),
+    )
+    .unwrap();
+    path
+}
+
+#[test]
+fn retention_of_a_fresh_adapter_is_kept_with_ratio_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny-long.gguf");
+    write_tiny_gguf(
+        &model,
+        &TinySpec {
+            context: 2048,
+            ..TinySpec::default()
+        },
+    )
+    .unwrap();
+    let adapter = fresh_adapter(&model, dir.path());
+    let out = dir.path().join("retention.json");
+    let report = eval_json(&[
+        "--bench",
+        "retention",
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--limit",
+        "3",
+        "--max-tokens",
+        "8",
+        "--fail-under",
+        "0.95",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let rows = report["rows"].as_array().unwrap();
+    let metrics: Vec<&str> = rows.iter().map(|r| r["metric"].as_str().unwrap()).collect();
+    assert_eq!(metrics, ["gsm8k accuracy", "facts accuracy", "perplexity"]);
+    for row in rows {
+        assert_eq!(row["ratio"], 1.0, "{row}");
+        assert_eq!(row["kept"], true, "{row}");
+        assert_eq!(row["base"], row["adapted"], "{row}");
+    }
+    assert_eq!(report["kept"], true);
+    assert_eq!(
+        (
+            report["gsm8k_items"].as_u64(),
+            report["facts_items"].as_u64()
+        ),
+        (Some(3), Some(3))
+    );
+    assert!(report["base"]["perplexity"].as_f64().unwrap() > 1.0);
+    assert!(report["adapted"]["model"]
+        .as_str()
+        .unwrap()
+        .ends_with("+adapter-000000"));
+    // every item of both models, the same replies
+    let doc: Json = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    for bench in ["gsm8k", "facts", "ppl"] {
+        let (base, adapted) = (
+            &doc["items"]["base"][bench],
+            &doc["items"]["adapted"][bench],
+        );
+        assert!(!base.as_array().unwrap().is_empty(), "{bench}");
+        assert_eq!(base, adapted, "{bench}");
+    }
+
+    // the text table
+    let out = claw()
+        .args([
+            "eval",
+            "--bench",
+            "retention",
+            "--limit",
+            "2",
+            "--max-tokens",
+            "4",
+        ])
+        .arg("--model")
+        .arg(&model)
+        .arg("--adapter")
+        .arg(&adapter)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("| perplexity |"), "{text}");
+    assert!(text.contains("| 1.000 | kept |"), "{text}");
+    assert!(text.lines().any(|l| l.starts_with("kept: ")), "{text}");
+
+    // it needs an adapter, and the local model
+    let out = claw()
+        .args(["eval", "--bench", "retention"])
+        .arg("--model")
+        .arg(&model)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--adapter"));
 }

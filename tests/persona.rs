@@ -29,6 +29,9 @@ fn a_short_persona_run_goes_through_the_whole_loop_and_writes_its_report() {
             "8",
             "--round-timeout",
             "120",
+            // the retention check of the combined run's adapter, at CI size
+            "--retention-limit",
+            "2",
         ])
         .arg("--model")
         .arg(&model)
@@ -66,6 +69,23 @@ fn a_short_persona_run_goes_through_the_whole_loop_and_writes_its_report() {
     );
     assert_eq!(runs[1]["method"], "off");
     assert_eq!(runs[1]["final_policy_version"], 0);
+    // The trained run's final adapter was checked against the base; the control
+    // (the base itself) was not.
+    let retention = &combined["retention"];
+    let rows: Vec<&str> = retention["rows"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no retention rows: {combined}"))
+        .iter()
+        .map(|r| r["metric"].as_str().unwrap())
+        .collect();
+    assert_eq!(rows, ["gsm8k accuracy", "facts accuracy", "perplexity"]);
+    assert_eq!(retention["gsm8k_items"], 2);
+    assert!(retention["adapter"]
+        .as_str()
+        .unwrap()
+        .contains("brief-combined-seed0"));
+    assert!(retention["adapted"]["perplexity"].as_f64().unwrap() > 1.0);
+    assert!(runs[1].get("retention").is_none(), "{}", runs[1]);
 
     // Every reply of every session went through collect, judge (the thumbs are
     // the reward) and distill-hints (the corrections are the hints).
@@ -116,6 +136,14 @@ fn a_short_persona_run_goes_through_the_whole_loop_and_writes_its_report() {
     assert!(
         md.contains("| brief | off |") && md.contains("persona.png"),
         "{md}"
+    );
+    assert!(
+        md.contains("## Retention") && md.contains("| brief | combined | perplexity |"),
+        "{md}"
+    );
+    assert!(
+        stdout.contains("| brief | combined | facts accuracy |"),
+        "{stdout}"
     );
     // The chart decodes, and has both methods on it: the combined run's colour
     // and the control's grey, more of each than the legend's swatches hold (one

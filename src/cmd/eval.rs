@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use crate::eval::sandbox::{Limits, Sandbox};
-use crate::eval::{gpqa, gsm8k, humaneval, ppl, results, Bench, Outcome, Report};
+use crate::eval::{facts, gpqa, gsm8k, humaneval, ppl, results, retention, Bench, Outcome, Report};
 use crate::llm::{
     CallOptions, ChatBackend, EndpointFlags, LocalBackend, RemoteBackend, VoteRunner,
 };
@@ -55,6 +55,26 @@ Benchmarks:
   ppl        --data FILE.txt: perplexity, bits per byte and NLL per token of the
              text under the local model (teacher forcing, in --window token
              windows, each after the BOS token). No --url.
+  facts      short factual questions (capitals, elements, dates, authors):
+             --data FILE.jsonl with {\"question\", \"answers\": [...]} lines
+             (default: the built-in facts-mini, 42 questions written for claw).
+             A reply is right when it contains an accepted answer, ignoring case,
+             as whole words (\"Au\" is not found in \"Australia\", \"0\" not in
+             \"100\"). Reports accuracy with a 95% interval. Replies: at most
+             32 tokens unless --max-tokens.
+  retention  does a learned adapter keep what the base model could do? Needs
+             --adapter FILE (local model only, no --data): scores the base model
+             and base+adapter on the built-in gsm8k-mini (32 problems, at most
+             --max-tokens 256), facts-mini (42 questions, at most 32 tokens) and
+             the perplexity of ppl-mini, greedy, and prints them side by side
+             with the ratio, oriented so higher is better (adapted/base; for
+             perplexity, which is lower when better, base/adapted) and a verdict
+             per metric: kept (ratio >= 0.95) or LOST, then an overall line.
+             --limit N asks only the first N problems and questions (quicker,
+             noisier). --fail-under X: the share to keep (default 0.95), and exit
+             with status 1 when a metric is LOST. --out FILE.json: the report and
+             every item of both models. About 5 minutes per model for SmolLM2
+             on two cores.
   persona    does the loop learn? Starts a `claw up` per (--persona, --method)
              with a simulated user who has one rule-checked preference (no-bold,
              brief: under 40 words, direct: no preamble, ask-back: ends with a
@@ -91,6 +111,8 @@ Examples:
   claw eval --bench gpqa --data gpqa/ --subset diamond --url http://127.0.0.1:8000 \\
       --concurrency 8 --json
   claw eval --bench ppl --data README.md --adapter ckpt/adapter-000100.safetensors
+  claw eval --bench facts --url http://127.0.0.1:8000
+  claw eval --bench retention --adapter ckpt/adapter-000100.safetensors --fail-under 0.95
   claw eval --bench gsm8k --data held-out.jsonl --fail-under 0.3   # a CI gate";
 
 #[derive(Args, Debug)]
@@ -151,7 +173,8 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f32,
 
-    /// Most tokens per reply (default: gpqa 1024, gsm8k 512, humaneval 512).
+    /// Most tokens per reply (default: gpqa 1024, gsm8k 512, humaneval 512,
+    /// facts 32; retention: its gsm8k replies, 256).
     #[arg(long, value_name = "N")]
     pub max_tokens: Option<usize>,
 
@@ -222,7 +245,8 @@ pub struct EvalArgs {
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
 
-    /// Exit with status 1 when the score is below X (not for ppl).
+    /// Exit with status 1 when the score is below X (not for ppl; retention:
+    /// when a metric keeps less than X of the base score).
     #[arg(long, value_name = "X")]
     pub fail_under: Option<f64>,
 
@@ -250,6 +274,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
         Bench::Humaneval => run_humaneval(&args)?,
         Bench::Gsm8k => run_gsm8k(&args)?,
         Bench::Ppl => run_ppl(&args)?,
+        Bench::Facts => run_facts(&args)?,
+        Bench::Retention => return run_retention(&args),
         Bench::Persona => {
             let results = super::persona::run_all(
                 &args.persona,
@@ -333,6 +359,22 @@ fn check(args: &EvalArgs) -> Result<()> {
     if args.max_tokens == Some(0) {
         bail!("--max-tokens must be at least 1");
     }
+    if args.bench == Bench::Retention {
+        anyhow::ensure!(
+            args.adapter.is_some(),
+            "--bench retention compares the base model with an adapter: give --adapter FILE"
+        );
+        anyhow::ensure!(
+            args.data.is_none(),
+            "--bench retention uses the built-in gsm8k-mini, facts-mini and ppl-mini: drop --data"
+        );
+        if let Some(x) = args.fail_under {
+            anyhow::ensure!(
+                x.is_finite() && x > 0.0,
+                "--fail-under for retention is the share of the base score to keep, e.g. 0.95"
+            );
+        }
+    }
     if args.fail_under.is_some() && args.bench == Bench::Ppl {
         bail!("--fail-under is for scores where higher is better; for ppl use --fail-over");
     }
@@ -346,6 +388,9 @@ fn check(args: &EvalArgs) -> Result<()> {
         bail!(
             "--bench ppl scores the local model (teacher forcing needs its log-probs): drop --url"
         );
+    }
+    if args.url.is_some() && args.bench == Bench::Retention {
+        bail!("--bench retention scores the local model with and without --adapter: drop --url");
     }
     if let Some(url) = &args.url {
         crate::llm::endpoints(url)?;
@@ -361,11 +406,16 @@ const EVAL_FLAGS: EndpointFlags = EndpointFlags {
 
 /// The local model with its adapter on.
 fn load_model(args: &EvalArgs) -> Result<Model> {
+    load_model_with(args, args.adapter.as_deref())
+}
+
+/// The local model with `adapter` on, if any.
+fn load_model_with(args: &EvalArgs, adapter: Option<&Path>) -> Result<Model> {
     let path = resolve_model_path(args.model.as_deref())?;
     crate::info!("loading {}", path.display());
     let mut model = Model::load_with(&path, args.weights)
         .with_context(|| format!("loading the model {}", path.display()))?;
-    if let Some(adapter_path) = &args.adapter {
+    if let Some(adapter_path) = adapter {
         crate::adapter::apply_file(&mut model, adapter_path)?;
     }
     Ok(model)
@@ -475,6 +525,88 @@ fn run_gsm8k(args: &EvalArgs) -> Result<Outcome> {
     with_progress(problems.len(), "gsm8k", |tick| {
         gsm8k::run(&runner, &problems, &name, tick)
     })
+}
+
+fn run_facts(args: &EvalArgs) -> Result<Outcome> {
+    let (questions, name) = match &args.data {
+        Some(path) => (facts::load(path)?, path.display().to_string()),
+        None => (facts::builtin()?, facts::BUILTIN_NAME.to_string()),
+    };
+    let questions = limit(questions, args.limit);
+    let runner = runner(args, 32, 1, &[])?;
+    crate::info!(
+        "facts: {} questions to {}",
+        questions.len(),
+        runner.backend().name()
+    );
+    with_progress(questions.len(), "facts", |tick| {
+        facts::run(&runner, &questions, &name, tick)
+    })
+}
+
+/// `--bench retention`: the base model and the base with --adapter, side by side.
+fn run_retention(args: &EvalArgs) -> Result<()> {
+    let adapter = args
+        .adapter
+        .as_deref()
+        .context("--bench retention needs --adapter FILE")?;
+    let mut settings = retention::Settings::builtin()?;
+    if let Some(n) = args.limit {
+        settings = settings.limit(n);
+    }
+    if let Some(n) = args.max_tokens {
+        settings.gsm8k_max_tokens = n;
+    }
+    if let Some(x) = args.fail_under {
+        settings.keep = x;
+    }
+    settings.window = args.window;
+    settings.seed = args.seed;
+    settings.timeout = args.timeout;
+    let base = load_model_with(args, None)?;
+    let adapted = load_model(args)?;
+    let progress = |what: &str| crate::info!("retention: {what}");
+    let mut report = retention::compare(base, adapted, &settings, &progress)?;
+    report.adapter = Some(adapter.display().to_string());
+    if let Some(path) = &args.out {
+        anyhow::ensure!(
+            path.extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("json"))
+                || std::fs::metadata(path).is_ok_and(|m| !m.is_file() && !m.is_dir()),
+            "{}: --out for --bench retention must end in .json",
+            path.display()
+        );
+        let items = |s: &retention::Scores| -> serde_json::Value {
+            s.outcomes
+                .iter()
+                .map(|o| {
+                    (
+                        o.report.bench.name().to_string(),
+                        serde_json::json!(o.items),
+                    )
+                })
+                .collect::<serde_json::Map<_, _>>()
+                .into()
+        };
+        let doc = serde_json::json!({
+            "report": report,
+            "items": {"base": items(&report.base), "adapted": items(&report.adapted)},
+        });
+        let mut bytes = serde_json::to_vec_pretty(&doc)?;
+        bytes.push(b'\n');
+        crate::fsutil::write_output(path, &bytes)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        crate::info!("wrote every item to {}", path.display());
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.text());
+    }
+    if args.fail_under.is_some() && !report.kept {
+        bail!("{}", report.overall());
+    }
+    Ok(())
 }
 
 fn run_humaneval(args: &EvalArgs) -> Result<Outcome> {

@@ -123,6 +123,17 @@ pub struct PersonaArgs {
     #[arg(long, value_name = "DIR", help_heading = "Persona benchmark")]
     pub keep_data: Option<PathBuf>,
 
+    /// persona: skip the retention check (each trained run's final adapter
+    /// against the base model on gsm8k-mini, facts-mini and ppl-mini, as
+    /// `claw eval --bench retention` does; a few minutes per run on SmolLM2).
+    #[arg(long, help_heading = "Persona benchmark")]
+    pub no_retention: bool,
+
+    /// persona: the retention check asks only the first N gsm8k-mini problems and
+    /// facts-mini questions (a quicker, noisier check).
+    #[arg(long, value_name = "N", help_heading = "Persona benchmark")]
+    pub retention_limit: Option<usize>,
+
     /// persona: write persona.md (report), persona.json (every session) and
     /// persona.png (satisfaction over sessions) into DIR.
     #[arg(long, value_name = "DIR", help_heading = "Persona benchmark")]
@@ -162,6 +173,22 @@ pub fn run_all(
         Some(_) => vec![Method::Combined],
         None => args.method.clone(),
     };
+    anyhow::ensure!(
+        args.retention_limit != Some(0),
+        "--retention-limit must be at least 1"
+    );
+    // A running `claw up` (--url) keeps its adapters to itself.
+    let retention = match args.no_retention || url.is_some() {
+        true => None,
+        false => {
+            let mut settings = crate::eval::retention::Settings::builtin()?;
+            if let Some(n) = args.retention_limit {
+                settings = settings.limit(n);
+            }
+            settings.seed = seed;
+            Some(crate::eval::retention::Check::new(settings))
+        }
+    };
     let cfg = RunConfig {
         model,
         sessions: args.sessions,
@@ -178,6 +205,7 @@ pub fn run_all(
         round_timeout: Duration::from_secs_f64(args.round_timeout.max(1.0)),
         data_dir: args.keep_data.clone(),
         url,
+        retention,
     };
     let mut results = Vec::new();
     for p in &personas {
@@ -241,6 +269,9 @@ pub fn run_all(
     } else {
         let mut out = std::io::stdout().lock();
         for line in table.lines().filter(|l| l.starts_with('|')) {
+            if line.starts_with("| persona | method | metric |") {
+                writeln!(out)?; // the retention table
+            }
             writeln!(out, "{line}")?;
         }
     }

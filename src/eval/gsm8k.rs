@@ -25,13 +25,26 @@ pub struct Problem {
     pub value: f64,
 }
 
+/// fixtures/eval/gsm8k-mini.jsonl, built in (the retention check's maths).
+pub const BUILTIN: &str = include_str!("../../fixtures/eval/gsm8k-mini.jsonl");
+
 /// Reads the JSONL file; errors name the file, line and field.
 pub fn load(path: &Path) -> Result<Vec<Problem>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read the GSM8K file {}", path.display()))?;
+    parse(&text, &path.display().to_string())
+}
+
+/// The built-in gsm8k-mini problems.
+pub fn builtin() -> Result<Vec<Problem>> {
+    parse(BUILTIN, "fixtures/eval/gsm8k-mini.jsonl")
+}
+
+/// Parses JSONL `text`; `name` is the file errors name.
+pub fn parse(text: &str, name: &str) -> Result<Vec<Problem>> {
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
-        let at = format!("{}:{}", path.display(), i + 1);
+        let at = format!("{name}:{}", i + 1);
         if line.trim().is_empty() {
             continue;
         }
@@ -61,7 +74,7 @@ pub fn load(path: &Path) -> Result<Vec<Problem>> {
             value,
         });
     }
-    anyhow::ensure!(!out.is_empty(), "{} holds no problems", path.display());
+    anyhow::ensure!(!out.is_empty(), "{name} holds no problems");
     Ok(out)
 }
 

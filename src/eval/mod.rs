@@ -10,19 +10,24 @@
 //! - [`gpqa`]: multiple choice, shuffled choices, `Answer: $LETTER` extraction.
 //! - [`humaneval`]: code completion, run in the [`sandbox`], pass@k.
 //! - [`gsm8k`]: grade-school maths, numeric answer matching.
+//! - [`facts`]: short factual questions, accepted answers matched as words.
 //! - [`ppl`]: perplexity and bits per byte of a text under the local model.
+//! - [`retention`]: gsm8k, facts and ppl of a base model and of it with an
+//!   adapter, side by side: what training kept.
 //! - [`stats`]: intervals and the pass@k estimator.
 //! - [`results`]: the per-item results file (Parquet or JSON).
 //!
 //! Adding a benchmark: a module with a `run` that returns an [`Outcome`], a
 //! variant of [`Bench`], and its arm in `claw eval`'s dispatch.
 
+pub mod facts;
 pub mod gpqa;
 pub mod gsm8k;
 pub mod humaneval;
 pub mod persona;
 pub mod ppl;
 pub mod results;
+pub mod retention;
 pub mod sandbox;
 pub mod stats;
 
@@ -42,6 +47,10 @@ pub enum Bench {
     Gsm8k,
     /// Perplexity and bits per byte of a text file (local model only).
     Ppl,
+    /// Short factual questions (capitals, elements, dates, authors).
+    Facts,
+    /// An adapter's gsm8k, facts and ppl next to the base model's (local only).
+    Retention,
     /// Sessions until the model learns a user's preference (see [`persona`]).
     Persona,
 }
@@ -53,6 +62,8 @@ impl Bench {
             Bench::Humaneval => "humaneval",
             Bench::Gsm8k => "gsm8k",
             Bench::Ppl => "ppl",
+            Bench::Facts => "facts",
+            Bench::Retention => "retention",
             Bench::Persona => "persona",
         }
     }

@@ -15,6 +15,9 @@ use super::{Bench, ItemResult, Metric, Outcome, Report};
 use crate::model::score::{score, Sequence};
 use crate::model::{Decoder, Model};
 
+/// fixtures/eval/ppl-mini.txt, built in (the retention check's held-out text).
+pub const BUILTIN: &str = include_str!("../../fixtures/eval/ppl-mini.txt");
+
 /// Padded tokens per scoring forward pass (bounds memory).
 const SCORE_TOKENS: usize = 2048;
 

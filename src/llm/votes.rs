@@ -123,6 +123,14 @@ impl VoteRunner {
         &self.options
     }
 
+    /// Changes the most tokens per reply (one backend, benchmarks with different
+    /// reply lengths).
+    pub fn set_max_tokens(&mut self, max_tokens: usize) -> Result<()> {
+        anyhow::ensure!(max_tokens >= 1, "--max-tokens must be at least 1");
+        self.options.max_tokens = max_tokens;
+        Ok(())
+    }
+
     /// Calls the judge `votes` times for every item. Returns, per item, one
     /// `Ok(reply text)` or `Err(reason)` per vote (in vote order), and counters.
     /// `on_call` is told after each finished call (for progress). Fails only on a

@@ -48,6 +48,10 @@ pub struct RunResult {
     /// report must say what produced it). Empty in reports from before they were kept.
     #[serde(default)]
     pub settings: std::collections::BTreeMap<String, serde_json::Value>,
+    /// The final adapter's capability retention against the base model (trained
+    /// runs, unless --no-retention).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<crate::eval::retention::RetentionReport>,
 }
 
 /// The first session `k` such that sessions k-2, k-1 and k were all satisfied.
@@ -230,6 +234,56 @@ pub fn report(results: &[RunResult], command: &str, plot: Option<&str>) -> Strin
              (the control, `off`, dashed).\n"
         ));
     }
+    out.push_str(&retention_section(results));
+    out
+}
+
+/// The "Retention" section: each trained run's final adapter against the base
+/// model on gsm8k-mini, facts-mini and ppl-mini.
+pub fn retention_section(results: &[RunResult]) -> String {
+    let trained: Vec<&RunResult> = results.iter().filter(|r| r.method != "off").collect();
+    if trained.is_empty() {
+        return String::new();
+    }
+    let mut out = String::from("\n## Retention\n\n");
+    let measured: Vec<(&RunResult, &crate::eval::retention::RetentionReport)> = trained
+        .iter()
+        .filter_map(|r| r.retention.as_ref().map(|x| (*r, x)))
+        .collect();
+    let Some((_, first)) = measured.first() else {
+        out.push_str(
+            "Not measured (--no-retention, or no run left an adapter): see \
+             `claw eval --bench retention --adapter FILE`.\n",
+        );
+        return out;
+    };
+    out.push_str(&format!(
+        "Does the learned adapter keep what the base model could do? Each trained run's \
+         final adapter against the base ({}), greedy: gsm8k-mini accuracy ({} problems, at \
+         most {} tokens), facts-mini accuracy ({} questions, at most {} tokens), and \
+         perplexity of held-out text (ppl-mini). Ratio = adapted / base (perplexity: base / \
+         adapted, as lower is better); kept when it is at least {}, else LOST.\n\n\
+         | persona | method | metric | base | adapted | ratio | verdict |\n|---|---|---|---|---|---|---|\n",
+        first.base.model,
+        first.gsm8k_items,
+        first.gsm8k_max_tokens,
+        first.facts_items,
+        first.facts_max_tokens,
+        first.keep
+    ));
+    for (r, x) in &measured {
+        for line in x.markdown().lines().skip(2) {
+            out.push_str(&format!("| {} | {} {line}\n", r.persona, r.method));
+        }
+    }
+    out.push('\n');
+    for r in &trained {
+        let line = r
+            .retention
+            .as_ref()
+            .map_or("not measured".to_string(), |x| x.overall());
+        out.push_str(&format!("- {} {}: {line}\n", r.persona, r.method));
+    }
     out
 }
 
@@ -272,7 +326,58 @@ mod tests {
             final_policy_version: 0,
             seconds: 0.0,
             settings: Default::default(),
+            retention: None,
         }
+    }
+
+    #[test]
+    fn the_report_has_a_retention_section_for_trained_runs() {
+        use crate::eval::retention::{RetentionReport, Scores, Settings};
+        let settings = Settings::builtin().unwrap().limit(4);
+        let scores = |model: &str, g: f64, p: f64| Scores {
+            model: model.into(),
+            gsm8k: g,
+            facts: 0.5,
+            perplexity: p,
+            ..Scores::default()
+        };
+        let mut trained = run("brief", "combined", 0, &[true, true]);
+        trained.retention = Some(RetentionReport::from_scores(
+            scores("base", 0.5, 10.0),
+            scores("base+adapter-000004", 0.25, 10.2),
+            &settings,
+        ));
+        let untrained = run("brief", "rl", 0, &[true]);
+        let off = run("brief", "off", 0, &[true, true]);
+        let md = report(
+            &[trained.clone(), untrained, off.clone()],
+            "claw eval",
+            None,
+        );
+        let section = &md[md.find("## Retention").expect("a Retention section")..];
+        assert!(section.contains("(base)"), "{section}");
+        assert!(
+            section
+                .contains("| brief | combined | gsm8k accuracy | 50.0% | 25.0% | 0.500 | LOST |"),
+            "{section}"
+        );
+        assert!(
+            section.contains("| brief | combined | perplexity | 10.000 | 10.200 | 0.980 | kept |")
+        );
+        assert!(section.contains("- brief combined: LOST: "), "{section}");
+        assert!(section.contains("- brief rl: not measured"), "{section}");
+        assert!(!section.contains("brief off"), "{section}");
+        // the JSON keeps it, and reads back
+        let json = serde_json::to_string(&trained).unwrap();
+        let back: RunResult = serde_json::from_str(&json).unwrap();
+        assert_eq!(
+            back.retention.unwrap().rows,
+            trained.retention.unwrap().rows
+        );
+        // without any measurement, the section says so; with only the control, none
+        let md = report(&[run("brief", "combined", 0, &[true])], "claw eval", None);
+        assert!(md.contains("## Retention\n\nNot measured"), "{md}");
+        assert!(!report(&[off], "claw eval", None).contains("## Retention"));
     }
 
     #[test]

@@ -118,6 +118,9 @@ pub struct RunConfig {
     pub data_dir: Option<PathBuf>,
     /// Drive this running `claw up` (base URL) instead of starting one.
     pub url: Option<String>,
+    /// Score each trained run's final adapter against the base model (gsm8k,
+    /// facts, ppl); None skips it.
+    pub retention: Option<crate::eval::retention::Check>,
 }
 
 impl RunConfig {
@@ -399,6 +402,7 @@ pub fn run(
 ) -> Result<RunResult> {
     let started = Instant::now();
     let mut scratch = None;
+    let mut run_dir = None;
     let (up, base) = match &cfg.url {
         Some(url) => (None, url.trim_end_matches('/').to_string()),
         None => {
@@ -419,6 +423,7 @@ pub fn run(
                 dir.display()
             );
             let (up, base) = Up::start(&dir, method, cfg)?;
+            run_dir = Some(dir);
             (Some(up), base)
         }
     };
@@ -476,6 +481,12 @@ pub fn run(
     let heldout_after =
         client.heldout_rate(persona, &heldout, cfg.max_tokens, &format!("{tag}-after"))?;
     drop(up); // stops claw up before its directory goes
+    let retention = match (&cfg.retention, &run_dir) {
+        (Some(check), Some(dir)) if method != Method::Off => {
+            retention_of(check, cfg, &dir.join("checkpoints"), &tag)
+        }
+        _ => None,
+    };
     if let Some(dir) = scratch {
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -495,7 +506,48 @@ pub fn run(
         final_policy_version,
         seconds: started.elapsed().as_secs_f64(),
         settings: cfg.settings(method),
+        retention,
     })
+}
+
+/// The retention check of the run's final adapter (`checkpoints/LATEST`); None,
+/// with a warning, when there is none or the check fails (the run's own results
+/// stand either way).
+fn retention_of(
+    check: &crate::eval::retention::Check,
+    cfg: &RunConfig,
+    checkpoints: &Path,
+    tag: &str,
+) -> Option<crate::eval::retention::RetentionReport> {
+    let adapter = match crate::adapter::layout::latest_in(checkpoints) {
+        Ok(Some(adapter)) => adapter,
+        Ok(None) => {
+            crate::warn!(
+                "persona {tag}: no adapter in {}: retention not measured",
+                checkpoints.display()
+            );
+            return None;
+        }
+        Err(e) => {
+            crate::warn!("persona {tag}: retention not measured: {e:#}");
+            return None;
+        }
+    };
+    crate::info!("persona {tag}: retention of {}", adapter.display());
+    let progress = |what: &str| crate::info!("retention: {what}");
+    match check.adapter(cfg.model.as_deref(), &adapter, &progress) {
+        Ok(report) => {
+            crate::info!("persona {tag}: retention {}", report.overall());
+            Some(report)
+        }
+        Err(e) => {
+            crate::warn!(
+                "persona {tag}: retention of {} failed: {e:#}",
+                adapter.display()
+            );
+            None
+        }
+    }
 }
 
 #[cfg(test)]
@@ -519,6 +571,7 @@ mod tests {
             round_timeout: Duration::from_secs(1),
             data_dir: None,
             url: None,
+            retention: None,
         }
     }
 
