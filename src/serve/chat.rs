@@ -108,10 +108,16 @@ async fn handle(
         ));
     }
     let request = ChatRequest::from_body(&fields)?;
+    if let Some(upstream) = state.upstream.clone() {
+        return super::upstream::handle(state, upstream, permit, session, request, started).await;
+    }
 
     let policy = state.policies.current();
 
-    let model = state.model.clone();
+    let model = state
+        .model
+        .clone()
+        .ok_or_else(|| ApiError::internal("no model is loaded"))?;
     let limit = state.config.max_tokens_limit;
     // Rendering and tokenising a large body takes memory many times its size;
     // a few at a time bound it, whatever the queue admits.
@@ -143,7 +149,7 @@ async fn handle(
     let meta = Meta {
         id: prepared.id.clone(),
         created: prepared.created_ms / 1000,
-        model: state.model.name.clone(),
+        model: state.model_name().to_string(),
         prompt_tokens: prepared.prompt_ids.len(),
         stream_tools: prepared.request.stream && prepared.request.active_tools().is_some(),
         include_usage: prepared.request.include_usage,
@@ -274,8 +280,12 @@ async fn run_job(
     tx: mpsc::UnboundedSender<Event>,
 ) {
     let metrics = &state.metrics;
+    let (Some(model), Some(engine)) = (state.model.as_deref(), state.engine.as_ref()) else {
+        let _ = tx.send(Event::Done(Err("no generation engine".into())));
+        return;
+    };
     let (done, result) = oneshot::channel();
-    state.engine.submit(Work {
+    engine.submit(Work {
         policy: job.policy.clone(),
         prompt_ids: job.prompt_ids.clone(),
         params: job.params.clone(),
@@ -320,7 +330,7 @@ async fn run_job(
         return;
     }
 
-    let outcome = finish(&state.model, &job, generation);
+    let outcome = finish(model, &job, generation);
     metrics
         .prompt_tokens
         .fetch_add(job.prompt_ids.len() as u64, Relaxed);
@@ -409,7 +419,7 @@ fn chat_row(state: &AppState, job: &Prepared, outcome: &Outcome) -> RolloutRow {
         // only from then on, and collect's --feedback-grace counts from here, so
         // a long generation or a wait in the queue never eats into it.
         created_at: unix_ms(),
-        model: state.model.name.clone(),
+        model: state.model_name().to_string(),
         policy_version: job.policy.version,
         messages_json: Json::Array(job.request.messages.clone()).to_string(),
         tools_json: job

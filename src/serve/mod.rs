@@ -35,6 +35,7 @@ pub mod response;
 pub mod routes;
 pub mod session;
 pub mod tools;
+pub mod upstream;
 pub mod wal;
 
 use std::path::PathBuf;
@@ -87,6 +88,8 @@ pub struct ServeConfig {
     pub segment_rows: usize,
     /// ...or at this age.
     pub segment_age: Duration,
+    /// `--upstream URL`: another engine generates; no local model is loaded.
+    pub upstream: Option<upstream::UpstreamConfig>,
 }
 
 impl ServeConfig {
@@ -97,7 +100,8 @@ impl ServeConfig {
 
 /// What every handler shares.
 pub struct AppState {
-    pub model: Arc<Model>,
+    /// The local model (None with `--upstream`).
+    pub model: Option<Arc<Model>>,
     pub config: ServeConfig,
     pub metrics: Arc<Metrics>,
     pub recorder: Recorder,
@@ -106,12 +110,26 @@ pub struct AppState {
     pub admission: Arc<Semaphore>,
     /// Requests being rendered and tokenised at once (a memory bound).
     pub preparing: Semaphore,
-    /// Runs the generations, `--parallel` of them batched together.
-    pub engine: engine::Engine,
+    /// Runs the generations, `--parallel` of them batched together (None with
+    /// `--upstream`).
+    pub engine: Option<engine::Engine>,
     /// Unix seconds the server started (the model's `created`).
     pub started: u64,
     /// The policy serving new requests (swapped by hot reload).
     pub policies: Arc<Policies>,
+    /// `--upstream`: the engine chat requests go to.
+    pub upstream: Option<Arc<upstream::Upstream>>,
+}
+
+impl AppState {
+    /// The model name served (`/v1/models`) and recorded.
+    pub fn model_name(&self) -> &str {
+        match (&self.upstream, &self.model) {
+            (Some(u), _) => &u.model,
+            (None, Some(m)) => &m.name,
+            (None, None) => "",
+        }
+    }
 }
 
 /// Requests rendered and tokenised at once: tokenising a 4 MiB body holds
@@ -145,6 +163,9 @@ pub fn run(config: ServeConfig) -> Result<()> {
         !config.reload_poll.is_zero(),
         "--reload-poll-ms must be at least 1"
     );
+    if let Some(upstream) = &config.upstream {
+        return upstream::run(config.clone(), upstream.clone());
+    }
     let model = Model::load_with(&config.model_path, config.weights)?;
     crate::info!(
         "loaded {} ({} layers, context {})",
@@ -184,15 +205,16 @@ pub fn run(config: ServeConfig) -> Result<()> {
         .thread_name("claw-serve")
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(serve(config, model, metrics, policies, seen))
+    runtime.block_on(serve(config, Some(model), metrics, policies, seen, None))
 }
 
 async fn serve(
     config: ServeConfig,
-    model: Model,
+    model: Option<Model>,
     metrics: Arc<Metrics>,
     policies: Arc<Policies>,
     seen: Option<reload::Fingerprint>,
+    upstream: Option<Arc<upstream::Upstream>>,
 ) -> Result<()> {
     let raw_dir = config.dir.join("raw");
     let (recorder, writer_thread) = if config.record {
@@ -215,8 +237,8 @@ async fn serve(
     let addr = listener
         .local_addr()
         .context("cannot read the bound address")?;
-    let model = Arc::new(model);
-    let reloader = if config.reload {
+    let model = model.map(Arc::new);
+    let reloader = if let (Some(model), true) = (&model, config.reload) {
         crate::info!(
             "following {} for new adapters (checked on change and every {} ms)",
             config
@@ -236,13 +258,16 @@ async fn serve(
     } else {
         None
     };
-    let engine = engine::Engine::start(
-        model.clone(),
-        policies.clone(),
-        prefix::PrefixCache::new(config.prefix_cache_bytes),
-        metrics.clone(),
-        config.parallel,
-    )?;
+    let engine = match &model {
+        Some(model) => Some(engine::Engine::start(
+            model.clone(),
+            policies.clone(),
+            prefix::PrefixCache::new(config.prefix_cache_bytes),
+            metrics.clone(),
+            config.parallel,
+        )?),
+        None => None,
+    };
     let state = Arc::new(AppState {
         model,
         metrics: metrics.clone(),
@@ -254,6 +279,7 @@ async fn serve(
         started: (unix_ms() / 1000) as u64,
         policies,
         config,
+        upstream,
     });
     if state.config.prefix_cache_bytes > 0 {
         crate::debug!(

@@ -1,0 +1,879 @@
+//! `claw serve --upstream URL`: the same API, sessions, feedback and recording in
+//! front of another engine that generates (llama.cpp's `llama-server`, vLLM,
+//! SGLang, or any OpenAI-compatible server).
+//!
+//! A chat request is checked by claw exactly as for the local engine (the 400s,
+//! the session fields, `--max-tokens-limit`), then sent to the upstream's
+//! `/v1/chat/completions` as one non-streaming request that asks for what a
+//! rollout row needs:
+//!
+//! - `logprobs: true` with `top_logprobs` >= 1 (llama.cpp computes no
+//!   probabilities at all with `n_probs` 0), so every generated token comes back
+//!   with its log-prob;
+//! - `return_token_ids: true`, vLLM's and SGLang's switch for the exact prompt and
+//!   completion ids (servers that do not know it ignore it).
+//!
+//! The reply streams back to the client as one content piece when the client
+//! asked for `stream` (the upstream call itself is not streamed: llama.cpp
+//! returns no log-probs in streamed chat chunks).
+//!
+//! Where the ids come from, recorded per row in `token_source`
+//! ([`TokenSource`]):
+//!
+//! - `upstream`: prompt and completion ids both came in the engine's response
+//!   (vLLM / SGLang with `return_token_ids`);
+//! - `upstream-tokenize`: completion ids from the response (llama.cpp's
+//!   `logprobs.content[].id`), prompt ids from the engine's own template and
+//!   tokenizer (`POST /apply-template`, then `POST /tokenize` with
+//!   `add_special`/`parse_special` as llama.cpp's server tokenises a chat prompt);
+//! - `upstream-text`: the engine returned no completion ids: the row has text but
+//!   empty id and log-prob lists (not trainable as it is).
+//!
+//! No local model is loaded in this mode; adapters are not pushed to the
+//! upstream yet (`policy_version` stays 0).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::Response;
+use serde_json::{json, Map, Value as Json};
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+
+use super::api::{ApiError, ChatRequest};
+use super::chat::POLICY_HEADER;
+use super::response::{json_response, sse_response, Event, Meta, Outcome};
+use super::session::{self, SessionInfo, SESSION_HEADER};
+use super::tools::ToolCall;
+use super::{unix_ms, AppState};
+use crate::model::generate::Timing;
+use crate::model::{FinishReason, Generation};
+use crate::rollout::RolloutRow;
+
+/// How long to wait for the upstream's TCP connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one upstream call may take in all (a long generation on a slow engine).
+const CALL_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long the startup probe of `GET /v1/models` may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// `--upstream URL`, `--upstream-model`, `--upstream-api-key`.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// Base URL as given (`http://host:port` or `http://host:port/v1`).
+    pub url: String,
+    /// Model name sent upstream (and recorded); None: asked from `GET /v1/models`.
+    pub model: Option<String>,
+    pub api_key: Option<String>,
+}
+
+/// How a row's token ids were obtained (the `token_source` column).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenSource {
+    /// Prompt and completion ids both in the engine's response.
+    Upstream,
+    /// Completion ids in the response; prompt ids from the engine's
+    /// `/apply-template` + `/tokenize`.
+    UpstreamTokenize,
+    /// No completion ids from the engine: text only.
+    UpstreamText,
+}
+
+impl TokenSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenSource::Upstream => "upstream",
+            TokenSource::UpstreamTokenize => "upstream-tokenize",
+            TokenSource::UpstreamText => "upstream-text",
+        }
+    }
+}
+
+/// The upstream engine and how to reach it.
+pub struct Upstream {
+    /// Without a trailing `/` or `/v1`: `/v1/chat/completions`, `/tokenize` and
+    /// `/apply-template` hang off it.
+    base: String,
+    /// Sent as `model` and recorded.
+    pub model: String,
+    api_key: Option<String>,
+    agent: ureq::Agent,
+}
+
+/// Why an upstream call failed, as the client sees it.
+#[derive(Debug)]
+pub struct UpstreamError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl From<UpstreamError> for ApiError {
+    fn from(e: UpstreamError) -> Self {
+        let kind = if e.status.is_client_error() {
+            "invalid_request_error"
+        } else {
+            "upstream_error"
+        };
+        ApiError::new(e.status, kind, e.message).with_code(e.code)
+    }
+}
+
+/// What one upstream chat completion gave.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Reply {
+    /// `message.content` (empty when null).
+    pub content: String,
+    /// `message.tool_calls` as the engine parsed them, if it did.
+    pub tool_calls: Vec<ToolCall>,
+    pub finish_reason: String,
+    pub prompt_ids: Option<Vec<u32>>,
+    pub completion_ids: Option<Vec<u32>>,
+    /// One per completion id when the engine gave them.
+    pub logprobs: Option<Vec<f32>>,
+    /// The engine's `logprobs` object, passed on when the client asked for it.
+    pub logprobs_json: Option<Json>,
+    /// `usage.prompt_tokens` / `usage.completion_tokens`.
+    pub prompt_tokens: Option<usize>,
+    pub completion_tokens: Option<usize>,
+}
+
+impl Upstream {
+    /// Checks the URL and settles the model name: `--upstream-model`, else the
+    /// first model `GET /v1/models` lists, else `upstream` (an upstream that is
+    /// down at startup is not fatal: requests get 502 until it is up).
+    pub fn connect(config: &UpstreamConfig) -> anyhow::Result<Self> {
+        let url = config.url.trim();
+        anyhow::ensure!(
+            url.starts_with("http://"),
+            "--upstream {url}: give an http:// URL (this build has no TLS; put a local \
+             proxy in front of an https:// engine)"
+        );
+        let base = url
+            .trim_end_matches('/')
+            .trim_end_matches("/v1")
+            .trim_end_matches('/')
+            .to_string();
+        let agent = ureq::AgentBuilder::new()
+            .timeout_connect(CONNECT_TIMEOUT)
+            .timeout(CALL_TIMEOUT)
+            .build();
+        let mut upstream = Upstream {
+            base,
+            model: String::new(),
+            api_key: config.api_key.clone().filter(|k| !k.trim().is_empty()),
+            agent,
+        };
+        upstream.model = match &config.model {
+            Some(m) => m.clone(),
+            None => match upstream.probe_model() {
+                Ok(m) => m,
+                Err(e) => {
+                    crate::warn!(
+                        "cannot ask {} for its model ({e}); recording the model as `upstream` \
+                         (give --upstream-model)",
+                        upstream.base
+                    );
+                    "upstream".into()
+                }
+            },
+        };
+        Ok(upstream)
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    fn request(&self, method: &str, path: &str, timeout: Duration) -> ureq::Request {
+        let mut r = self
+            .agent
+            .request(method, &format!("{}{path}", self.base))
+            .timeout(timeout);
+        if let Some(key) = &self.api_key {
+            r = r.set("Authorization", &format!("Bearer {key}"));
+        }
+        r
+    }
+
+    fn probe_model(&self) -> Result<String, String> {
+        let body: Json = self
+            .request("GET", "/v1/models", PROBE_TIMEOUT)
+            .call()
+            .map_err(|e| e.to_string())?
+            .into_json()
+            .map_err(|e| e.to_string())?;
+        body.pointer("/data/0/id")
+            .and_then(Json::as_str)
+            .map(str::to_string)
+            .ok_or_else(|| "its /v1/models lists no model".into())
+    }
+
+    /// POSTs `body` to `path` and reads a JSON answer; every failure names the
+    /// upstream URL.
+    fn post(&self, path: &str, body: &Json) -> Result<Json, UpstreamError> {
+        let url = format!("{}{path}", self.base);
+        match self.request("POST", path, CALL_TIMEOUT).send_json(body) {
+            Ok(r) => r.into_json().map_err(|e| UpstreamError {
+                status: StatusCode::BAD_GATEWAY,
+                code: "upstream_bad_response",
+                message: format!("the upstream {url} answered with a body that is not JSON: {e}"),
+            }),
+            Err(ureq::Error::Status(status, r)) => {
+                let text = r.into_string().unwrap_or_default();
+                let detail = serde_json::from_str::<Json>(&text)
+                    .ok()
+                    .and_then(|j| {
+                        j.pointer("/error/message")
+                            .or_else(|| j.get("message"))
+                            .and_then(Json::as_str)
+                            .map(str::to_string)
+                    })
+                    .unwrap_or_else(|| text.chars().take(500).collect());
+                // The engine's own 4xx (a prompt over its context, say) is the
+                // client's problem; anything else is a bad gateway.
+                let client = (400..500).contains(&status) && status != 401 && status != 403;
+                Err(UpstreamError {
+                    status: if client {
+                        StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST)
+                    } else {
+                        StatusCode::BAD_GATEWAY
+                    },
+                    code: "upstream_error",
+                    message: format!("the upstream {url} answered HTTP {status}: {detail}"),
+                })
+            }
+            Err(e) => Err(UpstreamError {
+                status: StatusCode::BAD_GATEWAY,
+                code: "upstream_unreachable",
+                message: format!("cannot reach the upstream {url}: {e}"),
+            }),
+        }
+    }
+
+    /// The body sent to the upstream's `/v1/chat/completions`.
+    pub fn chat_body(&self, request: &ChatRequest, max_tokens: usize) -> Json {
+        let mut body = Map::new();
+        body.insert("model".into(), json!(self.model));
+        body.insert("messages".into(), Json::Array(request.messages.clone()));
+        if let Some(tools) = request.active_tools() {
+            body.insert("tools".into(), Json::Array(tools.to_vec()));
+            if !request.parallel_tool_calls {
+                body.insert("parallel_tool_calls".into(), json!(false));
+            }
+        }
+        if let Some(t) = request.temperature {
+            body.insert("temperature".into(), json!(t));
+        }
+        if let Some(p) = request.top_p {
+            body.insert("top_p".into(), json!(p));
+        }
+        if let Some(k) = request.top_k {
+            body.insert("top_k".into(), json!(k));
+        }
+        if let Some(seed) = request.seed {
+            body.insert("seed".into(), json!(seed));
+        }
+        if !request.stop.is_empty() {
+            body.insert("stop".into(), json!(request.stop));
+        }
+        if request.ignore_eos {
+            body.insert("ignore_eos".into(), json!(true));
+        }
+        body.insert("max_tokens".into(), json!(max_tokens));
+        body.insert("stream".into(), json!(false));
+        body.insert("logprobs".into(), json!(true));
+        body.insert(
+            "top_logprobs".into(),
+            json!(if request.logprobs {
+                request.top_logprobs.max(1)
+            } else {
+                1
+            }),
+        );
+        // vLLM (>= 0.10.2) and SGLang: exact prompt and completion ids in the
+        // response (`prompt_token_ids`, `choices[].token_ids`).
+        body.insert("return_token_ids".into(), json!(true));
+        Json::Object(body)
+    }
+
+    /// One chat completion, with the prompt's text and ids when the response did
+    /// not carry them (llama.cpp: `/apply-template` + `/tokenize`).
+    fn complete(
+        &self,
+        request: &ChatRequest,
+        max_tokens: usize,
+    ) -> Result<(Reply, String, TokenSource), UpstreamError> {
+        let body = self.chat_body(request, max_tokens);
+        let response = self.post("/v1/chat/completions", &body)?;
+        let mut reply = parse_chat_response(&response).map_err(|e| UpstreamError {
+            status: StatusCode::BAD_GATEWAY,
+            code: "upstream_bad_response",
+            message: format!("the upstream {}/v1/chat/completions: {e}", self.base),
+        })?;
+        let prompt_from_response = reply.prompt_ids.is_some();
+        let mut prompt_text = String::new();
+        // The prompt as the engine rendered it (llama.cpp's server has both
+        // endpoints; an engine without them leaves the prompt text empty).
+        let mut template = Map::new();
+        template.insert("messages".into(), Json::Array(request.messages.clone()));
+        if let Some(tools) = request.active_tools() {
+            template.insert("tools".into(), Json::Array(tools.to_vec()));
+        }
+        if let Ok(rendered) = self.post("/apply-template", &Json::Object(template)) {
+            if let Some(text) = rendered.get("prompt").and_then(Json::as_str) {
+                prompt_text = text.to_string();
+                if reply.prompt_ids.is_none() {
+                    reply.prompt_ids = self.tokenize(&prompt_text, true).ok();
+                }
+            }
+        }
+        let source = token_source(&reply, prompt_from_response);
+        Ok((reply, prompt_text, source))
+    }
+
+    /// llama.cpp's `POST /tokenize` (`add_special`: the BOS its chat prompts get).
+    pub fn tokenize(&self, text: &str, add_special: bool) -> Result<Vec<u32>, UpstreamError> {
+        let answer = self.post(
+            "/tokenize",
+            &json!({"content": text, "add_special": add_special, "parse_special": true}),
+        )?;
+        answer
+            .get("tokens")
+            .and_then(ids)
+            .ok_or_else(|| UpstreamError {
+                status: StatusCode::BAD_GATEWAY,
+                code: "upstream_bad_response",
+                message: format!("the upstream {}/tokenize returned no `tokens`", self.base),
+            })
+    }
+}
+
+/// A JSON list of non-negative integers (token ids).
+fn ids(v: &Json) -> Option<Vec<u32>> {
+    v.as_array()?
+        .iter()
+        .map(|x| x.as_u64().and_then(|n| u32::try_from(n).ok()))
+        .collect()
+}
+
+/// Reads a `/v1/chat/completions` response in the shapes the engines document:
+///
+/// - OpenAI: `choices[0].message.{content,tool_calls}`, `finish_reason`,
+///   `logprobs.content[].logprob`, `usage`.
+/// - llama.cpp server: `logprobs.content[].id` next to each `logprob`
+///   (tools/server/server-task.cpp, `completion_token_output::probs_vector_to_json`).
+/// - vLLM, with `return_token_ids: true` (vLLM >= 0.10.2, `ChatCompletionResponse`):
+///   top-level `prompt_token_ids`, and `choices[].token_ids`.
+/// - SGLang, with `return_token_ids: true` (sgl-project/sglang#30917): per choice
+///   `prompt_token_ids` and `token_ids`; or in the response-level `sglext`
+///   (`prompt_token_ids`, `completion_token_ids`, sgl-project/sglang#34488); or,
+///   with `return_meta_info`, `meta_info.output_token_logprobs` as
+///   `[logprob, token_id, text]` triples; `logprobs.content[].token_id`
+///   (sgl-project/sglang#7069).
+pub fn parse_chat_response(response: &Json) -> Result<Reply, String> {
+    let choice = response
+        .pointer("/choices/0")
+        .ok_or("the response has no `choices[0]`")?;
+    let message = choice.get("message").unwrap_or(&Json::Null);
+    let content = match message.get("content") {
+        None | Some(Json::Null) => String::new(),
+        Some(Json::String(s)) => s.clone(),
+        Some(other) => return Err(format!("`message.content` is not a string: {other}")),
+    };
+    let tool_calls = message
+        .get("tool_calls")
+        .and_then(Json::as_array)
+        .map(|calls| {
+            calls
+                .iter()
+                .filter_map(|c| {
+                    let f = c.get("function")?;
+                    let arguments = match f.get("arguments") {
+                        Some(Json::String(s)) => s.clone(),
+                        Some(other) => other.to_string(),
+                        None => "{}".into(),
+                    };
+                    Some(ToolCall {
+                        id: c
+                            .get("id")
+                            .and_then(Json::as_str)
+                            .map(str::to_string)
+                            .unwrap_or_else(|| session::new_id("call_")),
+                        name: f.get("name")?.as_str()?.to_string(),
+                        arguments,
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let finish_reason = choice
+        .get("finish_reason")
+        .and_then(Json::as_str)
+        .unwrap_or("stop")
+        .to_string();
+
+    let sglext = response.get("sglext");
+    let prompt_ids = choice
+        .get("prompt_token_ids")
+        .or_else(|| response.get("prompt_token_ids"))
+        .or_else(|| sglext.and_then(|s| s.get("prompt_token_ids")))
+        .and_then(|v| ids(v).or_else(|| v.get(0).and_then(ids)));
+
+    let logprobs_json = choice.get("logprobs").filter(|v| !v.is_null()).cloned();
+    let entries = logprobs_json
+        .as_ref()
+        .and_then(|l| l.get("content"))
+        .and_then(Json::as_array);
+    let entry_logprobs: Option<Vec<f32>> = entries.and_then(|e| {
+        e.iter()
+            .map(|x| x.get("logprob").and_then(Json::as_f64).map(|f| f as f32))
+            .collect()
+    });
+    let entry_ids: Option<Vec<u32>> = entries.and_then(|e| {
+        e.iter()
+            .map(|x| {
+                x.get("id")
+                    .or_else(|| x.get("token_id"))
+                    .and_then(Json::as_u64)
+                    .and_then(|n| u32::try_from(n).ok())
+            })
+            .collect()
+    });
+    let meta = choice
+        .pointer("/meta_info/output_token_logprobs")
+        .or_else(|| response.pointer("/meta_info/output_token_logprobs"))
+        .and_then(Json::as_array);
+    let meta_ids: Option<Vec<u32>> = meta.and_then(|m| {
+        m.iter()
+            .map(|t| t.get(1)?.as_u64().and_then(|n| u32::try_from(n).ok()))
+            .collect()
+    });
+    let meta_logprobs: Option<Vec<f32>> = meta.and_then(|m| {
+        m.iter()
+            .map(|t| t.get(0)?.as_f64().map(|f| f as f32))
+            .collect()
+    });
+    let completion_ids = choice
+        .get("token_ids")
+        .and_then(ids)
+        .or_else(|| {
+            sglext
+                .and_then(|s| s.get("completion_token_ids"))
+                .and_then(|v| ids(v).or_else(|| v.get(0).and_then(ids)))
+        })
+        .or_else(|| meta_ids.clone())
+        .or_else(|| entry_ids.clone());
+    // The log-probs line up with the ids only when they count the same tokens.
+    let logprobs = completion_ids.as_ref().and_then(|c| {
+        [entry_logprobs, meta_logprobs]
+            .into_iter()
+            .flatten()
+            .find(|l| l.len() == c.len())
+    });
+    let usage = |field: &str| {
+        response
+            .pointer(&format!("/usage/{field}"))
+            .and_then(Json::as_u64)
+            .map(|n| n as usize)
+    };
+    Ok(Reply {
+        content,
+        tool_calls,
+        finish_reason,
+        prompt_ids,
+        completion_ids,
+        logprobs,
+        logprobs_json,
+        prompt_tokens: usage("prompt_tokens"),
+        completion_tokens: usage("completion_tokens"),
+    })
+}
+
+/// Which source the ids of a reply count as.
+pub fn token_source(reply: &Reply, prompt_from_response: bool) -> TokenSource {
+    match (&reply.completion_ids, &reply.prompt_ids) {
+        (None, _) | (_, None) => TokenSource::UpstreamText,
+        (Some(_), Some(_)) if prompt_from_response => TokenSource::Upstream,
+        (Some(_), Some(_)) => TokenSource::UpstreamTokenize,
+    }
+}
+
+/// `POST /v1/chat/completions` in upstream mode: called by the chat handler
+/// after the request is checked and admitted.
+pub async fn handle(
+    state: Arc<AppState>,
+    upstream: Arc<Upstream>,
+    permit: OwnedSemaphorePermit,
+    session: SessionInfo,
+    request: ChatRequest,
+    started: Instant,
+) -> Result<Response, ApiError> {
+    let limit = state.config.max_tokens_limit;
+    let max_tokens = match request.max_tokens {
+        Some(m) if m > limit => {
+            let field = request.max_tokens_field;
+            return Err(ApiError::invalid(
+                format!(
+                    "`{field}` is {m}, more than this server allows ({limit}, --max-tokens-limit)"
+                ),
+                field,
+            ));
+        }
+        Some(m) => m,
+        None => limit,
+    };
+    let policy = state.policies.current();
+    let id = session::new_id("chatcmpl-");
+    let created_ms = unix_ms();
+    let call_started = Instant::now();
+    let (request, result) = {
+        let upstream = upstream.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = upstream.complete(&request, max_tokens);
+            (request, result)
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("the upstream call failed: {e}")))?
+    };
+    let (reply, prompt_text, source) = result.map_err(|e| {
+        crate::warn!("request {id}: {}", e.message);
+        ApiError::from(e)
+    })?;
+    let elapsed = call_started.elapsed().as_secs_f64();
+
+    // Claw parses tool calls from the text as it does for its own engine, unless
+    // the engine already did (its `message.tool_calls`).
+    let (content, tool_calls) = if reply.tool_calls.is_empty() {
+        request.reply_tool_calls(&reply.content, || session::new_id("call_"))
+    } else {
+        (reply.content.clone(), reply.tool_calls.clone())
+    };
+    let finish_reason: &'static str = if !tool_calls.is_empty() {
+        "tool_calls"
+    } else {
+        match reply.finish_reason.as_str() {
+            "length" => "length",
+            _ => "stop",
+        }
+    };
+    let completion_ids = reply.completion_ids.clone().unwrap_or_default();
+    let logprobs = reply.logprobs.clone().unwrap_or_default();
+    let prompt_ids = reply.prompt_ids.clone().unwrap_or_default();
+    let prompt_tokens = reply.prompt_tokens.unwrap_or(prompt_ids.len());
+    let generation = Generation {
+        token_ids: completion_ids.clone(),
+        logprobs: logprobs.clone(),
+        top_logprobs: Vec::new(),
+        text: reply.content.clone(),
+        finish_reason: if finish_reason == "length" {
+            FinishReason::Length
+        } else {
+            FinishReason::Stop
+        },
+        timing: Timing {
+            prompt_tokens,
+            cached_tokens: 0,
+            prefill_s: 0.0,
+            completion_tokens: reply.completion_tokens.unwrap_or(completion_ids.len()),
+            decode_s: elapsed,
+        },
+    };
+    let outcome = Outcome {
+        generation,
+        content,
+        tool_calls,
+        finish_reason,
+        logprobs: request.logprobs.then(|| {
+            reply
+                .logprobs_json
+                .clone()
+                .unwrap_or_else(|| json!({"content": []}))
+        }),
+    };
+
+    let metrics = &state.metrics;
+    metrics
+        .prompt_tokens
+        .fetch_add(prompt_tokens as u64, std::sync::atomic::Ordering::Relaxed);
+    metrics.completion_tokens.fetch_add(
+        outcome.generation.timing.completion_tokens as u64,
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    metrics.observe_latency(started.elapsed().as_secs_f64());
+    state.sessions.add_response(&session, &id);
+    let to_i32 = |ids: &[u32]| ids.iter().map(|&i| i as i32).collect::<Vec<_>>();
+    let row = RolloutRow {
+        sample_id: id.clone(),
+        session_id: session.session_id.clone(),
+        turn_type: session.turn_type.as_str().to_string(),
+        session_done: Some(session.done),
+        created_at: unix_ms(),
+        model: upstream.model.clone(),
+        policy_version: policy.version,
+        messages_json: Json::Array(request.messages.clone()).to_string(),
+        tools_json: request
+            .tools
+            .as_ref()
+            .map(|t| Json::Array(t.clone()).to_string()),
+        prompt_text,
+        response_text: reply.content.clone(),
+        tool_calls_json: (!outcome.tool_calls.is_empty()).then(|| {
+            Json::Array(outcome.tool_calls.iter().map(ToolCall::to_json).collect()).to_string()
+        }),
+        prompt_ids: to_i32(&prompt_ids),
+        response_ids: to_i32(&completion_ids),
+        response_logprobs: if logprobs.len() == completion_ids.len() {
+            logprobs
+        } else {
+            Vec::new()
+        },
+        token_source: source.as_str().into(),
+        finish_reason: outcome.finish_reason.into(),
+        ..Default::default()
+    };
+    state.recorder.record(row).await;
+
+    let meta = Meta {
+        id: id.clone(),
+        created: created_ms / 1000,
+        model: upstream.model.clone(),
+        prompt_tokens,
+        stream_tools: request.stream && request.active_tools().is_some(),
+        include_usage: request.include_usage,
+        policy_version: policy.version,
+    };
+    let (tx, rx) = mpsc::unbounded_channel();
+    if !outcome.generation.text.is_empty() {
+        let _ = tx.send(Event::Piece(outcome.generation.text.clone()));
+    }
+    let _ = tx.send(Event::Done(Ok(Box::new(outcome))));
+    drop(tx);
+    drop(permit);
+    let mut response = if request.stream {
+        sse_response(meta, rx)
+    } else {
+        json_response(meta, rx).await?
+    };
+    if let Ok(v) = HeaderValue::from_str(&session.session_id) {
+        response.headers_mut().insert(SESSION_HEADER, v);
+    }
+    response
+        .headers_mut()
+        .insert(POLICY_HEADER, HeaderValue::from(policy.version));
+    Ok(response)
+}
+
+/// `claw serve --upstream`: no model, no engine, no adapter reload; the rest of
+/// the server as usual.
+pub(super) fn run(config: super::ServeConfig, upstream: UpstreamConfig) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let engine = Arc::new(Upstream::connect(&upstream)?);
+    crate::info!(
+        "generating with the upstream engine {} (model {}); no local model loaded",
+        engine.base(),
+        engine.model
+    );
+    if config.adapter.is_some() {
+        crate::warn!(
+            "--adapter is ignored with --upstream (adapters are not pushed to the engine yet)"
+        );
+    }
+    let mut config = config;
+    config.reload = false;
+    let metrics = Arc::new(super::metrics::Metrics::default());
+    let policies = Arc::new(super::reload::Policies::new(super::reload::Policy::base()));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("claw-serve")
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(super::serve(
+        config,
+        None,
+        metrics,
+        policies,
+        None,
+        Some(engine),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upstream() -> Upstream {
+        Upstream::connect(&UpstreamConfig {
+            url: "http://127.0.0.1:9/v1/".into(),
+            model: Some("m".into()),
+            api_key: None,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn the_base_url_drops_v1_and_slashes_and_needs_http() {
+        assert_eq!(upstream().base(), "http://127.0.0.1:9");
+        let err = Upstream::connect(&UpstreamConfig {
+            url: "https://example.com".into(),
+            model: Some("m".into()),
+            api_key: None,
+        })
+        .err()
+        .unwrap();
+        assert!(format!("{err}").contains("https://example.com"));
+    }
+
+    #[test]
+    fn the_upstream_body_asks_for_logprobs_and_ids() {
+        let mut fields = Map::new();
+        fields.insert(
+            "messages".into(),
+            json!([{"role": "user", "content": "hi"}]),
+        );
+        fields.insert("temperature".into(), json!(0));
+        fields.insert("max_tokens".into(), json!(7));
+        let request = ChatRequest::from_body(&fields).unwrap();
+        let body = upstream().chat_body(&request, 7);
+        assert_eq!(body["model"], "m");
+        assert_eq!(body["messages"], json!([{"role": "user", "content": "hi"}]));
+        assert_eq!(body["max_tokens"], 7);
+        assert_eq!(body["stream"], false);
+        assert_eq!(body["logprobs"], true);
+        // llama.cpp computes no probabilities with n_probs 0.
+        assert_eq!(body["top_logprobs"], 1);
+        assert_eq!(body["return_token_ids"], true);
+        assert_eq!(body["temperature"], 0.0);
+        assert!(body.get("tools").is_none());
+    }
+
+    /// OpenAI's documented chat.completion: text and log-probs, no ids.
+    #[test]
+    fn openai_shape_has_no_ids() {
+        let r = parse_chat_response(&json!({
+            "id": "chatcmpl-1", "object": "chat.completion",
+            "choices": [{"index": 0,
+                "message": {"role": "assistant", "content": "Hello"},
+                "logprobs": {"content": [{"token": "Hello", "logprob": -0.5, "bytes": [72], "top_logprobs": []}]},
+                "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 9, "completion_tokens": 1, "total_tokens": 10}
+        }))
+        .unwrap();
+        assert_eq!(r.content, "Hello");
+        assert_eq!(r.completion_ids, None);
+        assert_eq!(r.logprobs, None);
+        assert_eq!(r.prompt_tokens, Some(9));
+        assert_eq!(token_source(&r, false), TokenSource::UpstreamText);
+    }
+
+    /// llama.cpp's server (tools/server/server-task.cpp): each
+    /// `logprobs.content` entry carries the token `id`.
+    #[test]
+    fn llama_cpp_shape_gives_completion_ids() {
+        let r = parse_chat_response(&json!({
+            "choices": [{"finish_reason": "stop", "index": 0,
+                "message": {"role": "assistant", "content": "I"},
+                "logprobs": {"content": [
+                    {"id": 57, "token": "I", "bytes": [73], "logprob": -2.3,
+                     "top_logprobs": [{"id": 57, "token": "I", "bytes": [73], "logprob": -2.3}]},
+                    {"id": 2, "token": "", "bytes": [], "logprob": -0.1, "top_logprobs": []}
+                ]}}],
+            "usage": {"completion_tokens": 2, "prompt_tokens": 32, "total_tokens": 34}
+        }))
+        .unwrap();
+        assert_eq!(r.completion_ids, Some(vec![57, 2]));
+        assert_eq!(r.logprobs, Some(vec![-2.3, -0.1]));
+        assert_eq!(r.prompt_ids, None);
+        assert_eq!(token_source(&r, false), TokenSource::UpstreamText);
+        let with_prompt = Reply {
+            prompt_ids: Some(vec![1, 2]),
+            ..r
+        };
+        assert_eq!(
+            token_source(&with_prompt, false),
+            TokenSource::UpstreamTokenize
+        );
+    }
+
+    /// vLLM with `return_token_ids: true` (ChatCompletionResponse:
+    /// `prompt_token_ids` at the top, `token_ids` per choice).
+    #[test]
+    fn vllm_shape_gives_prompt_and_completion_ids() {
+        let r = parse_chat_response(&json!({
+            "id": "chatcmpl-abc", "object": "chat.completion", "model": "Qwen/Qwen2.5-0.5B",
+            "prompt_token_ids": [151644, 872, 198],
+            "choices": [{"index": 0,
+                "message": {"role": "assistant", "content": "Hi", "tool_calls": []},
+                "logprobs": {"content": [
+                    {"token": "Hi", "logprob": -0.25, "bytes": [72, 105], "top_logprobs": []},
+                    {"token": "<|im_end|>", "logprob": -0.01, "bytes": [], "top_logprobs": []}
+                ]},
+                "finish_reason": "stop", "token_ids": [13048, 151645]}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+        }))
+        .unwrap();
+        assert_eq!(r.prompt_ids, Some(vec![151644, 872, 198]));
+        assert_eq!(r.completion_ids, Some(vec![13048, 151645]));
+        assert_eq!(r.logprobs, Some(vec![-0.25, -0.01]));
+        assert_eq!(token_source(&r, true), TokenSource::Upstream);
+    }
+
+    /// SGLang with `return_token_ids: true` (sgl-project/sglang#30917: per
+    /// choice), with engine-parsed tool calls.
+    #[test]
+    fn sglang_choice_shape_and_tool_calls() {
+        let r = parse_chat_response(&json!({
+            "choices": [{"index": 0,
+                "message": {"role": "assistant", "content": null, "tool_calls": [
+                    {"id": "call_1", "type": "function",
+                     "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+                "finish_reason": "tool_calls",
+                "prompt_token_ids": [1, 2, 3], "token_ids": [7, 8, 9]}]
+        }))
+        .unwrap();
+        assert_eq!(r.content, "");
+        assert_eq!(r.tool_calls.len(), 1);
+        assert_eq!(r.tool_calls[0].name, "get_weather");
+        assert_eq!(r.tool_calls[0].arguments, "{\"city\": \"Paris\"}");
+        assert_eq!(r.prompt_ids, Some(vec![1, 2, 3]));
+        assert_eq!(r.completion_ids, Some(vec![7, 8, 9]));
+        // No log-probs for these ids: none recorded rather than misaligned ones.
+        assert_eq!(r.logprobs, None);
+    }
+
+    /// SGLang's response-level `sglext` (sgl-project/sglang#34488) and
+    /// `meta_info.output_token_logprobs` triples `[logprob, id, text]`.
+    #[test]
+    fn sglang_sglext_and_meta_info_shapes() {
+        let r = parse_chat_response(&json!({
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
+                "finish_reason": "length"}],
+            "sglext": {"prompt_token_ids": [[5, 6]], "completion_token_ids": [[10, 11]]},
+            "meta_info": {"output_token_logprobs": [[-0.5, 10, "o"], [-1.5, 11, "k"]]}
+        }))
+        .unwrap();
+        assert_eq!(r.prompt_ids, Some(vec![5, 6]));
+        assert_eq!(r.completion_ids, Some(vec![10, 11]));
+        assert_eq!(r.logprobs, Some(vec![-0.5, -1.5]));
+        assert_eq!(r.finish_reason, "length");
+        let meta_only = parse_chat_response(&json!({
+            "choices": [{"message": {"content": "ok"},
+                "meta_info": {"output_token_logprobs": [[-0.5, 10, null], [-1.5, 11, null]]}}]
+        }))
+        .unwrap();
+        assert_eq!(meta_only.completion_ids, Some(vec![10, 11]));
+        assert_eq!(meta_only.logprobs, Some(vec![-0.5, -1.5]));
+    }
+
+    #[test]
+    fn malformed_responses_are_errors_not_panics() {
+        assert!(parse_chat_response(&json!({})).is_err());
+        assert!(parse_chat_response(&json!({"choices": []})).is_err());
+        assert!(parse_chat_response(&json!({"choices": [{"message": {"content": 3}}]})).is_err());
+        // Negative or huge "ids" are not ids.
+        let r = parse_chat_response(&json!({"choices": [{"message": {"content": "x"},
+            "token_ids": [-1, 99999999999u64]}]}))
+        .unwrap();
+        assert_eq!(r.completion_ids, None);
+    }
+}
