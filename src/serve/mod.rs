@@ -13,6 +13,9 @@
 //! - [`reload`]: the serving policy (base or base + LoRA adapter) and its hot
 //!   reload from `DIR/checkpoints/LATEST`.
 //! - [`tools`]: `<tool_call>` parsing.
+//! - [`upstream`]: `--upstream URL`: another engine generates; claw checks,
+//!   records and keeps sessions (docs/ARCHITECTURE.md, "Serving through another
+//!   engine").
 //! - [`prefix`]: the prefix cache (KV of recent requests, per policy, LRU under
 //!   `--prefix-cache-mb`).
 //!

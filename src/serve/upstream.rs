@@ -32,6 +32,8 @@
 //! No local model is loaded in this mode; adapters are not pushed to the
 //! upstream yet (`policy_version` stays 0).
 
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -98,6 +100,9 @@ pub struct Upstream {
     pub model: String,
     api_key: Option<String>,
     agent: ureq::Agent,
+    /// Set once the engine answered `/apply-template` with 404 (vLLM, SGLang):
+    /// later requests do not ask again.
+    no_template: AtomicBool,
 }
 
 /// Why an upstream call failed, as the client sees it.
@@ -163,6 +168,7 @@ impl Upstream {
             model: String::new(),
             api_key: config.api_key.clone().filter(|k| !k.trim().is_empty()),
             agent,
+            no_template: AtomicBool::new(false),
         };
         upstream.model = match &config.model {
             Some(m) => m.clone(),
@@ -320,12 +326,20 @@ impl Upstream {
         if let Some(tools) = request.active_tools() {
             template.insert("tools".into(), Json::Array(tools.to_vec()));
         }
-        if let Ok(rendered) = self.post("/apply-template", &Json::Object(template)) {
-            if let Some(text) = rendered.get("prompt").and_then(Json::as_str) {
-                prompt_text = text.to_string();
-                if reply.prompt_ids.is_none() {
-                    reply.prompt_ids = self.tokenize(&prompt_text, true).ok();
+        if !self.no_template.load(Relaxed) {
+            match self.post("/apply-template", &Json::Object(template)) {
+                Ok(rendered) => {
+                    if let Some(text) = rendered.get("prompt").and_then(Json::as_str) {
+                        prompt_text = text.to_string();
+                        if reply.prompt_ids.is_none() {
+                            reply.prompt_ids = self.tokenize(&prompt_text, true).ok();
+                        }
+                    }
                 }
+                Err(e) if e.status == StatusCode::NOT_FOUND => {
+                    self.no_template.store(true, Relaxed);
+                }
+                Err(e) => crate::debug!("no prompt text from the upstream: {}", e.message),
             }
         }
         let source = token_source(&reply, prompt_from_response);
@@ -595,11 +609,10 @@ pub async fn handle(
     let metrics = &state.metrics;
     metrics
         .prompt_tokens
-        .fetch_add(prompt_tokens as u64, std::sync::atomic::Ordering::Relaxed);
-    metrics.completion_tokens.fetch_add(
-        outcome.generation.timing.completion_tokens as u64,
-        std::sync::atomic::Ordering::Relaxed,
-    );
+        .fetch_add(prompt_tokens as u64, Relaxed);
+    metrics
+        .completion_tokens
+        .fetch_add(outcome.generation.timing.completion_tokens as u64, Relaxed);
     metrics.observe_latency(started.elapsed().as_secs_f64());
     state.sessions.add_response(&session, &id);
     let to_i32 = |ids: &[u32]| ids.iter().map(|&i| i as i32).collect::<Vec<_>>();
