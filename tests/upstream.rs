@@ -243,13 +243,26 @@ fn upstream_llama_server_records_the_engines_token_ids() {
             "max_tokens": 16,
             "temperature": 0,
             "stream": true,
+            "stream_options": {"include_usage": true},
         }),
     );
     assert_eq!(status, 200, "{sse}");
-    assert!(
-        sse.contains("chat.completion.chunk") && sse.trim_end().ends_with("data: [DONE]"),
-        "{sse}"
-    );
+    assert!(sse.trim_end().ends_with("data: [DONE]"), "{sse}");
+    let chunks: Vec<Json> = sse
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    // Token by token from the engine: several content chunks.
+    let pieces = chunks
+        .iter()
+        .filter(|c| c["choices"][0]["delta"]["content"].is_string())
+        .count();
+    assert!(pieces > 1, "{sse}");
+    let usage = &chunks.last().unwrap()["usage"];
+    assert!(usage["prompt_tokens"].as_u64().unwrap() > 10, "{sse}");
+    assert!(usage["completion_tokens"].as_u64().unwrap() >= 1, "{sse}");
 
     // Feedback on the session's latest turn.
     let (status, fb, _) = post(

@@ -4,7 +4,7 @@
 //!
 //! A chat request is checked by claw exactly as for the local engine (the 400s,
 //! the session fields, `--max-tokens-limit`), then sent to the upstream's
-//! `/v1/chat/completions` as one non-streaming request that asks for what a
+//! `/v1/chat/completions` (streamed when the client streams) asking for what a
 //! rollout row needs:
 //!
 //! - `logprobs: true` with `top_logprobs` >= 1 (llama.cpp computes no
@@ -13,9 +13,10 @@
 //! - `return_token_ids: true`, vLLM's and SGLang's switch for the exact prompt and
 //!   completion ids (servers that do not know it ignore it).
 //!
-//! The reply streams back to the client as one content piece when the client
-//! asked for `stream` (the upstream call itself is not streamed: llama.cpp
-//! returns no log-probs in streamed chat chunks).
+//! A streamed request is streamed from the engine piece by piece, and its chunks
+//! are folded into one response for the row ([`ChunkFold`]); with tools it is
+//! generated whole and sent as one chunk (llama.cpp refuses log-probs for a
+//! streamed reply with tools).
 //!
 //! Where the ids come from, recorded per row in `token_source`
 //! ([`TokenSource`]):
@@ -40,7 +41,7 @@ use std::time::{Duration, Instant};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::Response;
 use serde_json::{json, Map, Value as Json};
-use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 
 use super::api::{ApiError, ChatRequest};
 use super::chat::POLICY_HEADER;
@@ -225,7 +226,15 @@ impl Upstream {
                 code: "upstream_bad_response",
                 message: format!("the upstream {url} answered with a body that is not JSON: {e}"),
             }),
-            Err(ureq::Error::Status(status, r)) => {
+            Err(e) => Err(self.error(path, e)),
+        }
+    }
+
+    /// A failed call as the client sees it, naming the upstream URL.
+    fn error(&self, path: &str, error: ureq::Error) -> UpstreamError {
+        let url = format!("{}{path}", self.base);
+        match error {
+            ureq::Error::Status(status, r) => {
                 let text = r.into_string().unwrap_or_default();
                 let detail = serde_json::from_str::<Json>(&text)
                     .ok()
@@ -239,7 +248,7 @@ impl Upstream {
                 // The engine's own 4xx (a prompt over its context, say) is the
                 // client's problem; anything else is a bad gateway.
                 let client = (400..500).contains(&status) && status != 401 && status != 403;
-                Err(UpstreamError {
+                UpstreamError {
                     status: if client {
                         StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST)
                     } else {
@@ -247,13 +256,13 @@ impl Upstream {
                     },
                     code: "upstream_error",
                     message: format!("the upstream {url} answered HTTP {status}: {detail}"),
-                })
+                }
             }
-            Err(e) => Err(UpstreamError {
+            e => UpstreamError {
                 status: StatusCode::BAD_GATEWAY,
                 code: "upstream_unreachable",
                 message: format!("cannot reach the upstream {url}: {e}"),
-            }),
+            },
         }
     }
 
@@ -312,7 +321,17 @@ impl Upstream {
     ) -> Result<(Reply, String, TokenSource), UpstreamError> {
         let body = self.chat_body(request, max_tokens);
         let response = self.post("/v1/chat/completions", &body)?;
-        let mut reply = parse_chat_response(&response).map_err(|e| UpstreamError {
+        self.finish_reply(request, &response)
+    }
+
+    /// Reads a chat completion and adds the prompt's text and ids when the
+    /// response did not carry them (llama.cpp: `/apply-template` + `/tokenize`).
+    fn finish_reply(
+        &self,
+        request: &ChatRequest,
+        response: &Json,
+    ) -> Result<(Reply, String, TokenSource), UpstreamError> {
+        let mut reply = parse_chat_response(response).map_err(|e| UpstreamError {
             status: StatusCode::BAD_GATEWAY,
             code: "upstream_bad_response",
             message: format!("the upstream {}/v1/chat/completions: {e}", self.base),
@@ -537,25 +556,122 @@ pub async fn handle(
         Some(m) => m,
         None => limit,
     };
-    let policy = state.policies.current();
-    let id = session::new_id("chatcmpl-");
-    let created_ms = unix_ms();
-    let call_started = Instant::now();
-    let (request, result) = {
-        let upstream = upstream.clone();
-        tokio::task::spawn_blocking(move || {
-            let result = upstream.complete(&request, max_tokens);
-            (request, result)
-        })
-        .await
-        .map_err(|e| ApiError::internal(format!("the upstream call failed: {e}")))?
+    let turn = Turn {
+        id: session::new_id("chatcmpl-"),
+        created_ms: unix_ms(),
+        started,
+        policy_version: state.policies.current().version,
+        session,
+        request,
     };
-    let (reply, prompt_text, source) = result.map_err(|e| {
-        crate::warn!("request {id}: {}", e.message);
-        ApiError::from(e)
-    })?;
-    let elapsed = call_started.elapsed().as_secs_f64();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let meta = Meta {
+        id: turn.id.clone(),
+        created: turn.created_ms / 1000,
+        model: upstream.model.clone(),
+        prompt_tokens: 0,
+        stream_tools: turn.request.stream && turn.request.active_tools().is_some(),
+        include_usage: turn.request.include_usage,
+        policy_version: turn.policy_version,
+    };
+    let stream = turn.request.stream;
+    let session_id = turn.session.session_id.clone();
+    let version = turn.policy_version;
+    // llama-server gives no log-probs with tools in a streamed reply: those
+    // requests are generated whole and sent as one chunk.
+    let mut response = if stream && turn.request.active_tools().is_none() {
+        let (connected, ready) = oneshot::channel();
+        let runtime = tokio::runtime::Handle::current();
+        let job_state = state.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = upstream.stream(&turn.request, max_tokens, &tx, connected);
+            let Some(result) = result else {
+                return; // the client went away, or the call failed before it began
+            };
+            match result {
+                Ok((reply, prompt_text, source)) => {
+                    let (outcome, row) =
+                        finish(&job_state, &upstream, &turn, reply, prompt_text, source);
+                    runtime.block_on(job_state.recorder.record(row));
+                    let _ = tx.send(Event::Done(Ok(Box::new(outcome))));
+                }
+                Err(e) => {
+                    crate::warn!("request {}: {}", turn.id, e.message);
+                    let _ = tx.send(Event::Done(Err(e.message)));
+                }
+            }
+            drop(permit);
+        });
+        match ready.await {
+            Ok(Ok(())) => sse_response(meta, rx),
+            Ok(Err(e)) => {
+                crate::warn!("request {}: {}", meta.id, e.message);
+                return Err(e.into());
+            }
+            Err(_) => return Err(ApiError::internal("the upstream call failed")),
+        }
+    } else {
+        let (turn, result) = {
+            let upstream = upstream.clone();
+            tokio::task::spawn_blocking(move || {
+                let result = upstream.complete(&turn.request, max_tokens);
+                (turn, result)
+            })
+            .await
+            .map_err(|e| ApiError::internal(format!("the upstream call failed: {e}")))?
+        };
+        let (reply, prompt_text, source) = result.map_err(|e| {
+            crate::warn!("request {}: {}", turn.id, e.message);
+            ApiError::from(e)
+        })?;
+        let (outcome, row) = finish(&state, &upstream, &turn, reply, prompt_text, source);
+        state.recorder.record(row).await;
+        let meta = Meta {
+            prompt_tokens: outcome.generation.timing.prompt_tokens,
+            ..meta
+        };
+        if !outcome.generation.text.is_empty() {
+            let _ = tx.send(Event::Piece(outcome.generation.text.clone()));
+        }
+        let _ = tx.send(Event::Done(Ok(Box::new(outcome))));
+        drop(tx);
+        drop(permit);
+        if stream {
+            sse_response(meta, rx)
+        } else {
+            json_response(meta, rx).await?
+        }
+    };
+    if let Ok(v) = HeaderValue::from_str(&session_id) {
+        response.headers_mut().insert(SESSION_HEADER, v);
+    }
+    response
+        .headers_mut()
+        .insert(POLICY_HEADER, HeaderValue::from(version));
+    Ok(response)
+}
 
+/// One request in upstream mode, as the row needs it.
+struct Turn {
+    id: String,
+    created_ms: i64,
+    started: Instant,
+    policy_version: i64,
+    session: SessionInfo,
+    request: ChatRequest,
+}
+
+/// The reply as the response builders see it, and its row; counts it in the
+/// metrics and the session.
+fn finish(
+    state: &AppState,
+    upstream: &Upstream,
+    turn: &Turn,
+    reply: Reply,
+    prompt_text: String,
+    source: TokenSource,
+) -> (Outcome, RolloutRow) {
+    let request = &turn.request;
     // Claw parses tool calls from the text as it does for its own engine, unless
     // the engine already did (its `message.tool_calls`).
     let (content, tool_calls) = if reply.tool_calls.is_empty() {
@@ -590,7 +706,7 @@ pub async fn handle(
             cached_tokens: 0,
             prefill_s: 0.0,
             completion_tokens: reply.completion_tokens.unwrap_or(completion_ids.len()),
-            decode_s: elapsed,
+            decode_s: turn.started.elapsed().as_secs_f64(),
         },
     };
     let outcome = Outcome {
@@ -605,7 +721,6 @@ pub async fn handle(
                 .unwrap_or_else(|| json!({"content": []}))
         }),
     };
-
     let metrics = &state.metrics;
     metrics
         .prompt_tokens
@@ -613,17 +728,17 @@ pub async fn handle(
     metrics
         .completion_tokens
         .fetch_add(outcome.generation.timing.completion_tokens as u64, Relaxed);
-    metrics.observe_latency(started.elapsed().as_secs_f64());
-    state.sessions.add_response(&session, &id);
+    metrics.observe_latency(turn.started.elapsed().as_secs_f64());
+    state.sessions.add_response(&turn.session, &turn.id);
     let to_i32 = |ids: &[u32]| ids.iter().map(|&i| i as i32).collect::<Vec<_>>();
     let row = RolloutRow {
-        sample_id: id.clone(),
-        session_id: session.session_id.clone(),
-        turn_type: session.turn_type.as_str().to_string(),
-        session_done: Some(session.done),
+        sample_id: turn.id.clone(),
+        session_id: turn.session.session_id.clone(),
+        turn_type: turn.session.turn_type.as_str().to_string(),
+        session_done: Some(turn.session.done),
         created_at: unix_ms(),
         model: upstream.model.clone(),
-        policy_version: policy.version,
+        policy_version: turn.policy_version,
         messages_json: Json::Array(request.messages.clone()).to_string(),
         tools_json: request
             .tools
@@ -645,36 +760,172 @@ pub async fn handle(
         finish_reason: outcome.finish_reason.into(),
         ..Default::default()
     };
-    state.recorder.record(row).await;
+    (outcome, row)
+}
 
-    let meta = Meta {
-        id: id.clone(),
-        created: created_ms / 1000,
-        model: upstream.model.clone(),
-        prompt_tokens,
-        stream_tools: request.stream && request.active_tools().is_some(),
-        include_usage: request.include_usage,
-        policy_version: policy.version,
-    };
-    let (tx, rx) = mpsc::unbounded_channel();
-    if !outcome.generation.text.is_empty() {
-        let _ = tx.send(Event::Piece(outcome.generation.text.clone()));
+/// Folds streamed `chat.completion.chunk`s into the shape of one
+/// `chat.completion`, so [`parse_chat_response`] reads both: content and
+/// `logprobs.content` concatenated, `token_ids` (vLLM streams them per chunk)
+/// concatenated, the first `prompt_token_ids`, the last `finish_reason` and
+/// `usage`.
+#[derive(Default)]
+pub struct ChunkFold {
+    content: String,
+    entries: Vec<Json>,
+    token_ids: Vec<Json>,
+    prompt_ids: Option<Json>,
+    finish_reason: Option<Json>,
+    usage: Option<Json>,
+}
+
+impl ChunkFold {
+    /// Takes one chunk; returns the content it adds.
+    pub fn add(&mut self, chunk: &Json) -> String {
+        if let Some(u) = chunk.get("usage").filter(|u| !u.is_null()) {
+            self.usage = Some(u.clone());
+        }
+        if self.prompt_ids.is_none() {
+            self.prompt_ids = chunk.get("prompt_token_ids").cloned();
+        }
+        let Some(choice) = chunk.pointer("/choices/0") else {
+            return String::new();
+        };
+        if self.prompt_ids.is_none() {
+            self.prompt_ids = choice.get("prompt_token_ids").cloned();
+        }
+        if let Some(ids) = choice.get("token_ids").and_then(Json::as_array) {
+            self.token_ids.extend(ids.iter().cloned());
+        }
+        if let Some(e) = choice.pointer("/logprobs/content").and_then(Json::as_array) {
+            self.entries.extend(e.iter().cloned());
+        }
+        if let Some(f) = choice.get("finish_reason").filter(|f| !f.is_null()) {
+            self.finish_reason = Some(f.clone());
+        }
+        let piece = choice
+            .pointer("/delta/content")
+            .and_then(Json::as_str)
+            .unwrap_or_default()
+            .to_string();
+        self.content.push_str(&piece);
+        piece
     }
-    let _ = tx.send(Event::Done(Ok(Box::new(outcome))));
-    drop(tx);
-    drop(permit);
-    let mut response = if request.stream {
-        sse_response(meta, rx)
-    } else {
-        json_response(meta, rx).await?
-    };
-    if let Ok(v) = HeaderValue::from_str(&session.session_id) {
-        response.headers_mut().insert(SESSION_HEADER, v);
+
+    /// The chunks as one `chat.completion` body.
+    pub fn response(self) -> Json {
+        let mut choice = json!({
+            "index": 0,
+            "message": {"role": "assistant", "content": self.content},
+            "finish_reason": self.finish_reason.unwrap_or(json!("stop")),
+        });
+        if !self.entries.is_empty() {
+            choice["logprobs"] = json!({"content": self.entries});
+        }
+        if !self.token_ids.is_empty() {
+            choice["token_ids"] = Json::Array(self.token_ids);
+        }
+        let mut response = json!({"choices": [choice]});
+        if let Some(p) = self.prompt_ids {
+            response["prompt_token_ids"] = p;
+        }
+        if let Some(u) = self.usage {
+            response["usage"] = u;
+        }
+        response
     }
-    response
-        .headers_mut()
-        .insert(POLICY_HEADER, HeaderValue::from(policy.version));
-    Ok(response)
+}
+
+impl Upstream {
+    /// A streamed chat completion: content pieces go to `events` as they come;
+    /// `connected` learns whether the engine accepted the request (so its error
+    /// can still be the HTTP status). None when the call failed before it began
+    /// or the client went away (nothing to record); else the whole reply.
+    fn stream(
+        &self,
+        request: &ChatRequest,
+        max_tokens: usize,
+        events: &mpsc::UnboundedSender<Event>,
+        connected: oneshot::Sender<Result<(), UpstreamError>>,
+    ) -> Option<Result<(Reply, String, TokenSource), UpstreamError>> {
+        use std::io::BufRead;
+        let url = format!("{}/v1/chat/completions", self.base);
+        let mut body = self.chat_body(request, max_tokens);
+        body["stream"] = json!(true);
+        body["stream_options"] = json!({"include_usage": true});
+        let mut answer = self.post_raw("/v1/chat/completions", &body);
+        // SGLang refuses `return_token_ids` on a stream: ask again without it.
+        if let Err(e) = &answer {
+            if e.status == StatusCode::BAD_REQUEST && e.message.contains("return_token_ids") {
+                if let Some(b) = body.as_object_mut() {
+                    b.remove("return_token_ids");
+                }
+                answer = self.post_raw("/v1/chat/completions", &body);
+            }
+        }
+        let response = match answer {
+            Ok(r) => {
+                let _ = connected.send(Ok(()));
+                r
+            }
+            Err(e) => {
+                let _ = connected.send(Err(e));
+                return None;
+            }
+        };
+        let mut fold = ChunkFold::default();
+        for line in std::io::BufReader::new(response.into_reader()).lines() {
+            let line = match line {
+                Ok(l) => l,
+                Err(e) => {
+                    return Some(Err(UpstreamError {
+                        status: StatusCode::BAD_GATEWAY,
+                        code: "upstream_error",
+                        message: format!("the upstream {url} broke off its stream: {e}"),
+                    }))
+                }
+            };
+            let Some(data) = line.strip_prefix("data:").map(str::trim) else {
+                continue;
+            };
+            if data == "[DONE]" {
+                break;
+            }
+            let chunk: Json = match serde_json::from_str(data) {
+                Ok(c) => c,
+                Err(e) => {
+                    return Some(Err(UpstreamError {
+                        status: StatusCode::BAD_GATEWAY,
+                        code: "upstream_bad_response",
+                        message: format!("the upstream {url} sent a chunk that is not JSON: {e}"),
+                    }))
+                }
+            };
+            if let Some(message) = chunk.pointer("/error/message").and_then(Json::as_str) {
+                return Some(Err(UpstreamError {
+                    status: StatusCode::BAD_GATEWAY,
+                    code: "upstream_error",
+                    message: format!("the upstream {url} failed mid-stream: {message}"),
+                }));
+            }
+            let piece = fold.add(&chunk);
+            // A closed channel: the client went away; dropping the response
+            // closes the connection, which cancels the engine's generation.
+            if events.is_closed() {
+                return None;
+            }
+            if !piece.is_empty() && events.send(Event::Piece(piece)).is_err() {
+                return None;
+            }
+        }
+        Some(self.finish_reply(request, &fold.response()))
+    }
+
+    /// POSTs `body` and returns the response unread (for a stream).
+    fn post_raw(&self, path: &str, body: &Json) -> Result<ureq::Response, UpstreamError> {
+        self.request("POST", path, CALL_TIMEOUT)
+            .send_json(body)
+            .map_err(|e| self.error(path, e))
+    }
 }
 
 /// `claw serve --upstream`: no model, no engine, no adapter reload; the rest of
@@ -888,5 +1139,55 @@ mod tests {
             "token_ids": [-1, 99999999999u64]}]}))
         .unwrap();
         assert_eq!(r.completion_ids, None);
+    }
+}
+
+#[cfg(test)]
+mod stream_tests {
+    use super::*;
+
+    /// llama-server's chunks (role first, one token per chunk with its
+    /// `logprobs.content[].id`, then the finish and the usage chunk).
+    #[test]
+    fn llama_cpp_chunks_fold_into_one_reply() {
+        let mut fold = ChunkFold::default();
+        let chunks = [
+            json!({"choices": [{"index": 0, "delta": {"role": "assistant", "content": null}, "finish_reason": null}]}),
+            json!({"choices": [{"index": 0, "delta": {"content": "I"}, "finish_reason": null,
+                "logprobs": {"content": [{"id": 57, "token": "I", "bytes": [73], "logprob": -2.3, "top_logprobs": []}]}}]}),
+            json!({"choices": [{"index": 0, "delta": {"content": "'m"}, "finish_reason": null,
+                "logprobs": {"content": [{"id": 5248, "token": "'m", "bytes": [39, 109], "logprob": -0.17, "top_logprobs": []}]}}]}),
+            json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]}),
+            json!({"choices": [], "usage": {"prompt_tokens": 32, "completion_tokens": 2, "total_tokens": 34}}),
+        ];
+        let pieces: Vec<String> = chunks.iter().map(|c| fold.add(c)).collect();
+        assert_eq!(pieces, ["", "I", "'m", "", ""]);
+        let r = parse_chat_response(&fold.response()).unwrap();
+        assert_eq!(r.content, "I'm");
+        assert_eq!(r.completion_ids, Some(vec![57, 5248]));
+        assert_eq!(r.logprobs, Some(vec![-2.3, -0.17]));
+        assert_eq!(r.finish_reason, "length");
+        assert_eq!(r.prompt_tokens, Some(32));
+        assert_eq!(r.prompt_ids, None);
+    }
+
+    /// vLLM streams `token_ids` per chunk and `prompt_token_ids` in the first.
+    #[test]
+    fn vllm_chunks_carry_ids() {
+        let mut fold = ChunkFold::default();
+        for c in [
+            json!({"prompt_token_ids": [1, 2], "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "token_ids": []}]}),
+            json!({"choices": [{"index": 0, "delta": {"content": "Hi"}, "token_ids": [13048],
+                "logprobs": {"content": [{"token": "Hi", "logprob": -0.25, "top_logprobs": []}]}}]}),
+            json!({"choices": [{"index": 0, "delta": {"content": ""}, "token_ids": [151645], "finish_reason": "stop",
+                "logprobs": {"content": [{"token": "", "logprob": -0.01, "top_logprobs": []}]}}]}),
+        ] {
+            fold.add(&c);
+        }
+        let r = parse_chat_response(&fold.response()).unwrap();
+        assert_eq!(r.prompt_ids, Some(vec![1, 2]));
+        assert_eq!(r.completion_ids, Some(vec![13048, 151645]));
+        assert_eq!(r.logprobs, Some(vec![-0.25, -0.01]));
+        assert_eq!(token_source(&r, true), TokenSource::Upstream);
     }
 }
