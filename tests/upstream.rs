@@ -345,6 +345,14 @@ fn upstream_dead_port_is_a_502_naming_the_upstream() {
     let message = error["error"]["message"].as_str().unwrap();
     assert!(message.contains(&format!("127.0.0.1:{dead}")), "{message}");
     assert_eq!(error["error"]["code"], "upstream_unreachable");
+    // A streamed request too: the status, not a broken stream.
+    let (status, body, _) = post(
+        &format!("{base}/v1/chat/completions"),
+        &[],
+        &json!({"messages": [{"role": "user", "content": "hi"}], "stream": true}),
+    );
+    assert_eq!(status, 502, "{body}");
+    assert!(body.contains(&format!("127.0.0.1:{dead}")), "{body}");
     // claw's own checks still come first.
     let (status, body, _) = post(
         &format!("{base}/v1/chat/completions"),
