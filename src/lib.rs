@@ -15,6 +15,7 @@
 //!   quarantine, notifications, status.
 //! - [`eval`]: benchmarks (gpqa, humaneval in a sandbox, gsm8k, perplexity).
 //! - [`fsutil`]: atomic, durable file writes.
+//! - [`clock`]: the wall clock in Unix milliseconds; [`date`]: ISO 8601 to and from it.
 //! - [`judge`]: rewards from feedback, tool errors and an LLM judge (PRM).
 //! - [`llm`]: asking an LLM (local or an endpoint) the same prompts several times:
 //!   the client and vote runner that judge, distill and eval share; prompt files.
@@ -22,9 +23,11 @@
 //! - [`ui`]: verbosity-aware logging to stderr.
 
 pub mod adapter;
+pub mod clock;
 pub mod cmd;
 pub mod collect;
 pub mod daemon;
+pub mod date;
 pub mod distill;
 pub mod eval;
 pub mod fsutil;

@@ -415,7 +415,13 @@ fn corrupt_segments_go_to_quarantine_with_their_reason_and_the_rest_flows() {
         .unwrap();
     assert_eq!(judge["backlog_segments"], 0);
     assert_eq!(judge["done_segments"], 3);
-    assert!(judge["last_error"].as_str().unwrap().contains("Parquet"));
+    // the last of the three errors, whichever the worker met last (the
+    // unreadable ones wait to settle, so the order depends on timing)
+    let last = judge["last_error"].as_str().unwrap();
+    assert!(
+        last.contains("Parquet") || last.contains("column"),
+        "{last}"
+    );
     let text = run_ok(claw().args(["status", "--dir", s(&dir)]));
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.contains("quarantine: 3 file(s)"), "{text}");

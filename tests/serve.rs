@@ -1696,7 +1696,7 @@ fn openclaw_requests_stream_and_are_recorded_as_sent() {
 fn openclaw_prompt_renders_as_hugging_face_renders_it() {
     use candle_core::quantized::gguf_file;
     use claw::model::{ChatTemplate, Tokenizer};
-    use claw::serve::api::ChatRequest;
+    use claw::serve::request::ChatRequest;
 
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf");
@@ -1925,4 +1925,295 @@ fn an_empty_api_key_is_refused_at_start() {
         err.contains("--api-key (or CLAW_API_KEY) is empty"),
         "{err}"
     );
+    // the same through the environment (whitespace is empty too)
+    for key in ["", "  "] {
+        let mut out = Command::new(env!("CARGO_BIN_EXE_claw"))
+            .args(["serve", "--port", "0", "--model"])
+            .arg(&model)
+            .arg("--dir")
+            .arg(dir.path().join("data"))
+            .env("CLAW_API_KEY", key)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // A server that starts (with no auth) would listen forever.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while out.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                out.kill().unwrap();
+                let out = out.wait_with_output().unwrap();
+                panic!(
+                    "CLAW_API_KEY={key:?}: the server started:\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = out.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "CLAW_API_KEY={key:?}: {err}");
+        assert!(
+            err.contains("--api-key (or CLAW_API_KEY) is empty"),
+            "{err}"
+        );
+    }
+}
+
+/// The server's peak resident memory so far (VmHWM), in bytes.
+fn peak_rss(server: &Server) -> u64 {
+    let pid = server.child.as_ref().expect("server stopped").id();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmHWM in {status}"));
+    kb << 10
+}
+
+/// Issue 21: six concurrent 3.9 MB bodies (under --max-body-bytes, far over the
+/// context) raised RSS to 3.9 GB before each got its 400. Each is refused by
+/// its token count before it is tokenised whole, a few prepared at a time,
+/// and the server's peak memory stays bounded.
+#[test]
+fn huge_prompts_are_refused_before_the_expensive_work_within_a_memory_bound() {
+    let server = Server::start(
+        TinySpec::default(),
+        &["--max-body-bytes", "8000000", "--queue", "16"],
+    );
+    let words: String = (0..600_000).map(|i| format!("w{i} ")).collect();
+    let body = json!({"messages": user(&words[..3_900_000]), "max_tokens": 4}).to_string();
+    assert!(body.len() > 3_900_000);
+    let before = peak_rss(&server);
+    let start = Instant::now();
+    let replies: Vec<Reply> = std::thread::scope(|s| {
+        let sends: Vec<_> = (0..6)
+            .map(|_| s.spawn(|| server.request("POST", "/v1/chat/completions", &[], Some(&body))))
+            .collect();
+        sends.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    let took = start.elapsed();
+    let grown = peak_rss(&server).saturating_sub(before);
+    eprintln!(
+        "6 x {:.1} MB bodies refused in {took:.1?}; peak RSS grew by {} MB",
+        body.len() as f64 / 1e6,
+        grown >> 20
+    );
+    assert!(
+        grown < 1 << 30,
+        "peak RSS grew by {} MB for six refused bodies",
+        grown >> 20
+    );
+    for r in &replies {
+        assert_openai_error(r, 400, "a prompt far over the context");
+        assert_eq!(r.json()["error"]["code"], "context_length_exceeded");
+        assert!(r.body.contains("messages alone"), "{}", r.body);
+    }
+    assert_eq!(
+        server
+            .post(
+                "/v1/chat/completions",
+                &[],
+                &json!({"messages": user("hi"), "max_tokens": 2})
+            )
+            .status,
+        200
+    );
+}
+
+/// Issue 21: a client that drops during a long prefill kept its slot busy to
+/// the end. The engine stops between prefill chunks: the prompt is not
+/// prefilled whole, and the only queue place is free again.
+#[test]
+fn a_client_gone_during_prefill_frees_its_slot_between_chunks() {
+    use std::io::Write;
+    let spec = TinySpec {
+        context: 16384,
+        ..slow_spec()
+    };
+    let server = Server::start(
+        spec,
+        &[
+            "--queue",
+            "1",
+            "--prefix-cache-mb",
+            "0",
+            "--max-tokens-limit",
+            "16384",
+        ],
+    );
+    let words: String = (0..2000).map(|i| format!("w{i} ")).collect();
+    // The prompt's size in tokens, from the refusal of a request that cannot fit.
+    let r = server.post(
+        "/v1/chat/completions",
+        &[],
+        &json!({"messages": user(&words), "max_tokens": 16384}),
+    );
+    assert_openai_error(&r, 400, "overflow");
+    let message = r.json()["error"]["message"].as_str().unwrap().to_string();
+    let prompt_tokens: f64 = message
+        .split_once(" (")
+        .and_then(|(_, rest)| rest.split_once(" in the messages"))
+        .and_then(|(n, _)| n.parse().ok())
+        .unwrap_or_else(|| panic!("no prompt size in {message}"));
+    assert!(
+        (4096.0..16000.0).contains(&prompt_tokens),
+        "{prompt_tokens} prompt tokens: eight chunks or more, and room for the reply"
+    );
+
+    let body = json!({"messages": user(&words), "max_tokens": 1}).to_string();
+    let host = server.base.trim_start_matches("http://").to_string();
+    let mut tcp = std::net::TcpStream::connect(&host).unwrap();
+    write!(
+        tcp,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    wait_for("the prefill to start", &server, || {
+        metric(&server, "claw_requests_running") >= 1.0
+    });
+    let started = Instant::now();
+    drop(tcp);
+    wait_for("the prefill to be cancelled", &server, || {
+        metric(&server, "claw_generations_cancelled_total") >= 1.0
+    });
+    let prefilled = metric(&server, "claw_prefix_cache_miss_tokens_total");
+    eprintln!(
+        "cancelled after {prefilled} of {prompt_tokens} prompt tokens, {:.1?} after the hang-up",
+        started.elapsed()
+    );
+    assert!(
+        prefilled < prompt_tokens / 2.0,
+        "{prefilled} of {prompt_tokens} prompt tokens prefilled for a client that had gone"
+    );
+    let r = server.post(
+        "/v1/chat/completions",
+        &[],
+        &json!({"messages": user("next"), "max_tokens": 2}),
+    );
+    assert_eq!(r.status, 200, "the slot is free again: {}", r.body);
+}
+
+/// Issue 21: parameters the server cannot honour are a 400 naming them, the
+/// same through the streaming and the plain route (they used to be a 200 that
+/// silently ignored them).
+#[test]
+fn unhonoured_parameters_are_a_400_naming_them_streamed_or_not() {
+    let server = Server::start(TinySpec::default(), &[]);
+    let tools = json!([{"type": "function", "function": {"name": "f"}}]);
+    let cases = [
+        (json!({"presence_penalty": 0.5}), "presence_penalty"),
+        (json!({"frequency_penalty": 0.5}), "frequency_penalty"),
+        (json!({"logit_bias": {"42": 100}}), "logit_bias"),
+        (
+            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}),
+            "response_format",
+        ),
+        (json!({"response_format": "garbage"}), "response_format"),
+        (
+            json!({"tool_choice": {"type": "function", "function": {"name": "absent"}}, "tools": tools}),
+            "tool_choice.function.name",
+        ),
+        (json!({"tool_choice": "required"}), "tool_choice"),
+        (json!({"top_logprobs": 2}), "top_logprobs"),
+        (json!({"stop": "x".repeat(1 << 20)}), "stop"),
+    ];
+    for stream in [false, true] {
+        for (extra, param) in &cases {
+            let mut body = json!({"messages": user("hi"), "max_tokens": 2, "stream": stream});
+            body.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            let r = server.post("/v1/chat/completions", &[], &body);
+            assert_openai_error(&r, 400, param);
+            let error = &r.json()["error"];
+            assert_eq!(error["param"], *param, "stream {stream}: {}", r.body);
+            let field = param.split(['.', '[']).next().unwrap();
+            assert!(
+                error["message"].as_str().unwrap().contains(field),
+                "stream {stream}: {}",
+                r.body
+            );
+        }
+    }
+    // and the neutral values of the same parameters are fine
+    let r = server.post(
+        "/v1/chat/completions",
+        &[],
+        &json!({"messages": user("hi"), "max_tokens": 2, "presence_penalty": 0,
+                "frequency_penalty": 0, "logit_bias": {}, "response_format": {"type": "text"},
+                "logprobs": true, "top_logprobs": 2, "tools": tools, "tool_choice": "auto"}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
+/// Issue 21: chat and feedback disagreed on the types `session_done` takes. One
+/// rule now: a boolean, 1, or the words `true`/`yes`/`on` (any case), in the body
+/// or the `X-Session-Done` header, on both routes, and what the rule says is
+/// what is recorded; anything else is a 400 naming the field on both routes.
+#[test]
+fn chat_and_feedback_read_session_done_alike() {
+    let mut server = Server::start(TinySpec::default(), &[]);
+    let chat = |session: &str, done: Json| {
+        let r = server.post(
+            "/v1/chat/completions",
+            &[],
+            &json!({"messages": user("hi"), "max_tokens": 2, "session_id": session,
+                    "session_done": done}),
+        );
+        assert_eq!(r.status, 200, "chat session_done {done}: {}", r.body);
+    };
+    let feedback = |session: &str, done: Json| {
+        server.post(
+            "/v1/feedback",
+            &[],
+            &json!({"session_id": session, "rating": 1, "session_done": done}),
+        )
+    };
+    let values = [
+        (json!(true), true),
+        (json!("true"), true),
+        (json!("Yes"), true),
+        (json!(1), true),
+        (json!(false), false),
+        (json!("false"), false),
+        (json!(0), false),
+        (json!(null), false),
+    ];
+    for (i, (value, _)) in values.iter().enumerate() {
+        let session = format!("s{i}");
+        chat(&session, value.clone());
+        let r = feedback(&session, value.clone());
+        assert_eq!(r.status, 200, "feedback session_done {value}: {}", r.body);
+    }
+    for bad in [json!([true]), json!({"done": true})] {
+        let r = server.post(
+            "/v1/chat/completions",
+            &[],
+            &json!({"messages": user("hi"), "max_tokens": 2, "session_done": bad}),
+        );
+        assert_openai_error(&r, 400, "chat session_done");
+        assert_eq!(r.json()["error"]["param"], "session_done", "{}", r.body);
+        let r = feedback("s0", bad);
+        assert_openai_error(&r, 400, "feedback session_done");
+        assert_eq!(r.json()["error"]["param"], "session_done", "{}", r.body);
+    }
+    assert!(server.stop().success(), "{}", server.log());
+    let rows = server.rows();
+    for (i, (value, done)) in values.iter().enumerate() {
+        let session = format!("s{i}");
+        let recorded: Vec<(&str, Option<bool>)> = rows
+            .iter()
+            .filter(|r| r.session_id == session)
+            .map(|r| (r.turn_type.as_str(), r.session_done))
+            .collect();
+        assert_eq!(
+            recorded,
+            [("main", Some(*done)), ("feedback", Some(*done))],
+            "session_done {value}"
+        );
+    }
 }

@@ -11,3 +11,23 @@ pub mod layout;
 pub mod lora;
 
 pub use lora::{Adapter, AdapterFileConfig, LoraConfig, LoraPair};
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+
+use crate::model::Model;
+
+/// Loads the adapter at `path` onto `model` for serving and names the result
+/// `MODEL+STEM` (what eval reports and judge sources record).
+pub fn apply_file(model: &mut Model, path: &Path) -> Result<()> {
+    let (adapter, _) = Adapter::load(path, &model.device)
+        .with_context(|| format!("loading the adapter {}", path.display()))?;
+    model.decoder = adapter
+        .apply_for_serving(&model.decoder)
+        .with_context(|| format!("{} does not fit {}", path.display(), model.name))?;
+    if let Some(stem) = path.file_stem() {
+        model.name = format!("{}+{}", model.name, stem.to_string_lossy());
+    }
+    Ok(())
+}

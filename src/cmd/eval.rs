@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use crate::adapter::Adapter;
 use crate::eval::sandbox::{Limits, Sandbox};
 use crate::eval::{gpqa, gsm8k, humaneval, ppl, results, Bench, Outcome, Report};
 use crate::llm::{
@@ -367,14 +366,7 @@ fn load_model(args: &EvalArgs) -> Result<Model> {
     let mut model = Model::load_with(&path, args.weights)
         .with_context(|| format!("loading the model {}", path.display()))?;
     if let Some(adapter_path) = &args.adapter {
-        let (adapter, _) = Adapter::load(adapter_path, &model.device)
-            .with_context(|| format!("loading the adapter {}", adapter_path.display()))?;
-        model.decoder = adapter
-            .apply_for_serving(&model.decoder)
-            .with_context(|| format!("{} does not fit {}", adapter_path.display(), model.name))?;
-        if let Some(stem) = adapter_path.file_stem() {
-            model.name = format!("{}+{}", model.name, stem.to_string_lossy());
-        }
+        crate::adapter::apply_file(&mut model, adapter_path)?;
     }
     Ok(model)
 }

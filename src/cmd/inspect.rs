@@ -385,7 +385,7 @@ fn json_value(array: &dyn Array, i: usize) -> Value {
                     .value(i)
                     .div_euclid(1_000_000),
             };
-            Value::String(format_utc_ms(ms))
+            Value::String(crate::date::format_utc_ms(ms))
         }
         DataType::List(_) | DataType::LargeList(_) => {
             let items = list_at(array, i);
@@ -415,41 +415,4 @@ fn json_value(array: &dyn Array, i: usize) -> Value {
 /// JSON has no NaN or infinity; keep them visible as strings rather than null.
 fn float(x: f64) -> Value {
     serde_json::Number::from_f64(x).map_or_else(|| Value::String(x.to_string()), Value::Number)
-}
-
-/// `2023-11-14T22:13:20.000Z` for epoch milliseconds (proleptic Gregorian, UTC).
-/// By hand because arrow's formatter needs chrono-tz to read the zone name "UTC".
-fn format_utc_ms(ms: i64) -> String {
-    let days = ms.div_euclid(86_400_000);
-    let rem = ms.rem_euclid(86_400_000);
-    let (h, m, s, milli) = (
-        rem / 3_600_000,
-        rem / 60_000 % 60,
-        rem / 1000 % 60,
-        rem % 1000,
-    );
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let mo = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(mo <= 2);
-    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{s:02}.{milli:03}Z")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::format_utc_ms;
-
-    #[test]
-    fn formats_utc_milliseconds() {
-        assert_eq!(format_utc_ms(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(format_utc_ms(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
-        assert_eq!(format_utc_ms(-1), "1969-12-31T23:59:59.999Z");
-        assert_eq!(format_utc_ms(951_782_400_000), "2000-02-29T00:00:00.000Z");
-    }
 }

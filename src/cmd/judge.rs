@@ -1,8 +1,6 @@
 //! `claw judge`: the CLI face of [`crate::judge`].
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -205,17 +203,24 @@ pub fn run(args: JudgeArgs) -> Result<()> {
 
     let reader = RolloutReader::new(&args.inputs)?;
     let mut writer = RolloutWriter::create(&args.output)?;
-    let progress = Progress::new();
+    // Judge calls can take minutes: a spinner counting them, with the rows read
+    // and judged (on a terminal only, see ui::progress_bar).
+    let progress = crate::ui::progress_bar(None, "judge");
+    progress.set_message("calls");
     let start = Instant::now();
     for batch in reader {
         let batch = batch?;
-        let out = judge.judge_batch(&batch, &|| progress.call())?;
+        let out = judge.judge_batch(&batch, &|| progress.inc(1))?;
         writer.write(&out)?;
-        progress.rows(judge.summary().rows, judge.summary().judged);
+        let summary = judge.summary();
+        progress.set_message(format!(
+            "calls, {} rows read, {} judged",
+            summary.rows, summary.judged
+        ));
     }
     let name = writer.name();
     let written = writer.finish()?;
-    progress.finish();
+    progress.finish_and_clear();
     let summary = judge.summary();
     crate::debug!(
         "wrote {written} rows to {name} in {:.1} s",
@@ -232,48 +237,4 @@ pub fn run(args: JudgeArgs) -> Result<()> {
         crate::info!("{}", summary.render());
     }
     Ok(())
-}
-
-/// A one-line progress report on stderr, only when stderr is a terminal (and not
-/// with -q): judge calls can take minutes.
-struct Progress {
-    enabled: bool,
-    calls: AtomicU64,
-    start: Instant,
-}
-
-impl Progress {
-    fn new() -> Self {
-        Progress {
-            enabled: std::io::stderr().is_terminal() && crate::ui::verbosity() >= 0,
-            calls: AtomicU64::new(0),
-            start: Instant::now(),
-        }
-    }
-
-    fn call(&self) {
-        let n = self.calls.fetch_add(1, Ordering::Relaxed) + 1;
-        if self.enabled {
-            eprint!(
-                "\rclaw: judge calls: {n} ({:.1} s)\x1b[K",
-                self.start.elapsed().as_secs_f64()
-            );
-        }
-    }
-
-    fn rows(&self, rows: u64, judged: u64) {
-        if self.enabled {
-            eprint!(
-                "\rclaw: {rows} rows read, {judged} judged, {} judge calls ({:.1} s)\x1b[K",
-                self.calls.load(Ordering::Relaxed),
-                self.start.elapsed().as_secs_f64()
-            );
-        }
-    }
-
-    fn finish(&self) {
-        if self.enabled {
-            eprint!("\r\x1b[K");
-        }
-    }
 }

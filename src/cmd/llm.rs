@@ -8,7 +8,6 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Args;
 
-use crate::adapter::Adapter;
 use crate::llm::{CallOptions, ChatBackend, LocalBackend, RemoteBackend};
 use crate::model::{resolve_model_path, Model, WeightFormat};
 
@@ -118,15 +117,8 @@ impl LlmArgs {
         let mut model = Model::load_with(&path, self.judge_weights)
             .with_context(|| format!("loading the judge model {}", path.display()))?;
         if let Some(adapter_path) = &self.judge_adapter {
-            let (adapter, _) = Adapter::load(adapter_path, &model.device)
-                .with_context(|| format!("loading the judge adapter {}", adapter_path.display()))?;
-            model.decoder = adapter.apply_for_serving(&model.decoder).with_context(|| {
-                format!("{} does not fit {}", adapter_path.display(), model.name)
-            })?;
             // judge_source names both: prm:<model>+<adapter>
-            if let Some(stem) = adapter_path.file_stem() {
-                model.name = format!("{}+{}", model.name, stem.to_string_lossy());
-            }
+            crate::adapter::apply_file(&mut model, adapter_path).context("the judge's adapter")?;
         }
         Ok(Box::new(LocalBackend::new(model)))
     }

@@ -393,14 +393,8 @@ fn write_pipelined(mut writer: RolloutWriter, gather: &Gather, samples: &[Sample
     })
 }
 
-fn now_ms() -> Ms {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as Ms)
-}
-
-/// Parses a duration: `90s`, `30m`, `2h`, `500ms`, `1d`; a plain number is minutes
-/// (as `claw serve --session-timeout` takes it).
+/// Parses a duration with its unit: `90s`, `30m`, `2h`, `500ms`, `1d`; a bare
+/// number other than 0 is refused (it was ambiguous).
 pub fn parse_duration_ms(text: &str) -> Result<Ms> {
     let t = text.trim();
     let split = t

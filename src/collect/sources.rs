@@ -1,6 +1,7 @@
 //! The first two phases of a run: resolving the inputs (skipping those already
 //! collected, telling each one's format) and reading them, in parallel.
 
+use crate::clock::{unix_ms, unix_ms_of};
 use std::collections::HashSet;
 use std::io::{BufRead, Read};
 use std::sync::Arc;
@@ -10,7 +11,6 @@ use bytes::Bytes;
 use rayon::prelude::*;
 
 use super::import::{self, ImportContext, Imported};
-use super::pair::Ms;
 use super::raw::{self, BatchEvents};
 use super::{state, CollectConfig, Format, Retokenizer, Stats};
 use crate::model::resolve_model_path;
@@ -253,15 +253,15 @@ fn load_source(source: &Source, retokenizer: Option<&Retokenizer>) -> Result<Loa
             let retokenizer =
                 retokenizer.ok_or_else(|| anyhow!("internal: no tokenizer for an import"))?;
             let (text, default_time) = match (&source.bytes, &source.input) {
-                (Some(b), _) => (b.to_vec(), super::now_ms()),
+                (Some(b), _) => (b.to_vec(), unix_ms()),
                 (None, Input::Path(p)) => {
                     let raw = std::fs::read(p)
                         .with_context(|| format!("{}: cannot read", source.name))?;
                     let mtime = std::fs::metadata(p)
                         .and_then(|m| m.modified())
                         .ok()
-                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                        .map_or_else(super::now_ms, |d| d.as_millis() as Ms);
+                        .and_then(unix_ms_of)
+                        .unwrap_or_else(unix_ms);
                     (raw, mtime)
                 }
                 (None, Input::Stdin) => bail!("internal: stdin was not read"),

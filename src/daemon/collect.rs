@@ -21,7 +21,8 @@ use super::ledger::Ledger;
 use super::quarantine::quarantine;
 use super::status::StatusFile;
 use super::wake::{sleep_unless_stopped, stop_requested, Waker};
-use super::{unix_ms, DaemonConfig, Settling};
+use super::{DaemonConfig, Settling};
+use crate::clock::unix_ms;
 use crate::collect::{self, CollectConfig, Format};
 use crate::fsutil::write_atomic;
 use crate::rollout::{segment_file_name, RolloutFile};
@@ -230,11 +231,11 @@ fn plan(
     let (Some(clock), Some(saved)) = (state_clock(state_path)?, modified_ms(state_path)) else {
         return Ok(None);
     };
-    let quiet = unix_ms().saturating_sub(saved) as i64;
+    let quiet = unix_ms().saturating_sub(saved).max(0);
     Ok(Some(Intent {
         inputs: Vec::new(),
         clock_to: Some(clock + quiet),
-        output: segment_file_name(unix_ms(), "collect-tick", 0),
+        output: segment_file_name(unix_ms().max(0) as u64, "collect-tick", 0),
     }))
 }
 
@@ -318,9 +319,8 @@ fn state_clock(state_path: &Path) -> Result<Option<i64>> {
     Ok(state["clock_ms"].as_i64())
 }
 
-fn modified_ms(path: &Path) -> Option<u64> {
-    let t = std::fs::metadata(path).ok()?.modified().ok()?;
-    Some(t.duration_since(std::time::UNIX_EPOCH).ok()?.as_millis() as u64)
+fn modified_ms(path: &Path) -> Option<i64> {
+    crate::clock::unix_ms_of(std::fs::metadata(path).ok()?.modified().ok()?)
 }
 
 /// Whether the state holds turns waiting for their next state or feedback grace.

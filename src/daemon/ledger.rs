@@ -89,7 +89,7 @@ impl Ledger {
     pub fn retain(&self, input_dir: &Path, age: Duration) -> Result<usize> {
         let now = SystemTime::now();
         let mut removed = 0;
-        for name in super::list_segments(input_dir)? {
+        for name in super::host::list_segments(input_dir)? {
             let marker = self.done.join(short_name(&name));
             let finished = match std::fs::metadata(&marker).and_then(|m| m.modified()) {
                 Ok(t) => t,

@@ -28,6 +28,7 @@
 //! - new inputs are noticed by filesystem notifications with a polling fallback.
 
 pub mod collect;
+mod host;
 pub mod ledger;
 pub mod quarantine;
 pub mod report;
@@ -39,12 +40,13 @@ pub mod wake;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result};
 use clap::Args;
 
 use crate::collect::parse_duration_ms;
+pub use host::{hostname, list_segments};
 
 /// The folders of a shared directory.
 #[derive(Clone, Debug)]
@@ -234,6 +236,16 @@ impl WatchArgs {
 }
 
 impl DaemonConfig {
+    /// This worker's status file (created, with dead workers' files removed).
+    pub fn status_file(&self) -> status::StatusFile {
+        status::StatusFile::new(
+            &self.state_dir(),
+            self.stage.name(),
+            &self.input,
+            &self.worker_id,
+        )
+    }
+
     pub fn input_dir(&self) -> PathBuf {
         self.layout.folder(&self.input)
     }
@@ -269,7 +281,7 @@ pub(crate) fn start_single_worker(
 ) -> Result<Option<(ledger::StageLock, status::StatusFile)>> {
     wake::install_stop_handler();
     cfg.create_dirs()?;
-    let mut status = status::StatusFile::new(cfg);
+    let mut status = cfg.status_file();
     status.set("standby");
     match ledger::StageLock::acquire(&cfg.state_dir(), &cfg.worker_id, cfg.stage.name())? {
         Some(lock) => Ok(Some((lock, status))),
@@ -278,56 +290,6 @@ pub(crate) fn start_single_worker(
             Ok(None)
         }
     }
-}
-
-/// The host name, for worker ids and status files.
-pub fn hostname() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates on success.
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    let name = if rc == 0 {
-        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-        String::from_utf8_lossy(&buf[..end]).into_owned()
-    } else {
-        String::new()
-    };
-    let clean: String = name
-        .chars()
-        .map(
-            |c| match c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                true => c,
-                false => '_',
-            },
-        )
-        .collect();
-    match clean.is_empty() || clean.starts_with('-') {
-        true => "host".into(),
-        false => clean,
-    }
-}
-
-pub fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// The `*.parquet` segments of `dir`, sorted by name (time order for claw's own
-/// segment names); hidden files and `.tmp` files being written are not segments.
-pub fn list_segments(dir: &Path) -> Result<Vec<String>> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e).with_context(|| format!("listing {}", dir.display())),
-    };
-    let mut names: Vec<String> = entries
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
-        .filter_map(|e| e.file_name().into_string().ok())
-        .filter(|n| n.ends_with(".parquet") && !n.starts_with('.'))
-        .collect();
-    names.sort();
-    Ok(names)
 }
 
 /// How long an input that cannot be read must stay unchanged (size and mtime)

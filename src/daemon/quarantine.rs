@@ -35,7 +35,7 @@ pub fn quarantine(
     let report = format!(
         "stage: {stage}\nfile: {}\ntime_unix_ms: {}\nreason: {reason:#}\n\nMove the file back into {folder}/ to retry it.\n",
         input.display(),
-        super::unix_ms()
+        crate::clock::unix_ms()
     );
     // The reason first: a crash between the two leaves a reason without a file
     // (harmless), never a quarantined file without its reason.

@@ -8,8 +8,9 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use super::status::{is_alive, read_all, WorkerStatus};
-use super::{list_segments, quarantine, unix_ms, Layout, Stage};
+use super::{list_segments, quarantine, Layout, Stage};
 use crate::adapter::layout::{latest_in, parse_adapter_step};
+use crate::clock::unix_ms;
 use crate::rollout::RolloutFile;
 
 #[derive(Serialize)]
@@ -120,7 +121,7 @@ fn stage_report(layout: &Layout, stage: Stage) -> Result<StageReport> {
         last_error: last_error.and_then(|w| w.last_error.clone()),
         last_error_age_s: last_error
             .and_then(|w| w.last_error_unix_ms)
-            .map(|t| unix_ms().saturating_sub(t) as f64 / 1000.0),
+            .map(|t| unix_ms().saturating_sub(t).max(0) as f64 / 1000.0),
         input,
         workers,
     })

@@ -42,7 +42,7 @@ pub fn run(
     let output_dir = cfg.output_dir();
     let ledger = Ledger::open(&cfg.state_dir(), &cfg.worker_id)?;
     let waker = Waker::new(&input_dir, cfg.poll_only, cfg.poll_interval);
-    let mut status = StatusFile::new(cfg);
+    let mut status = cfg.status_file();
     let stage = cfg.stage.name();
     crate::info!(
         "{stage}: watching {} -> {} as worker {}",

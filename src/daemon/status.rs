@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::{unix_ms, DaemonConfig};
+use super::host::hostname;
+use crate::clock::unix_ms;
 use crate::fsutil::write_atomic;
 
 /// One worker's status file.
@@ -21,8 +22,8 @@ pub struct WorkerStatus {
     pub worker: String,
     pub host: String,
     pub pid: u32,
-    pub started_unix_ms: u64,
-    pub updated_unix_ms: u64,
+    pub started_unix_ms: i64,
+    pub updated_unix_ms: i64,
     /// `starting`, `idle`, `working`, `standby`, `stopped`.
     pub state: String,
     pub segments_done: u64,
@@ -31,7 +32,7 @@ pub struct WorkerStatus {
     /// Rows per second over the work of the last minute or so.
     pub rows_per_s: f64,
     pub last_error: Option<String>,
-    pub last_error_unix_ms: Option<u64>,
+    pub last_error_unix_ms: Option<i64>,
     /// Stage-specific extras (train: step, checkpoint).
     #[serde(default)]
     pub extra: serde_json::Value,
@@ -50,18 +51,18 @@ pub struct StatusFile {
 const HEARTBEAT: Duration = Duration::from_secs(5);
 
 impl StatusFile {
-    pub fn new(cfg: &DaemonConfig) -> Self {
-        remove_dead_workers(&cfg.state_dir());
+    /// The status file of worker `worker` of `stage` reading `input`, in the
+    /// stage's `state_dir`.
+    pub fn new(state_dir: &Path, stage: &str, input: &str, worker: &str) -> Self {
+        remove_dead_workers(state_dir);
         let now = unix_ms();
         StatusFile {
-            path: cfg
-                .state_dir()
-                .join(format!("status-{}.json", cfg.worker_id)),
+            path: state_dir.join(format!("status-{worker}.json")),
             status: WorkerStatus {
-                stage: cfg.stage.name().into(),
-                input: cfg.input.clone(),
-                worker: cfg.worker_id.clone(),
-                host: super::hostname(),
+                stage: stage.into(),
+                input: input.into(),
+                worker: worker.into(),
+                host: hostname(),
                 pid: std::process::id(),
                 started_unix_ms: now,
                 updated_unix_ms: now,
@@ -122,7 +123,7 @@ impl StatusFile {
 /// Removes the status files of workers on this host whose process is gone (each
 /// restart is a new worker id), so `claw status` lists the workers that matter.
 fn remove_dead_workers(stage_dir: &Path) {
-    let host = super::hostname();
+    let host = hostname();
     let Ok(entries) = std::fs::read_dir(stage_dir) else {
         return;
     };
@@ -172,8 +173,8 @@ pub fn is_alive(status: &WorkerStatus) -> bool {
     if status.state == "stopped" {
         return false;
     }
-    let fresh = unix_ms().saturating_sub(status.updated_unix_ms) < 3 * HEARTBEAT.as_millis() as u64;
-    if status.host == super::hostname() {
+    let fresh = unix_ms().saturating_sub(status.updated_unix_ms) < 3 * HEARTBEAT.as_millis() as i64;
+    if status.host == hostname() {
         // SAFETY: signal 0 only checks that the process exists.
         let exists = unsafe { libc::kill(status.pid as libc::pid_t, 0) } == 0;
         return exists && fresh;

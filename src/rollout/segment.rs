@@ -4,7 +4,7 @@
 //! or seconds; names sort by time so a watcher handles them in order.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use arrow::array::RecordBatch;
@@ -51,12 +51,6 @@ pub fn validate_writer_id(writer_id: &str) -> Result<()> {
         bail!("writer id `{writer_id}` must be non-empty and use only letters, digits, `_`, `.` and `-` (it goes into file names)");
     }
     Ok(())
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 struct OpenSegment {
@@ -182,7 +176,7 @@ impl SegmentWriter {
 
     fn open(&mut self) -> Result<()> {
         // Never go back in time, even if the clock does: names must keep sorting.
-        let ms = now_ms().max(self.last_ms);
+        let ms = (crate::clock::unix_ms().max(0) as u64).max(self.last_ms);
         self.last_ms = ms;
         let name = segment_file_name(ms, &self.writer_id, self.next_seq);
         self.next_seq += 1;

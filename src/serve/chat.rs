@@ -23,13 +23,16 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value as Json};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 
-use super::api::{self, ApiError, ChatRequest};
 use super::engine::Work;
+use super::error::ApiError;
+use super::fields::{self, SESSION_HEADER};
 use super::reload::Policy;
+use super::request::ChatRequest;
 use super::response::{json_response, sse_response, Event, Meta, Outcome};
-use super::session::{self, SessionInfo, SESSION_HEADER};
+use super::session::{self, SessionInfo};
+use super::state::AppState;
 use super::tools::ToolCall;
-use super::{unix_ms, AppState};
+use crate::clock::unix_ms;
 use crate::model::{FinishReason, Generation, Model, SamplingParams};
 use crate::rollout::RolloutRow;
 
@@ -40,8 +43,7 @@ const PIECEWISE_COUNT_MIN_BYTES: usize = 256 * 1024;
 /// Seconds a client is told to wait when the queue is full.
 const RETRY_AFTER_S: u64 = 1;
 
-/// Response header naming the policy version (adapter step) that answered.
-pub const POLICY_HEADER: &str = "x-claw-policy-version";
+pub use super::fields::POLICY_HEADER;
 
 /// A request ready to generate.
 struct Prepared {
@@ -90,8 +92,8 @@ async fn handle(
         e.retry_after = Some(RETRY_AFTER_S);
         e
     })?;
-    let body = api::read_body(body, state.config.max_body_bytes).await?;
-    let mut fields = api::parse_object(&body)?;
+    let body = fields::read_body(body, state.config.max_body_bytes).await?;
+    let mut fields = fields::parse_object(&body)?;
     let session = session::extract(&headers, &mut fields, state.config.default_turn_type)?;
     if let Some(n) = fields
         .get("messages")
@@ -109,7 +111,8 @@ async fn handle(
     }
     let request = ChatRequest::from_body(&fields)?;
     if let Some(upstream) = state.upstream.clone() {
-        return super::upstream::handle(state, upstream, permit, session, request, started).await;
+        return super::upstream_chat::handle(state, upstream, permit, session, request, started)
+            .await;
     }
 
     let policy = state.policies.current();

@@ -1,20 +1,26 @@
 //! `claw serve`: an OpenAI-compatible HTTP server over one local model that records
 //! every turn (docs/ARCHITECTURE.md, "Serving runtime" and "Sessions and next state").
 //!
-//! - [`api`]: the OpenAI wire format (error body, checked chat request).
+//! - [`error`]: the OpenAI error body ([`error::ApiError`]).
+//! - [`fields`]: request fields, read one way for every route: the body under its
+//!   size limit, typed getters whose 400s name the field, the session fields
+//!   (header or body).
+//! - [`request`]: the checked chat request; [`messages`]: its messages and tools.
 //! - [`chat`]: `POST /v1/chat/completions`: admission, JSON or SSE responses,
 //!   the recorded row.
 //! - [`engine`]: the thread that generates, batching the requests in flight.
 //! - [`response`]: the JSON body and the SSE chunk stream.
 //! - [`routes`]: the router, auth, metrics counting, the small endpoints.
 //! - [`session`]: session id / turn type / session end, and the session registry.
+//! - [`state`]: the configuration and what every handler shares.
 //! - [`record`]: the writer thread that turns rows into segments in `DIR/raw/`.
 //! - [`metrics`]: Prometheus text.
 //! - [`reload`]: the serving policy (base or base + LoRA adapter) and its hot
 //!   reload from `DIR/checkpoints/LATEST`.
 //! - [`tools`]: `<tool_call>` parsing.
-//! - [`upstream`]: `--upstream URL`: another engine generates; claw checks,
-//!   records and keeps sessions (docs/ARCHITECTURE.md, "Serving through another
+//! - [`upstream`], [`upstream_chat`]: `--upstream URL`: another engine
+//!   generates (the client; the chat route); claw checks, records and keeps
+//!   sessions (docs/ARCHITECTURE.md, "Serving through another
 //!   engine").
 //! - [`prefix`]: the prefix cache (KV of recent requests, per policy, LRU under
 //!   `--prefix-cache-mb`).
@@ -27,123 +33,42 @@
 //! the next step, between prefill chunks too. An admitted request holds the
 //! policy it was admitted under to its end; adapter swaps affect later requests.
 
-pub mod api;
 pub mod chat;
 pub mod engine;
+pub mod error;
+pub mod fields;
+pub mod messages;
 pub mod metrics;
 pub mod prefix;
 pub mod record;
 pub mod reload;
+pub mod request;
 pub mod response;
 pub mod routes;
 pub mod session;
+pub mod state;
 pub mod tools;
 pub mod upstream;
+pub mod upstream_chat;
 pub mod wal;
 
-use std::path::PathBuf;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use anyhow::{Context, Result};
 use tokio::sync::Semaphore;
 
-use crate::model::{Model, WeightFormat};
+use crate::model::Model;
 use metrics::Metrics;
 use record::Recorder;
 use reload::{Policies, Policy, Reloader};
-use session::{Registry, TurnType};
-
-/// Everything `claw serve` is configured with (the CLI fills it in).
-#[derive(Debug, Clone)]
-pub struct ServeConfig {
-    pub model_path: PathBuf,
-    pub weights: WeightFormat,
-    /// The shared directory; rows go to `DIR/raw/`.
-    pub dir: PathBuf,
-    pub host: String,
-    pub port: u16,
-    pub record: bool,
-    /// fsync each answered turn to `DIR/wal/` before the reply completes.
-    pub durable_log: bool,
-    pub api_key: Option<String>,
-    pub default_turn_type: TurnType,
-    pub max_tokens_limit: usize,
-    pub max_body_bytes: usize,
-    /// Most messages in one chat request.
-    pub max_messages: usize,
-    /// Chat requests admitted at once (generating plus waiting).
-    pub queue: usize,
-    /// Generations run at once.
-    pub parallel: usize,
-    /// A session idle this long is forgotten (feedback for it then gets 404).
-    pub session_timeout: Duration,
-    /// An adapter to serve from the start (`--adapter`).
-    pub adapter: Option<PathBuf>,
-    /// Follow `DIR/checkpoints/LATEST` (off with `--no-reload`).
-    pub reload: bool,
-    /// How often the reload thread looks at `LATEST` besides notifications.
-    pub reload_poll: Duration,
-    /// KV bytes the prefix cache may hold (0: no prefix cache).
-    pub prefix_cache_bytes: usize,
-    /// A recorded segment is closed at this many rows...
-    pub segment_rows: usize,
-    /// ...or at this age.
-    pub segment_age: Duration,
-    /// `--upstream URL`: another engine generates; no local model is loaded.
-    pub upstream: Option<upstream::UpstreamConfig>,
-}
-
-impl ServeConfig {
-    pub fn checkpoints_dir(&self) -> PathBuf {
-        self.dir.join("checkpoints")
-    }
-}
-
-/// What every handler shares.
-pub struct AppState {
-    /// The local model (None with `--upstream`).
-    pub model: Option<Arc<Model>>,
-    pub config: ServeConfig,
-    pub metrics: Arc<Metrics>,
-    pub recorder: Recorder,
-    pub sessions: Registry,
-    /// `--queue` permits: held from admission until the generation has finished.
-    pub admission: Arc<Semaphore>,
-    /// Requests being rendered and tokenised at once (a memory bound).
-    pub preparing: Semaphore,
-    /// Runs the generations, `--parallel` of them batched together (None with
-    /// `--upstream`).
-    pub engine: Option<engine::Engine>,
-    /// Unix seconds the server started (the model's `created`).
-    pub started: u64,
-    /// The policy serving new requests (swapped by hot reload).
-    pub policies: Arc<Policies>,
-    /// `--upstream`: the engine chat requests go to.
-    pub upstream: Option<Arc<upstream::Upstream>>,
-}
-
-impl AppState {
-    /// The model name served (`/v1/models`) and recorded.
-    pub fn model_name(&self) -> &str {
-        match (&self.upstream, &self.model) {
-            (Some(u), _) => &u.model,
-            (None, Some(m)) => &m.name,
-            (None, None) => "",
-        }
-    }
-}
+use session::Registry;
+pub use state::{AppState, ServeConfig};
 
 /// Requests rendered and tokenised at once: tokenising a 4 MiB body holds
 /// hundreds of MiB for a moment.
 const PREPARING: usize = 2;
-
-pub fn unix_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
 
 /// Loads the model, binds, serves until SIGINT/SIGTERM, then drains: stops
 /// accepting, lets requests in flight finish, writes and closes the open segment.
@@ -167,7 +92,7 @@ pub fn run(config: ServeConfig) -> Result<()> {
         "--reload-poll-ms must be at least 1"
     );
     if let Some(upstream) = &config.upstream {
-        return upstream::run(config.clone(), upstream.clone());
+        return run_upstream(config.clone(), upstream.clone());
     }
     let model = Model::load_with(&config.model_path, config.weights)?;
     crate::info!(
@@ -209,6 +134,32 @@ pub fn run(config: ServeConfig) -> Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(serve(config, Some(model), metrics, policies, seen, None))
+}
+
+/// `claw serve --upstream`: no model, no engine, no adapter reload; the rest of
+/// the server as usual.
+fn run_upstream(config: ServeConfig, upstream: upstream::UpstreamConfig) -> Result<()> {
+    let engine = Arc::new(upstream::Upstream::connect(&upstream)?);
+    crate::info!(
+        "generating with the upstream engine {} (model {}); no local model loaded",
+        engine.base(),
+        engine.model
+    );
+    if config.adapter.is_some() {
+        crate::warn!(
+            "--adapter is ignored with --upstream (adapters are not pushed to the engine yet)"
+        );
+    }
+    let mut config = config;
+    config.reload = false;
+    let metrics = Arc::new(Metrics::default());
+    let policies = Arc::new(Policies::new(Policy::base()));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("claw-serve")
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(serve(config, None, metrics, policies, None, Some(engine)))
 }
 
 async fn serve(
@@ -279,7 +230,7 @@ async fn serve(
         admission: Arc::new(Semaphore::new(config.queue)),
         preparing: Semaphore::new(PREPARING),
         engine,
-        started: (unix_ms() / 1000) as u64,
+        started: (crate::clock::unix_ms() / 1000) as u64,
         policies,
         config,
         upstream,

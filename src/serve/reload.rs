@@ -30,9 +30,9 @@ use anyhow::{Context, Result};
 use candle_core::Tensor;
 
 use super::metrics::Metrics;
-use super::unix_ms;
 use crate::adapter::layout::{config_path_for, latest_in, LATEST};
 use crate::adapter::Adapter;
+use crate::clock::unix_ms;
 use crate::model::decoder::{Decoder, KvCache};
 use crate::model::Model;
 

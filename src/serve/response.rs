@@ -16,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value as Json};
 use tokio::sync::mpsc;
 
-use super::api::ApiError;
+use super::error::ApiError;
 use super::session;
 use super::tools::{ToolCall, ToolStreamFilter};
 use crate::model::Generation;

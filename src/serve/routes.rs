@@ -12,10 +12,12 @@ use axum::routing::{get, post};
 use axum::Router;
 use serde_json::{json, Value as Json};
 
-use super::api::{self, ApiError};
 use super::chat::completions;
-use super::session::{self, kind, SESSION_HEADER};
-use super::{unix_ms, AppState};
+use super::error::ApiError;
+use super::fields::{self, SESSION_HEADER};
+use super::session;
+use super::state::AppState;
+use crate::clock::unix_ms;
 use crate::rollout::RolloutRow;
 
 /// Longest free-text feedback accepted, in bytes.
@@ -174,33 +176,14 @@ async fn feedback(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let body = api::read_body(body, state.config.max_body_bytes).await?;
-    let mut fields = api::parse_object(&body)?;
-    let header_session = headers
-        .get(SESSION_HEADER)
-        .map(|v| {
-            v.to_str().map(str::to_string).map_err(|_| {
-                ApiError::invalid("header x-session-id is not visible ASCII", "session_id")
-            })
-        })
-        .transpose()?;
-    let session_id = match (header_session, fields.remove("session_id")) {
-        (Some(id), _) => id,
-        (None, Some(Json::String(id))) => id,
-        (None, None | Some(Json::Null)) => {
-            return Err(ApiError::invalid(
-                "`session_id` is required (body field or X-Session-Id header)",
-                "session_id",
-            ))
-        }
-        (None, Some(other)) => {
-            return Err(ApiError::invalid(
-                format!("`session_id` must be a string, got {}", kind(&other)),
-                "session_id",
-            ))
-        }
-    };
-    let session_id = session::validate_session_id(session_id)?;
+    let body = fields::read_body(body, state.config.max_body_bytes).await?;
+    let fields = fields::parse_object(&body)?;
+    let session_id = fields::session_id(&headers, fields.get("session_id"))?.ok_or_else(|| {
+        ApiError::invalid(
+            "`session_id` is required (body field or X-Session-Id header)",
+            "session_id",
+        )
+    })?;
     let rating = match fields.get("rating") {
         Some(v) if v.as_i64() == Some(1) || v.as_i64() == Some(-1) => v.as_i64().unwrap_or(0) as i8,
         Some(v) if v.as_f64() == Some(1.0) || v.as_f64() == Some(-1.0) => {
@@ -233,35 +216,19 @@ async fn feedback(
                 })?,
         ),
     };
-    let response_id = match fields.get("response_id") {
-        None | Some(Json::Null) => None,
-        Some(Json::String(s)) => Some(s.clone()),
-        Some(other) => {
-            return Err(ApiError::invalid(
-                format!("`response_id` must be a string, got {}", kind(other)),
-                "response_id",
-            ))
-        }
-    };
-    let text = match fields.get("text") {
-        None | Some(Json::Null) => None,
-        Some(Json::String(s)) if s.len() <= MAX_FEEDBACK_TEXT => Some(s.clone()),
-        Some(Json::String(_)) => {
+    let response_id = fields::string(&fields, "response_id")?.map(str::to_string);
+    let text = match fields::string(&fields, "text")? {
+        Some(s) if s.len() > MAX_FEEDBACK_TEXT => {
             return Err(ApiError::invalid(
                 format!("`text` is longer than {MAX_FEEDBACK_TEXT} bytes"),
                 "text",
             ))
         }
-        Some(other) => {
-            return Err(ApiError::invalid(
-                format!("`text` must be a string, got {}", kind(other)),
-                "text",
-            ))
-        }
+        s => s.map(str::to_string),
     };
     // The user rates the last reply and leaves: collect can end the session now
     // instead of after its timeout.
-    let session_done = session::parse_done(&headers, fields.get("session_done"))?;
+    let session_done = fields::parse_done(&headers, fields.get("session_done"))?;
     let target = state
         .sessions
         .resolve_feedback(&session_id, response_id.as_deref(), turn)?;

@@ -15,15 +15,10 @@ use axum::http::HeaderMap;
 use rand::Rng;
 use serde_json::{Map, Value as Json};
 
-use super::api::ApiError;
-pub use crate::rollout::json_kind as kind;
+use super::error::ApiError;
+use super::fields::{self, parse_done, TURN_TYPE_HEADER};
+use crate::rollout::json_kind as kind;
 
-pub const SESSION_HEADER: &str = "x-session-id";
-pub const TURN_TYPE_HEADER: &str = "x-turn-type";
-pub const SESSION_DONE_HEADER: &str = "x-session-done";
-
-/// Longest accepted session id (it goes into every row and into log lines).
-const MAX_SESSION_ID_LEN: usize = 256;
 /// Response ids remembered per session (older ones can no longer be named by feedback).
 const MAX_RESPONSES_PER_SESSION: usize = 4096;
 
@@ -67,21 +62,9 @@ pub fn extract(
     let body_turn = body.remove("turn_type");
     let body_done = body.remove("session_done");
 
-    let session_id = match header(headers, SESSION_HEADER)? {
-        Some(id) => Some(id),
-        None => match body_session {
-            None | Some(Json::Null) => None,
-            Some(Json::String(s)) => Some(s),
-            Some(other) => {
-                return Err(ApiError::invalid(
-                    format!("`session_id` must be a string, got {}", kind(&other)),
-                    "session_id",
-                ))
-            }
-        },
-    };
+    let session_id = fields::session_id(headers, body_session.as_ref())?;
     let session_id = match session_id {
-        Some(id) => validate_session_id(id)?,
+        Some(id) => id,
         None => {
             static SAID: AtomicBool = AtomicBool::new(false);
             if !SAID.swap(true, Ordering::Relaxed) {
@@ -94,7 +77,7 @@ pub fn extract(
         }
     };
 
-    let turn_type = match header(headers, TURN_TYPE_HEADER)? {
+    let turn_type = match fields::header(headers, TURN_TYPE_HEADER)? {
         Some(t) => Some(t),
         None => match body_turn {
             None | Some(Json::Null) => None,
@@ -128,59 +111,6 @@ pub fn extract(
         turn_type,
         done,
     })
-}
-
-/// Whether the user is done with the session: the `X-Session-Done` header
-/// (`1`, `true`, `yes`, `on`), else the body's `session_done` (a boolean, or
-/// the same words or 1). One rule for chat requests and feedback.
-pub fn parse_done(headers: &HeaderMap, body: Option<&Json>) -> Result<bool, ApiError> {
-    if let Some(v) = header(headers, SESSION_DONE_HEADER)? {
-        return Ok(truthy(&v));
-    }
-    match body {
-        None | Some(Json::Null) => Ok(false),
-        Some(Json::Bool(b)) => Ok(*b),
-        Some(Json::String(s)) => Ok(truthy(s)),
-        Some(Json::Number(n)) => Ok(n.as_f64() == Some(1.0)),
-        Some(other) => Err(ApiError::invalid(
-            format!("`session_done` must be a boolean, got {}", kind(other)),
-            "session_done",
-        )),
-    }
-}
-
-/// `1`, `true`, `yes`, `on` (any case) mean yes.
-pub fn truthy(value: &str) -> bool {
-    matches!(
-        value.trim().to_ascii_lowercase().as_str(),
-        "1" | "true" | "yes" | "on"
-    )
-}
-
-pub fn validate_session_id(id: String) -> Result<String, ApiError> {
-    let id = id.trim().to_string();
-    // It is echoed in the X-Session-Id response header, so it must be what a
-    // header may carry: visible ASCII and spaces.
-    if id.is_empty()
-        || id.len() > MAX_SESSION_ID_LEN
-        || !id.bytes().all(|b| (b' '..=b'~').contains(&b))
-    {
-        return Err(ApiError::invalid(
-            format!("session id must be 1-{MAX_SESSION_ID_LEN} visible ASCII characters"),
-            "session_id",
-        ));
-    }
-    Ok(id)
-}
-
-fn header(headers: &HeaderMap, name: &str) -> Result<Option<String>, ApiError> {
-    match headers.get(name) {
-        None => Ok(None),
-        Some(v) => v
-            .to_str()
-            .map(|s| Some(s.to_string()))
-            .map_err(|_| ApiError::invalid(format!("header {name} is not visible ASCII"), name)),
-    }
 }
 
 struct Entry {
@@ -344,6 +274,7 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::serve::fields::{SESSION_DONE_HEADER, SESSION_HEADER};
     use serde_json::json;
 
     fn body(v: Json) -> Map<String, Json> {
@@ -443,5 +374,31 @@ mod tests {
                 .as_u16(),
             400
         );
+    }
+
+    /// Issue 21: idle sessions were forgotten only when a chat request came.
+    /// `prune` (which `claw serve` runs every `prune_every`) forgets them with no
+    /// request at all, and keeps the live ones.
+    #[test]
+    fn prune_forgets_idle_sessions_without_a_request() {
+        let reg = Registry::new(Duration::from_millis(200));
+        let info = |id: &str| SessionInfo {
+            session_id: id.into(),
+            turn_type: TurnType::Main,
+            done: false,
+        };
+        reg.add_response(&info("old"), "r1");
+        std::thread::sleep(Duration::from_millis(250));
+        reg.add_response(&info("new"), "r2");
+        reg.prune();
+        let mut left: Vec<String> = reg.lock().sessions.keys().cloned().collect();
+        left.sort();
+        assert_eq!(left, ["new"]);
+        // the timer runs every quarter of the timeout, kept between 1 s and 60 s
+        assert_eq!(reg.prune_every(), Duration::from_secs(1));
+        let hour = Registry::new(Duration::from_secs(3600));
+        assert_eq!(hour.prune_every(), Duration::from_secs(60));
+        let minute = Registry::new(Duration::from_secs(60));
+        assert_eq!(minute.prune_every(), Duration::from_secs(15));
     }
 }

@@ -35,23 +35,17 @@
 
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use axum::http::{HeaderValue, StatusCode};
-use axum::response::Response;
+use axum::http::StatusCode;
 use serde_json::{json, Map, Value as Json};
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
+use tokio::sync::{mpsc, oneshot};
 
-use super::api::{ApiError, ChatRequest};
-use super::chat::POLICY_HEADER;
-use super::response::{json_response, sse_response, Event, Meta, Outcome};
-use super::session::{self, SessionInfo, SESSION_HEADER};
+use super::error::ApiError;
+use super::request::ChatRequest;
+use super::response::Event;
+use super::session;
 use super::tools::ToolCall;
-use super::{unix_ms, AppState};
-use crate::model::generate::Timing;
-use crate::model::{FinishReason, Generation};
-use crate::rollout::RolloutRow;
 
 /// How long to wait for the upstream's TCP connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -314,7 +308,7 @@ impl Upstream {
 
     /// One chat completion, with the prompt's text and ids when the response did
     /// not carry them (llama.cpp: `/apply-template` + `/tokenize`).
-    fn complete(
+    pub fn complete(
         &self,
         request: &ChatRequest,
         max_tokens: usize,
@@ -532,237 +526,6 @@ pub fn token_source(reply: &Reply, prompt_from_response: bool) -> TokenSource {
     }
 }
 
-/// `POST /v1/chat/completions` in upstream mode: called by the chat handler
-/// after the request is checked and admitted.
-pub async fn handle(
-    state: Arc<AppState>,
-    upstream: Arc<Upstream>,
-    permit: OwnedSemaphorePermit,
-    session: SessionInfo,
-    request: ChatRequest,
-    started: Instant,
-) -> Result<Response, ApiError> {
-    let limit = state.config.max_tokens_limit;
-    let max_tokens = match request.max_tokens {
-        Some(m) if m > limit => {
-            let field = request.max_tokens_field;
-            return Err(ApiError::invalid(
-                format!(
-                    "`{field}` is {m}, more than this server allows ({limit}, --max-tokens-limit)"
-                ),
-                field,
-            ));
-        }
-        Some(m) => m,
-        None => limit,
-    };
-    let turn = Turn {
-        id: session::new_id("chatcmpl-"),
-        created_ms: unix_ms(),
-        started,
-        policy_version: state.policies.current().version,
-        session,
-        request,
-    };
-    let (tx, rx) = mpsc::unbounded_channel();
-    let meta = Meta {
-        id: turn.id.clone(),
-        created: turn.created_ms / 1000,
-        model: upstream.model.clone(),
-        prompt_tokens: 0,
-        stream_tools: turn.request.stream && turn.request.active_tools().is_some(),
-        include_usage: turn.request.include_usage,
-        policy_version: turn.policy_version,
-    };
-    let stream = turn.request.stream;
-    let session_id = turn.session.session_id.clone();
-    let version = turn.policy_version;
-    // llama-server gives no log-probs with tools in a streamed reply: those
-    // requests are generated whole and sent as one chunk.
-    let mut response = if stream && turn.request.active_tools().is_none() {
-        let (connected, ready) = oneshot::channel();
-        let runtime = tokio::runtime::Handle::current();
-        let job_state = state.clone();
-        tokio::task::spawn_blocking(move || {
-            let result = upstream.stream(&turn.request, max_tokens, &tx, connected);
-            let Some(result) = result else {
-                return; // the client went away, or the call failed before it began
-            };
-            match result {
-                Ok((reply, prompt_text, source)) => {
-                    let (outcome, row) =
-                        finish(&job_state, &upstream, &turn, reply, prompt_text, source);
-                    runtime.block_on(job_state.recorder.record(row));
-                    let _ = tx.send(Event::Done(Ok(Box::new(outcome))));
-                }
-                Err(e) => {
-                    crate::warn!("request {}: {}", turn.id, e.message);
-                    let _ = tx.send(Event::Done(Err(e.message)));
-                }
-            }
-            drop(permit);
-        });
-        match ready.await {
-            Ok(Ok(())) => sse_response(meta, rx),
-            Ok(Err(e)) => {
-                crate::warn!("request {}: {}", meta.id, e.message);
-                return Err(e.into());
-            }
-            Err(_) => return Err(ApiError::internal("the upstream call failed")),
-        }
-    } else {
-        let (turn, result) = {
-            let upstream = upstream.clone();
-            tokio::task::spawn_blocking(move || {
-                let result = upstream.complete(&turn.request, max_tokens);
-                (turn, result)
-            })
-            .await
-            .map_err(|e| ApiError::internal(format!("the upstream call failed: {e}")))?
-        };
-        let (reply, prompt_text, source) = result.map_err(|e| {
-            crate::warn!("request {}: {}", turn.id, e.message);
-            ApiError::from(e)
-        })?;
-        let (outcome, row) = finish(&state, &upstream, &turn, reply, prompt_text, source);
-        state.recorder.record(row).await;
-        let meta = Meta {
-            prompt_tokens: outcome.generation.timing.prompt_tokens,
-            ..meta
-        };
-        if !outcome.generation.text.is_empty() {
-            let _ = tx.send(Event::Piece(outcome.generation.text.clone()));
-        }
-        let _ = tx.send(Event::Done(Ok(Box::new(outcome))));
-        drop(tx);
-        drop(permit);
-        if stream {
-            sse_response(meta, rx)
-        } else {
-            json_response(meta, rx).await?
-        }
-    };
-    if let Ok(v) = HeaderValue::from_str(&session_id) {
-        response.headers_mut().insert(SESSION_HEADER, v);
-    }
-    response
-        .headers_mut()
-        .insert(POLICY_HEADER, HeaderValue::from(version));
-    Ok(response)
-}
-
-/// One request in upstream mode, as the row needs it.
-struct Turn {
-    id: String,
-    created_ms: i64,
-    started: Instant,
-    policy_version: i64,
-    session: SessionInfo,
-    request: ChatRequest,
-}
-
-/// The reply as the response builders see it, and its row; counts it in the
-/// metrics and the session.
-fn finish(
-    state: &AppState,
-    upstream: &Upstream,
-    turn: &Turn,
-    reply: Reply,
-    prompt_text: String,
-    source: TokenSource,
-) -> (Outcome, RolloutRow) {
-    let request = &turn.request;
-    // Claw parses tool calls from the text as it does for its own engine, unless
-    // the engine already did (its `message.tool_calls`).
-    let (content, tool_calls) = if reply.tool_calls.is_empty() {
-        request.reply_tool_calls(&reply.content, || session::new_id("call_"))
-    } else {
-        (reply.content.clone(), reply.tool_calls.clone())
-    };
-    let finish_reason: &'static str = if !tool_calls.is_empty() {
-        "tool_calls"
-    } else {
-        match reply.finish_reason.as_str() {
-            "length" => "length",
-            _ => "stop",
-        }
-    };
-    let completion_ids = reply.completion_ids.clone().unwrap_or_default();
-    let logprobs = reply.logprobs.clone().unwrap_or_default();
-    let prompt_ids = reply.prompt_ids.clone().unwrap_or_default();
-    let prompt_tokens = reply.prompt_tokens.unwrap_or(prompt_ids.len());
-    let generation = Generation {
-        token_ids: completion_ids.clone(),
-        logprobs: logprobs.clone(),
-        top_logprobs: Vec::new(),
-        text: reply.content.clone(),
-        finish_reason: if finish_reason == "length" {
-            FinishReason::Length
-        } else {
-            FinishReason::Stop
-        },
-        timing: Timing {
-            prompt_tokens,
-            cached_tokens: 0,
-            prefill_s: 0.0,
-            completion_tokens: reply.completion_tokens.unwrap_or(completion_ids.len()),
-            decode_s: turn.started.elapsed().as_secs_f64(),
-        },
-    };
-    let outcome = Outcome {
-        generation,
-        content,
-        tool_calls,
-        finish_reason,
-        logprobs: request.logprobs.then(|| {
-            reply
-                .logprobs_json
-                .clone()
-                .unwrap_or_else(|| json!({"content": []}))
-        }),
-    };
-    let metrics = &state.metrics;
-    metrics
-        .prompt_tokens
-        .fetch_add(prompt_tokens as u64, Relaxed);
-    metrics
-        .completion_tokens
-        .fetch_add(outcome.generation.timing.completion_tokens as u64, Relaxed);
-    metrics.observe_latency(turn.started.elapsed().as_secs_f64());
-    state.sessions.add_response(&turn.session, &turn.id);
-    let to_i32 = |ids: &[u32]| ids.iter().map(|&i| i as i32).collect::<Vec<_>>();
-    let row = RolloutRow {
-        sample_id: turn.id.clone(),
-        session_id: turn.session.session_id.clone(),
-        turn_type: turn.session.turn_type.as_str().to_string(),
-        session_done: Some(turn.session.done),
-        created_at: unix_ms(),
-        model: upstream.model.clone(),
-        policy_version: turn.policy_version,
-        messages_json: Json::Array(request.messages.clone()).to_string(),
-        tools_json: request
-            .tools
-            .as_ref()
-            .map(|t| Json::Array(t.clone()).to_string()),
-        prompt_text,
-        response_text: reply.content.clone(),
-        tool_calls_json: (!outcome.tool_calls.is_empty()).then(|| {
-            Json::Array(outcome.tool_calls.iter().map(ToolCall::to_json).collect()).to_string()
-        }),
-        prompt_ids: to_i32(&prompt_ids),
-        response_ids: to_i32(&completion_ids),
-        response_logprobs: if logprobs.len() == completion_ids.len() {
-            logprobs
-        } else {
-            Vec::new()
-        },
-        token_source: source.as_str().into(),
-        finish_reason: outcome.finish_reason.into(),
-        ..Default::default()
-    };
-    (outcome, row)
-}
-
 /// Folds streamed `chat.completion.chunk`s into the shape of one
 /// `chat.completion`, so [`parse_chat_response`] reads both: content and
 /// `logprobs.content` concatenated, `token_ids` (vLLM streams them per chunk)
@@ -840,7 +603,7 @@ impl Upstream {
     /// `connected` learns whether the engine accepted the request (so its error
     /// can still be the HTTP status). None when the call failed before it began
     /// or the client went away (nothing to record); else the whole reply.
-    fn stream(
+    pub fn stream(
         &self,
         request: &ChatRequest,
         max_tokens: usize,
@@ -926,40 +689,6 @@ impl Upstream {
             .send_json(body)
             .map_err(|e| self.error(path, e))
     }
-}
-
-/// `claw serve --upstream`: no model, no engine, no adapter reload; the rest of
-/// the server as usual.
-pub(super) fn run(config: super::ServeConfig, upstream: UpstreamConfig) -> anyhow::Result<()> {
-    use anyhow::Context;
-    let engine = Arc::new(Upstream::connect(&upstream)?);
-    crate::info!(
-        "generating with the upstream engine {} (model {}); no local model loaded",
-        engine.base(),
-        engine.model
-    );
-    if config.adapter.is_some() {
-        crate::warn!(
-            "--adapter is ignored with --upstream (adapters are not pushed to the engine yet)"
-        );
-    }
-    let mut config = config;
-    config.reload = false;
-    let metrics = Arc::new(super::metrics::Metrics::default());
-    let policies = Arc::new(super::reload::Policies::new(super::reload::Policy::base()));
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("claw-serve")
-        .build()
-        .context("cannot start the async runtime")?;
-    runtime.block_on(super::serve(
-        config,
-        None,
-        metrics,
-        policies,
-        None,
-        Some(engine),
-    ))
 }
 
 #[cfg(test)]

@@ -61,39 +61,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-pub use namespaces::namespaces_available;
 use namespaces::{check, keep_only, set_limits, view, Plan, Shown, NOBODY};
+pub use namespaces::{namespaces_available, Limits};
 
 /// The fixed Python every program runs under (see its header).
 const HARNESS: &str = include_str!("harness.py");
-
-/// Limits for one program.
-#[derive(Clone, Debug)]
-pub struct Limits {
-    /// Wall-clock time before the program is killed.
-    pub timeout: Duration,
-    /// Address space (RLIMIT_AS), bytes.
-    pub memory_bytes: u64,
-    /// Processes the program may have at once (RLIMIT_NPROC, within its namespace).
-    pub processes: u64,
-    /// Largest file it may write (RLIMIT_FSIZE), bytes; stdout and stderr too,
-    /// and the size of each of its private tmpfs.
-    pub file_bytes: u64,
-    /// Open files (RLIMIT_NOFILE).
-    pub open_files: u64,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            timeout: Duration::from_secs(10),
-            memory_bytes: 1 << 30,
-            processes: 16,
-            file_bytes: 16 << 20,
-            open_files: 64,
-        }
-    }
-}
 
 /// How a program ended.
 #[derive(Clone, Debug, PartialEq)]

@@ -10,10 +10,37 @@ use std::fs;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use super::Limits;
+/// Limits for one program.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Wall-clock time before the program is killed.
+    pub timeout: Duration,
+    /// Address space (RLIMIT_AS), bytes.
+    pub memory_bytes: u64,
+    /// Processes the program may have at once (RLIMIT_NPROC, within its namespace).
+    pub processes: u64,
+    /// Largest file it may write (RLIMIT_FSIZE), bytes; stdout and stderr too,
+    /// and the size of each of its private tmpfs.
+    pub file_bytes: u64,
+    /// Open files (RLIMIT_NOFILE).
+    pub open_files: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            timeout: Duration::from_secs(10),
+            memory_bytes: 1 << 30,
+            processes: 16,
+            file_bytes: 16 << 20,
+            open_files: 64,
+        }
+    }
+}
 
 /// One host path shown inside the sandbox, at the same path.
 #[derive(Clone, Debug)]

@@ -12,10 +12,10 @@
 use std::arch::x86_64::*;
 
 use super::formats::{scale_min_k4, BlockFormat, GROUP};
+use super::quantized16::Quantized16;
 use super::x86::{
     f16_at, five_bit_bytes, nibble_bytes, q45_k_block, q45_k_group_bytes, q6_k_group_bytes,
 };
-use super::Quantized16;
 
 /// How far ahead of the block being read the weights are prefetched, in bytes.
 const PREFETCH_AHEAD: usize = 1024;

@@ -18,6 +18,7 @@
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 pub mod formats;
+mod quantized16;
 #[cfg(target_arch = "x86_64")]
 mod vnni;
 #[cfg(target_arch = "x86_64")]
@@ -29,6 +30,7 @@ use super::pool::{HotPool, SharedOut};
 
 use formats::dequantize_row;
 pub use formats::{BlockFormat, GROUP};
+use quantized16::Quantized16;
 
 /// A (rows, cols) weight matrix kept as its GGUF blocks, row-major.
 #[derive(Debug, Clone)]
@@ -420,12 +422,6 @@ impl Activations16 {
             sums,
         }
     }
-}
-
-/// One activation row of [`Activations16`].
-pub struct Quantized16<'a> {
-    values: &'a [i16],
-    scales: &'a [f32],
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@
 //! on one core of this project's machines. Weights and activations stay the
 //! integers they already are: a weight panel holds 32 weight rows decoded from
 //! their GGUF blocks to i16 ([`super::formats::integer_row`]), the activations are
-//! the decode path's 16-bit rows ([`super::Quantized16`]), so the result agrees
+//! the decode path's 16-bit rows ([`super::quantized16::Quantized16`]), so the result agrees
 //! with the f32 product as closely as decoding does (about 1e-4).
 //!
 //! Per 32-weight group (16 for Q6_K's half-scales) a 32-weight-row × `MR`-activation

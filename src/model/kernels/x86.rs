@@ -1,5 +1,5 @@
 //! AVX2 dot products of one GGUF weight row with `R` activation rows held as
-//! 16-bit integers ([`super::Quantized16`]). Each weight group is decoded once
+//! 16-bit integers ([`super::quantized16::Quantized16`]). Each weight group is decoded once
 //! and multiplied into every activation row (a batch of decode steps, a short
 //! prompt chunk); each row's sums run in the same order whatever `R` is, so a
 //! row's result is bit for bit the one it gets alone. Per 32-weight group the integer
@@ -14,7 +14,7 @@
 use std::arch::x86_64::*;
 
 use super::formats::{scale_min_k4, BlockFormat, GROUP};
-use super::Quantized16;
+use super::quantized16::Quantized16;
 
 /// Whether this CPU can run the kernels of this module.
 pub fn available() -> bool {
