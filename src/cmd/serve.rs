@@ -139,6 +139,27 @@ pub struct ServeArgs {
     /// the open segment).
     #[arg(long, default_value_t = crate::rollout::DEFAULT_SEGMENT_AGE.as_millis() as u64, value_name = "MS")]
     pub segment_age_ms: u64,
+    /// Generate with another engine instead of a local model: an OpenAI-compatible
+    /// server (llama.cpp's llama-server, vLLM, SGLang) at this http:// base URL
+    /// (with or without /v1). claw keeps its own API checks, sessions, feedback and
+    /// recording; it asks the engine for per-token log-probs and token ids
+    /// (llama.cpp: logprobs ids plus /apply-template and /tokenize; vLLM/SGLang:
+    /// return_token_ids) and records how it got them in token_source. No local
+    /// model is loaded; --model, --adapter and checkpoint reload do not apply.
+    #[arg(long, value_name = "URL")]
+    pub upstream: Option<String>,
+    /// Model name to send to the upstream and record (default: the first model
+    /// its GET /v1/models lists).
+    #[arg(long, value_name = "NAME", requires = "upstream")]
+    pub upstream_model: Option<String>,
+    /// Sent to the upstream as `Authorization: Bearer KEY`.
+    #[arg(
+        long,
+        env = "CLAW_UPSTREAM_API_KEY",
+        hide_env_values = true,
+        value_name = "KEY"
+    )]
+    pub upstream_api_key: Option<String>,
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
@@ -153,7 +174,15 @@ pub fn run(args: ServeArgs) -> Result<()> {
         args.api_key.as_ref().is_none_or(|k| !k.trim().is_empty()),
         "--api-key (or CLAW_API_KEY) is empty: give a key, or leave it out to serve without one"
     );
-    let model_path = resolve_model_path(args.model.as_deref())?;
+    let model_path = match &args.upstream {
+        Some(_) => args.model.clone().unwrap_or_default(),
+        None => resolve_model_path(args.model.as_deref())?,
+    };
+    let upstream = args.upstream.map(|url| serve::upstream::UpstreamConfig {
+        url,
+        model: args.upstream_model,
+        api_key: args.upstream_api_key,
+    });
     serve::run(ServeConfig {
         model_path,
         weights: args.weights,
@@ -180,5 +209,6 @@ pub fn run(args: ServeArgs) -> Result<()> {
         prefix_cache_bytes: args.prefix_cache_mb.saturating_mul(1 << 20),
         segment_rows: args.segment_rows,
         segment_age: Duration::from_millis(args.segment_age_ms),
+        upstream,
     })
 }

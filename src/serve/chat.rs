@@ -43,8 +43,7 @@ const PIECEWISE_COUNT_MIN_BYTES: usize = 256 * 1024;
 /// Seconds a client is told to wait when the queue is full.
 const RETRY_AFTER_S: u64 = 1;
 
-/// Response header naming the policy version (adapter step) that answered.
-pub const POLICY_HEADER: &str = "x-claw-policy-version";
+pub use super::fields::POLICY_HEADER;
 
 /// A request ready to generate.
 struct Prepared {
@@ -111,10 +110,17 @@ async fn handle(
         ));
     }
     let request = ChatRequest::from_body(&fields)?;
+    if let Some(upstream) = state.upstream.clone() {
+        return super::upstream_chat::handle(state, upstream, permit, session, request, started)
+            .await;
+    }
 
     let policy = state.policies.current();
 
-    let model = state.model.clone();
+    let model = state
+        .model
+        .clone()
+        .ok_or_else(|| ApiError::internal("no model is loaded"))?;
     let limit = state.config.max_tokens_limit;
     // Rendering and tokenising a large body takes memory many times its size;
     // a few at a time bound it, whatever the queue admits.
@@ -146,7 +152,7 @@ async fn handle(
     let meta = Meta {
         id: prepared.id.clone(),
         created: prepared.created_ms / 1000,
-        model: state.model.name.clone(),
+        model: state.model_name().to_string(),
         prompt_tokens: prepared.prompt_ids.len(),
         stream_tools: prepared.request.stream && prepared.request.active_tools().is_some(),
         include_usage: prepared.request.include_usage,
@@ -277,8 +283,12 @@ async fn run_job(
     tx: mpsc::UnboundedSender<Event>,
 ) {
     let metrics = &state.metrics;
+    let (Some(model), Some(engine)) = (state.model.as_deref(), state.engine.as_ref()) else {
+        let _ = tx.send(Event::Done(Err("no generation engine".into())));
+        return;
+    };
     let (done, result) = oneshot::channel();
-    state.engine.submit(Work {
+    engine.submit(Work {
         policy: job.policy.clone(),
         prompt_ids: job.prompt_ids.clone(),
         params: job.params.clone(),
@@ -323,7 +333,7 @@ async fn run_job(
         return;
     }
 
-    let outcome = finish(&state.model, &job, generation);
+    let outcome = finish(model, &job, generation);
     metrics
         .prompt_tokens
         .fetch_add(job.prompt_ids.len() as u64, Relaxed);
@@ -412,7 +422,7 @@ fn chat_row(state: &AppState, job: &Prepared, outcome: &Outcome) -> RolloutRow {
         // only from then on, and collect's --feedback-grace counts from here, so
         // a long generation or a wait in the queue never eats into it.
         created_at: unix_ms(),
-        model: state.model.name.clone(),
+        model: state.model_name().to_string(),
         policy_version: job.policy.version,
         messages_json: Json::Array(job.request.messages.clone()).to_string(),
         tools_json: job

@@ -15,6 +15,9 @@ use super::error::ApiError;
 use crate::rollout::json_kind as kind;
 
 pub const SESSION_HEADER: &str = "x-session-id";
+
+/// Response header naming the policy version (adapter step) that answered.
+pub const POLICY_HEADER: &str = "x-claw-policy-version";
 pub const TURN_TYPE_HEADER: &str = "x-turn-type";
 pub const SESSION_DONE_HEADER: &str = "x-session-done";
 

@@ -18,6 +18,10 @@
 //! - [`reload`]: the serving policy (base or base + LoRA adapter) and its hot
 //!   reload from `DIR/checkpoints/LATEST`.
 //! - [`tools`]: `<tool_call>` parsing.
+//! - [`upstream`], [`upstream_chat`]: `--upstream URL`: another engine
+//!   generates (the client; the chat route); claw checks, records and keeps
+//!   sessions (docs/ARCHITECTURE.md, "Serving through another
+//!   engine").
 //! - [`prefix`]: the prefix cache (KV of recent requests, per policy, LRU under
 //!   `--prefix-cache-mb`).
 //!
@@ -44,6 +48,8 @@ pub mod routes;
 pub mod session;
 pub mod state;
 pub mod tools;
+pub mod upstream;
+pub mod upstream_chat;
 pub mod wal;
 
 use std::sync::atomic::Ordering::Relaxed;
@@ -85,6 +91,9 @@ pub fn run(config: ServeConfig) -> Result<()> {
         !config.reload_poll.is_zero(),
         "--reload-poll-ms must be at least 1"
     );
+    if let Some(upstream) = &config.upstream {
+        return run_upstream(config.clone(), upstream.clone());
+    }
     let model = Model::load_with(&config.model_path, config.weights)?;
     crate::info!(
         "loaded {} ({} layers, context {})",
@@ -124,15 +133,42 @@ pub fn run(config: ServeConfig) -> Result<()> {
         .thread_name("claw-serve")
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(serve(config, model, metrics, policies, seen))
+    runtime.block_on(serve(config, Some(model), metrics, policies, seen, None))
+}
+
+/// `claw serve --upstream`: no model, no engine, no adapter reload; the rest of
+/// the server as usual.
+fn run_upstream(config: ServeConfig, upstream: upstream::UpstreamConfig) -> Result<()> {
+    let engine = Arc::new(upstream::Upstream::connect(&upstream)?);
+    crate::info!(
+        "generating with the upstream engine {} (model {}); no local model loaded",
+        engine.base(),
+        engine.model
+    );
+    if config.adapter.is_some() {
+        crate::warn!(
+            "--adapter is ignored with --upstream (adapters are not pushed to the engine yet)"
+        );
+    }
+    let mut config = config;
+    config.reload = false;
+    let metrics = Arc::new(Metrics::default());
+    let policies = Arc::new(Policies::new(Policy::base()));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("claw-serve")
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(serve(config, None, metrics, policies, None, Some(engine)))
 }
 
 async fn serve(
     config: ServeConfig,
-    model: Model,
+    model: Option<Model>,
     metrics: Arc<Metrics>,
     policies: Arc<Policies>,
     seen: Option<reload::Fingerprint>,
+    upstream: Option<Arc<upstream::Upstream>>,
 ) -> Result<()> {
     let raw_dir = config.dir.join("raw");
     let (recorder, writer_thread) = if config.record {
@@ -155,8 +191,8 @@ async fn serve(
     let addr = listener
         .local_addr()
         .context("cannot read the bound address")?;
-    let model = Arc::new(model);
-    let reloader = if config.reload {
+    let model = model.map(Arc::new);
+    let reloader = if let (Some(model), true) = (&model, config.reload) {
         crate::info!(
             "following {} for new adapters (checked on change and every {} ms)",
             config
@@ -176,13 +212,16 @@ async fn serve(
     } else {
         None
     };
-    let engine = engine::Engine::start(
-        model.clone(),
-        policies.clone(),
-        prefix::PrefixCache::new(config.prefix_cache_bytes),
-        metrics.clone(),
-        config.parallel,
-    )?;
+    let engine = match &model {
+        Some(model) => Some(engine::Engine::start(
+            model.clone(),
+            policies.clone(),
+            prefix::PrefixCache::new(config.prefix_cache_bytes),
+            metrics.clone(),
+            config.parallel,
+        )?),
+        None => None,
+    };
     let state = Arc::new(AppState {
         model,
         metrics: metrics.clone(),
@@ -194,6 +233,7 @@ async fn serve(
         started: (crate::clock::unix_ms() / 1000) as u64,
         policies,
         config,
+        upstream,
     });
     if state.config.prefix_cache_bytes > 0 {
         crate::debug!(

@@ -53,10 +53,12 @@ impl Meta {
     /// OpenAI's `usage`, with the prompt tokens the prefix cache served.
     pub fn usage(&self, generation: &Generation) -> Json {
         let completion_tokens = generation.token_ids.len();
+        // An upstream stream learns its prompt's size only at the end.
+        let prompt_tokens = self.prompt_tokens.max(generation.timing.prompt_tokens);
         json!({
-            "prompt_tokens": self.prompt_tokens,
+            "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
-            "total_tokens": self.prompt_tokens + completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
             "prompt_tokens_details": {"cached_tokens": generation.timing.cached_tokens},
         })
     }

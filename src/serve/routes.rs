@@ -147,11 +147,11 @@ async fn models(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     axum::Json(json!({
         "object": "list",
         "data": [{
-            "id": state.model.name,
+            "id": state.model_name(),
             "object": "model",
             "created": state.started,
             "owned_by": "claw",
-            "context_length": state.model.config.context_length,
+            "context_length": state.model.as_ref().map(|m| m.config.context_length),
             "policy": policy_json(&state),
         }],
     }))
@@ -283,7 +283,7 @@ pub fn feedback_row(
         turn,
         turn_type: "feedback".into(),
         created_at: unix_ms(),
-        model: state.model.name.clone(),
+        model: state.model_name().to_string(),
         policy_version: state.policies.current().version,
         messages_json: event.to_string(),
         token_source: "none".into(),

@@ -49,6 +49,8 @@ pub struct ServeConfig {
     pub segment_rows: usize,
     /// ...or at this age.
     pub segment_age: Duration,
+    /// `--upstream URL`: another engine generates; no local model is loaded.
+    pub upstream: Option<super::upstream::UpstreamConfig>,
 }
 
 impl ServeConfig {
@@ -59,7 +61,8 @@ impl ServeConfig {
 
 /// What every handler shares.
 pub struct AppState {
-    pub model: Arc<Model>,
+    /// The local model (None with `--upstream`).
+    pub model: Option<Arc<Model>>,
     pub config: ServeConfig,
     pub metrics: Arc<Metrics>,
     pub recorder: Recorder,
@@ -68,10 +71,24 @@ pub struct AppState {
     pub admission: Arc<Semaphore>,
     /// Requests being rendered and tokenised at once (a memory bound).
     pub preparing: Semaphore,
-    /// Runs the generations, `--parallel` of them batched together.
-    pub engine: engine::Engine,
+    /// Runs the generations, `--parallel` of them batched together (None with
+    /// `--upstream`).
+    pub engine: Option<engine::Engine>,
     /// Unix seconds the server started (the model's `created`).
     pub started: u64,
     /// The policy serving new requests (swapped by hot reload).
     pub policies: Arc<Policies>,
+    /// `--upstream`: the engine chat requests go to.
+    pub upstream: Option<Arc<super::upstream::Upstream>>,
+}
+
+impl AppState {
+    /// The model name served (`/v1/models`) and recorded.
+    pub fn model_name(&self) -> &str {
+        match (&self.upstream, &self.model) {
+            (Some(u), _) => &u.model,
+            (None, Some(m)) => &m.name,
+            (None, None) => "",
+        }
+    }
 }

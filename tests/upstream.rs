@@ -1,0 +1,365 @@
+//! `claw serve --upstream URL` end to end: in front of llama.cpp's own server
+//! (built from the llama.cpp vendored in the llama-cpp-python sdist by
+//! `scripts/build-llama-server`; skipped with a message when it is not built),
+//! and in front of a dead port.
+
+mod common;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use claw::rollout::{RolloutReader, RolloutRow};
+use serde_json::{json, Value as Json};
+
+/// llama-server: `$CLAW_LLAMA_SERVER`, else the newest
+/// `llama-server-*` in `$CLAW_BENCH_CACHE/bin` or `.bench-cache/bin` (where
+/// scripts/build-llama-server puts it). None, with a visible message, when absent.
+fn llama_server() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("CLAW_LLAMA_SERVER") {
+        let path = PathBuf::from(path);
+        if path.is_file() {
+            return Some(path);
+        }
+        eprintln!("SKIP: CLAW_LLAMA_SERVER={} is not a file", path.display());
+        return None;
+    }
+    let cache = std::env::var_os("CLAW_BENCH_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".bench-cache"));
+    let bin = cache.join("bin");
+    let mut found: Vec<PathBuf> = std::fs::read_dir(&bin)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("llama-server-") && !n.ends_with(".tmp"))
+        })
+        .collect();
+    found.sort();
+    match found.pop() {
+        Some(path) => Some(path),
+        None => {
+            eprintln!(
+                "SKIP: no llama-server in {} (build it with scripts/build-llama-server, or set \
+                 CLAW_LLAMA_SERVER)",
+                bin.display()
+            );
+            None
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("cannot find a free port")
+}
+
+/// A child process killed when dropped.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts llama-server on `model`, on a loopback port; waits for `/health`.
+fn start_llama(bin: &Path, model: &Path) -> (Killed, String) {
+    let port = free_port();
+    let child = Command::new(bin)
+        .arg("--model")
+        .arg(model)
+        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        .args(["-c", "2048", "--threads", "1", "--parallel", "1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("cannot start llama-server");
+    let child = Killed(child);
+    let base = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ok = ureq::get(&format!("{base}/health"))
+            .timeout(Duration::from_secs(2))
+            .call()
+            .is_ok();
+        if ok {
+            return (child, base);
+        }
+        assert!(Instant::now() < deadline, "llama-server did not start");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Starts `claw serve --upstream URL` (with `extra`) on `data`.
+fn start_claw(upstream: &str, data: &Path, extra: &[&str]) -> (Killed, String, Arc<Mutex<String>>) {
+    let mut child = common::claw()
+        .args(["serve", "--upstream", upstream, "--dir"])
+        .arg(data)
+        .args(["--host", "127.0.0.1", "--port", "0", "-v"])
+        .args(extra)
+        .env_remove("CLAW_API_KEY")
+        .env_remove("CLAW_UPSTREAM_API_KEY")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot start claw serve");
+    let (base, log) = common::wait_until_listening(&mut child);
+    (Killed(child), base, log)
+}
+
+/// SIGTERM, then wait for a clean exit (the open segment is closed).
+fn stop(mut server: Killed, log: &Mutex<String>) {
+    let ok = Command::new("kill")
+        .args(["-TERM", &server.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = server.0.try_wait().unwrap() {
+            assert!(
+                status.success(),
+                "claw serve failed:\n{}",
+                log.lock().unwrap()
+            );
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "claw serve did not stop:\n{}",
+            log.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// POST `body` (JSON) with `headers`; (status, body text, session header).
+fn post(url: &str, headers: &[(&str, &str)], body: &Json) -> (u16, String, Option<String>) {
+    let mut req = ureq::post(url).timeout(Duration::from_secs(120));
+    for (k, v) in headers {
+        req = req.set(k, v);
+    }
+    let response = match req.send_json(body.clone()) {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("POST {url}: {e}"),
+    };
+    let status = response.status();
+    let session = response.header("x-session-id").map(str::to_string);
+    (status, response.into_string().unwrap(), session)
+}
+
+fn rows(data: &Path) -> Vec<RolloutRow> {
+    let mut files: Vec<String> = std::fs::read_dir(data.join("raw"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Vec::new();
+    }
+    RolloutReader::new(&files).unwrap().read_all_rows().unwrap()
+}
+
+fn ids_of(v: &Json) -> Vec<i32> {
+    v["tokens"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no tokens: {v}"))
+        .iter()
+        .map(|t| t.as_i64().unwrap() as i32)
+        .collect()
+}
+
+#[test]
+fn upstream_llama_server_records_the_engines_token_ids() {
+    let Some(bin) = llama_server() else { return };
+    let Some(model) = common::real_model() else {
+        return;
+    };
+    let (_llama, llama) = start_llama(&bin, &model);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (claw, base, log) = start_claw(&llama, &data, &["--segment-age-ms", "200"]);
+
+    // /v1/models names the engine's model.
+    let models: Json = ureq::get(&format!("{base}/v1/models"))
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap();
+    let name = models["data"][0]["id"].as_str().unwrap().to_string();
+    assert!(name.contains("SmolLM2"), "{models}");
+
+    // The official shape, with a session.
+    let (status, body, session) = post(
+        &format!("{base}/v1/chat/completions"),
+        &[("X-Session-Id", "up-1")],
+        &json!({
+            "model": "whatever",
+            "messages": [{"role": "user", "content": "Say hi"}],
+            "max_tokens": 24,
+            "temperature": 0,
+            "logprobs": true,
+            "top_logprobs": 2,
+        }),
+    );
+    assert_eq!(status, 200, "{body}\n{}", log.lock().unwrap());
+    assert_eq!(session.as_deref(), Some("up-1"));
+    let reply: Json = serde_json::from_str(&body).unwrap();
+    assert_eq!(reply["object"], "chat.completion");
+    assert_eq!(reply["model"], name.as_str());
+    let content = reply["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(!content.is_empty(), "{reply}");
+    let lp = reply["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap();
+    assert!(!lp.is_empty() && lp[0]["top_logprobs"].as_array().unwrap().len() <= 2);
+    assert!(reply["usage"]["completion_tokens"].as_u64().unwrap() >= 1);
+
+    // Streaming: SSE chunks ending with [DONE].
+    let (status, sse, _) = post(
+        &format!("{base}/v1/chat/completions"),
+        &[("X-Session-Id", "up-1")],
+        &json!({
+            "messages": [
+                {"role": "user", "content": "Say hi"},
+                {"role": "assistant", "content": content},
+                {"role": "user", "content": "Now count to three."},
+            ],
+            "max_tokens": 16,
+            "temperature": 0,
+            "stream": true,
+            "stream_options": {"include_usage": true},
+        }),
+    );
+    assert_eq!(status, 200, "{sse}");
+    assert!(sse.trim_end().ends_with("data: [DONE]"), "{sse}");
+    let chunks: Vec<Json> = sse
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    // Token by token from the engine: several content chunks.
+    let pieces = chunks
+        .iter()
+        .filter(|c| c["choices"][0]["delta"]["content"].is_string())
+        .count();
+    assert!(pieces > 1, "{sse}");
+    let usage = &chunks.last().unwrap()["usage"];
+    assert!(usage["prompt_tokens"].as_u64().unwrap() > 10, "{sse}");
+    assert!(usage["completion_tokens"].as_u64().unwrap() >= 1, "{sse}");
+
+    // Feedback on the session's latest turn.
+    let (status, fb, _) = post(
+        &format!("{base}/v1/feedback"),
+        &[],
+        &json!({"session_id": "up-1", "rating": 1, "text": "nice"}),
+    );
+    assert_eq!(status, 200, "{fb}");
+    stop(claw, &log);
+
+    let rows = rows(&data);
+    let main: Vec<&RolloutRow> = rows.iter().filter(|r| r.turn_type == "main").collect();
+    assert_eq!(main.len(), 2, "{rows:?}");
+    assert!(rows
+        .iter()
+        .any(|r| r.turn_type == "feedback" && r.feedback == Some(1) && r.session_id == "up-1"));
+    for row in &main {
+        assert_eq!(row.token_source, "upstream-tokenize", "{row:?}");
+        assert_eq!(row.session_id, "up-1");
+        assert_eq!(row.model, name);
+        assert!(row.prompt_text.contains("Say hi"), "{}", row.prompt_text);
+        // The prompt ids are the engine's tokenisation of the prompt it rendered.
+        let tokens: Json = ureq::post(&format!("{llama}/tokenize"))
+            .send_json(
+                json!({"content": row.prompt_text, "add_special": true, "parse_special": true}),
+            )
+            .unwrap()
+            .into_json()
+            .unwrap();
+        assert_eq!(row.prompt_ids, ids_of(&tokens));
+        // The completion ids are the engine's, one finite log-prob each, and
+        // they spell the reply (plus the EOS that ended it).
+        assert!(!row.response_ids.is_empty());
+        assert_eq!(row.response_ids.len(), row.response_logprobs.len());
+        assert!(row
+            .response_logprobs
+            .iter()
+            .all(|l| l.is_finite() && *l <= 0.0));
+        let text: Json = ureq::post(&format!("{llama}/detokenize"))
+            .send_json(json!({"tokens": row.response_ids}))
+            .unwrap()
+            .into_json()
+            .unwrap();
+        let text = text["content"].as_str().unwrap();
+        assert!(
+            text.starts_with(&row.response_text),
+            "{text:?} vs {:?}",
+            row.response_text
+        );
+    }
+    assert_eq!(main[0].response_text, content);
+}
+
+#[test]
+fn upstream_dead_port_is_a_502_naming_the_upstream() {
+    let dead = free_port();
+    let upstream = format!("http://127.0.0.1:{dead}");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (claw, base, log) = start_claw(&upstream, &data, &["--upstream-model", "elsewhere"]);
+    let models: Json = ureq::get(&format!("{base}/v1/models"))
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap();
+    assert_eq!(models["data"][0]["id"], "elsewhere");
+    let started = Instant::now();
+    let (status, body, _) = post(
+        &format!("{base}/v1/chat/completions"),
+        &[],
+        &json!({"messages": [{"role": "user", "content": "hi"}]}),
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(status, 502, "{body}");
+    let error: Json = serde_json::from_str(&body).unwrap();
+    let message = error["error"]["message"].as_str().unwrap();
+    assert!(message.contains(&format!("127.0.0.1:{dead}")), "{message}");
+    assert_eq!(error["error"]["code"], "upstream_unreachable");
+    // A streamed request too: the status, not a broken stream.
+    let (status, body, _) = post(
+        &format!("{base}/v1/chat/completions"),
+        &[],
+        &json!({"messages": [{"role": "user", "content": "hi"}], "stream": true}),
+    );
+    assert_eq!(status, 502, "{body}");
+    assert!(body.contains(&format!("127.0.0.1:{dead}")), "{body}");
+    // claw's own checks still come first.
+    let (status, body, _) = post(
+        &format!("{base}/v1/chat/completions"),
+        &[],
+        &json!({"messages": []}),
+    );
+    assert_eq!(status, 400, "{body}");
+    stop(claw, &log);
+    assert!(rows(&data).iter().all(|r| r.turn_type != "main"));
+}
