@@ -23,6 +23,7 @@
 //! - `params`: weights by Hugging Face name, LoRA deltas, format conversions.
 
 mod cache;
+mod depth;
 mod load;
 mod params;
 mod step;
@@ -30,11 +31,13 @@ mod step;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Module, Tensor};
 
-use super::attnres::{self, DepthAttention};
-use super::config::{Architecture, ModelConfig, Residual, RopeScaling};
+use super::attnres;
+use super::config::{Architecture, ModelConfig, RopeScaling};
 use super::linear::Linear;
 pub use cache::KvCache;
 use cache::{LayerKv, Past};
+pub use depth::DepthTrace;
+use depth::{rms, DepthOp, Sources};
 pub use load::{halves_to_interleaved, interleaved_to_halves};
 pub use params::LinearName;
 
@@ -233,6 +236,144 @@ impl Attention {
             .into_iter()
             .filter_map(|(name, n)| n.as_ref().map(|n| (name, n)))
     }
+
+    fn forward(
+        &self,
+        cx: &LayerContext,
+        x: &Tensor,
+        layer: usize,
+        offset: usize,
+        mask: Option<&Tensor>,
+        past: Past,
+    ) -> Result<Tensor> {
+        let (cache, context) = past.split();
+        let cfg = &cx.config;
+        let (batch, seq, _) = x.dims3()?;
+        let (heads, kv_heads, dim) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let mut qkv = Linear::forward_many(&[&self.q, &self.k, &self.v], self.qkv.as_ref(), x)?;
+        for (t, norm) in qkv.iter_mut().zip([&self.q_norm, &self.k_norm]) {
+            if let Some(norm) = norm {
+                *t = norm.forward_heads(t, cx.kernels)?;
+            }
+        }
+        if cx.kernels == Kernels::Differentiable && cache.is_none() {
+            // Training: the whole attention as one op with its own backward.
+            let context = match context {
+                Some(c) => {
+                    anyhow::ensure!(
+                        batch == 1,
+                        "a fixed context holds one sequence, got a batch of {batch}"
+                    );
+                    let kv = c
+                        .layers
+                        .get(layer)
+                        .with_context(|| format!("the context has no layer {layer}"))?;
+                    Some(super::attention::FixedContext {
+                        keys: std::sync::Arc::new(kv.keys.clone()),
+                        values: std::sync::Arc::new(kv.values.clone()),
+                        positions: c.len,
+                    })
+                }
+                None => None,
+            };
+            let y = qkv[0].contiguous()?.apply_op3(
+                &qkv[1].contiguous()?,
+                &qkv[2].contiguous()?,
+                super::attention::CausalAttention {
+                    heads,
+                    kv_heads,
+                    head_dim: dim,
+                    cos: cx.rope.cos_vec.clone(),
+                    sin: cx.rope.sin_vec.clone(),
+                    interleaved: cx.rope.layout == RopeLayout::Interleaved,
+                    scale: 1.0 / (dim as f32).sqrt(),
+                    context,
+                },
+            )?;
+            return Ok(self.o.forward(&y)?);
+        }
+        let split = |t: &Tensor, n: usize| -> candle_core::Result<Tensor> {
+            t.reshape((batch, seq, n, dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = cx.rope.apply(&split(&qkv[0], heads)?, offset, cx.kernels)?;
+        let k = cx
+            .rope
+            .apply(&split(&qkv[1], kv_heads)?, offset, cx.kernels)?;
+        let v = split(&qkv[2], kv_heads)?;
+        if cx.kernels == Kernels::Fused && batch == 1 {
+            // Inference on one sequence: blocked attention on the cache's vectors.
+            let mut scratch = LayerKv::default();
+            let layer_kv = match (cache, context) {
+                (Some(cache), _) => cache.layer(layer),
+                (None, Some(context)) => {
+                    scratch = context.layers.get(layer).cloned().unwrap_or_default();
+                    &mut scratch
+                }
+                (None, None) => &mut scratch,
+            };
+            let y = layer_kv.append_and_attend(&q, &k, &v, heads)?;
+            let y = Tensor::from_vec(y, (1, seq, heads * dim), cx.device)?;
+            return Ok(self.o.forward(&y)?);
+        }
+        anyhow::ensure!(
+            batch == 1 || (cache.is_none() && context.is_none()),
+            "a KV cache holds one sequence, got a batch of {batch}"
+        );
+        // Only the differentiable kernels get here with a cache (the fused ones
+        // took the blocked path above), and nothing gets here with a fixed
+        // context (the fused path above, or the differentiable op earlier).
+        let (k, v) = match cache {
+            None => (k, v),
+            Some(cache) => {
+                let layer_kv = cache.layer(layer);
+                layer_kv.append(&k, &v)?;
+                layer_kv.tensors(kv_heads, dim, cx.device)?
+            }
+        };
+        let total = k.dim(2)?;
+
+        // GQA without copying K/V: the `group` query heads that share a KV head are
+        // folded into the row dimension, (b, kv, group*seq, d) x (b, kv, d, total).
+        let group = heads / kv_heads;
+        let q = q.reshape((batch, kv_heads, group * seq, dim))?;
+        let scores = q.matmul(&k.t()?)?;
+        let scale = 1.0 / (dim as f64).sqrt();
+        let probs = match (cx.kernels, mask) {
+            (Kernels::Fused, Some(mask)) => candle_nn::ops::softmax_last_dim(
+                &(scores * scale)?
+                    .reshape((batch, kv_heads, group, seq, total))?
+                    .broadcast_add(mask)?
+                    .reshape((batch, kv_heads, group * seq, total))?,
+            )?,
+            (Kernels::Fused, None) => candle_nn::ops::softmax_last_dim(&(scores * scale)?)?,
+            // The mask and the scale are built into the op (one pass, with its
+            // own backward).
+            (Kernels::Differentiable, _) => {
+                scores.contiguous()?.apply_op1(super::ops::CausalSoftmax {
+                    seq,
+                    offset,
+                    scale: scale as f32,
+                })?
+            }
+        };
+        let y = probs
+            .matmul(&v)?
+            .reshape((batch, heads, seq, dim))?
+            .transpose(1, 2)?
+            .reshape((batch, seq, heads * dim))?;
+        Ok(self.o.forward(&y)?)
+    }
+}
+
+/// What a layer's forward pass reads of its decoder: shapes, the RoPE tables,
+/// which kernels, the device.
+struct LayerContext<'a> {
+    config: &'a ModelConfig,
+    rope: &'a Rope,
+    kernels: Kernels,
+    device: &'a Device,
 }
 
 #[derive(Debug, Clone)]
@@ -244,6 +385,19 @@ struct Mlp {
     gate_up: Option<Linear>,
 }
 
+impl Mlp {
+    fn forward(&self, x: &Tensor, kernels: Kernels) -> Result<Tensor> {
+        let gate_up = Linear::forward_many(&[&self.gate, &self.up], self.gate_up.as_ref(), x)?;
+        let h = match kernels {
+            Kernels::Differentiable => gate_up[0]
+                .contiguous()?
+                .apply_op2(&gate_up[1].contiguous()?, super::ops::SiluMul)?,
+            _ => (candle_nn::ops::silu(&gate_up[0])? * &gate_up[1])?,
+        };
+        Ok(self.down.forward(&h)?)
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Block {
     attn_norm: RmsNorm,
@@ -252,158 +406,26 @@ struct Block {
     mlp: Mlp,
 }
 
-/// One AttnRes aggregation: the sublayer's own zero-initialised query w and
-/// key RMSNorm gain g.
-#[derive(Debug, Clone)]
-struct DepthOp {
-    query: Tensor,
-    gain: Tensor,
-    /// u = w ⊙ g as a plain vector (the score is r·(u·v)), for the decode step.
-    u: Vec<f32>,
-    eps: f64,
-}
-
-impl DepthOp {
-    fn new(query: Tensor, gain: Tensor, eps: f64) -> Result<Self> {
-        let (w, g): (Vec<f32>, Vec<f32>) = (query.to_vec1()?, gain.to_vec1()?);
-        anyhow::ensure!(w.len() == g.len(), "AttnRes query and norm sizes differ");
-        let u = w.iter().zip(&g).map(|(a, b)| a * b).collect();
-        Ok(Self {
-            query,
-            gain,
-            u,
-            eps,
-        })
-    }
-
-    /// Σ α_i v_i over `sources`, each (batch, seq, d). One source is itself
-    /// (its weight is exactly 1). With `alphas`, also appends the mean weight
-    /// of each source over all tokens.
-    fn forward(&self, sources: &[&Tensor], alphas: Option<&mut Vec<Vec<f32>>>) -> Result<Tensor> {
-        let (b, t, d) = sources[0].dims3()?;
-        if sources.len() == 1 {
-            if let Some(alphas) = alphas {
-                alphas.push(vec![1.0]);
-            }
-            return Ok(sources[0].clone());
-        }
-        let n = sources.len();
-        let v = Tensor::stack(sources, 2)?.reshape((b * t, n, d))?;
-        if let Some(alphas) = alphas {
-            let flat: Vec<f32> = v.flatten_all()?.to_vec1()?;
-            let mut mean = vec![0f32; n];
-            for row in flat.chunks_exact(n * d) {
-                for (m, a) in
-                    mean.iter_mut()
-                        .zip(attnres::depth_weights(row, &self.u, self.eps as f32))
-                {
-                    *m += a / (b * t) as f32;
-                }
-            }
-            alphas.push(mean);
-        }
-        let h = v.apply_op3(
-            &self.query,
-            &self.gain,
-            DepthAttention {
-                eps: self.eps as f32,
-            },
-        )?;
-        Ok(h.reshape((b, t, d))?)
-    }
-}
-
-/// Per-depth diagnostics of one forward pass (the AttnRes study): magnitudes
-/// and routing weights, each averaged over all tokens.
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct DepthTrace {
-    /// RMS of each sublayer's input before its PreNorm: the running sum for
-    /// the standard residual, the depth-attention mix for AttnRes.
-    pub input_rms: Vec<f32>,
-    /// RMS of each sublayer's raw output f_l(h_l).
-    pub output_rms: Vec<f32>,
-    /// AttnRes only: per sublayer (the first included, with its single
-    /// source), then the final readout, the mean weight of each source.
-    pub alphas: Vec<Vec<f32>>,
-}
-
-fn rms(t: &Tensor) -> Result<f32> {
-    Ok(t.sqr()?.mean_all()?.sqrt()?.to_scalar::<f32>()?)
-}
-
-/// The AttnRes sources of the tensor path while the sublayers run.
-enum Sources {
-    /// Embedding, then every sublayer output.
-    Full(Vec<Tensor>),
-    /// Embedding and finished block sums; the current block's partial sum.
-    Block {
-        size: usize,
-        blocks: Vec<Tensor>,
-        partial: Option<Tensor>,
-    },
-}
-
-impl Sources {
-    fn new(residual: Residual, embedding: Tensor) -> Self {
-        match residual {
-            Residual::Block { size } => Sources::Block {
-                size,
-                blocks: vec![embedding],
-                partial: None,
-            },
-            _ => Sources::Full(vec![embedding]),
-        }
-    }
-
-    /// Sublayer `j`'s input (j = number of sublayers run so far, or the total
-    /// for the readout).
-    fn input(
-        &mut self,
-        j: usize,
-        op: Option<&DepthOp>,
-        alphas: Option<&mut Vec<Vec<f32>>>,
-        readout: bool,
+impl Block {
+    /// The attention sublayer's output for `x` (its residual is the caller's:
+    /// a sum, or Attention Residuals' weighted sources).
+    fn attend(
+        &self,
+        cx: &LayerContext,
+        x: &Tensor,
+        layer: usize,
+        offset: usize,
+        mask: Option<&Tensor>,
+        past: Past,
     ) -> Result<Tensor> {
-        let list: Vec<&Tensor> = match self {
-            Sources::Full(all) => all.iter().collect(),
-            Sources::Block {
-                size,
-                blocks,
-                partial,
-            } => {
-                // A block's first sublayer sees finished blocks only (Eq. 6):
-                // the block that just ended becomes a source of its own.
-                if !readout && j > 0 && j.is_multiple_of(*size) {
-                    if let Some(p) = partial.take() {
-                        blocks.push(p);
-                    }
-                }
-                blocks.iter().chain(partial.iter()).collect()
-            }
-        };
-        match op {
-            Some(op) => op.forward(&list, alphas),
-            None => {
-                anyhow::ensure!(list.len() == 1, "AttnRes op missing for sublayer {j}");
-                if let Some(alphas) = alphas {
-                    alphas.push(vec![1.0]);
-                }
-                Ok(list[0].clone())
-            }
-        }
+        let h = self.attn_norm.forward(x, cx.kernels)?;
+        self.attn.forward(cx, &h, layer, offset, mask, past)
     }
 
-    fn push(&mut self, v: Tensor) -> Result<()> {
-        match self {
-            Sources::Full(all) => all.push(v),
-            Sources::Block { partial, .. } => {
-                *partial = Some(match partial.take() {
-                    Some(p) => (p + v)?,
-                    None => v,
-                });
-            }
-        }
-        Ok(())
+    /// The MLP sublayer's output for `x` (residual as for [`Block::attend`]).
+    fn feed_forward(&self, x: &Tensor, kernels: Kernels) -> Result<Tensor> {
+        let h = self.mlp_norm.forward(x, kernels)?;
+        self.mlp.forward(&h, kernels)
     }
 }
 
@@ -579,6 +601,12 @@ impl Decoder {
             false => None,
         };
         let mut sources = attnres.then(|| Sources::new(self.config.residual, x.clone()));
+        let cx = LayerContext {
+            config: &self.config,
+            rope: &self.rope,
+            kernels: self.kernels,
+            device: &self.device,
+        };
         for (i, block) in self.blocks.iter().enumerate() {
             for j in [2 * i, 2 * i + 1] {
                 if let Some(sources) = &mut sources {
@@ -586,21 +614,15 @@ impl Decoder {
                     x = sources.input(j, op, trace.as_mut().map(|t| &mut t.alphas), false)?;
                 }
                 let h = match j % 2 {
-                    0 => {
-                        let h = block.attn_norm.forward(&x, self.kernels)?;
-                        self.attention(
-                            &block.attn,
-                            &h,
-                            i,
-                            offset,
-                            mask.as_ref(),
-                            Past::of(cache.as_deref_mut(), context),
-                        )?
-                    }
-                    _ => {
-                        let h = block.mlp_norm.forward(&x, self.kernels)?;
-                        self.mlp(&block.mlp, &h)?
-                    }
+                    0 => block.attend(
+                        &cx,
+                        &x,
+                        i,
+                        offset,
+                        mask.as_ref(),
+                        Past::of(cache.as_deref_mut(), context),
+                    )?,
+                    _ => block.feed_forward(&x, self.kernels)?,
                 };
                 if let Some(t) = trace.as_deref_mut() {
                     t.input_rms.push(rms(&x)?);
@@ -625,148 +647,6 @@ impl Decoder {
             cache.len = offset + seq;
         }
         Ok(self.final_norm.forward(&x, self.kernels)?)
-    }
-
-    fn mlp(&self, mlp: &Mlp, x: &Tensor) -> Result<Tensor> {
-        let gate_up = Linear::forward_many(&[&mlp.gate, &mlp.up], mlp.gate_up.as_ref(), x)?;
-        let h = match self.kernels {
-            Kernels::Differentiable => gate_up[0]
-                .contiguous()?
-                .apply_op2(&gate_up[1].contiguous()?, super::ops::SiluMul)?,
-            _ => (candle_nn::ops::silu(&gate_up[0])? * &gate_up[1])?,
-        };
-        Ok(mlp.down.forward(&h)?)
-    }
-
-    fn attention(
-        &self,
-        attn: &Attention,
-        x: &Tensor,
-        layer: usize,
-        offset: usize,
-        mask: Option<&Tensor>,
-        past: Past,
-    ) -> Result<Tensor> {
-        let (cache, context) = past.split();
-        let cfg = &self.config;
-        let (batch, seq, _) = x.dims3()?;
-        let (heads, kv_heads, dim) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let mut qkv = Linear::forward_many(&[&attn.q, &attn.k, &attn.v], attn.qkv.as_ref(), x)?;
-        for (t, norm) in qkv.iter_mut().zip([&attn.q_norm, &attn.k_norm]) {
-            if let Some(norm) = norm {
-                *t = norm.forward_heads(t, self.kernels)?;
-            }
-        }
-        if self.kernels == Kernels::Differentiable && cache.is_none() {
-            // Training: the whole attention as one op with its own backward.
-            let context = match context {
-                Some(c) => {
-                    anyhow::ensure!(
-                        batch == 1,
-                        "a fixed context holds one sequence, got a batch of {batch}"
-                    );
-                    let kv = c
-                        .layers
-                        .get(layer)
-                        .with_context(|| format!("the context has no layer {layer}"))?;
-                    Some(super::attention::FixedContext {
-                        keys: std::sync::Arc::new(kv.keys.clone()),
-                        values: std::sync::Arc::new(kv.values.clone()),
-                        positions: c.len,
-                    })
-                }
-                None => None,
-            };
-            let y = qkv[0].contiguous()?.apply_op3(
-                &qkv[1].contiguous()?,
-                &qkv[2].contiguous()?,
-                super::attention::CausalAttention {
-                    heads,
-                    kv_heads,
-                    head_dim: dim,
-                    cos: self.rope.cos_vec.clone(),
-                    sin: self.rope.sin_vec.clone(),
-                    interleaved: self.rope.layout == RopeLayout::Interleaved,
-                    scale: 1.0 / (dim as f32).sqrt(),
-                    context,
-                },
-            )?;
-            return Ok(attn.o.forward(&y)?);
-        }
-        let split = |t: &Tensor, n: usize| -> candle_core::Result<Tensor> {
-            t.reshape((batch, seq, n, dim))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let q = self
-            .rope
-            .apply(&split(&qkv[0], heads)?, offset, self.kernels)?;
-        let k = self
-            .rope
-            .apply(&split(&qkv[1], kv_heads)?, offset, self.kernels)?;
-        let v = split(&qkv[2], kv_heads)?;
-        if self.kernels == Kernels::Fused && batch == 1 {
-            // Inference on one sequence: blocked attention on the cache's vectors.
-            let mut scratch = LayerKv::default();
-            let layer_kv = match (cache, context) {
-                (Some(cache), _) => cache.layer(layer),
-                (None, Some(context)) => {
-                    scratch = context.layers.get(layer).cloned().unwrap_or_default();
-                    &mut scratch
-                }
-                (None, None) => &mut scratch,
-            };
-            let y = layer_kv.append_and_attend(&q, &k, &v, heads)?;
-            let y = Tensor::from_vec(y, (1, seq, heads * dim), &self.device)?;
-            return Ok(attn.o.forward(&y)?);
-        }
-        anyhow::ensure!(
-            batch == 1 || (cache.is_none() && context.is_none()),
-            "a KV cache holds one sequence, got a batch of {batch}"
-        );
-        // Only the differentiable kernels get here with a cache (the fused ones
-        // took the blocked path above), and nothing gets here with a fixed
-        // context (the fused path above, or the differentiable op earlier).
-        let (k, v) = match cache {
-            None => (k, v),
-            Some(cache) => {
-                let layer_kv = cache.layer(layer);
-                layer_kv.append(&k, &v)?;
-                layer_kv.tensors(kv_heads, dim, &self.device)?
-            }
-        };
-        let total = k.dim(2)?;
-
-        // GQA without copying K/V: the `group` query heads that share a KV head are
-        // folded into the row dimension, (b, kv, group*seq, d) x (b, kv, d, total).
-        let group = heads / kv_heads;
-        let q = q.reshape((batch, kv_heads, group * seq, dim))?;
-        let scores = q.matmul(&k.t()?)?;
-        let scale = 1.0 / (dim as f64).sqrt();
-        let probs = match (self.kernels, mask) {
-            (Kernels::Fused, Some(mask)) => candle_nn::ops::softmax_last_dim(
-                &(scores * scale)?
-                    .reshape((batch, kv_heads, group, seq, total))?
-                    .broadcast_add(mask)?
-                    .reshape((batch, kv_heads, group * seq, total))?,
-            )?,
-            (Kernels::Fused, None) => candle_nn::ops::softmax_last_dim(&(scores * scale)?)?,
-            // The mask and the scale are built into the op (one pass, with its
-            // own backward).
-            (Kernels::Differentiable, _) => {
-                scores.contiguous()?.apply_op1(super::ops::CausalSoftmax {
-                    seq,
-                    offset,
-                    scale: scale as f32,
-                })?
-            }
-        };
-        let y = probs
-            .matmul(&v)?
-            .reshape((batch, heads, seq, dim))?
-            .transpose(1, 2)?
-            .reshape((batch, seq, heads * dim))?;
-        Ok(attn.o.forward(&y)?)
     }
 }
 
