@@ -44,14 +44,7 @@ pub fn builtin() -> Result<Vec<Question>> {
 
 /// Parses JSONL `text`; `name` is the file errors name.
 pub fn parse(text: &str, name: &str) -> Result<Vec<Question>> {
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let at = format!("{name}:{}", i + 1);
-        if line.trim().is_empty() {
-            continue;
-        }
-        let json: Json =
-            serde_json::from_str(line).with_context(|| format!("{at}: not a JSON object"))?;
+    let out = super::jsonl_items(text, name, |at, json, id| {
         let question = json
             .get("question")
             .and_then(Json::as_str)
@@ -75,17 +68,12 @@ pub fn parse(text: &str, name: &str) -> Result<Vec<Question>> {
             _ => anyhow::bail!("{at}: `answers` is missing or not a list of strings"),
         };
         anyhow::ensure!(!answers.is_empty(), "{at}: `answers` is empty");
-        let id = match json.get("id") {
-            Some(Json::String(s)) => s.clone(),
-            Some(Json::Number(n)) => n.to_string(),
-            _ => format!("line-{}", i + 1),
-        };
-        out.push(Question {
+        Ok(Question {
             id,
             question,
             answers,
-        });
-    }
+        })
+    })?;
     anyhow::ensure!(!out.is_empty(), "{name} holds no questions");
     Ok(out)
 }

@@ -42,14 +42,7 @@ pub fn builtin() -> Result<Vec<Problem>> {
 
 /// Parses JSONL `text`; `name` is the file errors name.
 pub fn parse(text: &str, name: &str) -> Result<Vec<Problem>> {
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let at = format!("{name}:{}", i + 1);
-        if line.trim().is_empty() {
-            continue;
-        }
-        let json: Json =
-            serde_json::from_str(line).with_context(|| format!("{at}: not a JSON object"))?;
+    let out = super::jsonl_items(text, name, |at, json, id| {
         let field = |name: &str| -> Result<String> {
             json.get(name)
                 .and_then(Json::as_str)
@@ -62,18 +55,13 @@ pub fn parse(text: &str, name: &str) -> Result<Vec<Problem>> {
         let value = parse_number(&answer).with_context(|| {
             format!("{at}: `answer` must end in `#### N` with N a number, got `{answer}`")
         })?;
-        let id = match json.get("id") {
-            Some(Json::String(s)) => s.clone(),
-            Some(Json::Number(n)) => n.to_string(),
-            _ => format!("line-{}", i + 1),
-        };
-        out.push(Problem {
+        Ok(Problem {
             id,
             question,
             answer,
             value,
-        });
-    }
+        })
+    })?;
     anyhow::ensure!(!out.is_empty(), "{name} holds no problems");
     Ok(out)
 }

@@ -216,3 +216,31 @@ pub fn prompt_text(item: &VoteItem) -> String {
         .unwrap_or_default()
         .to_string()
 }
+
+/// The items of a JSONL benchmark file (`name` is what errors call it): each
+/// non-empty line parsed as JSON and handed to `item` with its place
+/// (`FILE:LINE`, for errors) and its id (the line's `id`, else `line-N`).
+pub fn jsonl_items<T>(
+    text: &str,
+    name: &str,
+    mut item: impl FnMut(&str, &serde_json::Value, String) -> anyhow::Result<T>,
+) -> anyhow::Result<Vec<T>> {
+    use anyhow::Context;
+    use serde_json::Value as Json;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let at = format!("{name}:{}", i + 1);
+        if line.trim().is_empty() {
+            continue;
+        }
+        let json: Json =
+            serde_json::from_str(line).with_context(|| format!("{at}: not a JSON object"))?;
+        let id = match json.get("id") {
+            Some(Json::String(s)) => s.clone(),
+            Some(Json::Number(n)) => n.to_string(),
+            _ => format!("line-{}", i + 1),
+        };
+        out.push(item(&at, &json, id)?);
+    }
+    Ok(out)
+}
