@@ -18,17 +18,17 @@ use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value as Json};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 
 use super::engine::Work;
 use super::error::ApiError;
-use super::fields::{self, SESSION_HEADER};
+use super::fields;
 use super::reload::Policy;
 use super::request::ChatRequest;
-use super::response::{json_response, sse_response, Event, Meta, Outcome};
+use super::response::{json_response, sse_response, stamp_chat_headers, Event, Meta, Outcome};
 use super::session::{self, SessionInfo};
 use super::state::AppState;
 use super::tools::ToolCall;
@@ -168,12 +168,7 @@ async fn handle(
     } else {
         json_response(meta, rx).await?
     };
-    if let Ok(v) = HeaderValue::from_str(&session_id) {
-        response.headers_mut().insert(SESSION_HEADER, v);
-    }
-    response
-        .headers_mut()
-        .insert(POLICY_HEADER, HeaderValue::from(version));
+    stamp_chat_headers(&mut response, &session_id, version);
     Ok(response)
 }
 

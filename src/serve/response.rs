@@ -17,6 +17,7 @@ use serde_json::{json, Value as Json};
 use tokio::sync::mpsc;
 
 use super::error::ApiError;
+use super::fields::{POLICY_HEADER, SESSION_HEADER};
 use super::session;
 use super::tools::{ToolCall, ToolStreamFilter};
 use crate::model::Generation;
@@ -241,4 +242,15 @@ pub fn sse_response(meta: Meta, rx: mpsc::UnboundedReceiver<Event>) -> Response 
     );
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     response
+}
+
+/// A chat response's own headers: its session (when it is a valid header
+/// value) and the policy version that answered.
+pub fn stamp_chat_headers(response: &mut Response, session_id: &str, version: i64) {
+    if let Ok(v) = HeaderValue::from_str(session_id) {
+        response.headers_mut().insert(SESSION_HEADER, v);
+    }
+    response
+        .headers_mut()
+        .insert(POLICY_HEADER, HeaderValue::from(version));
 }

@@ -6,15 +6,13 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::http::HeaderValue;
 use axum::response::Response;
 use serde_json::{json, Value as Json};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 
 use super::error::ApiError;
-use super::fields::{POLICY_HEADER, SESSION_HEADER};
 use super::request::ChatRequest;
-use super::response::{json_response, sse_response, Event, Meta, Outcome};
+use super::response::{json_response, sse_response, stamp_chat_headers, Event, Meta, Outcome};
 use super::session::{self, SessionInfo};
 use super::state::AppState;
 use super::tools::ToolCall;
@@ -134,12 +132,7 @@ pub async fn handle(
             json_response(meta, rx).await?
         }
     };
-    if let Ok(v) = HeaderValue::from_str(&session_id) {
-        response.headers_mut().insert(SESSION_HEADER, v);
-    }
-    response
-        .headers_mut()
-        .insert(POLICY_HEADER, HeaderValue::from(version));
+    stamp_chat_headers(&mut response, &session_id, version);
     Ok(response)
 }
 
