@@ -1118,11 +1118,10 @@ fn humaneval_early_exits_score_zero_through_the_cli() {
 
 // ---------------------------------------------------------------- local vs serve
 
-#[test]
-fn local_and_served_tiny_model_give_the_same_results() {
-    let dir = tempfile::tempdir().unwrap();
-    // the tiny model's vocabulary is mostly single bytes: give the prompts room
-    let model = dir.path().join("tiny-long.gguf");
+/// The tiny test model with room for benchmark prompts (its vocabulary is
+/// mostly single bytes, so they are long), written in `dir`.
+fn tiny_long_model(dir: &Path) -> PathBuf {
+    let model = dir.join("tiny-long.gguf");
     write_tiny_gguf(
         &model,
         &TinySpec {
@@ -1131,6 +1130,13 @@ fn local_and_served_tiny_model_give_the_same_results() {
         },
     )
     .unwrap();
+    model
+}
+
+#[test]
+fn local_and_served_tiny_model_give_the_same_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_long_model(dir.path());
     let data = fixture("gsm8k-mini.jsonl");
     let common = [
         "--bench",
@@ -1351,15 +1357,7 @@ fn fresh_adapter(model: &Path, dir: &Path) -> PathBuf {
 #[test]
 fn retention_of_a_fresh_adapter_is_kept_with_ratio_one() {
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("tiny-long.gguf");
-    write_tiny_gguf(
-        &model,
-        &TinySpec {
-            context: 2048,
-            ..TinySpec::default()
-        },
-    )
-    .unwrap();
+    let model = tiny_long_model(dir.path());
     let adapter = fresh_adapter(&model, dir.path());
     let out = dir.path().join("retention.json");
     let report = eval_json(&[
