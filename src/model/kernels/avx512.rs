@@ -12,6 +12,7 @@
 use std::arch::x86_64::*;
 
 use super::formats::{scale_min_k4, BlockFormat, GROUP};
+use super::quads::{QuadFields, QUAD, QUAD_ACTIVATION_BYTES};
 use super::quantized16::Quantized16;
 use super::x86::{
     f16_at, five_bit_bytes, nibble_bytes, q45_k_block, q45_k_group_bytes, q6_k_group_bytes,
@@ -25,6 +26,113 @@ pub fn available() -> bool {
     super::x86::available()
         && std::is_x86_feature_detected!("avx512f")
         && std::is_x86_feature_detected!("avx512bw")
+}
+
+/// Whether this CPU can run [`dot_quads`] (AVX-512 VNNI on top of [`available`]).
+pub fn quads_available() -> bool {
+    available() && std::is_x86_feature_detected!("avx512vnni")
+}
+
+/// Σ w·x of the quads of one weight row (the [`super::quads`] layout) with each
+/// of `R` activation rows in the matching byte planes. Per quad: one load and
+/// three or four byte operations decode four groups, four `vpdpbusd` multiply
+/// them by both bytes of each 16-bit activation (exact integer sums, as
+/// `vpmaddwd` gives), and one convert and one multiply-add scale them, the four
+/// group scales broadcast from one F16C convert. Each row's sums run in the same
+/// order whatever `R` is.
+///
+/// # Safety
+/// The CPU must support what [`quads_available`] checks; `format` must have
+/// quads, `row` be whole quads of it, and for every r `planes[r]` hold
+/// `QUAD_ACTIVATION_BYTES` and `scales[r]`, `xsums[r]` four entries per quad.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+pub unsafe fn dot_quads<const R: usize>(
+    format: BlockFormat,
+    row: &[u8],
+    planes: &[&[u8]; R],
+    scales: &[&[f32]; R],
+    xsums: &[&[f32]; R],
+) -> [f32; R] {
+    let fields = QuadFields::of(format).expect("a format with quads");
+    let quads = row.len() / fields.bytes;
+    for r in 0..R {
+        debug_assert_eq!(row.len(), quads * fields.bytes);
+        debug_assert_eq!(planes[r].len(), quads * QUAD_ACTIVATION_BYTES);
+        debug_assert_eq!(scales[r].len(), quads * QUAD);
+        debug_assert_eq!(xsums[r].len(), quads * QUAD);
+    }
+    // The offset per group: a multiple of d (Q4_0: −8d, Q5_0: −16d) or the min.
+    match format {
+        BlockFormat::Q4_0 => quad_loop::<R, false, false>(row, fields, planes, scales, xsums, -8.0),
+        BlockFormat::Q4_1 => quad_loop::<R, true, false>(row, fields, planes, scales, xsums, 1.0),
+        BlockFormat::Q5_0 => quad_loop::<R, false, true>(row, fields, planes, scales, xsums, -16.0),
+        BlockFormat::Q5_1 => quad_loop::<R, true, true>(row, fields, planes, scales, xsums, 1.0),
+        _ => unreachable!("QuadFields::of accepted {format:?}"),
+    }
+}
+
+/// [`dot_quads`] for one format: `MIN` when the quad has four f16 mins, `FIFTH`
+/// when it has fifth-bit masks; `offset_factor` times the Σ (d or min)·Σx.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn quad_loop<const R: usize, const MIN: bool, const FIFTH: bool>(
+    row: &[u8],
+    fields: QuadFields,
+    planes: &[&[u8]; R],
+    scales: &[&[f32]; R],
+    xsums: &[&[f32]; R],
+    offset_factor: f32,
+) -> [f32; R] {
+    let low_nibbles = _mm512_set1_epi8(0x0F);
+    let sixteen = _mm512_set1_epi8(16);
+    // Lane k of four group scales to the 4 i32 sums of group k (128-bit lane k).
+    let spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    let (mins_at, fifth_at) = (fields.mins.unwrap_or(0), fields.fifth.unwrap_or(0));
+    let mut acc = [_mm512_setzero_ps(); R];
+    let mut offsets = [_mm_setzero_ps(); R];
+    for q in 0..row.len() / fields.bytes {
+        let quad = row.as_ptr().add(q * fields.bytes);
+        // A prefetch never faults, past the row's end included.
+        _mm_prefetch::<_MM_HINT_T0>(quad.wrapping_add(PREFETCH_AHEAD) as *const i8);
+        let nibbles = _mm512_loadu_si512(quad.add(fields.nibbles) as *const __m512i);
+        // Weights 0..16 of each group, then 16..32, as unsigned bytes.
+        let mut first = _mm512_and_si512(nibbles, low_nibbles);
+        let mut second = _mm512_and_si512(_mm512_srli_epi16(nibbles, 4), low_nibbles);
+        if FIFTH {
+            let bits = quad.add(fifth_at) as *const u64;
+            first = _mm512_mask_add_epi8(first, bits.read_unaligned(), first, sixteen);
+            second = _mm512_mask_add_epi8(second, bits.add(1).read_unaligned(), second, sixteen);
+        }
+        let d = _mm_cvtph_ps(_mm_loadl_epi64(quad as *const __m128i));
+        let m = if MIN {
+            _mm_cvtph_ps(_mm_loadl_epi64(quad.add(mins_at) as *const __m128i))
+        } else {
+            d
+        };
+        for r in 0..R {
+            let x = planes[r].as_ptr().add(q * QUAD_ACTIVATION_BYTES) as *const __m512i;
+            // The weights are below 32, so they are valid as signed bytes too:
+            // high bytes (signed) times weights, shifted, plus low bytes
+            // (unsigned) times weights.
+            let t = _mm512_dpbusd_epi32(_mm512_setzero_si512(), first, _mm512_loadu_si512(x));
+            let t = _mm512_dpbusd_epi32(t, second, _mm512_loadu_si512(x.add(1)));
+            let t = _mm512_slli_epi32(t, 8);
+            let t = _mm512_dpbusd_epi32(t, _mm512_loadu_si512(x.add(2)), first);
+            let t = _mm512_dpbusd_epi32(t, _mm512_loadu_si512(x.add(3)), second);
+            let s = _mm_mul_ps(d, _mm_loadu_ps(scales[r].as_ptr().add(q * QUAD)));
+            let s = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(s));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), s, acc[r]);
+            let xsum = _mm_loadu_ps(xsums[r].as_ptr().add(q * QUAD));
+            offsets[r] = _mm_fmadd_ps(m, xsum, offsets[r]);
+        }
+    }
+    let mut out = [0f32; R];
+    for r in 0..R {
+        let o = _mm_add_ps(offsets[r], _mm_movehl_ps(offsets[r], offsets[r]));
+        let o = _mm_cvtss_f32(_mm_add_ss(o, _mm_shuffle_ps(o, o, 1)));
+        out[r] = _mm512_reduce_add_ps(acc[r]) + offset_factor * o;
+    }
+    out
 }
 
 /// Σ w·x of one weight row with each of `R` activation rows, as `x86::dot`.

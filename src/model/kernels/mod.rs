@@ -14,10 +14,16 @@
 //!   F and BW (runtime-detected; `CLAW_NO_AVX512=1` keeps the AVX2 ones).
 //! - `vnni`: the AVX-512 VNNI GEMM for prompt chunks (runtime-detected; without it
 //!   prompts expand the weights to f32 for candle's GEMM).
+//! - [`quads`]: the layout Q4_0, Q4_1, Q5_0 and Q5_1 rows are stored in where the
+//!   CPU has AVX-512 VNNI (four blocks' fields gathered, same bytes), which the
+//!   `avx512` decode kernel reads at several times the speed of the GGUF blocks
+//!   (`CLAW_NO_QUADS=1` keeps the GGUF layout, to compare the two).
 
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 pub mod formats;
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+mod quads;
 mod quantized16;
 #[cfg(target_arch = "x86_64")]
 mod vnni;
@@ -32,13 +38,17 @@ use formats::dequantize_row;
 pub use formats::{BlockFormat, GROUP};
 use quantized16::Quantized16;
 
-/// A (rows, cols) weight matrix kept as its GGUF blocks, row-major.
+/// A (rows, cols) weight matrix kept as its GGUF blocks, row-major; on CPUs
+/// with AVX-512 VNNI, rows of the 32-weight nibble formats are stored in the
+/// [`quads`] layout instead (the same bytes, rearranged).
 #[derive(Debug, Clone)]
 pub struct PackedMatrix {
     format: BlockFormat,
     rows: usize,
     cols: usize,
     data: Vec<u8>,
+    /// Whether each row's whole quads are in the [`quads`] layout.
+    quads: bool,
 }
 
 impl PackedMatrix {
@@ -60,12 +70,38 @@ impl PackedMatrix {
             "{format:?} matrix {rows}x{cols} needs {expected} bytes, got {}",
             data.len()
         );
-        Ok(Self {
+        let quads = quads_enabled()
+            && quads::QuadFields::of(format).is_some()
+            && quads::quad_groups(cols) > 0;
+        Ok(Self::with_layout(format, rows, cols, data, quads))
+    }
+
+    /// The matrix of GGUF bytes `data` (checked by the caller), its rows stored
+    /// in quads or not.
+    fn with_layout(
+        format: BlockFormat,
+        rows: usize,
+        cols: usize,
+        data: Vec<u8>,
+        quads: bool,
+    ) -> Self {
+        let data = match quads {
+            false => data,
+            true => {
+                let mut stored = Vec::with_capacity(data.len());
+                for row in data.chunks_exact(cols / GROUP * format.block_bytes()) {
+                    quads::interleave_row(format, row, &mut stored);
+                }
+                stored
+            }
+        };
+        Self {
             format,
             rows,
             cols,
             data,
-        })
+            quads,
+        }
     }
 
     pub fn format(&self) -> BlockFormat {
@@ -84,9 +120,29 @@ impl PackedMatrix {
         self.cols / self.format.block_weights() * self.format.block_bytes()
     }
 
+    /// Row `r` as stored (GGUF blocks or quads).
     fn row(&self, r: usize) -> &[u8] {
         let n = self.row_bytes();
         &self.data[r * n..(r + 1) * n]
+    }
+
+    /// Rows `range` as GGUF blocks whatever the stored layout: the stored bytes,
+    /// or the rows rebuilt from their quads in `scratch`.
+    fn gguf_rows<'a>(
+        &'a self,
+        range: std::ops::Range<usize>,
+        scratch: &'a mut Vec<u8>,
+    ) -> std::slice::ChunksExact<'a, u8> {
+        let n = self.row_bytes();
+        let stored = &self.data[range.start * n..range.end * n];
+        if !self.quads {
+            return stored.chunks_exact(n);
+        }
+        scratch.clear();
+        for row in stored.chunks_exact(n) {
+            quads::gguf_row(self.format, row, scratch);
+        }
+        scratch.chunks_exact(n)
     }
 
     /// The whole matrix as dense f32, row-major (rows, cols), expanded in parallel.
@@ -95,10 +151,11 @@ impl PackedMatrix {
     pub fn to_dense(&self) -> Vec<f32> {
         let mut dense = vec![0f32; self.rows * self.cols];
         dense.par_chunks_mut(self.cols).enumerate().for_each_init(
-            || Vec::with_capacity(self.cols),
-            |row, (r, out)| {
+            || (Vec::with_capacity(self.cols), Vec::new()),
+            |(row, scratch), (r, out)| {
                 row.clear();
-                dequantize_row(self.format, self.row(r), row);
+                let bytes = self.gguf_rows(r..r + 1, scratch).next().expect("one row");
+                dequantize_row(self.format, bytes, row);
                 out.copy_from_slice(row);
             },
         );
@@ -111,7 +168,7 @@ impl PackedMatrix {
         let first = parts.first()?;
         if parts
             .iter()
-            .any(|p| p.format != first.format || p.cols != first.cols)
+            .any(|p| p.format != first.format || p.cols != first.cols || p.quads != first.quads)
         {
             return None;
         }
@@ -120,6 +177,7 @@ impl PackedMatrix {
             rows: parts.iter().map(|p| p.rows).sum(),
             cols: first.cols,
             data: parts.iter().flat_map(|p| p.data.iter().copied()).collect(),
+            quads: first.quads,
         })
     }
 
@@ -135,6 +193,11 @@ impl PackedMatrix {
         // contiguous slice; m == 1 (decode) needs no transpose.
         let rows: Vec<Quantized16> = (0..m).map(|i| x16.row(i, self.cols)).collect();
         let sums: Vec<&[f32]> = x16.sums.chunks_exact(groups_per_row).collect();
+        let planes = self
+            .quads
+            .then(|| quads::QuadActivations::new(&x16.values, self.cols));
+        let planes: Option<Vec<&[u8]>> =
+            planes.as_ref().map(|p| (0..m).map(|i| p.row(i)).collect());
         let pool = HotPool::global();
         let rows_per_task = self.rows.div_ceil(pool.threads() * 4).max(16);
         let mut transposed = vec![0f32; self.rows * m];
@@ -147,7 +210,7 @@ impl PackedMatrix {
             if simd {
                 for (r, out_row) in out.chunks_exact_mut(m).enumerate() {
                     let row = self.row(first_row + r);
-                    dot_rows(self.format, row, &rows, &sums, out_row);
+                    dot_rows(self.format, row, &rows, &sums, planes.as_deref(), out_row);
                 }
             } else {
                 // No SIMD kernel: expand four weight rows to f32 once, then stream
@@ -155,11 +218,14 @@ impl PackedMatrix {
                 // feeds four dot products.
                 let rows_here = out.len() / m;
                 let mut dense: [Vec<f32>; 4] = Default::default();
+                let mut scratch = Vec::new();
                 for group_start in (0..rows_here).step_by(4) {
                     let group = (rows_here - group_start).min(4);
-                    for (g, buffer) in dense.iter_mut().enumerate().take(group) {
+                    let first = first_row + group_start;
+                    let gguf = self.gguf_rows(first..first + group, &mut scratch);
+                    for (buffer, bytes) in dense.iter_mut().zip(gguf) {
                         buffer.clear();
-                        dequantize_row(self.format, self.row(first_row + group_start + g), buffer);
+                        dequantize_row(self.format, bytes, buffer);
                     }
                     for (i, xi) in x.chunks_exact(self.cols).enumerate() {
                         if group == 4 {
@@ -216,6 +282,7 @@ impl PackedMatrix {
             let shared = SharedOut::new(&mut out);
             thread_local! {
                 static PANEL: RefCell<vnni::Panel> = RefCell::default();
+                static GGUF_ROWS: RefCell<Vec<u8>> = RefCell::default();
             }
             HotPool::global().run(panels, &|p| {
                 let first = p * PANEL_ROWS;
@@ -232,9 +299,12 @@ impl PackedMatrix {
                 // with rows as wide as the activations, which are padded to whole
                 // tiles, and task p alone writes columns first..last of the m
                 // output rows.
-                PANEL.with_borrow_mut(|panel| unsafe {
-                    panel.fill(self.format, self.cols, (first..last).map(|r| self.row(r)));
-                    vnni::panel_product(self.format, panel, &activations, &out);
+                GGUF_ROWS.with_borrow_mut(|scratch| {
+                    PANEL.with_borrow_mut(|panel| unsafe {
+                        let rows = self.gguf_rows(first..last, scratch);
+                        panel.fill(self.format, self.cols, rows);
+                        vnni::panel_product(self.format, panel, &activations, &out);
+                    })
                 });
             });
             Some(out)
@@ -267,18 +337,37 @@ fn avx512_dots() -> bool {
     })
 }
 
+/// Whether rows of the nibble formats are stored in [`quads`]: where the CPU
+/// has AVX-512 VNNI and the AVX-512 kernels are on, unless `CLAW_NO_QUADS` is
+/// set (to compare the two layouts on one machine).
+fn quads_enabled() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *ENABLED.get_or_init(|| {
+            simd_available()
+                && avx512_dots()
+                && avx512::quads_available()
+                && std::env::var_os("CLAW_NO_QUADS").is_none_or(|v| v.is_empty())
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// How many activation rows one pass over a weight row serves: the decoded
 /// weights are reused from registers for each of them.
 const ROWS_PER_PASS: usize = 4;
 
 /// One weight row times each 16-bit activation row in `rows` into `out` (one
 /// value per row), [`ROWS_PER_PASS`] rows per pass over the weights; only called
-/// when [`simd_available`].
+/// when [`simd_available`]. `planes` (one per row) when `row` is stored in quads.
 fn dot_rows(
     format: BlockFormat,
     row: &[u8],
     rows: &[Quantized16],
     xsums: &[&[f32]],
+    planes: Option<&[&[u8]]>,
     out: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
@@ -288,19 +377,22 @@ fn dot_rows(
             row: &[u8],
             xq: &[Quantized16],
             xsums: &[&[f32]],
+            planes: Option<&[&[u8]]>,
             out: &mut [f32],
         ) {
             let xq: &[Quantized16; R] = xq.try_into().expect("R activation rows");
             let xsums: &[&[f32]; R] = xsums.try_into().expect("R activation sums");
             // SAFETY: callers check `simd_available` (the CPU has AVX2, FMA and
-            // F16C), `avx512_dots` checked AVX-512 F and BW, and `row` holds the
-            // whole blocks of one row of `format` as wide as every activation row
-            // (all sliced by `PackedMatrix::matmul` from a checked matrix and
-            // activations of its width).
+            // F16C), `avx512_dots` checked AVX-512 F and BW, `quads_enabled`
+            // (which `planes` implies) VNNI too, and `row` holds one row of
+            // `format` as wide as every activation row (all sliced by
+            // `PackedMatrix::matmul` from a checked matrix and activations of its
+            // width, the planes built from those activations).
             let sums = unsafe {
-                match avx512_dots() {
-                    true => avx512::dot::<R>(format, row, xq, xsums),
-                    false => x86::dot::<R>(format, row, xq, xsums),
+                match (planes, avx512_dots()) {
+                    (Some(planes), _) => quad_dot::<R>(format, row, xq, xsums, planes),
+                    (None, true) => avx512::dot::<R>(format, row, xq, xsums),
+                    (None, false) => x86::dot::<R>(format, row, xq, xsums),
                 }
             };
             out.copy_from_slice(&sums);
@@ -308,21 +400,59 @@ fn dot_rows(
         let chunks = rows
             .chunks(ROWS_PER_PASS)
             .zip(xsums.chunks(ROWS_PER_PASS))
-            .zip(out.chunks_mut(ROWS_PER_PASS));
-        for ((xq, sums), out) in chunks {
+            .zip(out.chunks_mut(ROWS_PER_PASS))
+            .enumerate();
+        for (i, ((xq, sums), out)) in chunks {
+            let planes = planes.map(|p| &p[i * ROWS_PER_PASS..i * ROWS_PER_PASS + xq.len()]);
             match xq.len() {
-                4 => pass::<4>(format, row, xq, sums, out),
-                3 => pass::<3>(format, row, xq, sums, out),
-                2 => pass::<2>(format, row, xq, sums, out),
-                _ => pass::<1>(format, row, xq, sums, out),
+                4 => pass::<4>(format, row, xq, sums, planes, out),
+                3 => pass::<3>(format, row, xq, sums, planes, out),
+                2 => pass::<2>(format, row, xq, sums, planes, out),
+                _ => pass::<1>(format, row, xq, sums, planes, out),
             }
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (format, row, rows, xsums, out);
+        let _ = (format, row, rows, xsums, planes, out);
         unreachable!("no SIMD kernels on this architecture")
     }
+}
+
+/// A row stored in quads times `R` activation rows: the quads by
+/// [`avx512::dot_quads`], a tail of fewer than four groups (stored as GGUF
+/// blocks) by [`avx512::dot`].
+///
+/// # Safety
+/// As [`avx512::dot_quads`] (the CPU passed [`quads_enabled`]); `row` is one
+/// row in quads as wide as every `xq[r]`, and `planes` holds their quad planes.
+#[cfg(target_arch = "x86_64")]
+unsafe fn quad_dot<const R: usize>(
+    format: BlockFormat,
+    row: &[u8],
+    xq: &[Quantized16; R],
+    xsums: &[&[f32]; R],
+    planes: &[&[u8]],
+) -> [f32; R] {
+    let planes: &[&[u8]; R] = planes.try_into().expect("R activation planes");
+    let fields = quads::QuadFields::of(format).expect("a format with quads");
+    let groups = quads::quad_groups(xq[0].values.len());
+    let (head, tail) = row.split_at(groups / quads::QUAD * fields.bytes);
+    let scales: [&[f32]; R] = std::array::from_fn(|r| &xq[r].scales[..groups]);
+    let head_sums: [&[f32]; R] = std::array::from_fn(|r| &xsums[r][..groups]);
+    let mut out = avx512::dot_quads::<R>(format, head, planes, &scales, &head_sums);
+    if !tail.is_empty() {
+        let xq_tail: [Quantized16; R] = std::array::from_fn(|r| Quantized16 {
+            values: &xq[r].values[groups * GROUP..],
+            scales: &xq[r].scales[groups..],
+        });
+        let tail_sums: [&[f32]; R] = std::array::from_fn(|r| &xsums[r][groups..]);
+        let tail = avx512::dot::<R>(format, tail, &xq_tail, &tail_sums);
+        for (o, t) in out.iter_mut().zip(tail) {
+            *o += t;
+        }
+    }
+    out
 }
 
 /// A dot product LLVM vectorises (eight independent partial sums).
@@ -440,11 +570,24 @@ mod tests {
 
     /// A (rows, cols) matrix quantized by candle to `format`, with candle's own
     /// dequantization of the same blocks.
+    /// The matrix is stored as `PackedMatrix::new` chooses for this CPU.
     fn quantized(format: BlockFormat, rows: usize, cols: usize) -> (PackedMatrix, Tensor) {
         let q = QTensor::quantize(&fixed_values(rows, cols, 1), format.ggml()).unwrap();
         let dense = q.dequantize(&Device::Cpu).unwrap();
         let packed = PackedMatrix::new(format, rows, cols, q.data().unwrap().into_owned()).unwrap();
         (packed, dense)
+    }
+
+    /// [`quantized`] stored as GGUF blocks (for the tests that read rows raw).
+    fn gguf_layout(format: BlockFormat, rows: usize, cols: usize) -> PackedMatrix {
+        let (packed, _) = quantized(format, rows, cols);
+        let mut scratch = Vec::new();
+        let data = packed
+            .gguf_rows(0..rows, &mut scratch)
+            .flatten()
+            .copied()
+            .collect();
+        PackedMatrix::with_layout(format, rows, cols, data, false)
     }
 
     #[test]
@@ -513,7 +656,8 @@ mod tests {
         }
         for format in BlockFormat::ALL {
             let cols = 1024;
-            let (packed, dense) = quantized(format, 1, cols);
+            let (_, dense) = quantized(format, 1, cols);
+            let packed = gguf_layout(format, 1, cols);
             let w: Vec<f32> = dense.flatten_all().unwrap().to_vec1().unwrap();
             // Activations of very different sizes per group, as in a real layer.
             let x: Vec<f32> = (0..cols)
@@ -527,6 +671,7 @@ mod tests {
                 packed.row(0),
                 &[x16.row(0, cols)],
                 &[&xsums],
+                None,
                 &mut simd,
             );
             let simd = simd[0];
@@ -561,10 +706,65 @@ mod tests {
         }
     }
 
+    /// The nibble formats in quads against the same blocks as GGUF rows, on
+    /// CPUs that store quads: the same dense weights and prompt products bit for
+    /// bit, decode products equal but for the order of f32 additions, and a row's
+    /// bits the same alone or among others. 192 columns: one quad and a
+    /// two-group tail; 512: four quads.
+    #[test]
+    fn quads_multiply_like_gguf_blocks() {
+        if !quads_enabled() {
+            eprintln!("SKIP quads_multiply_like_gguf_blocks: no AVX-512 VNNI (or CLAW_NO_QUADS)");
+            return;
+        }
+        let nibble_formats = [
+            BlockFormat::Q4_0,
+            BlockFormat::Q4_1,
+            BlockFormat::Q5_0,
+            BlockFormat::Q5_1,
+        ];
+        for format in nibble_formats {
+            for cols in [192, 512] {
+                let (quads, _) = quantized(format, 37, cols);
+                assert!(quads.quads, "{format:?} is stored in quads");
+                let gguf = gguf_layout(format, 37, cols);
+                assert_ne!(quads.data, gguf.data, "{format:?}: rearranged");
+                assert_eq!(quads.to_dense(), gguf.to_dense(), "{format:?} {cols}");
+                let x: Vec<f32> = fixed_values(9, cols, 5)
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                if let (Some(a), Some(b)) = (quads.prompt_matmul(&x, 9), gguf.prompt_matmul(&x, 9))
+                {
+                    assert_eq!(a, b, "{format:?} {cols}: prompt product");
+                }
+                let alone: Vec<Vec<f32>> = x.chunks(cols).map(|xi| quads.matmul(xi, 1)).collect();
+                for m in 1..=9 {
+                    let (a, b) = (
+                        quads.matmul(&x[..m * cols], m),
+                        gguf.matmul(&x[..m * cols], m),
+                    );
+                    let scale = b.iter().fold(1f32, |m, v| m.max(v.abs()));
+                    for (i, (a, b)) in a.iter().zip(&b).enumerate() {
+                        assert!(
+                            (a - b).abs() <= 1e-5 * scale,
+                            "{format:?} {cols} m={m} output {i}: {a} vs {b}"
+                        );
+                    }
+                    for (i, row) in a.chunks(37).enumerate() {
+                        assert_eq!(row, alone[i].as_slice(), "{format:?}: row {i} of {m}");
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn integer_rows_are_the_dequantized_rows() {
         for format in BlockFormat::ALL {
-            let (packed, dense) = quantized(format, 3, 512);
+            let (_, dense) = quantized(format, 3, 512);
+            let packed = gguf_layout(format, 3, 512);
             let expected: Vec<f32> = dense.flatten_all().unwrap().to_vec1().unwrap();
             let (mut q, mut scales, mut offsets) =
                 (vec![0i16; 512], vec![0f32; 32], vec![0f32; 16]);
@@ -596,7 +796,7 @@ mod tests {
             return;
         }
         for format in BlockFormat::ALL {
-            let (packed, _) = quantized(format, 5, 1024);
+            let packed = gguf_layout(format, 5, 1024);
             let x: Vec<f32> = fixed_values(4, 1024, 11)
                 .flatten_all()
                 .unwrap()
@@ -636,7 +836,7 @@ mod tests {
             return;
         }
         for format in BlockFormat::ALL {
-            let (packed, _) = quantized(format, 2, 512);
+            let packed = gguf_layout(format, 2, 512);
             let scalar = |r| {
                 let (mut q, mut s, mut o) = (vec![0i16; 512], vec![0f32; 32], vec![0f32; 16]);
                 formats::integer_row(format, packed.row(r), &mut q, &mut s, &mut o);

@@ -1,0 +1,296 @@
+//! The decode layout of the 32-weight nibble formats (Q4_0, Q4_1, Q5_0, Q5_1) on
+//! CPUs with AVX-512 VNNI: each run of four blocks of a row is stored as one
+//! *quad* of the same size with its fields gathered,
+//!
+//! ```text
+//!   [4 × f16 d] [4 × f16 m: Q4_1, Q5_1] [u64, u64: Q5_0, Q5_1] [4 × 16 nibble bytes]
+//! ```
+//!
+//! where the first u64 holds the fifth bits of weights 0..16 of the four groups
+//! (16 bits a group, in group order) and the second those of weights 16..32. One
+//! 512-bit load then holds the nibbles of four groups (byte j of group k, low
+//! nibble weight j, high nibble weight j + 16, as in the GGUF block), a mask
+//! register the fifth bits of 64 weights, and one F16C convert the four scales.
+//!
+//! Why: read as GGUF blocks, a Q5_0 group costs about 30 instructions to decode,
+//! multiply and scale (scalar f16 loads, bit spreading, a widening, a scalar
+//! scale per group), so decode ran at half the machine's streaming rate
+//! (examples/bench_decode); a quad costs about 7 a group. The layout is lossless
+//! and the same size: [`gguf_row`] gives the file's bytes back for the prompt
+//! GEMM and dequantization. A row's last `groups % 4` groups stay GGUF blocks.
+//!
+//! The activations are read in a matching order ([`QuadActivations`]): per quad,
+//! the high bytes of the 16-bit values for weights 0..16 of each group, then for
+//! weights 16..32, then the low bytes likewise, so that `vpdpbusd` (unsigned
+//! bytes times signed bytes) multiplies every weight by both halves of its
+//! activation, and `256·Σw·hi + Σw·lo` is the exact 16-bit product.
+
+use super::formats::{BlockFormat, GROUP};
+
+/// Groups per quad.
+pub const QUAD: usize = 4;
+
+/// Activation bytes per quad: two planes (high and low bytes) of 128 values.
+pub const QUAD_ACTIVATION_BYTES: usize = 2 * QUAD * GROUP;
+
+/// Where a quad's fields start, for a format that has quads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuadFields {
+    /// Offset of the four f16 mins (Q4_1, Q5_1).
+    pub mins: Option<usize>,
+    /// Offset of the two u64 fifth-bit masks (Q5_0, Q5_1).
+    pub fifth: Option<usize>,
+    /// Offset of the 64 nibble bytes.
+    pub nibbles: usize,
+    /// Bytes per quad (four blocks).
+    pub bytes: usize,
+}
+
+impl QuadFields {
+    pub fn of(format: BlockFormat) -> Option<Self> {
+        let (mins, fifth) = match format {
+            BlockFormat::Q4_0 => (false, false),
+            BlockFormat::Q4_1 => (true, false),
+            BlockFormat::Q5_0 => (false, true),
+            BlockFormat::Q5_1 => (true, true),
+            _ => return None,
+        };
+        let mut at = 2 * QUAD;
+        let mins = mins.then(|| {
+            at += 2 * QUAD;
+            at - 2 * QUAD
+        });
+        let fifth = fifth.then(|| {
+            at += 16;
+            at - 16
+        });
+        Some(Self {
+            mins,
+            fifth,
+            nibbles: at,
+            bytes: at + QUAD * 16,
+        })
+    }
+}
+
+/// Groups of a `cols`-wide row that are stored in quads.
+pub fn quad_groups(cols: usize) -> usize {
+    cols / GROUP / QUAD * QUAD
+}
+
+/// Where a block's fields sit in the GGUF layout: (min, fifth bits, nibbles).
+fn block_offsets(fields: &QuadFields) -> (usize, usize, usize) {
+    let min = 2;
+    let fifth = if fields.mins.is_some() { 4 } else { 2 };
+    let nibbles = fifth + if fields.fifth.is_some() { 4 } else { 0 };
+    (min, fifth, nibbles)
+}
+
+/// A GGUF row of `format` (whole blocks) in the quad layout.
+///
+/// # Panics
+/// If `format` has no quad layout or `gguf` is not whole blocks.
+pub fn interleave_row(format: BlockFormat, gguf: &[u8], out: &mut Vec<u8>) {
+    let fields = QuadFields::of(format).expect("a 32-weight nibble format");
+    let block = format.block_bytes();
+    assert!(gguf.len().is_multiple_of(block), "whole blocks");
+    let (min_at, fifth_at, nibbles_at) = block_offsets(&fields);
+    let quads = gguf.len() / block / QUAD;
+    for quad in gguf.chunks_exact(block * QUAD).take(quads) {
+        let blocks: Vec<&[u8]> = quad.chunks_exact(block).collect();
+        for b in &blocks {
+            out.extend_from_slice(&b[..2]);
+        }
+        if fields.mins.is_some() {
+            for b in &blocks {
+                out.extend_from_slice(&b[min_at..min_at + 2]);
+            }
+        }
+        if fields.fifth.is_some() {
+            let (mut first, mut second) = (0u64, 0u64);
+            for (k, b) in blocks.iter().enumerate() {
+                let bits = u32::from_le_bytes([
+                    b[fifth_at],
+                    b[fifth_at + 1],
+                    b[fifth_at + 2],
+                    b[fifth_at + 3],
+                ]);
+                first |= u64::from(bits & 0xFFFF) << (16 * k);
+                second |= u64::from(bits >> 16) << (16 * k);
+            }
+            out.extend_from_slice(&first.to_le_bytes());
+            out.extend_from_slice(&second.to_le_bytes());
+        }
+        for b in &blocks {
+            out.extend_from_slice(&b[nibbles_at..nibbles_at + 16]);
+        }
+    }
+    out.extend_from_slice(&gguf[quads * QUAD * block..]);
+}
+
+/// The inverse of [`interleave_row`]: the row's GGUF bytes.
+pub fn gguf_row(format: BlockFormat, quads: &[u8], out: &mut Vec<u8>) {
+    let fields = QuadFields::of(format).expect("a 32-weight nibble format");
+    let block = format.block_bytes();
+    assert!(quads.len().is_multiple_of(block), "whole blocks");
+    let (min_at, fifth_at, nibbles_at) = block_offsets(&fields);
+    let count = quads.len() / block / QUAD;
+    let start = out.len();
+    out.resize(start + quads.len(), 0);
+    let (whole, tail) = out[start..].split_at_mut(count * QUAD * block);
+    for (quad, blocks) in quads
+        .chunks_exact(fields.bytes)
+        .zip(whole.chunks_exact_mut(QUAD * block))
+    {
+        for (k, b) in blocks.chunks_exact_mut(block).enumerate() {
+            b[..2].copy_from_slice(&quad[2 * k..2 * k + 2]);
+            if let Some(mins) = fields.mins {
+                b[min_at..min_at + 2].copy_from_slice(&quad[mins + 2 * k..mins + 2 * k + 2]);
+            }
+            if let Some(fifth) = fields.fifth {
+                let word =
+                    |at: usize| u64::from_le_bytes(quad[at..at + 8].try_into().expect("8 bytes"));
+                let first = (word(fifth) >> (16 * k)) as u32 & 0xFFFF;
+                let second = (word(fifth + 8) >> (16 * k)) as u32 & 0xFFFF;
+                b[fifth_at..fifth_at + 4].copy_from_slice(&(first | second << 16).to_le_bytes());
+            }
+            let nibbles = fields.nibbles + 16 * k;
+            b[nibbles_at..nibbles_at + 16].copy_from_slice(&quad[nibbles..nibbles + 16]);
+        }
+    }
+    tail.copy_from_slice(&quads[count * fields.bytes..]);
+}
+
+/// 16-bit activation rows re-laid for the quad kernel (see the module's doc):
+/// [`QUAD_ACTIVATION_BYTES`] per quad of each row, rows `cols` wide.
+pub struct QuadActivations {
+    bytes: Vec<u8>,
+    per_row: usize,
+}
+
+impl QuadActivations {
+    /// `values`: rows of `cols` 16-bit activations, row-major.
+    pub fn new(values: &[i16], cols: usize) -> Self {
+        let quads = quad_groups(cols) / QUAD;
+        let per_row = quads * QUAD_ACTIVATION_BYTES;
+        let mut bytes = Vec::with_capacity(values.len() / cols * per_row);
+        for row in values.chunks_exact(cols) {
+            for quad in row.chunks_exact(QUAD * GROUP).take(quads) {
+                for high in [true, false] {
+                    for half in [0, GROUP / 2] {
+                        for group in quad.chunks_exact(GROUP) {
+                            bytes.extend(group[half..half + GROUP / 2].iter().map(|&v| {
+                                if high {
+                                    (v >> 8) as u8
+                                } else {
+                                    v as u8
+                                }
+                            }));
+                        }
+                    }
+                }
+            }
+        }
+        Self { bytes, per_row }
+    }
+
+    /// The quads of activation row `i`.
+    pub fn row(&self, i: usize) -> &[u8] {
+        &self.bytes[i * self.per_row..(i + 1) * self.per_row]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn random_row(format: BlockFormat, blocks: usize, seed: u64) -> Vec<u8> {
+        let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+        (0..blocks * format.block_bytes())
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (state >> 33) as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn quads_are_the_size_of_four_blocks() {
+        for format in BlockFormat::ALL {
+            match QuadFields::of(format) {
+                Some(fields) => assert_eq!(fields.bytes, QUAD * format.block_bytes(), "{format:?}"),
+                None => assert!(format.block_weights() != GROUP || format == BlockFormat::Q8_0),
+            }
+        }
+    }
+
+    #[test]
+    fn interleaving_is_lossless_with_and_without_a_tail() {
+        for format in [
+            BlockFormat::Q4_0,
+            BlockFormat::Q4_1,
+            BlockFormat::Q5_0,
+            BlockFormat::Q5_1,
+        ] {
+            for blocks in [4, 6, 8, 3] {
+                let gguf = random_row(format, blocks, blocks as u64);
+                let mut quads = Vec::new();
+                interleave_row(format, &gguf, &mut quads);
+                assert_eq!(quads.len(), gguf.len());
+                if blocks >= QUAD {
+                    assert_ne!(quads, gguf, "{format:?}: the quads were rearranged");
+                }
+                let mut back = vec![7u8];
+                gguf_row(format, &quads, &mut back);
+                assert_eq!(&back[1..], gguf.as_slice(), "{format:?} {blocks} blocks");
+            }
+        }
+    }
+
+    #[test]
+    fn a_quad_gathers_its_blocks_fields() {
+        // Q5_1: d, m, fifth bits and nibbles of block k land where the kernel reads them.
+        let format = BlockFormat::Q5_1;
+        let gguf = random_row(format, 4, 9);
+        let mut quad = Vec::new();
+        interleave_row(format, &gguf, &mut quad);
+        let fields = QuadFields::of(format).unwrap();
+        for k in 0..QUAD {
+            let b = &gguf[k * 24..(k + 1) * 24];
+            assert_eq!(&quad[2 * k..2 * k + 2], &b[0..2]);
+            let mins = fields.mins.unwrap();
+            assert_eq!(&quad[mins + 2 * k..mins + 2 * k + 2], &b[2..4]);
+            let bits = u32::from_le_bytes(b[4..8].try_into().unwrap());
+            let fifth = fields.fifth.unwrap();
+            let first = u64::from_le_bytes(quad[fifth..fifth + 8].try_into().unwrap());
+            let second = u64::from_le_bytes(quad[fifth + 8..fifth + 16].try_into().unwrap());
+            assert_eq!((first >> (16 * k)) as u32 & 0xFFFF, bits & 0xFFFF);
+            assert_eq!((second >> (16 * k)) as u32 & 0xFFFF, bits >> 16);
+            let nibbles = fields.nibbles + 16 * k;
+            assert_eq!(&quad[nibbles..nibbles + 16], &b[8..24]);
+        }
+    }
+
+    #[test]
+    fn activation_planes_rebuild_every_value() {
+        let cols = 6 * GROUP; // one quad and a two-group tail
+        let values: Vec<i16> = (0..2 * cols as i32)
+            .map(|i| (i.wrapping_mul(2654435761u32 as i32) >> 16) as i16)
+            .collect();
+        let planes = QuadActivations::new(&values, cols);
+        for (r, row) in values.chunks_exact(cols).enumerate() {
+            let quad = planes.row(r);
+            assert_eq!(quad.len(), QUAD_ACTIVATION_BYTES);
+            for k in 0..QUAD {
+                for j in 0..GROUP {
+                    let (half, within) = (j / 16, j % 16);
+                    let at = half * 64 + k * 16 + within;
+                    let rebuilt = i16::from(quad[at] as i8) * 256 + i16::from(quad[128 + at]);
+                    assert_eq!(rebuilt, row[k * GROUP + j], "row {r} group {k} value {j}");
+                }
+            }
+        }
+    }
+}
