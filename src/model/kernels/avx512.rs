@@ -46,6 +46,7 @@ pub fn quads_available() -> bool {
 /// quads, `row` be whole quads of it, and for every r `planes[r]` hold
 /// `QUAD_ACTIVATION_BYTES` and `scales[r]`, `xsums[r]` four entries per quad.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+#[inline]
 pub unsafe fn dot_quads<const R: usize>(
     format: BlockFormat,
     row: &[u8],

@@ -207,10 +207,18 @@ impl PackedMatrix {
             let last_row = (first_row + rows_per_task).min(self.rows);
             // SAFETY: task t writes only the outputs of its own weight rows.
             let out = unsafe { shared.range(first_row * m, last_row * m) };
-            if simd {
+            if let Some(planes) = &planes {
+                let n = self.row_bytes();
+                let stored = StoredRows {
+                    format: self.format,
+                    bytes: &self.data[first_row * n..last_row * n],
+                    row_bytes: n,
+                };
+                quad_rows(&stored, &rows, &sums, planes, out);
+            } else if simd {
                 for (r, out_row) in out.chunks_exact_mut(m).enumerate() {
                     let row = self.row(first_row + r);
-                    dot_rows(self.format, row, &rows, &sums, planes.as_deref(), out_row);
+                    dot_rows(self.format, row, &rows, &sums, out_row);
                 }
             } else {
                 // No SIMD kernel: expand four weight rows to f32 once, then stream
@@ -361,13 +369,12 @@ const ROWS_PER_PASS: usize = 4;
 
 /// One weight row times each 16-bit activation row in `rows` into `out` (one
 /// value per row), [`ROWS_PER_PASS`] rows per pass over the weights; only called
-/// when [`simd_available`]. `planes` (one per row) when `row` is stored in quads.
+/// when [`simd_available`].
 fn dot_rows(
     format: BlockFormat,
     row: &[u8],
     rows: &[Quantized16],
     xsums: &[&[f32]],
-    planes: Option<&[&[u8]]>,
     out: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
@@ -377,22 +384,19 @@ fn dot_rows(
             row: &[u8],
             xq: &[Quantized16],
             xsums: &[&[f32]],
-            planes: Option<&[&[u8]]>,
             out: &mut [f32],
         ) {
             let xq: &[Quantized16; R] = xq.try_into().expect("R activation rows");
             let xsums: &[&[f32]; R] = xsums.try_into().expect("R activation sums");
             // SAFETY: callers check `simd_available` (the CPU has AVX2, FMA and
-            // F16C), `avx512_dots` checked AVX-512 F and BW, `quads_enabled`
-            // (which `planes` implies) VNNI too, and `row` holds one row of
-            // `format` as wide as every activation row (all sliced by
-            // `PackedMatrix::matmul` from a checked matrix and activations of its
-            // width, the planes built from those activations).
+            // F16C), `avx512_dots` checked AVX-512 F and BW, and `row` holds the
+            // whole blocks of one row of `format` as wide as every activation row
+            // (all sliced by `PackedMatrix::matmul` from a checked matrix and
+            // activations of its width).
             let sums = unsafe {
-                match (planes, avx512_dots()) {
-                    (Some(planes), _) => quad_dot::<R>(format, row, xq, xsums, planes),
-                    (None, true) => avx512::dot::<R>(format, row, xq, xsums),
-                    (None, false) => x86::dot::<R>(format, row, xq, xsums),
+                match avx512_dots() {
+                    true => avx512::dot::<R>(format, row, xq, xsums),
+                    false => x86::dot::<R>(format, row, xq, xsums),
                 }
             };
             out.copy_from_slice(&sums);
@@ -400,59 +404,127 @@ fn dot_rows(
         let chunks = rows
             .chunks(ROWS_PER_PASS)
             .zip(xsums.chunks(ROWS_PER_PASS))
-            .zip(out.chunks_mut(ROWS_PER_PASS))
-            .enumerate();
-        for (i, ((xq, sums), out)) in chunks {
-            let planes = planes.map(|p| &p[i * ROWS_PER_PASS..i * ROWS_PER_PASS + xq.len()]);
+            .zip(out.chunks_mut(ROWS_PER_PASS));
+        for ((xq, sums), out) in chunks {
             match xq.len() {
-                4 => pass::<4>(format, row, xq, sums, planes, out),
-                3 => pass::<3>(format, row, xq, sums, planes, out),
-                2 => pass::<2>(format, row, xq, sums, planes, out),
-                _ => pass::<1>(format, row, xq, sums, planes, out),
+                4 => pass::<4>(format, row, xq, sums, out),
+                3 => pass::<3>(format, row, xq, sums, out),
+                2 => pass::<2>(format, row, xq, sums, out),
+                _ => pass::<1>(format, row, xq, sums, out),
             }
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (format, row, rows, xsums, planes, out);
+        let _ = (format, row, rows, xsums, out);
         unreachable!("no SIMD kernels on this architecture")
     }
 }
 
-/// A row stored in quads times `R` activation rows: the quads by
-/// [`avx512::dot_quads`], a tail of fewer than four groups (stored as GGUF
-/// blocks) by [`avx512::dot`].
-///
-/// # Safety
-/// As [`avx512::dot_quads`] (the CPU passed [`quads_enabled`]); `row` is one
-/// row in quads as wide as every `xq[r]`, and `planes` holds their quad planes.
-#[cfg(target_arch = "x86_64")]
-unsafe fn quad_dot<const R: usize>(
+/// Consecutive weight rows as stored, `row_bytes` each.
+struct StoredRows<'a> {
     format: BlockFormat,
-    row: &[u8],
-    xq: &[Quantized16; R],
-    xsums: &[&[f32]; R],
+    bytes: &'a [u8],
+    row_bytes: usize,
+}
+
+/// Weight rows stored in quads times the 16-bit activation rows `xq` into
+/// `out` ((weight rows, activation rows), row-major), [`ROWS_PER_PASS`]
+/// activation rows per pass over the weights. The loop over weight rows runs
+/// inside one kernel call per pass: a row of Qwen2.5-0.5B is only seven quads,
+/// and a call per row cost as much as a fifth of the product. Only called for
+/// matrices [`PackedMatrix::new`] stored in quads, which it does only where
+/// [`quads_enabled`].
+fn quad_rows(
+    stored: &StoredRows,
+    xq: &[Quantized16],
+    xsums: &[&[f32]],
     planes: &[&[u8]],
-) -> [f32; R] {
-    let planes: &[&[u8]; R] = planes.try_into().expect("R activation planes");
-    let fields = quads::QuadFields::of(format).expect("a format with quads");
-    let groups = quads::quad_groups(xq[0].values.len());
-    let (head, tail) = row.split_at(groups / quads::QUAD * fields.bytes);
-    let scales: [&[f32]; R] = std::array::from_fn(|r| &xq[r].scales[..groups]);
-    let head_sums: [&[f32]; R] = std::array::from_fn(|r| &xsums[r][..groups]);
-    let mut out = avx512::dot_quads::<R>(format, head, planes, &scales, &head_sums);
-    if !tail.is_empty() {
-        let xq_tail: [Quantized16; R] = std::array::from_fn(|r| Quantized16 {
-            values: &xq[r].values[groups * GROUP..],
-            scales: &xq[r].scales[groups..],
-        });
-        let tail_sums: [&[f32]; R] = std::array::from_fn(|r| &xsums[r][groups..]);
-        let tail = avx512::dot::<R>(format, tail, &xq_tail, &tail_sums);
-        for (o, t) in out.iter_mut().zip(tail) {
-            *o += t;
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        fn pass<const R: usize>(
+            stored: &StoredRows,
+            xq: &[Quantized16],
+            xsums: &[&[f32]],
+            planes: &[&[u8]],
+            out: &mut [f32],
+            first: usize,
+        ) {
+            let xq: &[Quantized16; R] = xq.try_into().expect("R activation rows");
+            let xsums: &[&[f32]; R] = xsums.try_into().expect("R activation sums");
+            let planes: &[&[u8]; R] = planes.try_into().expect("R activation planes");
+            // SAFETY: `quads_enabled` checked the CPU's AVX-512 VNNI (and what
+            // the other kernels need); `stored` holds whole rows in quads, as
+            // wide as every activation row, whose planes were built from those
+            // activations (all by `PackedMatrix::matmul`).
+            unsafe { quad_pass::<R>(stored, xq, xsums, planes, out, first) }
+        }
+        let passes = xq
+            .chunks(ROWS_PER_PASS)
+            .zip(xsums.chunks(ROWS_PER_PASS))
+            .zip(planes.chunks(ROWS_PER_PASS))
+            .enumerate();
+        for (i, ((xq, sums), planes)) in passes {
+            let first = i * ROWS_PER_PASS;
+            match xq.len() {
+                4 => pass::<4>(stored, xq, sums, planes, out, first),
+                3 => pass::<3>(stored, xq, sums, planes, out, first),
+                2 => pass::<2>(stored, xq, sums, planes, out, first),
+                _ => pass::<1>(stored, xq, sums, planes, out, first),
+            }
         }
     }
-    out
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (stored, xq, xsums, planes, out);
+        unreachable!("no quads on this architecture")
+    }
+}
+
+/// One pass of [`quad_rows`]: activation rows `first..first + R`, every weight
+/// row. A row's quads go to [`avx512::dot_quads`], its tail of fewer than four
+/// groups (stored as GGUF blocks) to [`avx512::dot`].
+///
+/// # Safety
+/// As [`avx512::dot_quads`]; `stored` is whole rows in quads as wide as every
+/// `xq[r]`, `planes` their quad planes, `out` one value per (weight row,
+/// activation row) with `first + R` at most its activation rows.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+unsafe fn quad_pass<const R: usize>(
+    stored: &StoredRows,
+    xq: &[Quantized16; R],
+    xsums: &[&[f32]; R],
+    planes: &[&[u8]; R],
+    out: &mut [f32],
+    first: usize,
+) {
+    let format = stored.format;
+    let fields = quads::QuadFields::of(format).expect("a format with quads");
+    let groups = quads::quad_groups(xq[0].values.len());
+    let split = groups / quads::QUAD * fields.bytes;
+    let scales: [&[f32]; R] = std::array::from_fn(|r| &xq[r].scales[..groups]);
+    let head_sums: [&[f32]; R] = std::array::from_fn(|r| &xsums[r][..groups]);
+    let xq_tail: [Quantized16; R] = std::array::from_fn(|r| Quantized16 {
+        values: &xq[r].values[groups * GROUP..],
+        scales: &xq[r].scales[groups..],
+    });
+    let tail_sums: [&[f32]; R] = std::array::from_fn(|r| &xsums[r][groups..]);
+    let rows = stored.bytes.chunks_exact(stored.row_bytes);
+    let m = out.len() / rows.len();
+    for (row, out) in rows.zip(out.chunks_exact_mut(m)) {
+        let (head, tail) = row.split_at(split);
+        let mut sums = avx512::dot_quads::<R>(format, head, planes, &scales, &head_sums);
+        if !tail.is_empty() {
+            let tail = avx512::dot::<R>(format, tail, &xq_tail, &tail_sums);
+            for (s, t) in sums.iter_mut().zip(tail) {
+                *s += t;
+            }
+        }
+        out[first..first + R].copy_from_slice(&sums);
+    }
 }
 
 /// A dot product LLVM vectorises (eight independent partial sums).
@@ -671,7 +743,6 @@ mod tests {
                 packed.row(0),
                 &[x16.row(0, cols)],
                 &[&xsums],
-                None,
                 &mut simd,
             );
             let simd = simd[0];
