@@ -136,6 +136,137 @@ unsafe fn quad_loop<const R: usize, const MIN: bool, const FIFTH: bool>(
     out
 }
 
+/// Σ w·x of one Q4_K or Q5_K row (GGUF blocks) with each of `R` activation
+/// rows in the byte planes of [`super::quads::PlaneOrder::KQuantHalf`], as
+/// [`dot_quads`] does for the nibble formats: per half super-block one load
+/// and two or three byte operations per 64 weights, four `vpdpbusd`; the eight
+/// 6-bit scales and mins of a super-block are unpacked at once (llama.cpp's
+/// `utmp` shuffle) and scaled as one vector.
+///
+/// # Safety
+/// As [`dot_quads`]; `format` is Q4_K or Q5_K, `row` whole super-blocks, and
+/// for every r `planes[r]` holds `2 * QUAD_ACTIVATION_BYTES` and `scales[r]`,
+/// `xsums[r]` eight entries per super-block.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+#[inline]
+pub unsafe fn dot_k_quant<const R: usize>(
+    format: BlockFormat,
+    row: &[u8],
+    planes: &[&[u8]; R],
+    scales: &[&[f32]; R],
+    xsums: &[&[f32]; R],
+) -> [f32; R] {
+    match format {
+        BlockFormat::Q4K => k_quant_loop::<R, false>(row, planes, scales, xsums),
+        BlockFormat::Q5K => k_quant_loop::<R, true>(row, planes, scales, xsums),
+        _ => unreachable!("{format:?} is not Q4_K or Q5_K"),
+    }
+}
+
+/// The eight 6-bit scales (first u64) and mins (second) of a Q4_K/Q5_K
+/// super-block's 12 packed bytes, as llama.cpp unpacks them: the same values
+/// as [`scale_min_k4`] for groups 0..8.
+#[inline]
+unsafe fn k_scales_mins(packed: *const u8) -> (u64, u64) {
+    const LOW6: u32 = 0x3f3f_3f3f;
+    const LOW4: u32 = 0x0f0f_0f0f;
+    const LOW2: u32 = 0x0303_0303;
+    let word = |i: usize| (packed.add(4 * i) as *const u32).read_unaligned();
+    let (a, b, c) = (word(0), word(1), word(2));
+    let scales_high = (c & LOW4) | (((a >> 6) & LOW2) << 4);
+    let mins_high = ((c >> 4) & LOW4) | (((b >> 6) & LOW2) << 4);
+    (
+        u64::from(a & LOW6) | u64::from(scales_high) << 32,
+        u64::from(b & LOW6) | u64::from(mins_high) << 32,
+    )
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn k_quant_loop<const R: usize, const FIFTH: bool>(
+    row: &[u8],
+    planes: &[&[u8]; R],
+    scales: &[&[f32]; R],
+    xsums: &[&[f32]; R],
+) -> [f32; R] {
+    let bytes = if FIFTH { 176 } else { 144 };
+    let low_nibbles = _mm512_set1_epi8(0x0F);
+    let sixteen = _mm512_set1_epi8(16);
+    // Group g of a super-block's eight scales to the lanes of its 32 weights:
+    // the low-nibble vector of half h holds groups 4h and 4h + 2, the high one
+    // 4h + 1 and 4h + 3 (eight i32 sums each).
+    let spread = |a: i32, b: i32| _mm512_set_epi32(b, b, b, b, b, b, b, b, a, a, a, a, a, a, a, a);
+    let spreads = [[spread(0, 2), spread(1, 3)], [spread(4, 6), spread(5, 7)]];
+    // Q5_K: bit g of byte l of the 32 fifth-bit bytes is group g's weight l.
+    let bit = |a: u32, b: u32| {
+        let every_byte = |bit: u32| ((1u64 << bit) * 0x0101_0101_0101_0101) as i64;
+        let (a, b) = (every_byte(a), every_byte(b));
+        _mm512_set_epi64(b, b, b, b, a, a, a, a)
+    };
+    let bits = [[bit(0, 2), bit(1, 3)], [bit(4, 6), bit(5, 7)]];
+    let mut acc = [_mm512_setzero_ps(); R];
+    let mut offsets = [_mm256_setzero_ps(); R];
+    for s in 0..row.len() / bytes {
+        let block = row.as_ptr().add(s * bytes);
+        _mm_prefetch::<_MM_HINT_T0>(block.wrapping_add(PREFETCH_AHEAD) as *const i8);
+        let d = _mm256_set1_ps(f16_at(block));
+        let dmin = _mm256_set1_ps(f16_at(block.add(2)));
+        let (sc, m) = k_scales_mins(block.add(4));
+        let to_f32 = |v: u64| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(v as i64)));
+        let (d_sc, dmin_m) = (_mm256_mul_ps(d, to_f32(sc)), _mm256_mul_ps(dmin, to_f32(m)));
+        let qs = block.add(if FIFTH { 48 } else { 16 });
+        let fifth = if FIFTH {
+            _mm512_broadcast_i64x4(_mm256_loadu_si256(block.add(16) as *const __m256i))
+        } else {
+            _mm512_setzero_si512()
+        };
+        for h in 0..2 {
+            let nibbles = _mm512_loadu_si512(qs.add(64 * h) as *const __m512i);
+            let mut low = _mm512_and_si512(nibbles, low_nibbles);
+            let mut high = _mm512_and_si512(_mm512_srli_epi16(nibbles, 4), low_nibbles);
+            if FIFTH {
+                let (a, b) = (bits[h][0], bits[h][1]);
+                low = _mm512_mask_add_epi8(low, _mm512_test_epi8_mask(fifth, a), low, sixteen);
+                high = _mm512_mask_add_epi8(high, _mm512_test_epi8_mask(fifth, b), high, sixteen);
+            }
+            for r in 0..R {
+                let x =
+                    planes[r].as_ptr().add((2 * s + h) * QUAD_ACTIVATION_BYTES) as *const __m512i;
+                let group_scales =
+                    _mm256_mul_ps(d_sc, _mm256_loadu_ps(scales[r].as_ptr().add(8 * s)));
+                let group_scales = _mm512_castps256_ps512(group_scales);
+                for (v, weights) in [low, high].into_iter().enumerate() {
+                    // Weights below 32: valid as unsigned and as signed bytes.
+                    let t = _mm512_dpbusd_epi32(
+                        _mm512_setzero_si512(),
+                        weights,
+                        _mm512_loadu_si512(x.add(v)),
+                    );
+                    let t = _mm512_slli_epi32(t, 8);
+                    let t = _mm512_dpbusd_epi32(t, _mm512_loadu_si512(x.add(2 + v)), weights);
+                    let scale = _mm512_permutexvar_ps(spreads[h][v], group_scales);
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), scale, acc[r]);
+                }
+            }
+        }
+        for r in 0..R {
+            let xsum = _mm256_loadu_ps(xsums[r].as_ptr().add(8 * s));
+            offsets[r] = _mm256_fmadd_ps(dmin_m, xsum, offsets[r]);
+        }
+    }
+    let mut out = [0f32; R];
+    for r in 0..R {
+        let o = _mm_add_ps(
+            _mm256_castps256_ps128(offsets[r]),
+            _mm256_extractf128_ps(offsets[r], 1),
+        );
+        let o = _mm_add_ps(o, _mm_movehl_ps(o, o));
+        let o = _mm_cvtss_f32(_mm_add_ss(o, _mm_shuffle_ps(o, o, 1)));
+        out[r] = _mm512_reduce_add_ps(acc[r]) - o;
+    }
+    out
+}
+
 /// Σ w·x of one weight row with each of `R` activation rows, as `x86::dot`.
 ///
 /// # Safety

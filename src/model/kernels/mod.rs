@@ -15,9 +15,10 @@
 //! - `vnni`: the AVX-512 VNNI GEMM for prompt chunks (runtime-detected; without it
 //!   prompts expand the weights to f32 for candle's GEMM).
 //! - [`quads`]: the layout Q4_0, Q4_1, Q5_0 and Q5_1 rows are stored in where the
-//!   CPU has AVX-512 VNNI (four blocks' fields gathered, same bytes), which the
-//!   `avx512` decode kernel reads at several times the speed of the GGUF blocks
-//!   (`CLAW_NO_QUADS=1` keeps the GGUF layout, to compare the two).
+//!   CPU has AVX-512 VNNI (four blocks' fields gathered, same bytes), and the
+//!   activation order that `avx512`'s `vpdpbusd` decode kernels read with them
+//!   and with Q4_K/Q5_K blocks, at several times the speed of the `vpmaddwd`
+//!   ones (`CLAW_NO_VNNI_DECODE=1` keeps those, to compare the two).
 
 #[cfg(target_arch = "x86_64")]
 mod avx512;
@@ -47,8 +48,10 @@ pub struct PackedMatrix {
     rows: usize,
     cols: usize,
     data: Vec<u8>,
-    /// Whether each row's whole quads are in the [`quads`] layout.
-    quads: bool,
+    /// The activation order of the `vpdpbusd` decode kernel that multiplies
+    /// this matrix, `None` where the `vpmaddwd` ones do. `Quads`: each row's
+    /// whole quads are stored in the [`quads`] layout.
+    order: Option<quads::PlaneOrder>,
 }
 
 impl PackedMatrix {
@@ -70,24 +73,36 @@ impl PackedMatrix {
             "{format:?} matrix {rows}x{cols} needs {expected} bytes, got {}",
             data.len()
         );
-        let quads = quads_enabled()
-            && quads::QuadFields::of(format).is_some()
-            && quads::quad_groups(cols) > 0;
-        Ok(Self::with_layout(format, rows, cols, data, quads))
+        Ok(Self::with_kernel(
+            format,
+            rows,
+            cols,
+            data,
+            vnni_decode_enabled(),
+        ))
     }
 
-    /// The matrix of GGUF bytes `data` (checked by the caller), its rows stored
-    /// in quads or not.
-    fn with_layout(
+    /// The matrix of GGUF bytes `data` (checked by the caller), to be decoded
+    /// by the `vpdpbusd` kernels where `vnni` and the format has one (its rows
+    /// then stored in quads if it is a nibble format).
+    fn with_kernel(
         format: BlockFormat,
         rows: usize,
         cols: usize,
         data: Vec<u8>,
-        quads: bool,
+        vnni: bool,
     ) -> Self {
-        let data = match quads {
-            false => data,
-            true => {
+        use quads::PlaneOrder;
+        let nibbles = quads::QuadFields::of(format).is_some() && quads::quad_groups(cols) > 0;
+        let k_quant = matches!(format, BlockFormat::Q4K | BlockFormat::Q5K);
+        let order = match (vnni, nibbles, k_quant) {
+            (true, true, _) => Some(PlaneOrder::Quads),
+            (true, _, true) => Some(PlaneOrder::KQuantHalf),
+            _ => None,
+        };
+        let data = match order {
+            Some(PlaneOrder::KQuantHalf) | None => data,
+            Some(PlaneOrder::Quads) => {
                 let mut stored = Vec::with_capacity(data.len());
                 for row in data.chunks_exact(cols / GROUP * format.block_bytes()) {
                     quads::interleave_row(format, row, &mut stored);
@@ -100,8 +115,13 @@ impl PackedMatrix {
             rows,
             cols,
             data,
-            quads,
+            order,
         }
+    }
+
+    /// Whether the rows are stored in quads.
+    fn quads(&self) -> bool {
+        self.order == Some(quads::PlaneOrder::Quads)
     }
 
     pub fn format(&self) -> BlockFormat {
@@ -135,7 +155,7 @@ impl PackedMatrix {
     ) -> std::slice::ChunksExact<'a, u8> {
         let n = self.row_bytes();
         let stored = &self.data[range.start * n..range.end * n];
-        if !self.quads {
+        if !self.quads() {
             return stored.chunks_exact(n);
         }
         scratch.clear();
@@ -168,7 +188,7 @@ impl PackedMatrix {
         let first = parts.first()?;
         if parts
             .iter()
-            .any(|p| p.format != first.format || p.cols != first.cols || p.quads != first.quads)
+            .any(|p| p.format != first.format || p.cols != first.cols || p.order != first.order)
         {
             return None;
         }
@@ -177,7 +197,7 @@ impl PackedMatrix {
             rows: parts.iter().map(|p| p.rows).sum(),
             cols: first.cols,
             data: parts.iter().flat_map(|p| p.data.iter().copied()).collect(),
-            quads: first.quads,
+            order: first.order,
         })
     }
 
@@ -194,8 +214,8 @@ impl PackedMatrix {
         let rows: Vec<Quantized16> = (0..m).map(|i| x16.row(i, self.cols)).collect();
         let sums: Vec<&[f32]> = x16.sums.chunks_exact(groups_per_row).collect();
         let planes = self
-            .quads
-            .then(|| quads::QuadActivations::new(&x16.values, self.cols));
+            .order
+            .map(|order| quads::QuadActivations::new(&x16.values, self.cols, order));
         let planes: Option<Vec<&[u8]>> =
             planes.as_ref().map(|p| (0..m).map(|i| p.row(i)).collect());
         let pool = HotPool::global();
@@ -214,7 +234,7 @@ impl PackedMatrix {
                     bytes: &self.data[first_row * n..last_row * n],
                     row_bytes: n,
                 };
-                quad_rows(&stored, &rows, &sums, planes, out);
+                vnni_rows(&stored, &rows, &sums, planes, out);
             } else if simd {
                 for (r, out_row) in out.chunks_exact_mut(m).enumerate() {
                     let row = self.row(first_row + r);
@@ -345,10 +365,11 @@ fn avx512_dots() -> bool {
     })
 }
 
-/// Whether rows of the nibble formats are stored in [`quads`]: where the CPU
-/// has AVX-512 VNNI and the AVX-512 kernels are on, unless `CLAW_NO_QUADS` is
-/// set (to compare the two layouts on one machine).
-fn quads_enabled() -> bool {
+/// Whether decode products run on the `vpdpbusd` kernels (rows of the nibble
+/// formats stored in [`quads`]): where the CPU has AVX-512 VNNI and the
+/// AVX-512 kernels are on, unless `CLAW_NO_VNNI_DECODE` is set (to compare the
+/// two on one machine).
+fn vnni_decode_enabled() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -356,7 +377,7 @@ fn quads_enabled() -> bool {
             simd_available()
                 && avx512_dots()
                 && avx512::quads_available()
-                && std::env::var_os("CLAW_NO_QUADS").is_none_or(|v| v.is_empty())
+                && std::env::var_os("CLAW_NO_VNNI_DECODE").is_none_or(|v| v.is_empty())
         })
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -428,14 +449,14 @@ struct StoredRows<'a> {
     row_bytes: usize,
 }
 
-/// Weight rows stored in quads times the 16-bit activation rows `xq` into
-/// `out` ((weight rows, activation rows), row-major), [`ROWS_PER_PASS`]
-/// activation rows per pass over the weights. The loop over weight rows runs
-/// inside one kernel call per pass: a row of Qwen2.5-0.5B is only seven quads,
-/// and a call per row cost as much as a fifth of the product. Only called for
-/// matrices [`PackedMatrix::new`] stored in quads, which it does only where
-/// [`quads_enabled`].
-fn quad_rows(
+/// Weight rows times the 16-bit activation rows `xq` (and their byte
+/// `planes`) into `out` ((weight rows, activation rows), row-major) by the
+/// `vpdpbusd` kernels, [`ROWS_PER_PASS`] activation rows per pass over the
+/// weights. The loop over weight rows runs inside one kernel call per pass: a
+/// row of Qwen2.5-0.5B is only seven quads, and a call per row cost as much as
+/// a fifth of the product. Only called for matrices with a
+/// `PackedMatrix::order`, which needs [`vnni_decode_enabled`].
+fn vnni_rows(
     stored: &StoredRows,
     xq: &[Quantized16],
     xsums: &[&[f32]],
@@ -455,11 +476,12 @@ fn quad_rows(
             let xq: &[Quantized16; R] = xq.try_into().expect("R activation rows");
             let xsums: &[&[f32]; R] = xsums.try_into().expect("R activation sums");
             let planes: &[&[u8]; R] = planes.try_into().expect("R activation planes");
-            // SAFETY: `quads_enabled` checked the CPU's AVX-512 VNNI (and what
-            // the other kernels need); `stored` holds whole rows in quads, as
-            // wide as every activation row, whose planes were built from those
-            // activations (all by `PackedMatrix::matmul`).
-            unsafe { quad_pass::<R>(stored, xq, xsums, planes, out, first) }
+            // SAFETY: `vnni_decode_enabled` checked the CPU's AVX-512 VNNI (and
+            // what the other kernels need); `stored` holds whole rows (in quads
+            // for the nibble formats), as wide as every activation row, whose
+            // planes were built from those activations in the order of the
+            // format (all by `PackedMatrix::matmul`).
+            unsafe { vnni_pass::<R>(stored, xq, xsums, planes, out, first) }
         }
         let passes = xq
             .chunks(ROWS_PER_PASS)
@@ -483,9 +505,10 @@ fn quad_rows(
     }
 }
 
-/// One pass of [`quad_rows`]: activation rows `first..first + R`, every weight
-/// row. A row's quads go to [`avx512::dot_quads`], its tail of fewer than four
-/// groups (stored as GGUF blocks) to [`avx512::dot`].
+/// One pass of [`vnni_rows`]: activation rows `first..first + R`, every weight
+/// row. Q4_K/Q5_K rows go to [`avx512::dot_k_quant`]; a nibble format's quads
+/// to [`avx512::dot_quads`], its tail of fewer than four groups (stored as GGUF
+/// blocks) to [`avx512::dot`].
 ///
 /// # Safety
 /// As [`avx512::dot_quads`]; `stored` is whole rows in quads as wide as every
@@ -493,7 +516,7 @@ fn quad_rows(
 /// activation row) with `first + R` at most its activation rows.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-unsafe fn quad_pass<const R: usize>(
+unsafe fn vnni_pass<const R: usize>(
     stored: &StoredRows,
     xq: &[Quantized16; R],
     xsums: &[&[f32]; R],
@@ -502,6 +525,16 @@ unsafe fn quad_pass<const R: usize>(
     first: usize,
 ) {
     let format = stored.format;
+    let rows = stored.bytes.chunks_exact(stored.row_bytes);
+    let m = out.len() / rows.len();
+    if matches!(format, BlockFormat::Q4K | BlockFormat::Q5K) {
+        let scales: [&[f32]; R] = std::array::from_fn(|r| xq[r].scales);
+        for (row, out) in rows.zip(out.chunks_exact_mut(m)) {
+            let sums = avx512::dot_k_quant::<R>(format, row, planes, &scales, xsums);
+            out[first..first + R].copy_from_slice(&sums);
+        }
+        return;
+    }
     let fields = quads::QuadFields::of(format).expect("a format with quads");
     let groups = quads::quad_groups(xq[0].values.len());
     let split = groups / quads::QUAD * fields.bytes;
@@ -512,8 +545,6 @@ unsafe fn quad_pass<const R: usize>(
         scales: &xq[r].scales[groups..],
     });
     let tail_sums: [&[f32]; R] = std::array::from_fn(|r| &xsums[r][groups..]);
-    let rows = stored.bytes.chunks_exact(stored.row_bytes);
-    let m = out.len() / rows.len();
     for (row, out) in rows.zip(out.chunks_exact_mut(m)) {
         let (head, tail) = row.split_at(split);
         let mut sums = avx512::dot_quads::<R>(format, head, planes, &scales, &head_sums);
@@ -659,7 +690,7 @@ mod tests {
             .flatten()
             .copied()
             .collect();
-        PackedMatrix::with_layout(format, rows, cols, data, false)
+        PackedMatrix::with_kernel(format, rows, cols, data, false)
     }
 
     #[test]
@@ -777,55 +808,63 @@ mod tests {
         }
     }
 
-    /// The nibble formats in quads against the same blocks as GGUF rows, on
-    /// CPUs that store quads: the same dense weights and prompt products bit for
-    /// bit, decode products equal but for the order of f32 additions, and a row's
+    /// The `vpdpbusd` decode kernels (nibble formats in quads, Q4_K and Q5_K
+    /// as stored) against the `vpmaddwd` ones on the same blocks, on CPUs that
+    /// have them: the same dense weights and prompt products bit for bit,
+    /// decode products equal but for the order of f32 additions, and a row's
     /// bits the same alone or among others. 192 columns: one quad and a
-    /// two-group tail; 512: four quads.
+    /// two-group tail; 512: four quads or two super-blocks.
     #[test]
-    fn quads_multiply_like_gguf_blocks() {
-        if !quads_enabled() {
-            eprintln!("SKIP quads_multiply_like_gguf_blocks: no AVX-512 VNNI (or CLAW_NO_QUADS)");
+    fn vnni_decode_multiplies_like_the_madd_kernels() {
+        if !vnni_decode_enabled() {
+            eprintln!(
+                "SKIP vnni_decode_multiplies_like_the_madd_kernels: no AVX-512 VNNI (or CLAW_NO_VNNI_DECODE)"
+            );
             return;
         }
-        let nibble_formats = [
-            BlockFormat::Q4_0,
-            BlockFormat::Q4_1,
-            BlockFormat::Q5_0,
-            BlockFormat::Q5_1,
+        let cases = [
+            (BlockFormat::Q4_0, 192),
+            (BlockFormat::Q4_1, 192),
+            (BlockFormat::Q5_0, 192),
+            (BlockFormat::Q5_1, 192),
+            (BlockFormat::Q4_0, 512),
+            (BlockFormat::Q4_1, 512),
+            (BlockFormat::Q5_0, 512),
+            (BlockFormat::Q5_1, 512),
+            (BlockFormat::Q4K, 512),
+            (BlockFormat::Q5K, 512),
         ];
-        for format in nibble_formats {
-            for cols in [192, 512] {
-                let (quads, _) = quantized(format, 37, cols);
-                assert!(quads.quads, "{format:?} is stored in quads");
-                let gguf = gguf_layout(format, 37, cols);
-                assert_ne!(quads.data, gguf.data, "{format:?}: rearranged");
-                assert_eq!(quads.to_dense(), gguf.to_dense(), "{format:?} {cols}");
-                let x: Vec<f32> = fixed_values(9, cols, 5)
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
-                if let (Some(a), Some(b)) = (quads.prompt_matmul(&x, 9), gguf.prompt_matmul(&x, 9))
-                {
-                    assert_eq!(a, b, "{format:?} {cols}: prompt product");
-                }
-                let alone: Vec<Vec<f32>> = x.chunks(cols).map(|xi| quads.matmul(xi, 1)).collect();
-                for m in 1..=9 {
-                    let (a, b) = (
-                        quads.matmul(&x[..m * cols], m),
-                        gguf.matmul(&x[..m * cols], m),
+        for (format, cols) in cases {
+            let (vnni, _) = quantized(format, 37, cols);
+            assert!(vnni.order.is_some(), "{format:?} has a vnni kernel");
+            let gguf = gguf_layout(format, 37, cols);
+            if vnni.quads() {
+                assert_ne!(vnni.data, gguf.data, "{format:?}: rearranged");
+            }
+            assert_eq!(vnni.to_dense(), gguf.to_dense(), "{format:?} {cols}");
+            let x: Vec<f32> = fixed_values(9, cols, 5)
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            if let (Some(a), Some(b)) = (vnni.prompt_matmul(&x, 9), gguf.prompt_matmul(&x, 9)) {
+                assert_eq!(a, b, "{format:?} {cols}: prompt product");
+            }
+            let alone: Vec<Vec<f32>> = x.chunks(cols).map(|xi| vnni.matmul(xi, 1)).collect();
+            for m in 1..=9 {
+                let (a, b) = (
+                    vnni.matmul(&x[..m * cols], m),
+                    gguf.matmul(&x[..m * cols], m),
+                );
+                let scale = b.iter().fold(1f32, |m, v| m.max(v.abs()));
+                for (i, (a, b)) in a.iter().zip(&b).enumerate() {
+                    assert!(
+                        (a - b).abs() <= 1e-5 * scale,
+                        "{format:?} {cols} m={m} output {i}: {a} vs {b}"
                     );
-                    let scale = b.iter().fold(1f32, |m, v| m.max(v.abs()));
-                    for (i, (a, b)) in a.iter().zip(&b).enumerate() {
-                        assert!(
-                            (a - b).abs() <= 1e-5 * scale,
-                            "{format:?} {cols} m={m} output {i}: {a} vs {b}"
-                        );
-                    }
-                    for (i, row) in a.chunks(37).enumerate() {
-                        assert_eq!(row, alone[i].as_slice(), "{format:?}: row {i} of {m}");
-                    }
+                }
+                for (i, row) in a.chunks(37).enumerate() {
+                    assert_eq!(row, alone[i].as_slice(), "{format:?}: row {i} of {m}");
                 }
             }
         }

@@ -24,6 +24,10 @@
 //! weights 16..32, then the low bytes likewise, so that `vpdpbusd` (unsigned
 //! bytes times signed bytes) multiplies every weight by both halves of its
 //! activation, and `256·Σw·hi + Σw·lo` is the exact 16-bit product.
+//!
+//! Q4_K and Q5_K need no new layout (a super-block already gathers its fields),
+//! only activations in the order of their nibbles ([`PlaneOrder::KQuantHalf`]),
+//! for the same kind of kernel.
 
 use super::formats::{BlockFormat, GROUP};
 
@@ -161,8 +165,39 @@ pub fn gguf_row(format: BlockFormat, quads: &[u8], out: &mut Vec<u8>) {
     tail.copy_from_slice(&quads[count * fields.bytes..]);
 }
 
-/// 16-bit activation rows re-laid for the quad kernel (see the module's doc):
-/// [`QUAD_ACTIVATION_BYTES`] per quad of each row, rows `cols` wide.
+/// Which weight of a 128-weight unit each activation byte multiplies: a unit
+/// is read as two 64-byte vectors of weights (`vpdpbusd` operands).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlaneOrder {
+    /// A quad of a nibble format: vector 0 holds weights 0..16 of each of its
+    /// four groups (the low nibbles), vector 1 weights 16..32 (the high ones).
+    Quads,
+    /// Half a Q4_K/Q5_K super-block (64 nibble bytes): vector 0 holds the low
+    /// nibbles (groups 0 and 2 of the half), vector 1 the high ones (1 and 3).
+    KQuantHalf,
+}
+
+impl PlaneOrder {
+    /// The weight (0..128 within the unit) at byte `p` (0..64) of vector `v`.
+    fn weight(self, v: usize, p: usize) -> usize {
+        match self {
+            Self::Quads => p / 16 * GROUP + v * 16 + p % 16,
+            Self::KQuantHalf => (2 * (p / GROUP) + v) * GROUP + p % GROUP,
+        }
+    }
+
+    /// The 128-weight units of a `cols`-wide row read in this order.
+    fn units(self, cols: usize) -> usize {
+        match self {
+            Self::Quads => quad_groups(cols) / QUAD,
+            Self::KQuantHalf => cols / (QUAD * GROUP),
+        }
+    }
+}
+
+/// 16-bit activation rows re-laid for the VNNI decode kernels (see the
+/// module's doc): [`QUAD_ACTIVATION_BYTES`] per 128-weight unit of each row,
+/// the high-byte plane of both vectors, then the low-byte plane.
 pub struct QuadActivations {
     bytes: Vec<u8>,
     per_row: usize,
@@ -170,23 +205,23 @@ pub struct QuadActivations {
 
 impl QuadActivations {
     /// `values`: rows of `cols` 16-bit activations, row-major.
-    pub fn new(values: &[i16], cols: usize) -> Self {
-        let quads = quad_groups(cols) / QUAD;
-        let per_row = quads * QUAD_ACTIVATION_BYTES;
+    pub fn new(values: &[i16], cols: usize, order: PlaneOrder) -> Self {
+        let units = order.units(cols);
+        let per_row = units * QUAD_ACTIVATION_BYTES;
+        let unit = QUAD * GROUP;
         let mut bytes = Vec::with_capacity(values.len() / cols * per_row);
         for row in values.chunks_exact(cols) {
-            for quad in row.chunks_exact(QUAD * GROUP).take(quads) {
+            for unit in row.chunks_exact(unit).take(units) {
                 for high in [true, false] {
-                    for half in [0, GROUP / 2] {
-                        for group in quad.chunks_exact(GROUP) {
-                            bytes.extend(group[half..half + GROUP / 2].iter().map(|&v| {
-                                if high {
-                                    (v >> 8) as u8
-                                } else {
-                                    v as u8
-                                }
-                            }));
-                        }
+                    for v in 0..2 {
+                        bytes.extend((0..64).map(|p| {
+                            let x = unit[order.weight(v, p)];
+                            if high {
+                                (x >> 8) as u8
+                            } else {
+                                x as u8
+                            }
+                        }));
                     }
                 }
             }
@@ -279,7 +314,7 @@ mod tests {
         let values: Vec<i16> = (0..2 * cols as i32)
             .map(|i| (i.wrapping_mul(2654435761u32 as i32) >> 16) as i16)
             .collect();
-        let planes = QuadActivations::new(&values, cols);
+        let planes = QuadActivations::new(&values, cols, PlaneOrder::Quads);
         for (r, row) in values.chunks_exact(cols).enumerate() {
             let quad = planes.row(r);
             assert_eq!(quad.len(), QUAD_ACTIVATION_BYTES);
@@ -289,6 +324,28 @@ mod tests {
                     let at = half * 64 + k * 16 + within;
                     let rebuilt = i16::from(quad[at] as i8) * 256 + i16::from(quad[128 + at]);
                     assert_eq!(rebuilt, row[k * GROUP + j], "row {r} group {k} value {j}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn k_quant_planes_follow_the_nibbles() {
+        // Byte p of the low-nibble vector multiplies group 2·(p / 32), weight p % 32;
+        // of the high-nibble vector group 2·(p / 32) + 1.
+        let cols = 256;
+        let values: Vec<i16> = (0..cols as i16).map(|i| i * 3 - 300).collect();
+        let planes = QuadActivations::new(&values, cols, PlaneOrder::KQuantHalf);
+        let row = planes.row(0);
+        assert_eq!(row.len(), 2 * QUAD_ACTIVATION_BYTES);
+        for half in 0..2 {
+            let unit = &row[half * QUAD_ACTIVATION_BYTES..];
+            for v in 0..2 {
+                for p in 0..64 {
+                    let weight = half * 128 + (2 * (p / 32) + v) * 32 + p % 32;
+                    let at = v * 64 + p;
+                    let rebuilt = i16::from(unit[at] as i8) * 256 + i16::from(unit[128 + at]);
+                    assert_eq!(rebuilt, values[weight], "half {half} vector {v} byte {p}");
                 }
             }
         }
