@@ -267,6 +267,108 @@ unsafe fn k_quant_loop<const R: usize, const FIFTH: bool>(
     out
 }
 
+/// Σ w·x of one Q6_K row (GGUF blocks) with each of `R` activation rows in the
+/// byte planes of [`super::quads::PlaneOrder::Natural`] and their sums per 16:
+/// per half super-block, 64 weights from one load of low nibbles and their
+/// high bits moved into place by one variable shift, four `vpdpbusd` on the
+/// unsigned 6-bit values; the −32 of every weight is taken off once per 16
+/// weights through the activations' sums.
+///
+/// # Safety
+/// As [`dot_quads`]; `row` is whole Q6_K super-blocks, and for every r
+/// `planes[r]` holds `2 * QUAD_ACTIVATION_BYTES`, `scales[r]` eight entries and
+/// `sums16[r]` sixteen per super-block.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+#[inline]
+pub unsafe fn dot_q6_k_planes<const R: usize>(
+    row: &[u8],
+    planes: &[&[u8]; R],
+    scales: &[&[f32]; R],
+    sums16: &[&[f32]; R],
+) -> [f32; R] {
+    let low_nibbles = _mm512_set1_epi8(0x0F);
+    let bits_4_5 = _mm512_set1_epi8(0x30);
+    // High bits of weights 0..32 are bits 0-1 of the 32 high-bit bytes, of
+    // 32..64 bits 2-3, of 64..96 bits 4-5, of 96..128 bits 6-7: shifted (per
+    // 16-bit word) to bits 4-5 of each byte.
+    let word_shifts = |a: i16, b: i16| {
+        _mm512_set_epi64(
+            b as i64 * 0x0001_0001_0001_0001,
+            b as i64 * 0x0001_0001_0001_0001,
+            b as i64 * 0x0001_0001_0001_0001,
+            b as i64 * 0x0001_0001_0001_0001,
+            a as i64 * 0x0001_0001_0001_0001,
+            a as i64 * 0x0001_0001_0001_0001,
+            a as i64 * 0x0001_0001_0001_0001,
+            a as i64 * 0x0001_0001_0001_0001,
+        )
+    };
+    let (left, right) = (word_shifts(4, 2), word_shifts(0, 2));
+    // The 16-weight scale k of a half to the four i32 sums of its weights.
+    let spread = |base: i32| {
+        let (a, b, c, d) = (base, base + 1, base + 2, base + 3);
+        _mm512_set_epi32(d, d, d, d, c, c, c, c, b, b, b, b, a, a, a, a)
+    };
+    let spreads = [spread(0), spread(4)];
+    let pairs = _mm256_set_epi32(3, 3, 2, 2, 1, 1, 0, 0);
+    let mut acc = [_mm512_setzero_ps(); R];
+    let mut offsets = [_mm256_setzero_ps(); R];
+    for s in 0..row.len() / 210 {
+        let block = row.as_ptr().add(s * 210);
+        _mm_prefetch::<_MM_HINT_T0>(block.wrapping_add(PREFETCH_AHEAD) as *const i8);
+        let d = _mm256_set1_ps(f16_at(block.add(208)));
+        for h in 0..2 {
+            let low = _mm512_loadu_si512(block.add(64 * h) as *const __m512i);
+            let high_bits = _mm512_broadcast_i64x4(_mm256_loadu_si256(
+                block.add(128 + 32 * h) as *const __m256i
+            ));
+            let first = _mm512_or_si512(
+                _mm512_and_si512(low, low_nibbles),
+                _mm512_and_si512(_mm512_sllv_epi16(high_bits, left), bits_4_5),
+            );
+            let second = _mm512_or_si512(
+                _mm512_and_si512(_mm512_srli_epi16(low, 4), low_nibbles),
+                _mm512_and_si512(_mm512_srlv_epi16(high_bits, right), bits_4_5),
+            );
+            let sub = _mm_loadl_epi64(block.add(192 + 8 * h) as *const __m128i);
+            let d_sc = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sub)));
+            for r in 0..R {
+                let unit = 2 * s + h;
+                let x = planes[r].as_ptr().add(unit * QUAD_ACTIVATION_BYTES) as *const __m512i;
+                // The activation scale of each 16-weight scale's group.
+                let xs = _mm_loadu_ps(scales[r].as_ptr().add(4 * unit));
+                let xs = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(xs), pairs);
+                let products = _mm512_castps256_ps512(_mm256_mul_ps(d_sc, xs));
+                for (v, weights) in [first, second].into_iter().enumerate() {
+                    // 6-bit weights: valid as unsigned and as signed bytes.
+                    let t = _mm512_dpbusd_epi32(
+                        _mm512_setzero_si512(),
+                        weights,
+                        _mm512_loadu_si512(x.add(v)),
+                    );
+                    let t = _mm512_slli_epi32(t, 8);
+                    let t = _mm512_dpbusd_epi32(t, _mm512_loadu_si512(x.add(2 + v)), weights);
+                    let scale = _mm512_permutexvar_ps(spreads[v], products);
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), scale, acc[r]);
+                }
+                let sums = _mm256_loadu_ps(sums16[r].as_ptr().add(8 * unit));
+                offsets[r] = _mm256_fmadd_ps(d_sc, sums, offsets[r]);
+            }
+        }
+    }
+    let mut out = [0f32; R];
+    for r in 0..R {
+        let o = _mm_add_ps(
+            _mm256_castps256_ps128(offsets[r]),
+            _mm256_extractf128_ps(offsets[r], 1),
+        );
+        let o = _mm_add_ps(o, _mm_movehl_ps(o, o));
+        let o = _mm_cvtss_f32(_mm_add_ss(o, _mm_shuffle_ps(o, o, 1)));
+        out[r] = _mm512_reduce_add_ps(acc[r]) - 32.0 * o;
+    }
+    out
+}
+
 /// Σ w·x of one weight row with each of `R` activation rows, as `x86::dot`.
 ///
 /// # Safety

@@ -94,14 +94,15 @@ impl PackedMatrix {
     ) -> Self {
         use quads::PlaneOrder;
         let nibbles = quads::QuadFields::of(format).is_some() && quads::quad_groups(cols) > 0;
-        let k_quant = matches!(format, BlockFormat::Q4K | BlockFormat::Q5K);
-        let order = match (vnni, nibbles, k_quant) {
-            (true, true, _) => Some(PlaneOrder::Quads),
-            (true, _, true) => Some(PlaneOrder::KQuantHalf),
+        let order = match (vnni, format) {
+            (false, _) => None,
+            (true, _) if nibbles => Some(PlaneOrder::Quads),
+            (true, BlockFormat::Q4K | BlockFormat::Q5K) => Some(PlaneOrder::KQuantHalf),
+            (true, BlockFormat::Q6K) => Some(PlaneOrder::Natural),
             _ => None,
         };
         let data = match order {
-            Some(PlaneOrder::KQuantHalf) | None => data,
+            Some(PlaneOrder::KQuantHalf | PlaneOrder::Natural) | None => data,
             Some(PlaneOrder::Quads) => {
                 let mut stored = Vec::with_capacity(data.len());
                 for row in data.chunks_exact(cols / GROUP * format.block_bytes()) {
@@ -215,9 +216,10 @@ impl PackedMatrix {
         let sums: Vec<&[f32]> = x16.sums.chunks_exact(groups_per_row).collect();
         let planes = self
             .order
-            .map(|order| quads::QuadActivations::new(&x16.values, self.cols, order));
-        let planes: Option<Vec<&[u8]>> =
-            planes.as_ref().map(|p| (0..m).map(|i| p.row(i)).collect());
+            .map(|order| quads::QuadActivations::new(&x16.values, &x16.scales, self.cols, order));
+        let planes: Option<Vec<(&[u8], &[f32])>> = planes
+            .as_ref()
+            .map(|p| (0..m).map(|i| (p.row(i), p.sums16(i))).collect());
         let pool = HotPool::global();
         let rows_per_task = self.rows.div_ceil(pool.threads() * 4).max(16);
         let mut transposed = vec![0f32; self.rows * m];
@@ -460,7 +462,7 @@ fn vnni_rows(
     stored: &StoredRows,
     xq: &[Quantized16],
     xsums: &[&[f32]],
-    planes: &[&[u8]],
+    planes: &[(&[u8], &[f32])],
     out: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
@@ -469,19 +471,21 @@ fn vnni_rows(
             stored: &StoredRows,
             xq: &[Quantized16],
             xsums: &[&[f32]],
-            planes: &[&[u8]],
+            planes: &[(&[u8], &[f32])],
             out: &mut [f32],
             first: usize,
         ) {
             let xq: &[Quantized16; R] = xq.try_into().expect("R activation rows");
             let xsums: &[&[f32]; R] = xsums.try_into().expect("R activation sums");
-            let planes: &[&[u8]; R] = planes.try_into().expect("R activation planes");
+            assert_eq!(planes.len(), R, "R activation planes");
+            let sums16: [&[f32]; R] = std::array::from_fn(|r| planes[r].1);
+            let planes: [&[u8]; R] = std::array::from_fn(|r| planes[r].0);
             // SAFETY: `vnni_decode_enabled` checked the CPU's AVX-512 VNNI (and
             // what the other kernels need); `stored` holds whole rows (in quads
             // for the nibble formats), as wide as every activation row, whose
             // planes were built from those activations in the order of the
             // format (all by `PackedMatrix::matmul`).
-            unsafe { vnni_pass::<R>(stored, xq, xsums, planes, out, first) }
+            unsafe { vnni_pass::<R>(stored, xq, xsums, &planes, &sums16, out, first) }
         }
         let passes = xq
             .chunks(ROWS_PER_PASS)
@@ -506,7 +510,8 @@ fn vnni_rows(
 }
 
 /// One pass of [`vnni_rows`]: activation rows `first..first + R`, every weight
-/// row. Q4_K/Q5_K rows go to [`avx512::dot_k_quant`]; a nibble format's quads
+/// row. Q4_K/Q5_K rows go to [`avx512::dot_k_quant`], Q6_K rows to
+/// [`avx512::dot_q6_k_planes`]; a nibble format's quads
 /// to [`avx512::dot_quads`], its tail of fewer than four groups (stored as GGUF
 /// blocks) to [`avx512::dot`].
 ///
@@ -521,19 +526,30 @@ unsafe fn vnni_pass<const R: usize>(
     xq: &[Quantized16; R],
     xsums: &[&[f32]; R],
     planes: &[&[u8]; R],
+    sums16: &[&[f32]; R],
     out: &mut [f32],
     first: usize,
 ) {
     let format = stored.format;
     let rows = stored.bytes.chunks_exact(stored.row_bytes);
     let m = out.len() / rows.len();
-    if matches!(format, BlockFormat::Q4K | BlockFormat::Q5K) {
-        let scales: [&[f32]; R] = std::array::from_fn(|r| xq[r].scales);
-        for (row, out) in rows.zip(out.chunks_exact_mut(m)) {
-            let sums = avx512::dot_k_quant::<R>(format, row, planes, &scales, xsums);
-            out[first..first + R].copy_from_slice(&sums);
+    let scales: [&[f32]; R] = std::array::from_fn(|r| xq[r].scales);
+    match format {
+        BlockFormat::Q4K | BlockFormat::Q5K => {
+            for (row, out) in rows.zip(out.chunks_exact_mut(m)) {
+                let sums = avx512::dot_k_quant::<R>(format, row, planes, &scales, xsums);
+                out[first..first + R].copy_from_slice(&sums);
+            }
+            return;
         }
-        return;
+        BlockFormat::Q6K => {
+            for (row, out) in rows.zip(out.chunks_exact_mut(m)) {
+                let sums = avx512::dot_q6_k_planes::<R>(row, planes, &scales, sums16);
+                out[first..first + R].copy_from_slice(&sums);
+            }
+            return;
+        }
+        _ => {}
     }
     let fields = quads::QuadFields::of(format).expect("a format with quads");
     let groups = quads::quad_groups(xq[0].values.len());
@@ -808,8 +824,8 @@ mod tests {
         }
     }
 
-    /// The `vpdpbusd` decode kernels (nibble formats in quads, Q4_K and Q5_K
-    /// as stored) against the `vpmaddwd` ones on the same blocks, on CPUs that
+    /// The `vpdpbusd` decode kernels (nibble formats in quads, k-quants as
+    /// stored) against the `vpmaddwd` ones on the same blocks, on CPUs that
     /// have them: the same dense weights and prompt products bit for bit,
     /// decode products equal but for the order of f32 additions, and a row's
     /// bits the same alone or among others. 192 columns: one quad and a
@@ -833,6 +849,7 @@ mod tests {
             (BlockFormat::Q5_1, 512),
             (BlockFormat::Q4K, 512),
             (BlockFormat::Q5K, 512),
+            (BlockFormat::Q6K, 512),
         ];
         for (format, cols) in cases {
             let (vnni, _) = quantized(format, 37, cols);

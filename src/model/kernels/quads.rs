@@ -25,9 +25,10 @@
 //! bytes times signed bytes) multiplies every weight by both halves of its
 //! activation, and `256·Σw·hi + Σw·lo` is the exact 16-bit product.
 //!
-//! Q4_K and Q5_K need no new layout (a super-block already gathers its fields),
-//! only activations in the order of their nibbles ([`PlaneOrder::KQuantHalf`]),
-//! for the same kind of kernel.
+//! Q4_K, Q5_K and Q6_K need no new layout (a super-block already gathers its
+//! fields), only activations in the order of their nibbles
+//! ([`PlaneOrder::KQuantHalf`], [`PlaneOrder::Natural`]), for the same kind of
+//! kernel.
 
 use super::formats::{BlockFormat, GROUP};
 
@@ -175,6 +176,9 @@ pub enum PlaneOrder {
     /// Half a Q4_K/Q5_K super-block (64 nibble bytes): vector 0 holds the low
     /// nibbles (groups 0 and 2 of the half), vector 1 the high ones (1 and 3).
     KQuantHalf,
+    /// Half a Q6_K super-block: vector 0 holds weights 0..64, vector 1 64..128.
+    /// Its activations come with their sums per 16 (the reach of a Q6_K scale).
+    Natural,
 }
 
 impl PlaneOrder {
@@ -183,6 +187,7 @@ impl PlaneOrder {
         match self {
             Self::Quads => p / 16 * GROUP + v * 16 + p % 16,
             Self::KQuantHalf => (2 * (p / GROUP) + v) * GROUP + p % GROUP,
+            Self::Natural => v * 64 + p,
         }
     }
 
@@ -190,7 +195,7 @@ impl PlaneOrder {
     fn units(self, cols: usize) -> usize {
         match self {
             Self::Quads => quad_groups(cols) / QUAD,
-            Self::KQuantHalf => cols / (QUAD * GROUP),
+            Self::KQuantHalf | Self::Natural => cols / (QUAD * GROUP),
         }
     }
 }
@@ -201,11 +206,16 @@ impl PlaneOrder {
 pub struct QuadActivations {
     bytes: Vec<u8>,
     per_row: usize,
+    /// [`PlaneOrder::Natural`]: Σ of each 16 values as multiplied (their group's
+    /// scale times the sum of the 16-bit integers), `cols / 16` a row.
+    sums16: Vec<f32>,
+    cols: usize,
 }
 
 impl QuadActivations {
-    /// `values`: rows of `cols` 16-bit activations, row-major.
-    pub fn new(values: &[i16], cols: usize, order: PlaneOrder) -> Self {
+    /// `values`: rows of `cols` 16-bit activations, row-major, with `scales`,
+    /// one per 32 values.
+    pub fn new(values: &[i16], scales: &[f32], cols: usize, order: PlaneOrder) -> Self {
         let units = order.units(cols);
         let per_row = units * QUAD_ACTIVATION_BYTES;
         let unit = QUAD * GROUP;
@@ -226,7 +236,30 @@ impl QuadActivations {
                 }
             }
         }
-        Self { bytes, per_row }
+        let sums16 = match order {
+            PlaneOrder::Natural => values
+                .chunks_exact(16)
+                .zip(scales.iter().flat_map(|&s| [s, s]))
+                .map(|(c, s)| s * c.iter().map(|&v| i32::from(v)).sum::<i32>() as f32)
+                .collect(),
+            _ => Vec::new(),
+        };
+        Self {
+            bytes,
+            per_row,
+            sums16,
+            cols,
+        }
+    }
+
+    /// The sums per 16 values of activation row `i` ([`PlaneOrder::Natural`];
+    /// empty for the other orders).
+    pub fn sums16(&self, i: usize) -> &[f32] {
+        if self.sums16.is_empty() {
+            return &[];
+        }
+        let n = self.cols / 16;
+        &self.sums16[i * n..(i + 1) * n]
     }
 
     /// The quads of activation row `i`.
@@ -314,7 +347,7 @@ mod tests {
         let values: Vec<i16> = (0..2 * cols as i32)
             .map(|i| (i.wrapping_mul(2654435761u32 as i32) >> 16) as i16)
             .collect();
-        let planes = QuadActivations::new(&values, cols, PlaneOrder::Quads);
+        let planes = QuadActivations::new(&values, &[1.0; 12], cols, PlaneOrder::Quads);
         for (r, row) in values.chunks_exact(cols).enumerate() {
             let quad = planes.row(r);
             assert_eq!(quad.len(), QUAD_ACTIVATION_BYTES);
@@ -330,12 +363,33 @@ mod tests {
     }
 
     #[test]
+    fn natural_planes_come_with_sums_per_16() {
+        let cols = 256;
+        let values: Vec<i16> = (0..cols as i16).map(|i| 1000 - i * 7).collect();
+        let scales: Vec<f32> = (0..8).map(|g| 0.5 + g as f32).collect();
+        let planes = QuadActivations::new(&values, &scales, cols, PlaneOrder::Natural);
+        let row = planes.row(0);
+        for (w, &v) in values.iter().enumerate() {
+            let (unit, v_in, p) = (w / 128, w % 128 / 64, w % 64);
+            let at = unit * QUAD_ACTIVATION_BYTES + v_in * 64 + p;
+            assert_eq!(i16::from(row[at] as i8) * 256 + i16::from(row[at + 128]), v);
+        }
+        for (k, &sum) in planes.sums16(0).iter().enumerate() {
+            let want: i32 = values[16 * k..16 * k + 16]
+                .iter()
+                .map(|&v| i32::from(v))
+                .sum();
+            assert_eq!(sum, scales[k / 2] * want as f32, "sum {k}");
+        }
+    }
+
+    #[test]
     fn k_quant_planes_follow_the_nibbles() {
         // Byte p of the low-nibble vector multiplies group 2·(p / 32), weight p % 32;
         // of the high-nibble vector group 2·(p / 32) + 1.
         let cols = 256;
         let values: Vec<i16> = (0..cols as i16).map(|i| i * 3 - 300).collect();
-        let planes = QuadActivations::new(&values, cols, PlaneOrder::KQuantHalf);
+        let planes = QuadActivations::new(&values, &[1.0; 8], cols, PlaneOrder::KQuantHalf);
         let row = planes.row(0);
         assert_eq!(row.len(), 2 * QUAD_ACTIVATION_BYTES);
         for half in 0..2 {
