@@ -136,6 +136,27 @@ unsafe fn quad_loop<const R: usize, const MIN: bool, const FIFTH: bool>(
     out
 }
 
+/// Σ w·x per i32 lane (four weights each) of 64 weight bytes below 128 and the
+/// 16-bit activations whose high bytes are at `high` and low bytes at `low`:
+/// the weights as unsigned times the high bytes (signed), shifted, plus the low
+/// bytes (unsigned) times the weights as signed. Exact.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[inline]
+unsafe fn exact_products(weights: __m512i, high: *const __m512i, low: *const __m512i) -> __m512i {
+    let t = _mm512_dpbusd_epi32(_mm512_setzero_si512(), weights, _mm512_loadu_si512(high));
+    let t = _mm512_slli_epi32(t, 8);
+    _mm512_dpbusd_epi32(t, _mm512_loadu_si512(low), weights)
+}
+
+/// The sum of the eight lanes of a 256-bit vector.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn sum256(v: __m256) -> f32 {
+    let o = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let o = _mm_add_ps(o, _mm_movehl_ps(o, o));
+    _mm_cvtss_f32(_mm_add_ss(o, _mm_shuffle_ps(o, o, 1)))
+}
+
 /// Σ w·x of one Q4_K or Q5_K row (GGUF blocks) with each of `R` activation
 /// rows in the byte planes of [`super::quads::PlaneOrder::KQuantHalf`], as
 /// [`dot_quads`] does for the nibble formats: per half super-block one load
@@ -237,13 +258,7 @@ unsafe fn k_quant_loop<const R: usize, const FIFTH: bool>(
                 let group_scales = _mm512_castps256_ps512(group_scales);
                 for (v, weights) in [low, high].into_iter().enumerate() {
                     // Weights below 32: valid as unsigned and as signed bytes.
-                    let t = _mm512_dpbusd_epi32(
-                        _mm512_setzero_si512(),
-                        weights,
-                        _mm512_loadu_si512(x.add(v)),
-                    );
-                    let t = _mm512_slli_epi32(t, 8);
-                    let t = _mm512_dpbusd_epi32(t, _mm512_loadu_si512(x.add(2 + v)), weights);
+                    let t = exact_products(weights, x.add(v), x.add(2 + v));
                     let scale = _mm512_permutexvar_ps(spreads[h][v], group_scales);
                     acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), scale, acc[r]);
                 }
@@ -256,13 +271,7 @@ unsafe fn k_quant_loop<const R: usize, const FIFTH: bool>(
     }
     let mut out = [0f32; R];
     for r in 0..R {
-        let o = _mm_add_ps(
-            _mm256_castps256_ps128(offsets[r]),
-            _mm256_extractf128_ps(offsets[r], 1),
-        );
-        let o = _mm_add_ps(o, _mm_movehl_ps(o, o));
-        let o = _mm_cvtss_f32(_mm_add_ss(o, _mm_shuffle_ps(o, o, 1)));
-        out[r] = _mm512_reduce_add_ps(acc[r]) - o;
+        out[r] = _mm512_reduce_add_ps(acc[r]) - sum256(offsets[r]);
     }
     out
 }
@@ -341,13 +350,7 @@ pub unsafe fn dot_q6_k_planes<const R: usize>(
                 let products = _mm512_castps256_ps512(_mm256_mul_ps(d_sc, xs));
                 for (v, weights) in [first, second].into_iter().enumerate() {
                     // 6-bit weights: valid as unsigned and as signed bytes.
-                    let t = _mm512_dpbusd_epi32(
-                        _mm512_setzero_si512(),
-                        weights,
-                        _mm512_loadu_si512(x.add(v)),
-                    );
-                    let t = _mm512_slli_epi32(t, 8);
-                    let t = _mm512_dpbusd_epi32(t, _mm512_loadu_si512(x.add(2 + v)), weights);
+                    let t = exact_products(weights, x.add(v), x.add(2 + v));
                     let scale = _mm512_permutexvar_ps(spreads[v], products);
                     acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), scale, acc[r]);
                 }
@@ -358,13 +361,7 @@ pub unsafe fn dot_q6_k_planes<const R: usize>(
     }
     let mut out = [0f32; R];
     for r in 0..R {
-        let o = _mm_add_ps(
-            _mm256_castps256_ps128(offsets[r]),
-            _mm256_extractf128_ps(offsets[r], 1),
-        );
-        let o = _mm_add_ps(o, _mm_movehl_ps(o, o));
-        let o = _mm_cvtss_f32(_mm_add_ss(o, _mm_shuffle_ps(o, o, 1)));
-        out[r] = _mm512_reduce_add_ps(acc[r]) - 32.0 * o;
+        out[r] = _mm512_reduce_add_ps(acc[r]) - 32.0 * sum256(offsets[r]);
     }
     out
 }
