@@ -50,7 +50,13 @@ fn a_short_agent_run_goes_through_the_whole_loop_and_writes_its_report() {
         .args(["eval", "--bench", "agent", "--method", "combined,off"])
         .args(["--episodes", "6", "--batch", "3", "--heldout", "2"])
         .args(["--max-tokens", "8", "--round-timeout", "120"])
-        .args(["--success-window", "3", "--no-retention", "--feedback-grace", "2"])
+        .args([
+            "--success-window",
+            "3",
+            "--no-retention",
+            "--feedback-grace",
+            "2",
+        ])
         .args(sandbox_flags())
         .arg("--model")
         .arg(&model)
@@ -85,7 +91,10 @@ fn a_short_agent_run_goes_through_the_whole_loop_and_writes_its_report() {
     }
     let (combined, off) = (&runs[0], &runs[1]);
     assert_eq!(combined["method"], "combined");
-    assert!(combined["final_policy_version"].as_u64().unwrap() >= 1, "{combined}");
+    assert!(
+        combined["final_policy_version"].as_u64().unwrap() >= 1,
+        "{combined}"
+    );
     assert_eq!(off["method"], "off");
     assert_eq!(off["final_policy_version"], 0);
     assert!(off.get("signals").is_none());
@@ -100,12 +109,22 @@ fn a_short_agent_run_goes_through_the_whole_loop_and_writes_its_report() {
         .sum();
     let signals = &combined["signals"];
     assert_eq!(signals["samples"].as_u64().unwrap(), turns, "{signals}");
-    assert_eq!(signals["rewards"]["feedback -1"].as_u64().unwrap(), turns, "{signals}");
+    assert_eq!(
+        signals["rewards"]["feedback -1"].as_u64().unwrap(),
+        turns,
+        "{signals}"
+    );
     assert_eq!(signals["hinted"].as_u64().unwrap(), turns, "{signals}");
     let run_dir = data.join("agent-combined-seed0");
     let judged = rows_under(&run_dir.join("judged"));
-    assert!(judged.iter().all(|r| r.tools_json.as_deref().is_some_and(|t| t.contains("\"python\""))));
-    let hint = rows_under(&run_dir.join("distilled"))[0].hint.clone().unwrap();
+    assert!(judged.iter().all(|r| r
+        .tools_json
+        .as_deref()
+        .is_some_and(|t| t.contains("\"python\""))));
+    let hint = rows_under(&run_dir.join("distilled"))[0]
+        .hint
+        .clone()
+        .unwrap();
     assert!(hint.contains("the correct answer is"), "{hint}");
     assert!(run_dir.join("checkpoints").join("LATEST").is_file());
 
@@ -209,10 +228,23 @@ fn tool_results_are_next_states_and_the_environment_gives_the_rewards() {
     let judged = tmp.path().join("judged.parquet");
     let raw = data.join("raw");
     let run = |args: &[&str]| {
-        let out = claw().args(args).env("RAYON_NUM_THREADS", "1").output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let out = claw()
+            .args(args)
+            .env("RAYON_NUM_THREADS", "1")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
-    run(&["collect", raw.to_str().unwrap(), "-o", samples.to_str().unwrap()]);
+    run(&[
+        "collect",
+        raw.to_str().unwrap(),
+        "-o",
+        samples.to_str().unwrap(),
+    ]);
     run(&[
         "judge",
         samples.to_str().unwrap(),
@@ -233,13 +265,19 @@ fn tool_results_are_next_states_and_the_environment_gives_the_rewards() {
     assert_eq!(failed.next_state_role.as_deref(), Some("tool"));
     let text = failed.next_state_text.as_deref().unwrap();
     assert!(text.contains("ZeroDivisionError"), "{text}");
-    assert_eq!((failed.reward, failed.judge_source.as_deref()), (Some(-1.0), Some("env")));
+    assert_eq!(
+        (failed.reward, failed.judge_source.as_deref()),
+        (Some(-1.0), Some("env"))
+    );
     // The working program's output is the next state; the right answer rates
     // the turn that called it +1, and the answer itself.
     let worked = turn("works", 1);
     assert_eq!(worked.next_state_role.as_deref(), Some("tool"));
     assert_eq!(worked.next_state_text.as_deref(), Some("42"));
-    assert_eq!((worked.reward, worked.judge_source.as_deref()), (Some(1.0), Some("feedback")));
+    assert_eq!(
+        (worked.reward, worked.judge_source.as_deref()),
+        (Some(1.0), Some("feedback"))
+    );
     for session in ["fails", "works"] {
         assert_eq!(turn(session, 2).reward, Some(1.0));
     }

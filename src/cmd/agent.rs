@@ -124,7 +124,8 @@ pub fn run_all(args: &EvalArgs) -> Result<Vec<RunResult>> {
     let mut results = Vec::new();
     for &m in &methods {
         crate::info!("agent, method {}: {} episodes", m.name(), cfg.episodes);
-        let bar = crate::ui::progress_bar(Some(cfg.episodes as u64), &format!("agent {}", m.name()));
+        let bar =
+            crate::ui::progress_bar(Some(cfg.episodes as u64), &format!("agent {}", m.name()));
         let solved = std::cell::Cell::new(0usize);
         let result = run(m, &cfg, &sandbox, &|e| {
             solved.set(solved.get() + usize::from(e.correct()));

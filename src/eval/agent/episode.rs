@@ -101,7 +101,10 @@ pub struct ToolOutput {
 
 impl ToolRunner for Sandbox {
     fn run(&self, code: &str) -> Result<ToolOutput> {
-        Ok(tool_output(&Sandbox::run(self, code)?, self.limits().timeout))
+        Ok(tool_output(
+            &Sandbox::run(self, code)?,
+            self.limits().timeout,
+        ))
     }
 }
 
@@ -295,9 +298,8 @@ pub fn play(
 /// `{"name": ...` object, which small models write without the tags their
 /// template asks for.
 pub fn malformed_calls(content: &str) -> usize {
-    static BARE: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
-        regex::Regex::new(r#"\{\s*"name"\s*:"#).expect("valid regex")
-    });
+    static BARE: std::sync::LazyLock<regex::Regex> =
+        std::sync::LazyLock::new(|| regex::Regex::new(r#"\{\s*"name"\s*:"#).expect("valid regex"));
     match content.matches("<tool_call>").count() {
         0 => BARE.find_iter(content).count(),
         n => n,

@@ -3,12 +3,15 @@ use std::cell::RefCell;
 use super::*;
 use crate::eval::agent::tasks::Kind;
 
+/// A rating sent: response id, rating, text, session done.
+type Rating = (String, i8, Option<String>, bool);
+
 /// A model that replies from a script, and records what it was sent and rated.
 #[derive(Default)]
 struct Scripted {
     replies: RefCell<Vec<Reply>>,
     sent: RefCell<Vec<Vec<Value>>>,
-    rated: RefCell<Vec<(String, i8, Option<String>, bool)>>,
+    rated: RefCell<Vec<Rating>>,
 }
 
 impl Scripted {
@@ -28,7 +31,14 @@ impl Endpoint for Scripted {
         self.sent.borrow_mut().push(turn.messages.to_vec());
         Ok(self.replies.borrow_mut().pop().expect("a scripted reply"))
     }
-    fn feedback(&self, _: &str, id: &str, rating: i8, text: Option<&str>, done: bool) -> Result<()> {
+    fn feedback(
+        &self,
+        _: &str,
+        id: &str,
+        rating: i8,
+        text: Option<&str>,
+        done: bool,
+    ) -> Result<()> {
         self.rated
             .borrow_mut()
             .push((id.into(), rating, text.map(str::to_string), done));
@@ -100,11 +110,17 @@ fn a_tool_call_runs_and_its_output_is_the_next_message() {
     ]);
     let log = play(&model, &FakePython, &task(), "s", false, &cfg(2), 1).unwrap();
     assert_eq!(log.outcome, Outcome::Correct);
-    assert_eq!((log.calls(), log.valid_calls(), log.tool_errors()), (1, 1, 0));
+    assert_eq!(
+        (log.calls(), log.valid_calls(), log.tool_errors()),
+        (1, 1, 0)
+    );
     let second = &model.sent.borrow()[1];
     assert_eq!(second.len(), 4, "system, user, assistant call, tool result");
     assert_eq!(second[2]["tool_calls"][0]["id"], "c1");
-    assert_eq!(second[3], json!({"role": "tool", "tool_call_id": "c1", "content": "42"}));
+    assert_eq!(
+        second[3],
+        json!({"role": "tool", "tool_call_id": "c1", "content": "42"})
+    );
     // Both turns get the outcome; the last one ends the session.
     assert_eq!(
         *model.rated.borrow(),
@@ -120,12 +136,22 @@ fn a_wrong_answer_rates_every_turn_down_with_the_correction_but_a_failed_tool_ke
     ]);
     let log = play(&model, &FakePython, &task(), "s", false, &cfg(2), 1).unwrap();
     assert_eq!(log.outcome, Outcome::Wrong);
-    assert_eq!((log.calls(), log.valid_calls(), log.tool_errors()), (1, 1, 1));
+    assert_eq!(
+        (log.calls(), log.valid_calls(), log.tool_errors()),
+        (1, 1, 1)
+    );
     let rated = model.rated.borrow();
-    assert_eq!(rated[0], ("r1".into(), -1, None, false), "its hint is the traceback");
+    assert_eq!(
+        rated[0],
+        ("r1".into(), -1, None, false),
+        "its hint is the traceback"
+    );
     let (id, rating, text, done) = &rated[1];
     assert_eq!((id.as_str(), *rating, *done), ("r2", -1, true));
-    assert!(text.as_deref().unwrap().contains("the correct answer is 42"));
+    assert!(text
+        .as_deref()
+        .unwrap()
+        .contains("the correct answer is 42"));
 }
 
 #[test]
@@ -145,12 +171,27 @@ fn invalid_calls_are_counted_and_out_of_rounds_is_no_answer() {
     ]);
     let log = play(&model, &FakePython, &task(), "s", false, &cfg(1), 1).unwrap();
     assert_eq!(log.outcome, Outcome::NoAnswer);
-    assert_eq!((log.calls(), log.valid_calls()), (2, 0), "the second never ran");
+    assert_eq!(
+        (log.calls(), log.valid_calls()),
+        (2, 0),
+        "the second never ran"
+    );
     // A malformed block serve could not parse counts as an invalid call.
-    let model = Scripted::new(vec![reply("r1", "<tool_call>{\"name\": python</tool_call>", vec![])]);
+    let model = Scripted::new(vec![reply(
+        "r1",
+        "<tool_call>{\"name\": python</tool_call>",
+        vec![],
+    )]);
     let log = play(&model, &FakePython, &task(), "s", false, &cfg(1), 1).unwrap();
-    assert_eq!((log.outcome, log.calls(), log.valid_calls()), (Outcome::Wrong, 1, 0));
-    assert!(model.rated.borrow()[0].2.as_deref().unwrap().contains("malformed"));
+    assert_eq!(
+        (log.outcome, log.calls(), log.valid_calls()),
+        (Outcome::Wrong, 1, 0)
+    );
+    assert!(model.rated.borrow()[0]
+        .2
+        .as_deref()
+        .unwrap()
+        .contains("malformed"));
     // So does a bare JSON call without the tags (what Qwen2.5-0.5B often writes).
     let bare = r#"{"name": "multiply", "arguments": {"a": 6, "b": 7}}"#;
     assert_eq!(malformed_calls(bare), 1);
@@ -158,7 +199,10 @@ fn invalid_calls_are_counted_and_out_of_rounds_is_no_answer() {
     // Unknown tools and missing code are refused as errors, without running.
     let bad = json!({"id": "x", "function": {"name": "shell", "arguments": "{}"}});
     let (out, valid) = run_call(&FakePython, &bad).unwrap();
-    assert!(out.error && !valid && out.text.starts_with("Error:"), "{out:?}");
+    assert!(
+        out.error && !valid && out.text.starts_with("Error:"),
+        "{out:?}"
+    );
     let bad = json!({"id": "x", "function": {"name": "python", "arguments": "{\"src\": 1}"}});
     assert!(!run_call(&FakePython, &bad).unwrap().1);
 }
@@ -189,16 +233,27 @@ fn tool_results_say_how_a_program_failed_and_are_truncated() {
     let silent = tool_output(&run(true, false, "", "", Some(0)), t);
     assert!(silent.text.contains("print()"));
     let slow = tool_output(&run(false, true, "", "", None), t);
-    assert!(slow.error && slow.text.contains("Error: the program was stopped after 5 s"));
+    assert!(
+        slow.error
+            && slow
+                .text
+                .contains("Error: the program was stopped after 5 s")
+    );
     let tb = "Traceback (most recent call last):\n  File \"program.py\", line 1\nZeroDivisionError: division by zero";
     let failed = tool_output(&run(false, false, "", tb, Some(1)), t);
     assert_eq!(failed.text, tb);
     assert!(failed.error && !failed.syntax_error);
-    let syntax = tool_output(&run(false, false, "", "SyntaxError: invalid syntax", Some(1)), t);
+    let syntax = tool_output(
+        &run(false, false, "", "SyntaxError: invalid syntax", Some(1)),
+        t,
+    );
     assert!(syntax.syntax_error);
     let long = "x".repeat(5000) + "END";
     let cut = truncate(&long, MAX_TOOL_CHARS);
-    assert!(cut.chars().count() < MAX_TOOL_CHARS + 60 && cut.ends_with("END"), "{cut}");
+    assert!(
+        cut.chars().count() < MAX_TOOL_CHARS + 60 && cut.ends_with("END"),
+        "{cut}"
+    );
     assert!(cut.contains("characters left out"));
 }
 
@@ -220,8 +275,14 @@ fn the_sandbox_runs_the_python_tool() {
     let out = ToolRunner::run(&sandbox, "print(48213 * 9172)").unwrap();
     assert_eq!((out.text.as_str(), out.error), ("442209636", false));
     let out = ToolRunner::run(&sandbox, "print(1/0)").unwrap();
-    assert!(out.error && out.text.contains("ZeroDivisionError"), "{out:?}");
-    assert!(crate::judge::env::detect("tool", &out.text).is_some(), "{out:?}");
+    assert!(
+        out.error && out.text.contains("ZeroDivisionError"),
+        "{out:?}"
+    );
+    assert!(
+        crate::judge::env::detect("tool", &out.text).is_some(),
+        "{out:?}"
+    );
     let out = ToolRunner::run(&sandbox, "print((1,2").unwrap();
     assert!(out.syntax_error, "{out:?}");
 }

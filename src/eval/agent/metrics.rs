@@ -292,7 +292,12 @@ pub fn report(results: &[RunResult], command: &str, window: usize, plot: Option<
     ));
     for r in results {
         let w: Vec<String> = r.windows(window).into_iter().map(pct).collect();
-        out.push_str(&format!("| {} | {} | {} |\n", r.method, r.seed, w.join(" "),));
+        out.push_str(&format!(
+            "| {} | {} | {} |\n",
+            r.method,
+            r.seed,
+            w.join(" "),
+        ));
     }
     let kinds: Vec<&str> = Kind::ALL.iter().map(|k| k.name()).collect();
     out.push_str(&format!(
@@ -309,7 +314,12 @@ pub fn report(results: &[RunResult], command: &str, window: usize, plot: Option<
                 format!("{} -> {}", get(&r.heldout_before), get(&r.heldout_after))
             })
             .collect();
-        out.push_str(&format!("| {} | {} | {} |\n", r.method, r.seed, cells.join(" | ")));
+        out.push_str(&format!(
+            "| {} | {} | {} |\n",
+            r.method,
+            r.seed,
+            cells.join(" | ")
+        ));
     }
     let mut seen: Vec<String> = Vec::new();
     for r in results {
@@ -382,7 +392,12 @@ pub fn retention_section(results: &[RunResult]) -> String {
     let trained: Vec<(String, Option<&crate::eval::retention::RetentionReport>)> = results
         .iter()
         .filter(|r| r.method != "off")
-        .map(|r| (format!("seed {} | {}", r.seed, r.method), r.retention.as_ref()))
+        .map(|r| {
+            (
+                format!("seed {} | {}", r.seed, r.method),
+                r.retention.as_ref(),
+            )
+        })
         .collect();
     retention_rows(&trained, "seed | method")
 }

@@ -137,7 +137,10 @@ impl Endpoint for Serve {
         Ok(Reply {
             id: reply["id"].as_str().unwrap_or_default().to_string(),
             content: message["content"].as_str().unwrap_or_default().to_string(),
-            tool_calls: message["tool_calls"].as_array().cloned().unwrap_or_default(),
+            tool_calls: message["tool_calls"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default(),
         })
     }
 
@@ -222,13 +225,7 @@ pub fn run(
         let seed = cfg.seed.wrapping_mul(1_000_003).wrapping_add(i as u64);
         let log = play(&serve, tools, task, &session, false, &cfg.episode, seed)?;
         round_turns += log.turns.len();
-        let episode = Episode::new(
-            i + 1,
-            task,
-            &log,
-            version,
-            started.elapsed().as_secs_f64(),
-        );
+        let episode = Episode::new(i + 1, task, &log, version, started.elapsed().as_secs_f64());
         progress(&episode);
         episodes.push(episode);
         // Play at the pace the system learns: after each round, wait until the
@@ -274,7 +271,9 @@ pub fn run(
         .model
         .as_ref()
         .and_then(|m| m.file_stem())
-        .map_or("the default model".into(), |s| s.to_string_lossy().into_owned());
+        .map_or("the default model".into(), |s| {
+            s.to_string_lossy().into_owned()
+        });
     Ok(RunResult {
         method: match cfg.url {
             Some(_) => "external".into(),
@@ -332,7 +331,10 @@ mod tests {
     fn methods_judge_with_env_first_and_cover_an_episode_with_the_grace() {
         for m in [Method::Rl, Method::Opd, Method::Combined] {
             let args = up_args(m, &config());
-            assert_eq!(stage(&args, "judge").as_deref(), Some("--sources env,feedback"));
+            assert_eq!(
+                stage(&args, "judge").as_deref(),
+                Some("--sources env,feedback")
+            );
             let collect = stage(&args, "collect").unwrap();
             assert!(collect.contains("--feedback-grace 90000ms"), "{collect}");
             assert_eq!(stage(&args, "distill-hints").is_some(), m != Method::Rl);

@@ -244,7 +244,12 @@ pub fn retention_section(results: &[RunResult]) -> String {
     let trained: Vec<(String, Option<&crate::eval::retention::RetentionReport>)> = results
         .iter()
         .filter(|r| r.method != "off")
-        .map(|r| (format!("{} | {}", r.persona, r.method), r.retention.as_ref()))
+        .map(|r| {
+            (
+                format!("{} | {}", r.persona, r.method),
+                r.retention.as_ref(),
+            )
+        })
         .collect();
     retention_rows(&trained, "persona | method")
 }

@@ -345,14 +345,12 @@ pub fn run(
         client.heldout_rate(persona, &heldout, cfg.max_tokens, &format!("{tag}-after"))?;
     drop(up); // stops claw up before its directory goes
     let retention = match (&cfg.retention, &run_dir) {
-        (Some(check), Some(dir)) if method != Method::Off => {
-            crate::eval::live::retention_of(
-                check,
-                cfg.model.as_deref(),
-                &dir.join("checkpoints"),
-                &format!("persona {tag}"),
-            )
-        }
+        (Some(check), Some(dir)) if method != Method::Off => crate::eval::live::retention_of(
+            check,
+            cfg.model.as_deref(),
+            &dir.join("checkpoints"),
+            &format!("persona {tag}"),
+        ),
         _ => None,
     };
     if let Some(dir) = scratch {
