@@ -53,7 +53,9 @@ fn a_short_agent_run_goes_through_the_whole_loop_and_writes_its_report() {
         .args([
             "--success-window",
             "3",
-            "--no-retention",
+            // the retention check of the combined run's adapter, at CI size
+            "--retention-limit",
+            "2",
             "--feedback-grace",
             "2",
         ])
@@ -98,6 +100,16 @@ fn a_short_agent_run_goes_through_the_whole_loop_and_writes_its_report() {
     assert_eq!(off["method"], "off");
     assert_eq!(off["final_policy_version"], 0);
     assert!(off.get("signals").is_none());
+    // The trained run's final adapter was checked against the base; the control
+    // (the base itself) was not.
+    let rows: Vec<&str> = combined["retention"]["rows"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no retention rows: {combined}"))
+        .iter()
+        .map(|r| r["metric"].as_str().unwrap())
+        .collect();
+    assert_eq!(rows, ["gsm8k accuracy", "facts accuracy", "perplexity"]);
+    assert!(off.get("retention").is_none());
 
     // Every turn of every training episode was judged from the environment's
     // verdict (the tiny model never solves one: all -1, each with its hint).
@@ -134,6 +146,7 @@ fn a_short_agent_run_goes_through_the_whole_loop_and_writes_its_report() {
         "| off | 0 | 6 |",
         "## Signals",
         "## Retention",
+        "| seed 0 | combined | perplexity |",
         "agent.png",
         "held-out before",
         "valid calls",
