@@ -92,6 +92,20 @@ Benchmarks:
              persona.md, persona.json and persona.png. --fail-under X gates on the
              mean held-out satisfaction after the training runs. With --url it
              drives a running `claw up` instead.
+  agent      does the loop learn to use a tool? Starts a `claw up` per --method
+             and plays --episodes episodes: a task whose answer must be computed
+             (big-number arithmetic, unit conversions, string manipulation,
+             GSM8K-style word problems) with a `python` tool (OpenAI `tools`);
+             each call runs in the sandbox (--exec-timeout, --exec-memory-mb) and
+             its output is the tool message; up to --tool-rounds replies with
+             calls, then the final answer (Answer: X), checked exactly. A
+             failed program is scored -1 by judge's env rules; the answer's
+             verdict rates every turn (+1/-1, with the correction as the hint).
+             After each --batch of episodes it waits for the steps they feed.
+             Reports success per --success-window episodes, held-out success
+             (--heldout tasks from a fixed seed, greedy, side turns) before and
+             after, tool-call validity and use; --report DIR writes agent.md,
+             agent.json and agent.png. Use a model that calls tools (Qwen2.5).
 
 Decoding is greedy by default (--temperature 0), so a run is reproducible; with
 --temperature > 0 each call's seed comes from --seed, the item and the sample.
@@ -260,6 +274,9 @@ pub struct EvalArgs {
 
     #[command(flatten)]
     pub persona: super::persona::PersonaArgs,
+
+    #[command(flatten)]
+    pub agent: super::agent::AgentArgs,
 }
 
 pub fn run(args: EvalArgs) -> Result<()> {
@@ -276,6 +293,22 @@ pub fn run(args: EvalArgs) -> Result<()> {
         Bench::Ppl => run_ppl(&args)?,
         Bench::Facts => run_facts(&args)?,
         Bench::Retention => return run_retention(&args),
+        Bench::Agent => {
+            let results = super::agent::run_all(&args)?;
+            // The gate: the mean held-out success after the runs that trained.
+            if let Some(min) = args.fail_under {
+                let trained: Vec<f64> = results
+                    .iter()
+                    .filter(|r| r.method != "off")
+                    .map(|r| r.heldout_after.rate())
+                    .collect();
+                let score = trained.iter().sum::<f64>() / trained.len().max(1) as f64;
+                if score < min {
+                    bail!("held-out success {score:.3} is below --fail-under {min}");
+                }
+            }
+            return Ok(());
+        }
         Bench::Persona => {
             let results = super::persona::run_all(
                 &args.persona,

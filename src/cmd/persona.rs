@@ -27,7 +27,7 @@ pub struct PersonaArgs {
     )]
     pub persona: Vec<String>,
 
-    /// persona: how the loop learns, comma-separated: rl, opd, combined, off
+    /// persona, agent: how the loop learns, comma-separated: rl, opd, combined, off
     /// (off trains nothing: the control).
     #[arg(
         long,
@@ -48,7 +48,7 @@ pub struct PersonaArgs {
     )]
     pub sessions: usize,
 
-    /// persona: sessions per round, and the training batch size; after each
+    /// persona, agent: sessions (episodes) per round, and the training batch size; after each
     /// round the user waits until the steps its replies feed are served.
     #[arg(
         long,
@@ -69,7 +69,7 @@ pub struct PersonaArgs {
     )]
     pub max_turns: usize,
 
-    /// persona: held-out tasks asked greedily before and after each run (0 = skip).
+    /// persona, agent: held-out tasks asked greedily before and after each run (0 = skip).
     #[arg(
         long,
         default_value_t = 20,
@@ -78,26 +78,26 @@ pub struct PersonaArgs {
     )]
     pub heldout: usize,
 
-    /// persona: sampling temperature of the training sessions.
+    /// persona, agent: sampling temperature of the training sessions.
     #[arg(long, default_value_t = 0.7, help_heading = "Persona benchmark")]
     pub session_temperature: f32,
 
-    /// persona: learning rate of the LoRA steps.
+    /// persona, agent: learning rate of the LoRA steps.
     #[arg(long, default_value_t = 2e-4, help_heading = "Persona benchmark")]
     pub lr: f64,
 
-    /// persona: weight of the KL penalty (k3, against the base model) in the
+    /// persona, agent: weight of the KL penalty (k3, against the base model) in the
     /// training loss: it keeps a policy that finds what the user rewards from
     /// drifting into nonsense that no longer answers.
     #[arg(long, default_value_t = 0.1, help_heading = "Persona benchmark")]
     pub beta_kl: f64,
 
-    /// persona: the baseline of the binary reward (see `claw train
+    /// persona, agent: the baseline of the binary reward (see `claw train
     /// --reward-baseline`).
     #[arg(long, value_enum, default_value_t = RewardBaseline::BatchMean, help_heading = "Persona benchmark")]
     pub reward_baseline: RewardBaseline,
 
-    /// persona: with opd and combined, also distill the teacher's top-K
+    /// persona, agent: with opd and combined, also distill the teacher's top-K
     /// distribution per token (`claw distill-hints --topk K`, weighted by
     /// `claw train --w-topk`): it can teach tokens the model never sampled.
     /// 0 = off.
@@ -109,7 +109,7 @@ pub struct PersonaArgs {
     )]
     pub topk: usize,
 
-    /// persona: seconds to wait for each training step a round feeds before going on.
+    /// persona, agent: seconds to wait for each training step a round feeds before going on.
     #[arg(
         long,
         default_value_t = 300.0,
@@ -118,24 +118,25 @@ pub struct PersonaArgs {
     )]
     pub round_timeout: f64,
 
-    /// persona: keep each run's `claw up` directory under DIR (default: a
+    /// persona, agent: keep each run's `claw up` directory under DIR (default: a
     /// temporary one, removed after the run).
     #[arg(long, value_name = "DIR", help_heading = "Persona benchmark")]
     pub keep_data: Option<PathBuf>,
 
-    /// persona: skip the retention check (each trained run's final adapter
+    /// persona, agent: skip the retention check (each trained run's final adapter
     /// against the base model on gsm8k-mini, facts-mini and ppl-mini, as
     /// `claw eval --bench retention` does; a few minutes per run on SmolLM2).
     #[arg(long, help_heading = "Persona benchmark")]
     pub no_retention: bool,
 
-    /// persona: the retention check asks only the first N gsm8k-mini problems and
+    /// persona, agent: the retention check asks only the first N gsm8k-mini problems and
     /// facts-mini questions (a quicker, noisier check).
     #[arg(long, value_name = "N", help_heading = "Persona benchmark")]
     pub retention_limit: Option<usize>,
 
-    /// persona: write persona.md (report), persona.json (every session) and
-    /// persona.png (satisfaction over sessions) into DIR.
+    /// persona, agent: write the report into DIR: persona.md, persona.json
+    /// (every session) and persona.png (satisfaction over sessions); for agent,
+    /// agent.md, agent.json (every episode) and agent.png (success over episodes).
     #[arg(long, value_name = "DIR", help_heading = "Persona benchmark")]
     pub report: Option<PathBuf>,
 }

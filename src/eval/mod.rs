@@ -20,10 +20,12 @@
 //! Adding a benchmark: a module with a `run` that returns an [`Outcome`], a
 //! variant of [`Bench`], and its arm in `claw eval`'s dispatch.
 
+pub mod agent;
 pub mod facts;
 pub mod gpqa;
 pub mod gsm8k;
 pub mod humaneval;
+pub mod live;
 pub mod persona;
 pub mod ppl;
 pub mod results;
@@ -53,6 +55,8 @@ pub enum Bench {
     Retention,
     /// Sessions until the model learns a user's preference (see [`persona`]).
     Persona,
+    /// Does the loop learn to use a python tool (see [`agent`]).
+    Agent,
 }
 
 impl Bench {
@@ -65,6 +69,7 @@ impl Bench {
             Bench::Facts => "facts",
             Bench::Retention => "retention",
             Bench::Persona => "persona",
+            Bench::Agent => "agent",
         }
     }
 }

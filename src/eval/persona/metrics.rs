@@ -241,14 +241,33 @@ pub fn report(results: &[RunResult], command: &str, plot: Option<&str>) -> Strin
 /// The "Retention" section: each trained run's final adapter against the base
 /// model on gsm8k-mini, facts-mini and ppl-mini.
 pub fn retention_section(results: &[RunResult]) -> String {
-    let trained: Vec<&RunResult> = results.iter().filter(|r| r.method != "off").collect();
+    let trained: Vec<(String, Option<&crate::eval::retention::RetentionReport>)> = results
+        .iter()
+        .filter(|r| r.method != "off")
+        .map(|r| {
+            (
+                format!("{} | {}", r.persona, r.method),
+                r.retention.as_ref(),
+            )
+        })
+        .collect();
+    retention_rows(&trained, "persona | method")
+}
+
+/// A "Retention" section for any learning benchmark: one entry per trained run,
+/// its table cells (`label`, e.g. "brief | combined") and its report if measured;
+/// `header` names the label's columns ("persona | method").
+pub fn retention_rows(
+    trained: &[(String, Option<&crate::eval::retention::RetentionReport>)],
+    header: &str,
+) -> String {
     if trained.is_empty() {
         return String::new();
     }
     let mut out = String::from("\n## Retention\n\n");
-    let measured: Vec<(&RunResult, &crate::eval::retention::RetentionReport)> = trained
+    let measured: Vec<(&str, &crate::eval::retention::RetentionReport)> = trained
         .iter()
-        .filter_map(|r| r.retention.as_ref().map(|x| (*r, x)))
+        .filter_map(|(label, x)| x.map(|x| (label.as_str(), x)))
         .collect();
     let Some((_, first)) = measured.first() else {
         out.push_str(
@@ -257,32 +276,31 @@ pub fn retention_section(results: &[RunResult]) -> String {
         );
         return out;
     };
+    let columns = header.matches('|').count() + 1;
     out.push_str(&format!(
         "Does the learned adapter keep what the base model could do? Each trained run's \
          final adapter against the base ({}), greedy: gsm8k-mini accuracy ({} problems, at \
          most {} tokens), facts-mini accuracy ({} questions, at most {} tokens), and \
          perplexity of held-out text (ppl-mini). Ratio = adapted / base (perplexity: base / \
          adapted, as lower is better); kept when it is at least {}, else LOST.\n\n\
-         | persona | method | metric | base | adapted | ratio | verdict |\n|---|---|---|---|---|---|---|\n",
+         | {header} | metric | base | adapted | ratio | verdict |\n|{}---|---|---|---|---|\n",
         first.base.model,
         first.gsm8k_items,
         first.gsm8k_max_tokens,
         first.facts_items,
         first.facts_max_tokens,
-        first.keep
+        first.keep,
+        "---|".repeat(columns)
     ));
-    for (r, x) in &measured {
+    for (label, x) in &measured {
         for line in x.markdown().lines().skip(2) {
-            out.push_str(&format!("| {} | {} {line}\n", r.persona, r.method));
+            out.push_str(&format!("| {label} {line}\n"));
         }
     }
     out.push('\n');
-    for r in &trained {
-        let line = r
-            .retention
-            .as_ref()
-            .map_or("not measured".to_string(), |x| x.overall());
-        out.push_str(&format!("- {} {}: {line}\n", r.persona, r.method));
+    for (label, x) in trained {
+        let line = x.map_or("not measured".to_string(), |x| x.overall());
+        out.push_str(&format!("- {}: {line}\n", label.replace(" | ", " ")));
     }
     out
 }

@@ -2,13 +2,10 @@
 //! use a running one), hold the sessions, measure the held-out set before and
 //! after, stop.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, Arc, Mutex};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
@@ -17,79 +14,57 @@ use super::metrics::{sessions_to_success, RunResult, Session};
 use super::{Persona, Verdict};
 use crate::train::RewardBaseline;
 
-/// How the loop learns in a run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Method {
-    /// Binary RL: the thumbs are the reward (judge --sources feedback; no distill).
-    Rl,
-    /// On-policy distillation: the user's correction is the hint (w_rl = 0).
-    Opd,
-    /// Both signals.
-    Combined,
-    /// No training: the control.
-    Off,
-}
+pub use crate::eval::live::Method;
+use crate::eval::live::{policy_version, wait_for_policy, Up};
 
-impl Method {
-    pub fn name(self) -> &'static str {
-        match self {
-            Method::Rl => "rl",
-            Method::Opd => "opd",
-            Method::Combined => "combined",
-            Method::Off => "off",
+/// The `claw up` options that make `method` learn from the persona's signals.
+fn up_args(method: Method, cfg: &RunConfig) -> Vec<String> {
+    let (batch, lr, beta_kl) = (cfg.batch, cfg.lr, cfg.beta_kl);
+    let baseline = cfg.reward_baseline.name();
+    let mut args: Vec<String> = Vec::new();
+    let mut with = |stage: &str, rest: String| {
+        args.push("--with".into());
+        args.push(format!("{stage}={rest}"));
+    };
+    let train = |extra: &str| {
+        format!(
+            "--batch-size {batch} --partial-after 20s --lr {lr} --beta-kl {beta_kl} \
+             --reward-baseline {baseline} --keep 3 {extra}"
+        )
+    };
+    let distill = match cfg.topk {
+        0 => "--hint-source feedback".to_string(),
+        k => format!("--hint-source feedback --topk {k}"),
+    };
+    match method {
+        Method::Off => {
+            return vec![
+                "--without".into(),
+                "collect,judge,distill-hints,train".into(),
+            ]
+        }
+        Method::Rl => with("train", train("--w-opd 0")),
+        Method::Opd => {
+            with("distill-hints", distill);
+            with("train", train("--w-rl 0"));
+        }
+        Method::Combined => {
+            with("distill-hints", distill);
+            with("train", train(""));
         }
     }
-
-    /// The `claw up` options that make this method.
-    fn up_args(self, cfg: &RunConfig) -> Vec<String> {
-        let (batch, lr, beta_kl) = (cfg.batch, cfg.lr, cfg.beta_kl);
-        let baseline = cfg.reward_baseline.name();
-        let mut args: Vec<String> = Vec::new();
-        let mut with = |stage: &str, rest: String| {
-            args.push("--with".into());
-            args.push(format!("{stage}={rest}"));
-        };
-        let train = |extra: &str| {
-            format!(
-                "--batch-size {batch} --partial-after 20s --lr {lr} --beta-kl {beta_kl} \
-                 --reward-baseline {baseline} --keep 3 {extra}"
-            )
-        };
-        let distill = match cfg.topk {
-            0 => "--hint-source feedback".to_string(),
-            k => format!("--hint-source feedback --topk {k}"),
-        };
-        match self {
-            Method::Off => {
-                return vec![
-                    "--without".into(),
-                    "collect,judge,distill-hints,train".into(),
-                ]
-            }
-            Method::Rl => with("train", train("--w-opd 0")),
-            Method::Opd => {
-                with("distill-hints", distill);
-                with("train", train("--w-rl 0"));
-            }
-            Method::Combined => {
-                with("distill-hints", distill);
-                with("train", train(""));
-            }
-        }
-        // The user's thumbs are the reward; feedback comes right after each reply.
-        with("judge", "--sources feedback".into());
-        with(
-            "collect",
-            // Sessions end when the user says so; the timeout is a backstop (a
-            // reply can take longer than 10 s on a busy machine).
-            "--feedback-grace 2s --session-timeout 2m".into(),
-        );
-        if self == Method::Rl {
-            args.extend(["--without".into(), "distill-hints".into()]);
-        }
-        args
+    // The user's thumbs are the reward; feedback comes right after each reply.
+    with("judge", "--sources feedback".into());
+    with(
+        "collect",
+        // Sessions end when the user says so; the timeout is a backstop (a
+        // reply can take longer than 10 s on a busy machine).
+        "--feedback-grace 2s --session-timeout 2m".into(),
+    );
+    if method == Method::Rl {
+        args.extend(["--without".into(), "distill-hints".into()]);
     }
+    args
 }
 
 /// Settings of a run.
@@ -142,87 +117,6 @@ impl RunConfig {
             s.insert("topk".into(), json!(self.topk));
         }
         s
-    }
-}
-
-/// A `claw up` this run started; stopped (SIGINT, then SIGKILL) when dropped.
-struct Up {
-    child: Child,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Up {
-    fn start(dir: &Path, method: Method, cfg: &RunConfig) -> Result<(Up, String)> {
-        let exe = crate::daemon::claw_executable()?;
-        let mut cmd = Command::new(exe);
-        cmd.arg("up")
-            .arg("--dir")
-            .arg(dir)
-            .args([
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--poll-interval",
-                "300ms",
-            ])
-            .args(["--with", "serve=--segment-age-ms 500 --reload-poll-ms 300"])
-            .args(method.up_args(cfg))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        if let Some(model) = &cfg.model {
-            cmd.arg("--model").arg(model);
-        }
-        crate::daemon::wake::stop_when_parent_dies(&mut cmd);
-        let mut child = cmd.spawn().context("starting claw up")?;
-        let stderr = child.stderr.take().context("claw up's stderr")?;
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = mpsc::channel();
-        let thread_log = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                crate::debug!("{line}");
-                if let Some(at) = line.find("listening on http://") {
-                    let addr = line[at + "listening on ".len()..]
-                        .split_whitespace()
-                        .next()
-                        .unwrap_or("")
-                        .to_string();
-                    let _ = tx.send(addr);
-                }
-                let mut log = thread_log.lock().unwrap_or_else(|e| e.into_inner());
-                log.push(line);
-                let excess = log.len().saturating_sub(200);
-                log.drain(..excess);
-            }
-        });
-        let up = Up { child, log };
-        match rx.recv_timeout(Duration::from_secs(300)) {
-            Ok(addr) => Ok((up, format!("{addr}/v1"))),
-            Err(_) => bail!("claw up did not start serving:\n{}", up.tail()),
-        }
-    }
-
-    fn tail(&self) -> String {
-        self.log.lock().map(|l| l.join("\n")).unwrap_or_default()
-    }
-}
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        // SAFETY: signalling the child we started.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGINT) };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -288,29 +182,11 @@ impl Client {
     }
 
     fn policy_version(&self) -> Result<u64> {
-        let health_url = match self.base.strip_suffix("/v1") {
-            Some(root) => format!("{root}/healthz"),
-            None => format!("{}/healthz", self.base),
-        };
-        let health: Value = ureq::get(&health_url)
-            .timeout(Duration::from_secs(30))
-            .call()
-            .context("GET /healthz")?
-            .into_json()?;
-        Ok(health["policy_version"].as_u64().unwrap_or(0))
+        policy_version(&self.base)
     }
 
-    /// Waits until serve answers with policy version `at_least` or newer; false
-    /// on timeout.
     fn wait_for_policy(&self, at_least: u64, timeout: Duration) -> Result<bool> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if self.policy_version()? >= at_least {
-                return Ok(true);
-            }
-            std::thread::sleep(Duration::from_millis(250));
-        }
-        Ok(false)
+        wait_for_policy(&self.base, at_least, timeout)
     }
 
     /// Share of held-out tasks answered to the persona's liking (greedy, side turns).
@@ -407,22 +283,9 @@ pub fn run(
         Some(url) => (None, url.trim_end_matches('/').to_string()),
         None => {
             let name = format!("{}-{}-seed{}", persona.name, method.name(), cfg.seed);
-            let dir = match &cfg.data_dir {
-                Some(d) => d.join(name),
-                None => {
-                    let d = std::env::temp_dir()
-                        .join(format!("claw-persona-{}", std::process::id()))
-                        .join(name);
-                    scratch = Some(d.clone());
-                    d
-                }
-            };
-            anyhow::ensure!(
-                !dir.join("raw").exists(),
-                "{}: holds an earlier run (remove it, or pick another --keep-data)",
-                dir.display()
-            );
-            let (up, base) = Up::start(&dir, method, cfg)?;
+            let (dir, tmp) = crate::eval::live::run_dir(cfg.data_dir.as_deref(), "persona", &name)?;
+            scratch = tmp;
+            let (up, base) = Up::start(&dir, cfg.model.as_deref(), &up_args(method, cfg))?;
             run_dir = Some(dir);
             (Some(up), base)
         }
@@ -482,9 +345,12 @@ pub fn run(
         client.heldout_rate(persona, &heldout, cfg.max_tokens, &format!("{tag}-after"))?;
     drop(up); // stops claw up before its directory goes
     let retention = match (&cfg.retention, &run_dir) {
-        (Some(check), Some(dir)) if method != Method::Off => {
-            retention_of(check, cfg, &dir.join("checkpoints"), &tag)
-        }
+        (Some(check), Some(dir)) if method != Method::Off => crate::eval::live::retention_of(
+            check,
+            cfg.model.as_deref(),
+            &dir.join("checkpoints"),
+            &format!("persona {tag}"),
+        ),
         _ => None,
     };
     if let Some(dir) = scratch {
@@ -508,46 +374,6 @@ pub fn run(
         settings: cfg.settings(method),
         retention,
     })
-}
-
-/// The retention check of the run's final adapter (`checkpoints/LATEST`); None,
-/// with a warning, when there is none or the check fails (the run's own results
-/// stand either way).
-fn retention_of(
-    check: &crate::eval::retention::Check,
-    cfg: &RunConfig,
-    checkpoints: &Path,
-    tag: &str,
-) -> Option<crate::eval::retention::RetentionReport> {
-    let adapter = match crate::adapter::layout::latest_in(checkpoints) {
-        Ok(Some(adapter)) => adapter,
-        Ok(None) => {
-            crate::warn!(
-                "persona {tag}: no adapter in {}: retention not measured",
-                checkpoints.display()
-            );
-            return None;
-        }
-        Err(e) => {
-            crate::warn!("persona {tag}: retention not measured: {e:#}");
-            return None;
-        }
-    };
-    crate::info!("persona {tag}: retention of {}", adapter.display());
-    let progress = |what: &str| crate::info!("retention: {what}");
-    match check.adapter(cfg.model.as_deref(), &adapter, &progress) {
-        Ok(report) => {
-            crate::info!("persona {tag}: retention {}", report.overall());
-            Some(report)
-        }
-        Err(e) => {
-            crate::warn!(
-                "persona {tag}: retention of {} failed: {e:#}",
-                adapter.display()
-            );
-            None
-        }
-    }
 }
 
 #[cfg(test)]
@@ -586,15 +412,15 @@ mod tests {
     #[test]
     fn topk_reaches_distill_hints_for_the_distilling_methods_only() {
         for method in [Method::Opd, Method::Combined] {
-            let args = method.up_args(&config(8));
+            let args = up_args(method, &config(8));
             let distill = stage_args(&args, "distill-hints").unwrap();
             assert!(distill.contains("--topk 8"), "{method:?}: {distill}");
             assert_eq!(config(8).settings(method)["topk"], json!(8));
-            let plain = stage_args(&method.up_args(&config(0)), "distill-hints").unwrap();
+            let plain = stage_args(&up_args(method, &config(0)), "distill-hints").unwrap();
             assert!(!plain.contains("--topk"), "{method:?}: {plain}");
             assert!(!config(0).settings(method).contains_key("topk"));
         }
-        let rl = Method::Rl.up_args(&config(8));
+        let rl = up_args(Method::Rl, &config(8));
         assert_eq!(stage_args(&rl, "distill-hints"), None);
         assert!(!config(8).settings(Method::Rl).contains_key("topk"));
     }

@@ -1,0 +1,383 @@
+//! One episode of the agent benchmark: the model gets a task and a `python` tool
+//! (the OpenAI `tools` field); each call it makes runs in the sandbox and its
+//! output goes back as the `tool` message (the turn's next state, which collect
+//! pairs and judge's env rules read); the episode ends with a final answer,
+//! checked exactly, or when the tool rounds run out.
+//!
+//! The environment's verdict reaches the loop as each turn's reward: a tool
+//! error through judge's env rules (the traceback is the next state), the
+//! answer's right or wrong through `/v1/feedback` on every main turn of the
+//! episode (the outcome is what tells whether a tool call helped), with the
+//! correction as the feedback text that `distill-hints --hint-source feedback`
+//! makes the hint. The last feedback ends the session (`session_done`).
+
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::tasks::{check, Task};
+use crate::eval::sandbox::{RunResult, Sandbox};
+
+/// The system prompt every episode starts with.
+pub const SYSTEM_PROMPT: &str = "You are a careful assistant with a python tool. The \
+     tool runs a Python program and returns what it prints. Use it to compute anything \
+     that needs computing: call it with a short program that prints the result, and \
+     read the output. When you know the answer, end your reply with a line \
+     \"Answer: <value>\" holding only the final value.";
+
+/// The one tool offered, in the OpenAI `tools` shape.
+pub fn python_tool() -> Value {
+    json!({
+        "type": "function",
+        "function": {
+            "name": "python",
+            "description": "Run a Python 3 program and return its output (stdout, then \
+                            stderr). Print the values you need with print().",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "code": {"type": "string", "description": "the Python program"}
+                },
+                "required": ["code"],
+            },
+        },
+    })
+}
+
+/// Most characters of a tool result sent back (the head and the tail are kept:
+/// a traceback ends with its error).
+pub const MAX_TOOL_CHARS: usize = 1500;
+
+/// The model's side of the conversation, and where the environment's verdicts go.
+pub trait Endpoint {
+    /// One turn: the model's reply to `messages`, offered `tools`.
+    fn chat(&self, turn: &TurnRequest<'_>) -> Result<Reply>;
+    /// Rates the reply `response_id` of `session`; `done` ends the session.
+    fn feedback(
+        &self,
+        session: &str,
+        response_id: &str,
+        rating: i8,
+        text: Option<&str>,
+        done: bool,
+    ) -> Result<()>;
+}
+
+/// What one chat request carries.
+pub struct TurnRequest<'a> {
+    pub session: &'a str,
+    pub messages: &'a [Value],
+    pub tools: &'a [Value],
+    /// A side turn: recorded, never trained on (the held-out episodes).
+    pub side: bool,
+    pub temperature: f32,
+    pub max_tokens: usize,
+    pub seed: u64,
+}
+
+/// The model's reply: its response id, text and parsed tool calls (OpenAI shape).
+#[derive(Clone, Debug, Default)]
+pub struct Reply {
+    pub id: String,
+    pub content: String,
+    pub tool_calls: Vec<Value>,
+}
+
+/// Runs one program for the python tool.
+pub trait ToolRunner {
+    fn run(&self, code: &str) -> Result<ToolOutput>;
+}
+
+/// What the tool returned.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ToolOutput {
+    /// The tool message's content.
+    pub text: String,
+    /// The program failed (exception, non-zero exit, timeout).
+    pub error: bool,
+    /// It did not even parse: an invalid call.
+    pub syntax_error: bool,
+}
+
+impl ToolRunner for Sandbox {
+    fn run(&self, code: &str) -> Result<ToolOutput> {
+        Ok(tool_output(
+            &Sandbox::run(self, code)?,
+            self.limits().timeout,
+        ))
+    }
+}
+
+/// The tool message for a sandbox run: stdout then stderr, truncated; a timeout or
+/// a kill says so on an `Error:` line (which judge's env rules read as a failure).
+pub fn tool_output(run: &RunResult, timeout: std::time::Duration) -> ToolOutput {
+    let mut text = run.stdout.trim_end().to_string();
+    let stderr = run.stderr.trim_end();
+    if !stderr.is_empty() {
+        if !text.is_empty() {
+            text.push('\n');
+        }
+        text.push_str(stderr);
+    }
+    let error = !run.passed;
+    if run.timed_out {
+        text.push_str(&format!(
+            "\nError: the program was stopped after {} s",
+            timeout.as_secs_f64()
+        ));
+    } else if error && !stderr.contains("Traceback") {
+        let why = run.failure().unwrap_or_default();
+        text.push_str(&format!("\nError: {why}"));
+    } else if text.is_empty() {
+        text = "(no output: print() the values you need)".into();
+    }
+    let syntax_error = error
+        && ["SyntaxError:", "IndentationError:", "TabError:"]
+            .iter()
+            .any(|e| stderr.contains(e));
+    ToolOutput {
+        text: truncate(text.trim(), MAX_TOOL_CHARS),
+        error,
+        syntax_error,
+    }
+}
+
+/// `text` cut to at most `max` characters: its first two thirds and last third,
+/// with a note of what was left out.
+pub fn truncate(text: &str, max: usize) -> String {
+    let n = text.chars().count();
+    if n <= max {
+        return text.to_string();
+    }
+    let head: String = text.chars().take(max * 2 / 3).collect();
+    let tail: String = text.chars().skip(n - max / 3).collect();
+    format!(
+        "{head}\n... [{} characters left out] ...\n{tail}",
+        n - head.chars().count() - tail.chars().count()
+    )
+}
+
+/// How an episode ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    Correct,
+    Wrong,
+    /// Still calling tools when the rounds ran out.
+    NoAnswer,
+}
+
+/// One main turn of an episode, as the environment saw it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Turn {
+    pub response_id: String,
+    /// Tool calls it made (parsed by serve), and malformed ones left in its text.
+    pub calls: usize,
+    pub valid_calls: usize,
+    /// A call's program failed: judge's env rules score this turn.
+    pub tool_error: bool,
+}
+
+/// One episode's record.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EpisodeLog {
+    pub outcome: Outcome,
+    /// The last reply (the final answer, or the last tool call).
+    pub final_reply: String,
+    pub turns: Vec<Turn>,
+    /// The conversation as sent (system, user, assistant, tool messages).
+    #[serde(skip)]
+    pub messages: Vec<Value>,
+}
+
+impl EpisodeLog {
+    pub fn correct(&self) -> bool {
+        self.outcome == Outcome::Correct
+    }
+    pub fn calls(&self) -> usize {
+        self.turns.iter().map(|t| t.calls).sum()
+    }
+    pub fn valid_calls(&self) -> usize {
+        self.turns.iter().map(|t| t.valid_calls).sum()
+    }
+    pub fn tool_errors(&self) -> usize {
+        self.turns.iter().filter(|t| t.tool_error).count()
+    }
+}
+
+/// Settings of an episode.
+#[derive(Clone, Debug)]
+pub struct EpisodeConfig {
+    /// Most replies with tool calls; the reply after the last one must answer.
+    pub tool_rounds: usize,
+    pub temperature: f32,
+    pub max_tokens: usize,
+}
+
+/// Plays `task` through `endpoint`, running tool calls with `tools`. A main
+/// episode (`side` false) then sends the environment's verdict on each turn.
+pub fn play(
+    endpoint: &dyn Endpoint,
+    tools: &dyn ToolRunner,
+    task: &Task,
+    session: &str,
+    side: bool,
+    cfg: &EpisodeConfig,
+    seed: u64,
+) -> Result<EpisodeLog> {
+    let offered = [python_tool()];
+    let mut messages = vec![
+        json!({"role": "system", "content": SYSTEM_PROMPT}),
+        json!({"role": "user", "content": task.prompt}),
+    ];
+    let mut turns = Vec::new();
+    let mut outcome = Outcome::NoAnswer;
+    let mut final_reply = String::new();
+    for round in 0..=cfg.tool_rounds {
+        let reply = endpoint.chat(&TurnRequest {
+            session,
+            messages: &messages,
+            tools: &offered,
+            side,
+            temperature: cfg.temperature,
+            max_tokens: cfg.max_tokens,
+            seed: seed.wrapping_add(round as u64 * 7_919),
+        })?;
+        final_reply = reply.content.clone();
+        let malformed = malformed_calls(&reply.content);
+        let mut turn = Turn {
+            response_id: reply.id.clone(),
+            calls: reply.tool_calls.len() + malformed,
+            valid_calls: 0,
+            tool_error: false,
+        };
+        if reply.tool_calls.is_empty() {
+            outcome = match check(task, &reply.content) {
+                true => Outcome::Correct,
+                false => Outcome::Wrong,
+            };
+            turns.push(turn);
+            break;
+        }
+        if round == cfg.tool_rounds {
+            turns.push(turn); // out of rounds: no answer
+            break;
+        }
+        messages.push(json!({
+            "role": "assistant",
+            "content": reply.content,
+            "tool_calls": reply.tool_calls,
+        }));
+        for call in &reply.tool_calls {
+            let (result, valid) = run_call(tools, call)?;
+            turn.valid_calls += usize::from(valid);
+            turn.tool_error |= result.error;
+            final_reply = format!("{}\n[tool] {}", final_reply, result.text);
+            messages.push(json!({
+                "role": "tool",
+                "tool_call_id": call["id"].as_str().unwrap_or_default(),
+                "content": result.text,
+            }));
+        }
+        turns.push(turn);
+    }
+    let log = EpisodeLog {
+        outcome,
+        final_reply,
+        turns,
+        messages,
+    };
+    if !side {
+        rate(endpoint, session, task, &log)?;
+    }
+    Ok(log)
+}
+
+/// Attempted calls serve could not parse, left in the reply's text: each
+/// `<tool_call>` block (serve keeps a block whose JSON is broken), else each bare
+/// `{"name": ...` object, which small models write without the tags their
+/// template asks for.
+pub fn malformed_calls(content: &str) -> usize {
+    static BARE: std::sync::LazyLock<regex::Regex> =
+        std::sync::LazyLock::new(|| regex::Regex::new(r#"\{\s*"name"\s*:"#).expect("valid regex"));
+    match content.matches("<tool_call>").count() {
+        0 => BARE.find_iter(content).count(),
+        n => n,
+    }
+}
+
+/// Runs one call: the tool result, and whether the call was valid (the python
+/// tool, a `code` string, a program that parses).
+fn run_call(tools: &dyn ToolRunner, call: &Value) -> Result<(ToolOutput, bool)> {
+    let name = call["function"]["name"].as_str().unwrap_or_default();
+    let arguments = call["function"]["arguments"].as_str().unwrap_or_default();
+    let code = serde_json::from_str::<Value>(arguments)
+        .ok()
+        .and_then(|a| a.get("code").and_then(Value::as_str).map(str::to_string));
+    let refuse = |text: String| ToolOutput {
+        text,
+        error: true,
+        syntax_error: false,
+    };
+    if name != "python" {
+        let msg = format!("Error: there is no tool {name:?}; the only tool is python");
+        return Ok((refuse(msg), false));
+    }
+    let Some(code) = code else {
+        let msg = "Error: the python tool takes {\"code\": \"<program>\"}".to_string();
+        return Ok((refuse(msg), false));
+    };
+    let out = tools.run(&code)?;
+    let valid = !out.syntax_error;
+    Ok((out, valid))
+}
+
+/// The environment's verdict: every main turn gets the outcome as its rating
+/// (+1 right, -1 wrong or no answer), the last one ending the session. A wrong
+/// episode's turns get the correction as text (the hint), except a turn whose
+/// tool failed: its next state, the error, is its hint.
+fn rate(endpoint: &dyn Endpoint, session: &str, task: &Task, log: &EpisodeLog) -> Result<()> {
+    let rating = if log.correct() { 1 } else { -1 };
+    let hint = correction(task, log);
+    let n = log.turns.len();
+    for (i, turn) in log.turns.iter().enumerate() {
+        let text = match (&hint, turn.tool_error) {
+            (Some(h), false) => Some(h.as_str()),
+            _ => None,
+        };
+        endpoint.feedback(session, &turn.response_id, rating, text, i + 1 == n)?;
+    }
+    Ok(())
+}
+
+/// What the environment tells a wrong episode (None for a right one).
+pub fn correction(task: &Task, log: &EpisodeLog) -> Option<String> {
+    let answer = &task.answer;
+    let malformed = log.calls() > log.valid_calls() && log.tool_errors() == 0;
+    let used_tool = log.valid_calls() > 0;
+    Some(match log.outcome {
+        Outcome::Correct => return None,
+        Outcome::NoAnswer => format!(
+            "You kept calling the tool and never answered. The correct answer is {answer}: \
+             once the tool has printed the result, reply with \"Answer: {answer}\"."
+        ),
+        Outcome::Wrong if malformed => format!(
+            "Your tool call was malformed. Call the tool as <tool_call>{{\"name\": \
+             \"python\", \"arguments\": {{\"code\": \"print(...)\"}}}}</tool_call>, then \
+             answer. The correct answer is {answer}."
+        ),
+        Outcome::Wrong if used_tool => format!(
+            "That is wrong: the correct answer is {answer}. Print the exact result with \
+             the python tool and copy it into \"Answer: <value>\"."
+        ),
+        Outcome::Wrong => format!(
+            "That is wrong: the correct answer is {answer}. Do not work it out in your head: \
+             call the python tool with a program that prints the result, then reply \
+             \"Answer: <value>\"."
+        ),
+    })
+}
+
+#[cfg(test)]
+#[path = "episode_tests.rs"]
+mod tests;

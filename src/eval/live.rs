@@ -1,0 +1,209 @@
+//! What the learning benchmarks (`persona`, `agent`) share: the method a run
+//! learns with, a fresh `claw up` started as a child, serve's policy version, and
+//! the retention check of the adapter a run leaves.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+/// How the loop learns in a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// Binary RL: the reward alone (no distill).
+    Rl,
+    /// On-policy distillation: the hint alone (w_rl = 0).
+    Opd,
+    /// Both signals.
+    Combined,
+    /// No training: the control.
+    Off,
+}
+
+impl Method {
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Rl => "rl",
+            Method::Opd => "opd",
+            Method::Combined => "combined",
+            Method::Off => "off",
+        }
+    }
+}
+
+/// A `claw up` a run started; stopped (SIGINT, then SIGKILL) when dropped.
+pub struct Up {
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Up {
+    /// Starts `claw up --dir DIR` on `model` with `args` (the method's stages), on
+    /// a free loopback port; returns it and serve's base URL (`.../v1`).
+    pub fn start(dir: &Path, model: Option<&Path>, args: &[String]) -> Result<(Up, String)> {
+        let exe = crate::daemon::claw_executable()?;
+        let mut cmd = Command::new(exe);
+        cmd.arg("up")
+            .arg("--dir")
+            .arg(dir)
+            .args([
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--poll-interval",
+                "300ms",
+            ])
+            .args(["--with", "serve=--segment-age-ms 500 --reload-poll-ms 300"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some(model) = model {
+            cmd.arg("--model").arg(model);
+        }
+        crate::daemon::wake::stop_when_parent_dies(&mut cmd);
+        let mut child = cmd.spawn().context("starting claw up")?;
+        let stderr = child.stderr.take().context("claw up's stderr")?;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        let thread_log = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                crate::debug!("{line}");
+                if let Some(at) = line.find("listening on http://") {
+                    let addr = line[at + "listening on ".len()..]
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or("")
+                        .to_string();
+                    let _ = tx.send(addr);
+                }
+                let mut log = thread_log.lock().unwrap_or_else(|e| e.into_inner());
+                log.push(line);
+                let excess = log.len().saturating_sub(200);
+                log.drain(..excess);
+            }
+        });
+        let up = Up { child, log };
+        match rx.recv_timeout(Duration::from_secs(300)) {
+            Ok(addr) => Ok((up, format!("{addr}/v1"))),
+            Err(_) => bail!("claw up did not start serving:\n{}", up.tail()),
+        }
+    }
+
+    fn tail(&self) -> String {
+        self.log.lock().map(|l| l.join("\n")).unwrap_or_default()
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        // SAFETY: signalling the child we started.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The policy version serve answers with now (`/healthz`); `base` ends in `/v1`.
+pub fn policy_version(base: &str) -> Result<u64> {
+    let health_url = match base.strip_suffix("/v1") {
+        Some(root) => format!("{root}/healthz"),
+        None => format!("{base}/healthz"),
+    };
+    let health: Value = ureq::get(&health_url)
+        .timeout(Duration::from_secs(30))
+        .call()
+        .context("GET /healthz")?
+        .into_json()?;
+    Ok(health["policy_version"].as_u64().unwrap_or(0))
+}
+
+/// Waits until serve answers with policy version `at_least` or newer; false on
+/// timeout.
+pub fn wait_for_policy(base: &str, at_least: u64, timeout: Duration) -> Result<bool> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if policy_version(base)? >= at_least {
+            return Ok(true);
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    Ok(false)
+}
+
+/// Where a run's `claw up` directory goes: under `keep` (kept), else a temporary
+/// one (returned second, to remove after the run). Refuses a directory that holds
+/// an earlier run.
+pub fn run_dir(
+    keep: Option<&Path>,
+    bench: &str,
+    name: &str,
+) -> Result<(std::path::PathBuf, Option<std::path::PathBuf>)> {
+    let (dir, scratch) = match keep {
+        Some(d) => (d.join(name), None),
+        None => {
+            let d = std::env::temp_dir()
+                .join(format!("claw-{bench}-{}", std::process::id()))
+                .join(name);
+            (d.clone(), Some(d))
+        }
+    };
+    anyhow::ensure!(
+        !dir.join("raw").exists(),
+        "{}: holds an earlier run (remove it, or pick another --keep-data)",
+        dir.display()
+    );
+    Ok((dir, scratch))
+}
+
+/// The retention check of the run's final adapter (`checkpoints/LATEST`); None,
+/// with a warning, when there is none or the check fails (the run's own results
+/// stand either way).
+pub fn retention_of(
+    check: &crate::eval::retention::Check,
+    model: Option<&Path>,
+    checkpoints: &Path,
+    tag: &str,
+) -> Option<crate::eval::retention::RetentionReport> {
+    let adapter = match crate::adapter::layout::latest_in(checkpoints) {
+        Ok(Some(adapter)) => adapter,
+        Ok(None) => {
+            crate::warn!(
+                "{tag}: no adapter in {}: retention not measured",
+                checkpoints.display()
+            );
+            return None;
+        }
+        Err(e) => {
+            crate::warn!("{tag}: retention not measured: {e:#}");
+            return None;
+        }
+    };
+    crate::info!("{tag}: retention of {}", adapter.display());
+    let progress = |what: &str| crate::info!("retention: {what}");
+    match check.adapter(model, &adapter, &progress) {
+        Ok(report) => {
+            crate::info!("{tag}: retention {}", report.overall());
+            Some(report)
+        }
+        Err(e) => {
+            crate::warn!("{tag}: retention of {} failed: {e:#}", adapter.display());
+            None
+        }
+    }
+}
