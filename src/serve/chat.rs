@@ -154,7 +154,8 @@ async fn handle(
         created: prepared.created_ms / 1000,
         model: state.model_name().to_string(),
         prompt_tokens: prepared.prompt_ids.len(),
-        stream_tools: prepared.request.stream && prepared.request.active_tools().is_some(),
+        stream_tools: (prepared.request.stream && prepared.request.active_tools().is_some())
+            .then(|| prepared.request.tool_names()),
         include_usage: prepared.request.include_usage,
         policy_version: prepared.policy.version,
     };

@@ -356,11 +356,20 @@ impl ChatRequest {
         if self.active_tools().is_none() {
             return (text.to_string(), Vec::new());
         }
-        let (content, mut calls) = parse_tool_calls(text, new_id);
+        let (content, mut calls) = parse_tool_calls(text, &self.tool_names(), new_id);
         if !self.parallel_tool_calls {
             calls.truncate(1);
         }
         (content, calls)
+    }
+
+    /// The names of the functions among the active tools.
+    pub fn tool_names(&self) -> Vec<String> {
+        self.active_tools()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|t| t.get("function")?.get("name")?.as_str().map(str::to_string))
+            .collect()
     }
 
     /// The tools the template sees and the output parser looks for.

@@ -44,7 +44,8 @@ pub struct Meta {
     pub created: i64,
     pub model: String,
     pub prompt_tokens: usize,
-    pub stream_tools: bool,
+    /// Streamed with tools offered: their names (the filter holds calls back).
+    pub stream_tools: Option<Vec<String>>,
     pub include_usage: bool,
     /// The policy (adapter step) answering: sent as `system_fingerprint`.
     pub policy_version: i64,
@@ -214,7 +215,7 @@ pub fn sse_response(meta: Meta, rx: mpsc::UnboundedReceiver<Event>) -> Response 
     let first = meta.chunk(json!([{
         "index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null,
     }]));
-    let filter = meta.stream_tools.then(ToolStreamFilter::default);
+    let filter = meta.stream_tools.clone().map(ToolStreamFilter::new);
     let state = SseState {
         frames: VecDeque::from([sse(&first)]),
         meta,

@@ -1,6 +1,9 @@
 //! Tool calls in the model's output: Qwen/Hermes-style `<tool_call>{json}</tool_call>`
 //! blocks (what Qwen2.5's and Hermes' chat templates teach the model to write),
-//! turned into OpenAI `tool_calls`.
+//! turned into OpenAI `tool_calls`. A reply that is nothing but one such JSON
+//! object (bare, or in a ``` fence) naming a tool the request offered is a call
+//! too: small models (Qwen2.5-Coder-0.5B) write their calls that way, and
+//! llama.cpp's server accepts them too.
 
 use serde_json::{json, Value as Json};
 
@@ -42,8 +45,26 @@ impl ToolCall {
 /// JSON does not parse (or has no `name`) stay in the content as written, so a
 /// malformed call is visible to the client rather than silently dropped. An
 /// unterminated final `<tool_call>` (generation cut by max_tokens) is parsed if
-/// its JSON is complete.
-pub fn parse_tool_calls(text: &str, mut new_id: impl FnMut() -> String) -> (String, Vec<ToolCall>) {
+/// its JSON is complete. Without any block, a whole reply that is a call of one
+/// of `offered` (tool names) is that call.
+pub fn parse_tool_calls(
+    text: &str,
+    offered: &[String],
+    mut new_id: impl FnMut() -> String,
+) -> (String, Vec<ToolCall>) {
+    if !text.contains(OPEN) {
+        return match bare_call(text, offered) {
+            Some((name, arguments)) => (
+                String::new(),
+                vec![ToolCall {
+                    id: new_id(),
+                    name,
+                    arguments,
+                }],
+            ),
+            None => (text.to_string(), Vec::new()),
+        };
+    }
     let mut content = String::new();
     let mut calls = Vec::new();
     let mut rest = text;
@@ -75,6 +96,25 @@ pub fn parse_tool_calls(text: &str, mut new_id: impl FnMut() -> String) -> (Stri
     (content.trim().to_string(), calls)
 }
 
+/// The call a whole reply makes without `<tool_call>` markup: one JSON object
+/// (optionally in a ``` or ```json fence) whose `name` is an offered tool and
+/// whose `arguments` (or `parameters`) is present. Anything else is not a call:
+/// a JSON answer that names no offered tool stays content.
+fn bare_call(text: &str, offered: &[String]) -> Option<(String, String)> {
+    let mut body = text.trim();
+    if let Some(fenced) = body.strip_prefix("```") {
+        let fenced = fenced.strip_prefix("json").unwrap_or(fenced);
+        body = fenced.strip_suffix("```")?.trim();
+    }
+    if !body.starts_with('{') {
+        return None;
+    }
+    let value: Json = serde_json::from_str(body).ok()?;
+    value.get("arguments").or_else(|| value.get("parameters"))?;
+    let (name, arguments) = parse_one(body)?;
+    offered.contains(&name).then_some((name, arguments))
+}
+
 fn parse_one(inner: &str) -> Option<(String, String)> {
     let value: Json = serde_json::from_str(inner.trim()).ok()?;
     let name = value.get("name")?.as_str()?.to_string();
@@ -88,19 +128,43 @@ fn parse_one(inner: &str) -> Option<(String, String)> {
 
 /// For streaming with tools: passes text through until a `<tool_call>` may be
 /// starting, then holds everything back so the markup never reaches the client
-/// as content; [`finish`](Self::finish) parses what was held.
-#[derive(Default)]
+/// as content; [`finish`](Self::finish) parses what was held. A reply that
+/// opens like a bare JSON call (`{` or a fence) is held whole until the end.
 pub struct ToolStreamFilter {
     held: String,
     in_call: bool,
+    /// Nothing has been sent yet and the reply so far could be a bare call.
+    maybe_bare: bool,
+    offered: Vec<String>,
 }
 
 impl ToolStreamFilter {
+    /// A filter for a reply to a request that offered the tools `offered`.
+    pub fn new(offered: Vec<String>) -> Self {
+        Self {
+            held: String::new(),
+            in_call: false,
+            maybe_bare: true,
+            offered,
+        }
+    }
+
     /// Returns the text that is safe to send as content now.
     pub fn push(&mut self, piece: &str) -> String {
         self.held.push_str(piece);
         if self.in_call {
             return String::new();
+        }
+        if self.maybe_bare {
+            let start = self.held.trim_start();
+            let could_be = start.is_empty()
+                || start.starts_with('{')
+                || "```".starts_with(start)
+                || start.starts_with("```");
+            if could_be && !self.held.contains(OPEN) {
+                return String::new();
+            }
+            self.maybe_bare = false;
         }
         if let Some(pos) = self.held.find(OPEN) {
             self.in_call = true;
@@ -124,11 +188,10 @@ impl ToolStreamFilter {
 
     /// The remaining content to send and the parsed calls.
     pub fn finish(self, new_id: impl FnMut() -> String) -> (String, Vec<ToolCall>) {
-        if !self.in_call {
+        if !self.in_call && !self.maybe_bare {
             return (self.held, Vec::new());
         }
-        let (content, calls) = parse_tool_calls(&self.held, new_id);
-        (content, calls)
+        parse_tool_calls(&self.held, &self.offered, new_id)
     }
 }
 
@@ -147,7 +210,7 @@ mod tests {
     #[test]
     fn parses_hermes_blocks() {
         let text = "Let me check.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>";
-        let (content, calls) = parse_tool_calls(text, ids());
+        let (content, calls) = parse_tool_calls(text, &[], ids());
         assert_eq!(content, "Let me check.");
         assert_eq!(calls.len(), 1);
         assert_eq!(calls[0].name, "get_weather");
@@ -159,7 +222,7 @@ mod tests {
     #[test]
     fn parses_several_and_unterminated() {
         let text = "<tool_call>{\"name\":\"a\",\"arguments\":{}}</tool_call><tool_call>{\"name\":\"b\",\"arguments\":\"{\\\"x\\\":1}\"}";
-        let (content, calls) = parse_tool_calls(text, ids());
+        let (content, calls) = parse_tool_calls(text, &[], ids());
         assert_eq!(content, "");
         assert_eq!(
             calls.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
@@ -171,14 +234,14 @@ mod tests {
     #[test]
     fn malformed_block_stays_text() {
         let text = "hi <tool_call>{not json}</tool_call> there";
-        let (content, calls) = parse_tool_calls(text, ids());
+        let (content, calls) = parse_tool_calls(text, &[], ids());
         assert!(calls.is_empty());
         assert_eq!(content, text);
     }
 
     #[test]
     fn stream_filter_holds_markup_back() {
-        let mut f = ToolStreamFilter::default();
+        let mut f = ToolStreamFilter::new(Vec::new());
         let mut out = String::new();
         for piece in [
             "Sure",
@@ -195,9 +258,74 @@ mod tests {
         assert_eq!(calls[0].name, "f");
     }
 
+    fn offered() -> Vec<String> {
+        vec!["python".to_string()]
+    }
+
+    #[test]
+    fn a_bare_call_of_an_offered_tool_is_a_call() {
+        let bare = "{\"name\": \"python\", \"arguments\": {\"code\": \"print(1)\"}}";
+        let fenced = format!("```json\n{bare}\n```");
+        for text in [bare.to_string(), format!("  {bare}\n"), fenced] {
+            let (content, calls) = parse_tool_calls(&text, &offered(), ids());
+            assert_eq!(content, "", "{text}");
+            assert_eq!(calls.len(), 1, "{text}");
+            assert_eq!(calls[0].name, "python");
+            assert_eq!(calls[0].arguments, "{\"code\":\"print(1)\"}");
+        }
+    }
+
+    #[test]
+    fn json_that_is_not_an_offered_call_stays_content() {
+        for text in [
+            // A tool nobody offered, an answer that is JSON, text around the object.
+            "{\"name\": \"shell\", \"arguments\": {\"cmd\": \"ls\"}}",
+            "{\"name\": \"python\"}",
+            "{\"answer\": 42}",
+            "Here: {\"name\": \"python\", \"arguments\": {}}",
+        ] {
+            let (content, calls) = parse_tool_calls(text, &offered(), ids());
+            assert!(calls.is_empty(), "{text}");
+            assert_eq!(content, text);
+        }
+        let bare = "{\"name\": \"python\", \"arguments\": {}}";
+        assert!(
+            parse_tool_calls(bare, &[], ids()).1.is_empty(),
+            "no tools offered"
+        );
+    }
+
+    #[test]
+    fn stream_filter_holds_a_bare_call_and_releases_plain_json() {
+        let mut f = ToolStreamFilter::new(offered());
+        let mut out = String::new();
+        for piece in [
+            "{\"name\": ",
+            "\"python\", \"arguments\": ",
+            "{\"code\": \"1\"}}",
+        ] {
+            out.push_str(&f.push(piece));
+        }
+        assert_eq!(out, "");
+        let (rest, calls) = f.finish(ids());
+        assert_eq!((rest.as_str(), calls.len()), ("", 1));
+
+        let mut f = ToolStreamFilter::new(offered());
+        let mut out = f.push("{\"answer\"");
+        out.push_str(&f.push(": 42}"));
+        let (rest, calls) = f.finish(ids());
+        out.push_str(&rest);
+        assert_eq!(out, "{\"answer\": 42}");
+        assert!(calls.is_empty());
+
+        // Plain text is not held: it streams from the first piece.
+        let mut f = ToolStreamFilter::new(offered());
+        assert_eq!(f.push("Hello"), "Hello");
+    }
+
     #[test]
     fn stream_filter_releases_lookalikes() {
-        let mut f = ToolStreamFilter::default();
+        let mut f = ToolStreamFilter::new(Vec::new());
         let mut out = f.push("a <to");
         out.push_str(&f.push("ol> b"));
         let (rest, calls) = f.finish(ids());

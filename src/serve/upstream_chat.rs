@@ -60,7 +60,8 @@ pub async fn handle(
         created: turn.created_ms / 1000,
         model: upstream.model.clone(),
         prompt_tokens: 0,
-        stream_tools: turn.request.stream && turn.request.active_tools().is_some(),
+        stream_tools: (turn.request.stream && turn.request.active_tools().is_some())
+            .then(|| turn.request.tool_names()),
         include_usage: turn.request.include_usage,
         policy_version: turn.policy_version,
     };
