@@ -30,8 +30,9 @@
 //! - `upstream-text`: the engine returned no completion ids: the row has text but
 //!   empty id and log-prob lists (not trainable as it is).
 //!
-//! No local model is loaded in this mode; adapters are not pushed to the
-//! upstream yet (`policy_version` stays 0).
+//! No local model is loaded in this mode. With `--upstream-adapters` each new
+//! checkpoint is loaded into the engine and rows record the adapter it used
+//! ([`adapters`]); otherwise `policy_version` stays 0.
 
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
@@ -46,6 +47,9 @@ use super::request::ChatRequest;
 use super::response::Event;
 use super::session;
 use super::tools::ToolCall;
+
+pub mod adapters;
+pub use adapters::AdapterPush;
 
 /// How long to wait for the upstream's TCP connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -62,6 +66,8 @@ pub struct UpstreamConfig {
     /// Model name sent upstream (and recorded); None: asked from `GET /v1/models`.
     pub model: Option<String>,
     pub api_key: Option<String>,
+    /// `--upstream-adapters`: how checkpoints reach the engine.
+    pub adapters: AdapterPush,
 }
 
 /// How a row's token ids were obtained (the `token_source` column).
@@ -98,6 +104,8 @@ pub struct Upstream {
     /// Set once the engine answered `/apply-template` with 404 (vLLM, SGLang):
     /// later requests do not ask again.
     no_template: AtomicBool,
+    /// How adapters reach the engine and how a request names one.
+    pub adapters: AdapterPush,
 }
 
 /// Why an upstream call failed, as the client sees it.
@@ -164,6 +172,7 @@ impl Upstream {
             api_key: config.api_key.clone().filter(|k| !k.trim().is_empty()),
             agent,
             no_template: AtomicBool::new(false),
+            adapters: config.adapters,
         };
         upstream.model = match &config.model {
             Some(m) => m.clone(),
@@ -260,10 +269,17 @@ impl Upstream {
         }
     }
 
-    /// The body sent to the upstream's `/v1/chat/completions`.
-    pub fn chat_body(&self, request: &ChatRequest, max_tokens: usize) -> Json {
+    /// The body sent to the upstream's `/v1/chat/completions`; `adapter` is the
+    /// name the engine loaded the serving policy's adapter under, if any.
+    pub fn chat_body(
+        &self,
+        request: &ChatRequest,
+        max_tokens: usize,
+        adapter: Option<&str>,
+    ) -> Json {
         let mut body = Map::new();
         body.insert("model".into(), json!(self.model));
+        self.name_adapter(&mut body, adapter);
         body.insert("messages".into(), Json::Array(request.messages.clone()));
         if let Some(tools) = request.active_tools() {
             body.insert("tools".into(), Json::Array(tools.to_vec()));
@@ -312,8 +328,9 @@ impl Upstream {
         &self,
         request: &ChatRequest,
         max_tokens: usize,
+        adapter: Option<&str>,
     ) -> Result<(Reply, String, TokenSource), UpstreamError> {
-        let body = self.chat_body(request, max_tokens);
+        let body = self.chat_body(request, max_tokens, adapter);
         let response = self.post("/v1/chat/completions", &body)?;
         self.finish_reply(request, &response)
     }
@@ -607,12 +624,13 @@ impl Upstream {
         &self,
         request: &ChatRequest,
         max_tokens: usize,
+        adapter: Option<&str>,
         events: &mpsc::UnboundedSender<Event>,
         connected: oneshot::Sender<Result<(), UpstreamError>>,
     ) -> Option<Result<(Reply, String, TokenSource), UpstreamError>> {
         use std::io::BufRead;
         let url = format!("{}/v1/chat/completions", self.base);
-        let mut body = self.chat_body(request, max_tokens);
+        let mut body = self.chat_body(request, max_tokens, adapter);
         body["stream"] = json!(true);
         body["stream_options"] = json!({"include_usage": true});
         let mut answer = self.post_raw("/v1/chat/completions", &body);
