@@ -1,7 +1,7 @@
 //! `claw serve --upstream URL --upstream-adapters vllm|sglang`: new checkpoints
 //! are loaded into the engine through its LoRA endpoints, against loopback mock
 //! engines that answer as vLLM's and SGLang's sources do (the request and
-//! response shapes are cited in src/serve/upstream/adapters.rs). Checked: the
+//! response shapes are cited in src/serve/push.rs). Checked: the
 //! exact JSON of each call, the order (load the new adapter, switch, wait for
 //! the old adapter's requests, unload it), that a failed load keeps the old
 //! adapter and is counted, and that every row records the adapter the engine

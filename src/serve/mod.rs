@@ -21,7 +21,7 @@
 //! - [`upstream`], [`upstream_chat`]: `--upstream URL`: another engine
 //!   generates (the client; the chat route); claw checks, records and keeps
 //!   sessions (docs/ARCHITECTURE.md, "Serving through another
-//!   engine").
+//!   engine"); [`push`]: `--upstream-adapters`, checkpoints loaded into it.
 //! - [`prefix`]: the prefix cache (KV of recent requests, per policy, LRU under
 //!   `--prefix-cache-mb`).
 //!
@@ -40,6 +40,7 @@ pub mod fields;
 pub mod messages;
 pub mod metrics;
 pub mod prefix;
+pub mod push;
 pub mod record;
 pub mod reload;
 pub mod request;
@@ -138,7 +139,7 @@ pub fn run(config: ServeConfig) -> Result<()> {
 
 /// `claw serve --upstream`: no model and no engine thread; with
 /// `--upstream-adapters` the checkpoints `LATEST` names are pushed to the
-/// engine (`upstream::adapters`); the rest of the server as usual.
+/// engine (`push.rs`); the rest of the server as usual.
 fn run_upstream(config: ServeConfig, upstream: upstream::UpstreamConfig) -> Result<()> {
     let engine = Arc::new(upstream::Upstream::connect(&upstream)?);
     crate::info!(
@@ -163,7 +164,7 @@ fn run_upstream(config: ServeConfig, upstream: upstream::UpstreamConfig) -> Resu
             upstream.adapters
         );
         let model = Some(config.model_path.clone()).filter(|p| p.is_file());
-        let pusher = upstream::adapters::Pusher::new(
+        let pusher = push::Pusher::new(
             engine.clone(),
             policies.clone(),
             metrics.clone(),

@@ -221,7 +221,7 @@ impl Fingerprint {
 
 /// What the watcher does with each new state of `LATEST`: load it into the
 /// local model ([`LocalLoad`]), or push it to an upstream engine
-/// (`upstream::adapters`).
+/// (`push.rs`).
 pub trait Follower: Send {
     /// `LATEST` names a new checkpoint: serve it. An error keeps the current
     /// policy (the watcher counts and logs it; the same state is not retried).

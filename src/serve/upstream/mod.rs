@@ -32,7 +32,7 @@
 //!
 //! No local model is loaded in this mode. With `--upstream-adapters` each new
 //! checkpoint is loaded into the engine and rows record the adapter it used
-//! ([`adapters`]); otherwise `policy_version` stays 0.
+//! (`serve/push.rs`); otherwise `policy_version` stays 0.
 
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
@@ -48,13 +48,10 @@ use super::response::Event;
 use super::session;
 use super::tools::ToolCall;
 
-pub mod adapters;
-pub use adapters::AdapterPush;
-
 /// How long to wait for the upstream's TCP connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long one upstream call may take in all (a long generation on a slow engine).
-const CALL_TIMEOUT: Duration = Duration::from_secs(600);
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long the startup probe of `GET /v1/models` may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -68,6 +65,22 @@ pub struct UpstreamConfig {
     pub api_key: Option<String>,
     /// `--upstream-adapters`: how checkpoints reach the engine.
     pub adapters: AdapterPush,
+}
+
+/// `--upstream-adapters`: how new checkpoints reach the engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum AdapterPush {
+    /// Do not touch the engine's adapters (rows record policy version 0).
+    #[default]
+    None,
+    /// vLLM's `/v1/load_lora_adapter`; requests name the adapter as `model`.
+    Vllm,
+    /// SGLang's `/load_lora_adapter`; requests carry `lora_path`.
+    Sglang,
+    /// llama.cpp's server: GGUF files loaded at its start (`--lora`); claw
+    /// writes them and records the one the engine applies.
+    #[value(name = "llama-cpp")]
+    LlamaCpp,
 }
 
 /// How a row's token ids were obtained (the `token_source` column).
@@ -193,6 +206,42 @@ impl Upstream {
 
     pub fn base(&self) -> &str {
         &self.base
+    }
+
+    /// Names the policy's adapter in a chat body the way the engine expects.
+    fn name_adapter(&self, body: &mut Map<String, Json>, adapter: Option<&str>) {
+        let Some(name) = adapter else { return };
+        match self.adapters {
+            AdapterPush::Vllm => {
+                body.insert("model".into(), json!(name));
+            }
+            AdapterPush::Sglang => {
+                body.insert("lora_path".into(), json!(name));
+            }
+            AdapterPush::None | AdapterPush::LlamaCpp => {}
+        }
+    }
+
+    /// One call whose answer is read as text (the engines' adapter endpoints);
+    /// every failure names the upstream URL.
+    pub fn call_text(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Json>,
+        timeout: Duration,
+    ) -> Result<String, UpstreamError> {
+        let request = self.request(method, path, timeout);
+        let answer = match body {
+            Some(body) => request.send_json(body),
+            None => request.call(),
+        };
+        let response = answer.map_err(|e| self.error(path, e))?;
+        response.into_string().map_err(|e| UpstreamError {
+            status: StatusCode::BAD_GATEWAY,
+            code: "upstream_bad_response",
+            message: format!("the upstream {}{path} broke off its answer: {e}", self.base),
+        })
     }
 
     fn request(&self, method: &str, path: &str, timeout: Duration) -> ureq::Request {

@@ -232,8 +232,8 @@ mod stream {
 }
 
 mod adapters {
-    use super::super::adapters::{applied, peft_dir, EngineLora};
     use super::super::*;
+    use crate::serve::push::{applied, peft_dir, EngineLora};
 
     fn upstream(adapters: AdapterPush) -> Upstream {
         Upstream::connect(&UpstreamConfig {

@@ -1,4 +1,5 @@
-//! `claw serve --upstream URL --upstream-adapters ENGINE`: each new checkpoint
+//! `claw serve --upstream URL --upstream-adapters ENGINE` (the engine's client is
+//! [`super::upstream`]): each new checkpoint
 //! `DIR/checkpoints/LATEST` names is loaded into the upstream engine, and the
 //! rows record the adapter the engine generated with (docs/ARCHITECTURE.md,
 //! "Serving through another engine").
@@ -52,44 +53,12 @@ use anyhow::{Context, Result};
 use axum::http::StatusCode;
 use serde_json::{json, Map, Value as Json};
 
-use super::{Upstream, UpstreamError, CALL_TIMEOUT};
+use super::metrics::Metrics;
+use super::reload::{install, Fingerprint, Follower, Policies, Policy};
+use super::upstream::{AdapterPush, Upstream, UpstreamError, CALL_TIMEOUT};
 use crate::adapter::gguf::{export_file, gguf_path_for, gguf_step};
 use crate::adapter::layout::{config_path_for, parse_adapter_step};
 use crate::adapter::AdapterFileConfig;
-use crate::serve::metrics::Metrics;
-use crate::serve::reload::{install, Fingerprint, Follower, Policies, Policy};
-
-/// `--upstream-adapters`: how new checkpoints reach the engine.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum AdapterPush {
-    /// Do not touch the engine's adapters (rows record policy version 0).
-    #[default]
-    None,
-    /// vLLM's `/v1/load_lora_adapter`; requests name the adapter as `model`.
-    Vllm,
-    /// SGLang's `/load_lora_adapter`; requests carry `lora_path`.
-    Sglang,
-    /// llama.cpp's server: GGUF files loaded at its start (`--lora`); claw
-    /// writes them and records the one the engine applies.
-    #[value(name = "llama-cpp")]
-    LlamaCpp,
-}
-
-impl AdapterPush {
-    fn load_path(self) -> &'static str {
-        match self {
-            AdapterPush::Vllm => "/v1/load_lora_adapter",
-            _ => "/load_lora_adapter",
-        }
-    }
-
-    fn unload_path(self) -> &'static str {
-        match self {
-            AdapterPush::Vllm => "/v1/unload_lora_adapter",
-            _ => "/unload_lora_adapter",
-        }
-    }
-}
 
 /// One adapter llama.cpp's server holds (`GET /lora-adapters`).
 #[derive(Debug, Clone, PartialEq)]
@@ -99,88 +68,84 @@ pub struct EngineLora {
     pub scale: f64,
 }
 
-impl Upstream {
-    /// Names the policy's adapter in a chat body the way the engine expects.
-    pub(super) fn name_adapter(&self, body: &mut Map<String, Json>, adapter: Option<&str>) {
-        let Some(name) = adapter else { return };
-        match self.adapters {
-            AdapterPush::Vllm => {
-                body.insert("model".into(), json!(name));
-            }
-            AdapterPush::Sglang => {
-                body.insert("lora_path".into(), json!(name));
-            }
-            AdapterPush::None | AdapterPush::LlamaCpp => {}
+/// Asks the engine to load the PEFT directory `path` as `name`; Ok only when
+/// the engine said it succeeded.
+pub fn load_adapter(upstream: &Upstream, name: &str, path: &Path) -> Result<(), UpstreamError> {
+    let body = json!({"lora_name": name, "lora_path": path.to_string_lossy()});
+    adapter_call(upstream, load_path(upstream.adapters), &body)
+}
+
+/// Asks the engine to drop the adapter `name`.
+pub fn unload_adapter(upstream: &Upstream, name: &str) -> Result<(), UpstreamError> {
+    adapter_call(
+        upstream,
+        unload_path(upstream.adapters),
+        &json!({"lora_name": name}),
+    )
+}
+
+fn load_path(kind: AdapterPush) -> &'static str {
+    match kind {
+        AdapterPush::Vllm => "/v1/load_lora_adapter",
+        _ => "/load_lora_adapter",
+    }
+}
+
+fn unload_path(kind: AdapterPush) -> &'static str {
+    match kind {
+        AdapterPush::Vllm => "/v1/unload_lora_adapter",
+        _ => "/unload_lora_adapter",
+    }
+}
+
+/// A load or unload call: any 2xx from vLLM (its success body is plain text);
+/// for SGLang also `"success": true` in the JSON answer.
+fn adapter_call(upstream: &Upstream, path: &str, body: &Json) -> Result<(), UpstreamError> {
+    let text = upstream.call_text("POST", path, Some(body), CALL_TIMEOUT)?;
+    if upstream.adapters == AdapterPush::Sglang {
+        let answer: Json = serde_json::from_str(&text).unwrap_or(Json::Null);
+        if answer.get("success").and_then(Json::as_bool) != Some(true) {
+            let why = answer
+                .get("error_message")
+                .and_then(Json::as_str)
+                .map(str::to_string)
+                .unwrap_or_else(|| text.chars().take(500).collect());
+            return Err(UpstreamError {
+                status: StatusCode::BAD_GATEWAY,
+                code: "upstream_error",
+                message: format!(
+                    "the upstream {}{path} did not succeed: {why}",
+                    upstream.base()
+                ),
+            });
         }
     }
+    Ok(())
+}
 
-    /// Asks the engine to load the PEFT directory `path` as `name`; Ok only when
-    /// the engine said it succeeded.
-    pub fn load_adapter(&self, name: &str, path: &Path) -> Result<(), UpstreamError> {
-        let body = json!({"lora_name": name, "lora_path": path.to_string_lossy()});
-        self.adapter_call(self.adapters.load_path(), &body)
-    }
-
-    /// Asks the engine to drop the adapter `name`.
-    pub fn unload_adapter(&self, name: &str) -> Result<(), UpstreamError> {
-        self.adapter_call(self.adapters.unload_path(), &json!({"lora_name": name}))
-    }
-
-    /// A load or unload call: any 2xx from vLLM (its success body is plain
-    /// text); for SGLang also `"success": true` in the JSON answer.
-    fn adapter_call(&self, path: &str, body: &Json) -> Result<(), UpstreamError> {
-        let url = format!("{}{path}", self.base);
-        let response = self
-            .request("POST", path, CALL_TIMEOUT)
-            .send_json(body)
-            .map_err(|e| self.error(path, e))?;
-        let text = response.into_string().unwrap_or_default();
-        if self.adapters == AdapterPush::Sglang {
-            let answer: Json = serde_json::from_str(&text).unwrap_or(Json::Null);
-            if answer.get("success").and_then(Json::as_bool) != Some(true) {
-                let why = answer
-                    .get("error_message")
-                    .and_then(Json::as_str)
-                    .map(str::to_string)
-                    .unwrap_or_else(|| text.chars().take(500).collect());
-                return Err(UpstreamError {
-                    status: StatusCode::BAD_GATEWAY,
-                    code: "upstream_error",
-                    message: format!("the upstream {url} did not succeed: {why}"),
-                });
-            }
-        }
-        Ok(())
-    }
-
-    /// llama.cpp's `GET /lora-adapters`.
-    pub fn lora_adapters(&self) -> Result<Vec<EngineLora>, UpstreamError> {
-        let path = "/lora-adapters";
-        let bad = |m: String| UpstreamError {
-            status: StatusCode::BAD_GATEWAY,
-            code: "upstream_bad_response",
-            message: format!("the upstream {}{path}: {m}", self.base),
-        };
-        let list: Json = self
-            .request("GET", path, Duration::from_secs(10))
-            .call()
-            .map_err(|e| self.error(path, e))?
-            .into_json()
-            .map_err(|e| bad(e.to_string()))?;
-        let entries = list.as_array().ok_or_else(|| bad("not a list".into()))?;
-        Ok(entries
-            .iter()
-            .map(|e| EngineLora {
-                id: e.get("id").and_then(Json::as_i64).unwrap_or(-1),
-                path: e
-                    .get("path")
-                    .and_then(Json::as_str)
-                    .unwrap_or_default()
-                    .to_string(),
-                scale: e.get("scale").and_then(Json::as_f64).unwrap_or(0.0),
-            })
-            .collect())
-    }
+/// llama.cpp's `GET /lora-adapters`.
+pub fn lora_adapters(upstream: &Upstream) -> Result<Vec<EngineLora>, UpstreamError> {
+    let path = "/lora-adapters";
+    let bad = |m: String| UpstreamError {
+        status: StatusCode::BAD_GATEWAY,
+        code: "upstream_bad_response",
+        message: format!("the upstream {}{path}: {m}", upstream.base()),
+    };
+    let text = upstream.call_text("GET", path, None, Duration::from_secs(10))?;
+    let list: Json = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let entries = list.as_array().ok_or_else(|| bad("not a list".into()))?;
+    Ok(entries
+        .iter()
+        .map(|e| EngineLora {
+            id: e.get("id").and_then(Json::as_i64).unwrap_or(-1),
+            path: e
+                .get("path")
+                .and_then(Json::as_str)
+                .unwrap_or_default()
+                .to_string(),
+            scale: e.get("scale").and_then(Json::as_f64).unwrap_or(0.0),
+        })
+        .collect())
 }
 
 /// The checkpoint step an adapter's config records (`claw_step`), else its
@@ -270,7 +235,7 @@ impl Pusher {
         let dir = peft_dir(adapter, &self.peft_root)?;
         let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
         let name = format!("claw-{step:06}-{}", crate::clock::unix_ms());
-        if let Err(e) = self.upstream.load_adapter(&name, &dir) {
+        if let Err(e) = load_adapter(&self.upstream, &name, &dir) {
             if self.policies.current().adapter.as_deref() != Some(adapter) {
                 let _ = std::fs::remove_dir_all(&dir);
             }
@@ -292,7 +257,7 @@ impl Pusher {
         while Arc::strong_count(&old) > 1 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
-        match self.upstream.unload_adapter(&name) {
+        match unload_adapter(&self.upstream, &name) {
             Ok(()) => crate::debug!("unloaded {name} from the upstream"),
             Err(e) => crate::warn!("cannot unload the old adapter {name}: {}", e.message),
         }
@@ -340,7 +305,7 @@ impl Pusher {
 
     /// llama.cpp: the policy the engine applies now, from `GET /lora-adapters`.
     fn refresh(&mut self) {
-        let list = match self.upstream.lora_adapters() {
+        let list = match lora_adapters(&self.upstream) {
             Ok(list) => list,
             Err(e) => {
                 crate::debug!("cannot ask the upstream for its adapters: {}", e.message);
