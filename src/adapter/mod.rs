@@ -6,7 +6,9 @@
 //! - [`lora`]: the LoRA adapter (rank, scale, targets, A/B per linear), its PEFT
 //!   tensor names and config file, loading, saving, applying it to a decoder.
 //! - [`layout`]: the checkpoint directory: file names, `LATEST`, `metrics.jsonl`.
+//! - [`gguf`]: the adapter as a GGUF LoRA file, for llama.cpp's `--lora`.
 
+pub mod gguf;
 pub mod layout;
 pub mod lora;
 

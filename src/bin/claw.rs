@@ -41,6 +41,7 @@ enum Command {
     Eval(cmd::eval::EvalArgs),
     Up(cmd::up::UpArgs),
     Status(cmd::status::StatusArgs),
+    Adapter(cmd::adapter::AdapterArgs),
 }
 
 fn main() -> ExitCode {
@@ -61,6 +62,7 @@ fn main() -> ExitCode {
         Command::Eval(args) => cmd::eval::run(args),
         Command::Up(args) => cmd::up::run(args),
         Command::Status(args) => cmd::status::run(args),
+        Command::Adapter(args) => cmd::adapter::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

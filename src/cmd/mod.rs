@@ -2,6 +2,7 @@
 //! which turns the flags into the stage's config, calls the library and prints.
 //! The stage logic itself lives in the library modules, free of CLI concerns.
 
+pub mod adapter;
 pub mod agent;
 pub mod chat;
 pub mod collect;

@@ -145,13 +145,31 @@ pub struct ServeArgs {
     /// recording; it asks the engine for per-token log-probs and token ids
     /// (llama.cpp: logprobs ids plus /apply-template and /tokenize; vLLM/SGLang:
     /// return_token_ids) and records how it got them in token_source. No local
-    /// model is loaded; --model, --adapter and checkpoint reload do not apply.
+    /// model is loaded (--model only names the GGUF for --upstream-adapters
+    /// llama-cpp); checkpoints reach the engine with --upstream-adapters.
     #[arg(long, value_name = "URL")]
     pub upstream: Option<String>,
     /// Model name to send to the upstream and record (default: the first model
     /// its GET /v1/models lists).
     #[arg(long, value_name = "NAME", requires = "upstream")]
     pub upstream_model: Option<String>,
+    /// Load each new checkpoint (DIR/checkpoints/LATEST) into the upstream engine
+    /// and record the adapter it used: vllm (POST /v1/load_lora_adapter, needs
+    /// VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and --enable-lora; requests name the
+    /// adapter as model), sglang (POST /load_lora_adapter, --enable-lora;
+    /// requests carry lora_path), llama-cpp (llama-server loads GGUF adapters only
+    /// at start: claw writes adapter-NNNNNN.gguf, using --model, logs the
+    /// --lora command to restart it with, and records the adapter
+    /// GET /lora-adapters says it applies). The engine must read the checkpoint
+    /// directory at the same path. none: leave the engine's adapters alone.
+    #[arg(
+        long,
+        value_enum,
+        value_name = "ENGINE",
+        default_value_t = serve::upstream::AdapterPush::None,
+        requires = "upstream"
+    )]
+    pub upstream_adapters: serve::upstream::AdapterPush,
     /// Sent to the upstream as `Authorization: Bearer KEY`.
     #[arg(
         long,
@@ -182,6 +200,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         url,
         model: args.upstream_model,
         api_key: args.upstream_api_key,
+        adapters: args.upstream_adapters,
     });
     serve::run(ServeConfig {
         model_path,

@@ -165,6 +165,11 @@ pub struct TrainArgs {
     /// Seed of the adapter's initialisation.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Also write each adapter as GGUF LoRA (adapter-NNNNNN.gguf beside its
+    /// safetensors), the format llama.cpp's server loads with --lora; removed
+    /// with its checkpoint by --keep.
+    #[arg(long)]
+    pub gguf: bool,
     /// Print the run summary as JSON on stdout.
     #[arg(long)]
     pub json: bool,
@@ -242,6 +247,7 @@ impl TrainArgs {
             seq_len: self.seq_len,
             eval: self.eval,
             seed: self.seed,
+            gguf: self.gguf,
         }
     }
 }

@@ -21,7 +21,7 @@
 //! - [`upstream`], [`upstream_chat`]: `--upstream URL`: another engine
 //!   generates (the client; the chat route); claw checks, records and keeps
 //!   sessions (docs/ARCHITECTURE.md, "Serving through another
-//!   engine").
+//!   engine"); [`push`]: `--upstream-adapters`, checkpoints loaded into it.
 //! - [`prefix`]: the prefix cache (KV of recent requests, per policy, LRU under
 //!   `--prefix-cache-mb`).
 //!
@@ -40,6 +40,7 @@ pub mod fields;
 pub mod messages;
 pub mod metrics;
 pub mod prefix;
+pub mod push;
 pub mod record;
 pub mod reload;
 pub mod request;
@@ -136,8 +137,9 @@ pub fn run(config: ServeConfig) -> Result<()> {
     runtime.block_on(serve(config, Some(model), metrics, policies, seen, None))
 }
 
-/// `claw serve --upstream`: no model, no engine, no adapter reload; the rest of
-/// the server as usual.
+/// `claw serve --upstream`: no model and no engine thread; with
+/// `--upstream-adapters` the checkpoints `LATEST` names are pushed to the
+/// engine (`push.rs`); the rest of the server as usual.
 fn run_upstream(config: ServeConfig, upstream: upstream::UpstreamConfig) -> Result<()> {
     let engine = Arc::new(upstream::Upstream::connect(&upstream)?);
     crate::info!(
@@ -147,19 +149,51 @@ fn run_upstream(config: ServeConfig, upstream: upstream::UpstreamConfig) -> Resu
     );
     if config.adapter.is_some() {
         crate::warn!(
-            "--adapter is ignored with --upstream (adapters are not pushed to the engine yet)"
+            "--adapter is ignored with --upstream (--upstream-adapters pushes what \
+             DIR/checkpoints/LATEST names)"
         );
     }
-    let mut config = config;
-    config.reload = false;
     let metrics = Arc::new(Metrics::default());
     let policies = Arc::new(Policies::new(Policy::base()));
+    let push = upstream.adapters != upstream::AdapterPush::None && config.reload;
+    let reloader = if push {
+        let checkpoints = config.checkpoints_dir();
+        crate::info!(
+            "pushing the checkpoints {} names to the upstream ({:?})",
+            checkpoints.join(crate::adapter::layout::LATEST).display(),
+            upstream.adapters
+        );
+        let model = Some(config.model_path.clone()).filter(|p| p.is_file());
+        let pusher = push::Pusher::new(
+            engine.clone(),
+            policies.clone(),
+            metrics.clone(),
+            &checkpoints,
+            model,
+        );
+        Some(Reloader::follow(
+            Box::new(pusher),
+            policies.clone(),
+            metrics.clone(),
+            checkpoints,
+            config.reload_poll,
+            None,
+        )?)
+    } else {
+        None
+    };
+    let mut config = config;
+    config.reload = false;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("claw-serve")
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(serve(config, None, metrics, policies, None, Some(engine)))
+    let result = runtime.block_on(serve(config, None, metrics, policies, None, Some(engine)));
+    if let Some(reloader) = reloader {
+        reloader.stop();
+    }
+    result
 }
 
 async fn serve(

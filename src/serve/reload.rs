@@ -50,6 +50,10 @@ pub struct Policy {
     pub adapter: Option<PathBuf>,
     /// The base decoder with the adapter's deltas on; `None`: the model's own.
     decoder: Option<Decoder>,
+    /// `--upstream-adapters`: the name the upstream engine loaded this adapter
+    /// under (`None`: the engine's base model, or an adapter it applies to every
+    /// request, as llama.cpp's server does).
+    pub engine_name: Option<String>,
     /// Unix milliseconds this policy started serving.
     pub since_ms: i64,
 }
@@ -61,6 +65,20 @@ impl Policy {
             id: 0,
             adapter: None,
             decoder: None,
+            engine_name: None,
+            since_ms: unix_ms(),
+        }
+    }
+
+    /// An adapter another engine serves (`claw serve --upstream-adapters`): no
+    /// local decoder; `engine_name` is what requests name it by, if anything.
+    pub fn remote(version: i64, adapter: Option<PathBuf>, engine_name: Option<String>) -> Self {
+        Policy {
+            version,
+            id: NEXT_POLICY_ID.fetch_add(1, Relaxed),
+            adapter,
+            decoder: None,
+            engine_name,
             since_ms: unix_ms(),
         }
     }
@@ -99,6 +117,7 @@ impl Policy {
             id: NEXT_POLICY_ID.fetch_add(1, Relaxed),
             adapter: Some(path.to_path_buf()),
             decoder: Some(decoder),
+            engine_name: None,
             since_ms: unix_ms(),
         })
     }
@@ -186,12 +205,45 @@ pub fn fingerprint(checkpoints: &Path) -> Option<Fingerprint> {
 }
 
 impl Fingerprint {
+    /// The adapter this state of `LATEST` names (`Err`: what is wrong with it).
+    pub fn adapter(&self) -> Result<&Path> {
+        self.adapter.as_deref().map_err(|e| anyhow::anyhow!("{e}"))
+    }
+
     /// Loads the adapter this state of `LATEST` names.
     pub fn load(&self, model: &Model) -> Result<Policy> {
         match &self.adapter {
             Ok(path) => Policy::load(model, path),
             Err(e) => Err(anyhow::anyhow!("{e}")),
         }
+    }
+}
+
+/// What the watcher does with each new state of `LATEST`: load it into the
+/// local model ([`LocalLoad`]), or push it to an upstream engine
+/// (`push.rs`).
+pub trait Follower: Send {
+    /// `LATEST` names a new checkpoint: serve it. An error keeps the current
+    /// policy (the watcher counts and logs it; the same state is not retried).
+    fn changed(&mut self, latest: &Fingerprint) -> Result<()>;
+    /// Called on every wake-up, changed or not (an engine whose adapter can
+    /// change behind claw's back is asked again).
+    fn tick(&mut self) {}
+}
+
+/// Hot reload into the local model: load, apply, probe, swap.
+struct LocalLoad {
+    model: Arc<Model>,
+    policies: Arc<Policies>,
+    metrics: Arc<Metrics>,
+}
+
+impl Follower for LocalLoad {
+    fn changed(&mut self, latest: &Fingerprint) -> Result<()> {
+        let started = Instant::now();
+        let policy = latest.load(&self.model)?;
+        install(&self.policies, &self.metrics, policy, started.elapsed());
+        Ok(())
     }
 }
 
@@ -217,13 +269,37 @@ impl Reloader {
         poll: Duration,
         seen: Option<Fingerprint>,
     ) -> Result<Self> {
+        let follower = LocalLoad {
+            model,
+            policies: policies.clone(),
+            metrics: metrics.clone(),
+        };
+        Self::follow(
+            Box::new(follower),
+            policies,
+            metrics,
+            checkpoints,
+            poll,
+            seen,
+        )
+    }
+
+    /// Follows `checkpoints/LATEST` with `follower` acting on each change.
+    pub fn follow(
+        follower: Box<dyn Follower>,
+        policies: Arc<Policies>,
+        metrics: Arc<Metrics>,
+        checkpoints: PathBuf,
+        poll: Duration,
+        seen: Option<Fingerprint>,
+    ) -> Result<Self> {
         let (tx, rx) = mpsc::channel();
         let watch_tx = tx.clone();
         let handle = std::thread::Builder::new()
             .name("claw-reload".into())
             .spawn(move || {
                 let mut watch = Watch {
-                    model,
+                    follower,
                     policies,
                     metrics,
                     checkpoints,
@@ -246,7 +322,7 @@ impl Reloader {
 }
 
 struct Watch {
-    model: Arc<Model>,
+    follower: Box<dyn Follower>,
     policies: Arc<Policies>,
     metrics: Arc<Metrics>,
     checkpoints: PathBuf,
@@ -327,6 +403,7 @@ impl Watch {
     }
 
     fn check(&mut self) {
+        self.follower.tick();
         let now = fingerprint(&self.checkpoints);
         if now == self.seen {
             return;
@@ -340,9 +417,8 @@ impl Watch {
             );
             return;
         };
-        let started = Instant::now();
-        match now.load(&self.model) {
-            Ok(policy) => install(&self.policies, &self.metrics, policy, started.elapsed()),
+        match self.follower.changed(&now) {
+            Ok(()) => {}
             Err(e) => {
                 self.metrics.adapter_load_errors.fetch_add(1, Relaxed);
                 crate::warn!(
@@ -355,8 +431,13 @@ impl Watch {
     }
 }
 
-/// Swaps `policy` in, counts and logs it.
-pub fn install(policies: &Policies, metrics: &Metrics, policy: Policy, load_time: Duration) {
+/// Swaps `policy` in, counts and logs it; returns the policy it replaced.
+pub fn install(
+    policies: &Policies,
+    metrics: &Metrics,
+    policy: Policy,
+    load_time: Duration,
+) -> Arc<Policy> {
     let name = policy.adapter_name().unwrap_or_else(|| "base".into());
     let version = policy.version;
     let old = policies.swap(policy);
@@ -369,4 +450,5 @@ pub fn install(policies: &Policies, metrics: &Metrics, policy: Policy, load_time
         load_time.as_secs_f64() * 1000.0,
         old.version
     );
+    old
 }

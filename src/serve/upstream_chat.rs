@@ -11,6 +11,7 @@ use serde_json::{json, Value as Json};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 
 use super::error::ApiError;
+use super::reload::Policy;
 use super::request::ChatRequest;
 use super::response::{json_response, sse_response, stamp_chat_headers, Event, Meta, Outcome};
 use super::session::{self, SessionInfo};
@@ -50,7 +51,7 @@ pub async fn handle(
         id: session::new_id("chatcmpl-"),
         created_ms: unix_ms(),
         started,
-        policy_version: state.policies.current().version,
+        policy: state.policies.current(),
         session,
         request,
     };
@@ -63,11 +64,11 @@ pub async fn handle(
         stream_tools: (turn.request.stream && turn.request.active_tools().is_some())
             .then(|| turn.request.tool_names()),
         include_usage: turn.request.include_usage,
-        policy_version: turn.policy_version,
+        policy_version: turn.policy.version,
     };
     let stream = turn.request.stream;
     let session_id = turn.session.session_id.clone();
-    let version = turn.policy_version;
+    let version = turn.policy.version;
     // llama-server gives no log-probs with tools in a streamed reply: those
     // requests are generated whole and sent as one chunk.
     let mut response = if stream && turn.request.active_tools().is_none() {
@@ -75,7 +76,8 @@ pub async fn handle(
         let runtime = tokio::runtime::Handle::current();
         let job_state = state.clone();
         tokio::task::spawn_blocking(move || {
-            let result = upstream.stream(&turn.request, max_tokens, &tx, connected);
+            let adapter = turn.policy.engine_name.as_deref();
+            let result = upstream.stream(&turn.request, max_tokens, adapter, &tx, connected);
             let Some(result) = result else {
                 return; // the client went away, or the call failed before it began
             };
@@ -105,7 +107,8 @@ pub async fn handle(
         let (turn, result) = {
             let upstream = upstream.clone();
             tokio::task::spawn_blocking(move || {
-                let result = upstream.complete(&turn.request, max_tokens);
+                let adapter = turn.policy.engine_name.as_deref();
+                let result = upstream.complete(&turn.request, max_tokens, adapter);
                 (turn, result)
             })
             .await
@@ -142,7 +145,9 @@ struct Turn {
     id: String,
     created_ms: i64,
     started: Instant,
-    policy_version: i64,
+    /// The policy the request was admitted under, held to its end (so the old
+    /// adapter is unloaded from the engine only after its last request).
+    policy: Arc<Policy>,
     session: SessionInfo,
     request: ChatRequest,
 }
@@ -224,7 +229,7 @@ fn finish(
         session_done: Some(turn.session.done),
         created_at: unix_ms(),
         model: upstream.model.clone(),
-        policy_version: turn.policy_version,
+        policy_version: turn.policy.version,
         messages_json: Json::Array(request.messages.clone()).to_string(),
         tools_json: request
             .tools

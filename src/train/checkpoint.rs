@@ -14,12 +14,16 @@ use candle_core::Device;
 
 use super::optim::AdamW;
 use super::trainer::StepMetrics;
+use crate::adapter::gguf::{gguf_path_for, write_gguf_lora, GgufBase};
 use crate::adapter::layout::{adapter_file_name, latest_in, optim_path, LATEST, METRICS};
 use crate::adapter::Adapter;
 use crate::fsutil::write_atomic;
 
 pub struct CheckpointDir {
     dir: PathBuf,
+    /// `claw train --gguf`: also write each adapter as GGUF for this base model
+    /// (`adapter-NNNNNN.gguf`, for llama.cpp's `--lora`).
+    gguf: Option<GgufBase>,
 }
 
 impl CheckpointDir {
@@ -28,7 +32,14 @@ impl CheckpointDir {
             .with_context(|| format!("cannot create checkpoint directory {}", dir.display()))?;
         Ok(Self {
             dir: dir.to_path_buf(),
+            gguf: None,
         })
+    }
+
+    /// Also writes every adapter as GGUF LoRA for `base`, before `LATEST` moves.
+    pub fn with_gguf(mut self, base: GgufBase) -> Self {
+        self.gguf = Some(base);
+        self
     }
 
     pub fn path(&self) -> &Path {
@@ -78,6 +89,9 @@ impl CheckpointDir {
             &path.with_extension("json"),
             serde_json::to_string_pretty(&config)?.as_bytes(),
         )?;
+        if let Some(base) = &self.gguf {
+            write_gguf_lora(adapter, base, step, &gguf_path_for(&path))?;
+        }
         write_atomic(&self.dir.join(LATEST), format!("{name}\n").as_bytes())?;
         Ok(path)
     }
@@ -154,6 +168,7 @@ impl CheckpointDir {
         for p in [
             optim_path(path),
             path.with_extension("json"),
+            gguf_path_for(path),
             path.to_path_buf(),
         ] {
             match std::fs::remove_file(&p) {

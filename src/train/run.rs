@@ -11,6 +11,7 @@ use super::data::{batch_row_sample, mean_nll, read_samples, reads_stdin, text_sa
 use super::driver::{Driver, DriverConfig, RunSummary};
 use super::optim::AdamWConfig;
 use super::{LossConfig, Objective, StepMetrics, TrainSample, Trainer, TrainerConfig};
+use crate::adapter::gguf::GgufBase;
 use crate::adapter::{Adapter, LoraConfig};
 use crate::model::{resolve_model_path, Model, WeightFormat};
 use crate::rollout::RolloutReader;
@@ -59,6 +60,9 @@ pub struct RunConfig {
     /// Held-out rollout file.
     pub eval: Option<String>,
     pub seed: u64,
+    /// Also write each adapter as GGUF LoRA (`adapter-NNNNNN.gguf`) for the base
+    /// GGUF, which llama.cpp's server loads with `--lora`.
+    pub gguf: bool,
 }
 
 /// A run ready to train: the model, and the driver around its trainer.
@@ -80,6 +84,7 @@ impl Run {
         anyhow::ensure!(config.grad_accum > 0, "--grad-accum must be at least 1");
         anyhow::ensure!(config.lora_rank > 0, "--lora-rank must be at least 1");
         // --init: a new model (all weights trained); otherwise the one given.
+        let mut gguf_base = None;
         let (mut model, model_spec) = match &config.init {
             Some(init) => super::init::init_model(
                 init,
@@ -89,6 +94,9 @@ impl Run {
             )?,
             None => {
                 let model_path = resolve_model_path(config.model.as_deref())?;
+                if config.gguf {
+                    gguf_base = Some(GgufBase::from_model_file(&model_path)?);
+                }
                 (Model::load_with(&model_path, WeightFormat::F32)?, None)
             }
         };
@@ -122,7 +130,15 @@ impl Run {
             seed: config.seed,
             micro_batch_tokens: config.micro_batch_tokens,
         };
-        let checkpoints = CheckpointDir::create(&config.out)?;
+        anyhow::ensure!(
+            !config.gguf || (!full && config.base_weights.is_none()),
+            "--gguf writes LoRA adapters for the GGUF base model: not with --full, --init \
+             or --base-weights"
+        );
+        let mut checkpoints = CheckpointDir::create(&config.out)?;
+        if let Some(base) = gguf_base {
+            checkpoints = checkpoints.with_gguf(base);
+        }
         let trainer = start_trainer(&model, trainer_config, &checkpoints, config.resume)?;
         let trainable_parameters: usize = trainer
             .named_vars()

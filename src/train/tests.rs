@@ -672,3 +672,34 @@ fn a_full_checkpoint_loads_back_as_the_same_model() {
         "{err:#}"
     );
 }
+
+/// `claw train --gguf`: each checkpoint also gets its GGUF LoRA, written before
+/// `LATEST` moves and pruned with its checkpoint.
+#[test]
+fn checkpoints_with_gguf_write_and_prune_it() {
+    use crate::adapter::gguf::{gguf_step, GgufBase};
+    let model = tiny_model(WeightFormat::F32);
+    let adapter = Adapter::new(
+        &model.decoder.to_hf_layout().unwrap(),
+        LoraConfig {
+            rank: 2,
+            alpha: 4.0,
+            ..Default::default()
+        },
+        0,
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let base = GgufBase::from_config(model.config.clone());
+    let ckpt = super::checkpoint::CheckpointDir::create(dir.path())
+        .unwrap()
+        .with_gguf(base);
+    for step in 1..=3 {
+        ckpt.save(&adapter, "tiny", step, None, None).unwrap();
+        let gguf = dir.path().join(format!("adapter-{step:06}.gguf"));
+        assert_eq!(gguf_step(&gguf), Some(step), "{}", gguf.display());
+    }
+    assert_eq!(ckpt.prune(1).unwrap(), vec![1, 2]);
+    assert!(!dir.path().join("adapter-000001.gguf").exists());
+    assert!(dir.path().join("adapter-000003.gguf").exists());
+}

@@ -30,8 +30,9 @@
 //! - `upstream-text`: the engine returned no completion ids: the row has text but
 //!   empty id and log-prob lists (not trainable as it is).
 //!
-//! No local model is loaded in this mode; adapters are not pushed to the
-//! upstream yet (`policy_version` stays 0).
+//! No local model is loaded in this mode. With `--upstream-adapters` each new
+//! checkpoint is loaded into the engine and rows record the adapter it used
+//! (`serve/push.rs`); otherwise `policy_version` stays 0.
 
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
@@ -50,7 +51,7 @@ use super::tools::ToolCall;
 /// How long to wait for the upstream's TCP connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long one upstream call may take in all (a long generation on a slow engine).
-const CALL_TIMEOUT: Duration = Duration::from_secs(600);
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long the startup probe of `GET /v1/models` may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -62,6 +63,24 @@ pub struct UpstreamConfig {
     /// Model name sent upstream (and recorded); None: asked from `GET /v1/models`.
     pub model: Option<String>,
     pub api_key: Option<String>,
+    /// `--upstream-adapters`: how checkpoints reach the engine.
+    pub adapters: AdapterPush,
+}
+
+/// `--upstream-adapters`: how new checkpoints reach the engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum AdapterPush {
+    /// Do not touch the engine's adapters (rows record policy version 0).
+    #[default]
+    None,
+    /// vLLM's `/v1/load_lora_adapter`; requests name the adapter as `model`.
+    Vllm,
+    /// SGLang's `/load_lora_adapter`; requests carry `lora_path`.
+    Sglang,
+    /// llama.cpp's server: GGUF files loaded at its start (`--lora`); claw
+    /// writes them and records the one the engine applies.
+    #[value(name = "llama-cpp")]
+    LlamaCpp,
 }
 
 /// How a row's token ids were obtained (the `token_source` column).
@@ -98,6 +117,8 @@ pub struct Upstream {
     /// Set once the engine answered `/apply-template` with 404 (vLLM, SGLang):
     /// later requests do not ask again.
     no_template: AtomicBool,
+    /// How adapters reach the engine and how a request names one.
+    pub adapters: AdapterPush,
 }
 
 /// Why an upstream call failed, as the client sees it.
@@ -164,6 +185,7 @@ impl Upstream {
             api_key: config.api_key.clone().filter(|k| !k.trim().is_empty()),
             agent,
             no_template: AtomicBool::new(false),
+            adapters: config.adapters,
         };
         upstream.model = match &config.model {
             Some(m) => m.clone(),
@@ -184,6 +206,42 @@ impl Upstream {
 
     pub fn base(&self) -> &str {
         &self.base
+    }
+
+    /// Names the policy's adapter in a chat body the way the engine expects.
+    fn name_adapter(&self, body: &mut Map<String, Json>, adapter: Option<&str>) {
+        let Some(name) = adapter else { return };
+        match self.adapters {
+            AdapterPush::Vllm => {
+                body.insert("model".into(), json!(name));
+            }
+            AdapterPush::Sglang => {
+                body.insert("lora_path".into(), json!(name));
+            }
+            AdapterPush::None | AdapterPush::LlamaCpp => {}
+        }
+    }
+
+    /// One call whose answer is read as text (the engines' adapter endpoints);
+    /// every failure names the upstream URL.
+    pub fn call_text(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Json>,
+        timeout: Duration,
+    ) -> Result<String, UpstreamError> {
+        let request = self.request(method, path, timeout);
+        let answer = match body {
+            Some(body) => request.send_json(body),
+            None => request.call(),
+        };
+        let response = answer.map_err(|e| self.error(path, e))?;
+        response.into_string().map_err(|e| UpstreamError {
+            status: StatusCode::BAD_GATEWAY,
+            code: "upstream_bad_response",
+            message: format!("the upstream {}{path} broke off its answer: {e}", self.base),
+        })
     }
 
     fn request(&self, method: &str, path: &str, timeout: Duration) -> ureq::Request {
@@ -260,10 +318,17 @@ impl Upstream {
         }
     }
 
-    /// The body sent to the upstream's `/v1/chat/completions`.
-    pub fn chat_body(&self, request: &ChatRequest, max_tokens: usize) -> Json {
+    /// The body sent to the upstream's `/v1/chat/completions`; `adapter` is the
+    /// name the engine loaded the serving policy's adapter under, if any.
+    pub fn chat_body(
+        &self,
+        request: &ChatRequest,
+        max_tokens: usize,
+        adapter: Option<&str>,
+    ) -> Json {
         let mut body = Map::new();
         body.insert("model".into(), json!(self.model));
+        self.name_adapter(&mut body, adapter);
         body.insert("messages".into(), Json::Array(request.messages.clone()));
         if let Some(tools) = request.active_tools() {
             body.insert("tools".into(), Json::Array(tools.to_vec()));
@@ -312,8 +377,9 @@ impl Upstream {
         &self,
         request: &ChatRequest,
         max_tokens: usize,
+        adapter: Option<&str>,
     ) -> Result<(Reply, String, TokenSource), UpstreamError> {
-        let body = self.chat_body(request, max_tokens);
+        let body = self.chat_body(request, max_tokens, adapter);
         let response = self.post("/v1/chat/completions", &body)?;
         self.finish_reply(request, &response)
     }
@@ -607,12 +673,13 @@ impl Upstream {
         &self,
         request: &ChatRequest,
         max_tokens: usize,
+        adapter: Option<&str>,
         events: &mpsc::UnboundedSender<Event>,
         connected: oneshot::Sender<Result<(), UpstreamError>>,
     ) -> Option<Result<(Reply, String, TokenSource), UpstreamError>> {
         use std::io::BufRead;
         let url = format!("{}/v1/chat/completions", self.base);
-        let mut body = self.chat_body(request, max_tokens);
+        let mut body = self.chat_body(request, max_tokens, adapter);
         body["stream"] = json!(true);
         body["stream_options"] = json!({"include_usage": true});
         let mut answer = self.post_raw("/v1/chat/completions", &body);

@@ -9,6 +9,7 @@ mod client {
             url: "http://127.0.0.1:9/v1/".into(),
             model: Some("m".into()),
             api_key: None,
+            adapters: AdapterPush::None,
         })
         .unwrap()
     }
@@ -20,6 +21,7 @@ mod client {
             url: "https://example.com".into(),
             model: Some("m".into()),
             api_key: None,
+            adapters: AdapterPush::None,
         })
         .err()
         .unwrap();
@@ -36,7 +38,7 @@ mod client {
         fields.insert("temperature".into(), json!(0));
         fields.insert("max_tokens".into(), json!(7));
         let request = ChatRequest::from_body(&fields).unwrap();
-        let body = upstream().chat_body(&request, 7);
+        let body = upstream().chat_body(&request, 7, None);
         assert_eq!(body["model"], "m");
         assert_eq!(body["messages"], json!([{"role": "user", "content": "hi"}]));
         assert_eq!(body["max_tokens"], 7);
@@ -226,5 +228,114 @@ mod stream {
         assert_eq!(r.completion_ids, Some(vec![13048, 151645]));
         assert_eq!(r.logprobs, Some(vec![-0.25, -0.01]));
         assert_eq!(token_source(&r, true), TokenSource::Upstream);
+    }
+}
+
+mod adapters {
+    use super::super::*;
+    use crate::serve::push::{applied, peft_dir, EngineLora};
+
+    fn upstream(adapters: AdapterPush) -> Upstream {
+        Upstream::connect(&UpstreamConfig {
+            url: "http://127.0.0.1:9".into(),
+            model: Some("base".into()),
+            api_key: None,
+            adapters,
+        })
+        .unwrap()
+    }
+
+    fn request() -> ChatRequest {
+        let mut fields = Map::new();
+        fields.insert(
+            "messages".into(),
+            json!([{"role": "user", "content": "hi"}]),
+        );
+        ChatRequest::from_body(&fields).unwrap()
+    }
+
+    /// vLLM serves a loaded adapter as a model of its own name
+    /// (serving_models.py: the adapter's `lora_name` is a model card).
+    #[test]
+    fn vllm_requests_name_the_adapter_as_model() {
+        let body = upstream(AdapterPush::Vllm).chat_body(&request(), 5, Some("claw-000003-1"));
+        assert_eq!(body["model"], "claw-000003-1");
+        assert!(body.get("lora_path").is_none());
+        let base = upstream(AdapterPush::Vllm).chat_body(&request(), 5, None);
+        assert_eq!(base["model"], "base");
+    }
+
+    /// SGLang: the base model as `model`, the adapter as `lora_path`.
+    #[test]
+    fn sglang_requests_carry_lora_path() {
+        let body = upstream(AdapterPush::Sglang).chat_body(&request(), 5, Some("claw-000003-1"));
+        assert_eq!(body["model"], "base");
+        assert_eq!(body["lora_path"], "claw-000003-1");
+    }
+
+    /// llama.cpp applies its adapters to every request: nothing to name.
+    #[test]
+    fn llama_cpp_requests_are_unchanged() {
+        let body = upstream(AdapterPush::LlamaCpp).chat_body(&request(), 5, Some("x"));
+        assert_eq!(body["model"], "base");
+        assert!(body.get("lora_path").is_none() && body.get("lora").is_none());
+    }
+
+    fn lora(id: i64, path: &str, scale: f64) -> EngineLora {
+        EngineLora {
+            id,
+            path: path.into(),
+            scale,
+        }
+    }
+
+    #[test]
+    fn the_applied_version_is_the_enabled_claw_adapter() {
+        assert_eq!(applied(&[]), (0, None, None));
+        let (v, p, note) = applied(&[
+            lora(0, "/c/adapter-000004.gguf", 0.0),
+            lora(1, "/c/adapter-000007.gguf", 1.0),
+        ]);
+        assert_eq!((v, p), (7, Some("/c/adapter-000007.gguf".into())));
+        assert!(note.is_none());
+        // Loaded but scaled to 0: the base model.
+        assert_eq!(applied(&[lora(0, "/c/adapter-000004.gguf", 0.0)]).0, 0);
+        // Not claw's, or two at once: version 0, said so.
+        let (v, _, note) = applied(&[lora(0, "/x/style.gguf", 1.0)]);
+        assert_eq!(v, 0);
+        assert!(note.unwrap().contains("/x/style.gguf"));
+        let (v, _, note) = applied(&[
+            lora(0, "/c/adapter-000004.gguf", 1.0),
+            lora(1, "/c/adapter-000007.gguf", 0.5),
+        ]);
+        assert_eq!(v, 0);
+        assert!(note.unwrap().contains("2 adapters"));
+    }
+
+    #[test]
+    fn a_peft_directory_holds_the_weights_and_peft_keys_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let adapter = dir.path().join("adapter-000002.safetensors");
+        std::fs::write(&adapter, b"weights").unwrap();
+        std::fs::write(
+            dir.path().join("adapter-000002.json"),
+            r#"{"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"],
+                "claw_step": 2, "claw_metrics": {"loss": 1}}"#,
+        )
+        .unwrap();
+        let out = peft_dir(&adapter, &dir.path().join("peft")).unwrap();
+        assert_eq!(out, dir.path().join("peft/adapter-000002"));
+        assert_eq!(
+            std::fs::read(out.join("adapter_model.safetensors")).unwrap(),
+            b"weights"
+        );
+        let config: Json =
+            serde_json::from_slice(&std::fs::read(out.join("adapter_config.json")).unwrap())
+                .unwrap();
+        assert_eq!(config["r"], 4);
+        assert_eq!(config["target_modules"], json!(["q_proj"]));
+        assert!(config.get("claw_step").is_none() && config.get("claw_metrics").is_none());
+        // Again (a retry): replaced, not refused.
+        peft_dir(&adapter, &dir.path().join("peft")).unwrap();
     }
 }
