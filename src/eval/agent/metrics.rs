@@ -343,8 +343,8 @@ pub fn report(results: &[RunResult], command: &str, window: usize, plot: Option<
          from the run's seed and skip them), played greedily as side turns (recorded by \
          serve, never trained on) at the start and at the end of each run. A valid call \
          names the python tool with a `code` string that parses; a `<tool_call>` block \
-         serve could not parse, or a bare `{{\"name\": ...}}` object without the tags, is an \
-         invalid one.\n",
+         serve could not parse, or a bare `{{\"name\": ...}}` object serve did not take as a call \
+         (it takes one that is the whole reply and names an offered tool), is an invalid one.\n",
         results.first().map_or(0, |r| r.heldout_before.episodes)
     ));
     out.push_str(&signals_section(results));
