@@ -4,15 +4,18 @@
 //! inputs going to quarantine, and `claw status` reading it all back.
 
 mod common;
+use common::s3::S3;
 use common::{claw, read_rows, tiny_chat_model, tiny_model, wait_until_listening, write_rows};
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use claw::adapter::layout::parse_adapter_step;
-use claw::rollout::{segment_file_name, RolloutRow};
+use claw::rollout::{rows_from_batch, segment_file_name, RolloutFile, RolloutRow};
+use claw::store::Remote;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
@@ -104,14 +107,14 @@ fn all_turn_ids(n: i64) -> Vec<String> {
 
 /// Event time moves only with events: a last, late side turn (not a sample)
 /// lets the final turns' feedback grace pass.
-fn write_clock_segment(raw: &Path, i: i64) {
+fn write_clock_segment(dir: &Shared, i: i64) {
     let mut row = turn("clock", "clock", i * 100 + 1000, true);
     row.turn_type = "side".into();
     let name = segment_file_name((T0 + i * 100_000) as u64, "feeder", i as u64);
-    write_rows(&raw.join(name), &[row]);
+    dir.write_rows(&format!("raw/{name}"), &[row]);
 }
 
-fn write_raw_segment(raw: &Path, i: i64, n: i64) {
+fn write_raw_segment(dir: &Shared, i: i64, n: i64) {
     let (rows, _) = raw_segment(i);
     // Past the last session only the finishing turns of earlier sessions remain.
     let rows: Vec<RolloutRow> = rows
@@ -119,7 +122,7 @@ fn write_raw_segment(raw: &Path, i: i64, n: i64) {
         .filter(|r| r.session_id[1..].parse::<i64>().unwrap() < n)
         .collect();
     let name = segment_file_name((T0 + i * 100_000) as u64, "feeder", i as u64);
-    write_rows(&raw.join(name), &rows);
+    dir.write_rows(&format!("raw/{name}"), &rows);
 }
 
 fn run_ok(cmd: &mut Command) -> Output {
@@ -167,10 +170,11 @@ fn assert_exactly_once(stage: &str, found: &BTreeMap<String, usize>, expected: &
 }
 
 /// The daemon command line of `stage` over `dir`.
-fn stage_cmd(stage: &str, dir: &Path, model: &Path, once: bool) -> Command {
+fn stage_cmd(stage: &str, dir: &Shared, model: &Path, once: bool) -> Command {
     let mut cmd = claw();
+    dir.env(&mut cmd);
     cmd.arg(stage)
-        .args(["--watch", s(dir), "--poll-interval", "100ms"])
+        .args(["--watch", &dir.arg(), "--poll-interval", "100ms"])
         .env("CLAW_MODEL", model)
         .env("RAYON_NUM_THREADS", "1")
         .stdin(Stdio::null())
@@ -205,23 +209,149 @@ fn kill9(child: &mut Child) {
     let _ = child.wait();
 }
 
+/// The shared directory of a test: a local folder, or a bucket on the test's
+/// S3 server (`s3://BUCKET/claw-data`), which the test reads back through the
+/// same storage layer the daemons use.
+#[derive(Clone)]
+enum Shared {
+    Local(PathBuf),
+    S3 {
+        url: String,
+        env: Vec<(&'static str, String)>,
+        remote: Arc<Remote>,
+    },
+}
+
+impl Shared {
+    /// What `--watch` / `--dir` get.
+    fn arg(&self) -> String {
+        match self {
+            Shared::Local(p) => s(p).to_string(),
+            Shared::S3 { url, .. } => url.clone(),
+        }
+    }
+
+    /// The command with this directory's credentials (none for a folder).
+    fn env(&self, cmd: &mut Command) {
+        if let Shared::S3 { env, .. } = self {
+            for (k, v) in env {
+                cmd.env(k, v);
+            }
+        }
+    }
+
+    fn write_rows(&self, rel: &str, rows: &[RolloutRow]) {
+        match self {
+            Shared::Local(p) => write_rows(&p.join(rel), rows),
+            Shared::S3 { remote, .. } => {
+                let tmp = tempfile::tempdir().unwrap();
+                let path = tmp.path().join("segment.parquet");
+                write_rows(&path, rows);
+                remote
+                    .put(rel, std::fs::read(&path).unwrap().into())
+                    .unwrap();
+            }
+        }
+    }
+
+    fn read(&self, rel: &str) -> Option<Vec<u8>> {
+        match self {
+            Shared::Local(p) => std::fs::read(p.join(rel)).ok(),
+            Shared::S3 { remote, .. } => remote.get(rel).unwrap().map(|(b, _)| b.to_vec()),
+        }
+    }
+
+    /// The names of the files in folder `rel`.
+    fn names(&self, rel: &str) -> Vec<String> {
+        match self {
+            Shared::Local(p) => match std::fs::read_dir(p.join(rel)) {
+                Ok(entries) => entries
+                    .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect(),
+                Err(_) => Vec::new(),
+            },
+            Shared::S3 { remote, .. } => remote
+                .list(rel)
+                .unwrap()
+                .into_iter()
+                .map(|e| e.name)
+                .collect(),
+        }
+    }
+
+    /// Every sample id in the *.parquet files of folder `rel`, with how often
+    /// it occurs, checking each file is complete and no `.tmp` is left behind.
+    fn ids_in(&self, rel: &str) -> BTreeMap<String, usize> {
+        if let Shared::Local(p) = self {
+            return ids_in(&p.join(rel));
+        }
+        let mut counts = BTreeMap::new();
+        for name in self.names(rel) {
+            assert!(!name.ends_with(".tmp"), "partial object left: {rel}/{name}");
+            if !name.ends_with(".parquet") {
+                continue;
+            }
+            let bytes = self.read(&format!("{rel}/{name}")).unwrap();
+            let file = RolloutFile::from_bytes(bytes.into(), &name).unwrap();
+            for batch in file.batches(4096, None).unwrap() {
+                for row in rows_from_batch(&batch.unwrap().batch).unwrap() {
+                    *counts.entry(row.sample_id).or_insert(0) += 1;
+                }
+            }
+        }
+        counts
+    }
+}
+
 /// Each daemon is SIGKILLed at random moments (at least 50 times per stage) while
 /// raw segments keep arriving; afterwards each stage drains with --once, and every
 /// stage's output holds every turn exactly once, with no partial file anywhere.
 #[test]
 fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
     let tmp = tempfile::tempdir().unwrap();
-    let model = tiny_model(tmp.path());
     let dir = tmp.path().join("data");
-    let raw = dir.join("raw");
-    std::fs::create_dir_all(&raw).unwrap();
+    std::fs::create_dir_all(dir.join("raw")).unwrap();
+    sigkill_exactly_once(tmp.path(), Shared::Local(dir));
+}
+
+/// The same over `s3://` on a local S3 server (moto): claims are leases,
+/// markers put-if-absent, LATEST a conditional update, and waking is polling.
+#[test]
+fn sigkill_at_random_moments_over_s3_loses_and_duplicates_nothing() {
+    let Some(s3) = common::s3::server("sigkill_at_random_moments_over_s3") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    sigkill_exactly_once(tmp.path(), s3_shared(&s3, "kill9", tmp.path()));
+}
+
+/// A local shared directory.
+fn local(dir: &Path) -> Shared {
+    Shared::Local(dir.to_path_buf())
+}
+
+/// A bucket on `s3` as the shared directory; the daemons' local copies go to
+/// `tmp` (their `$TMPDIR`), which a SIGKILL leaves behind.
+fn s3_shared(s3: &S3, name: &str, tmp: &Path) -> Shared {
+    let url = s3.bucket(name);
+    let remote = s3.remote(&url);
+    s3.assert_conditional_writes(&remote);
+    let scratch = tmp.join("scratch");
+    std::fs::create_dir_all(&scratch).unwrap();
+    let mut env = s3.env();
+    env.push(("TMPDIR", s(&scratch).to_string()));
+    Shared::S3 { url, env, remote }
+}
+
+fn sigkill_exactly_once(tmp: &Path, shared: Shared) {
+    let model = tiny_model(tmp);
     const SESSIONS: i64 = 40;
     const KILLS: usize = 50;
     let stages = ["collect", "judge", "distill-hints", "train"];
     let started = Instant::now();
 
     // One thread per stage: start, wait a random while, SIGKILL, again.
-    let feeder_dir = raw.clone();
+    let feeder_dir = shared.clone();
     let feeder = std::thread::spawn(move || {
         for i in 0..SESSIONS + 2 {
             write_raw_segment(&feeder_dir, i, SESSIONS);
@@ -233,7 +363,7 @@ fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
         .iter()
         .enumerate()
         .map(|(k, &stage)| {
-            let (dir, model) = (dir.clone(), model.clone());
+            let (dir, model) = (shared.clone(), model.clone());
             std::thread::spawn(move || {
                 let mut rng = rand::rngs::StdRng::seed_from_u64(k as u64);
                 for _ in 0..KILLS {
@@ -258,47 +388,51 @@ fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
     );
     // Drain: each stage once more, uninterrupted, in pipeline order.
     for stage in stages {
-        run_ok(stage_cmd(stage, &dir, &model, true).stderr(Stdio::piped()));
+        run_ok(stage_cmd(stage, &shared, &model, true).stderr(Stdio::piped()));
     }
 
     let expected = all_turn_ids(SESSIONS);
     assert_eq!(expected.len(), 3 * SESSIONS as usize);
-    let status = run_ok(claw().args(["status", "--dir", s(&dir)]));
+    let mut status = claw();
+    status.args(["status", "--dir", &shared.arg()]);
+    shared.env(&mut status);
+    let status = run_ok(&mut status);
     eprintln!("{}", String::from_utf8_lossy(&status.stdout));
-    let q = dir.join("quarantine");
-    if q.exists() {
-        for e in walk(&q) {
-            eprintln!(
-                "{}: {}",
-                e.display(),
-                std::fs::read_to_string(&e).unwrap_or_default()
-            );
+    if let Shared::Local(dir) = &shared {
+        let q = dir.join("quarantine");
+        if q.exists() {
+            for e in walk(&q) {
+                eprintln!(
+                    "{}: {}",
+                    e.display(),
+                    std::fs::read_to_string(&e).unwrap_or_default()
+                );
+            }
         }
     }
     for folder in ["samples", "judged", "distilled"] {
-        assert_exactly_once(folder, &ids_in(&dir.join(folder)), &expected);
+        assert_exactly_once(folder, &shared.ids_in(folder), &expected);
     }
     // Train: the checkpoints' ledgers name every sample trained on, once each.
-    let ckpt = dir.join("checkpoints");
-    let latest = std::fs::read_to_string(ckpt.join("LATEST")).unwrap();
+    let latest = String::from_utf8(shared.read("checkpoints/LATEST").unwrap()).unwrap();
     let last_step = parse_adapter_step(latest.trim()).unwrap();
     let mut trained = BTreeMap::new();
     for step in 1..=last_step {
-        let json = ckpt.join(format!("adapter-{step:06}.json"));
-        let config: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+        let json = shared
+            .read(&format!("checkpoints/adapter-{step:06}.json"))
+            .unwrap_or_else(|| panic!("checkpoint {step} is missing"));
+        let config: serde_json::Value = serde_json::from_slice(&json).unwrap();
         for id in config["claw_ledger"]["samples"].as_array().unwrap() {
             *trained.entry(id.as_str().unwrap().to_string()).or_insert(0) += 1;
         }
     }
     assert_exactly_once("train", &trained, &expected);
-    assert!(std::fs::read_dir(&ckpt).unwrap().all(|e| !e
-        .unwrap()
-        .file_name()
-        .to_string_lossy()
-        .ends_with(".tmp")));
+    assert!(shared
+        .names("checkpoints")
+        .iter()
+        .all(|n| !n.ends_with(".tmp")));
     assert!(
-        !dir.join("quarantine").join("raw").exists(),
+        shared.names("quarantine/raw").is_empty(),
         "nothing should be quarantined"
     );
 }
@@ -372,7 +506,7 @@ fn corrupt_segments_go_to_quarantine_with_their_reason_and_the_rest_flows() {
     std::fs::write(samples.join("bad-text.parquet"), "session,turn\ns1,1\n").unwrap();
     write_wrong_schema(&samples.join("bad-schema.parquet"));
 
-    let out = run_ok(stage_cmd("judge", &dir, &model, true).stderr(Stdio::piped()));
+    let out = run_ok(stage_cmd("judge", &local(&dir), &model, true).stderr(Stdio::piped()));
     let log = String::from_utf8_lossy(&out.stderr);
 
     let judged = dir.join("judged");
@@ -444,7 +578,7 @@ fn two_judge_workers_split_the_work_without_duplicates() {
     let workers: Vec<Child> = ["a", "b"]
         .iter()
         .map(|w| {
-            stage_cmd("judge", &dir, &model, true)
+            stage_cmd("judge", &local(&dir), &model, true)
                 .args(["--worker-id", w, "--batch-segments", "1"])
                 .stderr(Stdio::null())
                 .spawn()
@@ -482,13 +616,13 @@ fn a_standby_collect_worker_waits_for_the_lock_and_sigterm_stops_it() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny_model(tmp.path());
     let dir = tmp.path().join("data");
-    let mut first = stage_cmd("collect", &dir, &model, false)
+    let mut first = stage_cmd("collect", &local(&dir), &model, false)
         .args(["--worker-id", "first"])
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    let second = stage_cmd("collect", &dir, &model, false)
+    let second = stage_cmd("collect", &local(&dir), &model, false)
         .args(["--worker-id", "second", "-v"])
         .arg("-v")
         .stderr(Stdio::piped())
@@ -673,9 +807,9 @@ fn names_as_long_as_the_filesystem_allows_flow_through_every_stage() {
     std::fs::create_dir_all(&raw).unwrap();
     const SESSIONS: i64 = 3;
     for i in 0..SESSIONS + 2 {
-        write_raw_segment(&raw, i, SESSIONS);
+        write_raw_segment(&local(&dir), i, SESSIONS);
     }
-    write_clock_segment(&raw, SESSIONS + 2);
+    write_clock_segment(&local(&dir), SESSIONS + 2);
     // A segment whose batch makes samples gets a 255-byte name (in the same
     // time order), which its output in samples/ then has too.
     let short = segment_file_name((T0 + 200_000) as u64, "feeder", 2);
@@ -690,7 +824,7 @@ fn names_as_long_as_the_filesystem_allows_flow_through_every_stage() {
 
     let limit = Duration::from_secs(120);
     for stage in ["collect", "judge", "distill-hints"] {
-        let mut cmd = stage_cmd(stage, &dir, &model, true);
+        let mut cmd = stage_cmd(stage, &local(&dir), &model, true);
         cmd.args(["--batch-segments", "2"]);
         run_within(&mut cmd, limit);
     }
@@ -732,7 +866,7 @@ fn a_long_name_in_quarantine_keeps_its_reason() {
     age(&samples.join(&long));
     write_rows(&samples.join("good.parquet"), &sample_rows(0, 3));
     run_within(
-        &mut stage_cmd("judge", &dir, &model, true),
+        &mut stage_cmd("judge", &local(&dir), &model, true),
         Duration::from_secs(60),
     );
     let q = dir.join("quarantine").join("samples");
@@ -784,7 +918,7 @@ fn inputs_still_being_written_are_waited_for() {
         std::fs::read(&staged).unwrap(),
     );
     run_within(
-        &mut stage_cmd("judge", &dir, &model, true),
+        &mut stage_cmd("judge", &local(&dir), &model, true),
         Duration::from_secs(60),
     );
     copy.join().unwrap();
@@ -797,15 +931,15 @@ fn inputs_still_being_written_are_waited_for() {
     // collect: the traffic, one segment arriving slowly
     const SESSIONS: i64 = 2;
     for i in 0..SESSIONS + 2 {
-        write_raw_segment(&raw, i, SESSIONS);
+        write_raw_segment(&local(&dir), i, SESSIONS);
     }
-    write_clock_segment(&raw, SESSIONS + 2);
+    write_clock_segment(&local(&dir), SESSIONS + 2);
     let name = segment_file_name((T0 + 100_000) as u64, "feeder", 1);
     let bytes = std::fs::read(raw.join(&name)).unwrap();
     std::fs::remove_file(raw.join(&name)).unwrap();
     let copy = slow_copy(&raw.join(&name), bytes);
     run_within(
-        &mut stage_cmd("collect", &dir, &model, true),
+        &mut stage_cmd("collect", &local(&dir), &model, true),
         Duration::from_secs(60),
     );
     copy.join().unwrap();

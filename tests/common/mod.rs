@@ -2,6 +2,8 @@
 //! the real model (skipped visibly when absent) and rollout files.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod s3;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
