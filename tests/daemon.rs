@@ -4,18 +4,17 @@
 //! inputs going to quarantine, and `claw status` reading it all back.
 
 mod common;
-use common::s3::S3;
+use common::shared::{ids_in, local, s3_shared, Shared};
 use common::{claw, read_rows, tiny_chat_model, tiny_model, wait_until_listening, write_rows};
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use claw::adapter::layout::parse_adapter_step;
-use claw::rollout::{rows_from_batch, segment_file_name, RolloutFile, RolloutRow};
-use claw::store::Remote;
+use claw::rollout::{segment_file_name, RolloutRow};
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
@@ -135,27 +134,6 @@ fn run_ok(cmd: &mut Command) -> Output {
     out
 }
 
-/// Every sample id in the *.parquet files of `dir`, with how often it occurs,
-/// checking each file is complete and that no `.tmp` is left behind.
-fn ids_in(dir: &Path) -> BTreeMap<String, usize> {
-    let mut counts = BTreeMap::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        let name = path.file_name().unwrap().to_string_lossy().into_owned();
-        assert!(
-            !name.ends_with(".tmp"),
-            "partial file left: {}",
-            path.display()
-        );
-        if name.ends_with(".parquet") {
-            for row in read_rows(&path) {
-                *counts.entry(row.sample_id).or_insert(0) += 1;
-            }
-        }
-    }
-    counts
-}
-
 fn assert_exactly_once(stage: &str, found: &BTreeMap<String, usize>, expected: &[String]) {
     let dups: Vec<_> = found.iter().filter(|(_, &n)| n > 1).collect();
     assert!(dups.is_empty(), "{stage}: duplicated samples {dups:?}");
@@ -209,100 +187,6 @@ fn kill9(child: &mut Child) {
     let _ = child.wait();
 }
 
-/// The shared directory of a test: a local folder, or a bucket on the test's
-/// S3 server (`s3://BUCKET/claw-data`), which the test reads back through the
-/// same storage layer the daemons use.
-#[derive(Clone)]
-enum Shared {
-    Local(PathBuf),
-    S3 {
-        url: String,
-        env: Vec<(&'static str, String)>,
-        remote: Arc<Remote>,
-    },
-}
-
-impl Shared {
-    /// What `--watch` / `--dir` get.
-    fn arg(&self) -> String {
-        match self {
-            Shared::Local(p) => s(p).to_string(),
-            Shared::S3 { url, .. } => url.clone(),
-        }
-    }
-
-    /// The command with this directory's credentials (none for a folder).
-    fn env(&self, cmd: &mut Command) {
-        if let Shared::S3 { env, .. } = self {
-            for (k, v) in env {
-                cmd.env(k, v);
-            }
-        }
-    }
-
-    fn write_rows(&self, rel: &str, rows: &[RolloutRow]) {
-        match self {
-            Shared::Local(p) => write_rows(&p.join(rel), rows),
-            Shared::S3 { remote, .. } => {
-                let tmp = tempfile::tempdir().unwrap();
-                let path = tmp.path().join("segment.parquet");
-                write_rows(&path, rows);
-                remote
-                    .put(rel, std::fs::read(&path).unwrap().into())
-                    .unwrap();
-            }
-        }
-    }
-
-    fn read(&self, rel: &str) -> Option<Vec<u8>> {
-        match self {
-            Shared::Local(p) => std::fs::read(p.join(rel)).ok(),
-            Shared::S3 { remote, .. } => remote.get(rel).unwrap().map(|(b, _)| b.to_vec()),
-        }
-    }
-
-    /// The names of the files in folder `rel`.
-    fn names(&self, rel: &str) -> Vec<String> {
-        match self {
-            Shared::Local(p) => match std::fs::read_dir(p.join(rel)) {
-                Ok(entries) => entries
-                    .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                    .collect(),
-                Err(_) => Vec::new(),
-            },
-            Shared::S3 { remote, .. } => remote
-                .list(rel)
-                .unwrap()
-                .into_iter()
-                .map(|e| e.name)
-                .collect(),
-        }
-    }
-
-    /// Every sample id in the *.parquet files of folder `rel`, with how often
-    /// it occurs, checking each file is complete and no `.tmp` is left behind.
-    fn ids_in(&self, rel: &str) -> BTreeMap<String, usize> {
-        if let Shared::Local(p) = self {
-            return ids_in(&p.join(rel));
-        }
-        let mut counts = BTreeMap::new();
-        for name in self.names(rel) {
-            assert!(!name.ends_with(".tmp"), "partial object left: {rel}/{name}");
-            if !name.ends_with(".parquet") {
-                continue;
-            }
-            let bytes = self.read(&format!("{rel}/{name}")).unwrap();
-            let file = RolloutFile::from_bytes(bytes.into(), &name).unwrap();
-            for batch in file.batches(4096, None).unwrap() {
-                for row in rows_from_batch(&batch.unwrap().batch).unwrap() {
-                    *counts.entry(row.sample_id).or_insert(0) += 1;
-                }
-            }
-        }
-        counts
-    }
-}
-
 /// Each daemon is SIGKILLed at random moments (at least 50 times per stage) while
 /// raw segments keep arriving; afterwards each stage drains with --once, and every
 /// stage's output holds every turn exactly once, with no partial file anywhere.
@@ -323,24 +207,6 @@ fn sigkill_at_random_moments_over_s3_loses_and_duplicates_nothing() {
     };
     let tmp = tempfile::tempdir().unwrap();
     sigkill_exactly_once(tmp.path(), s3_shared(&s3, "kill9", tmp.path()));
-}
-
-/// A local shared directory.
-fn local(dir: &Path) -> Shared {
-    Shared::Local(dir.to_path_buf())
-}
-
-/// A bucket on `s3` as the shared directory; the daemons' local copies go to
-/// `tmp` (their `$TMPDIR`), which a SIGKILL leaves behind.
-fn s3_shared(s3: &S3, name: &str, tmp: &Path) -> Shared {
-    let url = s3.bucket(name);
-    let remote = s3.remote(&url);
-    s3.assert_conditional_writes(&remote);
-    let scratch = tmp.join("scratch");
-    std::fs::create_dir_all(&scratch).unwrap();
-    let mut env = s3.env();
-    env.push(("TMPDIR", s(&scratch).to_string()));
-    Shared::S3 { url, env, remote }
 }
 
 fn sigkill_exactly_once(tmp: &Path, shared: Shared) {
@@ -454,7 +320,6 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
 fn write_wrong_schema(path: &Path) {
     use arrow::array::{Int32Array, RecordBatch};
     use arrow::datatypes::{DataType, Field, Schema};
-    use std::sync::Arc;
     let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int32, false)]));
     let batch =
         RecordBatch::try_new(schema.clone(), vec![Arc::new(Int32Array::from(vec![1, 2]))]).unwrap();
