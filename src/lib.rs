@@ -15,6 +15,8 @@
 //!   quarantine, notifications, status.
 //! - [`eval`]: benchmarks (gpqa, humaneval in a sandbox, gsm8k, perplexity).
 //! - [`fsutil`]: atomic, durable file writes.
+//! - [`store`]: where a shared directory lives: a local folder or an object store
+//!   prefix (`s3://`, `gs://`, `az://`), with put-if-absent markers and leases.
 //! - [`clock`]: the wall clock in Unix milliseconds; [`date`]: ISO 8601 to and from it.
 //! - [`judge`]: rewards from feedback, tool errors and an LLM judge (PRM).
 //! - [`llm`]: asking an LLM (local or an endpoint) the same prompts several times:
@@ -36,5 +38,6 @@ pub mod llm;
 pub mod model;
 pub mod rollout;
 pub mod serve;
+pub mod store;
 pub mod train;
 pub mod ui;

@@ -4,11 +4,13 @@
 //! inputs going to quarantine, and `claw status` reading it all back.
 
 mod common;
+use common::shared::{ids_in, local, s3_shared, Shared};
 use common::{claw, read_rows, tiny_chat_model, tiny_model, wait_until_listening, write_rows};
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use claw::adapter::layout::parse_adapter_step;
@@ -104,14 +106,14 @@ fn all_turn_ids(n: i64) -> Vec<String> {
 
 /// Event time moves only with events: a last, late side turn (not a sample)
 /// lets the final turns' feedback grace pass.
-fn write_clock_segment(raw: &Path, i: i64) {
+fn write_clock_segment(dir: &Shared, i: i64) {
     let mut row = turn("clock", "clock", i * 100 + 1000, true);
     row.turn_type = "side".into();
     let name = segment_file_name((T0 + i * 100_000) as u64, "feeder", i as u64);
-    write_rows(&raw.join(name), &[row]);
+    dir.write_rows(&format!("raw/{name}"), &[row]);
 }
 
-fn write_raw_segment(raw: &Path, i: i64, n: i64) {
+fn write_raw_segment(dir: &Shared, i: i64, n: i64) {
     let (rows, _) = raw_segment(i);
     // Past the last session only the finishing turns of earlier sessions remain.
     let rows: Vec<RolloutRow> = rows
@@ -119,7 +121,7 @@ fn write_raw_segment(raw: &Path, i: i64, n: i64) {
         .filter(|r| r.session_id[1..].parse::<i64>().unwrap() < n)
         .collect();
     let name = segment_file_name((T0 + i * 100_000) as u64, "feeder", i as u64);
-    write_rows(&raw.join(name), &rows);
+    dir.write_rows(&format!("raw/{name}"), &rows);
 }
 
 fn run_ok(cmd: &mut Command) -> Output {
@@ -130,27 +132,6 @@ fn run_ok(cmd: &mut Command) -> Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
-}
-
-/// Every sample id in the *.parquet files of `dir`, with how often it occurs,
-/// checking each file is complete and that no `.tmp` is left behind.
-fn ids_in(dir: &Path) -> BTreeMap<String, usize> {
-    let mut counts = BTreeMap::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        let name = path.file_name().unwrap().to_string_lossy().into_owned();
-        assert!(
-            !name.ends_with(".tmp"),
-            "partial file left: {}",
-            path.display()
-        );
-        if name.ends_with(".parquet") {
-            for row in read_rows(&path) {
-                *counts.entry(row.sample_id).or_insert(0) += 1;
-            }
-        }
-    }
-    counts
 }
 
 fn assert_exactly_once(stage: &str, found: &BTreeMap<String, usize>, expected: &[String]) {
@@ -167,10 +148,11 @@ fn assert_exactly_once(stage: &str, found: &BTreeMap<String, usize>, expected: &
 }
 
 /// The daemon command line of `stage` over `dir`.
-fn stage_cmd(stage: &str, dir: &Path, model: &Path, once: bool) -> Command {
+fn stage_cmd(stage: &str, dir: &Shared, model: &Path, once: bool) -> Command {
     let mut cmd = claw();
+    dir.env(&mut cmd);
     cmd.arg(stage)
-        .args(["--watch", s(dir), "--poll-interval", "100ms"])
+        .args(["--watch", &dir.arg(), "--poll-interval", "100ms"])
         .env("CLAW_MODEL", model)
         .env("RAYON_NUM_THREADS", "1")
         .stdin(Stdio::null())
@@ -211,17 +193,31 @@ fn kill9(child: &mut Child) {
 #[test]
 fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
     let tmp = tempfile::tempdir().unwrap();
-    let model = tiny_model(tmp.path());
     let dir = tmp.path().join("data");
-    let raw = dir.join("raw");
-    std::fs::create_dir_all(&raw).unwrap();
+    std::fs::create_dir_all(dir.join("raw")).unwrap();
+    sigkill_exactly_once(tmp.path(), Shared::Local(dir));
+}
+
+/// The same over `s3://` on a local S3 server (moto): claims are leases,
+/// markers put-if-absent, LATEST a conditional update, and waking is polling.
+#[test]
+fn sigkill_at_random_moments_over_s3_loses_and_duplicates_nothing() {
+    let Some(s3) = common::s3::server("sigkill_at_random_moments_over_s3") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    sigkill_exactly_once(tmp.path(), s3_shared(&s3, "kill9", tmp.path()));
+}
+
+fn sigkill_exactly_once(tmp: &Path, shared: Shared) {
+    let model = tiny_model(tmp);
     const SESSIONS: i64 = 40;
     const KILLS: usize = 50;
     let stages = ["collect", "judge", "distill-hints", "train"];
     let started = Instant::now();
 
     // One thread per stage: start, wait a random while, SIGKILL, again.
-    let feeder_dir = raw.clone();
+    let feeder_dir = shared.clone();
     let feeder = std::thread::spawn(move || {
         for i in 0..SESSIONS + 2 {
             write_raw_segment(&feeder_dir, i, SESSIONS);
@@ -233,7 +229,7 @@ fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
         .iter()
         .enumerate()
         .map(|(k, &stage)| {
-            let (dir, model) = (dir.clone(), model.clone());
+            let (dir, model) = (shared.clone(), model.clone());
             std::thread::spawn(move || {
                 let mut rng = rand::rngs::StdRng::seed_from_u64(k as u64);
                 for _ in 0..KILLS {
@@ -258,47 +254,51 @@ fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
     );
     // Drain: each stage once more, uninterrupted, in pipeline order.
     for stage in stages {
-        run_ok(stage_cmd(stage, &dir, &model, true).stderr(Stdio::piped()));
+        run_ok(stage_cmd(stage, &shared, &model, true).stderr(Stdio::piped()));
     }
 
     let expected = all_turn_ids(SESSIONS);
     assert_eq!(expected.len(), 3 * SESSIONS as usize);
-    let status = run_ok(claw().args(["status", "--dir", s(&dir)]));
+    let mut status = claw();
+    status.args(["status", "--dir", &shared.arg()]);
+    shared.env(&mut status);
+    let status = run_ok(&mut status);
     eprintln!("{}", String::from_utf8_lossy(&status.stdout));
-    let q = dir.join("quarantine");
-    if q.exists() {
-        for e in walk(&q) {
-            eprintln!(
-                "{}: {}",
-                e.display(),
-                std::fs::read_to_string(&e).unwrap_or_default()
-            );
+    if let Shared::Local(dir) = &shared {
+        let q = dir.join("quarantine");
+        if q.exists() {
+            for e in walk(&q) {
+                eprintln!(
+                    "{}: {}",
+                    e.display(),
+                    std::fs::read_to_string(&e).unwrap_or_default()
+                );
+            }
         }
     }
     for folder in ["samples", "judged", "distilled"] {
-        assert_exactly_once(folder, &ids_in(&dir.join(folder)), &expected);
+        assert_exactly_once(folder, &shared.ids_in(folder), &expected);
     }
     // Train: the checkpoints' ledgers name every sample trained on, once each.
-    let ckpt = dir.join("checkpoints");
-    let latest = std::fs::read_to_string(ckpt.join("LATEST")).unwrap();
+    let latest = String::from_utf8(shared.read("checkpoints/LATEST").unwrap()).unwrap();
     let last_step = parse_adapter_step(latest.trim()).unwrap();
     let mut trained = BTreeMap::new();
     for step in 1..=last_step {
-        let json = ckpt.join(format!("adapter-{step:06}.json"));
-        let config: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+        let json = shared
+            .read(&format!("checkpoints/adapter-{step:06}.json"))
+            .unwrap_or_else(|| panic!("checkpoint {step} is missing"));
+        let config: serde_json::Value = serde_json::from_slice(&json).unwrap();
         for id in config["claw_ledger"]["samples"].as_array().unwrap() {
             *trained.entry(id.as_str().unwrap().to_string()).or_insert(0) += 1;
         }
     }
     assert_exactly_once("train", &trained, &expected);
-    assert!(std::fs::read_dir(&ckpt).unwrap().all(|e| !e
-        .unwrap()
-        .file_name()
-        .to_string_lossy()
-        .ends_with(".tmp")));
+    assert!(shared
+        .names("checkpoints")
+        .iter()
+        .all(|n| !n.ends_with(".tmp")));
     assert!(
-        !dir.join("quarantine").join("raw").exists(),
+        shared.names("quarantine/raw").is_empty(),
         "nothing should be quarantined"
     );
 }
@@ -320,7 +320,6 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
 fn write_wrong_schema(path: &Path) {
     use arrow::array::{Int32Array, RecordBatch};
     use arrow::datatypes::{DataType, Field, Schema};
-    use std::sync::Arc;
     let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int32, false)]));
     let batch =
         RecordBatch::try_new(schema.clone(), vec![Arc::new(Int32Array::from(vec![1, 2]))]).unwrap();
@@ -372,7 +371,7 @@ fn corrupt_segments_go_to_quarantine_with_their_reason_and_the_rest_flows() {
     std::fs::write(samples.join("bad-text.parquet"), "session,turn\ns1,1\n").unwrap();
     write_wrong_schema(&samples.join("bad-schema.parquet"));
 
-    let out = run_ok(stage_cmd("judge", &dir, &model, true).stderr(Stdio::piped()));
+    let out = run_ok(stage_cmd("judge", &local(&dir), &model, true).stderr(Stdio::piped()));
     let log = String::from_utf8_lossy(&out.stderr);
 
     let judged = dir.join("judged");
@@ -444,7 +443,7 @@ fn two_judge_workers_split_the_work_without_duplicates() {
     let workers: Vec<Child> = ["a", "b"]
         .iter()
         .map(|w| {
-            stage_cmd("judge", &dir, &model, true)
+            stage_cmd("judge", &local(&dir), &model, true)
                 .args(["--worker-id", w, "--batch-segments", "1"])
                 .stderr(Stdio::null())
                 .spawn()
@@ -482,13 +481,13 @@ fn a_standby_collect_worker_waits_for_the_lock_and_sigterm_stops_it() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny_model(tmp.path());
     let dir = tmp.path().join("data");
-    let mut first = stage_cmd("collect", &dir, &model, false)
+    let mut first = stage_cmd("collect", &local(&dir), &model, false)
         .args(["--worker-id", "first"])
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    let second = stage_cmd("collect", &dir, &model, false)
+    let second = stage_cmd("collect", &local(&dir), &model, false)
         .args(["--worker-id", "second", "-v"])
         .arg("-v")
         .stderr(Stdio::piped())
@@ -673,9 +672,9 @@ fn names_as_long_as_the_filesystem_allows_flow_through_every_stage() {
     std::fs::create_dir_all(&raw).unwrap();
     const SESSIONS: i64 = 3;
     for i in 0..SESSIONS + 2 {
-        write_raw_segment(&raw, i, SESSIONS);
+        write_raw_segment(&local(&dir), i, SESSIONS);
     }
-    write_clock_segment(&raw, SESSIONS + 2);
+    write_clock_segment(&local(&dir), SESSIONS + 2);
     // A segment whose batch makes samples gets a 255-byte name (in the same
     // time order), which its output in samples/ then has too.
     let short = segment_file_name((T0 + 200_000) as u64, "feeder", 2);
@@ -690,7 +689,7 @@ fn names_as_long_as_the_filesystem_allows_flow_through_every_stage() {
 
     let limit = Duration::from_secs(120);
     for stage in ["collect", "judge", "distill-hints"] {
-        let mut cmd = stage_cmd(stage, &dir, &model, true);
+        let mut cmd = stage_cmd(stage, &local(&dir), &model, true);
         cmd.args(["--batch-segments", "2"]);
         run_within(&mut cmd, limit);
     }
@@ -732,7 +731,7 @@ fn a_long_name_in_quarantine_keeps_its_reason() {
     age(&samples.join(&long));
     write_rows(&samples.join("good.parquet"), &sample_rows(0, 3));
     run_within(
-        &mut stage_cmd("judge", &dir, &model, true),
+        &mut stage_cmd("judge", &local(&dir), &model, true),
         Duration::from_secs(60),
     );
     let q = dir.join("quarantine").join("samples");
@@ -784,7 +783,7 @@ fn inputs_still_being_written_are_waited_for() {
         std::fs::read(&staged).unwrap(),
     );
     run_within(
-        &mut stage_cmd("judge", &dir, &model, true),
+        &mut stage_cmd("judge", &local(&dir), &model, true),
         Duration::from_secs(60),
     );
     copy.join().unwrap();
@@ -797,15 +796,15 @@ fn inputs_still_being_written_are_waited_for() {
     // collect: the traffic, one segment arriving slowly
     const SESSIONS: i64 = 2;
     for i in 0..SESSIONS + 2 {
-        write_raw_segment(&raw, i, SESSIONS);
+        write_raw_segment(&local(&dir), i, SESSIONS);
     }
-    write_clock_segment(&raw, SESSIONS + 2);
+    write_clock_segment(&local(&dir), SESSIONS + 2);
     let name = segment_file_name((T0 + 100_000) as u64, "feeder", 1);
     let bytes = std::fs::read(raw.join(&name)).unwrap();
     std::fs::remove_file(raw.join(&name)).unwrap();
     let copy = slow_copy(&raw.join(&name), bytes);
     run_within(
-        &mut stage_cmd("collect", &dir, &model, true),
+        &mut stage_cmd("collect", &local(&dir), &model, true),
         Duration::from_secs(60),
     );
     copy.join().unwrap();

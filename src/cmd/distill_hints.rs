@@ -164,24 +164,42 @@ pub fn run(args: DistillHintsArgs) -> Result<()> {
         Model::load_with(&model_path, WeightFormat::F32)
             .with_context(|| format!("loading the teacher model {}", model_path.display()))?,
     );
+    // On an object store: a private local copy of the adapters it needs.
+    let scratch = match (&args.checkpoints, &daemon) {
+        (None, Some(cfg)) if cfg.root().is_remote() => {
+            Some(crate::store::ScratchDir::new("distill-checkpoints")?)
+        }
+        _ => None,
+    };
+    let teacher_dir = match (&args.checkpoints, &daemon, &scratch) {
+        (Some(dir), _, _) => dir.clone(),
+        (None, _, Some(local)) => local.path().to_path_buf(),
+        (None, Some(cfg), None) => cfg.layout.checkpoints(),
+        (None, None, _) => PathBuf::from("./claw-data/checkpoints"),
+    };
     let config = DistillConfig {
         source: args.hint_source,
         select: args.select,
         topk: args.topk,
         redo: args.redo,
         teacher: args.teacher,
-        checkpoints: Some(match (&args.checkpoints, &daemon) {
-            (Some(dir), _) => dir.clone(),
-            (None, Some(cfg)) => cfg.layout.checkpoints(),
-            (None, None) => PathBuf::from("./claw-data/checkpoints"),
-        }),
+        checkpoints: Some(teacher_dir.clone()),
         max_tokens: 4096,
         max_judge_chars: args.max_judge_chars,
     };
     let mut distiller = Distiller::new(config, model, judge)?;
     let start = Instant::now();
     if let Some(cfg) = daemon {
+        // On an object store the teacher adapters are fetched into a local copy
+        // of checkpoints/ as the turns name them.
+        let fetch = match (&args.checkpoints, cfg.root()) {
+            (None, crate::store::Root::Remote(r)) => Some((r.clone(), teacher_dir.clone())),
+            _ => None,
+        };
         return daemon::segments::run(&cfg, &mut |batch| {
+            if let Some((remote, dir)) = &fetch {
+                crate::store::checkpoints::fetch_adapters(remote, dir, &batch.batch)?;
+            }
             distiller.process(&batch.batch, &batch.source)
         });
     }

@@ -69,9 +69,17 @@ pub struct ServeArgs {
     /// How to hold the weights: as stored in the GGUF (quantized), or dequantized.
     #[arg(long, value_enum, default_value_t = WeightFormat::default())]
     pub weights: WeightFormat,
-    /// Shared directory; rows are recorded to DIR/raw/.
+    /// Shared directory; rows are recorded to DIR/raw/. An object store URL
+    /// (s3://bucket/prefix, gs://, az://; credentials from the environment)
+    /// records through --spool and follows the store's checkpoints/LATEST.
     #[arg(long, default_value = "./claw-data")]
-    pub dir: PathBuf,
+    pub dir: String,
+    /// With --dir URL: the local folder where turns are recorded (and logged
+    /// durably) before their segment is uploaded, and checkpoints are copied
+    /// to be loaded. Keep it across restarts: a new server uploads what a
+    /// killed one left there.
+    #[arg(long, default_value = "./claw-spool", value_name = "DIR")]
+    pub spool: PathBuf,
     /// Address to listen on (loopback by default; anything else exposes the model).
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
@@ -202,10 +210,15 @@ pub fn run(args: ServeArgs) -> Result<()> {
         api_key: args.upstream_api_key,
         adapters: args.upstream_adapters,
     });
+    let (dir, store) = match crate::store::Root::parse(&args.dir).context("--dir")? {
+        crate::store::Root::Local(dir) => (dir, None),
+        crate::store::Root::Remote(remote) => (args.spool, Some(remote)),
+    };
     serve::run(ServeConfig {
         model_path,
         weights: args.weights,
-        dir: args.dir,
+        dir,
+        store,
         host: args.host,
         port: args.port,
         record: !args.no_record,

@@ -1,11 +1,10 @@
 //! `claw status --dir DIR`: what each stage of a shared directory is doing.
 
-use std::path::PathBuf;
-
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 
 use crate::daemon::report::{dir_report, DirReport};
+use crate::store::Root;
 
 /// Show per-stage backlog, lag, throughput and errors of a shared directory.
 #[derive(Args, Debug)]
@@ -15,28 +14,34 @@ input folder's backlog (segments and rows not yet done), the lag (age of the
 oldest segment waiting), its live workers and their throughput, and the last
 error; then the latest checkpoint (the policy version serve hot-loads) and what
 is in quarantine. Reads only files under DIR, so it works from any machine that
-mounts it.
+mounts it. DIR may be an object store URL (s3://bucket/prefix), read with the
+credentials in the environment.
 
 Examples:
   claw status --dir claw-data
+  claw status --dir s3://my-bucket/claw
   claw status --dir claw-data --json | jq '.stages[] | {stage, backlog_segments}'")]
 pub struct StatusArgs {
     /// The shared directory.
+    /// The shared directory: a path or an object store URL (s3://bucket/prefix).
     #[arg(long, default_value = "./claw-data")]
-    pub dir: PathBuf,
+    pub dir: String,
     /// Print one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
 }
 
 pub fn run(args: StatusArgs) -> Result<()> {
-    anyhow::ensure!(
-        args.dir.is_dir(),
-        "{}: no such directory (start one with `claw up --dir {}`)",
-        args.dir.display(),
-        args.dir.display()
-    );
-    let report = dir_report(&args.dir)?;
+    let root = Root::parse(&args.dir).context("--dir")?;
+    if let Some(dir) = root.local() {
+        anyhow::ensure!(
+            dir.is_dir(),
+            "{}: no such directory (start one with `claw up --dir {}`)",
+            dir.display(),
+            dir.display()
+        );
+    }
+    let report = dir_report(&root)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -57,7 +62,7 @@ fn fmt_age(s: Option<f64>) -> String {
 fn render(r: &DirReport) -> String {
     let mut out = format!(
         "{}: {} raw segments recorded, newest {} ago\n\n",
-        r.dir.display(),
+        r.dir,
         r.raw_segments,
         fmt_age(r.raw_newest_age_s)
     );

@@ -274,6 +274,24 @@ pub fn run(mut args: TrainArgs) -> Result<()> {
         args.resume = true;
         args.save_every = 1;
     }
+    // On an object store the trainer works in a local copy of checkpoints/,
+    // resumed from the store's LATEST (taken only once the stage lease is held,
+    // inside the daemon loop's start: see TrainDaemon::run).
+    let scratch = match daemon.as_ref().map(|cfg| cfg.root().is_remote()) {
+        Some(true) => Some(crate::store::ScratchDir::new("train")?),
+        _ => None,
+    };
+    let mirror = match (daemon.as_ref().map(|cfg| cfg.root()), &scratch) {
+        (Some(crate::store::Root::Remote(remote)), Some(local)) => {
+            let mut mirror = crate::store::checkpoints::Mirror::new(remote, local.path())?;
+            mirror.pull(true)?;
+            args.out = local.path().to_path_buf();
+            Some(std::cell::RefCell::new(mirror))
+        }
+        _ => None,
+    };
+    let keep = args.keep;
+    let checkpoints = args.out.clone();
     let json = args.json;
     let partial_after = args.partial_after.clone();
     let mut run = Run::start(args.run_config())?;
@@ -286,6 +304,8 @@ pub fn run(mut args: TrainArgs) -> Result<()> {
             partial_after: std::time::Duration::from_millis(partial_after.max(0) as u64),
             vocab: run.vocab(),
             on_step: &on_step,
+            checkpoints,
+            mirror: mirror.map(|m| (m, keep)),
         }
         .run(&mut run.driver)?;
         return Ok(());

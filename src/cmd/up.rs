@@ -37,14 +37,23 @@ The directory:
 Each stage can also run on its own (systemd, cron with --once, or another machine
 mounting DIR); several judge or distill-hints workers share the work.
 
+DIR may be an object store URL, s3://bucket/prefix (or gs://, az://), with the
+credentials in the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+AWS_REGION, AWS_ENDPOINT for an S3-compatible server, ...): the same folders are
+key prefixes there, claims are leases renewed by their live worker, markers are
+created with put-if-absent, LATEST moves by conditional update, and the stages
+poll instead of waiting for notifications.
+
 Examples:
   claw up --dir claw-data
   claw up --dir claw-data --without distill-hints --with 'judge=--sources feedback,env'
-  claw up --dir claw-data --with 'train=--batch-size 4 --partial-after 20s'")]
+  claw up --dir claw-data --with 'train=--batch-size 4 --partial-after 20s'
+  claw up --dir s3://my-bucket/claw")]
 pub struct UpArgs {
-    /// The shared directory.
+    /// The shared directory: a path, or an object store URL (s3://bucket/prefix,
+    /// gs://, az://) with credentials in the environment, which every stage gets.
     #[arg(long, default_value = "./claw-data")]
-    pub dir: PathBuf,
+    pub dir: String,
     /// GGUF model for every stage (else $CLAW_MODEL or the default in models/).
     #[arg(long, env = "CLAW_MODEL")]
     pub model: Option<PathBuf>,
@@ -88,9 +97,13 @@ pub fn run(args: UpArgs) -> Result<()> {
             .or_default()
             .extend(rest.split_whitespace().map(String::from));
     }
-    std::fs::create_dir_all(&args.dir)
-        .with_context(|| format!("{}: cannot create the directory", args.dir.display()))?;
-    let dir = args.dir.display().to_string();
+    // Parsed once here, so a bad URL fails before any stage starts.
+    let root = crate::store::Root::parse(&args.dir).context("--dir")?;
+    if let Some(dir) = root.local() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("{}: cannot create the directory", dir.display()))?;
+    }
+    let dir = args.dir.clone();
     let distill = !args.without.iter().any(|s| s == "distill-hints");
     let mut stages = Vec::new();
     for name in STAGES {
@@ -131,7 +144,7 @@ pub fn run(args: UpArgs) -> Result<()> {
     crate::info!(
         "up: {} over {}{serving}; Ctrl-C stops",
         stages.iter().map(|s| s.name).collect::<Vec<_>>().join(", "),
-        args.dir.display()
+        root
     );
     supervise::run(&exe, args.model.as_deref(), &mut stages)
 }

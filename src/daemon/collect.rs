@@ -17,15 +17,15 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
+use super::collect_sync::Places;
 use super::ledger::Ledger;
-use super::quarantine::quarantine;
 use super::status::StatusFile;
 use super::wake::{sleep_unless_stopped, stop_requested, Waker};
 use super::{DaemonConfig, Settling};
 use crate::clock::unix_ms;
 use crate::collect::{self, CollectConfig, Format};
-use crate::fsutil::write_atomic;
 use crate::rollout::{segment_file_name, RolloutFile};
+use crate::store::Root;
 
 /// One planned collect run.
 #[derive(Serialize, Deserialize, Debug)]
@@ -47,16 +47,18 @@ pub fn run(cfg: &DaemonConfig, base: &CollectConfig) -> Result<()> {
     let Some((_lock, mut status)) = super::start_single_worker(cfg)? else {
         return Ok(());
     };
-    let state_dir = cfg.state_dir();
-    let raw_dir = cfg.input_dir();
-    let ledger = Ledger::open(&state_dir, &cfg.worker_id)?;
-    let state_path = state_dir.join("collect-state.json");
-    let intent_path = state_dir.join("intent.json");
-    let waker = Waker::new(&raw_dir, cfg.poll_only, cfg.poll_interval);
+    let root = cfg.root();
+    let ledger = cfg.ledger()?;
+    let mut places = match root {
+        Root::Local(_) => Places::local(&cfg.state_dir(), cfg.input_dir(), cfg.output_dir()),
+        Root::Remote(r) => Places::remote(r, &cfg.state_rel(), &cfg.input, cfg.stage.output())?,
+    };
+    let intent_rel = format!("{}/intent.json", cfg.state_rel());
+    let waker = Waker::new(&cfg.input_dir(), cfg.poll_only, cfg.poll_interval);
     crate::info!(
         "collect: watching {} -> {} as worker {}",
-        raw_dir.display(),
-        cfg.output_dir().display(),
+        root.show(&cfg.input),
+        root.show(cfg.stage.output()),
         cfg.worker_id
     );
     status.set("idle");
@@ -67,7 +69,7 @@ pub fn run(cfg: &DaemonConfig, base: &CollectConfig) -> Result<()> {
     // inputs one at a time, so that the one at fault stops only itself.
     let mut solo = 0usize;
     while !stop_requested() {
-        let intent = match read_intent(&intent_path)? {
+        let intent = match read_intent(root, &intent_rel)? {
             Some(intent) => {
                 crate::debug!("collect: resuming the planned batch {:?}", intent.inputs);
                 intent
@@ -78,7 +80,7 @@ pub fn run(cfg: &DaemonConfig, base: &CollectConfig) -> Result<()> {
                 match plan(
                     cfg,
                     &ledger,
-                    &state_path,
+                    &places,
                     tick,
                     most,
                     &mut status,
@@ -88,7 +90,7 @@ pub fn run(cfg: &DaemonConfig, base: &CollectConfig) -> Result<()> {
                         if intent.inputs.is_empty() {
                             last_tick = Instant::now();
                         }
-                        write_atomic(&intent_path, &serde_json::to_vec_pretty(&intent)?)?;
+                        root.write(&intent_rel, &serde_json::to_vec_pretty(&intent)?)?;
                         intent
                     }
                     None => {
@@ -103,15 +105,16 @@ pub fn run(cfg: &DaemonConfig, base: &CollectConfig) -> Result<()> {
             }
         };
         status.set("working");
-        match execute(cfg, base, &state_path, &intent) {
+        match execute(base, &mut places, &intent) {
             Ok(rows) => {
                 failures = 0;
                 solo = solo.saturating_sub(intent.inputs.len());
                 for name in &intent.inputs {
                     ledger.mark_done(name)?;
+                    places.consumed_input(name)?;
                 }
                 ledger.sync()?;
-                remove_intent(&intent_path)?;
+                root.remove(&intent_rel)?;
                 if !intent.inputs.is_empty() {
                     status.done(intent.inputs.len() as u64, rows);
                 }
@@ -122,36 +125,34 @@ pub fn run(cfg: &DaemonConfig, base: &CollectConfig) -> Result<()> {
                 // to quarantine and the plan is made again without them.
                 let mut bad = 0;
                 for name in &intent.inputs {
-                    let path = raw_dir.join(name);
-                    if let Err(read_err) = read_whole(&path) {
-                        quarantine(
-                            &cfg.layout.quarantine(),
-                            &cfg.input,
-                            &path,
-                            "collect",
-                            &read_err,
-                        )?;
+                    let read = match places.input(name)? {
+                        Some(path) => read_whole(&path),
+                        None => continue, // gone: the plan is made again
+                    };
+                    if let Err(read_err) = read {
+                        cfg.quarantine(name, &read_err)?;
+                        places.drop_input(name);
                         status.status.segments_quarantined += 1;
                         bad += 1;
                     }
                 }
                 if bad > 0 {
-                    remove_intent(&intent_path)?;
+                    root.remove(&intent_rel)?;
                 } else if intent.inputs.len() > 1 {
                     crate::warn!(
                         "collect: a batch of {} segments failed ({e:#}); running them one by one",
                         intent.inputs.len()
                     );
                     solo = intent.inputs.len();
-                    remove_intent(&intent_path)?;
+                    root.remove(&intent_rel)?;
                 } else if let (Some(name), false) = (intent.inputs.first(), is_io(&e)) {
                     // Readable, yet collect refuses its rows: the input is at
                     // fault (an I/O error is this machine's, and is retried).
-                    let path = raw_dir.join(name);
-                    quarantine(&cfg.layout.quarantine(), &cfg.input, &path, "collect", &e)?;
+                    cfg.quarantine(name, &e)?;
+                    places.drop_input(name);
                     status.status.segments_quarantined += 1;
                     solo = solo.saturating_sub(1);
-                    remove_intent(&intent_path)?;
+                    root.remove(&intent_rel)?;
                 } else {
                     failures += 1;
                     let wait = Duration::from_secs(1 << failures.min(6));
@@ -164,7 +165,7 @@ pub fn run(cfg: &DaemonConfig, base: &CollectConfig) -> Result<()> {
             }
         }
         if let Some(age) = cfg.retain {
-            ledger.retain(&raw_dir, age)?;
+            ledger.retain(root, &cfg.input, age)?;
         }
         status.set("idle");
     }
@@ -184,18 +185,18 @@ pub fn run(cfg: &DaemonConfig, base: &CollectConfig) -> Result<()> {
 fn plan(
     cfg: &DaemonConfig,
     ledger: &Ledger,
-    state_path: &Path,
+    places: &Places,
     tick: bool,
     most: usize,
     status: &mut StatusFile,
     settling: &mut Settling,
 ) -> Result<Option<Intent>> {
-    let raw_dir = cfg.input_dir();
-    let consumed = consumed_names(state_path, &raw_dir)?;
+    let state_path = places.state_path.as_path();
+    let consumed = consumed_names(state_path, &places.raw_dir)?;
     let done = ledger.done_set()?;
     let mut inputs = Vec::new();
     settling.begin_scan();
-    for name in super::list_segments(&raw_dir)? {
+    for name in cfg.root().list_segments(&cfg.input)? {
         if consumed.contains(&name) {
             // Consumed, but the crash came before its marker: add the marker.
             if !done.contains(&name) {
@@ -206,14 +207,20 @@ fn plan(
         if inputs.len() >= most {
             break;
         }
-        let path = raw_dir.join(&name);
+        let Some(path) = places.input(&name)? else {
+            continue; // gone
+        };
         match RolloutFile::open_path(&path) {
             Ok(_) => inputs.push(name),
-            Err(_) if path.exists() && !settling.settled(&name, &path) => break,
+            // (an object appears whole: an unreadable one is bad, not unfinished)
+            Err(_) if path.exists() && places.sync.is_none() && !settling.settled(&name, &path) => {
+                break
+            }
             Err(e) if path.exists() => {
                 status.error(&e);
                 status.status.segments_quarantined += 1;
-                quarantine(&cfg.layout.quarantine(), &cfg.input, &path, "collect", &e)?;
+                cfg.quarantine(&name, &e)?;
+                places.drop_input(&name);
             }
             Err(_) => {}
         }
@@ -240,14 +247,10 @@ fn plan(
 }
 
 /// Runs the plan; returns the raw rows read.
-fn execute(
-    cfg: &DaemonConfig,
-    base: &CollectConfig,
-    state_path: &Path,
-    intent: &Intent,
-) -> Result<u64> {
-    let raw_dir = cfg.input_dir();
-    let consumed = consumed_names(state_path, &raw_dir)?;
+fn execute(base: &CollectConfig, places: &mut Places, intent: &Intent) -> Result<u64> {
+    let state_path = places.state_path.clone();
+    let state_path = state_path.as_path();
+    let consumed = consumed_names(state_path, &places.raw_dir)?;
     // Finished before a crash that left only the intent: running it again against
     // the newer state would write nothing over the output it wrote.
     let finished = match intent.inputs.is_empty() {
@@ -259,12 +262,14 @@ fn execute(
     if finished {
         return Ok(0);
     }
-    let inputs: Vec<String> = intent
-        .inputs
-        .iter()
-        .map(|n| raw_dir.join(n).display().to_string())
-        .collect();
-    let output = cfg.output_dir().join(&intent.output);
+    let mut inputs = Vec::new();
+    for name in &intent.inputs {
+        let path = places
+            .input(name)?
+            .with_context(|| format!("{name}: planned, but gone from the input folder"))?;
+        inputs.push(path.display().to_string());
+    }
+    let output = places.out_dir.join(&intent.output);
     let run_cfg = CollectConfig {
         format: Format::Raw,
         state: Some(state_path.to_path_buf()),
@@ -281,6 +286,7 @@ fn execute(
     } else {
         crate::info!("{}", stats.summary());
     }
+    places.push(&intent.output)?;
     Ok(stats.raw_rows)
 }
 
@@ -338,24 +344,15 @@ fn has_pending_turns(state_path: &Path) -> Result<bool> {
     }))
 }
 
-fn read_intent(path: &Path) -> Result<Option<Intent>> {
-    match std::fs::read(path) {
-        Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes).with_context(|| {
+fn read_intent(root: &Root, rel: &str) -> Result<Option<Intent>> {
+    match root.read(rel)? {
+        Some(bytes) => Ok(Some(serde_json::from_slice(&bytes).with_context(|| {
             format!(
                 "{}: damaged (delete it: the next batch is planned again)",
-                path.display()
+                root.show(rel)
             )
         })?)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
-    }
-}
-
-fn remove_intent(path: &Path) -> Result<()> {
-    match std::fs::remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e).with_context(|| format!("removing {}", path.display())),
+        None => Ok(None),
     }
 }
 

@@ -28,7 +28,7 @@
 //! - new inputs are noticed by filesystem notifications with a polling fallback.
 
 pub mod collect;
-mod host;
+mod collect_sync;
 pub mod ledger;
 pub mod quarantine;
 pub mod report;
@@ -46,41 +46,66 @@ use anyhow::{Context, Result};
 use clap::Args;
 
 use crate::collect::parse_duration_ms;
-pub use host::{hostname, list_segments};
+pub use crate::store::host::{hostname, list_segments};
+use crate::store::Root;
 
-/// The folders of a shared directory.
+/// The folders of a shared directory (a local folder or an object store
+/// prefix, see [`crate::store::Root`]).
 #[derive(Clone, Debug)]
 pub struct Layout {
-    root: PathBuf,
+    root: Root,
 }
 
 impl Layout {
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Layout { root: root.into() }
+        Layout {
+            root: Root::Local(root.into()),
+        }
     }
 
-    pub fn root(&self) -> &Path {
+    pub fn at(root: Root) -> Self {
+        Layout { root }
+    }
+
+    pub fn root(&self) -> &Root {
         &self.root
+    }
+
+    /// The local path of `rel`; on an object store, `rel` itself (a key under
+    /// the prefix): the paths below are for the local filesystem's code.
+    fn local(&self, rel: &str) -> PathBuf {
+        match &self.root {
+            Root::Local(p) => p.join(rel),
+            Root::Remote(_) => PathBuf::from(rel),
+        }
     }
 
     /// A folder of the directory (`raw`, `samples`, ...).
     pub fn folder(&self, name: &str) -> PathBuf {
-        self.root.join(name)
+        self.local(name)
     }
 
     pub fn checkpoints(&self) -> PathBuf {
-        self.root.join("checkpoints")
+        self.local("checkpoints")
     }
 
     /// `DIR/state/STAGE`.
     pub fn stage_state(&self, stage: &str) -> PathBuf {
-        self.root.join("state").join(stage)
+        self.local(&stage_state_rel(stage))
     }
 
     pub fn quarantine(&self) -> PathBuf {
-        self.root.join("quarantine")
+        self.local(QUARANTINE)
     }
 }
+
+/// `state/STAGE`, relative to the directory.
+pub fn stage_state_rel(stage: &str) -> String {
+    format!("state/{stage}")
+}
+
+/// The quarantine folder, relative to the directory.
+pub const QUARANTINE: &str = "quarantine";
 
 /// The stages that run as daemons, with the folders they read and write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -131,8 +156,10 @@ pub struct WatchArgs {
     /// Run as a daemon over the shared directory DIR: consume this stage's input
     /// folder, write its output folder (see `claw up --help` for the layout), and
     /// keep going until SIGINT/SIGTERM. Inputs and -o are then not given.
+    /// DIR may be an object store URL (s3://bucket/prefix, gs://, az://): see
+    /// `claw up --help`.
     #[arg(long, value_name = "DIR", help_heading = "Daemon mode")]
-    pub watch: Option<PathBuf>,
+    pub watch: Option<String>,
 
     /// Look for new segments by polling only, without filesystem notifications
     /// (network filesystems such as NFS, where notifications do not arrive).
@@ -211,16 +238,19 @@ impl WatchArgs {
                 parse_duration_ms(text).with_context(|| flag.to_string())? as u64,
             ))
         };
+        let root = Root::parse(dir).context("--watch")?;
+        let remote = root.is_remote();
         let worker_id = match &self.worker_id {
             Some(id) => id.clone(),
             None => format!("{}-{}", hostname(), std::process::id()),
         };
         crate::rollout::validate_writer_id(&worker_id).context("--worker-id")?;
         Ok(Some(DaemonConfig {
-            layout: Layout::new(dir),
+            layout: Layout::at(root),
             stage,
             input: stage.default_input().to_string(),
-            poll_only: self.poll,
+            // An object store sends no notifications: polling it is.
+            poll_only: self.poll || remote,
             poll_interval: ms(&self.poll_interval, "--poll-interval")?
                 .max(Duration::from_millis(10)),
             once: self.once,
@@ -239,11 +269,31 @@ impl DaemonConfig {
     /// This worker's status file (created, with dead workers' files removed).
     pub fn status_file(&self) -> status::StatusFile {
         status::StatusFile::new(
-            &self.state_dir(),
+            self.root(),
+            &self.state_rel(),
             self.stage.name(),
             &self.input,
             &self.worker_id,
         )
+    }
+
+    pub fn root(&self) -> &Root {
+        self.layout.root()
+    }
+
+    /// `state/STAGE`, relative to the directory.
+    pub fn state_rel(&self) -> String {
+        stage_state_rel(self.stage.name())
+    }
+
+    /// The ledger of this stage, for this worker.
+    pub fn ledger(&self) -> Result<ledger::Ledger> {
+        ledger::Ledger::open_in(self.root(), &self.state_rel(), &self.worker_id)
+    }
+
+    /// Moves input `name` to quarantine with `reason`.
+    pub fn quarantine(&self, name: &str, reason: &anyhow::Error) -> Result<()> {
+        quarantine::quarantine_in(self.root(), &self.input, name, self.stage.name(), reason)
     }
 
     pub fn input_dir(&self) -> PathBuf {
@@ -260,16 +310,12 @@ impl DaemonConfig {
 
     /// Creates the folders this worker uses.
     pub fn create_dirs(&self) -> Result<()> {
-        for dir in [
-            self.input_dir(),
-            self.output_dir(),
-            self.state_dir(),
-            self.layout.quarantine(),
-        ] {
-            std::fs::create_dir_all(&dir)
-                .with_context(|| format!("{}: cannot create the directory", dir.display()))?;
-        }
-        Ok(())
+        self.root().create_dirs(&[
+            &self.input,
+            self.stage.output(),
+            &self.state_rel(),
+            QUARANTINE,
+        ])
     }
 }
 
@@ -283,7 +329,12 @@ pub(crate) fn start_single_worker(
     cfg.create_dirs()?;
     let mut status = cfg.status_file();
     status.set("standby");
-    match ledger::StageLock::acquire(&cfg.state_dir(), &cfg.worker_id, cfg.stage.name())? {
+    match ledger::StageLock::acquire_in(
+        cfg.root(),
+        &cfg.state_rel(),
+        &cfg.worker_id,
+        cfg.stage.name(),
+    )? {
         Some(lock) => Ok(Some((lock, status))),
         None => {
             status.set("stopped");

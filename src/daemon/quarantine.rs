@@ -9,6 +9,63 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 
 use crate::fsutil::write_atomic;
+use crate::store::Root;
+
+/// Moves input `name` of folder `folder` of `root` to quarantine with `reason`:
+/// on the local filesystem by [`quarantine`]; on an object store the reason is
+/// written first, then the input is copied and deleted (a crash between the
+/// two leaves the input in place, and the next try copies it again).
+pub fn quarantine_in(
+    root: &Root,
+    folder: &str,
+    name: &str,
+    stage: &str,
+    reason: &anyhow::Error,
+) -> Result<()> {
+    let remote = match root {
+        Root::Local(p) => {
+            let input = p.join(folder).join(name);
+            return quarantine(&p.join(super::QUARANTINE), folder, &input, stage, reason)
+                .map(|_| ());
+        }
+        Root::Remote(r) => r,
+    };
+    let input = format!("{folder}/{name}");
+    let err_name = match name.len() + ".err".len() > crate::fsutil::NAME_MAX {
+        true => format!("{}.err", crate::fsutil::short_name(name)),
+        false => format!("{name}.err"),
+    };
+    let report = format!(
+        "stage: {stage}\nfile: {}\ntime_unix_ms: {}\nreason: {reason:#}\n\nMove the file back into {folder}/ to retry it.\n",
+        remote.show(&input),
+        crate::clock::unix_ms()
+    );
+    let dir = format!("{}/{folder}", super::QUARANTINE);
+    remote.put(&format!("{dir}/{err_name}"), report.into_bytes().into())?;
+    remote.copy(&input, &format!("{dir}/{name}"))?;
+    remote.delete(&input)?;
+    crate::warn!("{stage}: quarantined {name} ({reason:#})");
+    Ok(())
+}
+
+/// Quarantined files under `root`, as `(folder, name)`.
+pub fn list_in(root: &Root) -> Result<Vec<(String, String)>> {
+    let remote = match root {
+        Root::Local(p) => return Ok(list(&p.join(super::QUARANTINE))),
+        Root::Remote(r) => r,
+    };
+    let mut out: Vec<(String, String)> = remote
+        .list_all(super::QUARANTINE)?
+        .into_iter()
+        .filter_map(|e| {
+            let (folder, name) = e.name.split_once('/')?;
+            (name.ends_with(".parquet") && !name.starts_with('.') && !name.contains('/'))
+                .then(|| (folder.to_string(), name.to_string()))
+        })
+        .collect();
+    out.sort();
+    Ok(out)
+}
 
 /// Moves `input` (a file in `DIR/<folder>/`) to quarantine with `reason`.
 /// Returns where it went.

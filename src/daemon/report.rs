@@ -2,16 +2,17 @@
 //! workers and last error, the latest checkpoint and the quarantine. Reads only
 //! files under the directory.
 
-use std::path::{Path, PathBuf};
+use std::collections::HashMap;
 
 use anyhow::{Context, Result};
 use serde::Serialize;
 
 use super::status::{is_alive, read_all, WorkerStatus};
-use super::{list_segments, quarantine, Layout, Stage};
-use crate::adapter::layout::{latest_in, parse_adapter_step};
+use super::{quarantine, stage_state_rel, Stage};
+use crate::adapter::layout::{parse_adapter_step, LATEST};
 use crate::clock::unix_ms;
 use crate::rollout::RolloutFile;
+use crate::store::Root;
 
 #[derive(Serialize)]
 pub struct StageReport {
@@ -39,7 +40,8 @@ pub struct CheckpointReport {
 
 #[derive(Serialize)]
 pub struct DirReport {
-    pub dir: PathBuf,
+    /// The directory, or the object store URL (shown without credentials).
+    pub dir: String,
     pub raw_segments: usize,
     /// Seconds since serve last closed a segment.
     pub raw_newest_age_s: Option<f64>,
@@ -48,31 +50,29 @@ pub struct DirReport {
     pub quarantine: Vec<String>,
 }
 
-/// What every stage working on `dir` is doing.
-pub fn dir_report(dir: &Path) -> Result<DirReport> {
-    let layout = Layout::new(dir);
-    let raw = list_segments(&layout.folder("raw"))?;
+/// What every stage working on `root` is doing.
+pub fn dir_report(root: &Root) -> Result<DirReport> {
+    let raw = modified_times(root, "raw")?;
+    let newest = root.list_segments("raw")?;
     Ok(DirReport {
-        dir: dir.to_path_buf(),
-        raw_segments: raw.len(),
-        raw_newest_age_s: raw
-            .last()
-            .and_then(|n| age_s(&layout.folder("raw").join(n))),
+        dir: root.to_string(),
+        raw_segments: newest.len(),
+        raw_newest_age_s: newest.last().and_then(|n| age_s(raw.get(n).copied())),
         stages: Stage::ALL
             .iter()
-            .map(|&stage| stage_report(&layout, stage))
+            .map(|&stage| stage_report(root, stage))
             .collect::<Result<_>>()?,
-        checkpoint: checkpoint_report(&layout.checkpoints())?,
-        quarantine: quarantine::list(&layout.quarantine())
+        checkpoint: checkpoint_report(root)?,
+        quarantine: quarantine::list_in(root)?
             .into_iter()
             .map(|(folder, name)| format!("{folder}/{name}"))
             .collect(),
     })
 }
 
-fn stage_report(layout: &Layout, stage: Stage) -> Result<StageReport> {
-    let state = layout.stage_state(stage.name());
-    let workers = read_all(&state);
+fn stage_report(root: &Root, stage: Stage) -> Result<StageReport> {
+    let state = stage_state_rel(stage.name());
+    let workers = read_all(root, &state);
     let alive: Vec<&WorkerStatus> = workers.iter().filter(|w| is_alive(w)).collect();
     // The folder a live worker says it reads, else the default.
     let input = alive
@@ -80,27 +80,30 @@ fn stage_report(layout: &Layout, stage: Stage) -> Result<StageReport> {
         .copied()
         .or(workers.first())
         .map(|w| w.input.clone())
-        .filter(|i| !i.is_empty())
+        .filter(|i| !i.is_empty() && !i.contains("..") && !i.starts_with('/'))
         .unwrap_or_else(|| stage.default_input().to_string());
-    let done: std::collections::HashSet<String> = std::fs::read_dir(state.join("done"))
-        .map(|entries| {
-            entries
-                .filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    let input_dir = layout.folder(&input);
-    let waiting: Vec<String> = list_segments(&input_dir)?
+    let done: std::collections::HashSet<String> = root
+        .list(&format!("{state}/done"))
+        .unwrap_or_default()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    let times = modified_times(root, &input)?;
+    let waiting: Vec<String> = root
+        .list_segments(&input)?
         .into_iter()
         .filter(|n| !done.contains(&crate::fsutil::short_name(n)))
         .collect();
-    // Row counts come from footers; a huge backlog is sampled rather than read whole.
+    // Row counts come from footers; a huge backlog is sampled rather than read
+    // whole (on an object store, where a footer costs a download, more so).
+    let sample = match root {
+        Root::Local(_) => 2000,
+        Root::Remote(_) => 100,
+    };
     let backlog_rows = waiting
         .iter()
-        .take(2000)
-        .filter_map(|n| RolloutFile::open_path(&input_dir.join(n)).ok())
-        .map(|f| f.num_rows())
+        .take(sample)
+        .filter_map(|n| segment_rows(root, &format!("{input}/{n}")))
         .sum();
     let last_error = workers
         .iter()
@@ -113,7 +116,7 @@ fn stage_report(layout: &Layout, stage: Stage) -> Result<StageReport> {
         backlog_rows,
         lag_s: waiting
             .iter()
-            .filter_map(|n| age_s(&input_dir.join(n)))
+            .filter_map(|n| age_s(times.get(n).copied()))
             .reduce(f64::max),
         done_segments: done.len(),
         workers_alive: alive.len(),
@@ -127,23 +130,48 @@ fn stage_report(layout: &Layout, stage: Stage) -> Result<StageReport> {
     })
 }
 
-fn checkpoint_report(dir: &Path) -> Result<Option<CheckpointReport>> {
-    let Some(latest) = latest_in(dir).context("reading the checkpoint pointer")? else {
+/// The rows of segment `rel` (from its footer), if it reads.
+fn segment_rows(root: &Root, rel: &str) -> Option<u64> {
+    let file = match root {
+        Root::Local(p) => RolloutFile::open_path(&p.join(rel)).ok()?,
+        Root::Remote(r) => RolloutFile::from_bytes(r.get(rel).ok()??.0, rel).ok()?,
+    };
+    Some(file.num_rows())
+}
+
+fn checkpoint_report(root: &Root) -> Result<Option<CheckpointReport>> {
+    let pointer = format!("checkpoints/{LATEST}");
+    let Some(text) = root
+        .read(&pointer)
+        .context("reading the checkpoint pointer")?
+    else {
         return Ok(None);
     };
-    let name = latest
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let name = String::from_utf8_lossy(&text).trim().to_string();
+    anyhow::ensure!(
+        !name.is_empty() && !name.contains('/') && !name.contains(".."),
+        "{}: expected a checkpoint file name, found {name:?}",
+        root.show(&pointer)
+    );
+    let written = modified_times(root, "checkpoints")?.get(&name).copied();
     Ok(Some(CheckpointReport {
         policy_version: parse_adapter_step(&name),
-        age_s: age_s(&latest),
+        age_s: age_s(written),
         latest: name,
     }))
 }
 
-/// Seconds since `path` was last modified.
-fn age_s(path: &Path) -> Option<f64> {
-    let modified = std::fs::metadata(path).ok()?.modified().ok()?;
-    Some(modified.elapsed().ok()?.as_secs_f64())
+/// The modification times (Unix ms) of the files of folder `rel`.
+fn modified_times(root: &Root, rel: &str) -> Result<HashMap<String, i64>> {
+    Ok(root
+        .list(rel)?
+        .into_iter()
+        .map(|e| (e.name, e.modified_ms))
+        .collect())
+}
+
+/// Seconds since `modified_ms`.
+fn age_s(modified_ms: Option<i64>) -> Option<f64> {
+    let ms = unix_ms().checked_sub(modified_ms?)?;
+    (ms >= 0).then(|| ms as f64 / 1000.0)
 }

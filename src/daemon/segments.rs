@@ -6,26 +6,26 @@
 //! Crash safety: outputs are written atomically under the input's name and the
 //! input is marked done only afterwards, so a worker killed at any instant leaves
 //! either nothing or a complete output that the redo replaces with the same rows.
-
-use std::path::Path;
+//! On an object store the output is one PUT under the input's name, the marker a
+//! put-if-absent, and a claim whose lease was lost commits nothing.
 
 use anyhow::{Context, Result};
 use arrow::array::RecordBatch;
 use arrow::compute::concat_batches;
 
 use super::ledger::{Claim, Ledger};
-use super::quarantine::quarantine;
 use super::status::StatusFile;
 use super::wake::{install_stop_handler, stop_requested, Waker};
 use super::{DaemonConfig, Settling};
 use crate::rollout::{RolloutBatch, RolloutFile, RolloutWriter};
+use crate::store::Root;
 
 /// Rows read per batch from an input segment.
 const READ_BATCH_ROWS: usize = 4096;
 
 struct Claimed {
     name: String,
-    _claim: Claim,
+    claim: Claim,
     batch: RecordBatch,
 }
 
@@ -38,16 +38,15 @@ pub fn run(
 ) -> Result<()> {
     install_stop_handler();
     cfg.create_dirs()?;
-    let input_dir = cfg.input_dir();
-    let output_dir = cfg.output_dir();
-    let ledger = Ledger::open(&cfg.state_dir(), &cfg.worker_id)?;
-    let waker = Waker::new(&input_dir, cfg.poll_only, cfg.poll_interval);
+    let root = cfg.root();
+    let ledger = cfg.ledger()?;
+    let waker = Waker::new(&cfg.input_dir(), cfg.poll_only, cfg.poll_interval);
     let mut status = cfg.status_file();
     let stage = cfg.stage.name();
     crate::info!(
         "{stage}: watching {} -> {} as worker {}",
-        input_dir.display(),
-        output_dir.display(),
+        root.show(&cfg.input),
+        root.show(cfg.stage.output()),
         cfg.worker_id
     );
     status.set("idle");
@@ -55,7 +54,7 @@ pub fn run(
     while !stop_requested() {
         let claimed = claim_batch(cfg, &ledger, &mut status, &mut settling)?;
         if claimed.is_empty() {
-            if cfg.once && nothing_left(&input_dir, &ledger)? {
+            if cfg.once && nothing_left(root, &cfg.input, &ledger)? {
                 break;
             }
             status.heartbeat();
@@ -91,7 +90,7 @@ pub fn run(
             }
         }
         if let Some(age) = cfg.retain {
-            ledger.retain(&input_dir, age)?;
+            ledger.retain(root, &cfg.input, age)?;
         }
         status.set("idle");
     }
@@ -112,11 +111,11 @@ fn claim_batch(
     status: &mut StatusFile,
     settling: &mut Settling,
 ) -> Result<Vec<Claimed>> {
-    let input_dir = cfg.input_dir();
+    let root = cfg.root();
     let done = ledger.done_set()?;
     let mut claimed = Vec::new();
     settling.begin_scan();
-    for name in super::list_segments(&input_dir)? {
+    for name in root.list_segments(&cfg.input)? {
         if claimed.len() >= cfg.batch_segments || stop_requested() {
             break;
         }
@@ -137,46 +136,71 @@ fn claim_batch(
         if ledger.is_done(&name) {
             continue;
         }
-        let path = input_dir.join(&name);
-        match read_segment(&path) {
-            Ok(batch) => claimed.push(Claimed {
-                name,
-                _claim: claim,
-                batch,
-            }),
-            Err(e) if !path.exists() => {
-                crate::debug!("{}: gone before it was read ({e:#})", path.display());
+        let rel = format!("{}/{name}", cfg.input);
+        match read_segment(root, &rel) {
+            Ok(Some(batch)) => claimed.push(Claimed { name, claim, batch }),
+            Ok(None) => crate::debug!("{}: gone before it was read", root.show(&rel)),
+            Err(e) if !root.exists(&rel)? => {
+                crate::debug!("{}: gone before it was read ({e:#})", root.show(&rel));
             }
-            Err(_) if !settling.settled(&name, &path) => {}
+            // (an object appears whole: an unreadable one is bad, not unfinished)
+            Err(_)
+                if root
+                    .path(&rel)
+                    .is_some_and(|p| !settling.settled(&name, &p)) => {}
             Err(e) => {
                 status.error(&e);
                 status.status.segments_quarantined += 1;
-                quarantine(
-                    &cfg.layout.quarantine(),
-                    &cfg.input,
-                    &path,
-                    cfg.stage.name(),
-                    &e,
-                )?;
+                cfg.quarantine(&name, &e)?;
             }
         }
     }
     Ok(claimed)
 }
 
-/// A whole segment as one batch; errors name the file (not Parquet, truncated,
-/// wrong schema, bad values).
-fn read_segment(path: &Path) -> Result<RecordBatch> {
-    let file = RolloutFile::open_path(path)?;
+/// A whole segment as one batch (`None` when it is gone); errors name the
+/// file (not Parquet, truncated, wrong schema, bad values).
+fn read_segment(root: &Root, rel: &str) -> Result<Option<RecordBatch>> {
+    let file = match root {
+        Root::Local(p) => RolloutFile::open_path(&p.join(rel))?,
+        Root::Remote(r) => match r.get(rel)? {
+            Some((bytes, _)) => RolloutFile::from_bytes(bytes, &r.show(rel))?,
+            None => return Ok(None),
+        },
+    };
     let mut batches = Vec::new();
     for b in file.batches(READ_BATCH_ROWS, None)? {
         batches.push(b?.batch);
     }
     match batches.len() {
-        1 => Ok(batches.pop().expect("one batch")),
+        1 => Ok(batches.pop()),
         _ => concat_batches(file.schema(), &batches)
-            .with_context(|| format!("{}: joining its batches", path.display())),
+            .with_context(|| format!("{}: joining its batches", root.show(rel)))
+            .map(Some),
     }
+}
+
+/// Writes one output segment `rel` durably, with no partial file ever visible:
+/// locally through a renamed temporary file, on an object store as one PUT
+/// (encoded in memory first, through a private temporary file).
+fn write_segment(root: &Root, rel: &str, batch: &RecordBatch) -> Result<()> {
+    match root {
+        Root::Local(p) => {
+            let mut writer = RolloutWriter::file(p.join(rel))?;
+            writer.write(batch)?;
+            writer.finish()?;
+        }
+        Root::Remote(r) => {
+            let scratch = crate::store::scratch_file("segment")?;
+            let mut writer = RolloutWriter::file(scratch.path())?;
+            writer.write(batch)?;
+            writer.finish()?;
+            let bytes = std::fs::read(scratch.path())
+                .with_context(|| format!("reading {}", scratch.path().display()))?;
+            r.put(rel, bytes.into())?;
+        }
+    }
+    Ok(())
 }
 
 /// Processes claimed segments together (those with the same columns), writes one
@@ -187,7 +211,7 @@ fn process_claimed(
     claimed: &[Claimed],
     process: &mut dyn FnMut(&RolloutBatch) -> Result<RecordBatch>,
 ) -> Result<()> {
-    let output_dir = cfg.output_dir();
+    let root = cfg.root();
     let mut start = 0;
     while start < claimed.len() {
         // The run of segments sharing the first one's schema goes in one call.
@@ -198,10 +222,7 @@ fn process_claimed(
         let group = &claimed[start..end];
         let batches: Vec<RecordBatch> = group.iter().map(|c| c.batch.clone()).collect();
         let joined = concat_batches(&schema, &batches)?;
-        let source = match group.len() {
-            1 => group[0].name.clone(),
-            n => format!("{} (+{} segments)", group[0].name, n - 1),
-        };
+        let source = source_name(group);
         let out = process(&RolloutBatch {
             source: source.into(),
             first_row: 0,
@@ -217,10 +238,20 @@ fn process_claimed(
         let mut offset = 0;
         for c in group {
             let n = c.batch.num_rows();
-            let mut writer = RolloutWriter::file(output_dir.join(&c.name))?;
-            writer.write(&out.slice(offset, n))?;
-            writer.finish()?;
+            let rel = format!("{}/{}", cfg.stage.output(), c.name);
+            write_segment(root, &rel, &out.slice(offset, n))?;
             offset += n;
+        }
+        if group.iter().any(|c| c.claim.lost()) {
+            // Another worker may have these inputs now: it records them; the
+            // outputs written meanwhile are the same rows under the same names.
+            crate::warn!(
+                "{}: a claim on {} expired before its work was recorded; leaving it to its new owner",
+                cfg.stage.name(),
+                source_name(group)
+            );
+            start = end;
+            continue;
         }
         // Only now, with every output durable, are the inputs done.
         for c in group {
@@ -240,21 +271,19 @@ fn reject(
 ) -> Result<()> {
     status.error(err);
     status.status.segments_quarantined += 1;
-    quarantine(
-        &cfg.layout.quarantine(),
-        &cfg.input,
-        &cfg.input_dir().join(&one.name),
-        cfg.stage.name(),
-        err,
-    )?;
-    Ok(())
+    cfg.quarantine(&one.name, err)
+}
+
+fn source_name(group: &[Claimed]) -> String {
+    match group.len() {
+        1 => group[0].name.clone(),
+        n => format!("{} (+{} segments)", group[0].name, n - 1),
+    }
 }
 
 /// Whether every input is done (for `--once`; inputs claimed by others count as
 /// left, so a `--once` worker waits for them rather than exiting early).
-fn nothing_left(input_dir: &Path, ledger: &Ledger) -> Result<bool> {
+fn nothing_left(root: &Root, input: &str, ledger: &Ledger) -> Result<bool> {
     let done = ledger.done_set()?;
-    Ok(super::list_segments(input_dir)?
-        .iter()
-        .all(|n| done.contains(n)))
+    Ok(root.list_segments(input)?.iter().all(|n| done.contains(n)))
 }

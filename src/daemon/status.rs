@@ -3,14 +3,13 @@
 //! unit of work and at least every few seconds), and `claw status` combines them
 //! with the folders' backlogs.
 
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::host::hostname;
 use crate::clock::unix_ms;
-use crate::fsutil::write_atomic;
+use crate::store::host::hostname;
+use crate::store::Root;
 
 /// One worker's status file.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -40,7 +39,9 @@ pub struct WorkerStatus {
 
 /// Keeps a worker's status file current.
 pub struct StatusFile {
-    path: PathBuf,
+    root: Root,
+    /// `state/STAGE/status-WORKER.json`.
+    rel: String,
     pub status: WorkerStatus,
     last_write: Instant,
     /// (time, rows) of recent units of work, for the rate.
@@ -52,12 +53,13 @@ const HEARTBEAT: Duration = Duration::from_secs(5);
 
 impl StatusFile {
     /// The status file of worker `worker` of `stage` reading `input`, in the
-    /// stage's `state_dir`.
-    pub fn new(state_dir: &Path, stage: &str, input: &str, worker: &str) -> Self {
-        remove_dead_workers(state_dir);
+    /// stage's state folder `state` (`state/STAGE`) of `root`.
+    pub fn new(root: &Root, state: &str, stage: &str, input: &str, worker: &str) -> Self {
+        remove_dead_workers(root, state);
         let now = unix_ms();
         StatusFile {
-            path: state_dir.join(format!("status-{worker}.json")),
+            root: root.clone(),
+            rel: format!("{state}/status-{worker}.json"),
             status: WorkerStatus {
                 stage: stage.into(),
                 input: input.into(),
@@ -113,7 +115,7 @@ impl StatusFile {
         self.last_write = Instant::now();
         if let Ok(json) = serde_json::to_vec_pretty(&self.status) {
             // Status is advisory: a failed write must not stop the work.
-            if let Err(e) = write_atomic(&self.path, &json) {
+            if let Err(e) = self.root.write(&self.rel, &json) {
                 crate::debug!("status file: {e:#}");
             }
         }
@@ -122,19 +124,20 @@ impl StatusFile {
 
 /// Removes the status files of workers on this host whose process is gone (each
 /// restart is a new worker id), so `claw status` lists the workers that matter.
-fn remove_dead_workers(stage_dir: &Path) {
+fn remove_dead_workers(root: &Root, state: &str) {
     let host = hostname();
-    let Ok(entries) = std::fs::read_dir(stage_dir) else {
+    let Ok(entries) = root.list(state) else {
         return;
     };
-    for entry in entries.filter_map(|e| e.ok()) {
-        let name = entry.file_name().to_string_lossy().into_owned();
+    for entry in entries {
+        let name = entry.name;
         if !(name.starts_with("status-")
             && (name.ends_with(".json") || name.ends_with(".json.tmp")))
         {
             continue;
         }
-        let Ok(bytes) = std::fs::read(entry.path()) else {
+        let rel = format!("{state}/{name}");
+        let Ok(Some(bytes)) = root.read(&rel) else {
             continue;
         };
         let dead = match serde_json::from_slice::<WorkerStatus>(&bytes) {
@@ -143,30 +146,25 @@ fn remove_dead_workers(stage_dir: &Path) {
             Err(_) => name.ends_with(".tmp"),
         };
         if dead {
-            let _ = std::fs::remove_file(entry.path());
+            let _ = root.remove(&rel);
         }
     }
 }
 
-/// Every status file of `stage_dir`.
-pub fn read_all(stage_dir: &Path) -> Vec<WorkerStatus> {
-    let Ok(entries) = std::fs::read_dir(stage_dir) else {
+/// Every status file of the stage folder `state` of `root`.
+pub fn read_all(root: &Root, state: &str) -> Vec<WorkerStatus> {
+    let Ok(entries) = root.list(state) else {
         return Vec::new();
     };
     let mut out: Vec<WorkerStatus> = entries
-        .filter_map(|e| e.ok())
-        .filter(|e| {
-            let n = e.file_name();
-            let n = n.to_string_lossy();
-            n.starts_with("status-") && n.ends_with(".json")
-        })
-        .filter_map(|e| std::fs::read(e.path()).ok())
+        .into_iter()
+        .filter(|e| e.name.starts_with("status-") && e.name.ends_with(".json"))
+        .filter_map(|e| root.read(&format!("{state}/{}", e.name)).ok().flatten())
         .filter_map(|bytes| serde_json::from_slice(&bytes).ok())
         .collect();
     out.sort_by(|a: &WorkerStatus, b| a.worker.cmp(&b.worker));
     out
 }
-
 /// Whether the worker of `status` still runs: its process exists (same host) and
 /// its heartbeat is recent.
 pub fn is_alive(status: &WorkerStatus) -> bool {

@@ -17,11 +17,12 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::ledger::Ledger;
-use super::quarantine::quarantine;
 use super::status::StatusFile;
 use super::wake::{stop_requested, Waker};
 use super::{DaemonConfig, Settling};
 use crate::adapter::layout::latest_in;
+use crate::store::checkpoints::Mirror;
+use crate::store::Root;
 use crate::train::data::file_samples;
 use crate::train::driver::Driver;
 use crate::train::StepMetrics;
@@ -53,6 +54,12 @@ pub struct TrainDaemon<'a> {
     /// other bad row) quarantines its segment.
     pub vocab: usize,
     pub on_step: &'a dyn Fn(&StepMetrics),
+    /// The local checkpoint folder the driver saves into (DIR/checkpoints, or
+    /// the local copy of an object store's).
+    pub checkpoints: std::path::PathBuf,
+    /// On an object store: publishes each checkpoint before its inputs are
+    /// marked done, pruning the store to `--keep`.
+    pub mirror: Option<(std::cell::RefCell<Mirror>, usize)>,
 }
 
 /// The ledger `LATEST` recorded, if any.
@@ -79,11 +86,11 @@ impl TrainDaemon<'_> {
         let Some((_lock, mut status)) = super::start_single_worker(cfg)? else {
             return Ok(());
         };
-        let state_dir = cfg.state_dir();
+        let root = cfg.root();
         let input_dir = cfg.input_dir();
-        let ledger = Ledger::open(&state_dir, &cfg.worker_id)?;
+        let ledger = cfg.ledger()?;
         // Finish the bookkeeping of the checkpoint a crash may have cut short.
-        let resumed = latest_ledger(&cfg.output_dir())?.unwrap_or_default();
+        let resumed = latest_ledger(&self.checkpoints)?.unwrap_or_default();
         for name in &resumed.done {
             ledger.mark_done(name)?;
         }
@@ -93,8 +100,8 @@ impl TrainDaemon<'_> {
         let waker = Waker::new(&input_dir, cfg.poll_only, cfg.poll_interval);
         crate::info!(
             "train: watching {} -> {} as worker {}, from step {}",
-            input_dir.display(),
-            cfg.output_dir().display(),
+            root.show(&cfg.input),
+            root.show(cfg.stage.output()),
             cfg.worker_id,
             driver.trainer.steps()
         );
@@ -106,7 +113,8 @@ impl TrainDaemon<'_> {
         let mut settling = Settling::default();
         while !stop_requested() && !driver.done() {
             let done = ledger.done_set()?;
-            let next = super::list_segments(&input_dir)?
+            let next = root
+                .list_segments(&cfg.input)?
                 .into_iter()
                 .find(|n| !done.contains(n) && !read_ahead.contains(n) && !settling.is_waiting(n));
             let Some(name) = next else {
@@ -136,21 +144,39 @@ impl TrainDaemon<'_> {
             };
             quiet_since = Instant::now();
             status.set("working");
-            let path = input_dir.join(&name);
+            let rel = format!("{}/{name}", cfg.input);
+            // An object is read through a private local copy.
+            let scratch = match root {
+                Root::Local(_) => None,
+                Root::Remote(r) => match r.get(&rel)? {
+                    Some((bytes, _)) => {
+                        let file = crate::store::scratch_file("train-input")?;
+                        std::fs::write(file.path(), &bytes)
+                            .with_context(|| format!("writing {}", file.path().display()))?;
+                        Some(file)
+                    }
+                    None => continue, // gone
+                },
+            };
+            let path = match &scratch {
+                Some(file) => file.path().to_path_buf(),
+                None => input_dir.join(&name),
+            };
             let samples = match file_samples(&path, self.vocab) {
                 Ok(s) => s,
                 Err(e) if !path.exists() => {
                     crate::debug!("{}: gone before it was read ({e:#})", path.display());
                     continue;
                 }
-                Err(_) if !settling.settled(&name, &path) => continue,
+                Err(_) if scratch.is_none() && !settling.settled(&name, &path) => continue,
                 Err(e) => {
                     status.error(&e);
                     status.status.segments_quarantined += 1;
-                    quarantine(&cfg.layout.quarantine(), &cfg.input, &path, "train", &e)?;
+                    cfg.quarantine(&name, &e)?;
                     continue;
                 }
             };
+            drop(scratch);
             let skip = match &partial {
                 Some(p) if p.name == name => p.rows.min(samples.len()),
                 _ => 0,
@@ -175,7 +201,7 @@ impl TrainDaemon<'_> {
             read_ahead.insert(name);
             status.status.segments_done += 1;
             if let Some(age) = cfg.retain {
-                ledger.retain(&input_dir, age)?;
+                ledger.retain(root, &cfg.input, age)?;
             }
             self.update_status(&mut status, driver);
             status.set("idle");
@@ -207,6 +233,10 @@ impl TrainDaemon<'_> {
         finished: &mut Vec<String>,
         read_ahead: &mut std::collections::HashSet<String>,
     ) -> Result<()> {
+        // The checkpoint goes to the store (LATEST last) before its inputs are done.
+        if let Some((mirror, keep)) = &self.mirror {
+            mirror.borrow_mut().publish(*keep)?;
+        }
         for name in finished.drain(..) {
             ledger.mark_done(&name)?;
             read_ahead.remove(&name);

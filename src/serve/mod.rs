@@ -48,6 +48,7 @@ pub mod response;
 pub mod routes;
 pub mod session;
 pub mod state;
+pub mod store_sync;
 pub mod tools;
 pub mod upstream;
 pub mod upstream_chat;
@@ -92,8 +93,18 @@ pub fn run(config: ServeConfig) -> Result<()> {
         !config.reload_poll.is_zero(),
         "--reload-poll-ms must be at least 1"
     );
+    // Over an object store: the spool is synced first, so serve starts on the
+    // store's LATEST (and uploads what a previous server left in the spool).
+    let sync = match &config.store {
+        Some(remote) if config.record || config.reload => Some(store_sync::StoreSync::start(
+            remote.clone(),
+            &config.dir,
+            config.reload_poll,
+        )?),
+        _ => None,
+    };
     if let Some(upstream) = &config.upstream {
-        return run_upstream(config.clone(), upstream.clone());
+        return run_upstream(config.clone(), upstream.clone(), sync);
     }
     let model = Model::load_with(&config.model_path, config.weights)?;
     crate::info!(
@@ -134,13 +145,25 @@ pub fn run(config: ServeConfig) -> Result<()> {
         .thread_name("claw-serve")
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(serve(config, Some(model), metrics, policies, seen, None))
+    runtime.block_on(serve(
+        config,
+        Some(model),
+        metrics,
+        policies,
+        seen,
+        None,
+        sync,
+    ))
 }
 
 /// `claw serve --upstream`: no model and no engine thread; with
 /// `--upstream-adapters` the checkpoints `LATEST` names are pushed to the
 /// engine (`push.rs`); the rest of the server as usual.
-fn run_upstream(config: ServeConfig, upstream: upstream::UpstreamConfig) -> Result<()> {
+fn run_upstream(
+    config: ServeConfig,
+    upstream: upstream::UpstreamConfig,
+    sync: Option<store_sync::StoreSync>,
+) -> Result<()> {
     let engine = Arc::new(upstream::Upstream::connect(&upstream)?);
     crate::info!(
         "generating with the upstream engine {} (model {}); no local model loaded",
@@ -189,7 +212,15 @@ fn run_upstream(config: ServeConfig, upstream: upstream::UpstreamConfig) -> Resu
         .thread_name("claw-serve")
         .build()
         .context("cannot start the async runtime")?;
-    let result = runtime.block_on(serve(config, None, metrics, policies, None, Some(engine)));
+    let result = runtime.block_on(serve(
+        config,
+        None,
+        metrics,
+        policies,
+        None,
+        Some(engine),
+        sync,
+    ));
     if let Some(reloader) = reloader {
         reloader.stop();
     }
@@ -203,6 +234,7 @@ async fn serve(
     policies: Arc<Policies>,
     seen: Option<reload::Fingerprint>,
     upstream: Option<Arc<upstream::Upstream>>,
+    sync: Option<store_sync::StoreSync>,
 ) -> Result<()> {
     let raw_dir = config.dir.join("raw");
     let (recorder, writer_thread) = if config.record {
@@ -275,7 +307,13 @@ async fn serve(
             state.config.prefix_cache_bytes >> 20
         );
     }
-    if state.config.record {
+    if let (true, Some(remote)) = (state.config.record, &state.config.store) {
+        crate::info!(
+            "recording every turn to {} (spooled in {})",
+            remote.show("raw"),
+            raw_dir.display()
+        );
+    } else if state.config.record {
         crate::info!("recording every turn to {}", raw_dir.display());
     } else {
         crate::info!("not recording (--no-record)");
@@ -323,6 +361,12 @@ async fn serve(
         tokio::task::spawn_blocking(move || thread.shutdown())
             .await
             .context("the recorder thread failed")?;
+    }
+    if let Some(sync) = sync {
+        // The segment the recorder just closed goes up too.
+        tokio::task::spawn_blocking(move || sync.stop())
+            .await
+            .context("the store sync thread failed")?;
     }
     crate::info!(
         "stopped: {} row(s) recorded in {} segment(s)",

@@ -18,8 +18,11 @@ use crate::model::{Model, WeightFormat};
 pub struct ServeConfig {
     pub model_path: PathBuf,
     pub weights: WeightFormat,
-    /// The shared directory; rows go to `DIR/raw/`.
+    /// The shared directory; rows go to `DIR/raw/`. With `store`, the local
+    /// spool instead (see [`super::store_sync`]).
     pub dir: PathBuf,
+    /// `--dir s3://...`: the object store the spool is kept in step with.
+    pub store: Option<std::sync::Arc<crate::store::Remote>>,
     pub host: String,
     pub port: u16,
     pub record: bool,

@@ -3,6 +3,8 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 pub mod llama;
+pub mod s3;
+pub mod shared;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

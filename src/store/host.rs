@@ -1,6 +1,7 @@
 //! What a worker reads of its machine and folders: the host name (worker ids,
-//! status files) and a folder's segments. A leaf, so that the ledger and the
-//! status files use it without importing `daemon/mod.rs`, which uses them.
+//! status files, lease owners) and a local folder's segments. A leaf of the
+//! storage layer, which the daemon re-exports (`daemon::{hostname,
+//! list_segments}`), so that neither imports the other's `mod.rs` for it.
 
 use std::path::Path;
 
