@@ -5,7 +5,7 @@
 
 mod common;
 use common::shared::{ids_in, local, s3_shared, Shared};
-use common::{claw, read_rows, tiny_chat_model, tiny_model, wait_until_listening, write_rows};
+use common::{claw, read_rows, run_ok, tiny_model, write_rows};
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
@@ -122,16 +122,6 @@ fn write_raw_segment(dir: &Shared, i: i64, n: i64) {
         .collect();
     let name = segment_file_name((T0 + i * 100_000) as u64, "feeder", i as u64);
     dir.write_rows(&format!("raw/{name}"), &rows);
-}
-
-fn run_ok(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
 }
 
 fn assert_exactly_once(stage: &str, found: &BTreeMap<String, usize>, expected: &[String]) {
@@ -503,133 +493,6 @@ fn a_standby_collect_worker_waits_for_the_lock_and_sigterm_stops_it() {
     let log2 = String::from_utf8_lossy(&out2.stderr);
     assert!(log2.contains("waiting as a standby"), "{log2}");
     assert!(first.wait().unwrap().success());
-}
-
-/// The whole loop in one command: `claw up` with the tiny model, a scripted client
-/// with feedback, and the checkpoint train writes hot-loaded by serve; then one
-/// Ctrl-C (SIGINT) stops every stage.
-#[test]
-fn claw_up_runs_the_loop_until_serve_loads_a_trained_checkpoint() {
-    let tmp = tempfile::tempdir().unwrap();
-    let model = tiny_chat_model(tmp.path());
-    let dir = tmp.path().join("data");
-    let started = Instant::now();
-    let mut up = claw()
-        .args([
-            "up",
-            "--dir",
-            s(&dir),
-            "--port",
-            "0",
-            "--poll-interval",
-            "200ms",
-        ])
-        .arg("--model")
-        .arg(&model)
-        .args(["--with", "serve=--segment-age-ms 300 --reload-poll-ms 200"])
-        // Feedback comes right after each reply here, so a short grace suffices.
-        .args(["--with", "collect=--feedback-grace 1s"])
-        .args(["--with", "judge=--sources feedback,env"])
-        .args(["--with", "distill-hints=--hint-source feedback"])
-        .args(["--with", "train=--batch-size 2 --partial-after 1s"])
-        .env("RAYON_NUM_THREADS", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // A failing assertion must not leave the process tree running.
-    struct StopOnDrop(u32);
-    impl Drop for StopOnDrop {
-        fn drop(&mut self) {
-            // SAFETY: signalling our own child (a no-op once it has exited).
-            unsafe { libc::kill(self.0 as i32, libc::SIGTERM) };
-        }
-    }
-    let _guard = StopOnDrop(up.id());
-    let (base, log) = wait_until_listening(&mut up);
-    let log_text = || log.lock().unwrap().clone();
-
-    // Three sessions of two turns, each reply thumbed down with a correction.
-    for session in 0..3 {
-        let sid = format!("user-{session}");
-        for turn in 0..2 {
-            let mut req = ureq::post(&format!("{base}/v1/chat/completions"))
-                .timeout(Duration::from_secs(60))
-                .set("X-Session-Id", &sid);
-            if turn == 1 {
-                req = req.set("X-Session-Done", "1");
-            }
-            let reply: serde_json::Value = req
-                .send_json(json!({
-                    "messages": [{"role": "user", "content": format!("question {session}.{turn}")}],
-                    "max_tokens": 6, "temperature": 0
-                }))
-                .unwrap_or_else(|e| panic!("chat: {e}\n{}", log_text()))
-                .into_json()
-                .unwrap();
-            ureq::post(&format!("{base}/v1/feedback"))
-                .send_json(json!({
-                    "session_id": sid, "response_id": reply["id"],
-                    "rating": -1, "text": "please answer in one word"
-                }))
-                .unwrap_or_else(|e| panic!("feedback: {e}\n{}", log_text()));
-        }
-    }
-    // serve hot-loads what train wrote.
-    let deadline = Instant::now() + Duration::from_secs(180);
-    let version = loop {
-        let health: serde_json::Value = ureq::get(&format!("{base}/healthz"))
-            .call()
-            .unwrap()
-            .into_json()
-            .unwrap();
-        if let Some(v) = health["policy_version"].as_u64().filter(|&v| v >= 1) {
-            break v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no checkpoint was loaded: {health}\n{}",
-            log_text()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    eprintln!(
-        "policy version {version} served {:.1} s after start",
-        started.elapsed().as_secs_f64()
-    );
-    let status = run_ok(claw().args(["status", "--dir", s(&dir), "--json"]));
-    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
-    for stage in status["stages"].as_array().unwrap() {
-        assert_eq!(stage["workers_alive"], 1, "{stage}");
-    }
-    assert!(status["checkpoint"]["policy_version"].as_u64().unwrap() >= 1);
-
-    // One Ctrl-C stops everything cleanly.
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(up.id() as i32, libc::SIGINT) };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let code = loop {
-        if let Some(code) = up.try_wait().unwrap() {
-            break code;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "claw up did not stop:\n{}",
-            log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    std::thread::sleep(Duration::from_millis(200));
-    let log = log_text();
-    assert!(code.success(), "{code}\n{log}");
-    for stage in ["collect", "judge", "distill-hints", "train"] {
-        assert!(
-            log.contains(&format!("{stage}: stopped")),
-            "{stage} did not stop cleanly:\n{log}"
-        );
-    }
-    assert!(log.contains("[        train] step 1 "), "{log}");
 }
 
 /// Runs `cmd` to its end, failing the test (and killing it) past `limit`.

@@ -15,6 +15,17 @@ use std::time::Duration;
 use claw::model::testing::{write_tiny_gguf, TinySpec};
 use claw::rollout::{RolloutReader, RolloutRow, RolloutWriter};
 
+/// Runs `cmd` to its end, failing the test with its stderr unless it succeeds.
+pub fn run_ok(cmd: &mut Command) -> std::process::Output {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// The `claw` binary under test.
 pub fn claw() -> Command {
     Command::new(env!("CARGO_BIN_EXE_claw"))
