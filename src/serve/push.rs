@@ -295,7 +295,9 @@ impl Pusher {
                 "llama-server loads LoRA adapters only when it starts: restart it with \
                  `--lora {}` to serve this checkpoint; rows record the version it applies \
                  (now {})",
-                gguf.display(),
+                std::path::absolute(&gguf)
+                    .unwrap_or_else(|_| gguf.clone())
+                    .display(),
                 serving.version
             );
             self.told = Some(gguf);
