@@ -373,6 +373,8 @@ impl Distiller {
             }
             _ => None,
         };
+        let messages = crate::serve::messages::for_template(&messages)
+            .context("messages_json cannot be rendered as serve rendered it")?;
         let messages = teacher_messages(&messages, hint)?;
         let text = self
             .model

@@ -271,3 +271,41 @@ fn the_teacher_uses_the_adapter_that_produced_the_response() {
     assert!(diff(got[1].teacher_logprobs.as_ref().unwrap(), &base) < 1e-5);
     assert_eq!(distiller.stats.adapter_missing, 1);
 }
+
+/// The teacher's context is the prompt the policy saw plus the hint: a recorded
+/// tool call's arguments (a JSON string, as OpenAI clients send them) are
+/// rendered as the object serve rendered, not as a quoted string.
+#[test]
+fn the_teacher_renders_recorded_tool_calls_as_serve_did() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write_tiny_gguf(&path, &TinySpec::default()).unwrap();
+    let mut model = Model::load_with(&path, WeightFormat::F32).unwrap();
+    // Qwen2.5's way of printing a call: its arguments through tojson.
+    model.template = crate::model::template::ChatTemplate::new(
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}\
+         {% for c in m.tool_calls or [] %}<tool_call>{\"name\": \"{{ c.function.name }}\", \
+         \"arguments\": {{ c.function.arguments | tojson }}}</tool_call>{% endfor %}\
+         <|im_end|>\n{% endfor %}<|im_start|>assistant\n",
+        "",
+        "<|im_end|>",
+    )
+    .unwrap();
+    let model = Arc::new(model);
+    let mut turn = row("call", None, Some("print the result"));
+    turn.messages_json = json!([
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function",
+            "function": {"name": "python", "arguments": "{\"code\": \"print(2+2)\"}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "4"},
+    ])
+    .to_string();
+    let distiller = Distiller::new(config(HintSource::Feedback), model.clone(), None).unwrap();
+    let ids = distiller.teacher_prompt(&turn, "print the result").unwrap();
+    let text = model.tokenizer.decode(&ids).unwrap();
+    assert!(
+        text.contains(r#""arguments": {"code": "print(2+2)"}"#),
+        "{text}"
+    );
+    assert!(text.contains("print the result"), "{text}");
+}

@@ -135,6 +135,19 @@ pub fn check_message(i: usize, message: &Json) -> Result<Json, ApiError> {
     Ok(Json::Object(out))
 }
 
+/// Recorded messages (`messages_json`: what the client sent) made ready for the
+/// chat template exactly as serve made them for the policy: a stage that renders
+/// a recorded turn again (distill-hints' teacher) must see the prompt the policy
+/// saw, e.g. tool call arguments as objects, not as the JSON strings OpenAI
+/// clients send (which the template would print quoted and escaped).
+pub fn for_template(messages: &[Json]) -> anyhow::Result<Vec<Json>> {
+    messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| check_message(i, m).map_err(|e| anyhow::anyhow!("{}", e.message)))
+        .collect()
+}
+
 pub fn check_tools(tools: &Json) -> Result<Vec<Json>, ApiError> {
     let list = tools.as_array().ok_or_else(|| {
         ApiError::invalid(

@@ -109,14 +109,25 @@ fn bare_call(text: &str, offered: &[String]) -> Option<(String, String)> {
     if !body.starts_with('{') {
         return None;
     }
-    let value: Json = serde_json::from_str(body).ok()?;
+    let value = call_object(body)?;
     value.get("arguments").or_else(|| value.get("parameters"))?;
     let (name, arguments) = parse_one(body)?;
     offered.contains(&name).then_some((name, arguments))
 }
 
+/// The JSON object a call's text holds. Stray closing braces after it are
+/// forgiven: small models overshoot a nested object's end (Qwen2.5-0.5B writes
+/// `{"name": "python", "arguments": {"code": "..."}}}}`), and the call is still
+/// unambiguous. Anything else after the object makes it no call.
+fn call_object(text: &str) -> Option<Json> {
+    let mut values = serde_json::Deserializer::from_str(text.trim()).into_iter::<Json>();
+    let value = values.next()?.ok()?;
+    let rest = &text.trim()[values.byte_offset()..];
+    (value.is_object() && rest.chars().all(|c| c == '}' || c.is_whitespace())).then_some(value)
+}
+
 fn parse_one(inner: &str) -> Option<(String, String)> {
-    let value: Json = serde_json::from_str(inner.trim()).ok()?;
+    let value = call_object(inner)?;
     let name = value.get("name")?.as_str()?.to_string();
     let arguments = match value.get("arguments").or_else(|| value.get("parameters")) {
         None | Some(Json::Null) => "{}".to_string(),
@@ -266,7 +277,17 @@ mod tests {
     fn a_bare_call_of_an_offered_tool_is_a_call() {
         let bare = "{\"name\": \"python\", \"arguments\": {\"code\": \"print(1)\"}}";
         let fenced = format!("```json\n{bare}\n```");
-        for text in [bare.to_string(), format!("  {bare}\n"), fenced] {
+        // A small model's stray closing braces after the object are forgiven,
+        // in a bare call and in a <tool_call> block.
+        let overshot = format!("{bare}}}}}");
+        let tagged = format!("<tool_call>\n{bare}}}\n</tool_call>");
+        for text in [
+            bare.to_string(),
+            format!("  {bare}\n"),
+            fenced,
+            overshot,
+            tagged,
+        ] {
             let (content, calls) = parse_tool_calls(&text, &offered(), ids());
             assert_eq!(content, "", "{text}");
             assert_eq!(calls.len(), 1, "{text}");
@@ -283,6 +304,9 @@ mod tests {
             "{\"name\": \"python\"}",
             "{\"answer\": 42}",
             "Here: {\"name\": \"python\", \"arguments\": {}}",
+            // Anything but closing braces after the object.
+            "{\"name\": \"python\", \"arguments\": {}} and then some",
+            "{\"name\": \"python\", \"arguments\": {}}]",
         ] {
             let (content, calls) = parse_tool_calls(text, &offered(), ids());
             assert!(calls.is_empty(), "{text}");

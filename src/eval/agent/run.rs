@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use serde_json::{json, Value};
 
-use super::episode::{play, Endpoint, EpisodeConfig, Reply, ToolRunner, TurnRequest};
+use super::episode::{play, Endpoint, EpisodeConfig, Outcome, Reply, ToolRunner, TurnRequest};
 use super::metrics::{Episode, HeldOut, RunResult, Signals};
 use super::tasks::{self, Task};
 use crate::eval::live::{policy_version, run_dir, wait_for_policy, Method, Up};
@@ -231,6 +231,17 @@ pub fn run(
         // Play at the pace the system learns: after each round, wait until the
         // steps its turns feed have been served.
         let round_over = (i + 1) % cfg.batch == 0 || i + 1 == train.len();
+        if round_over {
+            let round = &episodes[i + 1 - (i % cfg.batch + 1)..];
+            crate::info!(
+                "agent {tag}: episode {}/{}: this round solved {}/{}, {} with a valid call, policy v{version}",
+                i + 1,
+                train.len(),
+                round.iter().filter(|e| e.outcome == Outcome::Correct).count(),
+                round.len(),
+                round.iter().filter(|e| e.valid_calls > 0).count(),
+            );
+        }
         if method != Method::Off && cfg.url.is_none() && round_over {
             let steps = round_turns.div_ceil(cfg.batch).max(1) as u64;
             let timeout = cfg.round_timeout * steps as u32;
