@@ -13,7 +13,6 @@ use anyhow::{Context, Result};
 use clap::Args;
 
 use super::eval::EvalArgs;
-use crate::eval::agent::episode::EpisodeConfig;
 use crate::eval::agent::metrics::{report, success_chart, RunResult};
 use crate::eval::agent::run::{run, RunConfig};
 use crate::eval::live::Method;
@@ -74,10 +73,6 @@ pub fn run_all(args: &EvalArgs) -> Result<Vec<RunResult>> {
         a.feedback_grace.is_finite() && a.feedback_grace > 0.0,
         "--feedback-grace must be a positive number of seconds"
     );
-    anyhow::ensure!(
-        p.retention_limit != Some(0),
-        "--retention-limit must be at least 1"
-    );
     let limits = Limits {
         timeout: Duration::from_secs_f64(args.exec_timeout),
         memory_bytes: args.exec_memory_mb.saturating_mul(1 << 20),
@@ -89,37 +84,16 @@ pub fn run_all(args: &EvalArgs) -> Result<Vec<RunResult>> {
         Some(_) => vec![Method::Combined],
         None => p.method.clone(),
     };
-    let retention = match p.no_retention || args.url.is_some() {
-        true => None,
-        false => {
-            let mut settings = crate::eval::retention::Settings::builtin()?;
-            if let Some(n) = p.retention_limit {
-                settings = settings.limit(n);
-            }
-            settings.seed = args.seed;
-            Some(crate::eval::retention::Check::new(settings))
-        }
-    };
     let cfg = RunConfig {
-        model: args.model.clone(),
+        study: p.study(
+            args.model.clone(),
+            args.url.clone(),
+            args.seed,
+            args.max_tokens.unwrap_or(256),
+        )?,
         episodes: a.episodes,
-        batch: p.batch,
-        heldout: p.heldout,
-        episode: EpisodeConfig {
-            tool_rounds: a.tool_rounds,
-            temperature: p.session_temperature,
-            max_tokens: args.max_tokens.unwrap_or(256),
-        },
-        lr: p.lr,
-        beta_kl: p.beta_kl,
-        reward_baseline: p.reward_baseline,
-        topk: p.topk,
-        seed: args.seed,
-        round_timeout: Duration::from_secs_f64(p.round_timeout.max(1.0)),
+        tool_rounds: a.tool_rounds,
         feedback_grace: Duration::from_secs_f64(a.feedback_grace),
-        data_dir: p.keep_data.clone(),
-        url: args.url.clone(),
-        retention,
     };
     let mut results = Vec::new();
     for &m in &methods {
@@ -156,27 +130,19 @@ pub fn run_all(args: &EvalArgs) -> Result<Vec<RunResult>> {
         results.push(result);
         if let Some(dir) = &p.report {
             // Written after every run: an interrupted study keeps what it finished.
-            write_report(dir, &results, &command_line(), a.success_window)?;
+            write_report(dir, &results, &super::command_line(), a.success_window)?;
         }
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&results)?);
     } else {
-        let table = report(&results, &command_line(), a.success_window, None);
+        let table = report(&results, &super::command_line(), a.success_window, None);
         let mut out = std::io::stdout().lock();
         for line in table.lines().filter(|l| l.starts_with('|')) {
             writeln!(out, "{line}")?;
         }
     }
     Ok(results)
-}
-
-fn command_line() -> String {
-    let mut args: Vec<String> = std::env::args().collect();
-    if let Some(first) = args.first_mut() {
-        *first = "claw".into();
-    }
-    args.join(" ")
 }
 
 /// Writes agent.md, agent.json and agent.png for `results` into `dir`.

@@ -16,3 +16,12 @@ pub mod serve;
 pub mod status;
 pub mod train;
 pub mod up;
+
+/// This process's command line as a report states it (`claw ARGS...`).
+pub(crate) fn command_line() -> String {
+    let mut args: Vec<String> = std::env::args().collect();
+    if let Some(first) = args.first_mut() {
+        *first = "claw".into();
+    }
+    args.join(" ")
+}

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Args;
 
+use crate::eval::live::Study;
 use crate::eval::persona::metrics::{report, satisfaction_chart, RunResult};
 use crate::eval::persona::plot::render_png;
 use crate::eval::persona::run::{run, Method, RunConfig};
@@ -141,6 +142,51 @@ pub struct PersonaArgs {
     pub report: Option<PathBuf>,
 }
 
+impl PersonaArgs {
+    /// The settings persona and agent runs share, from these options and
+    /// `claw eval`'s (--model, --url, --seed, --max-tokens).
+    pub fn study(
+        &self,
+        model: Option<PathBuf>,
+        url: Option<String>,
+        seed: u64,
+        max_tokens: usize,
+    ) -> Result<Study> {
+        anyhow::ensure!(
+            self.retention_limit != Some(0),
+            "--retention-limit must be at least 1"
+        );
+        // A running `claw up` (--url) keeps its adapters to itself.
+        let retention = match self.no_retention || url.is_some() {
+            true => None,
+            false => {
+                let mut settings = crate::eval::retention::Settings::builtin()?;
+                if let Some(n) = self.retention_limit {
+                    settings = settings.limit(n);
+                }
+                settings.seed = seed;
+                Some(crate::eval::retention::Check::new(settings))
+            }
+        };
+        Ok(Study {
+            model,
+            batch: self.batch,
+            heldout: self.heldout,
+            temperature: self.session_temperature,
+            max_tokens,
+            lr: self.lr,
+            beta_kl: self.beta_kl,
+            reward_baseline: self.reward_baseline,
+            topk: self.topk,
+            seed,
+            round_timeout: Duration::from_secs_f64(self.round_timeout.max(1.0)),
+            data_dir: self.keep_data.clone(),
+            url,
+            retention,
+        })
+    }
+}
+
 /// Runs every (persona, method) pair; prints the table (or JSON) and writes the report.
 pub fn run_all(
     args: &PersonaArgs,
@@ -174,39 +220,10 @@ pub fn run_all(
         Some(_) => vec![Method::Combined],
         None => args.method.clone(),
     };
-    anyhow::ensure!(
-        args.retention_limit != Some(0),
-        "--retention-limit must be at least 1"
-    );
-    // A running `claw up` (--url) keeps its adapters to itself.
-    let retention = match args.no_retention || url.is_some() {
-        true => None,
-        false => {
-            let mut settings = crate::eval::retention::Settings::builtin()?;
-            if let Some(n) = args.retention_limit {
-                settings = settings.limit(n);
-            }
-            settings.seed = seed;
-            Some(crate::eval::retention::Check::new(settings))
-        }
-    };
     let cfg = RunConfig {
-        model,
+        study: args.study(model, url, seed, max_tokens.unwrap_or(128))?,
         sessions: args.sessions,
-        batch: args.batch,
-        heldout: args.heldout,
         max_turns: args.max_turns,
-        temperature: args.session_temperature,
-        max_tokens: max_tokens.unwrap_or(128),
-        lr: args.lr,
-        beta_kl: args.beta_kl,
-        reward_baseline: args.reward_baseline,
-        topk: args.topk,
-        seed,
-        round_timeout: Duration::from_secs_f64(args.round_timeout.max(1.0)),
-        data_dir: args.keep_data.clone(),
-        url,
-        retention,
     };
     let mut results = Vec::new();
     for p in &personas {
@@ -260,11 +277,11 @@ pub fn run_all(
             results.push(result);
             if let Some(dir) = &args.report {
                 // Written after every run: an interrupted study keeps what it finished.
-                write_report(dir, &results, &command_line())?;
+                write_report(dir, &results, &super::command_line())?;
             }
         }
     }
-    let table = report(&results, &command_line(), None);
+    let table = report(&results, &super::command_line(), None);
     if json {
         println!("{}", serde_json::to_string_pretty(&results)?);
     } else {
@@ -277,14 +294,6 @@ pub fn run_all(
         }
     }
     Ok(results)
-}
-
-fn command_line() -> String {
-    let mut args: Vec<String> = std::env::args().collect();
-    if let Some(first) = args.first_mut() {
-        *first = "claw".into();
-    }
-    args.join(" ")
 }
 
 /// Writes persona.md, persona.json and persona.png for `results` into `dir`;

@@ -1,15 +1,19 @@
 //! What the learning benchmarks (`persona`, `agent`) share: the method a run
-//! learns with, a fresh `claw up` started as a child, serve's policy version, and
-//! the retention check of the adapter a run leaves.
+//! learns with and the settings of a study ([`Study`]), a fresh `claw up` started
+//! as a child, serve's policy version, and the retention check of the adapter a
+//! run leaves.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use serde_json::Value;
+use serde_json::{json, Value};
+
+use crate::train::RewardBaseline;
 
 /// How the loop learns in a run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -33,6 +37,101 @@ impl Method {
             Method::Combined => "combined",
             Method::Off => "off",
         }
+    }
+}
+
+/// The settings persona and agent runs share: the model, how the loop learns,
+/// how the study is paced, and where it runs.
+#[derive(Clone, Debug)]
+pub struct Study {
+    pub model: Option<PathBuf>,
+    /// Sessions (episodes) per round; also the training batch size.
+    pub batch: usize,
+    /// Held-out tasks asked greedily before and after each run.
+    pub heldout: usize,
+    /// Sampling temperature of the training sessions.
+    pub temperature: f32,
+    pub max_tokens: usize,
+    pub lr: f64,
+    /// Weight of the KL penalty that keeps the policy near the base model.
+    pub beta_kl: f64,
+    pub reward_baseline: RewardBaseline,
+    /// Top-K distillation (opd, combined): K ids per token, 0 = off.
+    pub topk: usize,
+    pub seed: u64,
+    /// Longest wait for a round's training step.
+    pub round_timeout: Duration,
+    /// Where each run's `claw up` directory goes (kept); default a temporary one.
+    pub data_dir: Option<PathBuf>,
+    /// Drive this running `claw up` (base URL) instead of starting one.
+    pub url: Option<String>,
+    /// Score each trained run's final adapter against the base model (gsm8k,
+    /// facts, ppl); None skips it.
+    pub retention: Option<crate::eval::retention::Check>,
+}
+
+impl Study {
+    /// What a report states about how `method` ran: sampling always, the
+    /// training settings unless it is the control.
+    pub fn settings(&self, method: Method) -> BTreeMap<String, Value> {
+        let mut s = BTreeMap::new();
+        // f32 -> f64 would print 0.7 as 0.699999988.
+        let temperature: f64 = self.temperature.to_string().parse().unwrap_or_default();
+        s.insert("temperature".into(), json!(temperature));
+        s.insert("max_tokens".into(), json!(self.max_tokens));
+        if method != Method::Off {
+            s.insert("batch".into(), json!(self.batch));
+            s.insert("lr".into(), json!(self.lr));
+            s.insert("beta_kl".into(), json!(self.beta_kl));
+            s.insert("reward_baseline".into(), json!(self.reward_baseline.name()));
+        }
+        if matches!(method, Method::Opd | Method::Combined) && self.topk > 0 {
+            s.insert("topk".into(), json!(self.topk));
+        }
+        s
+    }
+
+    /// The `claw up` options that make `method` learn: train with the signals
+    /// the method uses, distill-hints turning the feedback into hints (opd,
+    /// combined), and `judge` and `collect` with the benchmark's own options.
+    pub fn up_args(&self, method: Method, judge: &str, collect: &str) -> Vec<String> {
+        let signals = match method {
+            Method::Off => {
+                return vec![
+                    "--without".into(),
+                    "collect,judge,distill-hints,train".into(),
+                ]
+            }
+            Method::Rl => " --w-opd 0",
+            Method::Opd => " --w-rl 0",
+            Method::Combined => "",
+        };
+        let train = format!(
+            "train=--batch-size {} --partial-after 20s --lr {} --beta-kl {} \
+             --reward-baseline {} --keep 3{signals}",
+            self.batch,
+            self.lr,
+            self.beta_kl,
+            self.reward_baseline.name()
+        );
+        let mut distill = "distill-hints=--hint-source feedback".to_string();
+        if self.topk > 0 {
+            distill.push_str(&format!(" --topk {}", self.topk));
+        }
+        let mut stages = match method {
+            Method::Rl => vec![train],
+            _ => vec![distill, train],
+        };
+        stages.push(format!("judge={judge}"));
+        stages.push(format!("collect={collect}"));
+        let mut args: Vec<String> = stages
+            .into_iter()
+            .flat_map(|s| ["--with".to_string(), s])
+            .collect();
+        if method == Method::Rl {
+            args.extend(["--without".into(), "distill-hints".into()]);
+        }
+        args
     }
 }
 
@@ -134,6 +233,26 @@ pub fn policy_version(base: &str) -> Result<u64> {
 }
 
 /// Waits until serve answers with policy version `at_least` or newer; false on
+/// Rates the reply `response_id` of `session` through serve's `/v1/feedback`
+/// (`base` ends in `/v1`); `done` ends the session.
+pub fn feedback(
+    base: &str,
+    session: &str,
+    response_id: &str,
+    rating: i8,
+    text: Option<&str>,
+    done: bool,
+) -> Result<()> {
+    ureq::post(&format!("{base}/feedback"))
+        .timeout(Duration::from_secs(60))
+        .send_json(json!({
+            "session_id": session, "response_id": response_id,
+            "rating": rating, "text": text, "session_done": done,
+        }))
+        .with_context(|| format!("feedback for session {session}"))?;
+    Ok(())
+}
+
 /// timeout.
 pub fn wait_for_policy(base: &str, at_least: u64, timeout: Duration) -> Result<bool> {
     let deadline = Instant::now() + timeout;

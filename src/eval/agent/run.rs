@@ -3,7 +3,6 @@
 //! paced by training, the held-out episodes again, stop.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -12,103 +11,48 @@ use serde_json::{json, Value};
 use super::episode::{play, Endpoint, EpisodeConfig, Outcome, Reply, ToolRunner, TurnRequest};
 use super::metrics::{Episode, HeldOut, RunResult, Signals};
 use super::tasks::{self, Task};
-use crate::eval::live::{policy_version, run_dir, wait_for_policy, Method, Up};
-use crate::train::RewardBaseline;
+use crate::eval::live::{policy_version, run_dir, wait_for_policy, Method, Study, Up};
 
 /// Settings of a run.
 #[derive(Clone, Debug)]
 pub struct RunConfig {
-    pub model: Option<PathBuf>,
+    pub study: Study,
     pub episodes: usize,
-    /// Episodes per round; also the training batch size (in turns).
-    pub batch: usize,
-    pub heldout: usize,
-    pub episode: EpisodeConfig,
-    pub lr: f64,
-    pub beta_kl: f64,
-    pub reward_baseline: RewardBaseline,
-    /// Top-K distillation (opd, combined): K ids per token, 0 = off.
-    pub topk: usize,
-    pub seed: u64,
-    /// Longest wait for a round's training step.
-    pub round_timeout: Duration,
+    /// Most replies with tool calls in an episode.
+    pub tool_rounds: usize,
     /// How long after its turn is resolved a rating still counts (collect's
     /// `--feedback-grace`): an episode's outcome reaches its first turn only
     /// when it ends, so this must cover an episode.
     pub feedback_grace: Duration,
-    /// Where the run's `claw up` directory goes (kept); default a temporary one.
-    pub data_dir: Option<PathBuf>,
-    /// Drive this running `claw up` (base URL) instead of starting one.
-    pub url: Option<String>,
-    pub retention: Option<crate::eval::retention::Check>,
 }
 
 impl RunConfig {
     fn settings(&self, method: Method) -> BTreeMap<String, Value> {
-        let mut s = BTreeMap::new();
-        s.insert("tool_rounds".into(), json!(self.episode.tool_rounds));
-        // f32 -> f64 would print 0.7 as 0.699999988.
-        let temperature: f64 = self
-            .episode
-            .temperature
-            .to_string()
-            .parse()
-            .unwrap_or_default();
-        s.insert("temperature".into(), json!(temperature));
-        s.insert("max_tokens".into(), json!(self.episode.max_tokens));
-        if method != Method::Off {
-            s.insert("batch".into(), json!(self.batch));
-            s.insert("lr".into(), json!(self.lr));
-            s.insert("beta_kl".into(), json!(self.beta_kl));
-            s.insert("reward_baseline".into(), json!(self.reward_baseline.name()));
-        }
-        if matches!(method, Method::Opd | Method::Combined) && self.topk > 0 {
-            s.insert("topk".into(), json!(self.topk));
-        }
+        let mut s = self.study.settings(method);
+        s.insert("tool_rounds".into(), json!(self.tool_rounds));
         s
+    }
+
+    /// How the training episodes are played.
+    pub fn episode(&self) -> EpisodeConfig {
+        EpisodeConfig {
+            tool_rounds: self.tool_rounds,
+            temperature: self.study.temperature,
+            max_tokens: self.study.max_tokens,
+        }
     }
 }
 
-/// The `claw up` options that make `method` learn from the environment's signals.
+/// The `claw up` options that make `method` learn from the environment's signals:
+/// a failed program is scored by the env rules on its tool message first; the
+/// answer's verdict (feedback) scores every other turn.
 pub fn up_args(method: Method, cfg: &RunConfig) -> Vec<String> {
-    let (batch, lr, beta_kl) = (cfg.batch, cfg.lr, cfg.beta_kl);
-    let baseline = cfg.reward_baseline.name();
-    let train = |extra: &str| {
-        format!(
-            "train=--batch-size {batch} --partial-after 20s --lr {lr} --beta-kl {beta_kl} \
-             --reward-baseline {baseline} --keep 3 {extra}"
-        )
-    };
-    let distill = match cfg.topk {
-        0 => "distill-hints=--hint-source feedback".to_string(),
-        k => format!("distill-hints=--hint-source feedback --topk {k}"),
-    };
-    let mut stages = match method {
-        Method::Off => {
-            return vec![
-                "--without".into(),
-                "collect,judge,distill-hints,train".into(),
-            ]
-        }
-        Method::Rl => vec![train("--w-opd 0")],
-        Method::Opd => vec![distill, train("--w-rl 0")],
-        Method::Combined => vec![distill, train("")],
-    };
-    // A failed program is scored by the env rules on its tool message first; the
-    // answer's verdict (feedback) scores every other turn.
-    stages.push("judge=--sources env,feedback".into());
-    stages.push(format!(
-        "collect=--feedback-grace {}ms --session-timeout 10m",
+    let collect = format!(
+        "--feedback-grace {}ms --session-timeout 10m",
         cfg.feedback_grace.as_millis()
-    ));
-    let mut args: Vec<String> = stages
-        .into_iter()
-        .flat_map(|s| ["--with".to_string(), s])
-        .collect();
-    if method == Method::Rl {
-        args.extend(["--without".into(), "distill-hints".into()]);
-    }
-    args
+    );
+    cfg.study
+        .up_args(method, "--sources env,feedback", &collect)
 }
 
 /// serve (its base URL, ending in `/v1`), as the episodes' endpoint.
@@ -152,14 +96,7 @@ impl Endpoint for Serve {
         text: Option<&str>,
         done: bool,
     ) -> Result<()> {
-        ureq::post(&format!("{}/feedback", self.base))
-            .timeout(Duration::from_secs(60))
-            .send_json(json!({
-                "session_id": session, "response_id": response_id,
-                "rating": rating, "text": text, "session_done": done,
-            }))
-            .with_context(|| format!("feedback for session {session}"))?;
-        Ok(())
+        crate::eval::live::feedback(&self.base, session, response_id, rating, text, done)
     }
 }
 
@@ -173,7 +110,7 @@ fn heldout(
 ) -> Result<HeldOut> {
     let greedy = EpisodeConfig {
         temperature: 0.0,
-        ..cfg.episode.clone()
+        ..cfg.episode()
     };
     let mut out = HeldOut::default();
     for (i, task) in tasks.iter().enumerate() {
@@ -194,21 +131,21 @@ pub fn run(
     let started = Instant::now();
     let mut scratch = None;
     let mut dir = None;
-    let (up, base) = match &cfg.url {
+    let (up, base) = match &cfg.study.url {
         Some(url) => (None, url.trim_end_matches('/').to_string()),
         None => {
-            let name = format!("agent-{}-seed{}", method.name(), cfg.seed);
-            let (d, tmp) = run_dir(cfg.data_dir.as_deref(), "agent", &name)?;
+            let name = format!("agent-{}-seed{}", method.name(), cfg.study.seed);
+            let (d, tmp) = run_dir(cfg.study.data_dir.as_deref(), "agent", &name)?;
             scratch = tmp;
-            let (up, base) = Up::start(&d, cfg.model.as_deref(), &up_args(method, cfg))?;
+            let (up, base) = Up::start(&d, cfg.study.model.as_deref(), &up_args(method, cfg))?;
             dir = Some(d);
             (Some(up), base)
         }
     };
     let serve = Serve { base };
-    let held = tasks::heldout(cfg.heldout);
-    let train = tasks::training(cfg.seed, cfg.episodes, &held);
-    let tag = format!("agent-{}-{}", method.name(), cfg.seed);
+    let held = tasks::heldout(cfg.study.heldout);
+    let train = tasks::training(cfg.study.seed, cfg.episodes, &held);
+    let tag = format!("agent-{}-{}", method.name(), cfg.study.seed);
 
     let heldout_before = heldout(&serve, tools, &held, cfg, &format!("{tag}-before"))?;
     crate::info!(
@@ -222,17 +159,21 @@ pub fn run(
     for (i, task) in train.iter().enumerate() {
         let session = format!("{tag}-{}", i + 1);
         let version = policy_version(&serve.base)?;
-        let seed = cfg.seed.wrapping_mul(1_000_003).wrapping_add(i as u64);
-        let log = play(&serve, tools, task, &session, false, &cfg.episode, seed)?;
+        let seed = cfg
+            .study
+            .seed
+            .wrapping_mul(1_000_003)
+            .wrapping_add(i as u64);
+        let log = play(&serve, tools, task, &session, false, &cfg.episode(), seed)?;
         round_turns += log.turns.len();
         let episode = Episode::new(i + 1, task, &log, version, started.elapsed().as_secs_f64());
         progress(&episode);
         episodes.push(episode);
         // Play at the pace the system learns: after each round, wait until the
         // steps its turns feed have been served.
-        let round_over = (i + 1) % cfg.batch == 0 || i + 1 == train.len();
+        let round_over = (i + 1) % cfg.study.batch == 0 || i + 1 == train.len();
         if round_over {
-            let round = &episodes[i + 1 - (i % cfg.batch + 1)..];
+            let round = &episodes[i + 1 - (i % cfg.study.batch + 1)..];
             crate::info!(
                 "agent {tag}: episode {}/{}: this round solved {}/{}, {} with a valid call, policy v{version}",
                 i + 1,
@@ -242,9 +183,9 @@ pub fn run(
                 round.iter().filter(|e| e.valid_calls > 0).count(),
             );
         }
-        if method != Method::Off && cfg.url.is_none() && round_over {
-            let steps = round_turns.div_ceil(cfg.batch).max(1) as u64;
-            let timeout = cfg.round_timeout * steps as u32;
+        if method != Method::Off && cfg.study.url.is_none() && round_over {
+            let steps = round_turns.div_ceil(cfg.study.batch).max(1) as u64;
+            let timeout = cfg.study.round_timeout * steps as u32;
             if !wait_for_policy(&serve.base, round_version + steps, timeout)? {
                 crate::warn!(
                     "agent {tag}: {steps} training steps not served within {timeout:?} after episode {}",
@@ -263,10 +204,10 @@ pub fn run(
             let signals = Signals::read(d)
                 .map_err(|e| crate::warn!("agent {tag}: signals not counted: {e:#}"))
                 .ok();
-            let retention = cfg.retention.as_ref().and_then(|check| {
+            let retention = cfg.study.retention.as_ref().and_then(|check| {
                 crate::eval::live::retention_of(
                     check,
-                    cfg.model.as_deref(),
+                    cfg.study.model.as_deref(),
                     &d.join("checkpoints"),
                     &format!("agent {tag}"),
                 )
@@ -279,6 +220,7 @@ pub fn run(
         let _ = std::fs::remove_dir_all(&d);
     }
     let model = cfg
+        .study
         .model
         .as_ref()
         .and_then(|m| m.file_stem())
@@ -286,11 +228,11 @@ pub fn run(
             s.to_string_lossy().into_owned()
         });
     Ok(RunResult {
-        method: match cfg.url {
+        method: match cfg.study.url {
             Some(_) => "external".into(),
             None => method.name().into(),
         },
-        seed: cfg.seed,
+        seed: cfg.study.seed,
         model,
         episodes,
         heldout_before,
@@ -309,25 +251,25 @@ mod tests {
 
     fn config() -> RunConfig {
         RunConfig {
-            model: None,
-            episodes: 4,
-            batch: 2,
-            heldout: 1,
-            episode: EpisodeConfig {
-                tool_rounds: 2,
+            study: Study {
+                model: None,
+                batch: 2,
+                heldout: 1,
                 temperature: 0.7,
                 max_tokens: 32,
+                lr: 2e-4,
+                beta_kl: 0.1,
+                reward_baseline: crate::train::RewardBaseline::BatchMean,
+                topk: 0,
+                seed: 0,
+                round_timeout: Duration::from_secs(1),
+                data_dir: None,
+                url: None,
+                retention: None,
             },
-            lr: 2e-4,
-            beta_kl: 0.1,
-            reward_baseline: RewardBaseline::BatchMean,
-            topk: 0,
-            seed: 0,
-            round_timeout: Duration::from_secs(1),
+            episodes: 4,
+            tool_rounds: 2,
             feedback_grace: Duration::from_secs(90),
-            data_dir: None,
-            url: None,
-            retention: None,
         }
     }
 

@@ -2,7 +2,6 @@
 //! use a running one), hold the sessions, measure the held-out set before and
 //! after, stop.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -12,110 +11,37 @@ use serde_json::{json, Value};
 
 use super::metrics::{sessions_to_success, RunResult, Session};
 use super::{Persona, Verdict};
-use crate::train::RewardBaseline;
 
 pub use crate::eval::live::Method;
-use crate::eval::live::{policy_version, wait_for_policy, Up};
+use crate::eval::live::{policy_version, wait_for_policy, Study, Up};
 
-/// The `claw up` options that make `method` learn from the persona's signals.
+/// The `claw up` options that make `method` learn from the persona's signals:
+/// the user's thumbs are the reward, and feedback comes right after each reply.
+/// Sessions end when the user says so; the timeout is a backstop (a reply can
+/// take longer than 10 s on a busy machine).
 fn up_args(method: Method, cfg: &RunConfig) -> Vec<String> {
-    let (batch, lr, beta_kl) = (cfg.batch, cfg.lr, cfg.beta_kl);
-    let baseline = cfg.reward_baseline.name();
-    let mut args: Vec<String> = Vec::new();
-    let mut with = |stage: &str, rest: String| {
-        args.push("--with".into());
-        args.push(format!("{stage}={rest}"));
-    };
-    let train = |extra: &str| {
-        format!(
-            "--batch-size {batch} --partial-after 20s --lr {lr} --beta-kl {beta_kl} \
-             --reward-baseline {baseline} --keep 3 {extra}"
-        )
-    };
-    let distill = match cfg.topk {
-        0 => "--hint-source feedback".to_string(),
-        k => format!("--hint-source feedback --topk {k}"),
-    };
-    match method {
-        Method::Off => {
-            return vec![
-                "--without".into(),
-                "collect,judge,distill-hints,train".into(),
-            ]
-        }
-        Method::Rl => with("train", train("--w-opd 0")),
-        Method::Opd => {
-            with("distill-hints", distill);
-            with("train", train("--w-rl 0"));
-        }
-        Method::Combined => {
-            with("distill-hints", distill);
-            with("train", train(""));
-        }
-    }
-    // The user's thumbs are the reward; feedback comes right after each reply.
-    with("judge", "--sources feedback".into());
-    with(
-        "collect",
-        // Sessions end when the user says so; the timeout is a backstop (a
-        // reply can take longer than 10 s on a busy machine).
-        "--feedback-grace 2s --session-timeout 2m".into(),
-    );
-    if method == Method::Rl {
-        args.extend(["--without".into(), "distill-hints".into()]);
-    }
-    args
+    cfg.study.up_args(
+        method,
+        "--sources feedback",
+        "--feedback-grace 2s --session-timeout 2m",
+    )
 }
 
 /// Settings of a run.
 #[derive(Clone, Debug)]
 pub struct RunConfig {
-    pub model: Option<PathBuf>,
+    pub study: Study,
     pub sessions: usize,
-    /// Sessions per round; also the training batch size.
-    pub batch: usize,
-    pub heldout: usize,
     /// Most replies in one session: after an unsatisfying reply the user says
     /// what is wrong (the next state) and the model tries again.
     pub max_turns: usize,
-    pub temperature: f32,
-    pub max_tokens: usize,
-    pub lr: f64,
-    /// Weight of the KL penalty that keeps the policy near the base model.
-    pub beta_kl: f64,
-    pub reward_baseline: RewardBaseline,
-    /// Top-K distillation (opd, combined): K ids per token, 0 = off.
-    pub topk: usize,
-    pub seed: u64,
-    /// Longest wait for a round's training step.
-    pub round_timeout: Duration,
-    /// Where the run's `claw up` directory goes (kept); default a temporary one.
-    pub data_dir: Option<PathBuf>,
-    /// Drive this running `claw up` (base URL) instead of starting one.
-    pub url: Option<String>,
-    /// Score each trained run's final adapter against the base model (gsm8k,
-    /// facts, ppl); None skips it.
-    pub retention: Option<crate::eval::retention::Check>,
 }
 
 impl RunConfig {
     /// What a report should say about how `method` trained.
     fn settings(&self, method: Method) -> std::collections::BTreeMap<String, Value> {
-        let mut s = std::collections::BTreeMap::new();
+        let mut s = self.study.settings(method);
         s.insert("max_turns".into(), json!(self.max_turns));
-        // f32 -> f64 would print 0.7 as 0.699999988.
-        let temperature: f64 = self.temperature.to_string().parse().unwrap_or_default();
-        s.insert("temperature".into(), json!(temperature));
-        s.insert("max_tokens".into(), json!(self.max_tokens));
-        if method != Method::Off {
-            s.insert("batch".into(), json!(self.batch));
-            s.insert("lr".into(), json!(self.lr));
-            s.insert("beta_kl".into(), json!(self.beta_kl));
-            s.insert("reward_baseline".into(), json!(self.reward_baseline.name()));
-        }
-        if matches!(method, Method::Opd | Method::Combined) && self.topk > 0 {
-            s.insert("topk".into(), json!(self.topk));
-        }
         s
     }
 }
@@ -171,14 +97,7 @@ impl Client {
         text: Option<&str>,
         done: bool,
     ) -> Result<()> {
-        ureq::post(&format!("{}/feedback", self.base))
-            .timeout(Duration::from_secs(60))
-            .send_json(json!({
-                "session_id": session, "response_id": response_id,
-                "rating": rating, "text": text, "session_done": done,
-            }))
-            .with_context(|| format!("feedback for session {session}"))?;
-        Ok(())
+        crate::eval::live::feedback(&self.base, session, response_id, rating, text, done)
     }
 
     fn policy_version(&self) -> Result<u64> {
@@ -244,8 +163,8 @@ fn hold_session(
             &messages,
             false,
             last,
-            cfg.temperature,
-            cfg.max_tokens,
+            cfg.study.temperature,
+            cfg.study.max_tokens,
             seed.wrapping_add(turn as u64 * 7_919),
         )?;
         let verdict = persona.verdict(task, &reply);
@@ -279,26 +198,34 @@ pub fn run(
     let started = Instant::now();
     let mut scratch = None;
     let mut run_dir = None;
-    let (up, base) = match &cfg.url {
+    let (up, base) = match &cfg.study.url {
         Some(url) => (None, url.trim_end_matches('/').to_string()),
         None => {
-            let name = format!("{}-{}-seed{}", persona.name, method.name(), cfg.seed);
-            let (dir, tmp) = crate::eval::live::run_dir(cfg.data_dir.as_deref(), "persona", &name)?;
+            let name = format!("{}-{}-seed{}", persona.name, method.name(), cfg.study.seed);
+            let (dir, tmp) =
+                crate::eval::live::run_dir(cfg.study.data_dir.as_deref(), "persona", &name)?;
             scratch = tmp;
-            let (up, base) = Up::start(&dir, cfg.model.as_deref(), &up_args(method, cfg))?;
+            let (up, base) = Up::start(&dir, cfg.study.model.as_deref(), &up_args(method, cfg))?;
             run_dir = Some(dir);
             (Some(up), base)
         }
     };
     let client = Client { base };
-    let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.study.seed);
     let mut tasks = super::tasks();
     tasks.shuffle(&mut rng);
-    let heldout: Vec<&str> = super::heldout().into_iter().take(cfg.heldout).collect();
-    let tag = format!("{}-{}-{}", persona.name, method.name(), cfg.seed);
+    let heldout: Vec<&str> = super::heldout()
+        .into_iter()
+        .take(cfg.study.heldout)
+        .collect();
+    let tag = format!("{}-{}-{}", persona.name, method.name(), cfg.study.seed);
 
-    let heldout_before =
-        client.heldout_rate(persona, &heldout, cfg.max_tokens, &format!("{tag}-before"))?;
+    let heldout_before = client.heldout_rate(
+        persona,
+        &heldout,
+        cfg.study.max_tokens,
+        &format!("{tag}-before"),
+    )?;
     let mut sessions = Vec::with_capacity(cfg.sessions);
     let mut round_version = client.policy_version()?;
     let mut round_replies = 0;
@@ -306,7 +233,11 @@ pub fn run(
         let task = tasks[i % tasks.len()];
         let session_id = format!("{tag}-{}", i + 1);
         let version = client.policy_version()?;
-        let seed = cfg.seed.wrapping_mul(1_000_003).wrapping_add(i as u64);
+        let seed = cfg
+            .study
+            .seed
+            .wrapping_mul(1_000_003)
+            .wrapping_add(i as u64);
         let (reply, verdict, turns) =
             hold_session(&client, persona, task, &session_id, cfg, seed, &mut rng)?;
         let satisfied = verdict == Verdict::Satisfied;
@@ -325,10 +256,10 @@ pub fn run(
         sessions.push(session);
         // A user who chats at the pace the system learns: after each batch of
         // sessions, wait until the steps their replies feed have been served.
-        let round_over = (i + 1) % cfg.batch == 0 || i + 1 == cfg.sessions;
+        let round_over = (i + 1) % cfg.study.batch == 0 || i + 1 == cfg.sessions;
         if method != Method::Off && round_over {
-            let steps = round_replies.div_ceil(cfg.batch).max(1) as u64;
-            let timeout = cfg.round_timeout * steps as u32;
+            let steps = round_replies.div_ceil(cfg.study.batch).max(1) as u64;
+            let timeout = cfg.study.round_timeout * steps as u32;
             if !client.wait_for_policy(round_version + steps, timeout)? {
                 crate::warn!(
                     "persona {}: {steps} training steps not served within {timeout:?} after session {}",
@@ -341,13 +272,17 @@ pub fn run(
         }
     }
     let final_policy_version = client.policy_version()?;
-    let heldout_after =
-        client.heldout_rate(persona, &heldout, cfg.max_tokens, &format!("{tag}-after"))?;
+    let heldout_after = client.heldout_rate(
+        persona,
+        &heldout,
+        cfg.study.max_tokens,
+        &format!("{tag}-after"),
+    )?;
     drop(up); // stops claw up before its directory goes
-    let retention = match (&cfg.retention, &run_dir) {
+    let retention = match (&cfg.study.retention, &run_dir) {
         (Some(check), Some(dir)) if method != Method::Off => crate::eval::live::retention_of(
             check,
-            cfg.model.as_deref(),
+            cfg.study.model.as_deref(),
             &dir.join("checkpoints"),
             &format!("persona {tag}"),
         ),
@@ -359,11 +294,11 @@ pub fn run(
     let satisfied: Vec<bool> = sessions.iter().map(|s| s.satisfied).collect();
     Ok(RunResult {
         persona: persona.name.into(),
-        method: match cfg.url {
+        method: match cfg.study.url {
             Some(_) => "external".into(),
             None => method.name().into(),
         },
-        seed: cfg.seed,
+        seed: cfg.study.seed,
         sessions_to_success: sessions_to_success(&satisfied),
         sessions,
         heldout_before,
@@ -382,22 +317,24 @@ mod tests {
 
     fn config(topk: usize) -> RunConfig {
         RunConfig {
-            model: None,
+            study: Study {
+                model: None,
+                batch: 2,
+                heldout: 1,
+                temperature: 0.7,
+                max_tokens: 32,
+                lr: 2e-4,
+                beta_kl: 0.1,
+                reward_baseline: crate::train::RewardBaseline::BatchMean,
+                topk,
+                seed: 0,
+                round_timeout: Duration::from_secs(1),
+                data_dir: None,
+                url: None,
+                retention: None,
+            },
             sessions: 4,
-            batch: 2,
-            heldout: 1,
             max_turns: 3,
-            temperature: 0.7,
-            max_tokens: 32,
-            lr: 2e-4,
-            beta_kl: 0.1,
-            reward_baseline: RewardBaseline::BatchMean,
-            topk,
-            seed: 0,
-            round_timeout: Duration::from_secs(1),
-            data_dir: None,
-            url: None,
-            retention: None,
         }
     }
 
