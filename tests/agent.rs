@@ -211,6 +211,7 @@ fn tool_results_are_next_states_and_the_environment_gives_the_rewards() {
         prompt: "What is 6 * 7?".into(),
         answer: "42".into(),
         decimals: Some(0),
+        program: "print(6 * 7)".into(),
     };
     let cfg = EpisodeConfig {
         tool_rounds: 2,

@@ -350,9 +350,13 @@ fn rate(endpoint: &dyn Endpoint, session: &str, task: &Task, log: &EpisodeLog) -
     Ok(())
 }
 
-/// What the environment tells a wrong episode (None for a right one).
+/// What the environment tells a wrong episode (None for a right one): what went
+/// wrong, the right answer, and the call that computes it (the task's reference
+/// program in the template's call format). The hint is only ever read by the
+/// teacher (distill-hints), so it may show what the student must find itself.
 pub fn correction(task: &Task, log: &EpisodeLog) -> Option<String> {
     let answer = &task.answer;
+    let call = reference_call(task);
     let malformed = log.calls() > log.valid_calls() && log.tool_errors() == 0;
     let used_tool = log.valid_calls() > 0;
     Some(match log.outcome {
@@ -362,20 +366,31 @@ pub fn correction(task: &Task, log: &EpisodeLog) -> Option<String> {
              once the tool has printed the result, reply with \"Answer: {answer}\"."
         ),
         Outcome::Wrong if malformed => format!(
-            "Your tool call was malformed. Call the tool as <tool_call>{{\"name\": \
-             \"python\", \"arguments\": {{\"code\": \"print(...)\"}}}}</tool_call>, then \
+            "Your tool call was malformed. The call that computes it is {call}; then \
              answer. The correct answer is {answer}."
         ),
         Outcome::Wrong if used_tool => format!(
             "That is wrong: the correct answer is {answer}. Print the exact result with \
-             the python tool and copy it into \"Answer: <value>\"."
+             the python tool ({call}) and copy it into \"Answer: <value>\"."
         ),
         Outcome::Wrong => format!(
             "That is wrong: the correct answer is {answer}. Do not work it out in your head: \
-             call the python tool with a program that prints the result, then reply \
-             \"Answer: <value>\"."
+             call the python tool with a program that prints the result, here {call}, then \
+             reply \"Answer: <value>\"."
         ),
     })
+}
+
+/// The task's reference program as one call of the python tool, written the way
+/// Qwen2.5's chat template asks for calls.
+fn reference_call(task: &Task) -> String {
+    let call = json!({"name": "python", "arguments": {"code": task.program}});
+    // serde_json writes no spaces; the template's own example has them.
+    let text = format!(
+        "{{\"name\": \"python\", \"arguments\": {{\"code\": {}}}}}",
+        call["arguments"]["code"]
+    );
+    format!("<tool_call>{text}</tool_call>")
 }
 
 #[cfg(test)]

@@ -91,6 +91,7 @@ fn task() -> Task {
         prompt: "What is 6 * 7?".into(),
         answer: "42".into(),
         decimals: Some(0),
+        program: "print(6 * 7)".into(),
     }
 }
 
@@ -161,6 +162,13 @@ fn answering_without_the_tool_is_checked_and_told_to_use_it() {
     assert_eq!((log.outcome, log.calls()), (Outcome::Wrong, 0));
     let text = model.rated.borrow()[0].2.clone().unwrap();
     assert!(text.contains("call the python tool"), "{text}");
+    // The hindsight hint shows the call that would have worked.
+    assert!(
+        text.contains(
+            r#"<tool_call>{"name": "python", "arguments": {"code": "print(6 * 7)"}}</tool_call>"#
+        ),
+        "{text}"
+    );
 }
 
 #[test]

@@ -48,6 +48,9 @@ pub struct Task {
     /// For numeric answers: the decimal places the prompt asks for (0: integer).
     /// None: a string answer, compared as text.
     pub decimals: Option<u32>,
+    /// A Python program that prints the answer: what the environment shows in
+    /// its correction (the hindsight hint), never the model.
+    pub program: String,
 }
 
 /// `n` tasks from `seed`, the kinds in turn, no prompt twice and none of `avoid`.
@@ -87,12 +90,14 @@ fn make(kind: Kind, rng: &mut StdRng) -> Task {
     }
 }
 
-fn int_task(kind: Kind, prompt: String, answer: i64) -> Task {
+/// A task with an integer answer, computed by the Python expression `expr`.
+fn int_task(kind: Kind, prompt: String, answer: i64, expr: String) -> Task {
     Task {
         kind,
         prompt,
         answer: answer.to_string(),
         decimals: Some(0),
+        program: format!("print({expr})"),
     }
 }
 
@@ -100,16 +105,16 @@ fn arithmetic(rng: &mut StdRng) -> Task {
     let a: i64 = rng.gen_range(1_000..100_000);
     let b: i64 = rng.gen_range(100..10_000);
     let c: i64 = rng.gen_range(1_000..1_000_000);
-    let (prompt, answer) = match rng.gen_range(0..4) {
-        0 => (format!("What is {a} * {b}?"), a * b),
-        1 => (format!("What is {a} * {b} + {c}?"), a * b + c),
-        2 => (format!("What is {c} - {a} * {b}?"), c - a * b),
+    let (expr, answer) = match rng.gen_range(0..4) {
+        0 => (format!("{a} * {b}"), a * b),
+        1 => (format!("{a} * {b} + {c}"), a * b + c),
+        2 => (format!("{c} - {a} * {b}"), c - a * b),
         _ => {
             let d: i64 = rng.gen_range(10..100);
-            (format!("What is ({a} + {c}) * {d}?"), (a + c) * d)
+            (format!("({a} + {c}) * {d}"), (a + c) * d)
         }
     };
-    int_task(Kind::Arithmetic, prompt, answer)
+    int_task(Kind::Arithmetic, format!("What is {expr}?"), answer, expr)
 }
 
 fn units(rng: &mut StdRng) -> Task {
@@ -124,11 +129,18 @@ fn units(rng: &mut StdRng) -> Task {
     ];
     let k = rng.gen_range(0..LINEAR.len() + 1);
     let x = rng.gen_range(1_000..100_000) as f64 / 10.0;
-    let (prompt, value) = match LINEAR.get(k) {
-        Some((from, to, factor)) => (format!("Convert {x} {from} to {to}."), x * factor),
+    let (prompt, value, expr) = match LINEAR.get(k) {
+        // `{factor}` prints the shortest text that parses back to the same
+        // f64, so Python computes the very product the answer comes from.
+        Some((from, to, factor)) => (
+            format!("Convert {x} {from} to {to}."),
+            x * factor,
+            format!("{x} * {factor}"),
+        ),
         None => (
             format!("Convert {x} degrees Fahrenheit to degrees Celsius."),
             (x - 32.0) * 5.0 / 9.0,
+            format!("({x} - 32) * 5 / 9"),
         ),
     };
     Task {
@@ -136,6 +148,7 @@ fn units(rng: &mut StdRng) -> Task {
         prompt: format!("{prompt} Give the answer rounded to 2 decimal places."),
         answer: format!("{value:.2}"),
         decimals: Some(2),
+        program: format!("print(round({expr}, 2))"),
     }
 }
 
@@ -192,6 +205,7 @@ fn strings(rng: &mut StdRng) -> Task {
             prompt: format!("Write the word \"{w1}\" reversed, letter by letter."),
             answer: w1.chars().rev().collect(),
             decimals: None,
+            program: format!("print('{w1}'[::-1])"),
         },
         1 => {
             let phrase = format!("{w1} {w2}");
@@ -201,6 +215,7 @@ fn strings(rng: &mut StdRng) -> Task {
                 Kind::Strings,
                 format!("How many times does the letter '{c}' appear in \"{phrase}\"?"),
                 n,
+                format!("'{phrase}'.count('{c}')"),
             )
         }
         2 => {
@@ -210,6 +225,7 @@ fn strings(rng: &mut StdRng) -> Task {
                 Kind::Strings,
                 format!("How many characters long is the string \"{phrase}\"?"),
                 n,
+                format!("len('{phrase}')"),
             )
         }
         _ => {
@@ -223,6 +239,7 @@ fn strings(rng: &mut StdRng) -> Task {
                 ),
                 answer,
                 decimals: None,
+                program: format!("print('{w1}'[::2])"),
             }
         }
     }
@@ -234,7 +251,7 @@ const NAMES: [&str; 8] = [
 
 fn word(rng: &mut StdRng) -> Task {
     let name = *NAMES.choose(rng).unwrap_or(&NAMES[0]);
-    let (prompt, answer) = match rng.gen_range(0..5) {
+    let (prompt, answer, expr) = match rng.gen_range(0..5) {
         0 => {
             let (price, n) = (rng.gen_range(13..97), rng.gen_range(120..990));
             let paid = (price * n / 1000 + 1) * 1000 + rng.gen_range(0..5) * 1000;
@@ -244,6 +261,7 @@ fn word(rng: &mut StdRng) -> Task {
                      office and pays ${paid}. How many dollars of change does {name} get?"
                 ),
                 paid - price * n,
+                format!("{paid} - {price} * {n}"),
             )
         }
         1 => {
@@ -258,6 +276,7 @@ fn word(rng: &mut StdRng) -> Task {
                      stay empty. How many people are seated?"
                 ),
                 rows * seats - empty,
+                format!("{rows} * {seats} - {empty}"),
             )
         }
         2 => {
@@ -272,6 +291,7 @@ fn word(rng: &mut StdRng) -> Task {
                      on a car repair. How many dollars does {name} have left?"
                 ),
                 daily * days - spent,
+                format!("{daily} * {days} - {spent}"),
             )
         }
         3 => {
@@ -286,6 +306,7 @@ fn word(rng: &mut StdRng) -> Task {
                      eggs are broken. How many unbroken eggs are there?"
                 ),
                 boxes * (per - broken),
+                format!("{boxes} * ({per} - {broken})"),
             )
         }
         _ => {
@@ -300,10 +321,11 @@ fn word(rng: &mut StdRng) -> Task {
                      {extra} km. How many kilometres does it drive in total?"
                 ),
                 speed * hours + extra,
+                format!("{speed} * {hours} + {extra}"),
             )
         }
     };
-    int_task(Kind::Word, prompt, answer)
+    int_task(Kind::Word, prompt, answer, expr)
 }
 
 /// What the reply gives as its final answer: the text after the last
@@ -385,6 +407,41 @@ mod tests {
         }
     }
 
+    /// Each task's reference program, run by Python, prints its answer (the
+    /// environment's hint must never teach a wrong program).
+    #[test]
+    fn reference_programs_print_the_answers() {
+        let tasks = generate(2, 400, &HashSet::new());
+        let script: String = tasks.iter().map(|t| format!("{}\n", t.program)).collect();
+        let out = match std::process::Command::new("python3")
+            .args(["-c", &script])
+            .output()
+        {
+            Ok(out) => out,
+            Err(e) => {
+                eprintln!("SKIP reference_programs_print_the_answers: no python3 ({e})");
+                return;
+            }
+        };
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let printed = String::from_utf8(out.stdout).unwrap();
+        let lines: Vec<&str> = printed.lines().collect();
+        assert_eq!(lines.len(), tasks.len());
+        for (t, line) in tasks.iter().zip(lines) {
+            assert!(
+                check(t, line),
+                "{}: {} printed {line:?}, want {}",
+                t.prompt,
+                t.program,
+                t.answer
+            );
+        }
+    }
+
     /// `a * b`, `a * b + c`, `c - a * b` or `(a + c) * d`, for the test.
     fn eval_simple(expr: &str) -> i64 {
         let n: Vec<i64> = expr
@@ -410,6 +467,7 @@ mod tests {
             prompt: String::new(),
             answer: "1234567".into(),
             decimals: Some(0),
+            program: String::new(),
         };
         for ok in [
             "Answer: 1234567",
@@ -427,6 +485,7 @@ mod tests {
             prompt: String::new(),
             answer: "85.24".into(),
             decimals: Some(2),
+            program: String::new(),
         };
         assert!(check(&dec, "Answer: 85.24 miles"));
         assert!(check(&dec, "Answer: 85.2401"));
@@ -447,6 +506,7 @@ mod tests {
             prompt: String::new(),
             answer: "yrrebwarts".into(),
             decimals: None,
+            program: String::new(),
         };
         for ok in [
             "Answer: yrrebwarts",
