@@ -35,6 +35,10 @@ fn a_short_persona_run_goes_through_the_whole_loop_and_writes_its_report() {
         ])
         .arg("--model")
         .arg(&model)
+        // The tiny model as the helpfulness judge: it cannot judge, but every
+        // held-out reply is put to it (3 votes) and counted.
+        .arg("--helpfulness-judge")
+        .arg(&model)
         .arg("--report")
         .arg(&report)
         .arg("--keep-data")
@@ -54,7 +58,15 @@ fn a_short_persona_run_goes_through_the_whole_loop_and_writes_its_report() {
     for run in runs {
         assert_eq!(run["sessions"].as_array().unwrap().len(), 8);
         assert_eq!(run["heldout_prompts"], 2);
+        for when in ["helpful_before", "helpful_after"] {
+            let h = &run[when];
+            let counted = h["judged"].as_u64().unwrap() + h["unjudged"].as_u64().unwrap();
+            assert_eq!(counted, 2, "each held-out reply was judged: {h}");
+        }
     }
+    let md = std::fs::read_to_string(report.join("persona.md")).unwrap();
+    assert!(md.contains("## Helpfulness"), "{md}");
+    assert!(md.contains("| brief | combined | 0 | tiny"), "{md}");
     // combined trained and serve loaded it; off stayed at the base model.
     let combined = &runs[0];
     assert_eq!(combined["method"], "combined");

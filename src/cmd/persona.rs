@@ -135,6 +135,18 @@ pub struct PersonaArgs {
     #[arg(long, value_name = "N", help_heading = "Persona benchmark")]
     pub retention_limit: Option<usize>,
 
+    /// persona: an LLM judge that reads each held-out question and reply and says
+    /// whether the reply answers it (3 votes): a local GGUF (a model larger than
+    /// the one trained, e.g. Qwen2.5-0.5B for SmolLM2) or an OpenAI-compatible
+    /// URL (http://...). The report's Helpfulness section then shows the share
+    /// of helpful replies before and after training.
+    #[arg(
+        long,
+        value_name = "MODEL.gguf|URL",
+        help_heading = "Persona benchmark"
+    )]
+    pub helpfulness_judge: Option<String>,
+
     /// persona, agent: write the report into DIR: persona.md, persona.json
     /// (every session) and persona.png (satisfaction over sessions); for agent,
     /// agent.md, agent.json (every episode) and agent.png (success over episodes).
@@ -183,6 +195,10 @@ impl PersonaArgs {
             data_dir: self.keep_data.clone(),
             url,
             retention,
+            helpfulness: self
+                .helpfulness_judge
+                .as_deref()
+                .map(crate::eval::helpful::JudgeSpec::parse),
         })
     }
 }

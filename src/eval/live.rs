@@ -68,6 +68,8 @@ pub struct Study {
     /// Score each trained run's final adapter against the base model (gsm8k,
     /// facts, ppl); None skips it.
     pub retention: Option<crate::eval::retention::Check>,
+    /// An LLM judge of the held-out replies' helpfulness (persona); None skips it.
+    pub helpfulness: Option<crate::eval::helpful::JudgeSpec>,
 }
 
 impl Study {

@@ -12,6 +12,7 @@
 //! - [`gsm8k`]: grade-school maths, numeric answer matching.
 //! - [`facts`]: short factual questions, accepted answers matched as words.
 //! - [`ppl`]: perplexity and bits per byte of a text under the local model.
+//! - [`helpful`]: an LLM judge's verdict on whether replies help (persona).
 //! - [`retention`]: gsm8k, facts and ppl of a base model and of it with an
 //!   adapter, side by side: what training kept.
 //! - [`stats`]: intervals and the pass@k estimator.
@@ -24,6 +25,7 @@ pub mod agent;
 pub mod facts;
 pub mod gpqa;
 pub mod gsm8k;
+pub mod helpful;
 pub mod humaneval;
 pub mod live;
 pub mod persona;

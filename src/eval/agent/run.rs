@@ -266,6 +266,7 @@ mod tests {
                 data_dir: None,
                 url: None,
                 retention: None,
+                helpfulness: None,
             },
             episodes: 4,
             tool_rounds: 2,

@@ -52,6 +52,11 @@ pub struct RunResult {
     /// runs, unless --no-retention).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention: Option<crate::eval::retention::RetentionReport>,
+    /// An LLM judge's verdicts on the held-out replies (--helpfulness-judge).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub helpful_before: Option<crate::eval::helpful::Helpfulness>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub helpful_after: Option<crate::eval::helpful::Helpfulness>,
 }
 
 /// The first session `k` such that sessions k-2, k-1 and k were all satisfied.
@@ -234,7 +239,49 @@ pub fn report(results: &[RunResult], command: &str, plot: Option<&str>) -> Strin
              (the control, `off`, dashed).\n"
         ));
     }
+    out.push_str(&helpfulness_section(results));
     out.push_str(&retention_section(results));
+    out
+}
+
+/// The "Helpfulness" section: the judge's verdicts on the held-out replies.
+pub fn helpfulness_section(results: &[RunResult]) -> String {
+    let mut out = String::from("\n## Helpfulness\n\n");
+    if results.iter().all(|r| r.helpful_after.is_none()) {
+        out.push_str(
+            "Not measured (`--helpfulness-judge MODEL.gguf|URL` has an LLM judge read each \
+             held-out reply and say whether it answers the question).\n",
+        );
+        return out;
+    }
+    out.push_str(
+        "An LLM judge read each held-out question and reply and said whether the reply \
+         answers it with useful content (3 votes, majority; style and length do not \
+         count), so a reply that keeps the preference but says nothing is a loss here.\n\n\
+         | persona | method | seed | judge | helpful before | helpful after | no verdict |\n\
+         |---|---|---|---|---|---|---|\n",
+    );
+    let show = |h: &Option<crate::eval::helpful::Helpfulness>| match h {
+        Some(h) => match h.rate() {
+            Some(r) => format!("{:.0}% ({}/{})", 100.0 * r, h.helpful, h.judged),
+            None => "no verdicts".into(),
+        },
+        None => "-".into(),
+    };
+    for r in results {
+        let judge = r.helpful_after.as_ref().or(r.helpful_before.as_ref());
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} |\n",
+            r.persona,
+            r.method,
+            r.seed,
+            judge.map_or("-", |h| h.judge.as_str()),
+            show(&r.helpful_before),
+            show(&r.helpful_after),
+            r.helpful_before.as_ref().map_or(0, |h| h.unjudged)
+                + r.helpful_after.as_ref().map_or(0, |h| h.unjudged),
+        ));
+    }
     out
 }
 
@@ -341,6 +388,8 @@ mod tests {
             heldout_before: 0.0,
             heldout_after: 0.0,
             heldout_prompts: 0,
+            helpful_before: None,
+            helpful_after: None,
             final_policy_version: 0,
             seconds: 0.0,
             settings: Default::default(),

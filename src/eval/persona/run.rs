@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 
 use super::metrics::{sessions_to_success, RunResult, Session};
 use super::{Persona, Verdict};
+use crate::eval::helpful::Helpfulness;
 
 pub use crate::eval::live::Method;
 use crate::eval::live::{policy_version, wait_for_policy, Study, Up};
@@ -43,6 +44,35 @@ impl RunConfig {
         let mut s = self.study.settings(method);
         s.insert("max_turns".into(), json!(self.max_turns));
         s
+    }
+}
+
+/// The helpfulness judge's verdicts on the held-out replies before and after
+/// training (a judge that fails is logged and leaves them unmeasured).
+fn judge_helpfulness(
+    spec: &crate::eval::helpful::JudgeSpec,
+    tasks: &[&str],
+    before: &[String],
+    after: &[String],
+    tag: &str,
+) -> (Option<Helpfulness>, Option<Helpfulness>) {
+    let pairs = |replies: &[String]| -> Vec<(String, String)> {
+        tasks
+            .iter()
+            .zip(replies)
+            .map(|(t, r)| (t.to_string(), r.clone()))
+            .collect()
+    };
+    let judged = spec.connect(3, 0).and_then(|judge| {
+        crate::info!("persona {tag}: judging the held-out replies' helpfulness");
+        Ok((judge.judge(&pairs(before))?, judge.judge(&pairs(after))?))
+    });
+    match judged {
+        Ok((b, a)) => (Some(b), Some(a)),
+        Err(e) => {
+            crate::warn!("persona {tag}: helpfulness not judged: {e:#}");
+            (None, None)
+        }
     }
 }
 
@@ -108,18 +138,20 @@ impl Client {
         wait_for_policy(&self.base, at_least, timeout)
     }
 
-    /// Share of held-out tasks answered to the persona's liking (greedy, side turns).
+    /// Share of held-out tasks answered to the persona's liking (greedy, side
+    /// turns), and the replies.
     fn heldout_rate(
         &self,
         persona: &Persona,
         tasks: &[&str],
         max_tokens: usize,
         tag: &str,
-    ) -> Result<f64> {
+    ) -> Result<(f64, Vec<String>)> {
         if tasks.is_empty() {
-            return Ok(0.0);
+            return Ok((0.0, Vec::new()));
         }
         let mut ok = 0;
+        let mut replies = Vec::with_capacity(tasks.len());
         for (i, task) in tasks.iter().enumerate() {
             let (_, reply) = self.chat(
                 &format!("heldout-{tag}-{i}"),
@@ -131,8 +163,9 @@ impl Client {
                 0,
             )?;
             ok += usize::from(persona.verdict(task, &reply) == Verdict::Satisfied);
+            replies.push(reply);
         }
-        Ok(ok as f64 / tasks.len() as f64)
+        Ok((ok as f64 / tasks.len() as f64, replies))
     }
 }
 
@@ -220,7 +253,7 @@ pub fn run(
         .collect();
     let tag = format!("{}-{}-{}", persona.name, method.name(), cfg.study.seed);
 
-    let heldout_before = client.heldout_rate(
+    let (heldout_before, replies_before) = client.heldout_rate(
         persona,
         &heldout,
         cfg.study.max_tokens,
@@ -272,13 +305,17 @@ pub fn run(
         }
     }
     let final_policy_version = client.policy_version()?;
-    let heldout_after = client.heldout_rate(
+    let (heldout_after, replies_after) = client.heldout_rate(
         persona,
         &heldout,
         cfg.study.max_tokens,
         &format!("{tag}-after"),
     )?;
     drop(up); // stops claw up before its directory goes
+    let (helpful_before, helpful_after) = match &cfg.study.helpfulness {
+        Some(spec) => judge_helpfulness(spec, &heldout, &replies_before, &replies_after, &tag),
+        None => (None, None),
+    };
     let retention = match (&cfg.study.retention, &run_dir) {
         (Some(check), Some(dir)) if method != Method::Off => crate::eval::live::retention_of(
             check,
@@ -304,6 +341,8 @@ pub fn run(
         heldout_before,
         heldout_after,
         heldout_prompts: heldout.len(),
+        helpful_before,
+        helpful_after,
         final_policy_version,
         seconds: started.elapsed().as_secs_f64(),
         settings: cfg.settings(method),
@@ -332,6 +371,7 @@ mod tests {
                 data_dir: None,
                 url: None,
                 retention: None,
+                helpfulness: None,
             },
             sessions: 4,
             max_turns: 3,

@@ -1,0 +1,228 @@
+//! Helpfulness by an LLM judge: does a reply actually answer its question? The
+//! persona benchmark's rules check a style (brief, no lists, ...) and that a
+//! reply is on topic, which a short but empty reply passes; a judge model
+//! reading question and reply catches that loss. Each reply gets `votes` calls
+//! (majority of the valid verdicts; a tie or no valid verdict counts as not
+//! judged).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::llm::boxed::{last_boxed, parse_score};
+use crate::llm::{CallOptions, LocalBackend, RemoteBackend};
+use crate::llm::{ChatBackend, VoteItem, VoteRunner};
+use crate::model::{Model, WeightFormat};
+
+/// The judge's instructions; `{question}` and `{reply}` are filled in.
+pub const PROMPT: &str = "You check whether an assistant's reply helps the person \
+who asked.\n\nQuestion:\n{question}\n\nReply:\n{reply}\n\nA helpful reply answers \
+the question with correct, useful content. A reply that is on topic but says \
+nothing of substance, dodges, refuses, or is wrong is not helpful; style and \
+length do not matter. Think in one or two sentences, then give your verdict as \
+\\boxed{1} (helpful) or \\boxed{0} (not helpful).";
+
+/// Where the judge runs: a local GGUF file, or an OpenAI-compatible URL.
+#[derive(Clone, Debug, PartialEq)]
+pub enum JudgeSpec {
+    Local(PathBuf),
+    Url(String),
+}
+
+impl JudgeSpec {
+    /// `http://...` is a server; anything else a GGUF path.
+    pub fn parse(text: &str) -> JudgeSpec {
+        match text.starts_with("http://") || text.starts_with("https://") {
+            true => JudgeSpec::Url(text.to_string()),
+            false => JudgeSpec::Local(PathBuf::from(text)),
+        }
+    }
+
+    /// Loads the model (or connects), `votes` calls per reply.
+    pub fn connect(&self, votes: usize, seed: u64) -> Result<HelpfulnessJudge> {
+        let backend: Box<dyn ChatBackend> = match self {
+            JudgeSpec::Url(url) => Box::new(
+                RemoteBackend::connect(url, None, None)
+                    .with_context(|| format!("connecting to the helpfulness judge at {url}"))?,
+            ),
+            JudgeSpec::Local(path) => Box::new(LocalBackend::new(
+                Model::load_with(path, WeightFormat::default())
+                    .with_context(|| format!("loading the helpfulness judge {}", path.display()))?,
+            )),
+        };
+        HelpfulnessJudge::new(backend, votes, seed)
+    }
+}
+
+/// How many of a set of replies the judge found helpful.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Helpfulness {
+    /// The judge model's name.
+    pub judge: String,
+    pub helpful: usize,
+    /// Replies with a majority verdict (helpful or not).
+    pub judged: usize,
+    /// Replies the judge gave no majority for (no valid box, or a tie).
+    pub unjudged: usize,
+}
+
+impl Helpfulness {
+    /// Helpful share of the judged replies (None when none was judged).
+    pub fn rate(&self) -> Option<f64> {
+        (self.judged > 0).then(|| self.helpful as f64 / self.judged as f64)
+    }
+}
+
+pub struct HelpfulnessJudge {
+    runner: VoteRunner,
+}
+
+impl HelpfulnessJudge {
+    pub fn new(backend: Box<dyn ChatBackend>, votes: usize, seed: u64) -> Result<Self> {
+        let runner = VoteRunner::new(
+            backend,
+            CallOptions {
+                votes,
+                temperature: 0.6,
+                max_tokens: 256,
+                timeout: Duration::from_secs(300),
+                seed,
+                ..CallOptions::default()
+            },
+        )?;
+        Ok(HelpfulnessJudge { runner })
+    }
+
+    /// Judges each (question, reply) pair.
+    pub fn judge(&self, pairs: &[(String, String)]) -> Result<Helpfulness> {
+        let items: Vec<VoteItem> = pairs
+            .iter()
+            .enumerate()
+            .map(|(i, (question, reply))| VoteItem {
+                key: format!("helpful-{i}"),
+                messages: vec![json!({
+                    "role": "user",
+                    "content": PROMPT.replace("{question}", question).replace("{reply}", reply),
+                })],
+            })
+            .collect();
+        let (replies, _) = self.runner.run(&items, &|| {})?;
+        let mut out = Helpfulness {
+            judge: self.runner.backend().name().to_string(),
+            ..Helpfulness::default()
+        };
+        for votes in replies {
+            let verdicts: Vec<Option<i8>> = votes
+                .iter()
+                .map(|v| {
+                    v.as_ref()
+                        .ok()
+                        .map(String::as_str)
+                        .and_then(last_boxed)
+                        .and_then(|b| parse_score(b, &[0, 1]))
+                })
+                .collect();
+            match majority(&verdicts) {
+                Some(helpful) => {
+                    out.judged += 1;
+                    out.helpful += usize::from(helpful);
+                }
+                None => out.unjudged += 1,
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The majority of the valid verdicts (1: helpful); None on a tie or none valid.
+fn majority(verdicts: &[Option<i8>]) -> Option<bool> {
+    let yes = verdicts.iter().filter(|v| **v == Some(1)).count();
+    let no = verdicts.iter().filter(|v| **v == Some(0)).count();
+    (yes != no).then_some(yes > no)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::llm::{CallError, ChatRequest, Reply};
+
+    /// Calls a reply helpful when it holds a number, not when it holds none,
+    /// and gives no verdict on "???".
+    struct Scripted;
+
+    impl ChatBackend for Scripted {
+        fn name(&self) -> &str {
+            "scripted"
+        }
+        fn max_concurrency(&self) -> usize {
+            1
+        }
+        fn retries_help(&self) -> bool {
+            false
+        }
+        fn complete(&self, req: &ChatRequest) -> Result<Reply, CallError> {
+            let prompt = req.messages[0]["content"].as_str().unwrap_or_default();
+            let reply = prompt.split("Reply:\n").nth(1).unwrap_or_default();
+            let text = if reply.starts_with("???") {
+                "I cannot decide."
+            } else if reply.chars().take(20).any(|c| c.is_ascii_digit()) {
+                "It gives the number. \\boxed{1}"
+            } else {
+                "It says nothing. \\boxed{0}"
+            };
+            Ok(Reply {
+                text: text.to_string(),
+                completion_tokens: None,
+            })
+        }
+    }
+
+    #[test]
+    fn replies_are_counted_by_their_majority_verdict() {
+        let judge = HelpfulnessJudge::new(Box::new(Scripted), 3, 0).unwrap();
+        let pairs: Vec<(String, String)> = [
+            ("What is 6 * 7?", "42."),
+            ("Capital of France?", "Good question!"),
+            ("How far is the moon?", "About 384400 km."),
+            ("Why?", "???"),
+        ]
+        .iter()
+        .map(|(q, r)| (q.to_string(), r.to_string()))
+        .collect();
+        let got = judge.judge(&pairs).unwrap();
+        let want = Helpfulness {
+            judge: "scripted".into(),
+            helpful: 2,
+            judged: 3,
+            unjudged: 1,
+        };
+        assert_eq!(got, want);
+        assert_eq!(got.rate(), Some(2.0 / 3.0));
+        assert_eq!(Helpfulness::default().rate(), None);
+    }
+
+    #[test]
+    fn the_majority_ignores_invalid_votes_and_a_tie_is_no_verdict() {
+        assert_eq!(majority(&[Some(1), None, Some(1)]), Some(true));
+        assert_eq!(majority(&[Some(0), Some(1), Some(0)]), Some(false));
+        assert_eq!(majority(&[Some(0), None, Some(1)]), None);
+        assert_eq!(majority(&[None, None]), None);
+    }
+
+    #[test]
+    fn the_prompt_holds_question_and_reply_and_urls_are_servers() {
+        let text = PROMPT.replace("{question}", "Q?").replace("{reply}", "R.");
+        assert!(text.contains("Question:\nQ?") && text.contains("Reply:\nR."));
+        assert_eq!(
+            JudgeSpec::parse("http://127.0.0.1:8081/v1"),
+            JudgeSpec::Url("http://127.0.0.1:8081/v1".into())
+        );
+        assert_eq!(
+            JudgeSpec::parse("models/qwen.gguf"),
+            JudgeSpec::Local("models/qwen.gguf".into())
+        );
+    }
+}
