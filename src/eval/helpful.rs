@@ -117,13 +117,7 @@ impl HelpfulnessJudge {
         for votes in replies {
             let verdicts: Vec<Option<i8>> = votes
                 .iter()
-                .map(|v| {
-                    v.as_ref()
-                        .ok()
-                        .map(String::as_str)
-                        .and_then(last_boxed)
-                        .and_then(|b| parse_score(b, &[0, 1]))
-                })
+                .map(|v| v.as_ref().ok().and_then(|text| verdict(text)))
                 .collect();
             match majority(&verdicts) {
                 Some(helpful) => {
@@ -135,6 +129,13 @@ impl HelpfulnessJudge {
         }
         Ok(out)
     }
+}
+
+/// A reply's verdict: its last `\boxed{0|1}`, or a reply that is only `0` or
+/// `1` (small judges answer so, box or not).
+fn verdict(text: &str) -> Option<i8> {
+    let bare = || text.trim().trim_end_matches('.');
+    last_boxed(text).map_or_else(|| parse_score(bare(), &[0, 1]), |b| parse_score(b, &[0, 1]))
 }
 
 /// The majority of the valid verdicts (1: helpful); None on a tie or none valid.
@@ -202,6 +203,15 @@ mod tests {
         assert_eq!(got, want);
         assert_eq!(got.rate(), Some(2.0 / 3.0));
         assert_eq!(Helpfulness::default().rate(), None);
+    }
+
+    #[test]
+    fn a_verdict_is_the_last_box_or_a_bare_digit() {
+        assert_eq!(verdict("Fine. \\boxed{0} then \\boxed{1}"), Some(1));
+        assert_eq!(verdict(" 0.\n"), Some(0));
+        assert_eq!(verdict("1"), Some(1));
+        assert_eq!(verdict("\\boxed{2}"), None);
+        assert_eq!(verdict("I give it a 1 out of 10"), None);
     }
 
     #[test]
