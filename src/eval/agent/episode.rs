@@ -176,6 +176,9 @@ pub struct Turn {
     pub valid_calls: usize,
     /// A call's program failed: judge's env rules score this turn.
     pub tool_error: bool,
+    /// A call's output holds the task's answer (the final answer would pass).
+    #[serde(default)]
+    pub printed_answer: bool,
 }
 
 /// One episode's record.
@@ -250,6 +253,7 @@ pub fn play(
             calls: reply.tool_calls.len() + malformed,
             valid_calls: 0,
             tool_error: false,
+            printed_answer: false,
         };
         if reply.tool_calls.is_empty() {
             outcome = match check(task, &reply.content) {
@@ -272,6 +276,7 @@ pub fn play(
             let (result, valid) = run_call(tools, call)?;
             turn.valid_calls += usize::from(valid);
             turn.tool_error |= result.error;
+            turn.printed_answer |= !result.error && check(task, &result.text);
             final_reply = format!("{}\n[tool] {}", final_reply, result.text);
             messages.push(json!({
                 "role": "tool",
@@ -332,20 +337,46 @@ fn run_call(tools: &dyn ToolRunner, call: &Value) -> Result<(ToolOutput, bool)> 
     Ok((out, valid))
 }
 
-/// The environment's verdict: every main turn gets the outcome as its rating
-/// (+1 right, -1 wrong or no answer), the last one ending the session. A wrong
-/// episode's turns get the correction as text (the hint), except a turn whose
-/// tool failed: its next state, the error, is its hint.
+/// The environment's verdict, turn by turn, as each turn's next state shows it
+/// (OpenClaw-RL scores each turn from its next state, not the episode's end):
+/// - a call whose program failed: -1 from judge's env rules, its traceback the hint;
+/// - a call after the tool had already printed the answer: -1, "answer now";
+/// - a call whose output holds the answer: +1;
+/// - any other call (a wrong program, a malformed call): -1 with the correction;
+/// - the final answer: +1 if right, else -1 with the correction.
+///
+/// Rating a good first call by the episode's end would punish it for a later
+/// turn's mistake. The last rating ends the session.
 fn rate(endpoint: &dyn Endpoint, session: &str, task: &Task, log: &EpisodeLog) -> Result<()> {
-    let rating = if log.correct() { 1 } else { -1 };
-    let hint = correction(task, log);
+    let correction = correction(task, log);
+    let answer = &task.answer;
     let n = log.turns.len();
+    let mut printed_before = false;
     for (i, turn) in log.turns.iter().enumerate() {
-        let text = match (&hint, turn.tool_error) {
-            (Some(h), false) => Some(h.as_str()),
-            _ => None,
+        let last = i + 1 == n;
+        let is_call = turn.calls > 0;
+        let (rating, text): (i8, Option<String>) = if !is_call {
+            match log.outcome {
+                Outcome::Correct => (1, None),
+                _ => (-1, correction.clone()),
+            }
+        } else if turn.tool_error {
+            (-1, None)
+        } else if printed_before {
+            (
+                -1,
+                Some(format!(
+                    "The tool already printed the result, {answer}. Do not call it again: \
+                     reply with \"Answer: {answer}\"."
+                )),
+            )
+        } else if turn.printed_answer {
+            (1, None)
+        } else {
+            (-1, Some(call_correction(task, turn)))
         };
-        endpoint.feedback(session, &turn.response_id, rating, text, i + 1 == n)?;
+        printed_before |= turn.printed_answer;
+        endpoint.feedback(session, &turn.response_id, rating, text.as_deref(), last)?;
     }
     Ok(())
 }
@@ -379,6 +410,22 @@ pub fn correction(task: &Task, log: &EpisodeLog) -> Option<String> {
              reply \"Answer: <value>\"."
         ),
     })
+}
+
+/// What the environment tells a call turn whose program ran but did not print
+/// the answer, or whose call was malformed.
+fn call_correction(task: &Task, turn: &Turn) -> String {
+    let (answer, call) = (&task.answer, reference_call(task));
+    match turn.valid_calls < turn.calls {
+        true => format!(
+            "Your tool call was malformed. The call that computes it is {call}; then \
+             answer. The correct answer is {answer}."
+        ),
+        false => format!(
+            "That program does not print the answer, {answer}. The call that computes it \
+             is {call}; then reply \"Answer: {answer}\"."
+        ),
+    }
 }
 
 /// The task's reference program as one call of the python tool, written the way

@@ -63,6 +63,11 @@ impl ToolRunner for FakePython {
                 error: true,
                 syntax_error: true,
             },
+            "print(6+7)" => ToolOutput {
+                text: "13".into(),
+                error: false,
+                syntax_error: false,
+            },
             _ => ToolOutput {
                 text: "42".into(),
                 error: false,
@@ -293,4 +298,43 @@ fn the_sandbox_runs_the_python_tool() {
     );
     let out = ToolRunner::run(&sandbox, "print((1,2").unwrap();
     assert!(out.syntax_error, "{out:?}");
+}
+
+/// Each turn is rated by its own next state: the call that printed the answer is
+/// right even though the episode ended without one; the calls after it are the
+/// mistake, and their hint says to answer.
+#[test]
+fn a_call_that_printed_the_answer_is_rewarded_and_repeating_it_is_not() {
+    let model = Scripted::new(vec![
+        reply("r1", "", vec![call("c1", "print(6*7)")]),
+        reply("r2", "", vec![call("c2", "print(6*7)")]),
+        reply("r3", "", vec![call("c3", "print(6*7)")]),
+    ]);
+    let log = play(&model, &FakePython, &task(), "s", false, &cfg(2), 1).unwrap();
+    assert_eq!(log.outcome, Outcome::NoAnswer);
+    let rated = model.rated.borrow();
+    assert_eq!(rated[0], ("r1".into(), 1, None, false));
+    for (i, (id, rating, text, done)) in rated.iter().enumerate().skip(1) {
+        assert_eq!(
+            (id.as_str(), *rating, *done),
+            (["r2", "r3"][i - 1], -1, i == 2)
+        );
+        let text = text.as_deref().unwrap();
+        assert!(text.contains("already printed the result, 42"), "{text}");
+    }
+}
+
+/// A program that runs but prints something else gets the reference call.
+#[test]
+fn a_call_that_prints_the_wrong_value_is_shown_the_call_that_computes_it() {
+    let model = Scripted::new(vec![
+        reply("r1", "", vec![call("c1", "print(6+7)")]),
+        reply("r2", "Answer: 13", vec![]),
+    ]);
+    play(&model, &FakePython, &task(), "s", false, &cfg(2), 1).unwrap();
+    let rated = model.rated.borrow();
+    let text = rated[0].2.as_deref().unwrap();
+    assert_eq!(rated[0].1, -1);
+    assert!(text.contains("does not print the answer, 42"), "{text}");
+    assert!(text.contains(r#""code": "print(6 * 7)""#), "{text}");
 }
