@@ -93,6 +93,28 @@ impl Study {
         s
     }
 
+    /// Small settings for unit tests.
+    #[cfg(test)]
+    pub fn for_tests() -> Study {
+        Study {
+            model: None,
+            batch: 2,
+            heldout: 1,
+            temperature: 0.7,
+            max_tokens: 32,
+            lr: 2e-4,
+            beta_kl: 0.1,
+            reward_baseline: RewardBaseline::BatchMean,
+            topk: 0,
+            seed: 0,
+            round_timeout: Duration::from_secs(1),
+            data_dir: None,
+            url: None,
+            retention: None,
+            helpfulness: None,
+        }
+    }
+
     /// The `claw up` options that make `method` learn: train with the signals
     /// the method uses, distill-hints turning the feedback into hints (opd,
     /// combined), and `judge` and `collect` with the benchmark's own options.

@@ -251,23 +251,7 @@ mod tests {
 
     fn config() -> RunConfig {
         RunConfig {
-            study: Study {
-                model: None,
-                batch: 2,
-                heldout: 1,
-                temperature: 0.7,
-                max_tokens: 32,
-                lr: 2e-4,
-                beta_kl: 0.1,
-                reward_baseline: crate::train::RewardBaseline::BatchMean,
-                topk: 0,
-                seed: 0,
-                round_timeout: Duration::from_secs(1),
-                data_dir: None,
-                url: None,
-                retention: None,
-                helpfulness: None,
-            },
+            study: Study::for_tests(),
             episodes: 4,
             tool_rounds: 2,
             feedback_grace: Duration::from_secs(90),

@@ -357,21 +357,8 @@ mod tests {
     fn config(topk: usize) -> RunConfig {
         RunConfig {
             study: Study {
-                model: None,
-                batch: 2,
-                heldout: 1,
-                temperature: 0.7,
-                max_tokens: 32,
-                lr: 2e-4,
-                beta_kl: 0.1,
-                reward_baseline: crate::train::RewardBaseline::BatchMean,
                 topk,
-                seed: 0,
-                round_timeout: Duration::from_secs(1),
-                data_dir: None,
-                url: None,
-                retention: None,
-                helpfulness: None,
+                ..Study::for_tests()
             },
             sessions: 4,
             max_turns: 3,
