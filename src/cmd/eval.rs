@@ -99,8 +99,10 @@ Benchmarks:
              each call runs in the sandbox (--exec-timeout, --exec-memory-mb) and
              its output is the tool message; up to --tool-rounds replies with
              calls, then the final answer (Answer: X), checked exactly. A
-             failed program is scored -1 by judge's env rules; the answer's
-             verdict rates every turn (+1/-1, with the correction as the hint).
+             failed program is scored -1 by judge's env rules; every other turn
+             by its own next state (+1: a call that printed the answer, a right
+             final answer; -1: a call after it, a wrong program or answer, with
+             the correction and the call that computes it as the hint).
              After each --batch of episodes it waits for the steps they feed.
              Reports success per --success-window episodes, held-out success
              (--heldout tasks from a fixed seed, greedy, side turns) before and

@@ -4,12 +4,12 @@
 //! pairs and judge's env rules read); the episode ends with a final answer,
 //! checked exactly, or when the tool rounds run out.
 //!
-//! The environment's verdict reaches the loop as each turn's reward: a tool
-//! error through judge's env rules (the traceback is the next state), the
-//! answer's right or wrong through `/v1/feedback` on every main turn of the
-//! episode (the outcome is what tells whether a tool call helped), with the
-//! correction as the feedback text that `distill-hints --hint-source feedback`
-//! makes the hint. The last feedback ends the session (`session_done`).
+//! The environment's verdict reaches the loop as each turn's reward, judged by
+//! the turn's own next state: a tool error through judge's env rules (the
+//! traceback is the next state), everything else through `/v1/feedback` (see
+//! [`rate`]), with the correction as the feedback text that `distill-hints
+//! --hint-source feedback` makes the hint. The last feedback ends the session
+//! (`session_done`).
 
 use anyhow::Result;
 use serde::{Deserialize, Serialize};

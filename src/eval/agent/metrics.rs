@@ -251,9 +251,11 @@ pub fn report(results: &[RunResult], command: &str, window: usize, plot: Option<
          and its output goes back as the tool message, the turn's next state; the episode \
          ends with a final answer, checked exactly, or when the tool rounds run out \
          (docs/ARCHITECTURE.md, \"Agent benchmark\"). Rewards come from the environment: a \
-         failed program is scored -1 by judge's env rules on the tool message; the answer's \
-         right or wrong is every turn's rating (+1 / -1, `/v1/feedback`), with the \
-         correction as the hint for distill-hints (a failed program's hint is its error). \
+         failed program is scored -1 by judge's env rules on the tool message; every other \
+         turn is rated by its own next state through `/v1/feedback`: a call whose output \
+         holds the answer +1, a call after that or a wrong program -1, the final answer +1 \
+         or -1 by its check; a -1 carries the correction (the answer and the call that \
+         computes it) as the hint for distill-hints (a failed program's hint is its error). \
          Methods: `rl` (the reward), `opd` (the hint, on-policy distillation), `combined` \
          (both), `off` (no training: the control).\n\n",
     );
