@@ -111,7 +111,7 @@ fn bare_call(text: &str, offered: &[String]) -> Option<(String, String)> {
     }
     let value = call_object(body)?;
     value.get("arguments").or_else(|| value.get("parameters"))?;
-    let (name, arguments) = parse_one(body)?;
+    let (name, arguments) = call_parts(&value)?;
     offered.contains(&name).then_some((name, arguments))
 }
 
@@ -127,7 +127,11 @@ fn call_object(text: &str) -> Option<Json> {
 }
 
 fn parse_one(inner: &str) -> Option<(String, String)> {
-    let value = call_object(inner)?;
+    call_parts(&call_object(inner)?)
+}
+
+/// A call object's name and its arguments as a JSON string.
+fn call_parts(value: &Json) -> Option<(String, String)> {
     let name = value.get("name")?.as_str()?.to_string();
     let arguments = match value.get("arguments").or_else(|| value.get("parameters")) {
         None | Some(Json::Null) => "{}".to_string(),
