@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use super::llm::LlmArgs;
 use crate::daemon::{self, Stage, WatchArgs};
-use crate::distill::hints::Select;
+use crate::distill::hints::{HintPlacement, Select};
 use crate::distill::{
     DistillConfig, DistillStats, Distiller, HintJudge, HintSource, TeacherWeights,
     DEFAULT_HINT_PROMPT, HINT_PROMPT_VARS,
@@ -68,6 +68,13 @@ pub struct DistillHintsArgs {
     /// Which accepted hint to use.
     #[arg(long, value_enum, default_value_t = Select::Longest)]
     pub select: Select,
+
+    /// Where the teacher reads the hint: `end` puts it last, right before the reply
+    /// (on the last message if the user wrote it, else in a new user message after
+    /// a tool result); `last-user` appends it to the last user message wherever it
+    /// is (OpenClaw-RL's placement). They differ only for turns that answer a tool.
+    #[arg(long, value_enum, default_value_t = HintPlacement::End)]
+    pub hint_at: HintPlacement,
 
     /// Hint-judge calls per turn (m).
     #[arg(long, default_value_t = 1, value_name = "M")]
@@ -180,6 +187,7 @@ pub fn run(args: DistillHintsArgs) -> Result<()> {
     let config = DistillConfig {
         source: args.hint_source,
         select: args.select,
+        placement: args.hint_at,
         topk: args.topk,
         redo: args.redo,
         teacher: args.teacher,

@@ -91,13 +91,42 @@ pub fn select_hint<'a>(hints: &[&'a str], select: Select) -> Option<&'a str> {
     }
 }
 
-/// A copy of `messages` whose last user message (or last message, if no user
-/// message) ends with the hint: the teacher's context.
-pub fn teacher_messages(messages: &[Json], hint: &str) -> Result<Vec<Json>> {
+/// Where the teacher reads the hint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HintPlacement {
+    /// Appended to the last user message (OpenClaw-RL's placement), wherever it is.
+    LastUser,
+    /// The last thing before the reply: appended to the last message if a user
+    /// wrote it, else (a turn answering a tool result) a new user message after it.
+    /// A hint on the task message, above the call and its output, barely moves a
+    /// small teacher's next token (measured: docs/ARCHITECTURE.md).
+    #[default]
+    End,
+}
+
+fn is_user(message: &Json) -> bool {
+    message.get("role").and_then(Json::as_str) == Some("user")
+}
+
+/// A copy of `messages` with the hint where `placement` puts it: the teacher's
+/// context. With no user message at all, the last message gets it.
+pub fn teacher_messages(
+    messages: &[Json],
+    hint: &str,
+    placement: HintPlacement,
+) -> Result<Vec<Json>> {
     let mut out = messages.to_vec();
+    if placement == HintPlacement::End
+        && out.last().is_some_and(|m| !is_user(m))
+        && out.iter().any(is_user)
+    {
+        out.push(json!({"role": "user", "content": format!("{}{hint}", HINT_MARKER.trim_start())}));
+        return Ok(out);
+    }
     let Some(index) = out
         .iter()
-        .rposition(|m| m.get("role").and_then(Json::as_str) == Some("user"))
+        .rposition(is_user)
         .or_else(|| out.len().checked_sub(1))
     else {
         bail!("the turn has no messages to add a hint to");
@@ -179,17 +208,41 @@ mod tests {
             json!({"role": "user", "content": [{"type": "text", "text": "second"}]}),
             json!({"role": "tool", "content": "out", "tool_call_id": "1"}),
         ];
-        let out = teacher_messages(&messages, "Be brief.").unwrap();
+        let out = teacher_messages(&messages, "Be brief.", HintPlacement::LastUser).unwrap();
         assert_eq!(
             out[3]["content"][0]["text"],
             "second\n\n[user's hint / instruction]\nBe brief."
         );
         assert_eq!(out[1]["content"], "first", "earlier messages untouched");
         assert_eq!(out[4], messages[4]);
-        // No user message: the last message gets it.
+        // No user message: the last message gets it, wherever the hint goes.
         let only = vec![json!({"role": "system", "content": "sys"})];
-        let out = teacher_messages(&only, "Be brief.").unwrap();
-        assert!(out[0]["content"].as_str().unwrap().ends_with("Be brief."));
-        assert!(teacher_messages(&[], "x").is_err());
+        for placement in [HintPlacement::LastUser, HintPlacement::End] {
+            let out = teacher_messages(&only, "Be brief.", placement).unwrap();
+            assert_eq!(out.len(), 1);
+            assert!(out[0]["content"].as_str().unwrap().ends_with("Be brief."));
+            assert!(teacher_messages(&[], "x", placement).is_err());
+        }
+    }
+
+    #[test]
+    fn at_the_end_a_hint_follows_the_tool_result() {
+        let messages = vec![
+            json!({"role": "user", "content": "task"}),
+            json!({"role": "assistant", "content": "", "tool_calls": []}),
+            json!({"role": "tool", "content": "42", "tool_call_id": "1"}),
+        ];
+        let out = teacher_messages(&messages, "Answer now.", HintPlacement::End).unwrap();
+        assert_eq!(out[..3], messages[..]);
+        assert_eq!(
+            out[3],
+            json!({"role": "user", "content": "[user's hint / instruction]\nAnswer now."})
+        );
+        // A turn answering a user message: the same as OpenClaw-RL's placement.
+        let asked = &messages[..1];
+        assert_eq!(
+            teacher_messages(asked, "Be brief.", HintPlacement::End).unwrap(),
+            teacher_messages(asked, "Be brief.", HintPlacement::LastUser).unwrap()
+        );
     }
 }

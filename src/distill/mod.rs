@@ -25,6 +25,7 @@ use crate::model::decoder::Decoder;
 use crate::model::score::{self, Sequence};
 use crate::model::Model;
 use crate::rollout::{rows_from_batch, rows_to_batch, set_columns, RolloutRow};
+pub use hints::HintPlacement;
 use hints::{parse_hint_reply, select_hint, teacher_messages, Select};
 
 /// The columns this stage owns.
@@ -69,6 +70,8 @@ pub enum TeacherWeights {
 pub struct DistillConfig {
     pub source: HintSource,
     pub select: Select,
+    /// Where the teacher reads the hint.
+    pub placement: HintPlacement,
     /// Also store the teacher's top-K distribution per token (0 = off).
     pub topk: usize,
     /// Recompute rows that already have teacher log-probs.
@@ -362,8 +365,8 @@ impl Distiller {
         Ok(())
     }
 
-    /// The teacher context's token ids: the turn's messages with the hint on the
-    /// last user message, rendered with the chat template for generation.
+    /// The teacher context's token ids: the turn's messages with the hint where
+    /// the config places it, rendered with the chat template for generation.
     fn teacher_prompt(&self, row: &RolloutRow, hint: &str) -> Result<Vec<u32>> {
         let messages: Vec<Json> = serde_json::from_str(&row.messages_json)
             .context("messages_json is not a JSON array of messages")?;
@@ -375,7 +378,7 @@ impl Distiller {
         };
         let messages = crate::serve::messages::for_template(&messages)
             .context("messages_json cannot be rendered as serve rendered it")?;
-        let messages = teacher_messages(&messages, hint)?;
+        let messages = teacher_messages(&messages, hint, self.config.placement)?;
         let text = self
             .model
             .template

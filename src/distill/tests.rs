@@ -78,6 +78,7 @@ fn config(source: HintSource) -> DistillConfig {
     DistillConfig {
         source,
         select: Select::Longest,
+        placement: HintPlacement::End,
         topk: 0,
         redo: false,
         teacher: TeacherWeights::Policy,
@@ -118,7 +119,7 @@ fn batch_of(rows: &[RolloutRow]) -> RecordBatch {
 
 fn expected_teacher(model: &Model, decoder: &Decoder, row: &RolloutRow, hint: &str) -> Vec<f32> {
     let messages: Vec<Json> = serde_json::from_str(&row.messages_json).unwrap();
-    let messages = teacher_messages(&messages, hint).unwrap();
+    let messages = teacher_messages(&messages, hint, HintPlacement::End).unwrap();
     let text = model.template.render(&messages, None, true).unwrap();
     assert!(text.contains("[user's hint / instruction]\nGive") || text.contains(hint));
     let prompt = model.tokenizer.encode(&text).unwrap();
