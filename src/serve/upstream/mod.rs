@@ -372,7 +372,8 @@ impl Upstream {
     }
 
     /// One chat completion, with the prompt's text and ids when the response did
-    /// not carry them (llama.cpp: `/apply-template` + `/tokenize`).
+    /// not carry them (llama.cpp: `/apply-template` + `/tokenize`, asked while the
+    /// engine generates, so they add no latency).
     pub fn complete(
         &self,
         request: &ChatRequest,
@@ -380,16 +381,43 @@ impl Upstream {
         adapter: Option<&str>,
     ) -> Result<(Reply, String, TokenSource), UpstreamError> {
         let body = self.chat_body(request, max_tokens, adapter);
-        let response = self.post("/v1/chat/completions", &body)?;
-        self.finish_reply(request, &response)
+        std::thread::scope(|scope| {
+            let prompt = scope.spawn(|| self.engine_prompt(request));
+            let response = self.post("/v1/chat/completions", &body)?;
+            self.finish_reply(&response, joined(prompt))
+        })
     }
 
-    /// Reads a chat completion and adds the prompt's text and ids when the
-    /// response did not carry them (llama.cpp: `/apply-template` + `/tokenize`).
+    /// The prompt as the engine renders and tokenizes it (llama.cpp's server has
+    /// both endpoints; an engine without them gives an empty text and no ids).
+    fn engine_prompt(&self, request: &ChatRequest) -> EnginePrompt {
+        let mut prompt = EnginePrompt::default();
+        if self.no_template.load(Relaxed) {
+            return prompt;
+        }
+        let mut template = Map::new();
+        template.insert("messages".into(), Json::Array(request.messages.clone()));
+        if let Some(tools) = request.active_tools() {
+            template.insert("tools".into(), Json::Array(tools.to_vec()));
+        }
+        match self.post("/apply-template", &Json::Object(template)) {
+            Ok(rendered) => {
+                if let Some(text) = rendered.get("prompt").and_then(Json::as_str) {
+                    prompt.ids = self.tokenize(text, true).ok();
+                    prompt.text = text.to_string();
+                }
+            }
+            Err(e) if e.status == StatusCode::NOT_FOUND => self.no_template.store(true, Relaxed),
+            Err(e) => crate::debug!("no prompt text from the upstream: {}", e.message),
+        }
+        prompt
+    }
+
+    /// Reads a chat completion; the engine's own prompt ids win over `prompt`'s.
     fn finish_reply(
         &self,
-        request: &ChatRequest,
         response: &Json,
+        prompt: EnginePrompt,
     ) -> Result<(Reply, String, TokenSource), UpstreamError> {
         let mut reply = parse_chat_response(response).map_err(|e| UpstreamError {
             status: StatusCode::BAD_GATEWAY,
@@ -397,32 +425,11 @@ impl Upstream {
             message: format!("the upstream {}/v1/chat/completions: {e}", self.base),
         })?;
         let prompt_from_response = reply.prompt_ids.is_some();
-        let mut prompt_text = String::new();
-        // The prompt as the engine rendered it (llama.cpp's server has both
-        // endpoints; an engine without them leaves the prompt text empty).
-        let mut template = Map::new();
-        template.insert("messages".into(), Json::Array(request.messages.clone()));
-        if let Some(tools) = request.active_tools() {
-            template.insert("tools".into(), Json::Array(tools.to_vec()));
-        }
-        if !self.no_template.load(Relaxed) {
-            match self.post("/apply-template", &Json::Object(template)) {
-                Ok(rendered) => {
-                    if let Some(text) = rendered.get("prompt").and_then(Json::as_str) {
-                        prompt_text = text.to_string();
-                        if reply.prompt_ids.is_none() {
-                            reply.prompt_ids = self.tokenize(&prompt_text, true).ok();
-                        }
-                    }
-                }
-                Err(e) if e.status == StatusCode::NOT_FOUND => {
-                    self.no_template.store(true, Relaxed);
-                }
-                Err(e) => crate::debug!("no prompt text from the upstream: {}", e.message),
-            }
+        if !prompt_from_response {
+            reply.prompt_ids = prompt.ids;
         }
         let source = token_source(&reply, prompt_from_response);
-        Ok((reply, prompt_text, source))
+        Ok((reply, prompt.text, source))
     }
 
     /// llama.cpp's `POST /tokenize` (`add_special`: the BOS its chat prompts get).
@@ -440,6 +447,19 @@ impl Upstream {
                 message: format!("the upstream {}/tokenize returned no `tokens`", self.base),
             })
     }
+}
+
+/// The prompt's text and ids as the engine renders and tokenizes it.
+#[derive(Default)]
+struct EnginePrompt {
+    text: String,
+    ids: Option<Vec<u32>>,
+}
+
+/// A prompt thread's result; one that panicked gives nothing (the row then has
+/// no prompt ids, like an engine without `/tokenize`).
+fn joined(handle: std::thread::ScopedJoinHandle<'_, EnginePrompt>) -> EnginePrompt {
+    handle.join().unwrap_or_default()
 }
 
 /// A JSON list of non-negative integers (token ids).
@@ -677,6 +697,23 @@ impl Upstream {
         events: &mpsc::UnboundedSender<Event>,
         connected: oneshot::Sender<Result<(), UpstreamError>>,
     ) -> Option<Result<(Reply, String, TokenSource), UpstreamError>> {
+        std::thread::scope(|scope| {
+            let prompt = scope.spawn(|| self.engine_prompt(request));
+            let reply = self.stream_reply(request, max_tokens, adapter, events, connected)?;
+            Some(reply.and_then(|response| self.finish_reply(&response, joined(prompt))))
+        })
+    }
+
+    /// The streamed call itself: the folded `chat.completion` body, or None (see
+    /// [`Upstream::stream`]).
+    fn stream_reply(
+        &self,
+        request: &ChatRequest,
+        max_tokens: usize,
+        adapter: Option<&str>,
+        events: &mpsc::UnboundedSender<Event>,
+        connected: oneshot::Sender<Result<(), UpstreamError>>,
+    ) -> Option<Result<Json, UpstreamError>> {
         use std::io::BufRead;
         let url = format!("{}/v1/chat/completions", self.base);
         let mut body = self.chat_body(request, max_tokens, adapter);
@@ -747,7 +784,7 @@ impl Upstream {
                 return None;
             }
         }
-        Some(self.finish_reply(request, &fold.response()))
+        Some(Ok(fold.response()))
     }
 
     /// POSTs `body` and returns the response unread (for a stream).
