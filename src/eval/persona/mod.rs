@@ -67,7 +67,9 @@ pub const MIN_ANSWER_WORDS: usize = 5;
 
 /// A rule-level check that `reply` answers `task`: enough words, no refusal, and
 /// on topic (it shares a content word with the task: one of five letters or
-/// more, compared on its first five letters so "airplanes" meets "airplane").
+/// more, compared on its first five letters so "airplanes" meets "airplane", or an
+/// acronym such as "DNA", compared whole). The instruction ("Explain ...") is not
+/// the topic: "Explain what DNA is." is answered by a reply about DNA.
 pub fn answers(task: &str, reply: &str) -> bool {
     static REFUSAL: LazyLock<Regex> = LazyLock::new(|| {
         Regex::new(r"(?i)\b(i'?m sorry|i am sorry|i can(no|')t|i'?m (not able|unable)|as an ai)\b")
@@ -79,15 +81,26 @@ pub fn answers(task: &str, reply: &str) -> bool {
             .map(|w| w.to_lowercase().chars().take(5).collect())
             .collect()
     };
-    const COMMON: [&str; 12] = [
+    let words = |text: &str| -> Vec<String> {
+        text.split(|c: char| !c.is_alphanumeric())
+            .map(str::to_lowercase)
+            .collect()
+    };
+    const COMMON: [&str; 15] = [
         "about", "which", "there", "their", "would", "could", "should", "where", "these", "those",
-        "other", "thing",
+        "other", "thing", // the instructions that open tasks:
+        "expla", "descr", "summa",
     ];
+    let acronyms = task
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| w.len() >= 2 && w.chars().all(|c| c.is_ascii_uppercase()))
+        .map(str::to_lowercase);
     let topic: Vec<String> = stems(task)
         .into_iter()
         .filter(|s| !COMMON.contains(&s.as_str()))
+        .chain(acronyms)
         .collect();
-    let said = stems(reply);
+    let said: Vec<String> = stems(reply).into_iter().chain(words(reply)).collect();
     reply.split_whitespace().count() >= MIN_ANSWER_WORDS
         && !REFUSAL.is_match(reply)
         && (topic.is_empty() || topic.iter().any(|t| said.contains(t)))
@@ -310,6 +323,14 @@ mod tests {
         ] {
             assert!(!answers(task, bad), "{bad:?}");
         }
+        // The instruction is not the topic; an acronym is.
+        let dna = "Explain what DNA is.";
+        assert!(answers(dna, "DNA is the molecule that carries genes."));
+        assert!(!answers(dna, "Let me explain: it is a kind of thing."));
+        assert!(answers(
+            "Explain how rainbows form.",
+            "Sunlight bends in raindrops and splits into colours, making a rainbow."
+        ));
         let brief = persona("brief").unwrap();
         assert_eq!(brief.verdict(task, good), Verdict::Satisfied);
         assert_eq!(brief.verdict(task, ""), Verdict::NoAnswer);
