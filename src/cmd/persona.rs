@@ -93,6 +93,12 @@ pub struct PersonaArgs {
     #[arg(long, default_value_t = 0.1, help_heading = "Persona benchmark")]
     pub beta_kl: f64,
 
+    /// persona, agent: optimizer updates per training batch (`claw train
+    /// --updates-per-batch`, PPO's epochs): more learning from each round, with
+    /// the PPO clip bounding how far one batch moves the policy.
+    #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=16), help_heading = "Persona benchmark")]
+    pub updates_per_batch: u16,
+
     /// persona, agent: the baseline of the binary reward (see `claw train
     /// --reward-baseline`).
     #[arg(long, value_enum, default_value_t = RewardBaseline::BatchMean, help_heading = "Persona benchmark")]
@@ -188,6 +194,7 @@ impl PersonaArgs {
             max_tokens,
             lr: self.lr,
             beta_kl: self.beta_kl,
+            updates_per_batch: self.updates_per_batch.into(),
             reward_baseline: self.reward_baseline,
             topk: self.topk,
             seed,

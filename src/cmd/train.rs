@@ -137,6 +137,12 @@ pub struct TrainArgs {
     /// sample that carry gradient: lower it if memory is short.
     #[arg(long, default_value_t = 2048)]
     pub micro_batch_tokens: usize,
+    /// Optimizer updates per batch (PPO's epochs, rl objective): later updates
+    /// take their ratio against the first's log-probs, so --eps-low/--eps-high
+    /// bound how far one batch moves the policy. Each update is a step and a
+    /// policy version; the checkpoint is written after the batch's last.
+    #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub updates_per_batch: u16,
     /// Stop after this many optimizer steps.
     #[arg(long)]
     pub max_steps: Option<u64>,
@@ -238,6 +244,7 @@ impl TrainArgs {
             weight_decay: self.weight_decay,
             grad_clip: self.grad_clip,
             micro_batch_tokens: self.micro_batch_tokens,
+            updates_per_batch: self.updates_per_batch.into(),
             max_steps: self.max_steps,
             max_staleness: self.max_staleness,
             epochs: self.epochs,

@@ -55,6 +55,8 @@ pub struct Study {
     pub lr: f64,
     /// Weight of the KL penalty that keeps the policy near the base model.
     pub beta_kl: f64,
+    /// Optimizer updates per training batch (PPO's epochs).
+    pub updates_per_batch: usize,
     pub reward_baseline: RewardBaseline,
     /// Top-K distillation (opd, combined): K ids per token, 0 = off.
     pub topk: usize,
@@ -86,6 +88,9 @@ impl Study {
             s.insert("lr".into(), json!(self.lr));
             s.insert("beta_kl".into(), json!(self.beta_kl));
             s.insert("reward_baseline".into(), json!(self.reward_baseline.name()));
+            if self.updates_per_batch > 1 {
+                s.insert("updates_per_batch".into(), json!(self.updates_per_batch));
+            }
         }
         if matches!(method, Method::Opd | Method::Combined) && self.topk > 0 {
             s.insert("topk".into(), json!(self.topk));
@@ -104,6 +109,7 @@ impl Study {
             max_tokens: 32,
             lr: 2e-4,
             beta_kl: 0.1,
+            updates_per_batch: 1,
             reward_baseline: RewardBaseline::BatchMean,
             topk: 0,
             seed: 0,
@@ -132,11 +138,12 @@ impl Study {
         };
         let train = format!(
             "train=--batch-size {} --partial-after 20s --lr {} --beta-kl {} \
-             --reward-baseline {} --keep 3{signals}",
+             --reward-baseline {} --updates-per-batch {} --keep 3{signals}",
             self.batch,
             self.lr,
             self.beta_kl,
-            self.reward_baseline.name()
+            self.reward_baseline.name(),
+            self.updates_per_batch
         );
         let mut distill = "distill-hints=--hint-source feedback".to_string();
         if self.topk > 0 {

@@ -47,6 +47,7 @@ pub struct RunConfig {
     pub weight_decay: f64,
     pub grad_clip: f64,
     pub micro_batch_tokens: usize,
+    pub updates_per_batch: usize,
     pub max_steps: Option<u64>,
     pub max_staleness: Option<i64>,
     /// Passes over the input.
@@ -129,6 +130,7 @@ impl Run {
             lora,
             seed: config.seed,
             micro_batch_tokens: config.micro_batch_tokens,
+            updates_per_batch: config.updates_per_batch,
         };
         anyhow::ensure!(
             !config.gguf || (!full && config.base_weights.is_none()),

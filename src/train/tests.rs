@@ -433,6 +433,43 @@ fn binary_rewards_raise_the_rewarded_token() {
 }
 
 #[test]
+fn several_updates_per_batch_move_further_within_the_clip() {
+    let model = tiny_model(WeightFormat::F32);
+    let (good, bad) = (120u32, 121u32);
+    let batch: Vec<TrainSample> = [good, bad, good, bad]
+        .iter()
+        .enumerate()
+        .map(|(i, &first)| TrainSample {
+            sample_id: format!("s{i}"),
+            prompt_ids: PROMPT.to_vec(),
+            response_ids: vec![first, 2],
+            reward: Some(if first == good { 1.0 } else { -1.0 }),
+            ..Default::default()
+        })
+        .collect();
+    let gain = |updates: usize| {
+        let config = TrainerConfig {
+            updates_per_batch: updates,
+            ..config(Objective::Rl, 1e-2)
+        };
+        let mut trainer = Trainer::new(&model.decoder, config, None).unwrap();
+        let before = first_token_logprob(&trainer, good);
+        let metrics = trainer.step(&batch).unwrap();
+        (first_token_logprob(&trainer, good) - before, metrics)
+    };
+    let (one, m1) = gain(1);
+    let (four, m4) = gain(4);
+    // Each update is a step (a policy version); the batch counts as fresh.
+    assert_eq!((m1.step, m4.step), (1, 4));
+    assert_eq!((m1.max_staleness, m4.max_staleness), (0, 0));
+    assert!(four > one * 1.5, "one update {one}, four {four}");
+    // The first update's ratio is 1; later ones are measured against it, and
+    // the clip starts to hold some tokens back.
+    assert_eq!(m1.clip_fraction, 0.0);
+    assert!(m4.clip_fraction > 0.0, "{m4:?}");
+}
+
+#[test]
 fn teacher_logprobs_pull_the_student_towards_the_teacher() {
     let model = tiny_model(WeightFormat::F32);
     let response = vec![130u32, 131, 132, 133];

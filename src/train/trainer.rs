@@ -94,6 +94,11 @@ pub struct TrainerConfig {
     /// Padded tokens per forward/backward pass (memory bound); the step's
     /// gradient is the same for any value.
     pub micro_batch_tokens: usize,
+    /// Optimizer updates per batch (PPO's epochs): every update after the first
+    /// measures its ratio against the log-probs of the first, so the clip bounds
+    /// how far one batch moves the policy. Each update is one step (one policy
+    /// version).
+    pub updates_per_batch: usize,
 }
 
 impl Default for TrainerConfig {
@@ -106,6 +111,7 @@ impl Default for TrainerConfig {
             lora: Some(LoraConfig::default()),
             seed: 0,
             micro_batch_tokens: 2048,
+            updates_per_batch: 1,
         }
     }
 }
@@ -135,6 +141,15 @@ enum Trainable {
         decoder: Box<Decoder>,
         vars: Vec<(String, Var)>,
     },
+}
+
+/// What the first update of a batch computed for the later ones.
+#[derive(Default)]
+struct PassInputs {
+    /// logp_old: the policy's log-probs before the batch's first update.
+    old: Option<Vec<Vec<f32>>>,
+    /// The reference model's log-probs (for the KL penalty).
+    reference: Option<Vec<Vec<f32>>>,
 }
 
 pub struct Trainer {
@@ -258,19 +273,31 @@ impl Trainer {
     /// Loss and summed gradients of `batch` (per-sample token mean, then batch
     /// mean), without updating anything.
     pub fn gradients(&self, batch: &[TrainSample]) -> Result<(GradSum, StepMetrics)> {
+        let (grads, metrics, _) = self.update_gradients(batch, &mut PassInputs::default())?;
+        Ok((grads, metrics))
+    }
+
+    /// [`Trainer::gradients`] for one of a batch's updates. The first update
+    /// fills `inputs` (logp_old, the reference's log-probs) for the later ones,
+    /// and returns the detached log-probs it computed.
+    fn update_gradients(
+        &self,
+        batch: &[TrainSample],
+        inputs: &mut PassInputs,
+    ) -> Result<(GradSum, StepMetrics, Vec<Vec<f32>>)> {
         anyhow::ensure!(!batch.is_empty(), "empty batch");
         let seqs: Vec<Sequence> = batch.iter().map(TrainSample::sequence).collect();
         let budget = self.config.micro_batch_tokens;
         let rl = self.config.objective == Objective::Rl;
-        // logp_old is the policy's log-prob before this step. The step makes one
-        // update from one set of weights, so that is exactly the value of the
-        // grad-tracking pass below (detached): computing it in a separate no-grad
-        // forward, as multi-epoch PPO must, would cost a third of the step for the
-        // same numbers. The ratio is then 1 with the gradient of logp_new.
-        let reference = match rl && self.config.loss.beta_kl > 0.0 {
-            true => Some(score::score(&self.base, &seqs, budget)?),
-            false => None,
-        };
+        // logp_old is the policy's log-prob before the batch's first update. For
+        // that update it is exactly the value of the grad-tracking pass below
+        // (detached): a separate no-grad forward would cost a third of the step
+        // for the same numbers. The ratio is then 1 with the gradient of
+        // logp_new. Later updates keep the first one's values.
+        if inputs.reference.is_none() && rl && self.config.loss.beta_kl > 0.0 {
+            inputs.reference = Some(score::score(&self.base, &seqs, budget)?);
+        }
+        let reference = inputs.reference.as_ref();
         for sample in batch {
             if let Some(t) = &sample.teacher_logprobs {
                 anyhow::ensure!(
@@ -292,6 +319,7 @@ impl Trainer {
             ..Default::default()
         };
         let inv_batch = 1.0 / batch.len() as f64;
+        let mut computed = vec![Vec::new(); batch.len()];
         let rewards: Vec<Option<f32>> = batch.iter().map(|s| s.reward).collect();
         let rewards = self.config.loss.reward_baseline.apply(&rewards);
         let topk_ids = batch
@@ -312,13 +340,17 @@ impl Trainer {
             for (offset, (new_i, student_topk)) in new.iter().enumerate() {
                 let i = group.start + offset;
                 let sample = &batch[i];
+                computed[i] = new_i.to_vec1()?;
                 let (loss_i, stats) = if rl {
-                    let old: Vec<f32> = new_i.to_vec1()?;
+                    let old = match &inputs.old {
+                        Some(old) => &old[i],
+                        None => &computed[i],
+                    };
                     let signal = SampleSignal {
                         reward: rewards[i],
                         teacher: sample.teacher_logprobs.as_deref(),
-                        old: &old,
-                        reference: reference.as_ref().map(|r| r[i].as_slice()),
+                        old,
+                        reference: reference.map(|r| r[i].as_slice()),
                     };
                     let (pg, stats) = loss::policy_loss(&self.config.loss, new_i, &signal)?;
                     match (student_topk, &sample.teacher_topk) {
@@ -358,25 +390,38 @@ impl Trainer {
         if !rewards.is_empty() {
             metrics.mean_reward = rewards.iter().sum::<f32>() / rewards.len() as f32;
         }
-        Ok((grads, metrics))
+        Ok((grads, metrics, computed))
     }
 
-    /// One optimisation step on `batch`.
+    /// Trains on `batch`: `updates_per_batch` optimisation steps. The metrics are
+    /// the first update's (the batch as the policy found it), with the last
+    /// update's clip fraction (how far the batch moved the policy).
     pub fn step(&mut self, batch: &[TrainSample]) -> Result<StepMetrics> {
         let started = Instant::now();
-        let (mut grads, mut metrics) = self.gradients(batch)?;
-        metrics.grad_norm = grads.clip(self.config.grad_clip)?;
-        anyhow::ensure!(
-            metrics.grad_norm.is_finite(),
-            "the gradient norm is {} at step {}: refusing to update (lower --lr?)",
-            metrics.grad_norm,
-            self.steps() + 1
-        );
-        self.optim.step(&grads)?;
+        let before = self.steps() as i64;
+        let mut inputs = PassInputs::default();
+        let mut first: Option<StepMetrics> = None;
+        for _ in 0..self.config.updates_per_batch.max(1) {
+            let (mut grads, mut metrics, logps) = self.update_gradients(batch, &mut inputs)?;
+            metrics.grad_norm = grads.clip(self.config.grad_clip)?;
+            anyhow::ensure!(
+                metrics.grad_norm.is_finite(),
+                "the gradient norm is {} at step {}: refusing to update (lower --lr?)",
+                metrics.grad_norm,
+                self.steps() + 1
+            );
+            self.optim.step(&grads)?;
+            inputs.old.get_or_insert(logps);
+            match &mut first {
+                Some(first) => first.clip_fraction = metrics.clip_fraction,
+                None => first = Some(metrics),
+            }
+        }
+        let mut metrics = first.context("no update ran")?;
         metrics.step = self.steps();
         metrics.max_staleness = batch
             .iter()
-            .map(|s| metrics.step as i64 - 1 - s.policy_version)
+            .map(|s| before - s.policy_version)
             .max()
             .unwrap_or(0);
         metrics.seconds = started.elapsed().as_secs_f64();
