@@ -744,3 +744,49 @@ fn an_out_of_vocabulary_id_names_the_file_row_and_field() {
         "{stderr}"
     );
 }
+
+#[test]
+fn hindsight_adds_a_demonstration_for_each_rewarded_retry_and_updates_per_batch_counts_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let input = dir.path().join("judged.parquet");
+    let retry = serde_json::json!([
+        {"role": "user", "content": "What is DNA?"},
+        {"role": "assistant", "content": "A long answer."},
+        {"role": "user", "content": "Too long."},
+    ])
+    .to_string();
+    // Two rewarded retries (each also becomes a demonstration), one retry
+    // judged -1 and one first reply (neither does).
+    let mut rows: Vec<RolloutRow> = (0..4)
+        .map(|i| sample(i, Some(if i < 3 { 1.0 } else { -1.0 })))
+        .collect();
+    for row in &mut rows[..3] {
+        row.messages_json = retry.clone();
+    }
+    rows[2].reward = Some(-1.0);
+    write_rows(&input, &rows);
+    let train = |extra: &[&str], out: &str| -> serde_json::Value {
+        let (stdout, _) = run_ok(
+            claw()
+                .args(["train", "--batch-size", "2", "--lora-rank", "4", "--json"])
+                .args(extra)
+                .arg(&input)
+                .arg("--model")
+                .arg(&model)
+                .arg("--out")
+                .arg(dir.path().join(out)),
+        );
+        serde_json::from_str(&stdout).unwrap()
+    };
+    let plain = train(&[], "plain");
+    assert_eq!(plain["samples_trained"], 4);
+    let hindsight = train(&["--hindsight", "--updates-per-batch", "3"], "hindsight");
+    assert_eq!(hindsight["samples_trained"], 6, "{hindsight}");
+    // 3 batches of 2, 3 updates each; the last checkpoint is the last step's.
+    assert_eq!(hindsight["steps"], 9, "{hindsight}");
+    assert!(dir
+        .path()
+        .join("hindsight/adapter-000009.safetensors")
+        .is_file());
+}

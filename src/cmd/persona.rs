@@ -99,6 +99,12 @@ pub struct PersonaArgs {
     #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=16), help_heading = "Persona benchmark")]
     pub updates_per_batch: u16,
 
+    /// persona: also train each accepted retry as the reply to the session's
+    /// first prompt (`claw train --hindsight`): the user's correction told the
+    /// model what they wanted, and the retry they accepted shows it.
+    #[arg(long, help_heading = "Persona benchmark")]
+    pub hindsight: bool,
+
     /// persona, agent: the baseline of the binary reward (see `claw train
     /// --reward-baseline`).
     #[arg(long, value_enum, default_value_t = RewardBaseline::BatchMean, help_heading = "Persona benchmark")]
@@ -195,6 +201,7 @@ impl PersonaArgs {
             lr: self.lr,
             beta_kl: self.beta_kl,
             updates_per_batch: self.updates_per_batch.into(),
+            hindsight: self.hindsight,
             reward_baseline: self.reward_baseline,
             topk: self.topk,
             seed,

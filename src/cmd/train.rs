@@ -143,6 +143,14 @@ pub struct TrainArgs {
     /// policy version; the checkpoint is written after the batch's last.
     #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=16))]
     pub updates_per_batch: u16,
+    /// Also train each rewarded reply that answered a correction as the reply to
+    /// the prompt the corrected reply had (hindsight: what the user accepted in
+    /// the end demonstrates what they wanted at first). A row counts when its
+    /// messages end with a user message right after an assistant reply, so use
+    /// this only where such a message is a correction, not a new question (the
+    /// persona benchmark's users).
+    #[arg(long)]
+    pub hindsight: bool,
     /// Stop after this many optimizer steps.
     #[arg(long)]
     pub max_steps: Option<u64>,
@@ -245,6 +253,7 @@ impl TrainArgs {
             grad_clip: self.grad_clip,
             micro_batch_tokens: self.micro_batch_tokens,
             updates_per_batch: self.updates_per_batch.into(),
+            hindsight: self.hindsight,
             max_steps: self.max_steps,
             max_staleness: self.max_staleness,
             epochs: self.epochs,
@@ -309,7 +318,7 @@ pub fn run(mut args: TrainArgs) -> Result<()> {
         crate::daemon::train::TrainDaemon {
             cfg,
             partial_after: std::time::Duration::from_millis(partial_after.max(0) as u64),
-            vocab: run.vocab(),
+            samples: crate::train::run::row_samples(&run.config, &run.model),
             on_step: &on_step,
             checkpoints,
             mirror: mirror.map(|m| (m, keep)),

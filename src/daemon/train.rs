@@ -23,7 +23,7 @@ use super::{DaemonConfig, Settling};
 use crate::adapter::layout::latest_in;
 use crate::store::checkpoints::Mirror;
 use crate::store::Root;
-use crate::train::data::file_samples;
+use crate::train::data::{file_samples, RowSamples};
 use crate::train::driver::Driver;
 use crate::train::StepMetrics;
 
@@ -50,9 +50,9 @@ pub struct TrainDaemon<'a> {
     pub cfg: &'a DaemonConfig,
     /// Train on a partial batch once input has been quiet this long.
     pub partial_after: Duration,
-    /// The model's vocabulary size: a row with a token id outside it (or any
-    /// other bad row) quarantines its segment.
-    pub vocab: usize,
+    /// How rows become samples: a row with a token id outside the model's
+    /// vocabulary (or any other bad row) quarantines its segment.
+    pub samples: RowSamples<'a>,
     pub on_step: &'a dyn Fn(&StepMetrics),
     /// The local checkpoint folder the driver saves into (DIR/checkpoints, or
     /// the local copy of an object store's).
@@ -162,7 +162,7 @@ impl TrainDaemon<'_> {
                 Some(file) => file.path().to_path_buf(),
                 None => input_dir.join(&name),
             };
-            let samples = match file_samples(&path, self.vocab) {
+            let samples = match file_samples(&path, self.samples) {
                 Ok(s) => s,
                 Err(e) if !path.exists() => {
                     crate::debug!("{}: gone before it was read ({e:#})", path.display());

@@ -57,6 +57,8 @@ pub struct Study {
     pub beta_kl: f64,
     /// Optimizer updates per training batch (PPO's epochs).
     pub updates_per_batch: usize,
+    /// Train accepted retries as demonstrations for the first prompt too.
+    pub hindsight: bool,
     pub reward_baseline: RewardBaseline,
     /// Top-K distillation (opd, combined): K ids per token, 0 = off.
     pub topk: usize,
@@ -91,6 +93,9 @@ impl Study {
             if self.updates_per_batch > 1 {
                 s.insert("updates_per_batch".into(), json!(self.updates_per_batch));
             }
+            if self.hindsight {
+                s.insert("hindsight".into(), json!(true));
+            }
         }
         if matches!(method, Method::Opd | Method::Combined) && self.topk > 0 {
             s.insert("topk".into(), json!(self.topk));
@@ -110,6 +115,7 @@ impl Study {
             lr: 2e-4,
             beta_kl: 0.1,
             updates_per_batch: 1,
+            hindsight: false,
             reward_baseline: RewardBaseline::BatchMean,
             topk: 0,
             seed: 0,
@@ -136,9 +142,10 @@ impl Study {
             Method::Opd => " --w-rl 0",
             Method::Combined => "",
         };
+        let hindsight = if self.hindsight { " --hindsight" } else { "" };
         let train = format!(
             "train=--batch-size {} --partial-after 20s --lr {} --beta-kl {} \
-             --reward-baseline {} --updates-per-batch {} --keep 3{signals}",
+             --reward-baseline {} --updates-per-batch {} --keep 3{hindsight}{signals}",
             self.batch,
             self.lr,
             self.beta_kl,

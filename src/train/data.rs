@@ -59,42 +59,108 @@ pub fn train_sample(row: &RolloutRow, vocab: usize) -> Result<TrainSample> {
     })
 }
 
-/// Row `i` of `batch` as a training sample; an error names the file and row.
-pub fn batch_row_sample(
+/// How rollout rows become training samples.
+#[derive(Clone, Copy)]
+pub struct RowSamples<'a> {
+    /// The model's vocabulary size: every token id must be below it.
+    pub vocab: usize,
+    /// `--hindsight`: the model whose template and tokenizer render a rewarded
+    /// retry's earlier prompt ([`hindsight_sample`]).
+    pub hindsight: Option<&'a Model>,
+}
+
+impl RowSamples<'_> {
+    /// The samples of one row: its own, and its hindsight demonstration if any.
+    fn of(&self, row: &RolloutRow) -> Result<Vec<TrainSample>> {
+        let sample = train_sample(row, self.vocab)?;
+        let demo = match self.hindsight {
+            Some(model) => hindsight_sample(model, row, &sample)?,
+            None => None,
+        };
+        Ok(std::iter::once(sample).chain(demo).collect())
+    }
+}
+
+/// A rewarded reply that answered a correction, as the reply to the prompt the
+/// corrected reply had (hindsight: what the user accepted in the end is a
+/// demonstration for what they asked first). The row's messages must end with a
+/// user message right after an assistant reply, the correction; both are left out
+/// of the demonstration's prompt, which is rendered with the model's chat template
+/// (and the row's tools). None for any other row. Use only where a user's message
+/// after a reply is a correction, not a new question.
+pub fn hindsight_sample(
+    model: &Model,
+    row: &RolloutRow,
+    sample: &TrainSample,
+) -> Result<Option<TrainSample>> {
+    if row.reward.is_none_or(|r| r <= 0.0) || sample.response_ids.is_empty() {
+        return Ok(None);
+    }
+    let messages: Vec<serde_json::Value> =
+        serde_json::from_str(&row.messages_json).context("messages_json is not a JSON array")?;
+    let role = |i: usize| messages[i].get("role").and_then(serde_json::Value::as_str);
+    let n = messages.len();
+    if n < 3 || role(n - 1) != Some("user") || role(n - 2) != Some("assistant") {
+        return Ok(None);
+    }
+    if !(0..n - 2).any(|i| role(i) == Some("user")) {
+        return Ok(None);
+    }
+    let earlier = crate::serve::messages::for_template(&messages[..n - 2])
+        .context("messages_json cannot be rendered as serve rendered it")?;
+    let tools: Option<Vec<serde_json::Value>> = match &row.tools_json {
+        Some(t) if !t.trim().is_empty() => {
+            Some(serde_json::from_str(t).context("tools_json is not a JSON array")?)
+        }
+        _ => None,
+    };
+    let text = model.template.render(&earlier, tools.as_deref(), true)?;
+    Ok(Some(TrainSample {
+        sample_id: format!("{}#hindsight", sample.sample_id),
+        prompt_ids: model.tokenizer.encode(&text)?,
+        response_ids: sample.response_ids.clone(),
+        reward: sample.reward,
+        teacher_logprobs: None,
+        teacher_topk: None,
+        policy_version: sample.policy_version,
+    }))
+}
+
+/// Row `i` of `batch` as training samples; an error names the file and row.
+pub fn batch_row_samples(
     batch: &RolloutBatch,
     i: usize,
     row: &RolloutRow,
-    vocab: usize,
-) -> Result<TrainSample> {
-    train_sample(row, vocab)
+    how: RowSamples,
+) -> Result<Vec<TrainSample>> {
+    how.of(row)
         .with_context(|| sample_at(&batch.source, batch.first_row + i as u64, row))
 }
 
-/// Every row of `batch` as a training sample; any bad row fails the batch.
-fn batch_samples(batch: &RolloutBatch, vocab: usize) -> Result<Vec<TrainSample>> {
-    batch
-        .rows()?
-        .iter()
-        .enumerate()
-        .map(|(i, row)| batch_row_sample(batch, i, row, vocab))
-        .collect()
-}
-
-/// Every row of `inputs` (files, globs, directories, `-`) as a training sample.
-pub fn read_samples(inputs: &[String], vocab: usize) -> Result<Vec<TrainSample>> {
+/// Every row of `batch` as training samples; any bad row fails the batch.
+fn batch_samples(batch: &RolloutBatch, how: RowSamples) -> Result<Vec<TrainSample>> {
     let mut out = Vec::new();
-    for batch in RolloutReader::new(inputs)? {
-        out.extend(batch_samples(&batch?, vocab)?);
+    for (i, row) in batch.rows()?.iter().enumerate() {
+        out.extend(batch_row_samples(batch, i, row, how)?);
     }
     Ok(out)
 }
 
-/// Every row of one rollout file as a training sample; any bad row fails the file.
-pub fn file_samples(path: &Path, vocab: usize) -> Result<Vec<TrainSample>> {
+/// Every row of `inputs` (files, globs, directories, `-`) as training samples.
+pub fn read_samples(inputs: &[String], how: RowSamples) -> Result<Vec<TrainSample>> {
+    let mut out = Vec::new();
+    for batch in RolloutReader::new(inputs)? {
+        out.extend(batch_samples(&batch?, how)?);
+    }
+    Ok(out)
+}
+
+/// Every row of one rollout file as training samples; any bad row fails the file.
+pub fn file_samples(path: &Path, how: RowSamples) -> Result<Vec<TrainSample>> {
     let file = RolloutFile::open_path(path)?;
     let mut out = Vec::new();
     for batch in file.batches(4096, None)? {
-        out.extend(batch_samples(&batch?, vocab)?);
+        out.extend(batch_samples(&batch?, how)?);
     }
     Ok(out)
 }

@@ -180,7 +180,7 @@ impl Driver {
                 .extend(batch.iter().map(|s| s.sample_id.clone()));
         }
         let s = &mut self.summary;
-        s.steps += 1;
+        s.steps += self.trainer.config.updates_per_batch.max(1) as u64;
         s.samples_trained += batch.len() as u64;
         s.tokens_trained += metrics.tokens as u64;
         s.train_seconds += metrics.seconds;

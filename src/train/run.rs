@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use anyhow::Result;
 
 use super::checkpoint::{self, CheckpointDir};
-use super::data::{batch_row_sample, mean_nll, read_samples, reads_stdin, text_samples};
+use super::data::{
+    batch_row_samples, mean_nll, read_samples, reads_stdin, text_samples, RowSamples,
+};
 use super::driver::{Driver, DriverConfig, RunSummary};
 use super::optim::AdamWConfig;
 use super::{LossConfig, Objective, StepMetrics, TrainSample, Trainer, TrainerConfig};
@@ -48,6 +50,9 @@ pub struct RunConfig {
     pub grad_clip: f64,
     pub micro_batch_tokens: usize,
     pub updates_per_batch: usize,
+    /// Also train each rewarded reply to a correction as the reply to the
+    /// corrected turn's prompt ([`super::data::hindsight_sample`]).
+    pub hindsight: bool,
     pub max_steps: Option<u64>,
     pub max_staleness: Option<i64>,
     /// Passes over the input.
@@ -64,6 +69,15 @@ pub struct RunConfig {
     /// Also write each adapter as GGUF LoRA (`adapter-NNNNNN.gguf`) for the base
     /// GGUF, which llama.cpp's server loads with `--lora`.
     pub gguf: bool,
+}
+
+/// How a run with `config` reads rollout rows: token ids below `model`'s
+/// vocabulary size, and `--hindsight` demonstrations rendered with its template.
+pub fn row_samples<'a>(config: &RunConfig, model: &'a Model) -> RowSamples<'a> {
+    RowSamples {
+        vocab: model.config.vocab_size,
+        hindsight: config.hindsight.then_some(model),
+    }
 }
 
 /// A run ready to train: the model, and the driver around its trainer.
@@ -159,7 +173,13 @@ impl Run {
 
         let vocab = model.config.vocab_size;
         let eval_samples = match &config.eval {
-            Some(path) => Some(read_samples(std::slice::from_ref(path), vocab)?),
+            Some(path) => {
+                let how = RowSamples {
+                    vocab,
+                    hindsight: None,
+                };
+                Some(read_samples(std::slice::from_ref(path), how)?)
+            }
             None => None,
         };
         let eval_loss_before = match &eval_samples {
@@ -191,16 +211,11 @@ impl Run {
         })
     }
 
-    /// The model's vocabulary size (token ids of samples must be below it).
-    pub fn vocab(&self) -> usize {
-        self.model.config.vocab_size
-    }
-
     /// Trains on the inputs for the configured epochs (or until `max_steps`),
     /// then on the final partial batch; `on_step` sees every step's metrics.
     pub fn train(&mut self, on_step: &dyn Fn(&StepMetrics)) -> Result<()> {
-        let vocab = self.vocab();
         let config = &self.config;
+        let how = row_samples(config, &self.model);
         let driver = &mut self.driver;
         for epoch in 0..config.epochs.max(1) {
             if driver.done() {
@@ -227,9 +242,13 @@ impl Run {
                     for batch in RolloutReader::new(&config.inputs)? {
                         let batch = batch?;
                         for (i, row) in batch.rows()?.into_iter().enumerate() {
-                            let sample = batch_row_sample(&batch, i, &row, vocab)?;
-                            if let Some(m) = driver.push(sample)? {
-                                on_step(&m);
+                            for sample in batch_row_samples(&batch, i, &row, how)? {
+                                if let Some(m) = driver.push(sample)? {
+                                    on_step(&m);
+                                }
+                                if driver.done() {
+                                    break;
+                                }
                             }
                             if driver.done() {
                                 break;

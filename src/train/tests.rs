@@ -740,3 +740,52 @@ fn checkpoints_with_gguf_write_and_prune_it() {
     assert!(!dir.path().join("adapter-000001.gguf").exists());
     assert!(dir.path().join("adapter-000003.gguf").exists());
 }
+
+#[test]
+fn a_rewarded_retry_is_also_a_demonstration_for_the_first_prompt() {
+    use super::data::{hindsight_sample, train_sample};
+    use crate::rollout::RolloutRow;
+    let model = tiny_model(WeightFormat::F32);
+    let question = serde_json::json!({"role": "user", "content": "What is DNA?"});
+    let retry = serde_json::json!([
+        question,
+        {"role": "assistant", "content": "A long answer about many things."},
+        {"role": "user", "content": "Too long. Under 40 words, please."},
+    ]);
+    let row = |messages: &serde_json::Value, reward: Option<f32>| RolloutRow {
+        sample_id: "s1".into(),
+        messages_json: messages.to_string(),
+        prompt_ids: vec![1, 2, 3],
+        response_ids: vec![5, 6, 2],
+        reward,
+        teacher_logprobs: Some(vec![-0.1; 3]),
+        ..Default::default()
+    };
+    let demo_of = |r: &RolloutRow| {
+        let sample = train_sample(r, model.config.vocab_size).unwrap();
+        hindsight_sample(&model, r, &sample).unwrap()
+    };
+    let demo = demo_of(&row(&retry, Some(1.0))).expect("a rewarded retry is a demonstration");
+    let first = model
+        .template
+        .render(std::slice::from_ref(&question), None, true)
+        .unwrap();
+    assert_eq!(demo.prompt_ids, model.tokenizer.encode(&first).unwrap());
+    assert_eq!(demo.response_ids, vec![5, 6, 2]);
+    assert_eq!(demo.sample_id, "s1#hindsight");
+    assert_eq!(demo.reward, Some(1.0));
+    assert!(
+        demo.teacher_logprobs.is_none(),
+        "the hint was about the retry's context"
+    );
+    // Not rewarded, no correction before it, or answering a tool: no demonstration.
+    assert!(demo_of(&row(&retry, Some(-1.0))).is_none());
+    assert!(demo_of(&row(&retry, None)).is_none());
+    assert!(demo_of(&row(&serde_json::json!([question]), Some(1.0))).is_none());
+    let tool = serde_json::json!([
+        question,
+        {"role": "assistant", "content": "", "tool_calls": []},
+        {"role": "tool", "content": "42", "tool_call_id": "1"},
+    ]);
+    assert!(demo_of(&row(&tool, Some(1.0))).is_none());
+}

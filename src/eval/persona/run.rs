@@ -388,4 +388,21 @@ mod tests {
         assert_eq!(stage_args(&rl, "distill-hints"), None);
         assert!(!config(8).settings(Method::Rl).contains_key("topk"));
     }
+
+    #[test]
+    fn updates_per_batch_and_hindsight_reach_train_and_the_report() {
+        let mut cfg = config(0);
+        let plain = stage_args(&up_args(Method::Combined, &cfg), "train").unwrap();
+        assert!(plain.contains("--updates-per-batch 1"), "{plain}");
+        assert!(!plain.contains("--hindsight"), "{plain}");
+        cfg.study.updates_per_batch = 4;
+        cfg.study.hindsight = true;
+        let train = stage_args(&up_args(Method::Rl, &cfg), "train").unwrap();
+        assert!(train.contains("--updates-per-batch 4"), "{train}");
+        assert!(train.contains("--hindsight"), "{train}");
+        let settings = cfg.study.settings(Method::Rl);
+        assert_eq!(settings["updates_per_batch"], json!(4));
+        assert_eq!(settings["hindsight"], json!(true));
+        assert!(!cfg.study.settings(Method::Off).contains_key("hindsight"));
+    }
 }
