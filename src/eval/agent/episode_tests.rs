@@ -320,8 +320,28 @@ fn a_call_that_printed_the_answer_is_rewarded_and_repeating_it_is_not() {
             (["r2", "r3"][i - 1], -1, i == 2)
         );
         let text = text.as_deref().unwrap();
-        assert!(text.contains("already printed the result, 42"), "{text}");
+        assert!(text.contains("not a tool call: Answer: 42"), "{text}");
     }
+}
+
+/// A wrong answer after the tool printed the right one is told to copy it, not
+/// to call the tool again.
+#[test]
+fn a_wrong_answer_after_the_tool_printed_the_right_one_is_told_to_copy_it() {
+    let model = Scripted::new(vec![
+        reply("r1", "", vec![call("c1", "print(6*7)")]),
+        reply("r2", "Answer: 41", vec![]),
+    ]);
+    let log = play(&model, &FakePython, &task(), "s", false, &cfg(2), 1).unwrap();
+    assert_eq!(log.outcome, Outcome::Wrong);
+    let rated = model.rated.borrow();
+    assert_eq!(rated[0].1, 1);
+    assert_eq!((rated[1].1, rated[1].3), (-1, true));
+    let text = rated[1].2.as_deref().unwrap();
+    assert!(
+        text.contains("The tool printed 42") && text.contains("Answer: 42"),
+        "{text}"
+    );
 }
 
 /// A program that runs but prints something else gets the reference call.
