@@ -103,6 +103,12 @@ impl Study {
         s
     }
 
+    /// How far serve's policy version moves once a round's `samples` training
+    /// samples are trained: a step per batch, times the updates per batch.
+    pub fn round_versions(&self, samples: usize) -> u64 {
+        samples.div_ceil(self.batch.max(1)).max(1) as u64 * self.updates_per_batch.max(1) as u64
+    }
+
     /// Small settings for unit tests.
     #[cfg(test)]
     pub fn for_tests() -> Study {

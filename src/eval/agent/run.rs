@@ -184,7 +184,7 @@ pub fn run(
             );
         }
         if method != Method::Off && cfg.study.url.is_none() && round_over {
-            let steps = round_turns.div_ceil(cfg.study.batch).max(1) as u64;
+            let steps = cfg.study.round_versions(round_turns);
             let timeout = cfg.study.round_timeout * steps as u32;
             if !wait_for_policy(&serve.base, round_version + steps, timeout)? {
                 crate::warn!(

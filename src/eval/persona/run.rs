@@ -177,6 +177,15 @@ fn user_message(text: &str) -> Value {
 /// are left) they say why, with a thumbs down, and the model tries again; a
 /// reply they like gets a thumbs up and ends it. Returns the first reply (what the
 /// benchmark measures, as OpenClaw-RL does), its verdict and the number of turns.
+/// What one session showed: the first reply and its verdict (the measure), how
+/// many replies it took, and whether a retry was accepted in the end.
+struct Held {
+    first_reply: String,
+    first_verdict: Verdict,
+    turns: usize,
+    accepted_retry: bool,
+}
+
 fn hold_session(
     client: &Client,
     persona: &Persona,
@@ -185,7 +194,7 @@ fn hold_session(
     cfg: &RunConfig,
     seed: u64,
     rng: &mut impl Rng,
-) -> Result<(String, Verdict, usize)> {
+) -> Result<Held> {
     let mut messages = vec![user_message(task)];
     let mut first = None;
     let max_turns = cfg.max_turns.max(1);
@@ -210,15 +219,25 @@ fn hold_session(
         let Some(texts) = complaints else {
             // A satisfied user moves on, and says the session is over.
             client.feedback(session_id, &id, 1, None, true)?;
-            return Ok((first.0.clone(), first.1, turn + 1));
+            return Ok(Held {
+                first_reply: first.0.clone(),
+                first_verdict: first.1,
+                turns: turn + 1,
+                accepted_retry: turn > 0,
+            });
         };
         let text = texts[rng.gen_range(0..texts.len())];
         client.feedback(session_id, &id, -1, Some(text), last)?;
         messages.push(json!({"role": "assistant", "content": reply}));
         messages.push(user_message(text));
     }
-    let (reply, verdict) = first.expect("at least one turn");
-    Ok((reply, verdict, max_turns))
+    let (first_reply, first_verdict) = first.expect("at least one turn");
+    Ok(Held {
+        first_reply,
+        first_verdict,
+        turns: max_turns,
+        accepted_retry: false,
+    })
 }
 
 /// One run of `persona` with `method`. `progress` is told about each session.
@@ -261,7 +280,7 @@ pub fn run(
     )?;
     let mut sessions = Vec::with_capacity(cfg.sessions);
     let mut round_version = client.policy_version()?;
-    let mut round_replies = 0;
+    let mut round_samples = 0;
     for i in 0..cfg.sessions {
         let task = tasks[i % tasks.len()];
         let session_id = format!("{tag}-{}", i + 1);
@@ -271,10 +290,11 @@ pub fn run(
             .seed
             .wrapping_mul(1_000_003)
             .wrapping_add(i as u64);
-        let (reply, verdict, turns) =
-            hold_session(&client, persona, task, &session_id, cfg, seed, &mut rng)?;
+        let held = hold_session(&client, persona, task, &session_id, cfg, seed, &mut rng)?;
+        let (reply, verdict, turns) = (held.first_reply, held.first_verdict, held.turns);
         let satisfied = verdict == Verdict::Satisfied;
-        round_replies += turns;
+        // With --hindsight an accepted retry is also a demonstration: one more sample.
+        round_samples += turns + usize::from(cfg.study.hindsight && held.accepted_retry);
         let session = Session {
             index: i + 1,
             task: task.to_string(),
@@ -291,7 +311,7 @@ pub fn run(
         // sessions, wait until the steps their replies feed have been served.
         let round_over = (i + 1) % cfg.study.batch == 0 || i + 1 == cfg.sessions;
         if method != Method::Off && round_over {
-            let steps = round_replies.div_ceil(cfg.study.batch).max(1) as u64;
+            let steps = cfg.study.round_versions(round_samples);
             let timeout = cfg.study.round_timeout * steps as u32;
             if !client.wait_for_policy(round_version + steps, timeout)? {
                 crate::warn!(
@@ -301,7 +321,7 @@ pub fn run(
                 );
             }
             round_version = client.policy_version()?;
-            round_replies = 0;
+            round_samples = 0;
         }
     }
     let final_policy_version = client.policy_version()?;
@@ -387,6 +407,16 @@ mod tests {
         let rl = up_args(Method::Rl, &config(8));
         assert_eq!(stage_args(&rl, "distill-hints"), None);
         assert!(!config(8).settings(Method::Rl).contains_key("topk"));
+    }
+
+    #[test]
+    fn a_round_waits_for_every_update_of_every_batch() {
+        let mut cfg = config(0);
+        cfg.study.batch = 4;
+        assert_eq!(cfg.study.round_versions(0), 1);
+        assert_eq!(cfg.study.round_versions(9), 3);
+        cfg.study.updates_per_batch = 4;
+        assert_eq!(cfg.study.round_versions(9), 12);
     }
 
     #[test]
