@@ -296,3 +296,55 @@ fn tool_results_are_next_states_and_the_environment_gives_the_rewards() {
         assert_eq!(turn(session, 2).reward, Some(1.0));
     }
 }
+
+/// Ctrl-C during a study stops the run in progress after its episode, plays the
+/// held-out tasks, writes the report with what ran, starts no further run, and
+/// exits with an error.
+#[test]
+fn ctrl_c_stops_the_study_and_keeps_a_report_of_what_ran() {
+    use std::io::{BufRead, BufReader};
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_chat_model(tmp.path());
+    let report = tmp.path().join("report");
+    let mut child = claw()
+        .args(["eval", "--bench", "agent", "--method", "combined,off"])
+        .args(["--episodes", "400", "--batch", "2", "--heldout", "1"])
+        .args(["--max-tokens", "4", "--round-timeout", "120"])
+        .args(["--feedback-grace", "1", "--retention-limit", "1"])
+        .args(sandbox_flags())
+        .arg("--model")
+        .arg(&model)
+        .arg("--report")
+        .arg(&report)
+        .env("RAYON_NUM_THREADS", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    let mut line = String::new();
+    while stderr.read_line(&mut line).unwrap() > 0 {
+        seen.push_str(&line);
+        if line.contains("episode 4/400") {
+            // SAFETY: signalling the child this test started.
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+            break;
+        }
+        line.clear();
+    }
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
+    seen.push_str(&rest);
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "{seen}");
+    assert!(seen.contains("stopped after"), "{seen}");
+    let results: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(report.join("agent.json")).unwrap()).unwrap();
+    let runs = results.as_array().unwrap();
+    assert_eq!(runs.len(), 1, "the control did not start: {results}");
+    let played = runs[0]["episodes"].as_array().unwrap().len();
+    assert!((4..400).contains(&played), "{played} episodes");
+    assert_eq!(runs[0]["heldout_after"]["episodes"], 1);
+    assert!(runs[0].get("retention").is_none_or(|r| r.is_null()));
+}

@@ -95,8 +95,12 @@ pub fn run_all(args: &EvalArgs) -> Result<Vec<RunResult>> {
         tool_rounds: a.tool_rounds,
         feedback_grace: Duration::from_secs_f64(a.feedback_grace),
     };
+    crate::eval::live::stop_on_ctrl_c();
     let mut results = Vec::new();
     for &m in &methods {
+        if crate::daemon::wake::stop_requested() {
+            break;
+        }
         crate::info!("agent, method {}: {} episodes", m.name(), cfg.episodes);
         let bar =
             crate::ui::progress_bar(Some(cfg.episodes as u64), &format!("agent {}", m.name()));
@@ -142,6 +146,10 @@ pub fn run_all(args: &EvalArgs) -> Result<Vec<RunResult>> {
             writeln!(out, "{line}")?;
         }
     }
+    anyhow::ensure!(
+        !crate::daemon::wake::stop_requested(),
+        "stopped by a signal: the table and the report hold the runs as far as they went"
+    );
     Ok(results)
 }
 

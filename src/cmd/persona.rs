@@ -255,9 +255,13 @@ pub fn run_all(
         sessions: args.sessions,
         max_turns: args.max_turns,
     };
+    crate::eval::live::stop_on_ctrl_c();
     let mut results = Vec::new();
     for p in &personas {
         for &m in &methods {
+            if crate::daemon::wake::stop_requested() {
+                break;
+            }
             crate::info!(
                 "persona {} ({}), method {}: {} sessions",
                 p.name,
@@ -323,6 +327,10 @@ pub fn run_all(
             writeln!(out, "{line}")?;
         }
     }
+    anyhow::ensure!(
+        !crate::daemon::wake::stop_requested(),
+        "stopped by a signal: the table and the report hold the runs as far as they went"
+    );
     Ok(results)
 }
 

@@ -211,6 +211,9 @@ impl Up {
             cmd.arg("--model").arg(model);
         }
         crate::daemon::wake::stop_when_parent_dies(&mut cmd);
+        // Its own process group: a Ctrl-C in the terminal reaches the study, which
+        // stops the run it is in (`stopping`), not the `claw up` under it.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         let mut child = cmd.spawn().context("starting claw up")?;
         let stderr = child.stderr.take().context("claw up's stderr")?;
         let log = Arc::new(Mutex::new(Vec::new()));
@@ -260,6 +263,26 @@ impl Drop for Up {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Routes Ctrl-C (and SIGTERM) to a stop request: the run in progress plays no
+/// more training sessions, plays its held-out tasks, skips the retention check and
+/// is reported; no further run starts. A second Ctrl-C exits at once (the report
+/// then holds the runs finished before).
+pub fn stop_on_ctrl_c() {
+    crate::daemon::wake::install_stop_handler();
+}
+
+/// Whether the user asked the study to stop, said once per `tag`ged run.
+pub fn stopping(tag: &str, done: usize, of: usize) -> bool {
+    if !crate::daemon::wake::stop_requested() {
+        return false;
+    }
+    crate::warn!(
+        "{tag}: stopped after {done} of {of} training sessions; playing the held-out \
+         tasks for the report (Ctrl-C again quits at once)"
+    );
+    true
 }
 
 /// The policy version serve answers with now (`/healthz`); `base` ends in `/v1`.
@@ -343,6 +366,10 @@ pub fn retention_of(
     checkpoints: &Path,
     tag: &str,
 ) -> Option<crate::eval::retention::RetentionReport> {
+    if crate::daemon::wake::stop_requested() {
+        crate::warn!("{tag}: stopped: retention not measured");
+        return None;
+    }
     let adapter = match crate::adapter::layout::latest_in(checkpoints) {
         Ok(Some(adapter)) => adapter,
         Ok(None) => {

@@ -157,6 +157,9 @@ pub fn run(
     let mut round_version = policy_version(&serve.base)?;
     let mut round_turns = 0;
     for (i, task) in train.iter().enumerate() {
+        if crate::eval::live::stopping(&format!("agent {tag}"), i, train.len()) {
+            break;
+        }
         let session = format!("{tag}-{}", i + 1);
         let version = policy_version(&serve.base)?;
         let seed = cfg

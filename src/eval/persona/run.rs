@@ -282,6 +282,9 @@ pub fn run(
     let mut round_version = client.policy_version()?;
     let mut round_samples = 0;
     for i in 0..cfg.sessions {
+        if crate::eval::live::stopping(&format!("persona {tag}"), i, cfg.sessions) {
+            break;
+        }
         let task = tasks[i % tasks.len()];
         let session_id = format!("{tag}-{}", i + 1);
         let version = client.policy_version()?;
