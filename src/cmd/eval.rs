@@ -108,6 +108,9 @@ Benchmarks:
              (--heldout tasks from a fixed seed, greedy, side turns) before and
              after, tool-call validity and use; --report DIR writes agent.md,
              agent.json and agent.png. Use a model that calls tools (Qwen2.5).
+             persona and agent: Ctrl-C stops the run in progress after its
+             session, plays its held-out tasks and writes the report with every
+             run so far (exit status 1); a second Ctrl-C quits at once.
 
 Decoding is greedy by default (--temperature 0), so a run is reproducible; with
 --temperature > 0 each call's seed comes from --seed, the item and the sample.
