@@ -26,7 +26,8 @@
 //! - `upstream-tokenize`: completion ids from the response (llama.cpp's
 //!   `logprobs.content[].id`), prompt ids from the engine's own template and
 //!   tokenizer (`POST /apply-template`, then `POST /tokenize` with
-//!   `add_special`/`parse_special` as llama.cpp's server tokenises a chat prompt);
+//!   `add_special`/`parse_special` as llama.cpp's server tokenises a chat prompt),
+//!   asked while the engine generates;
 //! - `upstream-text`: the engine returned no completion ids: the row has text but
 //!   empty id and log-prob lists (not trainable as it is).
 //!
