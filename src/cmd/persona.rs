@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Args;
 
+use crate::distill::TeacherWeights;
 use crate::eval::live::Study;
 use crate::eval::persona::metrics::{report, satisfaction_chart, RunResult};
 use crate::eval::persona::plot::render_png;
@@ -122,6 +123,13 @@ pub struct PersonaArgs {
     )]
     pub topk: usize,
 
+    /// persona, agent: with opd and combined, which weights read the hint
+    /// (`claw distill-hints --teacher`): `policy`, the adapter that wrote the
+    /// reply (OpenClaw-RL's self-distillation), or `base`, the base model, whose
+    /// reading of the hint does not drift with what the policy has learned.
+    #[arg(long, value_enum, default_value_t = TeacherWeights::Policy, help_heading = "Persona benchmark")]
+    pub teacher: TeacherWeights,
+
     /// persona, agent: seconds to wait for each training step a round feeds before going on.
     #[arg(
         long,
@@ -204,6 +212,7 @@ impl PersonaArgs {
             hindsight: self.hindsight,
             reward_baseline: self.reward_baseline,
             topk: self.topk,
+            teacher: self.teacher,
             seed,
             round_timeout: Duration::from_secs_f64(self.round_timeout.max(1.0)),
             data_dir: self.keep_data.clone(),

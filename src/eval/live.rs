@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
+use crate::distill::TeacherWeights;
 use crate::train::RewardBaseline;
 
 /// How the loop learns in a run.
@@ -62,6 +63,9 @@ pub struct Study {
     pub reward_baseline: RewardBaseline,
     /// Top-K distillation (opd, combined): K ids per token, 0 = off.
     pub topk: usize,
+    /// Which weights read the hint (opd, combined): the policy that wrote the
+    /// reply, or always the base model.
+    pub teacher: TeacherWeights,
     pub seed: u64,
     /// Longest wait for a round's training step.
     pub round_timeout: Duration,
@@ -100,6 +104,10 @@ impl Study {
         if matches!(method, Method::Opd | Method::Combined) && self.topk > 0 {
             s.insert("topk".into(), json!(self.topk));
         }
+        if matches!(method, Method::Opd | Method::Combined) && self.teacher == TeacherWeights::Base
+        {
+            s.insert("teacher".into(), json!("base"));
+        }
         s
     }
 
@@ -124,6 +132,7 @@ impl Study {
             hindsight: false,
             reward_baseline: RewardBaseline::BatchMean,
             topk: 0,
+            teacher: TeacherWeights::Policy,
             seed: 0,
             round_timeout: Duration::from_secs(1),
             data_dir: None,
@@ -161,6 +170,9 @@ impl Study {
         let mut distill = "distill-hints=--hint-source feedback".to_string();
         if self.topk > 0 {
             distill.push_str(&format!(" --topk {}", self.topk));
+        }
+        if self.teacher == TeacherWeights::Base {
+            distill.push_str(" --teacher base");
         }
         let mut stages = match method {
             Method::Rl => vec![train],

@@ -413,6 +413,21 @@ mod tests {
     }
 
     #[test]
+    fn a_base_teacher_reaches_distill_hints_and_the_report() {
+        let mut cfg = config(0);
+        let plain = stage_args(&up_args(Method::Combined, &cfg), "distill-hints").unwrap();
+        assert!(!plain.contains("--teacher"), "{plain}");
+        assert!(!cfg.study.settings(Method::Combined).contains_key("teacher"));
+        cfg.study.teacher = crate::distill::TeacherWeights::Base;
+        for method in [Method::Opd, Method::Combined] {
+            let distill = stage_args(&up_args(method, &cfg), "distill-hints").unwrap();
+            assert!(distill.contains("--teacher base"), "{method:?}: {distill}");
+            assert_eq!(cfg.study.settings(method)["teacher"], json!("base"));
+        }
+        assert!(!cfg.study.settings(Method::Rl).contains_key("teacher"));
+    }
+
+    #[test]
     fn a_round_waits_for_every_update_of_every_batch() {
         let mut cfg = config(0);
         cfg.study.batch = 4;
