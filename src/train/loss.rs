@@ -42,6 +42,37 @@ pub enum RewardBaseline {
     /// down every sampled token, which on a small model degrades the answers
     /// themselves; only the contrast between replies teaches.
     BatchMean,
+    /// The mean of the last [`RECENT_REWARDS`] judged rewards this trainer has
+    /// seen, the batch's own included (REINFORCE's running baseline). With small
+    /// batches the batch mean cancels a batch whose rewards agree: two accepted
+    /// replies in a batch of two teach nothing. This baseline still contrasts
+    /// them with the rejected replies of the batches before. It starts as the
+    /// batch mean (the first batch is all it has seen) and starts again when
+    /// `claw train` restarts.
+    Recent,
+}
+
+/// How many judged rewards the `recent` baseline averages.
+pub const RECENT_REWARDS: usize = 32;
+
+/// The judged rewards a trainer saw last, newest at the back.
+#[derive(Debug, Clone, Default)]
+pub struct RecentRewards(std::collections::VecDeque<f32>);
+
+impl RecentRewards {
+    /// Adds a batch's judged rewards, forgetting the oldest beyond the window.
+    pub fn push(&mut self, rewards: &[Option<f32>]) {
+        for r in rewards.iter().flatten() {
+            if self.0.len() == RECENT_REWARDS {
+                self.0.pop_front();
+            }
+            self.0.push_back(*r);
+        }
+    }
+
+    pub fn mean(&self) -> f32 {
+        self.0.iter().sum::<f32>() / self.0.len().max(1) as f32
+    }
 }
 
 impl RewardBaseline {
@@ -50,20 +81,24 @@ impl RewardBaseline {
         match self {
             RewardBaseline::None => "none",
             RewardBaseline::BatchMean => "batch-mean",
+            RewardBaseline::Recent => "recent",
         }
     }
 
     /// The rewards of a batch, measured against this baseline (`None` stays
-    /// `None`: a sample without a reward).
-    pub fn apply(self, rewards: &[Option<f32>]) -> Vec<Option<f32>> {
-        match self {
-            RewardBaseline::None => rewards.to_vec(),
+    /// `None`: a sample without a reward). `recent` already holds the batch's
+    /// own rewards (only [`RewardBaseline::Recent`] reads it).
+    pub fn apply(self, rewards: &[Option<f32>], recent: &RecentRewards) -> Vec<Option<f32>> {
+        let mean = match self {
+            RewardBaseline::None => return rewards.to_vec(),
             RewardBaseline::BatchMean => {
-                let judged: Vec<f32> = rewards.iter().flatten().copied().collect();
-                let mean = judged.iter().sum::<f32>() / judged.len().max(1) as f32;
-                rewards.iter().map(|r| r.map(|r| r - mean)).collect()
+                let mut batch = RecentRewards::default();
+                batch.push(rewards);
+                batch.mean()
             }
-        }
+            RewardBaseline::Recent => recent.mean(),
+        };
+        rewards.iter().map(|r| r.map(|r| r - mean)).collect()
     }
 }
 
@@ -299,18 +334,52 @@ mod tests {
 
     #[test]
     fn batch_mean_baseline_keeps_only_the_contrast() {
+        let none = RecentRewards::default();
         let rewards = [Some(-1.0), Some(-1.0), Some(1.0), None, Some(-1.0)];
-        assert_eq!(RewardBaseline::None.apply(&rewards), rewards.to_vec());
         assert_eq!(
-            RewardBaseline::BatchMean.apply(&rewards),
+            RewardBaseline::None.apply(&rewards, &none),
+            rewards.to_vec()
+        );
+        assert_eq!(
+            RewardBaseline::BatchMean.apply(&rewards, &none),
             vec![Some(-0.5), Some(-0.5), Some(1.5), None, Some(-0.5)]
         );
         // All alike: no reward signal left (the teacher gap may still teach).
         let same = [Some(-1.0); 4];
         assert!(RewardBaseline::BatchMean
-            .apply(&same)
+            .apply(&same, &none)
             .iter()
             .all(|r| *r == Some(0.0)));
+    }
+
+    #[test]
+    fn recent_baseline_contrasts_a_batch_with_the_ones_before() {
+        let mut recent = RecentRewards::default();
+        let rejected = [Some(-1.0), Some(-1.0)];
+        recent.push(&rejected);
+        // The first batch is all it has seen: the batch mean.
+        assert_eq!(
+            RewardBaseline::Recent.apply(&rejected, &recent),
+            vec![Some(0.0), Some(0.0)]
+        );
+        recent.push(&rejected);
+        let accepted = [Some(1.0), None, Some(1.0)];
+        recent.push(&accepted);
+        // Two accepted replies after four rejected ones: the mean is -1/3, and
+        // they are pushed up where the batch mean would cancel them.
+        let adv = RewardBaseline::Recent.apply(&accepted, &recent);
+        assert!((adv[0].unwrap() - 4.0 / 3.0).abs() < 1e-6, "{adv:?}");
+        assert_eq!(adv[1], None);
+        assert_eq!(
+            RewardBaseline::BatchMean.apply(&accepted, &recent),
+            vec![Some(0.0), None, Some(0.0)]
+        );
+        // The window forgets: after RECENT_REWARDS accepted replies the
+        // rejected ones are gone.
+        for _ in 0..RECENT_REWARDS {
+            recent.push(&[Some(1.0)]);
+        }
+        assert_eq!(recent.mean(), 1.0);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use candle_core::{Tensor, Var};
 use serde::Serialize;
 
-use super::loss::{self, LossConfig, SampleSignal, SampleStats};
+use super::loss::{self, LossConfig, RecentRewards, SampleSignal, SampleStats};
 use super::optim::{AdamW, AdamWConfig, GradSum};
 use crate::adapter::{Adapter, LoraConfig};
 use crate::model::decoder::{Decoder, Kernels};
@@ -150,6 +150,8 @@ struct PassInputs {
     old: Option<Vec<Vec<f32>>>,
     /// The reference model's log-probs (for the KL penalty).
     reference: Option<Vec<Vec<f32>>>,
+    /// The batch's rewards against the baseline, fixed for all its updates.
+    rewards: Option<Vec<Option<f32>>>,
 }
 
 pub struct Trainer {
@@ -158,6 +160,8 @@ pub struct Trainer {
     base: Decoder,
     trainable: Trainable,
     optim: AdamW,
+    /// The rewards of the last batches, for `--reward-baseline recent`.
+    recent_rewards: RecentRewards,
 }
 
 impl Trainer {
@@ -205,6 +209,7 @@ impl Trainer {
             base,
             trainable,
             optim,
+            recent_rewards: RecentRewards::default(),
         })
     }
 
@@ -320,8 +325,15 @@ impl Trainer {
         };
         let inv_batch = 1.0 / batch.len() as f64;
         let mut computed = vec![Vec::new(); batch.len()];
-        let rewards: Vec<Option<f32>> = batch.iter().map(|s| s.reward).collect();
-        let rewards = self.config.loss.reward_baseline.apply(&rewards);
+        let rewards = match &inputs.rewards {
+            Some(rewards) => rewards.clone(),
+            None => {
+                let rewards = batch_rewards(batch);
+                let mut seen = RecentRewards::default();
+                seen.push(&rewards);
+                self.config.loss.reward_baseline.apply(&rewards, &seen)
+            }
+        };
         let topk_ids = batch
             .iter()
             .map(|s| match rl && self.config.loss.w_topk != 0.0 {
@@ -399,7 +411,17 @@ impl Trainer {
     pub fn step(&mut self, batch: &[TrainSample]) -> Result<StepMetrics> {
         let started = Instant::now();
         let before = self.steps() as i64;
-        let mut inputs = PassInputs::default();
+        let rewards = batch_rewards(batch);
+        self.recent_rewards.push(&rewards);
+        let mut inputs = PassInputs {
+            rewards: Some(
+                self.config
+                    .loss
+                    .reward_baseline
+                    .apply(&rewards, &self.recent_rewards),
+            ),
+            ..Default::default()
+        };
         let mut first: Option<StepMetrics> = None;
         for _ in 0..self.config.updates_per_batch.max(1) {
             let (mut grads, mut metrics, logps) = self.update_gradients(batch, &mut inputs)?;
@@ -437,4 +459,9 @@ impl Trainer {
             Trainable::Lora(_) => anyhow::bail!("a LoRA trainer has no full parameters"),
         }
     }
+}
+
+/// The judged rewards of a batch, in its order (None: no reward).
+fn batch_rewards(batch: &[TrainSample]) -> Vec<Option<f32>> {
+    batch.iter().map(|s| s.reward).collect()
 }
