@@ -375,13 +375,13 @@ fn rate(endpoint: &dyn Endpoint, session: &str, task: &Task, log: &EpisodeLog) -
     Ok(())
 }
 
-/// What the environment tells a wrong episode (None for a right one): what went
-/// wrong, the right answer, and the call that computes it (the task's reference
-/// program in the template's call format). The hint is only ever read by the
-/// teacher (distill-hints), so it may show what the student must find itself.
+/// What the environment tells a wrong episode's final answer (None for a right
+/// one): what went wrong and the call that computes the answer (the task's
+/// reference program in the template's call format). The hint is only ever read
+/// by the teacher (distill-hints), so it may show what the student must find
+/// itself; it does not give the answer, which a teacher then writes at once.
 pub fn correction(task: &Task, log: &EpisodeLog) -> Option<String> {
     let answer = &task.answer;
-    let call = reference_call(task);
     let malformed = log.calls() > log.valid_calls() && log.tool_errors() == 0;
     let used_tool = log.valid_calls() > 0;
     Some(match log.outcome {
@@ -390,19 +390,11 @@ pub fn correction(task: &Task, log: &EpisodeLog) -> Option<String> {
             "You kept calling the tool and never answered. The correct answer is {answer}: \
              once the tool has printed the result, reply with \"Answer: {answer}\"."
         ),
-        Outcome::Wrong if malformed => format!(
-            "Your tool call was malformed. The call that computes it is {call}; then \
-             answer. The correct answer is {answer}."
-        ),
-        Outcome::Wrong if used_tool => format!(
-            "That is wrong: the correct answer is {answer}. Print the exact result with \
-             the python tool ({call}) and copy it into \"Answer: <value>\"."
-        ),
-        Outcome::Wrong => format!(
-            "That is wrong: the correct answer is {answer}. Do not work it out in your head: \
-             call the python tool with a program that prints the result, here {call}, then \
-             reply \"Answer: <value>\"."
-        ),
+        Outcome::Wrong if malformed => {
+            format!("Your tool call was malformed. {}", call_first(task))
+        }
+        Outcome::Wrong if used_tool => format!("That is wrong. {}", call_first(task)),
+        Outcome::Wrong => call_first(task),
     })
 }
 
@@ -420,19 +412,31 @@ fn answer_now(task: &Task) -> String {
 }
 
 /// What the environment tells a call turn whose program ran but did not print
-/// the answer, or whose call was malformed.
+/// the answer, or whose call was malformed: the call to make instead
+/// ([`call_first`]).
 fn call_correction(task: &Task, turn: &Turn) -> String {
-    let (answer, call) = (&task.answer, reference_call(task));
     match turn.valid_calls < turn.calls {
-        true => format!(
-            "Your tool call was malformed. The call that computes it is {call}; then \
-             answer. The correct answer is {answer}."
-        ),
+        true => format!("Your tool call was malformed. {}", call_first(task)),
         false => format!(
-            "That program does not print the answer, {answer}. The call that computes it \
-             is {call}; then reply \"Answer: {answer}\"."
+            "That program does not print the answer. {}",
+            call_first(task)
         ),
     }
+}
+
+/// The hint for a turn that should have been the task's call. The wording was
+/// measured on Qwen2.5-0.5B's base weights as the teacher (greedy first-token
+/// probabilities, three tasks): on the task's own turn, "That is wrong: the
+/// correct answer is X. Do not work it out in your head: call the python tool
+/// ..., here CALL, then reply \"Answer: <value>\"" gave the call's first token
+/// `{"` 0.17-0.36, no more than no hint at all (0.08-0.35): a teacher told the
+/// answer writes it. This one gives 0.74-0.75, and 0.95-0.97 after a wrong
+/// program's output.
+fn call_first(task: &Task) -> String {
+    format!(
+        "Do not answer yet. Your reply must be this tool call and nothing else: {}",
+        reference_call(task)
+    )
 }
 
 /// The task's reference program as one call of the python tool, written the way

@@ -154,10 +154,12 @@ fn a_wrong_answer_rates_every_turn_down_with_the_correction_but_a_failed_tool_ke
     );
     let (id, rating, text, done) = &rated[1];
     assert_eq!((id.as_str(), *rating, *done), ("r2", -1, true));
-    assert!(text
-        .as_deref()
-        .unwrap()
-        .contains("the correct answer is 42"));
+    let text = text.as_deref().unwrap();
+    assert!(
+        text.starts_with("That is wrong. Do not answer yet."),
+        "{text}"
+    );
+    assert!(text.contains(r#""code": "print(6 * 7)""#), "{text}");
 }
 
 #[test]
@@ -166,7 +168,11 @@ fn answering_without_the_tool_is_checked_and_told_to_use_it() {
     let log = play(&model, &FakePython, &task(), "s", false, &cfg(2), 1).unwrap();
     assert_eq!((log.outcome, log.calls()), (Outcome::Wrong, 0));
     let text = model.rated.borrow()[0].2.clone().unwrap();
-    assert!(text.contains("call the python tool"), "{text}");
+    assert!(text.contains("Your reply must be this tool call"), "{text}");
+    assert!(
+        !text.contains("42"),
+        "the teacher is not told the answer: {text}"
+    );
     // The hindsight hint shows the call that would have worked.
     assert!(
         text.contains(
@@ -355,6 +361,9 @@ fn a_call_that_prints_the_wrong_value_is_shown_the_call_that_computes_it() {
     let rated = model.rated.borrow();
     let text = rated[0].2.as_deref().unwrap();
     assert_eq!(rated[0].1, -1);
-    assert!(text.contains("does not print the answer, 42"), "{text}");
+    assert!(
+        text.starts_with("That program does not print the answer."),
+        "{text}"
+    );
     assert!(text.contains(r#""code": "print(6 * 7)""#), "{text}");
 }
