@@ -91,7 +91,8 @@ Benchmarks:
              side turns never trained on) before and after; --report DIR writes
              persona.md, persona.json and persona.png. --fail-under X gates on the
              mean held-out satisfaction after the training runs. With --url it
-             drives a running `claw up` instead.
+             drives a running `claw up` instead. Fastest measured on SmolLM2:
+             --batch 2 --hindsight --reward-baseline recent --lr 3e-4.
   agent      does the loop learn to use a tool? Starts a `claw up` per --method
              and plays --episodes episodes: a task whose answer must be computed
              (big-number arithmetic, unit conversions, string manipulation,
@@ -107,7 +108,9 @@ Benchmarks:
              Reports success per --success-window episodes, held-out success
              (--heldout tasks from a fixed seed, greedy, side turns) before and
              after, tool-call validity and use; --report DIR writes agent.md,
-             agent.json and agent.png. Use a model that calls tools (Qwen2.5).
+             agent.json and agent.png. Use a model that calls tools (Qwen2.5)
+             and --teacher base: the adapter that learned to call would read
+             the hint to stop calling as another call.
              persona and agent: Ctrl-C stops the run in progress after its
              session, plays its held-out tasks and writes the report with every
              run so far (exit status 1); a second Ctrl-C quits at once.
