@@ -4,7 +4,7 @@
 
 use candle_core::{Device, Tensor};
 
-use super::loss::LossConfig;
+use super::loss::{LossConfig, RewardBaseline};
 use super::optim::AdamWConfig;
 use super::trainer::{Objective, TrainSample, Trainer, TrainerConfig};
 use crate::adapter::{Adapter, LoraConfig};
@@ -467,6 +467,37 @@ fn several_updates_per_batch_move_further_within_the_clip() {
     // the clip starts to hold some tokens back.
     assert_eq!(m1.clip_fraction, 0.0);
     assert!(m4.clip_fraction > 0.0, "{m4:?}");
+}
+
+/// Two accepted replies in a step of their own: the batch mean cancels them, the
+/// recent baseline weighs them against the rejected step before.
+#[test]
+fn the_recent_baseline_remembers_earlier_steps_and_the_batch_mean_does_not() {
+    let model = tiny_model(WeightFormat::F32);
+    let samples = |reward: f32, first: u32| -> Vec<TrainSample> {
+        (0..2)
+            .map(|i| TrainSample {
+                sample_id: format!("s{first}-{i}"),
+                prompt_ids: PROMPT.to_vec(),
+                response_ids: vec![first, 2],
+                reward: Some(reward),
+                ..Default::default()
+            })
+            .collect()
+    };
+    let accepted_step = |baseline: RewardBaseline| {
+        let mut config = config(Objective::Rl, 1e-2);
+        config.loss.reward_baseline = baseline;
+        let mut trainer = Trainer::new(&model.decoder, config, None).unwrap();
+        trainer.step(&samples(-1.0, 121)).unwrap();
+        trainer.step(&samples(1.0, 120)).unwrap()
+    };
+    let batch_mean = accepted_step(RewardBaseline::BatchMean);
+    assert_eq!(batch_mean.mean_reward, 1.0);
+    assert_eq!(batch_mean.mean_abs_advantage, 0.0, "{batch_mean:?}");
+    // Mean of (-1, -1, +1, +1) is 0: the accepted replies keep their +1.
+    let recent = accepted_step(RewardBaseline::Recent);
+    assert!((recent.mean_abs_advantage - 1.0).abs() < 1e-6, "{recent:?}");
 }
 
 #[test]
