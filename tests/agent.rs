@@ -50,6 +50,8 @@ fn a_short_agent_run_goes_through_the_whole_loop_and_writes_its_report() {
         .args(["eval", "--bench", "agent", "--method", "combined,off"])
         .args(["--episodes", "6", "--batch", "3", "--heldout", "2"])
         .args(["--max-tokens", "8", "--round-timeout", "120"])
+        // the base model reads the hints (distill-hints --teacher base)
+        .args(["--teacher", "base"])
         .args([
             "--success-window",
             "3",
@@ -137,7 +139,9 @@ fn a_short_agent_run_goes_through_the_whole_loop_and_writes_its_report() {
         .hint
         .clone()
         .unwrap();
-    assert!(hint.contains("the correct answer is"), "{hint}");
+    // The tiny model never calls the tool: it is told the call to make.
+    assert!(hint.contains("Your reply must be this tool call"), "{hint}");
+    assert_eq!(combined["settings"]["teacher"], "base", "{combined}");
     assert!(run_dir.join("checkpoints").join("LATEST").is_file());
 
     let md = std::fs::read_to_string(report.join("agent.md")).unwrap();

@@ -781,7 +781,16 @@ fn hindsight_adds_a_demonstration_for_each_rewarded_retry_and_updates_per_batch_
     };
     let plain = train(&[], "plain");
     assert_eq!(plain["samples_trained"], 4);
-    let hindsight = train(&["--hindsight", "--updates-per-batch", "3"], "hindsight");
+    let hindsight = train(
+        &[
+            "--hindsight",
+            "--updates-per-batch",
+            "3",
+            "--reward-baseline",
+            "recent",
+        ],
+        "hindsight",
+    );
     assert_eq!(hindsight["samples_trained"], 6, "{hindsight}");
     // 3 batches of 2, 3 updates each; the last checkpoint is the last step's.
     assert_eq!(hindsight["steps"], 9, "{hindsight}");
