@@ -254,8 +254,9 @@ pub fn report(results: &[RunResult], command: &str, window: usize, plot: Option<
          failed program is scored -1 by judge's env rules on the tool message; every other \
          turn is rated by its own next state through `/v1/feedback`: a call whose output \
          holds the answer +1, a call after that or a wrong program -1, the final answer +1 \
-         or -1 by its check; a -1 carries the correction (the answer and the call that \
-         computes it) as the hint for distill-hints (a failed program's hint is its error). \
+         or -1 by its check; a -1 carries the correction as the hint for distill-hints: \
+         the call to make, or, once the tool has printed the answer, to write it as the \
+         final reply (a failed program's hint is its error). \
          Methods: `rl` (the reward), `opd` (the hint, on-policy distillation), `combined` \
          (both), `off` (no training: the control).\n\n",
     );
