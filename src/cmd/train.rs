@@ -123,8 +123,10 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 0.0)]
     pub beta_kl: f32,
     /// Baseline subtracted from the rewards: none (A = r, OpenClaw-RL's binary
-    /// RL) or batch-mean (A = r − the batch's mean reward: only the contrast
-    /// between replies teaches, so all-negative batches do not wear the model down).
+    /// RL), batch-mean (A = r − the batch's mean reward: only the contrast
+    /// between replies teaches, so all-negative batches do not wear the model
+    /// down) or recent (A = r − the mean of the last 32 rewards: for batches too
+    /// small to hold a contrast).
     #[arg(long, value_enum, default_value_t = RewardBaseline::None)]
     pub reward_baseline: RewardBaseline,
     /// AdamW weight decay (matrices only).

@@ -42,8 +42,8 @@ pub enum RewardBaseline {
     /// down every sampled token, which on a small model degrades the answers
     /// themselves; only the contrast between replies teaches.
     BatchMean,
-    /// The mean of the last [`RECENT_REWARDS`] judged rewards this trainer has
-    /// seen, the batch's own included (REINFORCE's running baseline). With small
+    /// The mean of the last 32 judged rewards this trainer has seen, the
+    /// batch's own included (REINFORCE's running baseline). With small
     /// batches the batch mean cancels a batch whose rewards agree: two accepted
     /// replies in a batch of two teach nothing. This baseline still contrasts
     /// them with the rejected replies of the batches before. It starts as the
