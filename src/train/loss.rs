@@ -92,9 +92,10 @@ impl RewardBaseline {
         let mean = match self {
             RewardBaseline::None => return rewards.to_vec(),
             RewardBaseline::BatchMean => {
-                let mut batch = RecentRewards::default();
-                batch.push(rewards);
-                batch.mean()
+                // Every judged reward of the batch, however large (the recent
+                // window holds only the last RECENT_REWARDS).
+                let judged: Vec<f32> = rewards.iter().flatten().copied().collect();
+                judged.iter().sum::<f32>() / judged.len().max(1) as f32
             }
             RewardBaseline::Recent => recent.mean(),
         };

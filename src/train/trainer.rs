@@ -151,7 +151,7 @@ struct PassInputs {
     /// The reference model's log-probs (for the KL penalty).
     reference: Option<Vec<Vec<f32>>>,
     /// The batch's rewards against the baseline, fixed for all its updates.
-    rewards: Option<Vec<Option<f32>>>,
+    rewards: Vec<Option<f32>>,
 }
 
 pub struct Trainer {
@@ -275,10 +275,24 @@ impl Trainer {
         &self.base
     }
 
+    /// A batch's first pass: its rewards against the baseline (`recent` holds
+    /// the batch's own rewards already).
+    fn pass_inputs(&self, batch: &[TrainSample], recent: &RecentRewards) -> PassInputs {
+        let rewards = batch_rewards(batch);
+        PassInputs {
+            rewards: self.config.loss.reward_baseline.apply(&rewards, recent),
+            ..Default::default()
+        }
+    }
+
     /// Loss and summed gradients of `batch` (per-sample token mean, then batch
     /// mean), without updating anything.
     pub fn gradients(&self, batch: &[TrainSample]) -> Result<(GradSum, StepMetrics)> {
-        let (grads, metrics, _) = self.update_gradients(batch, &mut PassInputs::default())?;
+        // Not a step: the batch is all the recent baseline sees.
+        let mut seen = RecentRewards::default();
+        seen.push(&batch_rewards(batch));
+        let mut inputs = self.pass_inputs(batch, &seen);
+        let (grads, metrics, _) = self.update_gradients(batch, &mut inputs)?;
         Ok((grads, metrics))
     }
 
@@ -325,15 +339,7 @@ impl Trainer {
         };
         let inv_batch = 1.0 / batch.len() as f64;
         let mut computed = vec![Vec::new(); batch.len()];
-        let rewards = match &inputs.rewards {
-            Some(rewards) => rewards.clone(),
-            None => {
-                let rewards = batch_rewards(batch);
-                let mut seen = RecentRewards::default();
-                seen.push(&rewards);
-                self.config.loss.reward_baseline.apply(&rewards, &seen)
-            }
-        };
+        let rewards = &inputs.rewards;
         let topk_ids = batch
             .iter()
             .map(|s| match rl && self.config.loss.w_topk != 0.0 {
@@ -411,17 +417,8 @@ impl Trainer {
     pub fn step(&mut self, batch: &[TrainSample]) -> Result<StepMetrics> {
         let started = Instant::now();
         let before = self.steps() as i64;
-        let rewards = batch_rewards(batch);
-        self.recent_rewards.push(&rewards);
-        let mut inputs = PassInputs {
-            rewards: Some(
-                self.config
-                    .loss
-                    .reward_baseline
-                    .apply(&rewards, &self.recent_rewards),
-            ),
-            ..Default::default()
-        };
+        self.recent_rewards.push(&batch_rewards(batch));
+        let mut inputs = self.pass_inputs(batch, &self.recent_rewards);
         let mut first: Option<StepMetrics> = None;
         for _ in 0..self.config.updates_per_batch.max(1) {
             let (mut grads, mut metrics, logps) = self.update_gradients(batch, &mut inputs)?;
