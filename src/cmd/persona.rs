@@ -123,6 +123,16 @@ pub struct PersonaArgs {
     )]
     pub topk: usize,
 
+    /// persona, agent: with --topk, the weight of the top-K distillation in
+    /// the training loss (`claw train --w-topk`).
+    #[arg(
+        long,
+        default_value_t = 1.0,
+        value_name = "W",
+        help_heading = "Persona benchmark"
+    )]
+    pub w_topk: f32,
+
     /// persona, agent: with opd and combined, which weights read the hint
     /// (`claw distill-hints --teacher`): `policy`, the adapter that wrote the
     /// reply (OpenClaw-RL's self-distillation), or `base`, the base model, whose
@@ -212,6 +222,7 @@ impl PersonaArgs {
             hindsight: self.hindsight,
             reward_baseline: self.reward_baseline,
             topk: self.topk,
+            w_topk: self.w_topk,
             teacher: self.teacher,
             seed,
             round_timeout: Duration::from_secs_f64(self.round_timeout.max(1.0)),

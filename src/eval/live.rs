@@ -63,6 +63,8 @@ pub struct Study {
     pub reward_baseline: RewardBaseline,
     /// Top-K distillation (opd, combined): K ids per token, 0 = off.
     pub topk: usize,
+    /// Weight of the top-K distillation in the training loss.
+    pub w_topk: f32,
     /// Which weights read the hint (opd, combined): the policy that wrote the
     /// reply, or always the base model.
     pub teacher: TeacherWeights,
@@ -103,6 +105,9 @@ impl Study {
         }
         if matches!(method, Method::Opd | Method::Combined) && self.topk > 0 {
             s.insert("topk".into(), json!(self.topk));
+            if self.w_topk != 1.0 {
+                s.insert("w_topk".into(), json!(self.w_topk));
+            }
         }
         if matches!(method, Method::Opd | Method::Combined) && self.teacher == TeacherWeights::Base
         {
@@ -132,6 +137,7 @@ impl Study {
             hindsight: false,
             reward_baseline: RewardBaseline::BatchMean,
             topk: 0,
+            w_topk: 1.0,
             teacher: TeacherWeights::Policy,
             seed: 0,
             round_timeout: Duration::from_secs(1),
@@ -158,9 +164,14 @@ impl Study {
             Method::Combined => "",
         };
         let hindsight = if self.hindsight { " --hindsight" } else { "" };
+        let w_topk = if self.topk > 0 && self.w_topk != 1.0 && method != Method::Rl {
+            format!(" --w-topk {}", self.w_topk)
+        } else {
+            String::new()
+        };
         let train = format!(
             "train=--batch-size {} --partial-after 20s --lr {} --beta-kl {} \
-             --reward-baseline {} --updates-per-batch {} --keep 3{hindsight}{signals}",
+             --reward-baseline {} --updates-per-batch {} --keep 3{hindsight}{w_topk}{signals}",
             self.batch,
             self.lr,
             self.beta_kl,

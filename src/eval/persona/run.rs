@@ -413,6 +413,39 @@ mod tests {
     }
 
     #[test]
+    fn a_topk_weight_reaches_train_only_where_topk_is_distilled() {
+        let weighted = |topk, w_topk| RunConfig {
+            study: Study {
+                topk,
+                w_topk,
+                ..Study::for_tests()
+            },
+            ..config(topk)
+        };
+        let train = stage_args(&up_args(Method::Combined, &weighted(8, 3.0)), "train").unwrap();
+        assert!(train.contains("--w-topk 3"), "{train}");
+        assert_eq!(
+            weighted(8, 3.0).settings(Method::Combined)["w_topk"],
+            json!(3.0)
+        );
+        // The default weight, no top-K, or rl (no distillation): nothing to pass.
+        for (method, topk, w_topk) in [
+            (Method::Combined, 8, 1.0),
+            (Method::Combined, 0, 3.0),
+            (Method::Rl, 8, 3.0),
+        ] {
+            let train = stage_args(&up_args(method, &weighted(topk, w_topk)), "train").unwrap();
+            assert!(
+                !train.contains("--w-topk"),
+                "{method:?} {topk} {w_topk}: {train}"
+            );
+            assert!(!weighted(topk, w_topk)
+                .settings(method)
+                .contains_key("w_topk"));
+        }
+    }
+
+    #[test]
     fn a_base_teacher_reaches_distill_hints_and_the_report() {
         let mut cfg = config(0);
         let plain = stage_args(&up_args(Method::Combined, &cfg), "distill-hints").unwrap();
