@@ -73,6 +73,10 @@ pub struct DistillHintsArgs {
     /// (on the last message if the user wrote it, else in a new user message after
     /// a tool result); `last-user` appends it to the last user message wherever it
     /// is (OpenClaw-RL's placement). They differ only for turns that answer a tool.
+    /// `before` puts it at the start of the last user message, above what the
+    /// user asked: a conversational correction placed after the message is what
+    /// a small policy teacher answers (it echoes "That's too long." instead of
+    /// answering); `claw eval --bench persona` uses it.
     #[arg(long, value_enum, default_value_t = HintPlacement::End)]
     pub hint_at: HintPlacement,
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Args;
 
+use crate::distill::hints::HintPlacement;
 use crate::distill::TeacherWeights;
 use crate::eval::live::Study;
 use crate::eval::persona::metrics::{report, satisfaction_chart, RunResult};
@@ -140,6 +141,14 @@ pub struct PersonaArgs {
     #[arg(long, value_enum, default_value_t = TeacherWeights::Policy, help_heading = "Persona benchmark")]
     pub teacher: TeacherWeights,
 
+    /// persona, agent: with opd and combined, where the teacher reads the hint
+    /// (`claw distill-hints --hint-at`). Default: persona `before` (above the
+    /// user's message: appended after it, a correction is what the policy
+    /// teacher answers, echoing "That's too long." instead of answering), agent
+    /// `end` (after the tool's output, right before the reply).
+    #[arg(long, value_enum, help_heading = "Persona benchmark")]
+    pub hint_at: Option<HintPlacement>,
+
     /// persona, agent: seconds to wait for each training step a round feeds before going on.
     #[arg(
         long,
@@ -224,6 +233,7 @@ impl PersonaArgs {
             topk: self.topk,
             w_topk: self.w_topk,
             teacher: self.teacher,
+            hint_at: self.hint_at,
             seed,
             round_timeout: Duration::from_secs_f64(self.round_timeout.max(1.0)),
             data_dir: self.keep_data.clone(),

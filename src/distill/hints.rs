@@ -14,6 +14,9 @@ pub const MIN_HINT_CHARS: usize = 10;
 /// The marker appended to the last user message before the hint.
 pub const HINT_MARKER: &str = "\n\n[user's hint / instruction]\n";
 
+/// What separates a hint placed before the user's message from that message.
+const BEFORE_SEPARATOR: &str = "\n\n";
+
 /// One hint-judge reply, read.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct HintVote {
@@ -103,6 +106,12 @@ pub enum HintPlacement {
     /// small teacher's next token (measured: docs/ARCHITECTURE.md).
     #[default]
     End,
+    /// At the start of the last user message, above what the user asked: the
+    /// teacher reads it as context and then answers the message. Appended after
+    /// a conversational message, a correction ("That's too long.") is what a
+    /// small policy teacher answers: it echoes it instead of answering the
+    /// question (measured: docs/ARCHITECTURE.md, "Hindsight hints").
+    Before,
 }
 
 fn is_user(message: &Json) -> bool {
@@ -131,8 +140,23 @@ pub fn teacher_messages(
     else {
         bail!("the turn has no messages to add a hint to");
     };
-    let addition = format!("{HINT_MARKER}{hint}");
     let message = &mut out[index];
+    if placement == HintPlacement::Before && is_user(message) {
+        let addition = format!("{}{hint}{BEFORE_SEPARATOR}", HINT_MARKER.trim_start());
+        match message.get_mut("content") {
+            Some(Json::String(text)) => text.insert_str(0, &addition),
+            Some(Json::Array(parts)) => {
+                // Multi-part content: a text part of its own, first.
+                parts.insert(0, json!({"type": "text", "text": addition}));
+            }
+            Some(Json::Null) | None => {
+                message["content"] = Json::String(addition.trim_end().to_string());
+            }
+            Some(other) => bail!("message {index} has content of an unexpected type: {other}"),
+        }
+        return Ok(out);
+    }
+    let addition = format!("{HINT_MARKER}{hint}");
     match message.get_mut("content") {
         Some(Json::String(text)) => text.push_str(&addition),
         Some(Json::Array(parts)) => {
@@ -217,7 +241,11 @@ mod tests {
         assert_eq!(out[4], messages[4]);
         // No user message: the last message gets it, wherever the hint goes.
         let only = vec![json!({"role": "system", "content": "sys"})];
-        for placement in [HintPlacement::LastUser, HintPlacement::End] {
+        for placement in [
+            HintPlacement::LastUser,
+            HintPlacement::End,
+            HintPlacement::Before,
+        ] {
             let out = teacher_messages(&only, "Be brief.", placement).unwrap();
             assert_eq!(out.len(), 1);
             assert!(out[0]["content"].as_str().unwrap().ends_with("Be brief."));
@@ -244,5 +272,37 @@ mod tests {
             teacher_messages(asked, "Be brief.", HintPlacement::End).unwrap(),
             teacher_messages(asked, "Be brief.", HintPlacement::LastUser).unwrap()
         );
+    }
+
+    #[test]
+    fn before_puts_the_hint_above_the_last_user_message() {
+        let messages = vec![
+            json!({"role": "user", "content": "Explain DNA."}),
+            json!({"role": "assistant", "content": "a long reply"}),
+            json!({"role": "user", "content": "That's too long."}),
+        ];
+        let out = teacher_messages(&messages, "Under 40 words.", HintPlacement::Before).unwrap();
+        assert_eq!(
+            out[2]["content"],
+            "[user's hint / instruction]\nUnder 40 words.\n\nThat's too long."
+        );
+        assert_eq!(out[..2], messages[..2], "earlier messages untouched");
+        let parts = vec![json!({"role": "user", "content": [{"type": "text", "text": "q"}]})];
+        let out = teacher_messages(&parts, "Be brief.", HintPlacement::Before).unwrap();
+        assert_eq!(
+            out[0]["content"],
+            json!([
+                {"type": "text", "text": "[user's hint / instruction]\nBe brief.\n\n"},
+                {"type": "text", "text": "q"}
+            ])
+        );
+        // After a tool result the last user message still gets it, above the task.
+        let tool = vec![
+            json!({"role": "user", "content": "task"}),
+            json!({"role": "tool", "content": "42", "tool_call_id": "1"}),
+        ];
+        let out = teacher_messages(&tool, "Answer now.", HintPlacement::Before).unwrap();
+        assert_eq!(out.len(), 2);
+        assert!(out[0]["content"].as_str().unwrap().ends_with("\n\ntask"));
     }
 }

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
+use crate::distill::hints::HintPlacement;
 use crate::distill::TeacherWeights;
 use crate::train::RewardBaseline;
 
@@ -68,6 +69,8 @@ pub struct Study {
     /// Which weights read the hint (opd, combined): the policy that wrote the
     /// reply, or always the base model.
     pub teacher: TeacherWeights,
+    /// Where the teacher reads the hint (opd, combined); None: the benchmark's own.
+    pub hint_at: Option<HintPlacement>,
     pub seed: u64,
     /// Longest wait for a round's training step.
     pub round_timeout: Duration,
@@ -85,7 +88,7 @@ pub struct Study {
 impl Study {
     /// What a report states about how `method` ran: sampling always, the
     /// training settings unless it is the control.
-    pub fn settings(&self, method: Method) -> BTreeMap<String, Value> {
+    pub fn settings(&self, method: Method, hint_at: HintPlacement) -> BTreeMap<String, Value> {
         let mut s = BTreeMap::new();
         // f32 -> f64 would print 0.7 as 0.699999988.
         let temperature: f64 = self.temperature.to_string().parse().unwrap_or_default();
@@ -113,7 +116,15 @@ impl Study {
         {
             s.insert("teacher".into(), json!("base"));
         }
+        if matches!(method, Method::Opd | Method::Combined) && hint_at != HintPlacement::End {
+            s.insert("hint_at".into(), json!(placement_name(hint_at)));
+        }
         s
+    }
+
+    /// The hint placement a benchmark whose own is `default` runs with.
+    pub fn hint_at_or(&self, default: HintPlacement) -> HintPlacement {
+        self.hint_at.unwrap_or(default)
     }
 
     /// How far serve's policy version moves once a round's `samples` training
@@ -139,6 +150,7 @@ impl Study {
             topk: 0,
             w_topk: 1.0,
             teacher: TeacherWeights::Policy,
+            hint_at: None,
             seed: 0,
             round_timeout: Duration::from_secs(1),
             data_dir: None,
@@ -151,7 +163,13 @@ impl Study {
     /// The `claw up` options that make `method` learn: train with the signals
     /// the method uses, distill-hints turning the feedback into hints (opd,
     /// combined), and `judge` and `collect` with the benchmark's own options.
-    pub fn up_args(&self, method: Method, judge: &str, collect: &str) -> Vec<String> {
+    pub fn up_args(
+        &self,
+        method: Method,
+        hint_at: HintPlacement,
+        judge: &str,
+        collect: &str,
+    ) -> Vec<String> {
         let signals = match method {
             Method::Off => {
                 return vec![
@@ -185,6 +203,9 @@ impl Study {
         if self.teacher == TeacherWeights::Base {
             distill.push_str(" --teacher base");
         }
+        if hint_at != HintPlacement::End {
+            distill.push_str(&format!(" --hint-at {}", placement_name(hint_at)));
+        }
         let mut stages = match method {
             Method::Rl => vec![train],
             _ => vec![distill, train],
@@ -200,6 +221,13 @@ impl Study {
         }
         args
     }
+}
+
+/// `--hint-at`'s name for `placement`.
+fn placement_name(placement: HintPlacement) -> String {
+    clap::ValueEnum::to_possible_value(&placement)
+        .map(|v| v.get_name().to_string())
+        .unwrap_or_default()
 }
 
 /// A `claw up` a run started; stopped (SIGINT, then SIGKILL) when dropped.

@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 use super::episode::{play, Endpoint, EpisodeConfig, Outcome, Reply, ToolRunner, TurnRequest};
 use super::metrics::{Episode, HeldOut, RunResult, Signals};
 use super::tasks::{self, Task};
+use crate::distill::HintPlacement;
 use crate::eval::live::{policy_version, run_dir, wait_for_policy, Method, Study, Up};
 
 /// Settings of a run.
@@ -26,9 +27,18 @@ pub struct RunConfig {
     pub feedback_grace: Duration,
 }
 
+/// Where the teacher reads a correction unless told otherwise: last, after the
+/// tool's output (a hint on the task, above the call and its output, barely
+/// moves a small teacher).
+const HINT_AT: HintPlacement = HintPlacement::End;
+
 impl RunConfig {
+    fn hint_at(&self) -> HintPlacement {
+        self.study.hint_at_or(HINT_AT)
+    }
+
     fn settings(&self, method: Method) -> BTreeMap<String, Value> {
-        let mut s = self.study.settings(method);
+        let mut s = self.study.settings(method, self.hint_at());
         s.insert("tool_rounds".into(), json!(self.tool_rounds));
         s
     }
@@ -52,7 +62,7 @@ pub fn up_args(method: Method, cfg: &RunConfig) -> Vec<String> {
         cfg.feedback_grace.as_millis()
     );
     cfg.study
-        .up_args(method, "--sources env,feedback", &collect)
+        .up_args(method, cfg.hint_at(), "--sources env,feedback", &collect)
 }
 
 /// serve (its base URL, ending in `/v1`), as the episodes' endpoint.
@@ -279,6 +289,10 @@ mod tests {
             let collect = stage(&args, "collect").unwrap();
             assert!(collect.contains("--feedback-grace 90000ms"), "{collect}");
             assert_eq!(stage(&args, "distill-hints").is_some(), m != Method::Rl);
+            // The agent's hints go last, after the tool's output (distill-hints' own default).
+            assert!(!stage(&args, "distill-hints")
+                .unwrap_or_default()
+                .contains("--hint-at"));
         }
         assert!(stage(&up_args(Method::Rl, &config()), "train")
             .unwrap()

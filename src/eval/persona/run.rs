@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 
 use super::metrics::{sessions_to_success, RunResult, Session};
 use super::{Persona, Verdict};
+use crate::distill::HintPlacement;
 use crate::eval::helpful::Helpfulness;
 
 pub use crate::eval::live::Method;
@@ -23,6 +24,7 @@ use crate::eval::live::{policy_version, wait_for_policy, Study, Up};
 fn up_args(method: Method, cfg: &RunConfig) -> Vec<String> {
     cfg.study.up_args(
         method,
+        cfg.hint_at(),
         "--sources feedback",
         "--feedback-grace 2s --session-timeout 2m",
     )
@@ -38,10 +40,20 @@ pub struct RunConfig {
     pub max_turns: usize,
 }
 
+/// Where the teacher reads a persona's correction unless told otherwise: above
+/// the user's message. Appended after it, "That's too long." is what a policy
+/// teacher that has begun to learn answers, by echoing it (measured:
+/// docs/ARCHITECTURE.md, "Hindsight hints").
+const HINT_AT: HintPlacement = HintPlacement::Before;
+
 impl RunConfig {
+    fn hint_at(&self) -> HintPlacement {
+        self.study.hint_at_or(HINT_AT)
+    }
+
     /// What a report should say about how `method` trained.
     fn settings(&self, method: Method) -> std::collections::BTreeMap<String, Value> {
-        let mut s = self.study.settings(method);
+        let mut s = self.study.settings(method, self.hint_at());
         s.insert("max_turns".into(), json!(self.max_turns));
         s
     }
@@ -446,18 +458,39 @@ mod tests {
     }
 
     #[test]
+    fn a_persona_teacher_reads_the_correction_above_the_message_unless_told() {
+        let mut cfg = config(0);
+        for method in [Method::Opd, Method::Combined] {
+            let distill = stage_args(&up_args(method, &cfg), "distill-hints").unwrap();
+            assert!(
+                distill.contains("--hint-at before"),
+                "{method:?}: {distill}"
+            );
+            assert_eq!(cfg.settings(method)["hint_at"], json!("before"));
+        }
+        assert!(!cfg.settings(Method::Rl).contains_key("hint_at"));
+        cfg.study.hint_at = Some(HintPlacement::End);
+        let distill = stage_args(&up_args(Method::Combined, &cfg), "distill-hints").unwrap();
+        assert!(
+            !distill.contains("--hint-at"),
+            "end is distill-hints' own: {distill}"
+        );
+        assert!(!cfg.settings(Method::Combined).contains_key("hint_at"));
+    }
+
+    #[test]
     fn a_base_teacher_reaches_distill_hints_and_the_report() {
         let mut cfg = config(0);
         let plain = stage_args(&up_args(Method::Combined, &cfg), "distill-hints").unwrap();
         assert!(!plain.contains("--teacher"), "{plain}");
-        assert!(!cfg.study.settings(Method::Combined).contains_key("teacher"));
+        assert!(!cfg.settings(Method::Combined).contains_key("teacher"));
         cfg.study.teacher = crate::distill::TeacherWeights::Base;
         for method in [Method::Opd, Method::Combined] {
             let distill = stage_args(&up_args(method, &cfg), "distill-hints").unwrap();
             assert!(distill.contains("--teacher base"), "{method:?}: {distill}");
-            assert_eq!(cfg.study.settings(method)["teacher"], json!("base"));
+            assert_eq!(cfg.settings(method)["teacher"], json!("base"));
         }
-        assert!(!cfg.study.settings(Method::Rl).contains_key("teacher"));
+        assert!(!cfg.settings(Method::Rl).contains_key("teacher"));
     }
 
     #[test]
@@ -481,9 +514,9 @@ mod tests {
         let train = stage_args(&up_args(Method::Rl, &cfg), "train").unwrap();
         assert!(train.contains("--updates-per-batch 4"), "{train}");
         assert!(train.contains("--hindsight"), "{train}");
-        let settings = cfg.study.settings(Method::Rl);
+        let settings = cfg.settings(Method::Rl);
         assert_eq!(settings["updates_per_batch"], json!(4));
         assert_eq!(settings["hindsight"], json!(true));
-        assert!(!cfg.study.settings(Method::Off).contains_key("hindsight"));
+        assert!(!cfg.settings(Method::Off).contains_key("hindsight"));
     }
 }
