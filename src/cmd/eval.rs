@@ -92,7 +92,8 @@ Benchmarks:
              persona.md, persona.json and persona.png. --fail-under X gates on the
              mean held-out satisfaction after the training runs. With --url it
              drives a running `claw up` instead. Fastest measured on SmolLM2:
-             --batch 2 --hindsight --reward-baseline recent --lr 3e-4.
+             --batch 2 --hindsight --reward-baseline recent --lr 3e-4. The
+             teacher reads each correction above the task (--hint-at before).
   agent      does the loop learn to use a tool? Starts a `claw up` per --method
              and plays --episodes episodes: a task whose answer must be computed
              (big-number arithmetic, unit conversions, string manipulation,
