@@ -91,7 +91,8 @@ impl Study {
     pub fn settings(&self, method: Method, hint_at: HintPlacement) -> BTreeMap<String, Value> {
         let mut s = BTreeMap::new();
         // f32 -> f64 would print 0.7 as 0.699999988.
-        let temperature: f64 = self.temperature.to_string().parse().unwrap_or_default();
+        let shortest = |x: f32| -> f64 { x.to_string().parse().unwrap_or_default() };
+        let temperature = shortest(self.temperature);
         s.insert("temperature".into(), json!(temperature));
         s.insert("max_tokens".into(), json!(self.max_tokens));
         if method != Method::Off {
@@ -109,7 +110,7 @@ impl Study {
         if matches!(method, Method::Opd | Method::Combined) && self.topk > 0 {
             s.insert("topk".into(), json!(self.topk));
             if self.w_topk != 1.0 {
-                s.insert("w_topk".into(), json!(self.w_topk));
+                s.insert("w_topk".into(), json!(shortest(self.w_topk)));
             }
         }
         if matches!(method, Method::Opd | Method::Combined) && self.teacher == TeacherWeights::Base
