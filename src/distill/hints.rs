@@ -141,24 +141,20 @@ pub fn teacher_messages(
         bail!("the turn has no messages to add a hint to");
     };
     let message = &mut out[index];
-    if placement == HintPlacement::Before && is_user(message) {
-        let addition = format!("{}{hint}{BEFORE_SEPARATOR}", HINT_MARKER.trim_start());
-        match message.get_mut("content") {
-            Some(Json::String(text)) => text.insert_str(0, &addition),
-            Some(Json::Array(parts)) => {
-                // Multi-part content: a text part of its own, first.
-                parts.insert(0, json!({"type": "text", "text": addition}));
-            }
-            Some(Json::Null) | None => {
-                message["content"] = Json::String(addition.trim_end().to_string());
-            }
-            Some(other) => bail!("message {index} has content of an unexpected type: {other}"),
-        }
-        return Ok(out);
-    }
-    let addition = format!("{HINT_MARKER}{hint}");
+    // Above the user's own words, or after the last message's.
+    let before = placement == HintPlacement::Before && is_user(message);
+    let addition = if before {
+        format!("{}{hint}{BEFORE_SEPARATOR}", HINT_MARKER.trim_start())
+    } else {
+        format!("{HINT_MARKER}{hint}")
+    };
     match message.get_mut("content") {
+        Some(Json::String(text)) if before => text.insert_str(0, &addition),
         Some(Json::String(text)) => text.push_str(&addition),
+        Some(Json::Array(parts)) if before => {
+            // Multi-part content: a text part of its own, first.
+            parts.insert(0, json!({"type": "text", "text": addition}));
+        }
         Some(Json::Array(parts)) => {
             // Multi-part content: extend the last text part, or add one.
             let last_text = parts
@@ -171,7 +167,12 @@ pub fn teacher_messages(
             }
         }
         Some(Json::Null) | None => {
-            message["content"] = Json::String(addition.trim_start().to_string());
+            let alone = if before {
+                addition.trim_end()
+            } else {
+                addition.trim_start()
+            };
+            message["content"] = Json::String(alone.to_string());
         }
         Some(other) => bail!("message {index} has content of an unexpected type: {other}"),
     }

@@ -183,7 +183,8 @@ impl Study {
             Method::Combined => "",
         };
         let hindsight = if self.hindsight { " --hindsight" } else { "" };
-        let w_topk = if self.topk > 0 && self.w_topk != 1.0 && method != Method::Rl {
+        let distills = matches!(method, Method::Opd | Method::Combined);
+        let w_topk = if distills && self.topk > 0 && self.w_topk != 1.0 {
             format!(" --w-topk {}", self.w_topk)
         } else {
             String::new()
