@@ -8,7 +8,7 @@ tool call arguments parsed into objects, content null -> ""). Needs only jinja2.
     python3 scripts/hf_chat_template.py MODEL.gguf REQUEST.json > PROMPT.txt
 
 Regenerates fixtures/openclaw/session-turn2.qwen2.5.txt (the reference that
-tests/serve.rs compares claw's rendering against):
+tests/e2e/serve.rs compares claw's rendering against):
 
     python3 scripts/hf_chat_template.py models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf \
         fixtures/openclaw/session-turn2.json > fixtures/openclaw/session-turn2.qwen2.5.txt

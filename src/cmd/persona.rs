@@ -134,6 +134,18 @@ pub struct PersonaArgs {
     )]
     pub w_topk: f32,
 
+    /// persona, agent: with opd and combined, replay each correction on N other
+    /// prompts of the run (`claw train --hint-replay`): the policy answers them
+    /// and reads the correction as their teacher. For standing preferences (the
+    /// personas), not for the agent's task-specific hints. 0 = off.
+    #[arg(
+        long,
+        default_value_t = 0,
+        value_name = "N",
+        help_heading = "Persona benchmark"
+    )]
+    pub hint_replay: usize,
+
     /// persona, agent: with opd and combined, which weights read the hint
     /// (`claw distill-hints --teacher`): `policy`, the adapter that wrote the
     /// reply (OpenClaw-RL's self-distillation), or `base`, the base model, whose
@@ -232,6 +244,7 @@ impl PersonaArgs {
             reward_baseline: self.reward_baseline,
             topk: self.topk,
             w_topk: self.w_topk,
+            hint_replay: self.hint_replay,
             teacher: self.teacher,
             hint_at: self.hint_at,
             seed,

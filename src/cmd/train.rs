@@ -7,6 +7,7 @@ use clap::Args;
 use serde::Serialize;
 
 use crate::daemon::{Stage, WatchArgs};
+use crate::distill::HintPlacement;
 use crate::train::driver::RunSummary;
 use crate::train::run::{keep_freed_memory, Run, RunConfig};
 use crate::train::{LossConfig, Objective, RewardBaseline, StepMetrics};
@@ -153,6 +154,20 @@ pub struct TrainArgs {
     /// persona benchmark's users).
     #[arg(long)]
     pub hindsight: bool,
+    /// Replay each hint on N other prompts: for every sample that carries a
+    /// hint (from distill-hints), the current policy answers N other prompts
+    /// users opened sessions with, and the policy with the hint in context is
+    /// their teacher (on-policy distillation). For hints that state a standing
+    /// preference ("keep it short"), never for task-specific ones ("check the
+    /// file first"): one correction then teaches N + 1 replies. 0 = off.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub hint_replay: usize,
+    /// Where the --hint-replay teacher reads the hint (as distill-hints --hint-at).
+    #[arg(long, value_enum, default_value_t = HintPlacement::End, value_name = "WHERE")]
+    pub hint_at: HintPlacement,
+    /// Longest --hint-replay reply, in tokens.
+    #[arg(long, default_value_t = 256, value_name = "TOKENS")]
+    pub hint_replay_tokens: usize,
     /// Stop after this many optimizer steps.
     #[arg(long)]
     pub max_steps: Option<u64>,
@@ -256,6 +271,9 @@ impl TrainArgs {
             micro_batch_tokens: self.micro_batch_tokens,
             updates_per_batch: self.updates_per_batch.into(),
             hindsight: self.hindsight,
+            hint_replay: self.hint_replay,
+            hint_at: self.hint_at,
+            hint_replay_tokens: self.hint_replay_tokens,
             max_steps: self.max_steps,
             max_staleness: self.max_staleness,
             epochs: self.epochs,
@@ -358,6 +376,12 @@ pub fn run(mut args: TrainArgs) -> Result<()> {
         skipped.empty,
         skipped.too_long
     );
+    if summary.samples_replayed > 0 {
+        info!(
+            "{} replay samples: hints distilled on other openings (--hint-replay)",
+            summary.samples_replayed
+        );
+    }
     if let (Some(before), Some(after)) = (eval_loss_before, eval_loss_after) {
         info!("held-out loss {before:.4} -> {after:.4}");
     }

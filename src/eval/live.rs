@@ -66,6 +66,8 @@ pub struct Study {
     pub topk: usize,
     /// Weight of the top-K distillation in the training loss.
     pub w_topk: f32,
+    /// Replay each hint on this many other openings (opd, combined; 0 = off).
+    pub hint_replay: usize,
     /// Which weights read the hint (opd, combined): the policy that wrote the
     /// reply, or always the base model.
     pub teacher: TeacherWeights,
@@ -113,6 +115,9 @@ impl Study {
                 s.insert("w_topk".into(), json!(shortest(self.w_topk)));
             }
         }
+        if matches!(method, Method::Opd | Method::Combined) && self.hint_replay > 0 {
+            s.insert("hint_replay".into(), json!(self.hint_replay));
+        }
         if matches!(method, Method::Opd | Method::Combined) && self.teacher == TeacherWeights::Base
         {
             s.insert("teacher".into(), json!("base"));
@@ -150,6 +155,7 @@ impl Study {
             reward_baseline: RewardBaseline::BatchMean,
             topk: 0,
             w_topk: 1.0,
+            hint_replay: 0,
             teacher: TeacherWeights::Policy,
             hint_at: None,
             seed: 0,
@@ -189,9 +195,20 @@ impl Study {
         } else {
             String::new()
         };
+        // The replay teacher reads the hint where distill-hints' teacher does.
+        let replay = if distills && self.hint_replay > 0 {
+            format!(
+                " --hint-replay {} --hint-at {} --hint-replay-tokens {}",
+                self.hint_replay,
+                placement_name(hint_at),
+                self.max_tokens
+            )
+        } else {
+            String::new()
+        };
         let train = format!(
             "train=--batch-size {} --partial-after 20s --lr {} --beta-kl {} \
-             --reward-baseline {} --updates-per-batch {} --keep 3{hindsight}{w_topk}{signals}",
+             --reward-baseline {} --updates-per-batch {} --keep 3{hindsight}{w_topk}{replay}{signals}",
             self.batch,
             self.lr,
             self.beta_kl,

@@ -3,9 +3,11 @@
 //! loss over a set of samples.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 
+use super::replay::ReplaySource;
 use super::trainer::{TrainSample, Trainer};
 use crate::model::score::{self, Sequence};
 use crate::model::Model;
@@ -56,6 +58,7 @@ pub fn train_sample(row: &RolloutRow, vocab: usize) -> Result<TrainSample> {
             _ => None,
         },
         policy_version: row.policy_version,
+        replay: None,
     })
 }
 
@@ -67,12 +70,17 @@ pub struct RowSamples<'a> {
     /// `--hindsight`: the model whose template and tokenizer render a rewarded
     /// retry's earlier prompt ([`hindsight_sample`]).
     pub hindsight: Option<&'a Model>,
+    /// `--hint-replay`: keep each row's opening prompt and hint on its sample.
+    pub replay: bool,
 }
 
 impl RowSamples<'_> {
     /// The samples of one row: its own, and its hindsight demonstration if any.
     fn of(&self, row: &RolloutRow) -> Result<Vec<TrainSample>> {
-        let sample = train_sample(row, self.vocab)?;
+        let mut sample = train_sample(row, self.vocab)?;
+        if self.replay {
+            sample.replay = ReplaySource::of(row)?.map(Arc::new);
+        }
         let demo = match self.hindsight {
             Some(model) => hindsight_sample(model, row, &sample)?,
             None => None,
@@ -123,6 +131,7 @@ pub fn hindsight_sample(
         teacher_logprobs: None,
         teacher_topk: None,
         policy_version: sample.policy_version,
+        replay: None,
     }))
 }
 

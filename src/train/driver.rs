@@ -8,6 +8,7 @@ use anyhow::Result;
 use serde::Serialize;
 
 use super::checkpoint::CheckpointDir;
+use super::replay::HintReplay;
 use super::trainer::{Objective, StepMetrics, TrainSample, Trainer};
 
 /// Loop settings.
@@ -49,6 +50,8 @@ pub struct RunSummary {
     pub first_step: u64,
     pub samples_seen: u64,
     pub samples_trained: u64,
+    /// `--hint-replay` samples made and trained on (not in samples_trained).
+    pub samples_replayed: u64,
     pub tokens_trained: u64,
     pub skipped: Skipped,
     pub first_loss: Option<f32>,
@@ -71,6 +74,8 @@ pub struct Driver {
     trained_since_save: Vec<String>,
     /// The model's spec (JSON) for full checkpoints of a from-scratch model.
     model_spec: Option<String>,
+    /// `--hint-replay`: more distilled samples for each hinted one.
+    replay: Option<HintReplay>,
 }
 
 impl Driver {
@@ -89,7 +94,13 @@ impl Driver {
             ledger: None,
             trained_since_save: Vec::new(),
             model_spec: None,
+            replay: None,
         }
+    }
+
+    /// Every step also distills each hinted sample's hint on other openings.
+    pub fn set_replay(&mut self, replay: HintReplay) {
+        self.replay = Some(replay);
     }
 
     /// Full checkpoints will record this model spec (`claw train --init`), so
@@ -128,6 +139,10 @@ impl Driver {
     /// Offers one sample; returns the step's metrics when it completed a batch.
     pub fn push(&mut self, sample: TrainSample) -> Result<Option<StepMetrics>> {
         self.summary.samples_seen += 1;
+        // Every row's opening counts for replay, trained on or not.
+        if let (Some(replay), Some(source)) = (&mut self.replay, &sample.replay) {
+            replay.remember(source);
+        }
         let skipped = &mut self.summary.skipped;
         if sample.prompt_ids.is_empty() || sample.response_ids.is_empty() {
             skipped.empty += 1;
@@ -174,7 +189,20 @@ impl Driver {
 
     fn step(&mut self) -> Result<StepMetrics> {
         let batch = std::mem::take(&mut self.pending);
-        let metrics = self.trainer.step(&batch)?;
+        let replayed = match &mut self.replay {
+            Some(replay) => replay.samples(&self.trainer, &batch, self.config.max_sequence)?,
+            None => Vec::new(),
+        };
+        self.summary.samples_replayed += replayed.len() as u64;
+        let replayed_count = replayed.len();
+        let mut metrics = if replayed.is_empty() {
+            self.trainer.step(&batch)?
+        } else {
+            let all: Vec<TrainSample> = batch.iter().cloned().chain(replayed).collect();
+            self.trainer.step(&all)?
+        };
+        metrics.samples = batch.len();
+        metrics.replayed = replayed_count;
         if self.ledger.is_some() {
             self.trained_since_save
                 .extend(batch.iter().map(|s| s.sample_id.clone()));

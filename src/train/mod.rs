@@ -10,6 +10,8 @@
 //! - [`driver`]: the loop around it: batching, skips, checkpoints and metrics.
 //! - [`data`]: rollout rows and text files as samples, the held-out loss.
 //! - [`run`]: one `claw train` run: model, trainer or resume, epochs.
+//! - [`replay`]: `--hint-replay`: a standing preference's hint distilled on other
+//!   prompts the user opened sessions with.
 //! - [`checkpoint`]: atomic adapter checkpoints, `LATEST`, keep-last-K, resume.
 //!
 //! The LoRA adapters it trains, their file format and the checkpoint layout are
@@ -22,6 +24,7 @@ pub mod driver;
 pub mod init;
 pub mod loss;
 pub mod optim;
+pub mod replay;
 pub mod run;
 pub mod trainer;
 

@@ -3,6 +3,7 @@
 //! before and after, and the epoch loop over rollout files or text windows.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Result;
 
@@ -12,9 +13,12 @@ use super::data::{
 };
 use super::driver::{Driver, DriverConfig, RunSummary};
 use super::optim::AdamWConfig;
+use super::replay::{HintReplay, ReplayConfig};
 use super::{LossConfig, Objective, StepMetrics, TrainSample, Trainer, TrainerConfig};
 use crate::adapter::gguf::GgufBase;
 use crate::adapter::{Adapter, LoraConfig};
+use crate::distill::HintPlacement;
+use crate::model::sampling::SamplingParams;
 use crate::model::{resolve_model_path, Model, WeightFormat};
 use crate::rollout::RolloutReader;
 use crate::{info, warn};
@@ -53,6 +57,12 @@ pub struct RunConfig {
     /// Also train each rewarded reply to a correction as the reply to the
     /// corrected turn's prompt ([`super::data::hindsight_sample`]).
     pub hindsight: bool,
+    /// `--hint-replay`: other openings distilled per hinted sample (0 = off).
+    pub hint_replay: usize,
+    /// Where the replay teacher reads the hint.
+    pub hint_at: HintPlacement,
+    /// Longest replay reply, in tokens.
+    pub hint_replay_tokens: usize,
     pub max_steps: Option<u64>,
     pub max_staleness: Option<i64>,
     /// Passes over the input.
@@ -77,13 +87,14 @@ pub fn row_samples<'a>(config: &RunConfig, model: &'a Model) -> RowSamples<'a> {
     RowSamples {
         vocab: model.config.vocab_size,
         hindsight: config.hindsight.then_some(model),
+        replay: config.hint_replay > 0,
     }
 }
 
 /// A run ready to train: the model, and the driver around its trainer.
 pub struct Run {
     pub config: RunConfig,
-    pub model: Model,
+    pub model: Arc<Model>,
     pub driver: Driver,
     pub trainable_parameters: usize,
     eval_samples: Option<Vec<TrainSample>>,
@@ -177,6 +188,7 @@ impl Run {
                 let how = RowSamples {
                     vocab,
                     hindsight: None,
+                    replay: false,
                 };
                 Some(read_samples(std::slice::from_ref(path), how)?)
             }
@@ -201,6 +213,19 @@ impl Run {
             Some(checkpoints),
         );
         driver.set_model_spec(model_spec);
+        let model = Arc::new(model);
+        if config.hint_replay > 0 {
+            driver.set_replay(HintReplay::new(
+                ReplayConfig {
+                    per_hint: config.hint_replay,
+                    placement: config.hint_at,
+                    max_tokens: config.hint_replay_tokens,
+                    temperature: SamplingParams::default().temperature,
+                    seed: config.seed,
+                },
+                model.clone(),
+            ));
+        }
         Ok(Run {
             config,
             model,

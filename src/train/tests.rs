@@ -820,3 +820,107 @@ fn a_rewarded_retry_is_also_a_demonstration_for_the_first_prompt() {
     ]);
     assert!(demo_of(&row(&tool, Some(1.0))).is_none());
 }
+
+#[test]
+fn a_hint_is_replayed_on_other_openings_with_the_policy_as_its_teacher() {
+    use super::replay::{HintReplay, ReplayConfig, ReplaySource};
+    use crate::distill::hints::teacher_messages;
+    use crate::distill::HintPlacement;
+    use crate::rollout::RolloutRow;
+    use std::sync::Arc;
+    let model = Arc::new(tiny_model(WeightFormat::F32));
+    let trainer = Trainer::new(&model.decoder, config(Objective::Rl, 1e-3), None).unwrap();
+    let system = serde_json::json!({"role": "system", "content": "Be helpful."});
+    let ask = |q: &str| serde_json::json!({"role": "user", "content": q});
+    let row = |messages: serde_json::Value, hint: Option<&str>| RolloutRow {
+        sample_id: "s".into(),
+        messages_json: messages.to_string(),
+        hint: hint.map(str::to_string),
+        ..Default::default()
+    };
+    // The opening is everything up to the first user message; later turns are not.
+    let corrected = row(
+        serde_json::json!([system, ask("What is DNA?"), {"role": "assistant", "content": "A molecule."}, ask("Shorter.")]),
+        Some("That's too long."),
+    );
+    let source = ReplaySource::of(&corrected).unwrap().unwrap();
+    assert_eq!(source.opening, vec![system.clone(), ask("What is DNA?")]);
+    assert_eq!(source.hint.as_deref(), Some("That's too long."));
+    assert!(ReplaySource::of(&row(serde_json::json!([system]), None))
+        .unwrap()
+        .is_none());
+    assert!(ReplaySource::of(&row(serde_json::json!({"no": 1}), None)).is_err());
+
+    let placement = HintPlacement::Before;
+    let mut replay = HintReplay::new(
+        ReplayConfig {
+            per_hint: 2,
+            placement,
+            max_tokens: 6,
+            temperature: 0.7,
+            seed: 3,
+        },
+        model.clone(),
+    );
+    let sample_of = |r: &RolloutRow| TrainSample {
+        sample_id: "hinted".into(),
+        prompt_ids: PROMPT.to_vec(),
+        response_ids: vec![5, 6],
+        replay: ReplaySource::of(r).unwrap().map(Arc::new),
+        ..Default::default()
+    };
+    let hinted = sample_of(&corrected);
+    let questions = ["Name a planet.", "What is rain?", "Why is the sky blue?"];
+    for q in questions {
+        replay.remember(&Arc::new(
+            ReplaySource::of(&row(serde_json::json!([system, ask(q)]), None))
+                .unwrap()
+                .unwrap(),
+        ));
+    }
+    replay.remember(hinted.replay.as_ref().unwrap());
+    replay.remember(hinted.replay.as_ref().unwrap());
+    assert_eq!(replay.pool_len(), 4, "each distinct opening once");
+
+    let made = replay
+        .samples(&trainer, std::slice::from_ref(&hinted), 1024)
+        .unwrap();
+    assert_eq!(made.len(), 2);
+    let render = |messages: &[serde_json::Value]| {
+        let text = model.template.render(messages, None, true).unwrap();
+        model.tokenizer.encode(&text).unwrap()
+    };
+    let policy = trainer.frozen_policy().unwrap();
+    let mut prompts = Vec::new();
+    for s in &made {
+        let q = questions
+            .iter()
+            .find(|q| s.prompt_ids == render(&[system.clone(), ask(q)]))
+            .expect("a replay answers another opening, never the hinted one");
+        prompts.push(*q);
+        assert!(!s.response_ids.is_empty() && s.response_ids.len() <= 6);
+        assert_eq!(s.reward, None);
+        assert!(s.sample_id.starts_with("hinted#replay"));
+        // The teacher is the current policy reading the hint above the question.
+        let teacher_prompt = render(
+            &teacher_messages(&[system.clone(), ask(q)], "That's too long.", placement).unwrap(),
+        );
+        let expected = score::score(
+            &policy,
+            &[Sequence {
+                prompt: &teacher_prompt,
+                response: &s.response_ids,
+            }],
+            1024,
+        )
+        .unwrap();
+        assert_eq!(s.teacher_logprobs.as_ref(), Some(&expected[0]));
+    }
+    assert_ne!(prompts[0], prompts[1], "two different openings");
+    assert_eq!(replay.made, 2);
+
+    // No hint in the batch, or no room for a reply: nothing is made.
+    let plain = sample_of(&row(serde_json::json!([ask("Hi")]), None));
+    assert!(replay.samples(&trainer, &[plain], 1024).unwrap().is_empty());
+    assert!(replay.samples(&trainer, &[hinted], 8).unwrap().is_empty());
+}

@@ -2,6 +2,7 @@
 //! of the chosen objective over micro-batches (gradients summed), grad-norm
 //! clipping and AdamW.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -10,6 +11,7 @@ use serde::Serialize;
 
 use super::loss::{self, LossConfig, RecentRewards, SampleSignal, SampleStats};
 use super::optim::{AdamW, AdamWConfig, GradSum};
+use super::replay::ReplaySource;
 use crate::adapter::{Adapter, LoraConfig};
 use crate::model::decoder::{Decoder, Kernels};
 use crate::model::linear::LoraDelta;
@@ -40,6 +42,8 @@ pub struct TrainSample {
     /// the same K for every token.
     pub teacher_topk: Option<Vec<(Vec<u32>, Vec<f32>)>>,
     pub policy_version: i64,
+    /// With `--hint-replay`: the row's opening prompt and hint ([`super::replay`]).
+    pub replay: Option<Arc<ReplaySource>>,
 }
 
 impl TrainSample {
@@ -128,6 +132,8 @@ pub struct StepMetrics {
     pub clip_fraction: f32,
     pub grad_norm: f64,
     pub samples: usize,
+    /// `--hint-replay` samples trained besides `samples` (their tokens count in `tokens`).
+    pub replayed: usize,
     pub tokens: usize,
     pub seconds: f64,
     pub tokens_per_s: f64,

@@ -458,6 +458,31 @@ mod tests {
     }
 
     #[test]
+    fn a_hint_replay_reaches_train_with_the_teachers_placement_only_where_hints_are_distilled() {
+        let replaying = RunConfig {
+            study: Study {
+                hint_replay: 3,
+                max_tokens: 96,
+                ..Study::for_tests()
+            },
+            ..config(0)
+        };
+        for method in [Method::Opd, Method::Combined] {
+            let train = stage_args(&up_args(method, &replaying), "train").unwrap();
+            assert!(
+                train.contains("--hint-replay 3 --hint-at before --hint-replay-tokens 96"),
+                "{method:?}: {train}"
+            );
+            assert_eq!(replaying.settings(method)["hint_replay"], json!(3));
+        }
+        let rl = stage_args(&up_args(Method::Rl, &replaying), "train").unwrap();
+        assert!(!rl.contains("--hint-replay"), "{rl}");
+        assert!(!replaying.settings(Method::Rl).contains_key("hint_replay"));
+        let plain = stage_args(&up_args(Method::Combined, &config(0)), "train").unwrap();
+        assert!(!plain.contains("--hint-replay"), "{plain}");
+    }
+
+    #[test]
     fn a_persona_teacher_reads_the_correction_above_the_message_unless_told() {
         let mut cfg = config(0);
         for method in [Method::Opd, Method::Combined] {

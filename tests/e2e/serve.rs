@@ -1,8 +1,7 @@
 //! `claw serve` end to end: the real binary on a tiny random-weight model, on a
 //! free loopback port in a temp dir, talked to only on 127.0.0.1.
 
-mod common;
-use common::spawn_server;
+use crate::common::spawn_server;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read};

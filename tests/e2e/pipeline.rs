@@ -4,8 +4,7 @@
 //! --sources feedback,env` scores it, and every sample's reward is checked against
 //! what the script did.
 
-mod common;
-use common::{spawn_server, tiny_chat_model};
+use crate::common::{spawn_server, tiny_chat_model};
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

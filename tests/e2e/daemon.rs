@@ -3,9 +3,8 @@
 //! moments while input flows, two workers of one stage sharing a folder, corrupt
 //! inputs going to quarantine, and `claw status` reading it all back.
 
-mod common;
-use common::shared::{ids_in, local, s3_shared, Shared};
-use common::{claw, read_rows, run_ok, tiny_model, write_rows};
+use crate::common::shared::{ids_in, local, s3_shared, Shared};
+use crate::common::{claw, read_rows, run_ok, tiny_model, write_rows};
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
@@ -192,7 +191,7 @@ fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
 /// markers put-if-absent, LATEST a conditional update, and waking is polling.
 #[test]
 fn sigkill_at_random_moments_over_s3_loses_and_duplicates_nothing() {
-    let Some(s3) = common::s3::server("sigkill_at_random_moments_over_s3") else {
+    let Some(s3) = crate::common::s3::server("sigkill_at_random_moments_over_s3") else {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();

@@ -7,19 +7,17 @@
 //! adapter and is counted, and that every row records the adapter the engine
 //! was asked to use.
 
-mod common;
-
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::common::llama::{rows, start_claw, stop};
 use candle_core::{Device, Tensor};
 use claw::adapter::{Adapter, LoraConfig};
 use claw::model::Model;
 use claw::train::checkpoint::CheckpointDir;
-use common::llama::{rows, start_claw, stop};
 use serde_json::{json, Value as Json};
 
 #[derive(Clone, Copy, PartialEq)]
@@ -273,7 +271,7 @@ fn loaded_name(state: &Shared, kind: Kind, step: u64) -> (usize, String) {
 
 fn push_scenario(kind: Kind, engine_flag: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let model = Model::load(&common::tiny_model(dir.path())).unwrap();
+    let model = Model::load(&crate::common::tiny_model(dir.path())).unwrap();
     let data = dir.path().join("data");
     let checkpoints = data.join("checkpoints");
     let (url, engine) = mock_engine(kind);
@@ -432,7 +430,7 @@ fn upstream_push_sglang_loads_switches_and_unloads_in_order() {
 
 #[test]
 fn upstream_adapters_needs_upstream() {
-    let out = common::claw()
+    let out = crate::common::claw()
         .args(["serve", "--upstream-adapters", "vllm"])
         .output()
         .unwrap();

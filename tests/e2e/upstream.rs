@@ -3,12 +3,10 @@
 //! `scripts/build-llama-server`; skipped with a message when it is not built),
 //! and in front of a dead port.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
+use crate::common::llama::{free_port, llama_server, post, rows, start_claw, start_llama, stop};
 use claw::rollout::RolloutRow;
-use common::llama::{free_port, llama_server, post, rows, start_claw, start_llama, stop};
 use serde_json::{json, Value as Json};
 
 fn ids_of(v: &Json) -> Vec<i32> {
@@ -23,7 +21,7 @@ fn ids_of(v: &Json) -> Vec<i32> {
 #[test]
 fn upstream_llama_server_records_the_engines_token_ids() {
     let Some(bin) = llama_server() else { return };
-    let Some(model) = common::real_model() else {
+    let Some(model) = crate::common::real_model() else {
         return;
     };
     let (_llama, llama) = start_llama(&bin, &model, &[]);

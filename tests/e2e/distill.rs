@@ -7,10 +7,8 @@ use std::net::TcpListener;
 
 use std::process::Stdio;
 
-mod common;
-
+use crate::common::*;
 use claw::rollout::RolloutRow;
-use common::*;
 use serde_json::json;
 
 fn row(id: &str, next_state: Option<&str>, feedback_text: Option<&str>) -> RolloutRow {

@@ -3,8 +3,7 @@
 //! recorded, judged, distilled and trained on, that serve hot-loads the
 //! checkpoints, and that the metrics, report and plot are written.
 
-mod common;
-use common::{claw, read_rows, tiny_chat_model};
+use crate::common::{claw, read_rows, tiny_chat_model};
 
 #[test]
 fn a_short_persona_run_goes_through_the_whole_loop_and_writes_its_report() {

@@ -3,9 +3,8 @@
 //! scripted client with feedback until serve hot-loads what train wrote; then
 //! one Ctrl-C stops every stage.
 
-mod common;
-use common::shared::{local, s3_shared, Shared};
-use common::{claw, run_ok, tiny_chat_model, wait_until_listening};
+use crate::common::shared::{local, s3_shared, Shared};
+use crate::common::{claw, run_ok, tiny_chat_model, wait_until_listening};
 
 use std::path::Path;
 use std::process::Stdio;
@@ -25,7 +24,7 @@ fn claw_up_runs_the_loop_until_serve_loads_a_trained_checkpoint() {
 /// bucket's `LATEST`, and serve follows it to the new adapter.
 #[test]
 fn claw_up_over_s3_runs_the_loop_until_serve_loads_a_trained_checkpoint() {
-    let Some(s3) = common::s3::server("claw_up_over_s3_runs_the_loop") else {
+    let Some(s3) = crate::common::s3::server("claw_up_over_s3_runs_the_loop") else {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();

@@ -4,8 +4,7 @@
 //! conditional writes, leases, `claw status` and `claw serve` over `s3://`.
 //! The kill -9 exactly-once test over `s3://` is in tests/daemon.rs.
 
-mod common;
-use common::{claw, tiny_chat_model, wait_until_listening};
+use crate::common::{claw, tiny_chat_model, wait_until_listening};
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -14,7 +13,8 @@ use claw::store::lease::{Lease, Record};
 
 #[test]
 fn the_test_s3_server_refuses_a_second_put_if_absent_and_stale_updates() {
-    let Some(s3) = common::s3::server("the_test_s3_server_refuses_a_second_put_if_absent") else {
+    let Some(s3) = crate::common::s3::server("the_test_s3_server_refuses_a_second_put_if_absent")
+    else {
         return;
     };
     let remote = s3.remote(&s3.bucket("conditional"));
@@ -23,7 +23,7 @@ fn the_test_s3_server_refuses_a_second_put_if_absent_and_stale_updates() {
 
 #[test]
 fn a_lease_excludes_others_until_released_or_its_owner_is_gone() {
-    let Some(s3) = common::s3::server("a_lease_excludes_others") else {
+    let Some(s3) = crate::common::s3::server("a_lease_excludes_others") else {
         return;
     };
     let remote = s3.remote(&s3.bucket("lease"));
@@ -98,7 +98,7 @@ fn a_url_with_credentials_is_refused_without_echoing_them() {
 
 #[test]
 fn claw_status_reads_a_bucket() {
-    let Some(s3) = common::s3::server("claw_status_reads_a_bucket") else {
+    let Some(s3) = crate::common::s3::server("claw_status_reads_a_bucket") else {
         return;
     };
     let url = s3.bucket("status");
@@ -134,7 +134,7 @@ fn claw_status_reads_a_bucket() {
 /// the spool), and a graceful stop leaves nothing in the spool.
 #[test]
 fn serve_records_into_a_bucket_through_its_spool() {
-    let Some(s3) = common::s3::server("serve_records_into_a_bucket") else {
+    let Some(s3) = crate::common::s3::server("serve_records_into_a_bucket") else {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();

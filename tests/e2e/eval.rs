@@ -2,8 +2,6 @@
 //! OpenAI-compatible endpoint, the sandbox's containment, HumanEval's canonical
 //! solutions, and the local model against `claw serve`.
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -13,10 +11,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::common::{claw, spawn_server, tiny_model};
 use claw::eval::sandbox::{Limits, Sandbox};
 use claw::eval::{gpqa, gsm8k, humaneval};
 use claw::model::testing::{write_tiny_gguf, TinySpec};
-use common::{claw, spawn_server, tiny_model};
 use serde_json::{json, Value as Json};
 
 fn fixture(name: &str) -> PathBuf {

@@ -1,6 +1,5 @@
 //! Helpers shared by the integration tests: the built binary, the tiny model,
 //! the real model (skipped visibly when absent) and rollout files.
-#![allow(dead_code)] // each test binary uses a different subset
 
 pub mod llama;
 pub mod s3;

@@ -2,8 +2,7 @@
 //! with feedback and env rules, a stub OpenAI-compatible judge on loopback (fixed
 //! votes, garbage, errors, timeouts), and the tiny local model.
 
-mod common;
-use common::tiny_chat_model;
+use crate::common::tiny_chat_model;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};

@@ -5,8 +5,7 @@
 //! the sandboxed program's output is the tool message, collect pairs it as the
 //! turn's next state, and the rewards come from the environment.
 
-mod common;
-use common::{claw, read_rows, spawn_server, tiny_chat_model};
+use crate::common::{claw, read_rows, spawn_server, tiny_chat_model};
 
 use std::cell::Cell;
 use std::path::{Path, PathBuf};

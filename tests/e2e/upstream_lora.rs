@@ -3,19 +3,17 @@
 //! (`--lora`) gives the replies claw gives with the same adapter, and not the
 //! base model's. Skipped with a message when llama-server or the model is absent.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::common::llama::{
+    free_port, llama_server, post, rows, start_claw, start_llama, start_llama_on, stop, Killed,
+};
 use candle_core::{Device, Tensor};
 use claw::adapter::gguf::GgufBase;
 use claw::adapter::{Adapter, LoraConfig};
 use claw::model::Model;
 use claw::train::checkpoint::CheckpointDir;
-use common::llama::{
-    free_port, llama_server, post, rows, start_claw, start_llama, start_llama_on, stop, Killed,
-};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value as Json};
@@ -90,7 +88,7 @@ fn replies(base: &str, prompts: &[&str], max_tokens: usize) -> Vec<(String, u64)
 #[test]
 fn a_gguf_lora_export_answers_in_llama_server_as_claw_does() {
     let Some(bin) = llama_server() else { return };
-    let Some(model) = common::real_model() else {
+    let Some(model) = crate::common::real_model() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -98,7 +96,7 @@ fn a_gguf_lora_export_answers_in_llama_server_as_claw_does() {
     let adapter = random_adapter(&model, &checkpoints, 0.035);
 
     // The CLI writes the GGUF beside the adapter.
-    let out = common::claw()
+    let out = crate::common::claw()
         .args(["adapter", "export"])
         .arg(&adapter)
         .arg("--gguf")
@@ -146,7 +144,7 @@ fn a_gguf_lora_export_answers_in_llama_server_as_claw_does() {
 
     let data = dir.path().join("data");
     let adapter_arg = adapter.to_string_lossy().into_owned();
-    let (mut claw, claw_url, log) = common::spawn_server(
+    let (mut claw, claw_url, log) = crate::common::spawn_server(
         &model,
         &data,
         &["--adapter", &adapter_arg, "--no-reload", "--no-record"],
@@ -200,7 +198,7 @@ fn wait_log(log: &std::sync::Mutex<String>, what: &str) {
 #[test]
 fn upstream_llama_cpp_records_the_adapter_the_engine_applies() {
     let Some(bin) = llama_server() else { return };
-    let Some(model) = common::real_model() else {
+    let Some(model) = crate::common::real_model() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();

@@ -4,10 +4,8 @@
 
 use std::path::Path;
 
-mod common;
-
+use crate::common::*;
 use claw::rollout::RolloutRow;
-use common::*;
 
 fn sample(i: usize, reward: Option<f32>) -> RolloutRow {
     RolloutRow {
@@ -798,4 +796,61 @@ fn hindsight_adds_a_demonstration_for_each_rewarded_retry_and_updates_per_batch_
         .path()
         .join("hindsight/adapter-000009.safetensors")
         .is_file());
+}
+
+#[test]
+fn hint_replay_distills_each_hint_on_other_openings() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let input = dir.path().join("distilled.parquet");
+    let ask = |q: &str| serde_json::json!([{"role": "user", "content": q}]).to_string();
+    // Four sessions' first replies: two corrected (a hint and its teacher
+    // log-probs), two without a signal, which are not trained on but whose
+    // openings are replayed.
+    let mut rows: Vec<RolloutRow> = (0..4).map(|i| sample(i, None)).collect();
+    for (i, row) in rows.iter_mut().enumerate() {
+        row.messages_json = ask(&format!("Question number {i}?"));
+        if i < 2 {
+            row.reward = Some(-1.0);
+            row.hint = Some("That's too long.".into());
+            row.teacher_logprobs = Some(vec![-0.5; 3]);
+        }
+    }
+    rows.rotate_left(2);
+    write_rows(&input, &rows);
+    let out = dir.path().join("ckpt");
+    let (stdout, stderr) = run_ok(
+        claw()
+            .args(["train", "--batch-size", "2", "--lora-rank", "4", "--json"])
+            .args(["--hint-replay", "2", "--hint-at", "before"])
+            .args(["--hint-replay-tokens", "8"])
+            .arg(&input)
+            .arg("--model")
+            .arg(&model)
+            .arg("--out")
+            .arg(&out),
+    );
+    let summary: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(summary["samples_trained"], 2, "{summary}");
+    assert_eq!(summary["samples_replayed"], 4, "{summary}");
+    assert!(stderr.contains("4 replay samples"), "{stderr}");
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let step: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+    assert_eq!(
+        (step["samples"].as_u64(), step["replayed"].as_u64()),
+        (Some(2), Some(4))
+    );
+
+    // Off by default: the same input trains its two samples and nothing else.
+    let (stdout, _) = run_ok(
+        claw()
+            .args(["train", "--batch-size", "2", "--lora-rank", "4", "--json"])
+            .arg(&input)
+            .arg("--model")
+            .arg(&model)
+            .arg("--out")
+            .arg(dir.path().join("plain")),
+    );
+    let plain: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(plain["samples_replayed"], 0, "{plain}");
 }

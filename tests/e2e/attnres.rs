@@ -2,8 +2,7 @@
 //! properties of the decoder, training gradients, and a from-scratch AttnRes
 //! checkpoint trained with `claw train --init` and served by `claw serve`.
 
-mod common;
-use common::{claw, spawn_server};
+use crate::common::{claw, spawn_server};
 
 use candle_core::{Device, Tensor};
 use claw::model::config::{Architecture, ModelConfig, Residual};

@@ -1,0 +1,216 @@
+//! Hint replay (`claw train --hint-replay N`): a correction that states a standing
+//! preference ("That's too long.") holds for every prompt, not only the one it
+//! followed. For each trained sample that carries a hint, the current policy
+//! answers N other prompts the user opened sessions with, and the same policy
+//! with the hint in its context scores those fresh replies: on-policy
+//! distillation, as `claw distill-hints` does for the corrected turn itself, over
+//! prompts the user will ask again. One correction teaches N + 1 replies.
+//!
+//! Only for hints that hold everywhere (a persona's style); a hint about one task
+//! ("check the file first") replayed on other tasks would teach the wrong thing.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde_json::Value as Json;
+
+use super::trainer::{TrainSample, Trainer};
+use crate::distill::hints::teacher_messages;
+use crate::distill::HintPlacement;
+use crate::model::generate::Flow;
+use crate::model::sampling::SamplingParams;
+use crate::model::score::{self, Sequence};
+use crate::model::Model;
+use crate::rollout::RolloutRow;
+
+/// Openings remembered for replay; older ones are forgotten first.
+const POOL_LIMIT: usize = 256;
+
+/// What a row offers replay: the prompt its session opened with, and its hint.
+#[derive(Debug)]
+pub struct ReplaySource {
+    /// The messages up to and including the first user message.
+    pub opening: Vec<Json>,
+    pub tools: Option<Vec<Json>>,
+    /// The hindsight hint distill-hints accepted for this row, if any.
+    pub hint: Option<String>,
+}
+
+impl ReplaySource {
+    /// The opening and hint of `row`; None when its messages hold no user message.
+    pub fn of(row: &RolloutRow) -> Result<Option<Self>> {
+        let messages: Vec<Json> = serde_json::from_str(&row.messages_json)
+            .context("messages_json is not a JSON array of messages")?;
+        let Some(first_user) = messages
+            .iter()
+            .position(|m| m.get("role").and_then(Json::as_str) == Some("user"))
+        else {
+            return Ok(None);
+        };
+        let opening = crate::serve::messages::for_template(&messages[..=first_user])
+            .context("messages_json cannot be rendered as serve rendered it")?;
+        let tools = match &row.tools_json {
+            Some(t) if !t.trim().is_empty() => {
+                Some(serde_json::from_str(t).context("tools_json is not a JSON array")?)
+            }
+            _ => None,
+        };
+        let hint = row.hint.clone().filter(|h| !h.trim().is_empty());
+        Ok(Some(Self {
+            opening,
+            tools,
+            hint,
+        }))
+    }
+
+    /// Identifies the opening (two rows of one session share it).
+    fn key(&self) -> String {
+        serde_json::to_string(&self.opening).unwrap_or_default()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ReplayConfig {
+    /// Other openings answered and distilled per hinted sample.
+    pub per_hint: usize,
+    /// Where the teacher reads the hint.
+    pub placement: HintPlacement,
+    /// Longest replay reply, in tokens.
+    pub max_tokens: usize,
+    /// Sampling temperature of the replay replies (serve's default: what users see).
+    pub temperature: f32,
+    pub seed: u64,
+}
+
+/// The openings seen so far and the replay samples made from them.
+pub struct HintReplay {
+    config: ReplayConfig,
+    model: Arc<Model>,
+    pool: Vec<Arc<ReplaySource>>,
+    keys: HashSet<String>,
+    rng: StdRng,
+    /// Replay samples made (for the summary).
+    pub made: u64,
+}
+
+impl HintReplay {
+    /// `model` gives the tokenizer and chat template (the weights are the trainer's).
+    pub fn new(config: ReplayConfig, model: Arc<Model>) -> Self {
+        let rng = StdRng::seed_from_u64(config.seed);
+        Self {
+            config,
+            model,
+            pool: Vec::new(),
+            keys: HashSet::new(),
+            rng,
+            made: 0,
+        }
+    }
+
+    /// Adds a sample's opening to the pool (once per distinct opening).
+    pub fn remember(&mut self, source: &Arc<ReplaySource>) {
+        if !self.keys.insert(source.key()) {
+            return;
+        }
+        if self.pool.len() >= POOL_LIMIT {
+            let old = self.pool.remove(0);
+            self.keys.remove(&old.key());
+        }
+        self.pool.push(source.clone());
+    }
+
+    /// Openings remembered.
+    pub fn pool_len(&self) -> usize {
+        self.pool.len()
+    }
+
+    /// Replay samples for the hinted samples of `batch`: the trainer's current
+    /// policy answers other openings, and reads the hint as their teacher.
+    /// Samples longer than `max_sequence` tokens are left out.
+    pub fn samples(
+        &mut self,
+        trainer: &Trainer,
+        batch: &[TrainSample],
+        max_sequence: usize,
+    ) -> Result<Vec<TrainSample>> {
+        let hinted: Vec<(&TrainSample, &ReplaySource, &str)> = batch
+            .iter()
+            .filter_map(|s| {
+                let source = s.replay.as_deref()?;
+                Some((s, source, source.hint.as_deref()?))
+            })
+            .collect();
+        if hinted.is_empty() || self.config.per_hint == 0 {
+            return Ok(Vec::new());
+        }
+        let policy = trainer.frozen_policy()?;
+        let version = trainer.steps() as i64;
+        let mut out = Vec::new();
+        for (sample, source, hint) in hinted {
+            let own = source.key();
+            let mut others: Vec<&Arc<ReplaySource>> =
+                self.pool.iter().filter(|o| o.key() != own).collect();
+            others.shuffle(&mut self.rng);
+            for (k, other) in others.into_iter().take(self.config.per_hint).enumerate() {
+                let render = |messages: &[Json]| -> Result<Vec<u32>> {
+                    let text =
+                        self.model
+                            .template
+                            .render(messages, other.tools.as_deref(), true)?;
+                    self.model.tokenizer.encode(&text)
+                };
+                let prompt_ids = render(&other.opening)?;
+                let teacher_ids = render(&teacher_messages(
+                    &other.opening,
+                    hint,
+                    self.config.placement,
+                )?)?;
+                let room = max_sequence.saturating_sub(prompt_ids.len().max(teacher_ids.len()));
+                let params = SamplingParams {
+                    temperature: self.config.temperature,
+                    max_tokens: self.config.max_tokens.min(room),
+                    seed: Some(rand::Rng::gen(&mut self.rng)),
+                    ..SamplingParams::default()
+                };
+                if params.max_tokens == 0 {
+                    continue;
+                }
+                let reply = self
+                    .model
+                    .generate_with(&policy, &prompt_ids, &params, |_| Flow::Continue)
+                    .with_context(|| {
+                        format!("replaying the hint of sample {}", sample.sample_id)
+                    })?;
+                if reply.token_ids.is_empty() {
+                    continue;
+                }
+                let teacher = score::score(
+                    &policy,
+                    &[Sequence {
+                        prompt: &teacher_ids,
+                        response: &reply.token_ids,
+                    }],
+                    trainer.config.micro_batch_tokens,
+                )?
+                .pop()
+                .context("no teacher log-probs")?;
+                out.push(TrainSample {
+                    sample_id: format!("{}#replay{k}", sample.sample_id),
+                    prompt_ids,
+                    response_ids: reply.token_ids,
+                    reward: None,
+                    teacher_logprobs: Some(teacher),
+                    teacher_topk: None,
+                    policy_version: version,
+                    replay: None,
+                });
+            }
+        }
+        self.made += out.len() as u64;
+        Ok(out)
+    }
+}
