@@ -368,14 +368,8 @@ impl Distiller {
     /// The teacher context's token ids: the turn's messages with the hint where
     /// the config places it, rendered with the chat template for generation.
     fn teacher_prompt(&self, row: &RolloutRow, hint: &str) -> Result<Vec<u32>> {
-        let messages: Vec<Json> = serde_json::from_str(&row.messages_json)
-            .context("messages_json is not a JSON array of messages")?;
-        let tools: Option<Vec<Json>> = match &row.tools_json {
-            Some(t) if !t.trim().is_empty() => {
-                Some(serde_json::from_str(t).context("tools_json is not a JSON array")?)
-            }
-            _ => None,
-        };
+        let messages = row.messages()?;
+        let tools = row.tools()?;
         let messages = crate::serve::messages::for_template(&messages)
             .context("messages_json cannot be rendered as serve rendered it")?;
         let messages = teacher_messages(&messages, hint, self.config.placement)?;

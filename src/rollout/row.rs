@@ -57,6 +57,24 @@ pub struct RolloutRow {
     pub teacher_topk_logprobs: Option<Vec<Vec<f32>>>,
 }
 
+impl RolloutRow {
+    /// `messages_json` parsed: the conversation the reply answered.
+    pub fn messages(&self) -> Result<Vec<serde_json::Value>> {
+        serde_json::from_str(&self.messages_json)
+            .context("messages_json is not a JSON array of messages")
+    }
+
+    /// `tools_json` parsed; None when the request offered no tools.
+    pub fn tools(&self) -> Result<Option<Vec<serde_json::Value>>> {
+        match &self.tools_json {
+            Some(t) if !t.trim().is_empty() => Ok(Some(
+                serde_json::from_str(t).context("tools_json is not a JSON array")?,
+            )),
+            _ => Ok(None),
+        }
+    }
+}
+
 /// Builds a batch with exactly [`schema()`]'s columns, so rows created in Rust
 /// (serve's recorder, tests) produce a canonical, fully tagged file.
 pub fn rows_to_batch(rows: &[RolloutRow]) -> Result<RecordBatch> {

@@ -104,8 +104,7 @@ pub fn hindsight_sample(
     if row.reward.is_none_or(|r| r <= 0.0) || sample.response_ids.is_empty() {
         return Ok(None);
     }
-    let messages: Vec<serde_json::Value> =
-        serde_json::from_str(&row.messages_json).context("messages_json is not a JSON array")?;
+    let messages = row.messages()?;
     let role = |i: usize| messages[i].get("role").and_then(serde_json::Value::as_str);
     let n = messages.len();
     if n < 3 || role(n - 1) != Some("user") || role(n - 2) != Some("assistant") {
@@ -116,12 +115,7 @@ pub fn hindsight_sample(
     }
     let earlier = crate::serve::messages::for_template(&messages[..n - 2])
         .context("messages_json cannot be rendered as serve rendered it")?;
-    let tools: Option<Vec<serde_json::Value>> = match &row.tools_json {
-        Some(t) if !t.trim().is_empty() => {
-            Some(serde_json::from_str(t).context("tools_json is not a JSON array")?)
-        }
-        _ => None,
-    };
+    let tools = row.tools()?;
     let text = model.template.render(&earlier, tools.as_deref(), true)?;
     Ok(Some(TrainSample {
         sample_id: format!("{}#hindsight", sample.sample_id),

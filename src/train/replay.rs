@@ -43,8 +43,7 @@ pub struct ReplaySource {
 impl ReplaySource {
     /// The opening and hint of `row`; None when its messages hold no user message.
     pub fn of(row: &RolloutRow) -> Result<Option<Self>> {
-        let messages: Vec<Json> = serde_json::from_str(&row.messages_json)
-            .context("messages_json is not a JSON array of messages")?;
+        let messages = row.messages()?;
         let Some(first_user) = messages
             .iter()
             .position(|m| m.get("role").and_then(Json::as_str) == Some("user"))
@@ -53,12 +52,7 @@ impl ReplaySource {
         };
         let opening = crate::serve::messages::for_template(&messages[..=first_user])
             .context("messages_json cannot be rendered as serve rendered it")?;
-        let tools = match &row.tools_json {
-            Some(t) if !t.trim().is_empty() => {
-                Some(serde_json::from_str(t).context("tools_json is not a JSON array")?)
-            }
-            _ => None,
-        };
+        let tools = row.tools()?;
         let hint = row.hint.clone().filter(|h| !h.trim().is_empty());
         Ok(Some(Self {
             opening,
