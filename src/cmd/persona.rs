@@ -136,8 +136,9 @@ pub struct PersonaArgs {
 
     /// persona, agent: with opd and combined, replay each correction on N other
     /// prompts of the run (`claw train --hint-replay`): the policy answers them
-    /// and reads the correction as their teacher. For standing preferences (the
-    /// personas), not for the agent's task-specific hints. 0 = off.
+    /// and reads the correction as their teacher (the base model with --teacher
+    /// base). For standing preferences (the personas), not for the agent's
+    /// task-specific hints. 0 = off.
     #[arg(
         long,
         default_value_t = 0,

@@ -7,7 +7,7 @@ use clap::Args;
 use serde::Serialize;
 
 use crate::daemon::{Stage, WatchArgs};
-use crate::distill::HintPlacement;
+use crate::distill::{HintPlacement, TeacherWeights};
 use crate::train::driver::RunSummary;
 use crate::train::run::{keep_freed_memory, Run, RunConfig};
 use crate::train::{LossConfig, Objective, RewardBaseline, StepMetrics};
@@ -168,6 +168,11 @@ pub struct TrainArgs {
     /// Longest --hint-replay reply, in tokens.
     #[arg(long, default_value_t = 256, value_name = "TOKENS")]
     pub hint_replay_tokens: usize,
+    /// Which weights read the replayed hint: `policy`, the current weights (as
+    /// distill-hints --teacher policy), or `base`, the base model, a teacher
+    /// that does not move with the student.
+    #[arg(long, value_enum, default_value_t = TeacherWeights::Policy, value_name = "WEIGHTS")]
+    pub hint_replay_teacher: TeacherWeights,
     /// Stop after this many optimizer steps.
     #[arg(long)]
     pub max_steps: Option<u64>,
@@ -274,6 +279,7 @@ impl TrainArgs {
             hint_replay: self.hint_replay,
             hint_at: self.hint_at,
             hint_replay_tokens: self.hint_replay_tokens,
+            hint_replay_teacher: self.hint_replay_teacher,
             max_steps: self.max_steps,
             max_staleness: self.max_staleness,
             epochs: self.epochs,

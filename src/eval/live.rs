@@ -195,10 +195,15 @@ impl Study {
         } else {
             String::new()
         };
-        // The replay teacher reads the hint where distill-hints' teacher does.
+        // The replay teacher reads the hint where and with the weights
+        // distill-hints' teacher does.
         let replay = if distills && self.hint_replay > 0 {
+            let base = match self.teacher {
+                TeacherWeights::Base => " --hint-replay-teacher base",
+                TeacherWeights::Policy => "",
+            };
             format!(
-                " --hint-replay {} --hint-at {} --hint-replay-tokens {}",
+                " --hint-replay {} --hint-at {} --hint-replay-tokens {}{base}",
                 self.hint_replay,
                 placement_name(hint_at),
                 self.max_tokens

@@ -5,6 +5,7 @@
 //! with the hint in its context scores those fresh replies: on-policy
 //! distillation, as `claw distill-hints` does for the corrected turn itself, over
 //! prompts the user will ask again. One correction teaches N + 1 replies.
+//! `--hint-replay-teacher base` makes the base model read the hint instead.
 //!
 //! Only for hints that hold everywhere (a persona's style); a hint about one task
 //! ("check the file first") replayed on other tasks would teach the wrong thing.
@@ -20,7 +21,7 @@ use serde_json::Value as Json;
 
 use super::trainer::{TrainSample, Trainer};
 use crate::distill::hints::teacher_messages;
-use crate::distill::HintPlacement;
+use crate::distill::{HintPlacement, TeacherWeights};
 use crate::model::generate::Flow;
 use crate::model::sampling::SamplingParams;
 use crate::model::score::{self, Sequence};
@@ -73,6 +74,10 @@ pub struct ReplayConfig {
     pub per_hint: usize,
     /// Where the teacher reads the hint.
     pub placement: HintPlacement,
+    /// Which weights read it: the current policy, or the base model (a teacher
+    /// that does not move with the student, so a preference with no natural
+    /// end, such as "shorter", is not pushed further with every step).
+    pub teacher: TeacherWeights,
     /// Longest replay reply, in tokens.
     pub max_tokens: usize,
     /// Sampling temperature of the replay replies (serve's default: what users see).
@@ -117,6 +122,10 @@ impl HintReplay {
         self.pool.push(source.clone());
     }
 
+    pub fn config(&self) -> &ReplayConfig {
+        &self.config
+    }
+
     /// Openings remembered.
     pub fn pool_len(&self) -> usize {
         self.pool.len()
@@ -142,6 +151,10 @@ impl HintReplay {
             return Ok(Vec::new());
         }
         let policy = trainer.frozen_policy()?;
+        let teacher_weights = match self.config.teacher {
+            TeacherWeights::Policy => &policy,
+            TeacherWeights::Base => trainer.reference(),
+        };
         let version = trainer.steps() as i64;
         let mut out = Vec::new();
         for (sample, source, hint) in hinted {
@@ -183,7 +196,7 @@ impl HintReplay {
                     continue;
                 }
                 let teacher = score::score(
-                    &policy,
+                    teacher_weights,
                     &[Sequence {
                         prompt: &teacher_ids,
                         response: &reply.token_ids,

@@ -17,7 +17,7 @@ use super::replay::{HintReplay, ReplayConfig};
 use super::{LossConfig, Objective, StepMetrics, TrainSample, Trainer, TrainerConfig};
 use crate::adapter::gguf::GgufBase;
 use crate::adapter::{Adapter, LoraConfig};
-use crate::distill::HintPlacement;
+use crate::distill::{HintPlacement, TeacherWeights};
 use crate::model::sampling::SamplingParams;
 use crate::model::{resolve_model_path, Model, WeightFormat};
 use crate::rollout::RolloutReader;
@@ -63,6 +63,8 @@ pub struct RunConfig {
     pub hint_at: HintPlacement,
     /// Longest replay reply, in tokens.
     pub hint_replay_tokens: usize,
+    /// Which weights read the replayed hint.
+    pub hint_replay_teacher: TeacherWeights,
     pub max_steps: Option<u64>,
     pub max_staleness: Option<i64>,
     /// Passes over the input.
@@ -219,6 +221,7 @@ impl Run {
                 ReplayConfig {
                     per_hint: config.hint_replay,
                     placement: config.hint_at,
+                    teacher: config.hint_replay_teacher,
                     max_tokens: config.hint_replay_tokens,
                     temperature: SamplingParams::default().temperature,
                     seed: config.seed,

@@ -825,11 +825,13 @@ fn a_rewarded_retry_is_also_a_demonstration_for_the_first_prompt() {
 fn a_hint_is_replayed_on_other_openings_with_the_policy_as_its_teacher() {
     use super::replay::{HintReplay, ReplayConfig, ReplaySource};
     use crate::distill::hints::teacher_messages;
-    use crate::distill::HintPlacement;
+    use crate::distill::{HintPlacement, TeacherWeights};
     use crate::rollout::RolloutRow;
     use std::sync::Arc;
     let model = Arc::new(tiny_model(WeightFormat::F32));
     let trainer = Trainer::new(&model.decoder, config(Objective::Rl, 1e-3), None).unwrap();
+    // A trained adapter, so that the policy and the base model differ.
+    randomize_b(trainer.adapter().unwrap());
     let system = serde_json::json!({"role": "system", "content": "Be helpful."});
     let ask = |q: &str| serde_json::json!({"role": "user", "content": q});
     let row = |messages: serde_json::Value, hint: Option<&str>| RolloutRow {
@@ -856,6 +858,7 @@ fn a_hint_is_replayed_on_other_openings_with_the_policy_as_its_teacher() {
         ReplayConfig {
             per_hint: 2,
             placement,
+            teacher: TeacherWeights::Policy,
             max_tokens: 6,
             temperature: 0.7,
             seed: 3,
@@ -918,6 +921,44 @@ fn a_hint_is_replayed_on_other_openings_with_the_policy_as_its_teacher() {
     }
     assert_ne!(prompts[0], prompts[1], "two different openings");
     assert_eq!(replay.made, 2);
+
+    // With --hint-replay-teacher base the base model reads the hint.
+    let mut base_replay = HintReplay::new(
+        ReplayConfig {
+            teacher: TeacherWeights::Base,
+            per_hint: 1,
+            ..replay.config().clone()
+        },
+        model.clone(),
+    );
+    base_replay.remember(hinted.replay.as_ref().unwrap());
+    base_replay.remember(&Arc::new(
+        ReplaySource::of(&row(serde_json::json!([system, ask(questions[0])]), None))
+            .unwrap()
+            .unwrap(),
+    ));
+    let made = base_replay
+        .samples(&trainer, std::slice::from_ref(&hinted), 1024)
+        .unwrap();
+    let teacher_prompt = render(
+        &teacher_messages(
+            &[system.clone(), ask(questions[0])],
+            "That's too long.",
+            placement,
+        )
+        .unwrap(),
+    );
+    let seq = [Sequence {
+        prompt: &teacher_prompt,
+        response: &made[0].response_ids,
+    }];
+    let base_scores = score::score(trainer.reference(), &seq, 1024).unwrap();
+    let policy_scores = score::score(&policy, &seq, 1024).unwrap();
+    assert_eq!(made[0].teacher_logprobs.as_ref(), Some(&base_scores[0]));
+    assert_ne!(
+        base_scores, policy_scores,
+        "the adapter changes the teacher"
+    );
 
     // No hint in the batch, or no room for a reply: nothing is made.
     let plain = sample_of(&row(serde_json::json!([ask("Hi")]), None));

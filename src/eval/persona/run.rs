@@ -480,6 +480,18 @@ mod tests {
         assert!(!replaying.settings(Method::Rl).contains_key("hint_replay"));
         let plain = stage_args(&up_args(Method::Combined, &config(0)), "train").unwrap();
         assert!(!plain.contains("--hint-replay"), "{plain}");
+        assert!(!stage_args(&up_args(Method::Opd, &replaying), "train")
+            .unwrap()
+            .contains("--hint-replay-teacher"));
+        let base = RunConfig {
+            study: Study {
+                teacher: crate::distill::TeacherWeights::Base,
+                ..replaying.study.clone()
+            },
+            ..config(0)
+        };
+        let train = stage_args(&up_args(Method::Opd, &base), "train").unwrap();
+        assert!(train.contains("--hint-replay-teacher base"), "{train}");
     }
 
     #[test]
