@@ -927,6 +927,9 @@ fn a_hint_is_replayed_on_other_openings_with_the_policy_as_its_teacher() {
         ReplayConfig {
             teacher: TeacherWeights::Base,
             per_hint: 1,
+            // Near-uniform sampling: tokens the tiny model does not favour, whose
+            // log-probs differ between the base and the policy.
+            temperature: 50.0,
             ..replay.config().clone()
         },
         model.clone(),
