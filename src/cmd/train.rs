@@ -159,7 +159,9 @@ pub struct TrainArgs {
     /// users opened sessions with, and the policy with the hint in context is
     /// their teacher (on-policy distillation). For hints that state a standing
     /// preference ("keep it short"), never for task-specific ones ("check the
-    /// file first"): one correction then teaches N + 1 replies. 0 = off.
+    /// file first"): one correction then teaches N + 1 replies. On SmolLM2's
+    /// persona runs it did not speed learning, and made brief replies empty
+    /// (BENCHMARKS.md). 0 = off.
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub hint_replay: usize,
     /// Where the --hint-replay teacher reads the hint (as distill-hints --hint-at).
