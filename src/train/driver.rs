@@ -188,21 +188,18 @@ impl Driver {
     }
 
     fn step(&mut self) -> Result<StepMetrics> {
-        let batch = std::mem::take(&mut self.pending);
-        let replayed = match &mut self.replay {
-            Some(replay) => replay.samples(&self.trainer, &batch, self.config.max_sequence)?,
-            None => Vec::new(),
-        };
+        let mut batch = std::mem::take(&mut self.pending);
+        let pushed = batch.len();
+        if let Some(replay) = &mut self.replay {
+            let replayed = replay.samples(&self.trainer, &batch, self.config.max_sequence)?;
+            batch.extend(replayed);
+        }
+        let mut metrics = self.trainer.step(&batch)?;
+        // Replays train with the batch but were never input rows.
+        let (batch, replayed) = batch.split_at(pushed);
+        metrics.samples = pushed;
+        metrics.replayed = replayed.len();
         self.summary.samples_replayed += replayed.len() as u64;
-        let replayed_count = replayed.len();
-        let mut metrics = if replayed.is_empty() {
-            self.trainer.step(&batch)?
-        } else {
-            let all: Vec<TrainSample> = batch.iter().cloned().chain(replayed).collect();
-            self.trainer.step(&all)?
-        };
-        metrics.samples = batch.len();
-        metrics.replayed = replayed_count;
         if self.ledger.is_some() {
             self.trained_since_save
                 .extend(batch.iter().map(|s| s.sample_id.clone()));

@@ -39,6 +39,8 @@ pub struct ReplaySource {
     pub tools: Option<Vec<Json>>,
     /// The hindsight hint distill-hints accepted for this row, if any.
     pub hint: Option<String>,
+    /// The opening as JSON text: identifies it (two rows of one session share it).
+    key: String,
 }
 
 impl ReplaySource {
@@ -55,16 +57,13 @@ impl ReplaySource {
             .context("messages_json cannot be rendered as serve rendered it")?;
         let tools = row.tools()?;
         let hint = row.hint.clone().filter(|h| !h.trim().is_empty());
+        let key = Json::Array(opening.clone()).to_string();
         Ok(Some(Self {
             opening,
             tools,
             hint,
+            key,
         }))
-    }
-
-    /// Identifies the opening (two rows of one session share it).
-    fn key(&self) -> String {
-        serde_json::to_string(&self.opening).unwrap_or_default()
     }
 }
 
@@ -112,12 +111,12 @@ impl HintReplay {
 
     /// Adds a sample's opening to the pool (once per distinct opening).
     pub fn remember(&mut self, source: &Arc<ReplaySource>) {
-        if !self.keys.insert(source.key()) {
+        if !self.keys.insert(source.key.clone()) {
             return;
         }
         if self.pool.len() >= POOL_LIMIT {
             let old = self.pool.remove(0);
-            self.keys.remove(&old.key());
+            self.keys.remove(&old.key);
         }
         self.pool.push(source.clone());
     }
@@ -158,9 +157,9 @@ impl HintReplay {
         let version = trainer.steps() as i64;
         let mut out = Vec::new();
         for (sample, source, hint) in hinted {
-            let own = source.key();
+            let own = &source.key;
             let mut others: Vec<&Arc<ReplaySource>> =
-                self.pool.iter().filter(|o| o.key() != own).collect();
+                self.pool.iter().filter(|o| &o.key != own).collect();
             others.shuffle(&mut self.rng);
             for (k, other) in others.into_iter().take(self.config.per_hint).enumerate() {
                 let render = |messages: &[Json]| -> Result<Vec<u32>> {
