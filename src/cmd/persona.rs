@@ -147,6 +147,18 @@ pub struct PersonaArgs {
     )]
     pub hint_replay: usize,
 
+    /// persona, agent: with opd and combined, keep the base model's answers on
+    /// N anchor prompts a training step (`claw train --anchor`: worked maths,
+    /// facts and conversions, none from the retention check), so a learned
+    /// style does not cost the model its answers elsewhere. 0 = off.
+    #[arg(
+        long,
+        default_value_t = 0,
+        value_name = "N",
+        help_heading = "Persona benchmark"
+    )]
+    pub anchor: usize,
+
     /// persona, agent: with opd and combined, which weights read the hint
     /// (`claw distill-hints --teacher`): `policy`, the adapter that wrote the
     /// reply (OpenClaw-RL's self-distillation), or `base`, the base model, whose
@@ -246,6 +258,7 @@ impl PersonaArgs {
             topk: self.topk,
             w_topk: self.w_topk,
             hint_replay: self.hint_replay,
+            anchor: self.anchor,
             teacher: self.teacher,
             hint_at: self.hint_at,
             seed,

@@ -175,6 +175,22 @@ pub struct TrainArgs {
     /// that does not move with the student.
     #[arg(long, value_enum, default_value_t = TeacherWeights::Policy, value_name = "WEIGHTS")]
     pub hint_replay_teacher: TeacherWeights,
+    /// Keep the base model's answers on N anchor prompts a step: the current
+    /// policy answers N prompts from --anchor-prompts and the base model's
+    /// log-probs of those replies are their teacher (on-policy distillation
+    /// towards the base model). A style learned from users' corrections (shorter,
+    /// one paragraph) otherwise spreads to prompts where it costs answers, such
+    /// as worked maths; a --beta-kl penalty on the users' own prompts holds
+    /// back the style itself. 0 = off.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub anchor: usize,
+    /// The --anchor prompts: a text file, one prompt per line (`#` comments).
+    /// Default: a built-in set of worked maths problems, facts and conversions.
+    #[arg(long, value_name = "FILE")]
+    pub anchor_prompts: Option<PathBuf>,
+    /// Longest --anchor reply, in tokens.
+    #[arg(long, default_value_t = 256, value_name = "TOKENS")]
+    pub anchor_tokens: usize,
     /// Stop after this many optimizer steps.
     #[arg(long)]
     pub max_steps: Option<u64>,
@@ -282,6 +298,9 @@ impl TrainArgs {
             hint_at: self.hint_at,
             hint_replay_tokens: self.hint_replay_tokens,
             hint_replay_teacher: self.hint_replay_teacher,
+            anchor: self.anchor,
+            anchor_prompts: self.anchor_prompts,
+            anchor_tokens: self.anchor_tokens,
             max_steps: self.max_steps,
             max_staleness: self.max_staleness,
             epochs: self.epochs,
@@ -388,6 +407,12 @@ pub fn run(mut args: TrainArgs) -> Result<()> {
         info!(
             "{} replay samples: hints distilled on other openings (--hint-replay)",
             summary.samples_replayed
+        );
+    }
+    if summary.samples_anchored > 0 {
+        info!(
+            "{} anchor samples: the base model's answers kept on anchor prompts (--anchor)",
+            summary.samples_anchored
         );
     }
     if let (Some(before), Some(after)) = (eval_loss_before, eval_loss_after) {

@@ -68,6 +68,8 @@ pub struct Study {
     pub w_topk: f32,
     /// Replay each hint on this many other openings (opd, combined; 0 = off).
     pub hint_replay: usize,
+    /// Anchor prompts distilled from the base model per step (opd, combined; 0 = off).
+    pub anchor: usize,
     /// Which weights read the hint (opd, combined): the policy that wrote the
     /// reply, or always the base model.
     pub teacher: TeacherWeights,
@@ -118,6 +120,9 @@ impl Study {
         if matches!(method, Method::Opd | Method::Combined) && self.hint_replay > 0 {
             s.insert("hint_replay".into(), json!(self.hint_replay));
         }
+        if matches!(method, Method::Opd | Method::Combined) && self.anchor > 0 {
+            s.insert("anchor".into(), json!(self.anchor));
+        }
         if matches!(method, Method::Opd | Method::Combined) && self.teacher == TeacherWeights::Base
         {
             s.insert("teacher".into(), json!("base"));
@@ -156,6 +161,7 @@ impl Study {
             topk: 0,
             w_topk: 1.0,
             hint_replay: 0,
+            anchor: 0,
             teacher: TeacherWeights::Policy,
             hint_at: None,
             seed: 0,
@@ -211,9 +217,14 @@ impl Study {
         } else {
             String::new()
         };
+        // The anchor is a distillation term: rl's --w-opd 0 would void it.
+        let anchor = match distills && self.anchor > 0 {
+            true => format!(" --anchor {}", self.anchor),
+            false => String::new(),
+        };
         let train = format!(
             "train=--batch-size {} --partial-after 20s --lr {} --beta-kl {} \
-             --reward-baseline {} --updates-per-batch {} --keep 3{hindsight}{w_topk}{replay}{signals}",
+             --reward-baseline {} --updates-per-batch {} --keep 3{hindsight}{w_topk}{replay}{anchor}{signals}",
             self.batch,
             self.lr,
             self.beta_kl,

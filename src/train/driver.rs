@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use serde::Serialize;
 
+use super::anchor::Anchor;
 use super::checkpoint::CheckpointDir;
 use super::replay::HintReplay;
 use super::trainer::{Objective, StepMetrics, TrainSample, Trainer};
@@ -52,6 +53,8 @@ pub struct RunSummary {
     pub samples_trained: u64,
     /// `--hint-replay` samples made and trained on (not in samples_trained).
     pub samples_replayed: u64,
+    /// `--anchor` samples made and trained on (not in samples_trained).
+    pub samples_anchored: u64,
     pub tokens_trained: u64,
     pub skipped: Skipped,
     pub first_loss: Option<f32>,
@@ -76,6 +79,8 @@ pub struct Driver {
     model_spec: Option<String>,
     /// `--hint-replay`: more distilled samples for each hinted one.
     replay: Option<HintReplay>,
+    /// `--anchor`: the base model's answers kept on a fixed prompt set.
+    anchor: Option<Anchor>,
 }
 
 impl Driver {
@@ -95,12 +100,19 @@ impl Driver {
             trained_since_save: Vec::new(),
             model_spec: None,
             replay: None,
+            anchor: None,
         }
     }
 
     /// Every step also distills each hinted sample's hint on other openings.
     pub fn set_replay(&mut self, replay: HintReplay) {
         self.replay = Some(replay);
+    }
+
+    /// Every step also distills the base model onto the policy's answers to
+    /// anchor prompts.
+    pub fn set_anchor(&mut self, anchor: Anchor) {
+        self.anchor = Some(anchor);
     }
 
     /// Full checkpoints will record this model spec (`claw train --init`), so
@@ -194,12 +206,19 @@ impl Driver {
             let replayed = replay.samples(&self.trainer, &batch, self.config.max_sequence)?;
             batch.extend(replayed);
         }
+        let replayed = batch.len() - pushed;
+        if let Some(anchor) = &mut self.anchor {
+            let anchored = anchor.samples(&self.trainer, self.config.max_sequence)?;
+            batch.extend(anchored);
+        }
         let mut metrics = self.trainer.step(&batch)?;
-        // Replays train with the batch but were never input rows.
-        let (batch, replayed) = batch.split_at(pushed);
+        // Replays and anchors train with the batch but were never input rows.
+        let (batch, extra) = batch.split_at(pushed);
         metrics.samples = pushed;
-        metrics.replayed = replayed.len();
-        self.summary.samples_replayed += replayed.len() as u64;
+        metrics.replayed = replayed;
+        metrics.anchored = extra.len() - replayed;
+        self.summary.samples_replayed += metrics.replayed as u64;
+        self.summary.samples_anchored += metrics.anchored as u64;
         if self.ledger.is_some() {
             self.trained_since_save
                 .extend(batch.iter().map(|s| s.sample_id.clone()));

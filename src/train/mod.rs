@@ -12,12 +12,15 @@
 //! - [`run`]: one `claw train` run: model, trainer or resume, epochs.
 //! - [`replay`]: `--hint-replay`: a standing preference's hint distilled on other
 //!   prompts the user opened sessions with.
+//! - [`anchor`]: `--anchor`: the base model's answers kept on a fixed set of
+//!   prompts (maths, facts) while a style is learned.
 //! - [`checkpoint`]: atomic adapter checkpoints, `LATEST`, keep-last-K, resume.
 //!
 //! The LoRA adapters it trains, their file format and the checkpoint layout are
 //! [`crate::adapter`], shared with `serve`.
 //! - [`init`]: a new model from a JSON config (`--init`), trained from scratch.
 
+pub mod anchor;
 pub mod checkpoint;
 pub mod data;
 pub mod driver;

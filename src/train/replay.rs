@@ -25,7 +25,7 @@ use crate::distill::{HintPlacement, TeacherWeights};
 use crate::model::generate::Flow;
 use crate::model::sampling::SamplingParams;
 use crate::model::score::{self, Sequence};
-use crate::model::Model;
+use crate::model::{Decoder, Model};
 use crate::rollout::RolloutRow;
 
 /// Openings remembered for replay; older ones are forgotten first.
@@ -154,7 +154,13 @@ impl HintReplay {
             TeacherWeights::Policy => &policy,
             TeacherWeights::Base => trainer.reference(),
         };
-        let version = trainer.steps() as i64;
+        let distill = OnPolicy {
+            model: &self.model,
+            student: &policy,
+            teacher: teacher_weights,
+            trainer,
+            max_sequence,
+        };
         let mut out = Vec::new();
         for (sample, source, hint) in hinted {
             let own = &source.key;
@@ -162,61 +168,101 @@ impl HintReplay {
                 self.pool.iter().filter(|o| &o.key != own).collect();
             others.shuffle(&mut self.rng);
             for (k, other) in others.into_iter().take(self.config.per_hint).enumerate() {
-                let render = |messages: &[Json]| -> Result<Vec<u32>> {
-                    let text =
-                        self.model
-                            .template
-                            .render(messages, other.tools.as_deref(), true)?;
-                    self.model.tokenizer.encode(&text)
-                };
-                let prompt_ids = render(&other.opening)?;
-                let teacher_ids = render(&teacher_messages(
-                    &other.opening,
-                    hint,
-                    self.config.placement,
-                )?)?;
-                let room = max_sequence.saturating_sub(prompt_ids.len().max(teacher_ids.len()));
+                let tools = other.tools.as_deref();
+                let prompt_ids = distill.render(&other.opening, tools)?;
+                let teacher_ids = distill.render(
+                    &teacher_messages(&other.opening, hint, self.config.placement)?,
+                    tools,
+                )?;
                 let params = SamplingParams {
                     temperature: self.config.temperature,
-                    max_tokens: self.config.max_tokens.min(room),
+                    max_tokens: self.config.max_tokens,
                     seed: Some(rand::Rng::gen(&mut self.rng)),
                     ..SamplingParams::default()
                 };
-                if params.max_tokens == 0 {
-                    continue;
-                }
-                let reply = self
-                    .model
-                    .generate_with(&policy, &prompt_ids, &params, |_| Flow::Continue)
+                let made = distill
+                    .sample(
+                        format!("{}#replay{k}", sample.sample_id),
+                        prompt_ids,
+                        &teacher_ids,
+                        &params,
+                    )
                     .with_context(|| {
                         format!("replaying the hint of sample {}", sample.sample_id)
                     })?;
-                if reply.token_ids.is_empty() {
-                    continue;
-                }
-                let teacher = score::score(
-                    teacher_weights,
-                    &[Sequence {
-                        prompt: &teacher_ids,
-                        response: &reply.token_ids,
-                    }],
-                    trainer.config.micro_batch_tokens,
-                )?
-                .pop()
-                .context("no teacher log-probs")?;
-                out.push(TrainSample {
-                    sample_id: format!("{}#replay{k}", sample.sample_id),
-                    prompt_ids,
-                    response_ids: reply.token_ids,
-                    reward: None,
-                    teacher_logprobs: Some(teacher),
-                    teacher_topk: None,
-                    policy_version: version,
-                    replay: None,
-                });
+                out.extend(made);
             }
         }
         self.made += out.len() as u64;
         Ok(out)
+    }
+}
+
+/// On-policy distillation outside the input rows (hint replay, the anchor): the
+/// student's current weights answer a prompt, and a teacher scores that reply
+/// in its own context.
+pub(super) struct OnPolicy<'a> {
+    /// The tokenizer and chat template.
+    pub model: &'a Model,
+    pub student: &'a Decoder,
+    pub teacher: &'a Decoder,
+    pub trainer: &'a Trainer,
+    /// Longest prompt + reply a sample may have.
+    pub max_sequence: usize,
+}
+
+impl OnPolicy<'_> {
+    /// `messages` as the model reads them before its reply.
+    pub fn render(&self, messages: &[Json], tools: Option<&[Json]>) -> Result<Vec<u32>> {
+        let text = self.model.template.render(messages, tools, true)?;
+        self.model.tokenizer.encode(&text)
+    }
+
+    /// The student answers `prompt_ids` (at most `params.max_tokens`, less where
+    /// the context is short) and the teacher scores the reply after
+    /// `teacher_ids`. None when there is no room for a reply or it is empty.
+    pub fn sample(
+        &self,
+        sample_id: String,
+        prompt_ids: Vec<u32>,
+        teacher_ids: &[u32],
+        params: &SamplingParams,
+    ) -> Result<Option<TrainSample>> {
+        let room = self
+            .max_sequence
+            .saturating_sub(prompt_ids.len().max(teacher_ids.len()));
+        let params = SamplingParams {
+            max_tokens: params.max_tokens.min(room),
+            ..params.clone()
+        };
+        if params.max_tokens == 0 {
+            return Ok(None);
+        }
+        let reply = self
+            .model
+            .generate_with(self.student, &prompt_ids, &params, |_| Flow::Continue)?;
+        if reply.token_ids.is_empty() {
+            return Ok(None);
+        }
+        let teacher = score::score(
+            self.teacher,
+            &[Sequence {
+                prompt: teacher_ids,
+                response: &reply.token_ids,
+            }],
+            self.trainer.config.micro_batch_tokens,
+        )?
+        .pop()
+        .context("no teacher log-probs")?;
+        Ok(Some(TrainSample {
+            sample_id,
+            prompt_ids,
+            response_ids: reply.token_ids,
+            reward: None,
+            teacher_logprobs: Some(teacher),
+            teacher_topk: None,
+            policy_version: self.trainer.steps() as i64,
+            replay: None,
+        }))
     }
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Result;
 
+use super::anchor::{self, Anchor, AnchorConfig};
 use super::checkpoint::{self, CheckpointDir};
 use super::data::{
     batch_row_samples, mean_nll, read_samples, reads_stdin, text_samples, RowSamples,
@@ -65,6 +66,13 @@ pub struct RunConfig {
     pub hint_replay_tokens: usize,
     /// Which weights read the replayed hint.
     pub hint_replay_teacher: TeacherWeights,
+    /// `--anchor`: anchor prompts answered and distilled from the base model per
+    /// step (0 = off).
+    pub anchor: usize,
+    /// The anchor prompts (one per line); None: the built-in set.
+    pub anchor_prompts: Option<PathBuf>,
+    /// Longest anchor reply, in tokens.
+    pub anchor_tokens: usize,
     pub max_steps: Option<u64>,
     pub max_staleness: Option<i64>,
     /// Passes over the input.
@@ -111,6 +119,18 @@ impl Run {
         anyhow::ensure!(config.batch_size > 0, "--batch-size must be at least 1");
         anyhow::ensure!(config.grad_accum > 0, "--grad-accum must be at least 1");
         anyhow::ensure!(config.lora_rank > 0, "--lora-rank must be at least 1");
+        // Replays and anchors are on-policy distillation: teacher log-probs that
+        // only the rl objective's distillation term reads.
+        let distills = config.objective == Objective::Rl && config.loss.w_opd != 0.0;
+        anyhow::ensure!(
+            distills || (config.hint_replay == 0 && config.anchor == 0),
+            "--hint-replay and --anchor train by distillation: they need --objective rl \
+             (the default) and --w-opd above 0"
+        );
+        let anchor_prompts = match config.anchor {
+            0 => Vec::new(),
+            _ => anchor::load_prompts(config.anchor_prompts.as_deref())?,
+        };
         // --init: a new model (all weights trained); otherwise the one given.
         let mut gguf_base = None;
         let (mut model, model_spec) = match &config.init {
@@ -228,6 +248,23 @@ impl Run {
                 },
                 model.clone(),
             ));
+        }
+        if config.anchor > 0 {
+            driver.set_anchor(Anchor::new(
+                AnchorConfig {
+                    per_step: config.anchor,
+                    max_tokens: config.anchor_tokens,
+                    temperature: SamplingParams::default().temperature,
+                    seed: config.seed,
+                },
+                model.clone(),
+                &anchor_prompts,
+            )?);
+            info!(
+                "anchor: {} prompts, {} a step (--anchor)",
+                anchor_prompts.len(),
+                config.anchor
+            );
         }
         Ok(Run {
             config,

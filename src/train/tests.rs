@@ -968,3 +968,67 @@ fn a_hint_is_replayed_on_other_openings_with_the_policy_as_its_teacher() {
     assert!(replay.samples(&trainer, &[plain], 1024).unwrap().is_empty());
     assert!(replay.samples(&trainer, &[hinted], 8).unwrap().is_empty());
 }
+
+#[test]
+fn the_anchor_distills_the_base_model_onto_the_policys_answers_to_every_prompt_in_turn() {
+    use super::anchor::{Anchor, AnchorConfig};
+    use std::sync::Arc;
+    let model = Arc::new(tiny_model(WeightFormat::F32));
+    let trainer = Trainer::new(&model.decoder, config(Objective::Rl, 1e-3), None).unwrap();
+    randomize_b(trainer.adapter().unwrap());
+    let prompts: Vec<String> = ["What is 2 + 3?", "Name a river.", "What is 7 * 6?"]
+        .map(String::from)
+        .to_vec();
+    let mut anchor = Anchor::new(
+        AnchorConfig {
+            per_step: 2,
+            max_tokens: 5,
+            temperature: 50.0,
+            seed: 1,
+        },
+        model.clone(),
+        &prompts,
+    )
+    .unwrap();
+    let render = |p: &str| {
+        let messages = [serde_json::json!({"role": "user", "content": p})];
+        let text = model.template.render(&messages, None, true).unwrap();
+        model.tokenizer.encode(&text).unwrap()
+    };
+    let policy = trainer.frozen_policy().unwrap();
+    let mut asked = Vec::new();
+    for _ in 0..3 {
+        let made = anchor.samples(&trainer, 1024).unwrap();
+        assert_eq!(made.len(), 2);
+        for s in &made {
+            let p = prompts
+                .iter()
+                .position(|p| s.prompt_ids == render(p))
+                .expect("an anchor sample answers an anchor prompt as a lone user message");
+            asked.push(p);
+            assert!(!s.response_ids.is_empty() && s.response_ids.len() <= 5);
+            assert_eq!(s.reward, None);
+            assert!(s.replay.is_none());
+            // The teacher is the base model, reading the same prompt (no hint).
+            let seq = [Sequence {
+                prompt: &s.prompt_ids,
+                response: &s.response_ids,
+            }];
+            let base = score::score(trainer.reference(), &seq, 1024).unwrap();
+            assert_eq!(s.teacher_logprobs.as_ref(), Some(&base[0]));
+            let own = score::score(&policy, &seq, 1024).unwrap();
+            assert_ne!(base[0], own[0], "the policy differs from its teacher");
+        }
+    }
+    // Every prompt once before any repeats: 6 draws of 3 prompts are two passes.
+    let mut first: Vec<usize> = asked[..3].to_vec();
+    first.sort_unstable();
+    assert_eq!(first, vec![0, 1, 2], "{asked:?}");
+    let mut second: Vec<usize> = asked[3..].to_vec();
+    second.sort_unstable();
+    assert_eq!(second, vec![0, 1, 2], "{asked:?}");
+    assert_eq!(anchor.made, 6);
+    // No room left in the context: no sample rather than an empty one.
+    let shortest = prompts.iter().map(|p| render(p).len()).min().unwrap();
+    assert!(anchor.samples(&trainer, shortest).unwrap().is_empty());
+}

@@ -134,6 +134,8 @@ pub struct StepMetrics {
     pub samples: usize,
     /// `--hint-replay` samples trained besides `samples` (their tokens count in `tokens`).
     pub replayed: usize,
+    /// `--anchor` samples trained besides `samples` (their tokens count in `tokens`).
+    pub anchored: usize,
     pub tokens: usize,
     pub seconds: f64,
     pub tokens_per_s: f64,

@@ -854,3 +854,87 @@ fn hint_replay_distills_each_hint_on_other_openings() {
     let plain: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(plain["samples_replayed"], 0, "{plain}");
 }
+
+#[test]
+fn the_anchor_adds_base_model_distillation_on_its_prompts_each_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let input = dir.path().join("judged.parquet");
+    write_rows(
+        &input,
+        &(0..4)
+            .map(|i| sample(i, Some(if i % 2 == 0 { 1.0 } else { -1.0 })))
+            .collect::<Vec<_>>(),
+    );
+    let prompts = dir.path().join("anchor.txt");
+    std::fs::write(&prompts, "# mine\nWhat is 2 + 2?\nName a colour.\n").unwrap();
+    let train = |extra: &[&str], out: &str| {
+        let mut cmd = claw();
+        cmd.args(["train", "--batch-size", "2", "--lora-rank", "4", "--json"])
+            .args(extra)
+            .arg(&input)
+            .arg("--model")
+            .arg(&model)
+            .arg("--out")
+            .arg(dir.path().join(out));
+        cmd.output().unwrap()
+    };
+    let mut cmd = claw();
+    let (stdout, stderr) = run_ok(
+        cmd.args(["train", "--batch-size", "2", "--lora-rank", "4", "--json"])
+            .args(["--anchor", "3", "--anchor-tokens", "4", "--anchor-prompts"])
+            .arg(&prompts)
+            .arg(&input)
+            .arg("--model")
+            .arg(&model)
+            .arg("--out")
+            .arg(dir.path().join("mine")),
+    );
+    let summary: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    // Two steps of 2 rows, each with 3 anchor samples; only rows count as trained.
+    assert_eq!(summary["samples_trained"], 4, "{summary}");
+    assert_eq!(summary["samples_anchored"], 6, "{summary}");
+    assert!(stderr.contains("anchor: 2 prompts, 3 a step"), "{stderr}");
+    assert!(stderr.contains("6 anchor samples"), "{stderr}");
+    let metrics = std::fs::read_to_string(dir.path().join("mine/metrics.jsonl")).unwrap();
+    for line in metrics.lines() {
+        let step: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(
+            (step["samples"].as_u64(), step["anchored"].as_u64()),
+            (Some(2), Some(3)),
+            "{step}"
+        );
+    }
+
+    // The built-in set needs no file.
+    let out = train(&["--anchor", "1", "--anchor-tokens", "4"], "builtin");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["samples_anchored"], 2, "{summary}");
+
+    // Refused where it would do nothing, or with a file that is not there.
+    let out = train(&["--anchor", "1", "--w-opd", "0"], "no-opd");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("--w-opd above 0"), "{stderr}");
+    let missing = dir.path().join("missing.txt");
+    let out = train(
+        &[
+            "--anchor",
+            "1",
+            "--anchor-prompts",
+            missing.to_str().unwrap(),
+        ],
+        "missing",
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("cannot read the anchor prompts") && stderr.contains("missing.txt"),
+        "{stderr}"
+    );
+}

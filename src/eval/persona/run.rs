@@ -495,6 +495,28 @@ mod tests {
     }
 
     #[test]
+    fn the_anchor_reaches_train_only_where_the_distillation_term_is_on() {
+        let anchored = RunConfig {
+            study: Study {
+                anchor: 2,
+                ..Study::for_tests()
+            },
+            ..config(0)
+        };
+        for method in [Method::Opd, Method::Combined] {
+            let train = stage_args(&up_args(method, &anchored), "train").unwrap();
+            assert!(train.contains(" --anchor 2"), "{method:?}: {train}");
+            assert_eq!(anchored.settings(method)["anchor"], json!(2));
+        }
+        // rl trains with --w-opd 0, where an anchor would do nothing (train refuses it).
+        let rl = stage_args(&up_args(Method::Rl, &anchored), "train").unwrap();
+        assert!(!rl.contains("--anchor"), "{rl}");
+        assert!(!anchored.settings(Method::Rl).contains_key("anchor"));
+        let plain = stage_args(&up_args(Method::Combined, &config(0)), "train").unwrap();
+        assert!(!plain.contains("--anchor"), "{plain}");
+    }
+
+    #[test]
     fn a_persona_teacher_reads_the_correction_above_the_message_unless_told() {
         let mut cfg = config(0);
         for method in [Method::Opd, Method::Combined] {
