@@ -159,6 +159,16 @@ pub struct PersonaArgs {
     )]
     pub anchor: usize,
 
+    /// persona, agent: with --anchor, also distill the base model's top-K
+    /// distribution at every anchor reply token (`claw train --anchor-topk`).
+    #[arg(
+        long,
+        default_value_t = 0,
+        value_name = "K",
+        help_heading = "Persona benchmark"
+    )]
+    pub anchor_topk: usize,
+
     /// persona, agent: with opd and combined, which weights read the hint
     /// (`claw distill-hints --teacher`): `policy`, the adapter that wrote the
     /// reply (OpenClaw-RL's self-distillation), or `base`, the base model, whose
@@ -259,6 +269,7 @@ impl PersonaArgs {
             w_topk: self.w_topk,
             hint_replay: self.hint_replay,
             anchor: self.anchor,
+            anchor_topk: self.anchor_topk,
             teacher: self.teacher,
             hint_at: self.hint_at,
             seed,

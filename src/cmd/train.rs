@@ -191,6 +191,11 @@ pub struct TrainArgs {
     /// Longest --anchor reply, in tokens.
     #[arg(long, default_value_t = 256, value_name = "TOKENS")]
     pub anchor_tokens: usize,
+    /// Also distill the base model's top-K distribution at every --anchor reply
+    /// token (weighted by --w-topk), not only its log-prob of the token sampled:
+    /// it names the tokens the base model would have written.
+    #[arg(long, default_value_t = 0, value_name = "K")]
+    pub anchor_topk: usize,
     /// Stop after this many optimizer steps.
     #[arg(long)]
     pub max_steps: Option<u64>,
@@ -301,6 +306,7 @@ impl TrainArgs {
             anchor: self.anchor,
             anchor_prompts: self.anchor_prompts,
             anchor_tokens: self.anchor_tokens,
+            anchor_topk: self.anchor_topk,
             max_steps: self.max_steps,
             max_staleness: self.max_staleness,
             epochs: self.epochs,

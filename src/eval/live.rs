@@ -70,6 +70,8 @@ pub struct Study {
     pub hint_replay: usize,
     /// Anchor prompts distilled from the base model per step (opd, combined; 0 = off).
     pub anchor: usize,
+    /// The base model's top-K per anchor reply token (0 = sampled tokens only).
+    pub anchor_topk: usize,
     /// Which weights read the hint (opd, combined): the policy that wrote the
     /// reply, or always the base model.
     pub teacher: TeacherWeights,
@@ -122,6 +124,9 @@ impl Study {
         }
         if matches!(method, Method::Opd | Method::Combined) && self.anchor > 0 {
             s.insert("anchor".into(), json!(self.anchor));
+            if self.anchor_topk > 0 {
+                s.insert("anchor_topk".into(), json!(self.anchor_topk));
+            }
         }
         if matches!(method, Method::Opd | Method::Combined) && self.teacher == TeacherWeights::Base
         {
@@ -162,6 +167,7 @@ impl Study {
             w_topk: 1.0,
             hint_replay: 0,
             anchor: 0,
+            anchor_topk: 0,
             teacher: TeacherWeights::Policy,
             hint_at: None,
             seed: 0,
@@ -219,6 +225,12 @@ impl Study {
         };
         // The anchor is a distillation term: rl's --w-opd 0 would void it.
         let anchor = match distills && self.anchor > 0 {
+            true if self.anchor_topk > 0 => {
+                format!(
+                    " --anchor {} --anchor-topk {}",
+                    self.anchor, self.anchor_topk
+                )
+            }
             true => format!(" --anchor {}", self.anchor),
             false => String::new(),
         };

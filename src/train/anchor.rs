@@ -60,6 +60,9 @@ pub struct AnchorConfig {
     pub max_tokens: usize,
     /// Sampling temperature of the anchor replies.
     pub temperature: f32,
+    /// Also distill the base model's top-K distribution at every reply token
+    /// (0: only its log-probs of the sampled tokens).
+    pub topk: usize,
     pub seed: u64,
 }
 
@@ -127,6 +130,7 @@ impl Anchor {
             teacher: trainer.reference(),
             trainer,
             max_sequence,
+            topk: self.config.topk,
         };
         let mut out = Vec::new();
         for _ in 0..self.config.per_step {

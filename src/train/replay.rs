@@ -160,6 +160,7 @@ impl HintReplay {
             teacher: teacher_weights,
             trainer,
             max_sequence,
+            topk: 0,
         };
         let mut out = Vec::new();
         for (sample, source, hint) in hinted {
@@ -209,6 +210,9 @@ pub(super) struct OnPolicy<'a> {
     pub trainer: &'a Trainer,
     /// Longest prompt + reply a sample may have.
     pub max_sequence: usize,
+    /// Also the teacher's top-K distribution per reply token (0: only the
+    /// log-probs of the sampled tokens).
+    pub topk: usize,
 }
 
 impl OnPolicy<'_> {
@@ -244,23 +248,30 @@ impl OnPolicy<'_> {
         if reply.token_ids.is_empty() {
             return Ok(None);
         }
-        let teacher = score::score(
-            self.teacher,
-            &[Sequence {
-                prompt: teacher_ids,
-                response: &reply.token_ids,
-            }],
-            self.trainer.config.micro_batch_tokens,
-        )?
-        .pop()
-        .context("no teacher log-probs")?;
+        let seq = [Sequence {
+            prompt: teacher_ids,
+            response: &reply.token_ids,
+        }];
+        let budget = self.trainer.config.micro_batch_tokens;
+        let (teacher, teacher_topk) = match self.topk {
+            0 => (score::score(self.teacher, &seq, budget)?.pop(), None),
+            k => {
+                let (mut lps, mut topk) = score::score_with_topk(self.teacher, &seq, k, budget)?;
+                let topk = topk.pop().map(|rows| {
+                    rows.into_iter()
+                        .map(|(ids, lps)| (ids.into_iter().map(|i| i as u32).collect(), lps))
+                        .collect()
+                });
+                (lps.pop(), topk)
+            }
+        };
         Ok(Some(TrainSample {
             sample_id,
             prompt_ids,
             response_ids: reply.token_ids,
             reward: None,
-            teacher_logprobs: Some(teacher),
-            teacher_topk: None,
+            teacher_logprobs: Some(teacher.context("no teacher log-probs")?),
+            teacher_topk,
             policy_version: self.trainer.steps() as i64,
             replay: None,
         }))

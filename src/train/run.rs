@@ -73,6 +73,8 @@ pub struct RunConfig {
     pub anchor_prompts: Option<PathBuf>,
     /// Longest anchor reply, in tokens.
     pub anchor_tokens: usize,
+    /// The base model's top-K per anchor reply token (0 = sampled tokens only).
+    pub anchor_topk: usize,
     pub max_steps: Option<u64>,
     pub max_staleness: Option<i64>,
     /// Passes over the input.
@@ -254,6 +256,7 @@ impl Run {
                 AnchorConfig {
                     per_step: config.anchor,
                     max_tokens: config.anchor_tokens,
+                    topk: config.anchor_topk,
                     temperature: SamplingParams::default().temperature,
                     seed: config.seed,
                 },

@@ -985,6 +985,7 @@ fn the_anchor_distills_the_base_model_onto_the_policys_answers_to_every_prompt_i
             max_tokens: 5,
             temperature: 50.0,
             seed: 1,
+            topk: 0,
         },
         model.clone(),
         &prompts,
@@ -1031,4 +1032,32 @@ fn the_anchor_distills_the_base_model_onto_the_policys_answers_to_every_prompt_i
     // No room left in the context: no sample rather than an empty one.
     let shortest = prompts.iter().map(|p| render(p).len()).min().unwrap();
     assert!(anchor.samples(&trainer, shortest).unwrap().is_empty());
+
+    // --anchor-topk: the base model's top-K at every reply token as well.
+    let mut topk = Anchor::new(
+        AnchorConfig {
+            per_step: 1,
+            max_tokens: 5,
+            temperature: 50.0,
+            seed: 1,
+            topk: 3,
+        },
+        model.clone(),
+        &prompts,
+    )
+    .unwrap();
+    let s = topk.samples(&trainer, 1024).unwrap().pop().unwrap();
+    let seq = [Sequence {
+        prompt: &s.prompt_ids,
+        response: &s.response_ids,
+    }];
+    let (lps, expected) = score::score_with_topk(trainer.reference(), &seq, 3, 1024).unwrap();
+    assert_eq!(s.teacher_logprobs.as_ref(), Some(&lps[0]));
+    let got = s.teacher_topk.expect("top-K rows");
+    assert_eq!(got.len(), s.response_ids.len());
+    for ((ids, lps), (want_ids, want_lps)) in got.iter().zip(&expected[0]) {
+        assert_eq!(ids.len(), 3);
+        assert!(ids.iter().zip(want_ids).all(|(a, b)| *a as i32 == *b));
+        assert_eq!(lps, want_lps);
+    }
 }

@@ -514,6 +514,16 @@ mod tests {
         assert!(!anchored.settings(Method::Rl).contains_key("anchor"));
         let plain = stage_args(&up_args(Method::Combined, &config(0)), "train").unwrap();
         assert!(!plain.contains("--anchor"), "{plain}");
+        let topk = RunConfig {
+            study: Study {
+                anchor_topk: 8,
+                ..anchored.study.clone()
+            },
+            ..config(0)
+        };
+        let train = stage_args(&up_args(Method::Opd, &topk), "train").unwrap();
+        assert!(train.contains(" --anchor 2 --anchor-topk 8"), "{train}");
+        assert_eq!(topk.settings(Method::Opd)["anchor_topk"], json!(8));
     }
 
     #[test]
