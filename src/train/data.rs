@@ -59,6 +59,7 @@ pub fn train_sample(row: &RolloutRow, vocab: usize) -> Result<TrainSample> {
         },
         policy_version: row.policy_version,
         replay: None,
+        auxiliary: false,
     })
 }
 
@@ -126,6 +127,7 @@ pub fn hindsight_sample(
         teacher_topk: None,
         policy_version: sample.policy_version,
         replay: None,
+        auxiliary: false,
     }))
 }
 

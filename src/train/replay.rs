@@ -274,6 +274,7 @@ impl OnPolicy<'_> {
             teacher_topk,
             policy_version: self.trainer.steps() as i64,
             replay: None,
+            auxiliary: true,
         }))
     }
 }

@@ -1061,3 +1061,50 @@ fn the_anchor_distills_the_base_model_onto_the_policys_answers_to_every_prompt_i
         assert_eq!(lps, want_lps);
     }
 }
+
+#[test]
+fn an_auxiliary_sample_adds_to_the_rows_loss_instead_of_diluting_it() {
+    let model = tiny_model(WeightFormat::F32);
+    let trainer = Trainer::new(&model.decoder, config(Objective::Rl, 1e-3), None).unwrap();
+    randomize_b(trainer.adapter().unwrap());
+    let teacher = |response: &[u32]| {
+        let seq = [Sequence {
+            prompt: &PROMPT,
+            response,
+        }];
+        let own = score::score(&trainer.frozen_policy().unwrap(), &seq, 4096).unwrap();
+        own[0]
+            .iter()
+            .map(|l| (l + 1.0).min(-0.01))
+            .collect::<Vec<f32>>()
+    };
+    let sample = |response: Vec<u32>, auxiliary: bool| TrainSample {
+        prompt_ids: PROMPT.to_vec(),
+        teacher_logprobs: Some(teacher(&response)),
+        response_ids: response,
+        auxiliary,
+        ..Default::default()
+    };
+    let row = sample(vec![130, 131, 2], false);
+    let extra = || sample(vec![140, 141, 142, 2], true);
+    let loss = |batch: &[TrainSample]| trainer.gradients(batch).unwrap().1.loss;
+    let (alone, extra_alone) = (loss(std::slice::from_ref(&row)), loss(&[extra()]));
+    // The row keeps its full weight and the auxiliary sample's loss adds to it...
+    let with = loss(&[row.clone(), extra()]);
+    assert!(
+        (with - (alone + extra_alone)).abs() < 1e-5,
+        "{with} vs {alone} + {extra_alone}"
+    );
+    // ...where a second row would share the batch's weight with it.
+    let two_rows = loss(&[
+        row,
+        TrainSample {
+            auxiliary: false,
+            ..extra()
+        },
+    ]);
+    assert!(
+        (two_rows - (alone + extra_alone) / 2.0).abs() < 1e-5,
+        "{two_rows}"
+    );
+}

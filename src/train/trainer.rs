@@ -44,6 +44,9 @@ pub struct TrainSample {
     pub policy_version: i64,
     /// With `--hint-replay`: the row's opening prompt and hint ([`super::replay`]).
     pub replay: Option<Arc<ReplaySource>>,
+    /// Made by training itself (a hint replay, an anchor), not an input row: its
+    /// loss adds to the batch's instead of taking a share of the rows' weight.
+    pub auxiliary: bool,
 }
 
 impl TrainSample {
@@ -345,7 +348,11 @@ impl Trainer {
             tokens: batch.iter().map(|s| s.response_ids.len()).sum(),
             ..Default::default()
         };
-        let inv_batch = 1.0 / batch.len() as f64;
+        // Each input row weighs 1/rows; auxiliary samples weigh as much as a
+        // row and add to the loss, so turning on --anchor or --hint-replay does
+        // not shrink the rows' own step.
+        let rows = batch.iter().filter(|s| !s.auxiliary).count().max(1);
+        let inv_batch = 1.0 / rows as f64;
         let mut computed = vec![Vec::new(); batch.len()];
         let rewards = &inputs.rewards;
         let topk_ids = batch
@@ -397,7 +404,7 @@ impl Trainer {
                     };
                     (l, stats)
                 };
-                metrics.loss += loss_i.to_scalar::<f32>()? / batch.len() as f32;
+                metrics.loss += loss_i.to_scalar::<f32>()? / rows as f32;
                 metrics.pg_loss += stats.pg_loss / batch.len() as f32;
                 metrics.kl += stats.kl / batch.len() as f32;
                 metrics.mean_abs_advantage += stats.mean_abs_advantage / batch.len() as f32;
