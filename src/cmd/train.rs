@@ -181,7 +181,9 @@ pub struct TrainArgs {
     /// towards the base model). A style learned from users' corrections (shorter,
     /// one paragraph) otherwise spreads to prompts where it costs answers, such
     /// as worked maths; a --beta-kl penalty on the users' own prompts holds
-    /// back the style itself. 0 = off.
+    /// back the style itself. Measured on SmolLM2's persona runs: alone it kept
+    /// no more gsm8k than no anchor; with --anchor-topk 8 it kept the answers
+    /// and undid the style (BENCHMARKS.md). 0 = off.
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub anchor: usize,
     /// The --anchor prompts: a text file, one prompt per line (`#` comments).
