@@ -25,12 +25,12 @@ use crate::model::Model;
 /// them in the retention check's sets.
 pub const BUILTIN: &str = include_str!("../../fixtures/train/anchor.txt");
 
-/// Prompts of a text file: one per line; blank lines and `#` comments skipped.
-pub fn parse_prompts(text: &str) -> Vec<String> {
+/// Prompts of a text file: one per line; blank lines and `#` comments skipped
+/// (also the persona benchmark's task files).
+pub fn parse_prompts(text: &str) -> Vec<&str> {
     text.lines()
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(str::to_string)
         .collect()
 }
 
@@ -44,7 +44,7 @@ pub fn load_prompts(path: Option<&Path>) -> Result<Vec<String>> {
         ),
         None => (BUILTIN.to_string(), "the built-in anchor set".to_string()),
     };
-    let prompts = parse_prompts(&text);
+    let prompts: Vec<String> = parse_prompts(&text).into_iter().map(String::from).collect();
     anyhow::ensure!(
         !prompts.is_empty(),
         "{name} holds no prompts (one per line; `#` starts a comment)"

@@ -230,10 +230,7 @@ pub fn heldout() -> Vec<&'static str> {
 }
 
 fn lines(text: &'static str) -> Vec<&'static str> {
-    text.lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .collect()
+    crate::train::anchor::parse_prompts(text)
 }
 
 #[cfg(test)]
