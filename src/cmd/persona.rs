@@ -169,6 +169,17 @@ pub struct PersonaArgs {
     )]
     pub anchor_topk: usize,
 
+    /// persona, agent: with rl and combined, train N accepted replies of
+    /// earlier steps again each step (`claw train --self-imitation`), measured
+    /// against the same reward baseline as the step's rows. 0 = off.
+    #[arg(
+        long,
+        default_value_t = 0,
+        value_name = "N",
+        help_heading = "Persona benchmark"
+    )]
+    pub self_imitation: usize,
+
     /// persona, agent: with opd and combined, which weights read the hint
     /// (`claw distill-hints --teacher`): `policy`, the adapter that wrote the
     /// reply (OpenClaw-RL's self-distillation), or `base`, the base model, whose
@@ -270,6 +281,7 @@ impl PersonaArgs {
             hint_replay: self.hint_replay,
             anchor: self.anchor,
             anchor_topk: self.anchor_topk,
+            self_imitation: self.self_imitation,
             teacher: self.teacher,
             hint_at: self.hint_at,
             seed,

@@ -198,6 +198,14 @@ pub struct TrainArgs {
     /// it names the tokens the base model would have written.
     #[arg(long, default_value_t = 0, value_name = "K")]
     pub anchor_topk: usize,
+    /// Train N accepted replies of earlier steps again each step (self-imitation):
+    /// a reply with a judged reward above 0 is kept (the last 16) and replayed,
+    /// the least replayed first, with its reward measured against the same
+    /// --reward-baseline as the step's rows, so with `recent` the push fades as
+    /// accepted replies become the rule. Rejected replies are not replayed.
+    /// Needs --objective rl and --w-rl above 0. 0 = off.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub self_imitation: usize,
     /// Stop after this many optimizer steps.
     #[arg(long)]
     pub max_steps: Option<u64>,
@@ -309,6 +317,7 @@ impl TrainArgs {
             anchor_prompts: self.anchor_prompts,
             anchor_tokens: self.anchor_tokens,
             anchor_topk: self.anchor_topk,
+            self_imitation: self.self_imitation,
             max_steps: self.max_steps,
             max_staleness: self.max_staleness,
             epochs: self.epochs,
@@ -421,6 +430,12 @@ pub fn run(mut args: TrainArgs) -> Result<()> {
         info!(
             "{} anchor samples: the base model's answers kept on anchor prompts (--anchor)",
             summary.samples_anchored
+        );
+    }
+    if summary.samples_imitated > 0 {
+        info!(
+            "{} self-imitation samples: accepted replies trained again (--self-imitation)",
+            summary.samples_imitated
         );
     }
     if let (Some(before), Some(after)) = (eval_loss_before, eval_loss_after) {

@@ -72,6 +72,9 @@ pub struct Study {
     pub anchor: usize,
     /// The base model's top-K per anchor reply token (0 = sampled tokens only).
     pub anchor_topk: usize,
+    /// Accepted replies of earlier steps trained again per step (rl, combined;
+    /// 0 = off).
+    pub self_imitation: usize,
     /// Which weights read the hint (opd, combined): the policy that wrote the
     /// reply, or always the base model.
     pub teacher: TeacherWeights,
@@ -128,6 +131,9 @@ impl Study {
                 s.insert("anchor_topk".into(), json!(self.anchor_topk));
             }
         }
+        if matches!(method, Method::Rl | Method::Combined) && self.self_imitation > 0 {
+            s.insert("self_imitation".into(), json!(self.self_imitation));
+        }
         if matches!(method, Method::Opd | Method::Combined) && self.teacher == TeacherWeights::Base
         {
             s.insert("teacher".into(), json!("base"));
@@ -168,6 +174,7 @@ impl Study {
             hint_replay: 0,
             anchor: 0,
             anchor_topk: 0,
+            self_imitation: 0,
             teacher: TeacherWeights::Policy,
             hint_at: None,
             seed: 0,
@@ -234,9 +241,17 @@ impl Study {
             true => format!(" --anchor {}", self.anchor),
             false => String::new(),
         };
+        // Self-imitation replays by reward: opd's --w-rl 0 would void it.
+        let imitation = match matches!(method, Method::Rl | Method::Combined) {
+            true if self.self_imitation > 0 => {
+                format!(" --self-imitation {}", self.self_imitation)
+            }
+            _ => String::new(),
+        };
         let train = format!(
             "train=--batch-size {} --partial-after 20s --lr {} --beta-kl {} \
-             --reward-baseline {} --updates-per-batch {} --keep 3{hindsight}{w_topk}{replay}{anchor}{signals}",
+             --reward-baseline {} --updates-per-batch {} --keep 3\
+             {hindsight}{w_topk}{replay}{anchor}{imitation}{signals}",
             self.batch,
             self.lr,
             self.beta_kl,

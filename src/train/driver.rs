@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use super::anchor::Anchor;
 use super::checkpoint::CheckpointDir;
+use super::imitation::SelfImitation;
 use super::replay::HintReplay;
 use super::trainer::{Objective, StepMetrics, TrainSample, Trainer};
 
@@ -55,6 +56,8 @@ pub struct RunSummary {
     pub samples_replayed: u64,
     /// `--anchor` samples made and trained on (not in samples_trained).
     pub samples_anchored: u64,
+    /// `--self-imitation` replays of accepted replies (not in samples_trained).
+    pub samples_imitated: u64,
     pub tokens_trained: u64,
     pub skipped: Skipped,
     pub first_loss: Option<f32>,
@@ -81,6 +84,8 @@ pub struct Driver {
     replay: Option<HintReplay>,
     /// `--anchor`: the base model's answers kept on a fixed prompt set.
     anchor: Option<Anchor>,
+    /// `--self-imitation`: accepted replies of earlier steps, trained again.
+    imitation: Option<SelfImitation>,
 }
 
 impl Driver {
@@ -101,6 +106,7 @@ impl Driver {
             model_spec: None,
             replay: None,
             anchor: None,
+            imitation: None,
         }
     }
 
@@ -113,6 +119,11 @@ impl Driver {
     /// anchor prompts.
     pub fn set_anchor(&mut self, anchor: Anchor) {
         self.anchor = Some(anchor);
+    }
+
+    /// Every step also trains accepted replies of earlier steps again.
+    pub fn set_imitation(&mut self, imitation: SelfImitation) {
+        self.imitation = Some(imitation);
     }
 
     /// Full checkpoints will record this model spec (`claw train --init`), so
@@ -211,14 +222,24 @@ impl Driver {
             let anchored = anchor.samples(&self.trainer, self.config.max_sequence)?;
             batch.extend(anchored);
         }
+        let anchored = batch.len() - pushed - replayed;
+        if let Some(imitation) = &mut self.imitation {
+            batch.extend(imitation.samples());
+        }
         let mut metrics = self.trainer.step(&batch)?;
-        // Replays and anchors train with the batch but were never input rows.
+        // Replays, anchors and imitations train with the batch but were never
+        // input rows.
         let (batch, extra) = batch.split_at(pushed);
+        if let Some(imitation) = &mut self.imitation {
+            imitation.remember(batch);
+        }
         metrics.samples = pushed;
         metrics.replayed = replayed;
-        metrics.anchored = extra.len() - replayed;
+        metrics.anchored = anchored;
+        metrics.imitated = extra.len() - replayed - anchored;
         self.summary.samples_replayed += metrics.replayed as u64;
         self.summary.samples_anchored += metrics.anchored as u64;
+        self.summary.samples_imitated += metrics.imitated as u64;
         if self.ledger.is_some() {
             self.trained_since_save
                 .extend(batch.iter().map(|s| s.sample_id.clone()));

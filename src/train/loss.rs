@@ -89,12 +89,24 @@ impl RewardBaseline {
     /// `None`: a sample without a reward). `recent` already holds the batch's
     /// own rewards (only [`RewardBaseline::Recent`] reads it).
     pub fn apply(self, rewards: &[Option<f32>], recent: &RecentRewards) -> Vec<Option<f32>> {
+        self.apply_to(rewards, rewards, recent)
+    }
+
+    /// `rewards` measured against the baseline of `rows`, the batch's input
+    /// rows: samples training adds itself (self-imitation's replays) are
+    /// measured as the rows are but do not move the baseline.
+    pub fn apply_to(
+        self,
+        rewards: &[Option<f32>],
+        rows: &[Option<f32>],
+        recent: &RecentRewards,
+    ) -> Vec<Option<f32>> {
         let mean = match self {
             RewardBaseline::None => return rewards.to_vec(),
             RewardBaseline::BatchMean => {
                 // Every judged reward of the batch, however large (the recent
                 // window holds only the last RECENT_REWARDS).
-                let judged: Vec<f32> = rewards.iter().flatten().copied().collect();
+                let judged: Vec<f32> = rows.iter().flatten().copied().collect();
                 judged.iter().sum::<f32>() / judged.len().max(1) as f32
             }
             RewardBaseline::Recent => recent.mean(),

@@ -14,6 +14,8 @@
 //!   prompts the user opened sessions with.
 //! - [`anchor`]: `--anchor`: the base model's answers kept on a fixed set of
 //!   prompts (maths, facts) while a style is learned.
+//! - [`imitation`]: `--self-imitation`: accepted replies of earlier steps trained
+//!   again.
 //! - [`checkpoint`]: atomic adapter checkpoints, `LATEST`, keep-last-K, resume.
 //!
 //! The LoRA adapters it trains, their file format and the checkpoint layout are
@@ -24,6 +26,7 @@ pub mod anchor;
 pub mod checkpoint;
 pub mod data;
 pub mod driver;
+pub mod imitation;
 pub mod init;
 pub mod loss;
 pub mod optim;

@@ -13,6 +13,7 @@ use super::data::{
     batch_row_samples, mean_nll, read_samples, reads_stdin, text_samples, RowSamples,
 };
 use super::driver::{Driver, DriverConfig, RunSummary};
+use super::imitation::SelfImitation;
 use super::optim::AdamWConfig;
 use super::replay::{HintReplay, ReplayConfig};
 use super::{LossConfig, Objective, StepMetrics, TrainSample, Trainer, TrainerConfig};
@@ -75,6 +76,9 @@ pub struct RunConfig {
     pub anchor_tokens: usize,
     /// The base model's top-K per anchor reply token (0 = sampled tokens only).
     pub anchor_topk: usize,
+    /// `--self-imitation`: accepted replies of earlier steps trained again per
+    /// step (0 = off).
+    pub self_imitation: usize,
     pub max_steps: Option<u64>,
     pub max_staleness: Option<i64>,
     /// Passes over the input.
@@ -128,6 +132,12 @@ impl Run {
             distills || (config.hint_replay == 0 && config.anchor == 0),
             "--hint-replay and --anchor train by distillation: they need --objective rl \
              (the default) and --w-opd above 0"
+        );
+        anyhow::ensure!(
+            config.self_imitation == 0
+                || (config.objective == Objective::Rl && config.loss.w_rl != 0.0),
+            "--self-imitation replays accepted replies by their reward: it needs \
+             --objective rl (the default) and --w-rl above 0"
         );
         let anchor_prompts = match config.anchor {
             0 => Vec::new(),
@@ -268,6 +278,9 @@ impl Run {
                 anchor_prompts.len(),
                 config.anchor
             );
+        }
+        if config.self_imitation > 0 {
+            driver.set_imitation(SelfImitation::new(config.self_imitation));
         }
         Ok(Run {
             config,

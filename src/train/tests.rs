@@ -1108,3 +1108,31 @@ fn an_auxiliary_sample_adds_to_the_rows_loss_instead_of_diluting_it() {
         "{two_rows}"
     );
 }
+
+#[test]
+fn an_auxiliary_reward_is_measured_against_the_rows_baseline_without_moving_it() {
+    let model = tiny_model(WeightFormat::F32);
+    for baseline in [RewardBaseline::BatchMean, RewardBaseline::Recent] {
+        let mut cfg = config(Objective::Rl, 1e-3);
+        cfg.loss.reward_baseline = baseline;
+        let trainer = Trainer::new(&model.decoder, cfg, None).unwrap();
+        let sample = |reward: f32, auxiliary: bool| TrainSample {
+            prompt_ids: PROMPT.to_vec(),
+            response_ids: vec![130, 131, 2],
+            reward: Some(reward),
+            auxiliary,
+            ..Default::default()
+        };
+        // Rows +1 and -1: baseline 0, so every advantage is ±1, the replayed
+        // accepted reply's too. Counted in the baseline, it would make them
+        // 2/3, -4/3 and 2/3 (mean |A| 8/9).
+        let batch = [sample(1.0, false), sample(-1.0, false), sample(1.0, true)];
+        let metrics = trainer.gradients(&batch).unwrap().1;
+        assert!(
+            (metrics.mean_abs_advantage - 1.0).abs() < 1e-5,
+            "{baseline:?}: {}",
+            metrics.mean_abs_advantage
+        );
+        assert_eq!(metrics.mean_reward, 0.0, "the rows' mean only");
+    }
+}

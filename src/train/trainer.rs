@@ -139,6 +139,8 @@ pub struct StepMetrics {
     pub replayed: usize,
     /// `--anchor` samples trained besides `samples` (their tokens count in `tokens`).
     pub anchored: usize,
+    /// `--self-imitation` samples trained besides `samples` (their tokens count in `tokens`).
+    pub imitated: usize,
     pub tokens: usize,
     pub seconds: f64,
     pub tokens_per_s: f64,
@@ -289,9 +291,10 @@ impl Trainer {
     /// A batch's first pass: its rewards against the baseline (`recent` holds
     /// the batch's own rewards already).
     fn pass_inputs(&self, batch: &[TrainSample], recent: &RecentRewards) -> PassInputs {
-        let rewards = batch_rewards(batch);
+        let rewards: Vec<Option<f32>> = batch.iter().map(|s| s.reward).collect();
+        let baseline = self.config.loss.reward_baseline;
         PassInputs {
-            rewards: self.config.loss.reward_baseline.apply(&rewards, recent),
+            rewards: baseline.apply_to(&rewards, &row_rewards(batch), recent),
             ..Default::default()
         }
     }
@@ -301,7 +304,7 @@ impl Trainer {
     pub fn gradients(&self, batch: &[TrainSample]) -> Result<(GradSum, StepMetrics)> {
         // Not a step: the batch is all the recent baseline sees.
         let mut seen = RecentRewards::default();
-        seen.push(&batch_rewards(batch));
+        seen.push(&row_rewards(batch));
         let mut inputs = self.pass_inputs(batch, &seen);
         let (grads, metrics, _) = self.update_gradients(batch, &mut inputs)?;
         Ok((grads, metrics))
@@ -419,7 +422,7 @@ impl Trainer {
             let store = total.backward()?;
             grads.add(&store, &vars)?;
         }
-        let rewards: Vec<f32> = batch.iter().filter_map(|s| s.reward).collect();
+        let rewards: Vec<f32> = row_rewards(batch).into_iter().flatten().collect();
         if !rewards.is_empty() {
             metrics.mean_reward = rewards.iter().sum::<f32>() / rewards.len() as f32;
         }
@@ -432,7 +435,7 @@ impl Trainer {
     pub fn step(&mut self, batch: &[TrainSample]) -> Result<StepMetrics> {
         let started = Instant::now();
         let before = self.steps() as i64;
-        self.recent_rewards.push(&batch_rewards(batch));
+        self.recent_rewards.push(&row_rewards(batch));
         let mut inputs = self.pass_inputs(batch, &self.recent_rewards);
         let mut first: Option<StepMetrics> = None;
         for _ in 0..self.config.updates_per_batch.max(1) {
@@ -455,6 +458,7 @@ impl Trainer {
         metrics.step = self.steps();
         metrics.max_staleness = batch
             .iter()
+            .filter(|s| !s.auxiliary)
             .map(|s| before - s.policy_version)
             .max()
             .unwrap_or(0);
@@ -473,7 +477,12 @@ impl Trainer {
     }
 }
 
-/// The judged rewards of a batch, in its order (None: no reward).
-fn batch_rewards(batch: &[TrainSample]) -> Vec<Option<f32>> {
-    batch.iter().map(|s| s.reward).collect()
+/// The judged rewards of a batch's input rows, in order (None: no reward);
+/// auxiliary samples are left out: they are not new judgements.
+fn row_rewards(batch: &[TrainSample]) -> Vec<Option<f32>> {
+    batch
+        .iter()
+        .filter(|s| !s.auxiliary)
+        .map(|s| s.reward)
+        .collect()
 }

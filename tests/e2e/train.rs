@@ -938,3 +938,55 @@ fn the_anchor_adds_base_model_distillation_on_its_prompts_each_step() {
         "{stderr}"
     );
 }
+
+#[test]
+fn self_imitation_trains_accepted_replies_of_earlier_steps_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let input = dir.path().join("judged.parquet");
+    // Three steps of two rows: one accepted, one rejected each.
+    write_rows(
+        &input,
+        &(0..6)
+            .map(|i| sample(i, Some(if i % 2 == 0 { 1.0 } else { -1.0 })))
+            .collect::<Vec<_>>(),
+    );
+    let train = |extra: &[&str], out: &str| {
+        let mut cmd = claw();
+        cmd.args(["train", "--batch-size", "2", "--lora-rank", "4", "--json"])
+            .args(extra)
+            .arg(&input)
+            .arg("--model")
+            .arg(&model)
+            .arg("--out")
+            .arg(dir.path().join(out));
+        cmd.output().unwrap()
+    };
+    let out = train(
+        &["--self-imitation", "2", "--reward-baseline", "batch-mean"],
+        "imitating",
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // Step 1 has nothing to replay, step 2 the one accepted reply of step 1,
+    // step 3 both earlier ones; only rows count as trained.
+    assert_eq!(summary["samples_trained"], 6, "{summary}");
+    assert_eq!(summary["samples_imitated"], 3, "{summary}");
+    assert!(stderr.contains("3 self-imitation samples"), "{stderr}");
+    let metrics = std::fs::read_to_string(dir.path().join("imitating/metrics.jsonl")).unwrap();
+    let steps: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let imitated: Vec<_> = steps.iter().map(|s| s["imitated"].as_u64()).collect();
+    assert_eq!(imitated, [Some(0), Some(1), Some(2)], "{metrics}");
+    // The replays are not new judgements: each step's mean reward is its rows'.
+    assert!(steps.iter().all(|s| s["mean_reward"] == 0.0), "{metrics}");
+
+    // Refused where it would do nothing.
+    let out = train(&["--self-imitation", "1", "--w-rl", "0"], "no-rl");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("--w-rl above 0"), "{stderr}");
+}

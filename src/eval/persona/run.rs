@@ -527,6 +527,30 @@ mod tests {
     }
 
     #[test]
+    fn self_imitation_reaches_train_only_where_the_reward_term_is_on() {
+        let imitating = RunConfig {
+            study: Study {
+                self_imitation: 2,
+                ..Study::for_tests()
+            },
+            ..config(0)
+        };
+        for method in [Method::Rl, Method::Combined] {
+            let train = stage_args(&up_args(method, &imitating), "train").unwrap();
+            assert!(train.contains(" --self-imitation 2"), "{method:?}: {train}");
+            assert_eq!(imitating.settings(method)["self_imitation"], json!(2));
+        }
+        // opd trains with --w-rl 0, where replaying by reward does nothing.
+        let opd = stage_args(&up_args(Method::Opd, &imitating), "train").unwrap();
+        assert!(!opd.contains("--self-imitation"), "{opd}");
+        assert!(!imitating
+            .settings(Method::Opd)
+            .contains_key("self_imitation"));
+        let plain = stage_args(&up_args(Method::Combined, &config(0)), "train").unwrap();
+        assert!(!plain.contains("--self-imitation"), "{plain}");
+    }
+
+    #[test]
     fn a_persona_teacher_reads_the_correction_above_the_message_unless_told() {
         let mut cfg = config(0);
         for method in [Method::Opd, Method::Combined] {
