@@ -65,11 +65,15 @@ pub const NO_ANSWER_FEEDBACK: &[&str] = &[
 /// Fewest words a reply needs to count as an answer to these open tasks.
 pub const MIN_ANSWER_WORDS: usize = 5;
 
-/// A rule-level check that `reply` answers `task`: enough words, no refusal, and
-/// on topic (it shares a content word with the task: one of five letters or
-/// more, compared on its first five letters so "airplanes" meets "airplane", or an
-/// acronym such as "DNA", compared whole). The instruction ("Explain ...") is not
-/// the topic: "Explain what DNA is." is answered by a reply about DNA.
+/// A rule-level check that `reply` answers `task`: enough words, no refusal, on
+/// topic (it shares a content word with the task: one of five letters or more,
+/// compared on its first five letters so "airplanes" meets "airplane", or an
+/// acronym such as "DNA", compared whole), and not only questions. The
+/// instruction ("Explain ...") is not the topic: "Explain what DNA is." is
+/// answered by a reply about DNA. A reply that only asks ("How can I clean a
+/// cast iron pan?" to "How do I clean a cast iron pan?", "What is your
+/// preferred pancake flavor?") is on topic and says nothing; a learned "brief"
+/// found that loophole on Qwen2.5-0.5B.
 pub fn answers(task: &str, reply: &str) -> bool {
     static REFUSAL: LazyLock<Regex> = LazyLock::new(|| {
         Regex::new(r"(?i)\b(i'?m sorry|i am sorry|i can(no|')t|i'?m (not able|unable)|as an ai)\b")
@@ -104,6 +108,20 @@ pub fn answers(task: &str, reply: &str) -> bool {
     reply.split_whitespace().count() >= MIN_ANSWER_WORDS
         && !REFUSAL.is_match(reply)
         && (topic.is_empty() || topic.iter().any(|t| said.contains(t)))
+        && states_something(reply)
+}
+
+/// Whether `reply` holds more than questions: two words or more outside its
+/// questions (sentences ending in `?`).
+fn states_something(reply: &str) -> bool {
+    static QUESTION: LazyLock<Regex> =
+        LazyLock::new(|| Regex::new(r"[^.!?\n]*\?").expect("valid regex"));
+    QUESTION
+        .replace_all(reply, " ")
+        .split_whitespace()
+        .filter(|w| w.chars().any(char::is_alphanumeric))
+        .count()
+        >= 2
 }
 
 /// Most words the `brief` user accepts.
@@ -327,6 +345,19 @@ mod tests {
         assert!(answers(
             "Explain how rainbows form.",
             "Sunlight bends in raindrops and splits into colours, making a rainbow."
+        ));
+        // Questions alone do not answer, however on topic; with a statement they may.
+        let pan = "How do I clean a cast iron pan?";
+        for asks in [
+            "How can I clean a cast iron pan?",
+            "What kind of cast iron pan is it? Is it rusty?",
+            "Sure! Is your cast iron pan seasoned?",
+        ] {
+            assert!(!answers(pan, asks), "{asks:?}");
+        }
+        assert!(answers(
+            pan,
+            "Clean it with hot water, then dry and oil the pan. Is it rusty?"
         ));
         let brief = persona("brief").unwrap();
         assert_eq!(brief.verdict(task, good), Verdict::Satisfied);
