@@ -399,16 +399,35 @@ pub fn stopping(tag: &str, done: usize, of: usize) -> bool {
 }
 
 /// The policy version serve answers with now (`/healthz`); `base` ends in `/v1`.
+/// A run lasts an hour and asks this hundreds of times: a connection that fails
+/// or times out (a machine too busy to answer in 30 s) is tried again twice,
+/// 10 s apart, before the run gives up.
 pub fn policy_version(base: &str) -> Result<u64> {
+    policy_version_tries(base, 3, Duration::from_secs(10))
+}
+
+fn policy_version_tries(base: &str, tries: usize, pause: Duration) -> Result<u64> {
     let health_url = match base.strip_suffix("/v1") {
         Some(root) => format!("{root}/healthz"),
         None => format!("{base}/healthz"),
     };
-    let health: Value = ureq::get(&health_url)
-        .timeout(Duration::from_secs(30))
-        .call()
-        .context("GET /healthz")?
-        .into_json()?;
+    let mut tried = 1;
+    let response = loop {
+        match ureq::get(&health_url)
+            .timeout(Duration::from_secs(30))
+            .call()
+        {
+            Err(ureq::Error::Transport(e)) if tried < tries => {
+                crate::warn!("GET {health_url} failed ({e}); trying again in {pause:?}");
+                std::thread::sleep(pause);
+                tried += 1;
+            }
+            other => break other.with_context(|| format!("GET {health_url}"))?,
+        }
+    };
+    let health: Value = response
+        .into_json()
+        .with_context(|| format!("GET {health_url}: not JSON"))?;
     Ok(health["policy_version"].as_u64().unwrap_or(0))
 }
 
@@ -508,5 +527,47 @@ pub fn retention_of(
             crate::warn!("{tag}: retention of {} failed: {e:#}", adapter.display());
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    #[test]
+    fn a_failed_health_check_is_tried_again_before_the_run_gives_up() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = format!("http://{}/v1", listener.local_addr().unwrap());
+        let server = std::thread::spawn(move || {
+            // The first connection is dropped unanswered; the second gets a version.
+            drop(listener.accept().unwrap());
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut request = [0u8; 1024];
+            let n = stream.read(&mut request).unwrap();
+            assert!(String::from_utf8_lossy(&request[..n]).starts_with("GET /healthz "));
+            let body = r#"{"status":"ok","policy_version":3}"#;
+            write!(
+                stream,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .unwrap();
+        });
+        let version = policy_version_tries(&base, 2, Duration::from_millis(10)).unwrap();
+        assert_eq!(version, 3);
+        server.join().unwrap();
+        // With nothing listening, the error names the URL after the last try.
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let err =
+            policy_version_tries(&format!("http://{closed}/v1"), 2, Duration::from_millis(10))
+                .unwrap_err();
+        assert!(
+            format!("{err:#}").contains(&format!("{closed}/healthz")),
+            "{err:#}"
+        );
     }
 }
