@@ -204,7 +204,7 @@ pub struct TrainArgs {
     /// --reward-baseline as the step's rows, so with `recent` the push fades as
     /// accepted replies become the rule. Rejected replies are not replayed.
     /// Needs --objective rl and --w-rl above 0. On SmolLM2's persona runs (N = 2)
-    /// it did not speed learning and cost 18-37% perplexity on held-out text
+    /// it did not speed learning and raised perplexity on held-out text by 22-57%
     /// (BENCHMARKS.md). 0 = off.
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub self_imitation: usize,

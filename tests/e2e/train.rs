@@ -2,7 +2,7 @@
 //! and the adapter's effect on the model; plus the real default model (SFT on a
 //! persona fixture lowers the held-out loss; one 16-sample RL step is timed).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::common::*;
 use claw::rollout::RolloutRow;
@@ -855,30 +855,41 @@ fn hint_replay_distills_each_hint_on_other_openings() {
     assert_eq!(plain["samples_replayed"], 0, "{plain}");
 }
 
+/// `n` rows, accepted and rejected in turn, in DIR/judged.parquet.
+fn alternating_rows(dir: &Path, n: usize) -> PathBuf {
+    let input = dir.join("judged.parquet");
+    write_rows(
+        &input,
+        &(0..n)
+            .map(|i| sample(i, Some(if i % 2 == 0 { 1.0 } else { -1.0 })))
+            .collect::<Vec<_>>(),
+    );
+    input
+}
+
+/// `claw train --batch-size 2 --lora-rank 4 --json EXTRA INPUT` into DIR/OUT.
+fn train_pairs(model: &Path, input: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    claw()
+        .args(["train", "--batch-size", "2", "--lora-rank", "4", "--json"])
+        .args(extra)
+        .arg(input)
+        .arg("--model")
+        .arg(model)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn the_anchor_adds_base_model_distillation_on_its_prompts_each_step() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(dir.path());
-    let input = dir.path().join("judged.parquet");
-    write_rows(
-        &input,
-        &(0..4)
-            .map(|i| sample(i, Some(if i % 2 == 0 { 1.0 } else { -1.0 })))
-            .collect::<Vec<_>>(),
-    );
+    let input = alternating_rows(dir.path(), 4);
     let prompts = dir.path().join("anchor.txt");
     std::fs::write(&prompts, "# mine\nWhat is 2 + 2?\nName a colour.\n").unwrap();
-    let train = |extra: &[&str], out: &str| {
-        let mut cmd = claw();
-        cmd.args(["train", "--batch-size", "2", "--lora-rank", "4", "--json"])
-            .args(extra)
-            .arg(&input)
-            .arg("--model")
-            .arg(&model)
-            .arg("--out")
-            .arg(dir.path().join(out));
-        cmd.output().unwrap()
-    };
+    let train =
+        |extra: &[&str], out: &str| train_pairs(&model, &input, &dir.path().join(out), extra);
     let mut cmd = claw();
     let (stdout, stderr) = run_ok(
         cmd.args(["train", "--batch-size", "2", "--lora-rank", "4", "--json"])
@@ -943,25 +954,10 @@ fn the_anchor_adds_base_model_distillation_on_its_prompts_each_step() {
 fn self_imitation_trains_accepted_replies_of_earlier_steps_again() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(dir.path());
-    let input = dir.path().join("judged.parquet");
     // Three steps of two rows: one accepted, one rejected each.
-    write_rows(
-        &input,
-        &(0..6)
-            .map(|i| sample(i, Some(if i % 2 == 0 { 1.0 } else { -1.0 })))
-            .collect::<Vec<_>>(),
-    );
-    let train = |extra: &[&str], out: &str| {
-        let mut cmd = claw();
-        cmd.args(["train", "--batch-size", "2", "--lora-rank", "4", "--json"])
-            .args(extra)
-            .arg(&input)
-            .arg("--model")
-            .arg(&model)
-            .arg("--out")
-            .arg(dir.path().join(out));
-        cmd.output().unwrap()
-    };
+    let input = alternating_rows(dir.path(), 6);
+    let train =
+        |extra: &[&str], out: &str| train_pairs(&model, &input, &dir.path().join(out), extra);
     let out = train(
         &["--self-imitation", "2", "--reward-baseline", "batch-mean"],
         "imitating",
