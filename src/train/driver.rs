@@ -213,30 +213,31 @@ impl Driver {
     fn step(&mut self) -> Result<StepMetrics> {
         let mut batch = std::mem::take(&mut self.pending);
         let pushed = batch.len();
-        if let Some(replay) = &mut self.replay {
-            let replayed = replay.samples(&self.trainer, &batch, self.config.max_sequence)?;
-            batch.extend(replayed);
-        }
-        let replayed = batch.len() - pushed;
-        if let Some(anchor) = &mut self.anchor {
-            let anchored = anchor.samples(&self.trainer, self.config.max_sequence)?;
-            batch.extend(anchored);
-        }
-        let anchored = batch.len() - pushed - replayed;
-        if let Some(imitation) = &mut self.imitation {
-            batch.extend(imitation.samples());
-        }
-        let mut metrics = self.trainer.step(&batch)?;
+        let max = self.config.max_sequence;
         // Replays, anchors and imitations train with the batch but were never
         // input rows.
-        let (batch, extra) = batch.split_at(pushed);
+        let replayed = match &mut self.replay {
+            Some(replay) => replay.samples(&self.trainer, &batch, max)?,
+            None => Vec::new(),
+        };
+        let anchored = match &mut self.anchor {
+            Some(anchor) => anchor.samples(&self.trainer, max)?,
+            None => Vec::new(),
+        };
+        let imitated = self
+            .imitation
+            .as_mut()
+            .map(SelfImitation::samples)
+            .unwrap_or_default();
+        let extra = (replayed.len(), anchored.len(), imitated.len());
+        batch.extend(replayed.into_iter().chain(anchored).chain(imitated));
+        let mut metrics = self.trainer.step(&batch)?;
+        let batch = &batch[..pushed];
         if let Some(imitation) = &mut self.imitation {
             imitation.remember(batch);
         }
         metrics.samples = pushed;
-        metrics.replayed = replayed;
-        metrics.anchored = anchored;
-        metrics.imitated = extra.len() - replayed - anchored;
+        (metrics.replayed, metrics.anchored, metrics.imitated) = extra;
         self.summary.samples_replayed += metrics.replayed as u64;
         self.summary.samples_anchored += metrics.anchored as u64;
         self.summary.samples_imitated += metrics.imitated as u64;

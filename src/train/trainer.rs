@@ -44,8 +44,9 @@ pub struct TrainSample {
     pub policy_version: i64,
     /// With `--hint-replay`: the row's opening prompt and hint ([`super::replay`]).
     pub replay: Option<Arc<ReplaySource>>,
-    /// Made by training itself (a hint replay, an anchor), not an input row: its
-    /// loss adds to the batch's instead of taking a share of the rows' weight.
+    /// Made by training itself (a hint replay, an anchor, a self-imitation), not
+    /// an input row: its loss adds to the batch's instead of taking a share of
+    /// the rows' weight.
     pub auxiliary: bool,
 }
 
