@@ -465,20 +465,22 @@ pub fn wait_for_policy(base: &str, at_least: u64, timeout: Duration) -> Result<b
 }
 
 /// Where a run's `claw up` directory goes: under `keep` (kept), else a temporary
-/// one (returned second, to remove after the run). Refuses a directory that holds
-/// an earlier run.
+/// one (returned second: it goes when the guard drops, however the run ends).
+/// Refuses a directory that holds an earlier run.
 pub fn run_dir(
     keep: Option<&Path>,
     bench: &str,
     name: &str,
-) -> Result<(std::path::PathBuf, Option<std::path::PathBuf>)> {
+) -> Result<(PathBuf, Option<ScratchDir>)> {
     let (dir, scratch) = match keep {
         Some(d) => (d.join(name), None),
         None => {
-            let d = std::env::temp_dir()
+            let base = std::env::temp_dir();
+            sweep_abandoned(&base, bench);
+            let d = base
                 .join(format!("claw-{bench}-{}", std::process::id()))
                 .join(name);
-            (d.clone(), Some(d))
+            (d.clone(), Some(ScratchDir(d)))
         }
     };
     anyhow::ensure!(
@@ -487,6 +489,54 @@ pub fn run_dir(
         dir.display()
     );
     Ok((dir, scratch))
+}
+
+/// A run's temporary `claw up` directory. Dropping it removes the directory, and
+/// its `claw-BENCH-PID` parent once that is empty, so a run that fails half-way
+/// leaves nothing behind either. Drop it after the `claw up` writing into it.
+pub struct ScratchDir(PathBuf);
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+        if let Some(parent) = self.0.parent() {
+            let _ = std::fs::remove_dir(parent); // fails, harmlessly, while not empty
+        }
+    }
+}
+
+/// Removes the `claw-BENCH-PID` directories under `base` whose process is gone: a
+/// run killed by a signal cannot remove its own. Linux only (it asks /proc
+/// whether the process lives); elsewhere nothing is removed.
+fn sweep_abandoned(base: &Path, bench: &str) {
+    let proc_fs = Path::new("/proc");
+    if !proc_fs.join("self").exists() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    let prefix = format!("claw-{bench}-");
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(&prefix))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == std::process::id() || proc_fs.join(pid.to_string()).exists() {
+            continue;
+        }
+        let path = entry.path();
+        if std::fs::remove_dir_all(&path).is_ok() {
+            crate::info!(
+                "removed {}, left by a {bench} run that was killed",
+                path.display()
+            );
+        }
+    }
 }
 
 /// The retention check of the run's final adapter (`checkpoints/LATEST`); None,
@@ -534,6 +584,41 @@ pub fn retention_of(
 mod tests {
     use super::*;
     use std::io::{Read, Write};
+
+    #[test]
+    fn a_scratch_dir_goes_when_its_run_ends_and_takes_its_empty_parent() {
+        let base = tempfile::tempdir().unwrap();
+        let parent = base.path().join("claw-persona-1");
+        let (a, b) = (parent.join("brief"), parent.join("no-bold"));
+        std::fs::create_dir_all(a.join("raw")).unwrap();
+        std::fs::create_dir_all(&b).unwrap();
+        drop(ScratchDir(a.clone()));
+        assert!(!a.exists());
+        assert!(parent.exists(), "another run's directory is still in it");
+        drop(ScratchDir(b.clone()));
+        assert!(!parent.exists());
+    }
+
+    #[test]
+    fn directories_of_killed_runs_are_swept_and_live_ones_kept() {
+        if !Path::new("/proc/self").exists() {
+            eprintln!("skipped: no /proc on this system");
+            return;
+        }
+        let base = tempfile::tempdir().unwrap();
+        let dead = base.path().join("claw-persona-999999999"); // above any pid_max
+        let mine = base
+            .path()
+            .join(format!("claw-persona-{}", std::process::id()));
+        let other_bench = base.path().join("claw-agent-999999999");
+        let unrelated = base.path().join("claw-persona-notes");
+        for d in [&dead, &mine, &other_bench, &unrelated] {
+            std::fs::create_dir_all(d.join("run/raw")).unwrap();
+        }
+        sweep_abandoned(base.path(), "persona");
+        assert!(!dead.exists());
+        assert!(mine.exists() && other_bench.exists() && unrelated.exists());
+    }
 
     #[test]
     fn a_failed_health_check_is_tried_again_before_the_run_gives_up() {

@@ -139,6 +139,7 @@ pub fn run(
     progress: &dyn Fn(&Episode),
 ) -> Result<RunResult> {
     let started = Instant::now();
+    // Declared before `up`, so that on an early return `claw up` stops first.
     let mut scratch = None;
     let mut dir = None;
     let (up, base) = match &cfg.study.url {
@@ -229,9 +230,7 @@ pub fn run(
         }
         _ => (None, None),
     };
-    if let Some(d) = scratch {
-        let _ = std::fs::remove_dir_all(&d);
-    }
+    drop(scratch); // the temporary claw up directory, once retention has read it
     let model = cfg
         .study
         .model

@@ -260,6 +260,7 @@ pub fn run(
     progress: &dyn Fn(&Session),
 ) -> Result<RunResult> {
     let started = Instant::now();
+    // Declared before `up`, so that on an early return `claw up` stops first.
     let mut scratch = None;
     let mut run_dir = None;
     let (up, base) = match &cfg.study.url {
@@ -360,9 +361,7 @@ pub fn run(
         ),
         _ => None,
     };
-    if let Some(dir) = scratch {
-        let _ = std::fs::remove_dir_all(&dir);
-    }
+    drop(scratch); // the temporary claw up directory, once retention has read it
     let satisfied: Vec<bool> = sessions.iter().map(|s| s.satisfied).collect();
     Ok(RunResult {
         persona: persona.name.into(),
