@@ -68,12 +68,13 @@ pub const MIN_ANSWER_WORDS: usize = 5;
 /// A rule-level check that `reply` answers `task`: enough words, no refusal, on
 /// topic (it shares a content word with the task: one of five letters or more,
 /// compared on its first five letters so "airplanes" meets "airplane", or an
-/// acronym such as "DNA", compared whole), and not only questions. The
-/// instruction ("Explain ...") is not the topic: "Explain what DNA is." is
-/// answered by a reply about DNA. A reply that only asks ("How can I clean a
-/// cast iron pan?" to "How do I clean a cast iron pan?", "What is your
-/// preferred pancake flavor?") is on topic and says nothing; a learned "brief"
-/// found that loophole on Qwen2.5-0.5B.
+/// acronym such as "DNA", compared whole), and it states something (see
+/// [`states_something`]). The instruction ("Explain ...") is not the topic:
+/// "Explain what DNA is." is answered by a reply about DNA. A reply that only
+/// asks ("How can I clean a cast iron pan?" to "How do I clean a cast iron
+/// pan?") is on topic and says nothing; a learned "brief" found that loophole on
+/// Qwen2.5-0.5B, and a learned "ask-back" the next one: "Sure, I'd be happy to!
+/// What is gravity?".
 pub fn answers(task: &str, reply: &str) -> bool {
     static REFUSAL: LazyLock<Regex> = LazyLock::new(|| {
         Regex::new(r"(?i)\b(i'?m sorry|i am sorry|i can(no|')t|i'?m (not able|unable)|as an ai)\b")
@@ -104,21 +105,35 @@ pub fn answers(task: &str, reply: &str) -> bool {
         .filter(|s| !COMMON.contains(&s.as_str()))
         .chain(acronyms)
         .collect();
-    let said: Vec<String> = stems(reply).into_iter().chain(words(reply)).collect();
+    let on_topic = |text: &str| {
+        let said: Vec<String> = stems(text).into_iter().chain(words(text)).collect();
+        topic.is_empty() || topic.iter().any(|t| said.contains(t))
+    };
     reply.split_whitespace().count() >= MIN_ANSWER_WORDS
         && !REFUSAL.is_match(reply)
-        && (topic.is_empty() || topic.iter().any(|t| said.contains(t)))
-        && states_something(reply)
+        && on_topic(reply)
+        && states_something(reply, &on_topic)
 }
 
-/// Whether `reply` holds more than questions: two words or more outside its
-/// questions (sentences ending in `?`).
-fn states_something(reply: &str) -> bool {
-    static QUESTION: LazyLock<Regex> =
-        LazyLock::new(|| Regex::new(r"[^.!?\n]*\?").expect("valid regex"));
-    QUESTION
-        .replace_all(reply, " ")
-        .split_whitespace()
+/// Whether `reply` holds more than questions and pleasantries: two words or more
+/// in its statements, where a question (a sentence ending in `?`) is not a
+/// statement, nor is a pleasantry (a sentence that opens with "Sure", "I'd be
+/// happy to", "You're welcome", ... and is not `on_topic`).
+fn states_something(reply: &str, on_topic: &dyn Fn(&str) -> bool) -> bool {
+    static SENTENCE: LazyLock<Regex> =
+        LazyLock::new(|| Regex::new(r"[^.!?\n]+[.!?]*").expect("valid regex"));
+    static PLEASANTRY: LazyLock<Regex> = LazyLock::new(|| {
+        Regex::new(
+            r"(?i)^\W*(sure|certainly|of course|absolutely|great|okay|ok|alright|yes|no problem|hello|hi|hey|thanks|thank you|you['’]?re welcome|glad|happy to|i['’]?d (be|love)|i would (be|love)|i['’]?m (happy|glad)|i am (happy|glad)|let me|here['’]?s|here is)\b",
+        )
+        .expect("valid regex")
+    });
+    SENTENCE
+        .find_iter(reply)
+        .map(|m| m.as_str())
+        .filter(|s| !s.trim_end().ends_with('?'))
+        .filter(|s| !(PLEASANTRY.is_match(s) && !on_topic(s)))
+        .flat_map(str::split_whitespace)
         .filter(|w| w.chars().any(char::is_alphanumeric))
         .count()
         >= 2
@@ -352,13 +367,20 @@ mod tests {
             "How can I clean a cast iron pan?",
             "What kind of cast iron pan is it? Is it rusty?",
             "Sure! Is your cast iron pan seasoned?",
+            // what a learned ask-back on Qwen2.5-0.5B said to everything:
+            "Sure, I'd be happy to! What is the best way to clean a cast iron pan?",
+            "Sure, I'd be happy to help. Of course! How rusty is your cast iron pan?",
         ] {
             assert!(!answers(pan, asks), "{asks:?}");
         }
-        assert!(answers(
-            pan,
-            "Clean it with hot water, then dry and oil the pan. Is it rusty?"
-        ));
+        for says in [
+            "Clean it with hot water, then dry and oil the pan. Is it rusty?",
+            // a pleasantry before an answer is not the answer, nor does it spoil one
+            "Sure! Clean the pan with salt, then oil it. Want more tips?",
+            "Sure, I'd be happy to help you clean your cast iron pan: scrub it with salt.",
+        ] {
+            assert!(answers(pan, says), "{says:?}");
+        }
         let brief = persona("brief").unwrap();
         assert_eq!(brief.verdict(task, good), Verdict::Satisfied);
         assert_eq!(brief.verdict(task, ""), Verdict::NoAnswer);
