@@ -177,7 +177,8 @@ pub fn report(results: &[RunResult], command: &str, plot: Option<&str>) -> Strin
          up when a reply keeps it, and a thumbs down with a natural correction when it does \
          not (docs/ARCHITECTURE.md, \"Persona benchmark\"). A reply must answer the task \
          (at least 5 words, no \
-         refusal, sharing a content word with the task) before its style counts: an empty \
+         refusal, sharing a content word with the task, stating something beyond questions \
+         and pleasantries such as \"Sure, I'd be happy to!\") before its style counts: an empty \
          reply keeps \"be brief\" but satisfies nobody, and a policy rewarded on the rule \
          alone learns to say nothing. Methods: `rl` (binary reward from the thumbs), `opd` \
          (the correction as a hindsight hint, on-policy distillation), `combined` (both), \
