@@ -57,6 +57,17 @@ impl JudgeSpec {
     }
 }
 
+/// The judge's control: each question with a reply that answers nothing, a
+/// pleasantry and the question asked back (what a learned ask-back said to every
+/// question on Qwen2.5-0.5B). A judge that can tell calls these unhelpful; the
+/// share it calls helpful says how far its other verdicts can be trusted.
+pub fn empty_replies(questions: &[&str]) -> Vec<(String, String)> {
+    questions
+        .iter()
+        .map(|q| (q.to_string(), format!("Sure, I'd be happy to help! {q}")))
+        .collect()
+}
+
 /// How many of a set of replies the judge found helpful.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Helpfulness {
@@ -203,6 +214,20 @@ mod tests {
         assert_eq!(got, want);
         assert_eq!(got.rate(), Some(2.0 / 3.0));
         assert_eq!(Helpfulness::default().rate(), None);
+    }
+
+    #[test]
+    fn the_control_replies_ask_each_question_back_and_answer_nothing() {
+        let control = empty_replies(&["How do tides work?", "What is DNA?"]);
+        assert_eq!(control.len(), 2);
+        for (question, reply) in &control {
+            assert!(reply.ends_with(question.as_str()), "{reply}");
+            // the persona rule, which the judge should agree with, calls it no answer
+            assert!(!crate::eval::persona::answers(question, reply), "{reply}");
+        }
+        // the scripted judge calls them unhelpful: no digit near the start
+        let judge = HelpfulnessJudge::new(Box::new(Scripted), 3, 0).unwrap();
+        assert_eq!(judge.judge(&control).unwrap().helpful, 0);
     }
 
     #[test]

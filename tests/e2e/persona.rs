@@ -57,14 +57,16 @@ fn a_short_persona_run_goes_through_the_whole_loop_and_writes_its_report() {
     for run in runs {
         assert_eq!(run["sessions"].as_array().unwrap().len(), 8);
         assert_eq!(run["heldout_prompts"], 2);
-        for when in ["helpful_before", "helpful_after"] {
+        // the held-out replies before and after, and the judge's control
+        for when in ["helpful_before", "helpful_after", "helpful_empty"] {
             let h = &run[when];
             let counted = h["judged"].as_u64().unwrap() + h["unjudged"].as_u64().unwrap();
-            assert_eq!(counted, 2, "each held-out reply was judged: {h}");
+            assert_eq!(counted, 2, "each held-out question was judged: {h}");
         }
     }
     let md = std::fs::read_to_string(report.join("persona.md")).unwrap();
     assert!(md.contains("## Helpfulness"), "{md}");
+    assert!(md.contains("control: empty replies judged helpful"), "{md}");
     assert!(md.contains("| brief | combined | 0 | tiny"), "{md}");
     // combined trained and serve loaded it; off stayed at the base model.
     let combined = &runs[0];

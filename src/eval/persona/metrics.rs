@@ -57,6 +57,9 @@ pub struct RunResult {
     pub helpful_before: Option<crate::eval::helpful::Helpfulness>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub helpful_after: Option<crate::eval::helpful::Helpfulness>,
+    /// The same judge on replies that answer nothing (its control).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub helpful_empty: Option<crate::eval::helpful::Helpfulness>,
 }
 
 /// The first session `k` such that sessions k-2, k-1 and k were all satisfied.
@@ -258,9 +261,13 @@ pub fn helpfulness_section(results: &[RunResult]) -> String {
     out.push_str(
         "An LLM judge read each held-out question and reply and said whether the reply \
          answers it with useful content (3 votes, majority; style and length do not \
-         count), so a reply that keeps the preference but says nothing is a loss here.\n\n\
-         | persona | method | seed | judge | helpful before | helpful after | no verdict |\n\
-         |---|---|---|---|---|---|---|\n",
+         count), so a reply that keeps the preference but says nothing is a loss here. \
+         The last column is the judge's control: each question with a reply that answers \
+         nothing (\"Sure, I'd be happy to help!\" and the question asked back). A judge \
+         that can tell calls none of those helpful; where it calls many helpful, its \
+         other verdicts say little (a small model judging itself often cannot tell).\n\n\
+         | persona | method | seed | judge | helpful before | helpful after | no verdict | control: empty replies judged helpful |\n\
+         |---|---|---|---|---|---|---|---|\n",
     );
     let show = |h: &Option<crate::eval::helpful::Helpfulness>| match h {
         Some(h) => match h.rate() {
@@ -272,7 +279,7 @@ pub fn helpfulness_section(results: &[RunResult]) -> String {
     for r in results {
         let judge = r.helpful_after.as_ref().or(r.helpful_before.as_ref());
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
             r.persona,
             r.method,
             r.seed,
@@ -281,6 +288,7 @@ pub fn helpfulness_section(results: &[RunResult]) -> String {
             show(&r.helpful_after),
             r.helpful_before.as_ref().map_or(0, |h| h.unjudged)
                 + r.helpful_after.as_ref().map_or(0, |h| h.unjudged),
+            show(&r.helpful_empty),
         ));
     }
     out
@@ -391,6 +399,7 @@ mod tests {
             heldout_prompts: 0,
             helpful_before: None,
             helpful_after: None,
+            helpful_empty: None,
             final_policy_version: 0,
             seconds: 0.0,
             settings: Default::default(),
@@ -446,6 +455,40 @@ mod tests {
         let md = report(&[run("brief", "combined", 0, &[true])], "claw eval", None);
         assert!(md.contains("## Retention\n\nNot measured"), "{md}");
         assert!(!report(&[off], "claw eval", None).contains("## Retention"));
+    }
+
+    #[test]
+    fn the_helpfulness_section_shows_the_judges_control_beside_its_verdicts() {
+        use crate::eval::helpful::Helpfulness;
+        let h = |helpful, judged, unjudged| Helpfulness {
+            judge: "qwen".into(),
+            helpful,
+            judged,
+            unjudged,
+        };
+        let mut judged = run("ask-back", "combined", 2, &[true]);
+        judged.helpful_before = Some(h(17, 20, 0));
+        judged.helpful_after = Some(h(15, 19, 1));
+        judged.helpful_empty = Some(h(12, 20, 0));
+        // a report from before the control was kept reads back without it
+        let mut older = run("brief", "combined", 1, &[true]);
+        older.helpful_before = Some(h(4, 4, 0));
+        older.helpful_after = Some(h(3, 4, 0));
+        let section = helpfulness_section(&[judged.clone(), older]);
+        assert!(
+            section.contains(
+                "| ask-back | combined | 2 | qwen | 85% (17/20) | 79% (15/19) | 1 | 60% (12/20) |"
+            ),
+            "{section}"
+        );
+        assert!(
+            section.contains("| brief | combined | 1 | qwen | 100% (4/4) | 75% (3/4) | 0 | - |"),
+            "{section}"
+        );
+        let back: RunResult =
+            serde_json::from_str(&serde_json::to_string(&judged).unwrap()).unwrap();
+        assert_eq!(back.helpful_empty, judged.helpful_empty);
+        assert!(helpfulness_section(&[run("brief", "off", 0, &[true])]).contains("Not measured"));
     }
 
     #[test]

@@ -60,14 +60,15 @@ impl RunConfig {
 }
 
 /// The helpfulness judge's verdicts on the held-out replies before and after
-/// training (a judge that fails is logged and leaves them unmeasured).
+/// training, and on its control ([`crate::eval::helpful::empty_replies`]); a
+/// judge that fails is logged and leaves them unmeasured.
 fn judge_helpfulness(
     spec: &crate::eval::helpful::JudgeSpec,
     tasks: &[&str],
     before: &[String],
     after: &[String],
     tag: &str,
-) -> (Option<Helpfulness>, Option<Helpfulness>) {
+) -> JudgedHelpfulness {
     let pairs = |replies: &[String]| -> Vec<(String, String)> {
         tasks
             .iter()
@@ -77,15 +78,24 @@ fn judge_helpfulness(
     };
     let judged = spec.connect(3, 0).and_then(|judge| {
         crate::info!("persona {tag}: judging the held-out replies' helpfulness");
-        Ok((judge.judge(&pairs(before))?, judge.judge(&pairs(after))?))
+        Ok(JudgedHelpfulness {
+            before: Some(judge.judge(&pairs(before))?),
+            after: Some(judge.judge(&pairs(after))?),
+            empty: Some(judge.judge(&crate::eval::helpful::empty_replies(tasks))?),
+        })
     });
-    match judged {
-        Ok((b, a)) => (Some(b), Some(a)),
-        Err(e) => {
-            crate::warn!("persona {tag}: helpfulness not judged: {e:#}");
-            (None, None)
-        }
-    }
+    judged.unwrap_or_else(|e| {
+        crate::warn!("persona {tag}: helpfulness not judged: {e:#}");
+        JudgedHelpfulness::default()
+    })
+}
+
+#[derive(Default)]
+struct JudgedHelpfulness {
+    before: Option<Helpfulness>,
+    after: Option<Helpfulness>,
+    /// The control: replies that answer nothing.
+    empty: Option<Helpfulness>,
 }
 
 /// Talks to serve as the simulated user.
@@ -348,9 +358,9 @@ pub fn run(
         &format!("{tag}-after"),
     )?;
     drop(up); // stops claw up before its directory goes
-    let (helpful_before, helpful_after) = match &cfg.study.helpfulness {
+    let helpful = match &cfg.study.helpfulness {
         Some(spec) => judge_helpfulness(spec, &heldout, &replies_before, &replies_after, &tag),
-        None => (None, None),
+        None => JudgedHelpfulness::default(),
     };
     let retention = match (&cfg.study.retention, &run_dir) {
         (Some(check), Some(dir)) if method != Method::Off => crate::eval::live::retention_of(
@@ -375,8 +385,9 @@ pub fn run(
         heldout_before,
         heldout_after,
         heldout_prompts: heldout.len(),
-        helpful_before,
-        helpful_after,
+        helpful_before: helpful.before,
+        helpful_after: helpful.after,
+        helpful_empty: helpful.empty,
         final_policy_version,
         seconds: started.elapsed().as_secs_f64(),
         settings: cfg.settings(method),
