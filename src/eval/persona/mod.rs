@@ -132,7 +132,7 @@ fn states_something(reply: &str, on_topic: &dyn Fn(&str) -> bool) -> bool {
         .find_iter(reply)
         .map(|m| m.as_str())
         .filter(|s| !s.trim_end().ends_with('?'))
-        .filter(|s| !(PLEASANTRY.is_match(s) && !on_topic(s)))
+        .filter(|s| on_topic(s) || !PLEASANTRY.is_match(s))
         .flat_map(str::split_whitespace)
         .filter(|w| w.chars().any(char::is_alphanumeric))
         .count()
