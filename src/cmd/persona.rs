@@ -183,7 +183,10 @@ pub struct PersonaArgs {
     /// persona, agent: with opd and combined, which weights read the hint
     /// (`claw distill-hints --teacher`): `policy`, the adapter that wrote the
     /// reply (OpenClaw-RL's self-distillation), or `base`, the base model, whose
-    /// reading of the hint does not drift with what the policy has learned.
+    /// reading of the hint does not drift with what the policy has learned. Use
+    /// `base` where few replies are accepted: with none, a policy teacher fed
+    /// its own drift back and drove Qwen2.5-0.5B's ask-back runs into
+    /// collapse (BENCHMARKS.md).
     #[arg(long, value_enum, default_value_t = TeacherWeights::Policy, help_heading = "Persona benchmark")]
     pub teacher: TeacherWeights,
 
