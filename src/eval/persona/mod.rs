@@ -123,10 +123,9 @@ fn states_something(reply: &str, on_topic: &dyn Fn(&str) -> bool) -> bool {
     static SENTENCE: LazyLock<Regex> =
         LazyLock::new(|| Regex::new(r"[^.!?\n]+[.!?]*").expect("valid regex"));
     static PLEASANTRY: LazyLock<Regex> = LazyLock::new(|| {
-        Regex::new(
-            r"(?i)^\W*(sure|certainly|of course|absolutely|great|okay|ok|alright|yes|no problem|hello|hi|hey|thanks|thank you|you['’]?re welcome|glad|happy to|i['’]?d (be|love)|i would (be|love)|i['’]?m (happy|glad)|i am (happy|glad)|let me|here['’]?s|here is)\b",
+        opener(
+            r"you['’]?re welcome|i['’]?d (be|love)|i would (be|love)|i['’]?m (happy|glad)|i am (happy|glad)|here['’]?s",
         )
-        .expect("valid regex")
     });
     SENTENCE
         .find_iter(reply)
@@ -137,6 +136,15 @@ fn states_something(reply: &str, on_topic: &dyn Fn(&str) -> bool) -> bool {
         .filter(|w| w.chars().any(char::is_alphanumeric))
         .count()
         >= 2
+}
+
+/// A text that opens (after any punctuation) with a courtesy word ("Sure",
+/// "Thanks", "Let me", ...) or one of `more`: what the `direct` persona calls a
+/// preamble and the answer rule a pleasantry, each with its own `more`.
+fn opener(more: &str) -> Regex {
+    const COURTESY: &str = "sure|certainly|of course|absolutely|great|okay|ok|alright|yes|\
+                            no problem|hello|hi|hey|thanks|thank you|glad|happy to|let me|here is";
+    Regex::new(&format!(r"(?i)^\W*({COURTESY}|{more})\b")).expect("valid regex")
 }
 
 /// Most words the `brief` user accepts.
@@ -232,10 +240,9 @@ fn brief(reply: &str) -> bool {
 
 fn direct(reply: &str) -> bool {
     static PREAMBLE: LazyLock<Regex> = LazyLock::new(|| {
-        Regex::new(
-            r"(?i)^\W*(sure|certainly|of course|absolutely|great|good question|what a|hello|hi|hey|greetings|okay|ok|well|thanks|thank you|glad|happy to|i'?d be|i would be|i'?m happy|i am happy|i can help|let me|here'?s|here is|here are|as an ai|alright|yes|no problem)\b",
+        opener(
+            r"good question|what a|greetings|well|i'?d be|i would be|i'?m happy|i am happy|i can help|here'?s|here are|as an ai",
         )
-        .expect("valid regex")
     });
     !reply.trim().is_empty() && !PREAMBLE.is_match(reply)
 }
