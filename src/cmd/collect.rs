@@ -2,6 +2,7 @@
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -104,6 +105,20 @@ pub struct CollectArgs {
     #[arg(long)]
     pub json: bool,
 
+    /// The --segment-age-ms of the claw serve that writes DIR/raw/: an event can
+    /// reach raw/ that long (plus a second) after it happened, so the clock that
+    /// ends quiet sessions stays that far behind the wall clock, and feedback or a
+    /// next turn still in serve's open segment never finds its session ended.
+    /// `claw up` passes serve's value.
+    #[arg(
+        long,
+        value_name = "MS",
+        default_value_t = crate::rollout::DEFAULT_SEGMENT_AGE.as_millis() as u64,
+        requires = "watch",
+        help_heading = "Daemon mode"
+    )]
+    pub segment_age_ms: u64,
+
     #[command(flatten)]
     pub daemon: WatchArgs,
 }
@@ -131,7 +146,8 @@ pub fn run(args: CollectArgs) -> Result<()> {
         advance_clock_to: None,
     };
     if let Some(daemon) = daemon {
-        return crate::daemon::collect::run(&daemon, &cfg);
+        let lag = crate::daemon::collect::writer_lag(Duration::from_millis(args.segment_age_ms));
+        return crate::daemon::collect::run(&daemon, &cfg, lag);
     }
     let stats = collect::collect(&args.inputs, &args.output, &cfg)?;
     crate::info!("{}", stats.summary());

@@ -97,6 +97,7 @@ pub fn run(args: UpArgs) -> Result<()> {
             .or_default()
             .extend(rest.split_whitespace().map(String::from));
     }
+    pass_segment_age(&mut extra);
     // Parsed once here, so a bad URL fails before any stage starts.
     let root = crate::store::Root::parse(&args.dir).context("--dir")?;
     if let Some(dir) = root.local() {
@@ -147,4 +148,68 @@ pub fn run(args: UpArgs) -> Result<()> {
         root
     );
     supervise::run(&exe, args.model.as_deref(), &mut stages)
+}
+
+/// collect's clock waits for serve's open segment to close, so serve's
+/// `--segment-age-ms` (when given) goes to collect too, unless collect has its own.
+fn pass_segment_age(extra: &mut std::collections::HashMap<&str, Vec<String>>) {
+    const FLAG: &str = "--segment-age-ms";
+    let value_in = |args: &[String]| -> Option<String> {
+        args.iter()
+            .enumerate()
+            .find_map(|(i, a)| match a.strip_prefix(FLAG) {
+                Some("") => args.get(i + 1).cloned(),
+                Some(rest) => rest.strip_prefix('=').map(String::from),
+                None => None,
+            })
+    };
+    let Some(age) = extra.get("serve").and_then(|a| value_in(a)) else {
+        return;
+    };
+    let collect = extra.entry("collect").or_default();
+    if value_in(collect).is_none() {
+        collect.extend([FLAG.to_string(), age]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn extras(
+        pairs: &[(&'static str, &str)],
+    ) -> std::collections::HashMap<&'static str, Vec<String>> {
+        pairs
+            .iter()
+            .map(|(stage, args)| (*stage, args.split_whitespace().map(String::from).collect()))
+            .collect()
+    }
+
+    #[test]
+    fn serves_segment_age_reaches_collect_unless_collect_sets_its_own() {
+        let mut e = extras(&[("serve", "--segment-age-ms 300 --reload-poll-ms 200")]);
+        pass_segment_age(&mut e);
+        assert_eq!(e["collect"], ["--segment-age-ms", "300"]);
+
+        let mut e = extras(&[
+            ("serve", "--segment-age-ms=300"),
+            ("collect", "--feedback-grace 1s"),
+        ]);
+        pass_segment_age(&mut e);
+        assert_eq!(
+            e["collect"],
+            ["--feedback-grace", "1s", "--segment-age-ms", "300"]
+        );
+
+        let mut e = extras(&[
+            ("serve", "--segment-age-ms 300"),
+            ("collect", "--segment-age-ms=900"),
+        ]);
+        pass_segment_age(&mut e);
+        assert_eq!(e["collect"], ["--segment-age-ms=900"]);
+
+        let mut e = extras(&[("serve", "--port-ish 1")]);
+        pass_segment_age(&mut e);
+        assert!(!e.contains_key("collect"), "nothing to pass: {e:?}");
+    }
 }

@@ -32,9 +32,8 @@ use crate::store::Root;
 struct Intent {
     /// File names in `DIR/raw/` (empty for a clock tick).
     inputs: Vec<String>,
-    /// Clock ticks only: the event time to move the clock to (the state's clock
-    /// plus the wall time that passed since it was saved), so quiet sessions end
-    /// without ever jumping the clock past events still to come.
+    /// Clock ticks only: the event time to move the clock to ([`tick_target`]),
+    /// so quiet sessions end without the clock passing events still to come.
     clock_to: Option<i64>,
     /// File name in `DIR/samples/`.
     output: String,
@@ -43,7 +42,16 @@ struct Intent {
 /// How often quiet open sessions are checked against the wall clock.
 const TICK_EVERY: Duration = Duration::from_secs(5);
 
-pub fn run(cfg: &DaemonConfig, base: &CollectConfig) -> Result<()> {
+/// How long after an event a writer whose segments close at `segment_age` may
+/// still hold it: serve checks its open segment's age every half second, and the
+/// write and rename take the rest.
+pub fn writer_lag(segment_age: Duration) -> Duration {
+    segment_age + Duration::from_secs(1)
+}
+
+/// `writer_lag`: how long after an event its writer (claw serve) may still hold
+/// it in a segment it has not closed; clock ticks stay that far behind the wall clock.
+pub fn run(cfg: &DaemonConfig, base: &CollectConfig, writer_lag: Duration) -> Result<()> {
     let Some((_lock, mut status)) = super::start_single_worker(cfg)? else {
         return Ok(());
     };
@@ -75,7 +83,7 @@ pub fn run(cfg: &DaemonConfig, base: &CollectConfig) -> Result<()> {
                 intent
             }
             None => {
-                let tick = last_tick.elapsed() >= TICK_EVERY;
+                let tick = (last_tick.elapsed() >= TICK_EVERY).then_some(writer_lag);
                 let most = if solo > 0 { 1 } else { cfg.batch_segments };
                 match plan(
                     cfg,
@@ -179,18 +187,21 @@ pub fn run(cfg: &DaemonConfig, base: &CollectConfig) -> Result<()> {
 }
 
 /// The next batch: unconsumed raw segments (bad ones are quarantined here), or
-/// with `tick` and open sessions waiting on the clock, a run without inputs.
-/// At most `most` inputs; one still being written ends the batch before it
-/// (raw segments are in time order).
+/// with `tick` (the writers' lag) and open sessions waiting on the clock, a run
+/// without inputs. At most `most` inputs; one still being written ends the batch
+/// before it (raw segments are in time order).
 fn plan(
     cfg: &DaemonConfig,
     ledger: &Ledger,
     places: &Places,
-    tick: bool,
+    tick: Option<Duration>,
     most: usize,
     status: &mut StatusFile,
     settling: &mut Settling,
 ) -> Result<Option<Intent>> {
+    // Read before the listing: an event old enough to be written by now was
+    // written before the listing, so the listing has it (see `tick_target`).
+    let now = unix_ms();
     let state_path = places.state_path.as_path();
     let consumed = consumed_names(state_path, &places.raw_dir)?;
     let done = ledger.done_set()?;
@@ -232,18 +243,37 @@ fn plan(
             clock_to: None,
         }));
     }
-    if !tick || !has_pending_turns(state_path)? {
+    let Some(writer_lag) = tick else {
+        return Ok(None);
+    };
+    if !has_pending_turns(state_path)? {
         return Ok(None);
     }
     let (Some(clock), Some(saved)) = (state_clock(state_path)?, modified_ms(state_path)) else {
         return Ok(None);
     };
-    let quiet = unix_ms().saturating_sub(saved).max(0);
+    let Some(clock_to) = tick_target(clock, saved, now, writer_lag.as_millis() as i64) else {
+        return Ok(None);
+    };
     Ok(Some(Intent {
         inputs: Vec::new(),
-        clock_to: Some(clock + quiet),
+        clock_to: Some(clock_to),
         output: segment_file_name(unix_ms().max(0) as u64, "collect-tick", 0),
     }))
+}
+
+/// Where a clock tick at wall time `now` moves the event clock (`clock`, saved
+/// in the state at wall time `saved`): on by the wall time that passed since, so
+/// quiet sessions end while a backlog of older events cannot be jumped past; and
+/// never nearer than `writer_lag` to `now`, as a writer may still hold a younger
+/// event in a segment it has not closed (serve closes one `--segment-age-ms`
+/// after its first row), and that event must not find its session ended.
+/// `None`: the clock has nowhere to go yet.
+fn tick_target(clock: i64, saved: i64, now: i64, writer_lag: i64) -> Option<i64> {
+    let to = clock
+        .saturating_add(now.saturating_sub(saved).max(0))
+        .min(now.saturating_sub(writer_lag));
+    (to > clock).then_some(to)
 }
 
 /// Runs the plan; returns the raw rows read.
@@ -369,4 +399,85 @@ fn read_whole(path: &Path) -> Result<()> {
         batch?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn a_tick_moves_with_the_wall_clock_but_stays_a_writer_lag_behind_it() {
+        // Live: the state was saved 200 ms after its last event.
+        assert_eq!(tick_target(10_000, 10_200, 12_000, 6_000), None);
+        assert_eq!(tick_target(10_000, 10_200, 20_000, 6_000), Some(14_000));
+        // A backlog of old events: the clock moves only by the quiet time.
+        assert_eq!(tick_target(1_000, 10_000, 15_000, 6_000), Some(6_000));
+        // A wall clock that stepped back moves nothing.
+        assert_eq!(tick_target(10_000, 12_000, 11_000, 0), None);
+    }
+
+    /// Where ticks at `lag` would have moved the clock past an event that its
+    /// writer still held, over a simulated stream from a serve-like writer: each
+    /// segment closes at the first half-second check `age` after its first row.
+    fn clock_passes_unwritten_events(seed: u64, age: i64, lag: i64) -> usize {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let check_offset = rng.gen_range(0..500);
+        let mut events = Vec::new(); // (happened, written)
+        let (mut t, mut segment_start) = (0i64, None::<i64>);
+        while t < 300_000 {
+            t += rng.gen_range(0..3_000);
+            let start = match segment_start {
+                Some(s) if t < close_time(s, age, check_offset) => s,
+                _ => t,
+            };
+            segment_start = Some(start);
+            events.push((
+                t,
+                close_time(start, age, check_offset) + rng.gen_range(0..300),
+            ));
+        }
+        let (mut clock, mut saved, mut consumed, mut last_tick) = (None::<i64>, 0, 0usize, 0);
+        let mut passed = 0;
+        for now in (0..330_000).step_by(100) {
+            let ready = events.iter().filter(|e| e.1 <= now).count();
+            if ready > consumed {
+                clock = events[consumed..ready].iter().map(|e| e.0).max().max(clock);
+                consumed = ready;
+                saved = now + 50;
+            } else if now - last_tick >= TICK_EVERY.as_millis() as i64 {
+                last_tick = now;
+                let Some(c) = clock else { continue };
+                if let Some(to) = tick_target(c, saved, now, lag) {
+                    passed += events.iter().filter(|e| e.1 > now && e.0 < to).count();
+                    clock = Some(to);
+                }
+            }
+        }
+        passed
+    }
+
+    fn close_time(first_row: i64, age: i64, check_offset: i64) -> i64 {
+        let due = first_row + age;
+        due + (500 - (due - check_offset).rem_euclid(500)) % 500
+    }
+
+    #[test]
+    fn no_tick_moves_the_clock_past_an_event_its_writer_still_holds() {
+        for seed in 0..20 {
+            for age in [300, 1_000, 5_000] {
+                let lag = writer_lag(Duration::from_millis(age as u64)).as_millis() as i64;
+                assert_eq!(
+                    clock_passes_unwritten_events(seed, age, lag),
+                    0,
+                    "seed {seed}, age {age} ms"
+                );
+            }
+        }
+        // Without the lag (the wall time since the save alone) ticks do pass them.
+        let passed: usize = (0..20)
+            .map(|seed| clock_passes_unwritten_events(seed, 5_000, 0))
+            .sum();
+        assert!(passed > 0, "the simulation never holds an event back");
+    }
 }

@@ -676,3 +676,69 @@ fn inputs_still_being_written_are_waited_for() {
     found.retain(|id, _| !id.starts_with('g'));
     assert_exactly_once("samples", &found, &expected);
 }
+
+/// serve holds an event in its open segment for up to --segment-age-ms (5 s by
+/// default) before it reaches raw/, and collect's clock ticks must not end a
+/// session before such an event is read. Here the thumbs-down on a session's
+/// last turn, 0.5 s after the reply (within --feedback-grace 2s), reaches raw/
+/// 5.6 s after the reply, after collect's first clock tick.
+#[test]
+fn feedback_that_serve_writes_late_still_finds_its_turn() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let dir = tmp.path().join("data");
+    let (raw, samples) = (dir.join("raw"), dir.join("samples"));
+    std::fs::create_dir_all(&raw).unwrap();
+    let collect = stage_cmd("collect", &local(&dir), &model, false)
+        .args(["--feedback-grace", "2s"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64
+    };
+    let replied = now_ms();
+    let mut last_turn = turn("live", "live-t1", 0, true);
+    last_turn.created_at = replied;
+    let name = segment_file_name(replied as u64, "serve", 0);
+    write_rows(&raw.join(name), &[last_turn]);
+
+    std::thread::sleep(Duration::from_millis(5_600).saturating_sub(started.elapsed()));
+    let mut thumbs_down = feedback("live", 0, "live-t1", -1);
+    thumbs_down.created_at = replied + 500;
+    let name = segment_file_name((replied + 500) as u64, "serve", 1);
+    write_rows(&raw.join(name), &[thumbs_down]);
+
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let sample = loop {
+        let rows: Vec<RolloutRow> = std::fs::read_dir(&samples)
+            .into_iter()
+            .flatten()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "parquet"))
+            .flat_map(|p| read_rows(&p))
+            .collect();
+        if let Some(row) = rows.into_iter().find(|r| r.sample_id == "live-t1") {
+            break row;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no sample for live-t1 after 40 s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(collect.id() as i32, libc::SIGTERM) };
+    let out = collect.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        sample.feedback,
+        Some(-1),
+        "the thumbs-down was lost:\n{log}"
+    );
+    assert!(!log.contains("older than"), "{log}");
+}
