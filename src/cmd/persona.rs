@@ -340,6 +340,7 @@ pub fn run_all(
     };
     crate::eval::live::stop_on_ctrl_c();
     let mut results = Vec::new();
+    let mut verdicts = crate::eval::helpful::Verdicts::default();
     for p in &personas {
         for &m in &methods {
             if crate::daemon::wake::stop_requested() {
@@ -357,7 +358,7 @@ pub fn run_all(
                 &format!("{} {}", p.name, m.name()),
             );
             let satisfied = std::cell::Cell::new(0usize);
-            let result = run(p, m, &cfg, &|s| {
+            let result = run(p, m, &cfg, &mut verdicts, &|s| {
                 satisfied.set(satisfied.get() + usize::from(s.satisfied));
                 let line = format!(
                     "session {:>3} policy v{:<3} {} {}",

@@ -5,6 +5,7 @@
 //! (majority of the valid verdicts; a tie or no valid verdict counts as not
 //! judged).
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -13,8 +14,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::llm::boxed::{last_boxed, parse_score};
+use crate::llm::{vote_seed, ChatBackend, VoteItem, VoteRunner};
 use crate::llm::{CallOptions, LocalBackend, RemoteBackend};
-use crate::llm::{ChatBackend, VoteItem, VoteRunner};
 use crate::model::{Model, WeightFormat};
 
 /// The judge's instructions; `{question}` and `{reply}` are filled in.
@@ -57,6 +58,46 @@ impl JudgeSpec {
     }
 }
 
+/// The verdicts a study's judge has reached, by (question, reply): the runs of a
+/// study share their base model's held-out replies and the control, which are
+/// then judged once. A pair's votes are seeded by its own text, so a kept
+/// verdict is the one judging the pair again would give.
+#[derive(Default)]
+pub struct Verdicts {
+    judge: Option<String>,
+    by_pair: HashMap<(String, String), Option<bool>>,
+}
+
+impl Verdicts {
+    /// Counts each set of (question, reply) pairs, asking the judge only about
+    /// pairs not judged before (`connect` loads it only if there is one).
+    pub fn judge_sets(
+        &mut self,
+        connect: impl FnOnce() -> Result<HelpfulnessJudge>,
+        sets: &[Vec<(String, String)>],
+    ) -> Result<Vec<Helpfulness>> {
+        let mut new: Vec<(String, String)> = sets
+            .iter()
+            .flatten()
+            .filter(|pair| !self.by_pair.contains_key(*pair))
+            .cloned()
+            .collect();
+        new.sort();
+        new.dedup();
+        if !new.is_empty() {
+            let judge = connect()?;
+            let verdicts = judge.verdicts(&new)?;
+            self.judge = Some(judge.runner.backend().name().to_string());
+            self.by_pair.extend(new.into_iter().zip(verdicts));
+        }
+        let judge = self.judge.clone().unwrap_or_default();
+        Ok(sets
+            .iter()
+            .map(|set| Helpfulness::count(&judge, set.iter().map(|pair| self.by_pair[pair])))
+            .collect())
+    }
+}
+
 /// The judge's control: each question with a reply that answers nothing, a
 /// pleasantry and the question asked back (what a learned ask-back said to every
 /// question on Qwen2.5-0.5B). A judge that can tell calls these unhelpful; the
@@ -81,6 +122,24 @@ pub struct Helpfulness {
 }
 
 impl Helpfulness {
+    /// Counts majority verdicts (None: no majority).
+    fn count(judge: &str, verdicts: impl Iterator<Item = Option<bool>>) -> Helpfulness {
+        let mut out = Helpfulness {
+            judge: judge.to_string(),
+            ..Helpfulness::default()
+        };
+        for verdict in verdicts {
+            match verdict {
+                Some(helpful) => {
+                    out.judged += 1;
+                    out.helpful += usize::from(helpful);
+                }
+                None => out.unjudged += 1,
+            }
+        }
+        out
+    }
+
     /// Helpful share of the judged replies (None when none was judged).
     pub fn rate(&self) -> Option<f64> {
         (self.judged > 0).then(|| self.helpful as f64 / self.judged as f64)
@@ -109,11 +168,23 @@ impl HelpfulnessJudge {
 
     /// Judges each (question, reply) pair.
     pub fn judge(&self, pairs: &[(String, String)]) -> Result<Helpfulness> {
+        let verdicts = self.verdicts(pairs)?;
+        Ok(Helpfulness::count(
+            self.runner.backend().name(),
+            verdicts.into_iter(),
+        ))
+    }
+
+    /// Each pair's majority verdict (None: a tie or no valid vote). A pair's key,
+    /// which seeds its votes, comes from its text, not its place in `pairs`.
+    fn verdicts(&self, pairs: &[(String, String)]) -> Result<Vec<Option<bool>>> {
         let items: Vec<VoteItem> = pairs
             .iter()
-            .enumerate()
-            .map(|(i, (question, reply))| VoteItem {
-                key: format!("helpful-{i}"),
+            .map(|(question, reply)| VoteItem {
+                key: format!(
+                    "helpful-{:016x}",
+                    vote_seed(0, &format!("{question}\0{reply}"), 0)
+                ),
                 messages: vec![json!({
                     "role": "user",
                     "content": PROMPT.replace("{question}", question).replace("{reply}", reply),
@@ -121,24 +192,16 @@ impl HelpfulnessJudge {
             })
             .collect();
         let (replies, _) = self.runner.run(&items, &|| {})?;
-        let mut out = Helpfulness {
-            judge: self.runner.backend().name().to_string(),
-            ..Helpfulness::default()
-        };
-        for votes in replies {
-            let verdicts: Vec<Option<i8>> = votes
-                .iter()
-                .map(|v| v.as_ref().ok().and_then(|text| verdict(text)))
-                .collect();
-            match majority(&verdicts) {
-                Some(helpful) => {
-                    out.judged += 1;
-                    out.helpful += usize::from(helpful);
-                }
-                None => out.unjudged += 1,
-            }
-        }
-        Ok(out)
+        Ok(replies
+            .iter()
+            .map(|votes| {
+                let verdicts: Vec<Option<i8>> = votes
+                    .iter()
+                    .map(|v| v.as_ref().ok().and_then(|text| verdict(text)))
+                    .collect();
+                majority(&verdicts)
+            })
+            .collect())
     }
 }
 
@@ -214,6 +277,70 @@ mod tests {
         assert_eq!(got, want);
         assert_eq!(got.rate(), Some(2.0 / 3.0));
         assert_eq!(Helpfulness::default().rate(), None);
+    }
+
+    /// [`Scripted`], counting the calls it answers.
+    struct Counting(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+    impl ChatBackend for Counting {
+        fn name(&self) -> &str {
+            "scripted"
+        }
+        fn max_concurrency(&self) -> usize {
+            1
+        }
+        fn retries_help(&self) -> bool {
+            false
+        }
+        fn complete(&self, req: &ChatRequest) -> Result<Reply, CallError> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Scripted.complete(req)
+        }
+    }
+
+    #[test]
+    fn a_study_judges_each_pair_once_and_counts_as_if_judged_again() {
+        let pairs = |items: &[(&str, &str)]| -> Vec<(String, String)> {
+            items
+                .iter()
+                .map(|(q, r)| (q.to_string(), r.to_string()))
+                .collect()
+        };
+        let before = pairs(&[("What is 6 * 7?", "42."), ("Capital of France?", "Hm.")]);
+        let control = empty_replies(&["What is 6 * 7?", "Capital of France?"]);
+        let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let connect = || HelpfulnessJudge::new(Box::new(Counting(calls.clone())), 3, 0);
+        let mut verdicts = Verdicts::default();
+
+        // the first run: before, after (one reply the same as before), control
+        let after = pairs(&[
+            ("What is 6 * 7?", "42."),
+            ("Capital of France?", "Paris, 1 city."),
+        ]);
+        let first = verdicts
+            .judge_sets(connect, &[before.clone(), after.clone(), control.clone()])
+            .unwrap();
+        assert_eq!(
+            calls.load(std::sync::atomic::Ordering::Relaxed),
+            5 * 3,
+            "5 distinct pairs, 3 votes"
+        );
+        let helpful: Vec<usize> = first.iter().map(|h| h.helpful).collect();
+        assert_eq!(helpful, [1, 2, 0]);
+        assert!(first.iter().all(|h| h.judge == "scripted" && h.judged == 2));
+
+        // a second run of the study: the same before and control, nothing new
+        let again = verdicts
+            .judge_sets(
+                || panic!("nothing new to judge, so no judge to load"),
+                &[before.clone(), before.clone(), control.clone()],
+            )
+            .unwrap();
+        assert_eq!(again[0], first[0]);
+        assert_eq!(again[2], first[2]);
+        // and what a fresh judge says of the same pairs
+        let fresh = HelpfulnessJudge::new(Box::new(Scripted), 3, 0).unwrap();
+        assert_eq!(again[0], fresh.judge(&before).unwrap());
     }
 
     #[test]

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use super::metrics::{sessions_to_success, RunResult, Session};
 use super::{Persona, Verdict};
 use crate::distill::HintPlacement;
-use crate::eval::helpful::Helpfulness;
+use crate::eval::helpful::{Helpfulness, Verdicts};
 
 pub use crate::eval::live::Method;
 use crate::eval::live::{policy_version, wait_for_policy, Study, Up};
@@ -60,10 +60,12 @@ impl RunConfig {
 }
 
 /// The helpfulness judge's verdicts on the held-out replies before and after
-/// training, and on its control ([`crate::eval::helpful::empty_replies`]); a
-/// judge that fails is logged and leaves them unmeasured.
+/// training, and on its control ([`crate::eval::helpful::empty_replies`]),
+/// through the study's `verdicts` (pairs judged in an earlier run are not judged
+/// again); a judge that fails is logged and leaves them unmeasured.
 fn judge_helpfulness(
     spec: &crate::eval::helpful::JudgeSpec,
+    verdicts: &mut Verdicts,
     tasks: &[&str],
     before: &[String],
     after: &[String],
@@ -76,18 +78,26 @@ fn judge_helpfulness(
             .map(|(t, r)| (t.to_string(), r.clone()))
             .collect()
     };
-    let judged = spec.connect(3, 0).and_then(|judge| {
-        crate::info!("persona {tag}: judging the held-out replies' helpfulness");
-        Ok(JudgedHelpfulness {
-            before: Some(judge.judge(&pairs(before))?),
-            after: Some(judge.judge(&pairs(after))?),
-            empty: Some(judge.judge(&crate::eval::helpful::empty_replies(tasks))?),
-        })
-    });
-    judged.unwrap_or_else(|e| {
-        crate::warn!("persona {tag}: helpfulness not judged: {e:#}");
-        JudgedHelpfulness::default()
-    })
+    crate::info!("persona {tag}: judging the held-out replies' helpfulness");
+    let sets = [
+        pairs(before),
+        pairs(after),
+        crate::eval::helpful::empty_replies(tasks),
+    ];
+    match verdicts.judge_sets(|| spec.connect(3, 0), &sets) {
+        Ok(counts) => {
+            let [before, after, empty] = counts.try_into().expect("one count per set");
+            JudgedHelpfulness {
+                before: Some(before),
+                after: Some(after),
+                empty: Some(empty),
+            }
+        }
+        Err(e) => {
+            crate::warn!("persona {tag}: helpfulness not judged: {e:#}");
+            JudgedHelpfulness::default()
+        }
+    }
 }
 
 #[derive(Default)]
@@ -262,11 +272,13 @@ fn hold_session(
     })
 }
 
-/// One run of `persona` with `method`. `progress` is told about each session.
+/// One run of `persona` with `method`. `progress` is told about each session;
+/// `verdicts` keeps the helpfulness judge's verdicts across a study's runs.
 pub fn run(
     persona: &Persona,
     method: Method,
     cfg: &RunConfig,
+    verdicts: &mut Verdicts,
     progress: &dyn Fn(&Session),
 ) -> Result<RunResult> {
     let started = Instant::now();
@@ -359,7 +371,14 @@ pub fn run(
     )?;
     drop(up); // stops claw up before its directory goes
     let helpful = match &cfg.study.helpfulness {
-        Some(spec) => judge_helpfulness(spec, &heldout, &replies_before, &replies_after, &tag),
+        Some(spec) => judge_helpfulness(
+            spec,
+            verdicts,
+            &heldout,
+            &replies_before,
+            &replies_after,
+            &tag,
+        ),
         None => JudgedHelpfulness::default(),
     };
     let retention = match (&cfg.study.retention, &run_dir) {
