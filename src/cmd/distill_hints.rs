@@ -100,6 +100,12 @@ pub struct DistillHintsArgs {
     #[arg(long, value_enum, default_value_t = TeacherWeights::Policy)]
     pub teacher: TeacherWeights,
 
+    /// How the teacher holds its weights: packed GGUF blocks (serve's kernels,
+    /// the same log-probs as f32 up to the order of additions, about a fifth of
+    /// the memory) or f32.
+    #[arg(long, value_enum, default_value_t = WeightFormat::default())]
+    pub weights: WeightFormat,
+
     /// Where `claw train` writes adapters (adapter-NNNNNN.safetensors); default
     /// ./claw-data/checkpoints, or DIR/checkpoints with --watch DIR.
     #[arg(long, value_name = "DIR")]
@@ -172,7 +178,7 @@ pub fn run(args: DistillHintsArgs) -> Result<()> {
     };
     let model_path = resolve_model_path(args.model.as_deref())?;
     let model = Arc::new(
-        Model::load_with(&model_path, WeightFormat::F32)
+        Model::load_with(&model_path, args.weights)
             .with_context(|| format!("loading the teacher model {}", model_path.display()))?,
     );
     // On an object store: a private local copy of the adapters it needs.

@@ -15,10 +15,45 @@ use crate::model::{Model, WeightFormat};
 use crate::train::checkpoint::CheckpointDir;
 
 fn tiny_model() -> Arc<Model> {
+    tiny_model_as(WeightFormat::F32)
+}
+
+fn tiny_model_as(weights: WeightFormat) -> Arc<Model> {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiny.gguf");
     write_tiny_gguf(&path, &TinySpec::default()).unwrap();
-    Arc::new(Model::load_with(&path, WeightFormat::F32).unwrap())
+    Arc::new(Model::load_with(&path, weights).unwrap())
+}
+
+/// A random rank-2 adapter on `model`, saved as policy version `version`.
+fn saved_adapter(model: &Model, version: u64) -> (Adapter, tempfile::TempDir) {
+    let adapter = Adapter::new(
+        &model.decoder.to_hf_layout().unwrap(),
+        LoraConfig {
+            rank: 2,
+            alpha: 4.0,
+            ..Default::default()
+        },
+        1,
+    )
+    .unwrap();
+    for p in &adapter.pairs {
+        p.b.set(&Tensor::randn(0f32, 0.1, p.b.shape(), &Device::Cpu).unwrap())
+            .unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    CheckpointDir::create(dir.path())
+        .unwrap()
+        .save(&adapter, "tiny", version, None, None)
+        .unwrap();
+    (adapter, dir)
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// Answers by looking for a keyword of the response in the prompt.
@@ -223,25 +258,7 @@ fn feedback_hints_need_no_judge_and_top_k_is_sorted() {
 #[test]
 fn the_teacher_uses_the_adapter_that_produced_the_response() {
     let model = tiny_model();
-    let adapter = Adapter::new(
-        &model.decoder.to_hf_layout().unwrap(),
-        LoraConfig {
-            rank: 2,
-            alpha: 4.0,
-            ..Default::default()
-        },
-        1,
-    )
-    .unwrap();
-    for p in &adapter.pairs {
-        p.b.set(&Tensor::randn(0f32, 0.1, p.b.shape(), &Device::Cpu).unwrap())
-            .unwrap();
-    }
-    let dir = tempfile::tempdir().unwrap();
-    CheckpointDir::create(dir.path())
-        .unwrap()
-        .save(&adapter, "tiny", 3, None, None)
-        .unwrap();
+    let (adapter, dir) = saved_adapter(&model, 3);
     let mut at_v3 = row("v3", None, Some("Always answer in kilometres."));
     at_v3.policy_version = 3;
     let mut at_v9 = row("v9", None, Some("Always answer in kilometres."));
@@ -260,17 +277,65 @@ fn the_teacher_uses_the_adapter_that_produced_the_response() {
     let expected = expected_teacher(&model, &with_adapter, &at_v3, hint);
     let base = expected_teacher(&model, &model.decoder, &at_v3, hint);
     let teacher = got[0].teacher_logprobs.as_ref().unwrap();
-    let diff = |a: &[f32], b: &[f32]| {
-        a.iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f32::max)
-    };
+    let diff = max_diff;
     assert!(diff(teacher, &expected) < 1e-5);
     assert!(diff(teacher, &base) > 1e-4, "the adapter must matter");
     // Version 9 has no checkpoint: scored by the base model, and counted.
     assert!(diff(got[1].teacher_logprobs.as_ref().unwrap(), &base) < 1e-5);
     assert_eq!(distiller.stats.adapter_missing, 1);
+}
+
+/// distill-hints holds its teacher in packed GGUF blocks by default (serve's
+/// kernels, 16-bit activations): the same log-probs and top-K as the f32 weights
+/// up to rounding, with the adapter and without.
+#[test]
+fn a_packed_teacher_scores_as_the_f32_weights_do() {
+    let f32_model = tiny_model();
+    let packed_model = tiny_model_as(WeightFormat::Packed);
+    let (_, dir) = saved_adapter(&f32_model, 2);
+    let hint = "Always answer in kilometres.";
+    let mut rows = vec![row("base", None, Some(hint)), row("v2", None, Some(hint))];
+    rows[1].policy_version = 2;
+    let teach = |model: &Arc<Model>| {
+        let mut cfg = config(HintSource::Feedback);
+        cfg.checkpoints = Some(dir.path().to_path_buf());
+        cfg.topk = 4;
+        let mut distiller = Distiller::new(cfg, model.clone(), None).unwrap();
+        rows_from_batch(&distiller.process(&batch_of(&rows), "t").unwrap()).unwrap()
+    };
+    let (exact, packed) = (teach(&f32_model), teach(&packed_model));
+    for (e, p) in exact.iter().zip(&packed) {
+        let (e_lp, p_lp) = (
+            e.teacher_logprobs.as_ref().unwrap(),
+            p.teacher_logprobs.as_ref().unwrap(),
+        );
+        let d = max_diff(e_lp, p_lp);
+        assert!(
+            d < 5e-3,
+            "{}: packed and f32 teacher log-probs differ by {d}",
+            e.sample_id
+        );
+        let (e_top, p_top) = (
+            e.teacher_topk_logprobs.as_ref().unwrap(),
+            p.teacher_topk_logprobs.as_ref().unwrap(),
+        );
+        for (a, b) in e_top.iter().zip(p_top) {
+            assert!(
+                max_diff(a, b) < 5e-3,
+                "{}: top-K {a:?} vs {b:?}",
+                e.sample_id
+            );
+        }
+    }
+    // ... while the adapter moves them by far more.
+    let by_adapter = max_diff(
+        exact[0].teacher_logprobs.as_ref().unwrap(),
+        exact[1].teacher_logprobs.as_ref().unwrap(),
+    );
+    assert!(
+        by_adapter > 5e-2,
+        "the adapter moved the teacher by only {by_adapter}"
+    );
 }
 
 /// The teacher's context is the prompt the policy saw plus the hint: a recorded
