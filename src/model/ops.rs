@@ -414,7 +414,7 @@ pub struct TokenLogProbs;
 
 impl TokenLogProbs {
     /// max and log Σ exp(x − max) of a row: log softmax(x)[i] = x[i] − lse.
-    fn log_sum_exp(row: &[f32]) -> f32 {
+    pub(crate) fn log_sum_exp(row: &[f32]) -> f32 {
         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         // Summed in f64: 49k terms in f32 drift by ~1e-6 relative.
         let sum: f64 = row.iter().map(|v| f64::from((v - max).exp())).sum();

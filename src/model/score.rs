@@ -13,7 +13,7 @@
 //! than the length: see [`long_sequence_logits`].
 
 use anyhow::{Context, Result};
-use candle_core::{Module, Tensor, D};
+use candle_core::{Module, Tensor};
 
 use crate::model::decoder::{Decoder, Kernels};
 use crate::model::ops::TokenLogProbs;
@@ -50,7 +50,10 @@ pub fn response_logprobs(
 
 /// Like [`response_logprobs`], and for each sequence given `extra` ids per
 /// response position ((tokens, K) u32), the log-probs of those ids as well
-/// ((tokens, K)): the student's side of top-K distillation.
+/// ((tokens, K)): the student's side of top-K distillation. The target and the
+/// extra ids go through one [`TokenLogProbs`], so the graph holds the logits
+/// only, never a (tokens, vocab) log-softmax and its gradient (on Qwen's 152k
+/// vocabulary 600 MB each per 1,000 tokens).
 pub fn response_logprobs_and(
     decoder: &Decoder,
     seqs: &[Sequence],
@@ -61,21 +64,50 @@ pub fn response_logprobs_and(
         extra.len() == seqs.len(),
         "one entry of extra ids per sequence"
     );
-    if extra.iter().all(Option::is_none) {
+    let widths = extra
+        .iter()
+        .map(|ids| ids.as_ref().map(|t| t.dim(1)).transpose())
+        .collect::<candle_core::Result<Vec<Option<usize>>>>()?;
+    let Some(k) = widths.iter().flatten().copied().max() else {
         let picked = response_logprobs(decoder, seqs, max_tokens)?;
         return Ok(picked.into_iter().map(|t| (t, None)).collect());
+    };
+    let (logits, targets, spans) = response_logits(decoder, seqs, max_tokens)?;
+    // Per response position: its target, then its extra ids, padded to the
+    // widest K by repeating the target (columns that are never read).
+    let mut ids = Vec::with_capacity(spans.len());
+    for (&(start, len), more) in spans.iter().zip(extra) {
+        let target = targets.narrow(0, start, len)?.unsqueeze(1)?;
+        let mut row = vec![target.clone()];
+        let own = match more {
+            Some(more) => {
+                anyhow::ensure!(
+                    more.dim(0)? == len,
+                    "extra ids for {} positions, the response has {len}",
+                    more.dim(0)?
+                );
+                row.push(more.to_dtype(candle_core::DType::U32)?);
+                more.dim(1)?
+            }
+            None => 0,
+        };
+        if own < k {
+            row.push(target.repeat((1, k - own))?);
+        }
+        ids.push(Tensor::cat(&row, 1)?);
     }
-    let (log_probs, targets, spans) = response_distributions(decoder, seqs, max_tokens)?;
-    let picked = log_probs.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
+    let ids = Tensor::cat(&ids, 0)?.contiguous()?;
+    let picked = logits.apply_op2(&ids, TokenLogProbs)?;
     spans
         .iter()
-        .zip(extra)
-        .map(|(&(start, len), ids)| {
-            let extra = match ids {
-                Some(ids) => Some(log_probs.narrow(0, start, len)?.gather(ids, 1)?),
+        .zip(&widths)
+        .map(|(&(start, len), own)| {
+            let rows = picked.narrow(0, start, len)?;
+            let extra = match own {
+                Some(own) => Some(rows.narrow(1, 1, *own)?),
                 None => None,
             };
-            Ok((picked.narrow(0, start, len)?, extra))
+            Ok((rows.narrow(1, 0, 1)?.squeeze(1)?, extra))
         })
         .collect()
 }
@@ -83,20 +115,9 @@ pub fn response_logprobs_and(
 /// (log-probs or logits (tokens, vocab), target ids (tokens), per-sequence (start, len)).
 type Distributions = (Tensor, Tensor, Vec<(usize, usize)>);
 
-/// The full log-softmax over the vocabulary at every response position, stacked
-/// for all sequences: (total response tokens, vocab), with the target ids and
-/// each sequence's (start, len) span in it.
-fn response_distributions(
-    decoder: &Decoder,
-    seqs: &[Sequence],
-    max_tokens: usize,
-) -> Result<Distributions> {
-    let (logits, targets, spans) = response_logits(decoder, seqs, max_tokens)?;
-    let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-    Ok((log_probs, targets, spans))
-}
-
-/// Like [`response_distributions`], with the logits before the softmax.
+/// The logits at every response position, stacked for all sequences: (total
+/// response tokens, vocab), with the target ids and each sequence's (start,
+/// len) span in it.
 fn response_logits(
     decoder: &Decoder,
     seqs: &[Sequence],
@@ -219,27 +240,38 @@ pub fn score(decoder: &Decoder, seqs: &[Sequence], max_tokens: usize) -> Result<
 /// per token, (ids, log-probs) sorted by log-prob, highest first.
 pub type TopK = Vec<Vec<(Vec<i32>, Vec<f32>)>>;
 
-/// Like [`score`], also returning the top-`k` distribution per token.
+/// Like [`score`], also returning the top-`k` distribution per token. Reads
+/// the logits in place (a row's log-softmax is its logits less their
+/// log-sum-exp, which keeps the order), so a group costs one (tokens, vocab)
+/// tensor, not three.
 pub fn score_with_topk(
     decoder: &Decoder,
     seqs: &[Sequence],
     k: usize,
     max_tokens: usize,
 ) -> Result<(Vec<Vec<f32>>, TopK)> {
+    use rayon::prelude::*;
     let mut logprobs = Vec::with_capacity(seqs.len());
     let mut topk = Vec::with_capacity(seqs.len());
     let fused = decoder.clone().with_kernels(Kernels::Fused);
     for group in token_groups(seqs, max_tokens) {
-        let (dist, targets, spans) = response_distributions(&fused, &seqs[group], max_tokens)?;
-        let dist: Vec<Vec<f32>> = dist.to_vec2()?;
+        let (logits, targets, spans) = response_logits(&fused, &seqs[group], max_tokens)?;
+        let logits = logits.contiguous()?;
+        let vocab = logits.dim(1)?;
         let targets: Vec<u32> = targets.to_vec1()?;
+        let view = crate::model::ops::f32_view(&logits, "score-topk")?;
+        let per_token: Vec<(f32, (Vec<i32>, Vec<f32>))> = view
+            .par_chunks(vocab)
+            .zip(&targets)
+            .map(|(row, &target)| {
+                let lse = TokenLogProbs::log_sum_exp(row);
+                let (ids, top) = top_k(row, k);
+                let top = top.into_iter().map(|l| l - lse).collect();
+                (row[target as usize] - lse, (ids, top))
+            })
+            .collect();
         for (start, len) in spans {
-            let mut lp = Vec::with_capacity(len);
-            let mut tk = Vec::with_capacity(len);
-            for (row, &target) in dist[start..start + len].iter().zip(&targets[start..]) {
-                lp.push(row[target as usize]);
-                tk.push(top_k(row, k));
-            }
+            let (lp, tk) = per_token[start..start + len].iter().cloned().unzip();
             logprobs.push(lp);
             topk.push(tk);
         }
@@ -303,6 +335,97 @@ mod tests {
         // 20 tokens each: 3 fit in 64.
         assert_eq!(token_groups(&seqs, 64), vec![0..3, 3..5]);
         assert_eq!(token_groups(&seqs, 10), vec![0..1, 1..2, 2..3, 3..4, 4..5]);
+    }
+
+    /// The reference: the full log-softmax at every response position.
+    fn response_distributions(
+        decoder: &Decoder,
+        seqs: &[Sequence],
+        max_tokens: usize,
+    ) -> Result<Distributions> {
+        let (logits, targets, spans) = response_logits(decoder, seqs, max_tokens)?;
+        let log_probs = candle_nn::ops::log_softmax(&logits, candle_core::D::Minus1)?;
+        Ok((log_probs, targets, spans))
+    }
+
+    /// The target and extra ids through one fused op give what the full
+    /// log-softmax gives, for sequences with extras of different K and none.
+    #[test]
+    fn extra_ids_score_as_the_full_log_softmax_does() {
+        use crate::model::testing::{write_tiny_gguf, TinySpec};
+        use crate::model::{Model, WeightFormat};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        write_tiny_gguf(&path, &TinySpec::default()).unwrap();
+        let model = Model::load_with(&path, WeightFormat::F32).unwrap();
+        let decoder = &model.decoder;
+        let device = decoder.device();
+        let (p1, r1, p2, r2, p3, r3) = (
+            [1u32, 104, 105],
+            [110u32, 111, 2],
+            [1u32, 120],
+            [121u32, 2],
+            [1u32, 130, 131, 132],
+            [133u32, 134, 135, 2],
+        );
+        let seqs = [
+            Sequence {
+                prompt: &p1,
+                response: &r1,
+            },
+            Sequence {
+                prompt: &p2,
+                response: &r2,
+            },
+            Sequence {
+                prompt: &p3,
+                response: &r3,
+            },
+        ];
+        let ids =
+            |v: Vec<u32>, k: usize| Tensor::from_vec(v.clone(), (v.len() / k, k), device).unwrap();
+        let extra = [
+            Some(ids(vec![5, 6, 7, 8, 9, 10], 2)),
+            None,
+            Some(ids(vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], 3)),
+        ];
+        let got = response_logprobs_and(decoder, &seqs, &extra, 4096).unwrap();
+        let (full, targets, spans) = response_distributions(decoder, &seqs, 4096).unwrap();
+        let picked = full
+            .gather(&targets.unsqueeze(1).unwrap(), 1)
+            .unwrap()
+            .squeeze(1)
+            .unwrap();
+        for (i, ((lp, more), &(start, len))) in got.iter().zip(&spans).enumerate() {
+            let want = picked.narrow(0, start, len).unwrap();
+            let d = crate::model::testing::max_abs_diff(lp, &want);
+            assert!(d < 1e-5, "sequence {i}: target log-probs differ by {d}");
+            match (&extra[i], more) {
+                (Some(ids), Some(more)) => {
+                    let want = full.narrow(0, start, len).unwrap().gather(ids, 1).unwrap();
+                    assert_eq!(more.dims(), want.dims(), "sequence {i}");
+                    let d = crate::model::testing::max_abs_diff(more, &want);
+                    assert!(d < 1e-5, "sequence {i}: extra log-probs differ by {d}");
+                }
+                (None, None) => {}
+                (want, got) => panic!("sequence {i}: extras {want:?}, got {got:?}"),
+            }
+        }
+
+        // Scoring's top-K, read from the logits in place, is the full
+        // log-softmax's top-K.
+        let (lps, topk) = score_with_topk(decoder, &seqs, 4, 4096).unwrap();
+        let full: Vec<Vec<f32>> = full.to_vec2().unwrap();
+        let picked: Vec<f32> = picked.to_vec1().unwrap();
+        let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-5);
+        let (lps, topk): (Vec<f32>, Vec<_>) = (lps.concat(), topk.concat());
+        assert_eq!((lps.len(), topk.len()), (full.len(), full.len()));
+        assert!(close(&lps, &picked));
+        for (row, (ids, top)) in full.iter().zip(&topk) {
+            let (want_ids, want_top) = top_k(row, 4);
+            assert_eq!(ids, &want_ids);
+            assert!(close(top, &want_top), "{top:?} vs {want_top:?}");
+        }
     }
 
     #[test]
