@@ -238,7 +238,10 @@ pub fn score(decoder: &Decoder, seqs: &[Sequence], max_tokens: usize) -> Result<
 
 /// The top-`k` of the distribution at each response position: per sequence,
 /// per token, (ids, log-probs) sorted by log-prob, highest first.
-pub type TopK = Vec<Vec<(Vec<i32>, Vec<f32>)>>;
+pub type TopK = Vec<Vec<TokenTopK>>;
+
+/// One position's top-`k`: (ids, log-probs), highest first.
+pub type TokenTopK = (Vec<i32>, Vec<f32>);
 
 /// Like [`score`], also returning the top-`k` distribution per token. Reads
 /// the logits in place (a row's log-softmax is its logits less their
@@ -260,7 +263,7 @@ pub fn score_with_topk(
         let vocab = logits.dim(1)?;
         let targets: Vec<u32> = targets.to_vec1()?;
         let view = crate::model::ops::f32_view(&logits, "score-topk")?;
-        let per_token: Vec<(f32, (Vec<i32>, Vec<f32>))> = view
+        let per_token: Vec<(f32, TokenTopK)> = view
             .par_chunks(vocab)
             .zip(&targets)
             .map(|(row, &target)| {
