@@ -17,20 +17,8 @@ fn model_and_adapter(spec: &TinySpec) -> (tempfile::TempDir, PathBuf, Adapter) {
     let path = dir.path().join("tiny.gguf");
     write_tiny_gguf(&path, spec).unwrap();
     let model = Model::load(&path).unwrap();
-    let adapter = Adapter::new(
-        &model.decoder.to_float().unwrap().to_hf_layout().unwrap(),
-        LoraConfig {
-            rank: 2,
-            alpha: 4.0,
-            ..Default::default()
-        },
-        7,
-    )
-    .unwrap();
-    for p in &adapter.pairs {
-        p.b.set(&Tensor::randn(0f32, 0.1, p.b.shape(), &Device::Cpu).unwrap())
-            .unwrap();
-    }
+    let hf = model.decoder.to_float().unwrap().to_hf_layout().unwrap();
+    let adapter = Adapter::random_for_tests(&hf, 7);
     (dir, path, adapter)
 }
 

@@ -113,6 +113,29 @@ pub struct AdapterFileConfig {
     pub claw_ledger: serde_json::Value,
 }
 
+#[cfg(test)]
+impl Adapter {
+    /// A rank-2 adapter whose B is random too, so that it changes the model
+    /// (`hf`: a decoder in the Hugging Face layout).
+    pub fn random_for_tests(hf: &Decoder, seed: u64) -> Adapter {
+        let adapter = Adapter::new(
+            hf,
+            LoraConfig {
+                rank: 2,
+                alpha: 4.0,
+                ..Default::default()
+            },
+            seed,
+        )
+        .unwrap();
+        for p in &adapter.pairs {
+            let b = candle_core::Tensor::randn(0f32, 0.1, p.b.shape(), hf.device()).unwrap();
+            p.b.set(&b).unwrap();
+        }
+        adapter
+    }
+}
+
 impl Adapter {
     /// A fresh adapter: A uniform in ±1/sqrt(in) (PEFT's kaiming-uniform with
     /// a = sqrt(5)), B zero, so the adapted model starts equal to the base.

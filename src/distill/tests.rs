@@ -27,20 +27,7 @@ fn tiny_model_as(weights: WeightFormat) -> Arc<Model> {
 
 /// A random rank-2 adapter on `model`, saved as policy version `version`.
 fn saved_adapter(model: &Model, version: u64) -> (Adapter, tempfile::TempDir) {
-    let adapter = Adapter::new(
-        &model.decoder.to_hf_layout().unwrap(),
-        LoraConfig {
-            rank: 2,
-            alpha: 4.0,
-            ..Default::default()
-        },
-        1,
-    )
-    .unwrap();
-    for p in &adapter.pairs {
-        p.b.set(&Tensor::randn(0f32, 0.1, p.b.shape(), &Device::Cpu).unwrap())
-            .unwrap();
-    }
+    let adapter = Adapter::random_for_tests(&model.decoder.to_hf_layout().unwrap(), 1);
     let dir = tempfile::tempdir().unwrap();
     CheckpointDir::create(dir.path())
         .unwrap()

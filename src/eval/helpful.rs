@@ -226,7 +226,11 @@ mod tests {
 
     /// Calls a reply helpful when it holds a number, not when it holds none,
     /// and gives no verdict on "???".
-    struct Scripted;
+    #[derive(Default)]
+    struct Scripted {
+        /// Calls answered.
+        calls: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    }
 
     impl ChatBackend for Scripted {
         fn name(&self) -> &str {
@@ -239,6 +243,8 @@ mod tests {
             false
         }
         fn complete(&self, req: &ChatRequest) -> Result<Reply, CallError> {
+            self.calls
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let prompt = req.messages[0]["content"].as_str().unwrap_or_default();
             let reply = prompt.split("Reply:\n").nth(1).unwrap_or_default();
             let text = if reply.starts_with("???") {
@@ -257,7 +263,7 @@ mod tests {
 
     #[test]
     fn replies_are_counted_by_their_majority_verdict() {
-        let judge = HelpfulnessJudge::new(Box::new(Scripted), 3, 0).unwrap();
+        let judge = HelpfulnessJudge::new(Box::new(Scripted::default()), 3, 0).unwrap();
         let pairs: Vec<(String, String)> = [
             ("What is 6 * 7?", "42."),
             ("Capital of France?", "Good question!"),
@@ -279,25 +285,6 @@ mod tests {
         assert_eq!(Helpfulness::default().rate(), None);
     }
 
-    /// [`Scripted`], counting the calls it answers.
-    struct Counting(std::sync::Arc<std::sync::atomic::AtomicUsize>);
-
-    impl ChatBackend for Counting {
-        fn name(&self) -> &str {
-            "scripted"
-        }
-        fn max_concurrency(&self) -> usize {
-            1
-        }
-        fn retries_help(&self) -> bool {
-            false
-        }
-        fn complete(&self, req: &ChatRequest) -> Result<Reply, CallError> {
-            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            Scripted.complete(req)
-        }
-    }
-
     #[test]
     fn a_study_judges_each_pair_once_and_counts_as_if_judged_again() {
         let pairs = |items: &[(&str, &str)]| -> Vec<(String, String)> {
@@ -309,7 +296,12 @@ mod tests {
         let before = pairs(&[("What is 6 * 7?", "42."), ("Capital of France?", "Hm.")]);
         let control = empty_replies(&["What is 6 * 7?", "Capital of France?"]);
         let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let connect = || HelpfulnessJudge::new(Box::new(Counting(calls.clone())), 3, 0);
+        let connect = || {
+            let judge = Scripted {
+                calls: calls.clone(),
+            };
+            HelpfulnessJudge::new(Box::new(judge), 3, 0)
+        };
         let mut verdicts = Verdicts::default();
 
         // the first run: before, after (one reply the same as before), control
@@ -339,7 +331,7 @@ mod tests {
         assert_eq!(again[0], first[0]);
         assert_eq!(again[2], first[2]);
         // and what a fresh judge says of the same pairs
-        let fresh = HelpfulnessJudge::new(Box::new(Scripted), 3, 0).unwrap();
+        let fresh = HelpfulnessJudge::new(Box::new(Scripted::default()), 3, 0).unwrap();
         assert_eq!(again[0], fresh.judge(&before).unwrap());
     }
 
@@ -353,7 +345,7 @@ mod tests {
             assert!(!crate::eval::persona::answers(question, reply), "{reply}");
         }
         // the scripted judge calls them unhelpful: no digit near the start
-        let judge = HelpfulnessJudge::new(Box::new(Scripted), 3, 0).unwrap();
+        let judge = HelpfulnessJudge::new(Box::new(Scripted::default()), 3, 0).unwrap();
         assert_eq!(judge.judge(&control).unwrap().helpful, 0);
     }
 
