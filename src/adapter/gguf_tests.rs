@@ -7,7 +7,6 @@ use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 
 use super::*;
-use crate::adapter::LoraConfig;
 use crate::model::testing::{write_tiny_gguf, TinySpec};
 use crate::model::Model;
 

@@ -3,12 +3,11 @@
 use std::sync::Arc;
 
 use arrow::array::{ArrayRef, Int64Array, RecordBatch};
-use candle_core::{Device, Tensor};
+
 use serde_json::json;
 
 use super::hints::Select;
 use super::*;
-use crate::adapter::LoraConfig;
 use crate::llm::{CallError, CallOptions, ChatBackend, ChatRequest, Reply};
 use crate::model::testing::{write_tiny_gguf, TinySpec};
 use crate::model::{Model, WeightFormat};
