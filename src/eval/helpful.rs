@@ -166,15 +166,6 @@ impl HelpfulnessJudge {
         Ok(HelpfulnessJudge { runner })
     }
 
-    /// Judges each (question, reply) pair.
-    pub fn judge(&self, pairs: &[(String, String)]) -> Result<Helpfulness> {
-        let verdicts = self.verdicts(pairs)?;
-        Ok(Helpfulness::count(
-            self.runner.backend().name(),
-            verdicts.into_iter(),
-        ))
-    }
-
     /// Each pair's majority verdict (None: a tie or no valid vote). A pair's key,
     /// which seeds its votes, comes from its text, not its place in `pairs`.
     fn verdicts(&self, pairs: &[(String, String)]) -> Result<Vec<Option<bool>>> {
@@ -261,9 +252,17 @@ mod tests {
         }
     }
 
+    /// One set of pairs judged by a fresh scripted judge.
+    fn judge_once(pairs: &[(String, String)]) -> Helpfulness {
+        let connect = || HelpfulnessJudge::new(Box::new(Scripted::default()), 3, 0);
+        Verdicts::default()
+            .judge_sets(connect, &[pairs.to_vec()])
+            .unwrap()
+            .remove(0)
+    }
+
     #[test]
     fn replies_are_counted_by_their_majority_verdict() {
-        let judge = HelpfulnessJudge::new(Box::new(Scripted::default()), 3, 0).unwrap();
         let pairs: Vec<(String, String)> = [
             ("What is 6 * 7?", "42."),
             ("Capital of France?", "Good question!"),
@@ -273,7 +272,7 @@ mod tests {
         .iter()
         .map(|(q, r)| (q.to_string(), r.to_string()))
         .collect();
-        let got = judge.judge(&pairs).unwrap();
+        let got = judge_once(&pairs);
         let want = Helpfulness {
             judge: "scripted".into(),
             helpful: 2,
@@ -331,8 +330,7 @@ mod tests {
         assert_eq!(again[0], first[0]);
         assert_eq!(again[2], first[2]);
         // and what a fresh judge says of the same pairs
-        let fresh = HelpfulnessJudge::new(Box::new(Scripted::default()), 3, 0).unwrap();
-        assert_eq!(again[0], fresh.judge(&before).unwrap());
+        assert_eq!(again[0], judge_once(&before));
     }
 
     #[test]
@@ -345,8 +343,7 @@ mod tests {
             assert!(!crate::eval::persona::answers(question, reply), "{reply}");
         }
         // the scripted judge calls them unhelpful: no digit near the start
-        let judge = HelpfulnessJudge::new(Box::new(Scripted::default()), 3, 0).unwrap();
-        assert_eq!(judge.judge(&control).unwrap().helpful, 0);
+        assert_eq!(judge_once(&control).helpful, 0);
     }
 
     #[test]

@@ -76,21 +76,18 @@ pub fn response_logprobs_and(
     // Per response position: its target, then its extra ids, padded to the
     // widest K by repeating the target (columns that are never read).
     let mut ids = Vec::with_capacity(spans.len());
-    for (&(start, len), more) in spans.iter().zip(extra) {
+    for ((&(start, len), more), own) in spans.iter().zip(extra).zip(&widths) {
         let target = targets.narrow(0, start, len)?.unsqueeze(1)?;
         let mut row = vec![target.clone()];
-        let own = match more {
-            Some(more) => {
-                anyhow::ensure!(
-                    more.dim(0)? == len,
-                    "extra ids for {} positions, the response has {len}",
-                    more.dim(0)?
-                );
-                row.push(more.to_dtype(candle_core::DType::U32)?);
-                more.dim(1)?
-            }
-            None => 0,
-        };
+        if let Some(more) = more {
+            anyhow::ensure!(
+                more.dim(0)? == len,
+                "extra ids for {} positions, the response has {len}",
+                more.dim(0)?
+            );
+            row.push(more.to_dtype(candle_core::DType::U32)?);
+        }
+        let own = own.unwrap_or(0);
         if own < k {
             row.push(target.repeat((1, k - own))?);
         }
@@ -112,7 +109,7 @@ pub fn response_logprobs_and(
         .collect()
 }
 
-/// (log-probs or logits (tokens, vocab), target ids (tokens), per-sequence (start, len)).
+/// (logits (tokens, vocab), target ids (tokens), per-sequence (start, len)).
 type Distributions = (Tensor, Tensor, Vec<(usize, usize)>);
 
 /// The logits at every response position, stacked for all sequences: (total
