@@ -259,6 +259,9 @@ pub fn score_with_topk(
         let logits = logits.contiguous()?;
         let vocab = logits.dim(1)?;
         let targets: Vec<u32> = targets.to_vec1()?;
+        if let Some(bad) = targets.iter().find(|&&t| t as usize >= vocab) {
+            anyhow::bail!("response id {bad} is outside the vocabulary of {vocab}");
+        }
         let view = crate::model::ops::f32_view(&logits, "score-topk")?;
         let per_token: Vec<(f32, TokenTopK)> = view
             .par_chunks(vocab)
@@ -426,6 +429,22 @@ mod tests {
             assert_eq!(ids, &want_ids);
             assert!(close(top, &want_top), "{top:?} vs {want_top:?}");
         }
+    }
+
+    #[test]
+    fn an_id_outside_the_vocabulary_is_an_error_not_a_panic() {
+        use crate::model::testing::{write_tiny_gguf, TinySpec};
+        use crate::model::{Model, WeightFormat};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        write_tiny_gguf(&path, &TinySpec::default()).unwrap();
+        let model = Model::load_with(&path, WeightFormat::F32).unwrap();
+        let seq = [Sequence {
+            prompt: &[1, 104],
+            response: &[105, 9_999_999],
+        }];
+        let err = score_with_topk(&model.decoder, &seq, 2, 4096).unwrap_err();
+        assert!(err.to_string().contains("outside the vocabulary"), "{err}");
     }
 
     #[test]
